@@ -1,0 +1,95 @@
+//! Front ends: how clients reach a volume.
+//!
+//! A front end decodes client requests and hands them to an [`Export`] as
+//! [`IoRequest`]s. The export answers each through its [`Completer`], from whatever
+//! thread finishes the work (for a primary volume, its poller thread once the write is
+//! persistent on both sites), so a front-end connection can keep many requests in flight.
+
+pub mod nbd;
+
+use std::io;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+/// One client request, already decoded and bounds-checked against the export size.
+#[derive(Debug)]
+pub enum IoRequest {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u32 },
+    WriteZeroes { offset: u64, len: u32, fua: bool },
+}
+
+impl IoRequest {
+    /// Whether the request changes the volume.
+    pub fn is_mutation(&self) -> bool {
+        matches!(self, IoRequest::Write { .. } | IoRequest::Trim { .. } | IoRequest::WriteZeroes { .. })
+    }
+}
+
+/// The answer to one [`IoRequest`]: read data for reads, nothing for the others.
+pub type IoResult = io::Result<Option<Vec<u8>>>;
+
+/// A finished request, as sent back to the front end that submitted it.
+#[derive(Debug)]
+pub struct IoReply {
+    /// The front end's own tag for the request (the NBD cookie).
+    pub cookie: u64,
+    pub result: IoResult,
+}
+
+/// Completes one request exactly once. Dropping it uncompleted answers the request with an
+/// I/O error, so that a request can never be left hanging by a component that stopped.
+pub struct Completer {
+    cookie: u64,
+    reply_to: Option<Sender<IoReply>>,
+}
+
+impl Completer {
+    pub fn new(cookie: u64, reply_to: Sender<IoReply>) -> Self {
+        Self { cookie, reply_to: Some(reply_to) }
+    }
+
+    pub fn complete(mut self, result: IoResult) {
+        if let Some(tx) = self.reply_to.take() {
+            // The front end may have gone (client disconnected); nothing is owed then.
+            let _ = tx.send(IoReply { cookie: self.cookie, result });
+        }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.reply_to.take() {
+            let _ = tx.send(IoReply {
+                cookie: self.cookie,
+                result: Err(io::Error::other("request dropped before completion")),
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Completer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completer").field("cookie", &self.cookie).finish()
+    }
+}
+
+/// A block volume as a front end sees it.
+pub trait Export: Send + Sync {
+    /// Size in bytes; requests past it are refused by the front end before submission.
+    fn size(&self) -> u64;
+    /// A mirror is exported read-only until failover.
+    fn read_only(&self) -> bool;
+    /// Hands a request over; `done` is completed later, possibly from another thread.
+    fn submit(&self, request: IoRequest, done: Completer);
+}
+
+/// The set of volumes a front end may serve, looked up by export name.
+pub trait ExportRegistry: Send + Sync {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>>;
+    /// Names for NBD_OPT_LIST.
+    fn names(&self) -> Vec<String>;
+}
