@@ -9,3 +9,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod frontend;
+pub mod clock;
+pub mod cp;
+pub mod format;
+pub mod nvram;
+pub mod storage;
