@@ -12,5 +12,6 @@ pub mod frontend;
 pub mod clock;
 pub mod cp;
 pub mod format;
+pub mod log;
 pub mod nvram;
 pub mod storage;

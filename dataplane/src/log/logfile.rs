@@ -1,0 +1,254 @@
+//! A destination log file: the bytes of one source NVLog partition, for one (source node,
+//! volume, partition), placed at the same offsets as on the source.
+//!
+//! Entries are validated before they are placed (checksum, volume, partition, epoch, and
+//! consecutive sequence numbers at exactly the current tail), so a log file only ever holds
+//! a prefix of the source's partition. Placement and persistence are separate steps so that
+//! a receiver can place a whole batch and persist it once (group commit).
+
+use std::io;
+
+use thiserror::Error;
+
+use crate::format::{scan_partition, DecodeError, EntryHeader, PartitionHeader, PartitionScan, ENTRY_HEADER_BYTES, PARTITION_HEADER_BYTES};
+use crate::nvram::Nvram;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LogFileError {
+    #[error("partition header: {0}")]
+    BadHeader(String),
+    #[error("entries for a partition that is not open")]
+    NotOpen,
+    #[error("entries at offset {got}, but the log's tail is at {tail}")]
+    OutOfOrder { got: u64, tail: usize },
+    #[error("entries beyond the end of the log ({end} > {len})")]
+    Overrun { end: u64, len: usize },
+    #[error("bad entry at offset {at}: {source}")]
+    BadEntry { at: usize, source: DecodeError },
+    #[error("entry at offset {at}: {what}")]
+    Mismatch { at: usize, what: String },
+    #[error("truncate to {to} is not an entry boundary at or below the tail {tail}")]
+    BadTruncate { to: u64, tail: usize },
+    #[error("persist: {0}")]
+    Persist(#[source] io::Error),
+}
+
+pub struct LogFile<N: Nvram> {
+    nvram: N,
+    partition: u8,
+    header: Option<PartitionHeader>,
+    tail: usize,
+    persisted: usize,
+    /// Sequence number of the next entry; `persisted_seq` is the last one persisted.
+    next_seq: u64,
+    persisted_next_seq: u64,
+    /// Offsets of the entries placed, for truncation on resume.
+    entry_offsets: Vec<usize>,
+}
+
+impl<N: Nvram> LogFile<N> {
+    /// Opens a log file, scanning what it holds.
+    pub fn open(nvram: N, partition: u8) -> (Self, PartitionScan) {
+        let scan = scan_partition(nvram.bytes(), partition);
+        let next_seq = scan.next_seq().unwrap_or(0);
+        let log = LogFile {
+            partition,
+            header: scan.header,
+            tail: scan.tail,
+            persisted: scan.tail,
+            next_seq,
+            persisted_next_seq: next_seq,
+            entry_offsets: scan.entries.iter().map(|e| e.at).collect(),
+            nvram,
+        };
+        (log, scan)
+    }
+
+    pub fn header(&self) -> Option<PartitionHeader> {
+        self.header
+    }
+    pub fn tail(&self) -> usize {
+        self.tail
+    }
+    pub fn bytes(&self) -> &[u8] {
+        self.nvram.bytes()
+    }
+    /// The next sequence number expected; with no header, 0.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+    pub fn scan(&self) -> PartitionScan {
+        scan_partition(self.nvram.bytes(), self.partition)
+    }
+
+    /// Starts a new use of the log (the source opened the partition).
+    pub fn open_partition(&mut self, raw: &[u8]) -> Result<PartitionHeader, LogFileError> {
+        let h = PartitionHeader::decode(raw)
+            .map_err(|e| LogFileError::BadHeader(e.to_string()))?
+            .ok_or_else(|| LogFileError::BadHeader("empty header".into()))?;
+        if h.partition != self.partition {
+            return Err(LogFileError::BadHeader(format!("partition {} sent to log {}", h.partition, self.partition)));
+        }
+        let bytes = self.nvram.bytes_mut();
+        bytes[..PARTITION_HEADER_BYTES].copy_from_slice(&h.encode());
+        bytes[PARTITION_HEADER_BYTES..PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES].fill(0);
+        self.nvram
+            .persist(0, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES)
+            .map_err(LogFileError::Persist)?;
+        self.header = Some(h);
+        self.tail = PARTITION_HEADER_BYTES;
+        self.persisted = self.tail;
+        self.next_seq = h.first_seq;
+        self.persisted_next_seq = h.first_seq;
+        self.entry_offsets.clear();
+        Ok(h)
+    }
+
+    /// Validates and places entries at `offset` (which must be the tail). Not persisted
+    /// until [`LogFile::persist`]. Returns the number placed.
+    pub fn place(&mut self, offset: u64, entries: &[u8], epoch: u64) -> Result<usize, LogFileError> {
+        let h = self.header.ok_or(LogFileError::NotOpen)?;
+        if offset != self.tail as u64 {
+            return Err(LogFileError::OutOfOrder { got: offset, tail: self.tail });
+        }
+        let end = offset + entries.len() as u64;
+        if end > self.nvram.len() as u64 {
+            return Err(LogFileError::Overrun { end, len: self.nvram.len() });
+        }
+        // Validate everything first: a bad batch places nothing.
+        let mut at = 0usize;
+        let mut seq = self.next_seq;
+        let mut count = 0;
+        while at < entries.len() {
+            let abs = self.tail + at;
+            let (eh, _) = EntryHeader::decode(&entries[at..]).map_err(|source| LogFileError::BadEntry { at: abs, source })?;
+            let what = if eh.seq != seq {
+                Some(format!("sequence {} where {} was expected", eh.seq, seq))
+            } else if eh.volume_id != h.volume_id {
+                Some("entry of another volume".into())
+            } else if eh.partition != self.partition {
+                Some("entry of another partition".into())
+            } else if eh.epoch != epoch {
+                Some(format!("epoch {} on a link of epoch {}", eh.epoch, epoch))
+            } else if at + eh.footprint() > entries.len() {
+                Some("entry padding truncated".into())
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(LogFileError::Mismatch { at: abs, what });
+            }
+            at += eh.footprint();
+            seq += 1;
+            count += 1;
+        }
+        let tail = self.tail;
+        self.nvram.bytes_mut()[tail..tail + entries.len()].copy_from_slice(entries);
+        let mut at = 0usize;
+        while at < entries.len() {
+            self.entry_offsets.push(tail + at);
+            let (eh, _) = EntryHeader::decode(&entries[at..]).expect("validated above");
+            at += eh.footprint();
+        }
+        self.tail += entries.len();
+        self.next_seq = seq;
+        Ok(count)
+    }
+
+    /// Persists everything placed. Returns the last persisted sequence number, if any
+    /// entry is held.
+    pub fn persist(&mut self) -> Result<Option<u64>, LogFileError> {
+        if self.tail > self.persisted {
+            self.nvram.persist(self.persisted, self.tail - self.persisted).map_err(LogFileError::Persist)?;
+            self.persisted = self.tail;
+            self.persisted_next_seq = self.next_seq;
+        }
+        Ok(self.last_persisted_seq())
+    }
+
+    pub fn last_persisted_seq(&self) -> Option<u64> {
+        match self.header {
+            Some(h) if self.persisted_next_seq > h.first_seq => Some(self.persisted_next_seq - 1),
+            _ => None,
+        }
+    }
+
+    /// Drops entries at and after `to` (resume after the source lost them).
+    pub fn truncate(&mut self, to: u64) -> Result<(), LogFileError> {
+        let header = self.header.ok_or(LogFileError::NotOpen)?;
+        if to == self.tail as u64 {
+            return Ok(());
+        }
+        let idx = self
+            .entry_offsets
+            .iter()
+            .position(|&o| o as u64 == to)
+            .ok_or(LogFileError::BadTruncate { to, tail: self.tail })?;
+        let to = self.entry_offsets[idx];
+        self.nvram.bytes_mut()[to..to + ENTRY_HEADER_BYTES].fill(0);
+        self.nvram.persist(to, ENTRY_HEADER_BYTES).map_err(LogFileError::Persist)?;
+        self.entry_offsets.truncate(idx);
+        self.tail = to;
+        self.persisted = to;
+        self.next_seq = header.first_seq + idx as u64;
+        self.persisted_next_seq = self.next_seq;
+        Ok(())
+    }
+
+    /// Releases the log after its CP is durable.
+    pub fn free(&mut self) -> Result<(), LogFileError> {
+        self.nvram.bytes_mut()[..PARTITION_HEADER_BYTES].fill(0);
+        self.nvram.persist(0, PARTITION_HEADER_BYTES).map_err(LogFileError::Persist)?;
+        self.header = None;
+        self.tail = 0;
+        self.persisted = 0;
+        self.next_seq = 0;
+        self.persisted_next_seq = 0;
+        self.entry_offsets.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::EntryKind;
+    use crate::nvram::MemNvram;
+
+    fn entry(seq: u64, epoch: u64) -> Vec<u8> {
+        let h = EntryHeader { kind: EntryKind::Write, partition: 1, volume_id: 5, epoch, seq, offset: 0, length: 100, data_len: 100 };
+        let mut v = vec![0u8; h.footprint()];
+        let data = [seq as u8; 100];
+        v[64..164].copy_from_slice(&data);
+        h.encode(&data, &mut v[..64]);
+        v
+    }
+
+    #[test]
+    fn places_validates_persists_truncates() {
+        let (mut lf, scan) = LogFile::open(MemNvram::new(64 * 1024), 1);
+        assert!(scan.header.is_none());
+        let ph = PartitionHeader { partition: 1, volume_id: 5, cp_gen: 2, first_seq: 100, epoch: 3 };
+        lf.open_partition(&ph.encode()).unwrap();
+        let batch: Vec<u8> = [entry(100, 3), entry(101, 3)].concat();
+        assert_eq!(lf.place(64, &batch, 3).unwrap(), 2);
+        assert_eq!(lf.persist().unwrap(), Some(101));
+        // Out of order, wrong epoch, gap in sequence, corruption: all refused, nothing placed.
+        assert!(matches!(lf.place(64, &entry(102, 3), 3), Err(LogFileError::OutOfOrder { .. })));
+        let tail = lf.tail() as u64;
+        assert!(matches!(lf.place(tail, &entry(102, 2), 3), Err(LogFileError::Mismatch { .. })));
+        assert!(matches!(lf.place(tail, &entry(103, 3), 3), Err(LogFileError::Mismatch { .. })));
+        let mut bad = entry(102, 3);
+        bad[70] ^= 1;
+        assert!(matches!(lf.place(tail, &bad, 3), Err(LogFileError::BadEntry { .. })));
+        assert_eq!(lf.tail() as u64, tail);
+        lf.place(tail, &entry(102, 3), 3).unwrap();
+        lf.persist().unwrap();
+        assert_eq!(lf.scan().entries.len(), 3);
+        lf.truncate(tail).unwrap();
+        assert_eq!(lf.scan().entries.len(), 2);
+        assert_eq!(lf.next_seq(), 102);
+        assert!(lf.truncate(65).is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! The source's NVLog: a superblock and two partitions in one NVRAM region.
+//!
+//! ```text
+//! superblock (64 bytes, then padding to 4 KiB)
+//!  0 magic u32 "NVLG" | 4 version u16 | 6 reserved u16 | 8 volume_id u64
+//! 16 partition_bytes u64 | 24 reserved [36] | 60 crc32c u32
+//! partition 0 at 4096, partition 1 at 4096 + partition_bytes
+//! ```
+//!
+//! Invariants: entries in a partition have consecutive sequence numbers from the
+//! partition header's `first_seq`; an entry is appended only into the active partition,
+//! only below `partition_bytes`; a partition is freed (header zeroed) only once its CP is
+//! durable on both sites.
+
+use std::io;
+
+use thiserror::Error;
+
+use super::PARTITIONS;
+use crate::format::{
+    crc32c, scan_partition, EntryHeader, PartitionHeader, PartitionScan, ScanStop, ENTRY_HEADER_BYTES,
+    FORMAT_VERSION, PARTITION_HEADER_BYTES,
+};
+use crate::nvram::Nvram;
+
+const SUPER_MAGIC: u32 = u32::from_le_bytes(*b"NVLG");
+pub const SUPERBLOCK_BYTES: usize = 4096;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum NvLogError {
+    #[error("NVLog region of {len} bytes is too small for two partitions of {partition_bytes}")]
+    TooSmall { len: usize, partition_bytes: usize },
+    #[error("NVLog superblock is corrupt: {0}")]
+    BadSuperblock(String),
+    #[error("NVLog belongs to volume {found:#x}, expected {expected:#x}")]
+    WrongVolume { found: u64, expected: u64 },
+    #[error("NVLog persist failed: {0}")]
+    Persist(#[source] io::Error),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AppendError {
+    #[error("partition {0} is not active")]
+    NotActive(u8),
+    #[error("partition full")]
+    Full,
+}
+
+/// What a scan of the NVLog found at open.
+#[derive(Debug)]
+pub struct Recovered {
+    pub scans: [PartitionScan; PARTITIONS],
+}
+
+impl Recovered {
+    /// All valid entries of both partitions in sequence order, as (partition, offset in
+    /// partition, header).
+    pub fn entries_in_order(&self) -> Vec<(u8, usize, EntryHeader)> {
+        let mut all: Vec<_> = self
+            .scans
+            .iter()
+            .enumerate()
+            .flat_map(|(p, s)| s.entries.iter().map(move |e| (p as u8, e.at, e.header)))
+            .collect();
+        all.sort_by_key(|e| e.2.seq);
+        all
+    }
+
+    /// Torn or corrupt tails found, for the log.
+    pub fn problems(&self) -> Vec<String> {
+        self.scans
+            .iter()
+            .enumerate()
+            .filter_map(|(p, s)| match &s.stop {
+                ScanStop::Invalid { offset, reason } => {
+                    Some(format!("partition {p}: scan stopped at offset {offset}: {reason}"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PartitionState {
+    header: Option<PartitionHeader>,
+    /// Offset of the next entry.
+    tail: usize,
+    /// Entries below this offset have been persisted.
+    persisted: usize,
+}
+
+pub struct NvLog<N: Nvram> {
+    nvram: N,
+    volume_id: u64,
+    partition_bytes: usize,
+    parts: [PartitionState; PARTITIONS],
+}
+
+impl<N: Nvram> NvLog<N> {
+    /// Region bytes needed for partitions of `partition_bytes`.
+    pub fn region_bytes(partition_bytes: usize) -> usize {
+        SUPERBLOCK_BYTES + PARTITIONS * partition_bytes
+    }
+
+    /// Opens the NVLog in `nvram`, formatting it if blank, and scans both partitions.
+    /// The log keeps the scanned tails; callers decide what to replay and then call
+    /// [`NvLog::reset`] or continue.
+    pub fn open(mut nvram: N, volume_id: u64, partition_bytes: usize) -> Result<(Self, Recovered), NvLogError> {
+        if nvram.len() < Self::region_bytes(partition_bytes) {
+            return Err(NvLogError::TooSmall { len: nvram.len(), partition_bytes });
+        }
+        let sb = &nvram.bytes()[..64];
+        let magic = u32::from_le_bytes(sb[0..4].try_into().expect("4"));
+        if magic == 0 {
+            let mut s = [0u8; 64];
+            s[0..4].copy_from_slice(&SUPER_MAGIC.to_le_bytes());
+            s[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+            s[8..16].copy_from_slice(&volume_id.to_le_bytes());
+            s[16..24].copy_from_slice(&(partition_bytes as u64).to_le_bytes());
+            let crc = crc32c(&[&s[..60]]);
+            s[60..64].copy_from_slice(&crc.to_le_bytes());
+            nvram.bytes_mut()[..64].copy_from_slice(&s);
+            nvram.persist(0, 64).map_err(NvLogError::Persist)?;
+        } else {
+            if magic != SUPER_MAGIC {
+                return Err(NvLogError::BadSuperblock(format!("magic {magic:#x}")));
+            }
+            let crc = u32::from_le_bytes(sb[60..64].try_into().expect("4"));
+            if crc != crc32c(&[&sb[..60]]) {
+                return Err(NvLogError::BadSuperblock("checksum mismatch".into()));
+            }
+            let found = u64::from_le_bytes(sb[8..16].try_into().expect("8"));
+            if found != volume_id {
+                return Err(NvLogError::WrongVolume { found, expected: volume_id });
+            }
+            let pb = u64::from_le_bytes(sb[16..24].try_into().expect("8"));
+            if pb != partition_bytes as u64 {
+                return Err(NvLogError::BadSuperblock(format!(
+                    "partition size {pb} on disk, {partition_bytes} configured"
+                )));
+            }
+        }
+        let mut log = NvLog { nvram, volume_id, partition_bytes, parts: Default::default() };
+        let scans = [0u8, 1].map(|p| {
+            let scan = scan_partition(log.partition(p), p);
+            let header = scan.header.filter(|h| h.volume_id == volume_id);
+            log.parts[p as usize] = PartitionState { header, tail: scan.tail, persisted: scan.tail };
+            scan
+        });
+        Ok((log, Recovered { scans }))
+    }
+
+    pub fn volume_id(&self) -> u64 {
+        self.volume_id
+    }
+
+    pub fn partition_bytes(&self) -> usize {
+        self.partition_bytes
+    }
+
+    fn base(p: u8, partition_bytes: usize) -> usize {
+        SUPERBLOCK_BYTES + p as usize * partition_bytes
+    }
+
+    /// The bytes of partition `p`.
+    pub fn partition(&self, p: u8) -> &[u8] {
+        let b = Self::base(p, self.partition_bytes);
+        &self.nvram.bytes()[b..b + self.partition_bytes]
+    }
+
+    pub fn header(&self, p: u8) -> Option<PartitionHeader> {
+        self.parts[p as usize].header
+    }
+
+    pub fn tail(&self, p: u8) -> usize {
+        self.parts[p as usize].tail
+    }
+
+    /// Starts a new use of partition `p`: writes its header and persists it. Stale bytes
+    /// of an earlier use stay behind the tail; scans reject them by sequence number.
+    pub fn open_partition(&mut self, header: PartitionHeader) -> Result<(), NvLogError> {
+        let p = header.partition;
+        let b = Self::base(p, self.partition_bytes);
+        let bytes = self.nvram.bytes_mut();
+        bytes[b..b + PARTITION_HEADER_BYTES].copy_from_slice(&header.encode());
+        // Zero the first entry slot so an empty partition scans as empty, not as "stale".
+        bytes[b + PARTITION_HEADER_BYTES..b + PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES].fill(0);
+        self.nvram
+            .persist(b, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES)
+            .map_err(NvLogError::Persist)?;
+        self.parts[p as usize] =
+            PartitionState { header: Some(header), tail: PARTITION_HEADER_BYTES, persisted: PARTITION_HEADER_BYTES };
+        Ok(())
+    }
+
+    /// Frees partition `p` once its CP is durable on both sites.
+    pub fn free_partition(&mut self, p: u8) -> Result<(), NvLogError> {
+        let b = Self::base(p, self.partition_bytes);
+        self.nvram.bytes_mut()[b..b + PARTITION_HEADER_BYTES].fill(0);
+        self.nvram.persist(b, PARTITION_HEADER_BYTES).map_err(NvLogError::Persist)?;
+        self.parts[p as usize] = PartitionState::default();
+        Ok(())
+    }
+
+    /// Whether an entry of `data_len` bytes fits in partition `p`.
+    pub fn fits(&self, p: u8, data_len: usize) -> bool {
+        self.parts[p as usize].tail + EntryHeader::footprint_for(data_len) <= self.partition_bytes
+    }
+
+    /// Appends an entry to partition `p` (not yet persisted). Returns its offset.
+    pub fn append(&mut self, header: &EntryHeader, data: &[u8]) -> Result<usize, AppendError> {
+        let p = header.partition;
+        let state = self.parts[p as usize];
+        let ph = state.header.ok_or(AppendError::NotActive(p))?;
+        debug_assert_eq!(ph.volume_id, header.volume_id);
+        let at = state.tail;
+        let end = at + header.footprint();
+        if end > self.partition_bytes {
+            return Err(AppendError::Full);
+        }
+        let b = Self::base(p, self.partition_bytes);
+        let bytes = &mut self.nvram.bytes_mut()[b..b + self.partition_bytes];
+        bytes[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + data.len()].copy_from_slice(data);
+        header.encode(data, &mut bytes[at..at + ENTRY_HEADER_BYTES]);
+        self.parts[p as usize].tail = end;
+        Ok(at)
+    }
+
+    /// Persists partition `p` up to its tail (group commit). Returns the range persisted.
+    pub fn persist(&mut self, p: u8) -> Result<(usize, usize), NvLogError> {
+        let st = self.parts[p as usize];
+        if st.tail > st.persisted {
+            let b = Self::base(p, self.partition_bytes);
+            self.nvram.persist(b + st.persisted, st.tail - st.persisted).map_err(NvLogError::Persist)?;
+            self.parts[p as usize].persisted = st.tail;
+        }
+        Ok((st.persisted, st.tail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::EntryKind;
+    use crate::nvram::MemNvram;
+
+    fn h(p: u8, seq: u64) -> EntryHeader {
+        EntryHeader { kind: EntryKind::Write, partition: p, volume_id: 9, epoch: 1, seq, offset: 0, length: 4096, data_len: 4096 }
+    }
+
+    #[test]
+    fn append_fill_recover() {
+        let pb = 64 * 1024;
+        let nv = MemNvram::new(NvLog::<MemNvram>::region_bytes(pb));
+        let (mut log, rec) = NvLog::open(nv, 9, pb).unwrap();
+        assert!(rec.entries_in_order().is_empty());
+        log.open_partition(PartitionHeader { partition: 0, volume_id: 9, cp_gen: 1, first_seq: 1, epoch: 1 }).unwrap();
+        let mut seq = 1;
+        while log.fits(0, 4096) {
+            log.append(&h(0, seq), &[seq as u8; 4096]).unwrap();
+            seq += 1;
+        }
+        assert_eq!(log.append(&h(0, seq), &[0; 4096]), Err(AppendError::Full));
+        log.open_partition(PartitionHeader { partition: 1, volume_id: 9, cp_gen: 2, first_seq: seq, epoch: 1 }).unwrap();
+        log.append(&h(1, seq), &[7; 4096]).unwrap();
+        log.persist(0).unwrap();
+        log.persist(1).unwrap();
+        let nv = log.nvram;
+        let (_log2, rec) = NvLog::open(nv, 9, pb).unwrap();
+        let all = rec.entries_in_order();
+        assert_eq!(all.len() as u64, seq);
+        assert!(all.windows(2).all(|w| w[1].2.seq == w[0].2.seq + 1));
+        assert_eq!(all.last().unwrap().0, 1);
+    }
+
+    #[test]
+    fn wrong_volume_and_corrupt_superblock_are_refused() {
+        let pb = 8192;
+        let nv = MemNvram::new(NvLog::<MemNvram>::region_bytes(pb));
+        let (log, _) = NvLog::open(nv, 9, pb).unwrap();
+        let nv = log.nvram;
+        assert!(matches!(NvLog::open(nv.clone(), 10, pb), Err(NvLogError::WrongVolume { .. })));
+        let mut bad = nv.clone();
+        bad.bytes_mut()[20] ^= 1;
+        assert!(matches!(NvLog::open(bad, 9, pb), Err(NvLogError::BadSuperblock(_))));
+        assert!(matches!(NvLog::open(nv, 9, pb * 2), Err(NvLogError::TooSmall { .. })));
+    }
+}
