@@ -11,7 +11,10 @@
 pub mod frontend;
 pub mod clock;
 pub mod cp;
+pub mod destination;
 pub mod format;
 pub mod log;
 pub mod nvram;
+pub mod poller;
 pub mod storage;
+pub mod transport;

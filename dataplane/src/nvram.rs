@@ -218,20 +218,17 @@ enum CacheFlush {
     Clwb,
     Clflushopt,
     Clflush,
-    /// Not x86_64: a full fence only (DAX mode is refused by `MAP_SYNC` on such builds'
-    /// usual targets, so this is not reached in practice).
+    /// Not x86_64: a full fence only.
+    #[cfg(not(target_arch = "x86_64"))]
     Fence,
 }
 
 impl CacheFlush {
     #[cfg(target_arch = "x86_64")]
     fn detect() -> Self {
-        // SAFETY: cpuid leaf 7 exists on every x86_64 CPU that runs this code (checked via
-        // leaf 0's maximum).
-        let max = unsafe { core::arch::x86_64::__cpuid(0) }.eax;
+        let max = core::arch::x86_64::__cpuid(0).eax;
         if max >= 7 {
-            // SAFETY: leaf 7 is supported (checked above).
-            let ebx = unsafe { core::arch::x86_64::__cpuid_count(7, 0) }.ebx;
+            let ebx = core::arch::x86_64::__cpuid_count(7, 0).ebx;
             if ebx & (1 << 24) != 0 {
                 return CacheFlush::Clwb;
             }
@@ -266,7 +263,7 @@ impl CacheFlush {
                         CacheFlush::Clflushopt => {
                             core::arch::asm!("clflushopt [{0}]", in(reg) p, options(nostack, preserves_flags))
                         }
-                        CacheFlush::Clflush | CacheFlush::Fence => core::arch::x86_64::_mm_clflush(p as *const u8),
+                        CacheFlush::Clflush => core::arch::x86_64::_mm_clflush(p as *const u8),
                     }
                 }
                 p += line;
@@ -348,5 +345,20 @@ mod tests {
         let err = MappedNvram::open(&dir.path().join("d"), 1 << 16, NvramMode::Dax);
         // tmpfs and ordinary filesystems refuse MAP_SYNC; DAX mode is tested in hw-tests.
         assert!(err.is_err(), "MAP_SYNC unexpectedly succeeded off a DAX mount");
+    }
+}
+
+impl<T: Nvram + ?Sized> Nvram for Box<T> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn bytes(&self) -> &[u8] {
+        (**self).bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        (**self).bytes_mut()
+    }
+    fn persist(&mut self, offset: usize, len: usize) -> io::Result<()> {
+        (**self).persist(offset, len)
     }
 }

@@ -28,8 +28,6 @@ pub enum LogFileError {
     BadEntry { at: usize, source: DecodeError },
     #[error("entry at offset {at}: {what}")]
     Mismatch { at: usize, what: String },
-    #[error("truncate to {to} is not an entry boundary at or below the tail {tail}")]
-    BadTruncate { to: u64, tail: usize },
     #[error("persist: {0}")]
     Persist(#[source] io::Error),
 }
@@ -43,8 +41,6 @@ pub struct LogFile<N: Nvram> {
     /// Sequence number of the next entry; `persisted_seq` is the last one persisted.
     next_seq: u64,
     persisted_next_seq: u64,
-    /// Offsets of the entries placed, for truncation on resume.
-    entry_offsets: Vec<usize>,
 }
 
 impl<N: Nvram> LogFile<N> {
@@ -59,7 +55,6 @@ impl<N: Nvram> LogFile<N> {
             persisted: scan.tail,
             next_seq,
             persisted_next_seq: next_seq,
-            entry_offsets: scan.entries.iter().map(|e| e.at).collect(),
             nvram,
         };
         (log, scan)
@@ -101,7 +96,6 @@ impl<N: Nvram> LogFile<N> {
         self.persisted = self.tail;
         self.next_seq = h.first_seq;
         self.persisted_next_seq = h.first_seq;
-        self.entry_offsets.clear();
         Ok(h)
     }
 
@@ -145,12 +139,6 @@ impl<N: Nvram> LogFile<N> {
         }
         let tail = self.tail;
         self.nvram.bytes_mut()[tail..tail + entries.len()].copy_from_slice(entries);
-        let mut at = 0usize;
-        while at < entries.len() {
-            self.entry_offsets.push(tail + at);
-            let (eh, _) = EntryHeader::decode(&entries[at..]).expect("validated above");
-            at += eh.footprint();
-        }
         self.tail += entries.len();
         self.next_seq = seq;
         Ok(count)
@@ -174,28 +162,6 @@ impl<N: Nvram> LogFile<N> {
         }
     }
 
-    /// Drops entries at and after `to` (resume after the source lost them).
-    pub fn truncate(&mut self, to: u64) -> Result<(), LogFileError> {
-        let header = self.header.ok_or(LogFileError::NotOpen)?;
-        if to == self.tail as u64 {
-            return Ok(());
-        }
-        let idx = self
-            .entry_offsets
-            .iter()
-            .position(|&o| o as u64 == to)
-            .ok_or(LogFileError::BadTruncate { to, tail: self.tail })?;
-        let to = self.entry_offsets[idx];
-        self.nvram.bytes_mut()[to..to + ENTRY_HEADER_BYTES].fill(0);
-        self.nvram.persist(to, ENTRY_HEADER_BYTES).map_err(LogFileError::Persist)?;
-        self.entry_offsets.truncate(idx);
-        self.tail = to;
-        self.persisted = to;
-        self.next_seq = header.first_seq + idx as u64;
-        self.persisted_next_seq = self.next_seq;
-        Ok(())
-    }
-
     /// Releases the log after its CP is durable.
     pub fn free(&mut self) -> Result<(), LogFileError> {
         self.nvram.bytes_mut()[..PARTITION_HEADER_BYTES].fill(0);
@@ -205,7 +171,6 @@ impl<N: Nvram> LogFile<N> {
         self.persisted = 0;
         self.next_seq = 0;
         self.persisted_next_seq = 0;
-        self.entry_offsets.clear();
         Ok(())
     }
 }
@@ -226,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn places_validates_persists_truncates() {
+    fn places_validates_persists_reopens() {
         let (mut lf, scan) = LogFile::open(MemNvram::new(64 * 1024), 1);
         assert!(scan.header.is_none());
         let ph = PartitionHeader { partition: 1, volume_id: 5, cp_gen: 2, first_seq: 100, epoch: 3 };
@@ -246,9 +211,10 @@ mod tests {
         lf.place(tail, &entry(102, 3), 3).unwrap();
         lf.persist().unwrap();
         assert_eq!(lf.scan().entries.len(), 3);
-        lf.truncate(tail).unwrap();
-        assert_eq!(lf.scan().entries.len(), 2);
-        assert_eq!(lf.next_seq(), 102);
-        assert!(lf.truncate(65).is_err());
+        assert_eq!(lf.next_seq(), 103);
+        // Re-opening the partition starts the log over.
+        lf.open_partition(&ph.encode()).unwrap();
+        assert_eq!(lf.scan().entries.len(), 0);
+        assert_eq!(lf.next_seq(), 100);
     }
 }

@@ -7,7 +7,7 @@ mod logfile;
 mod nvlog;
 
 pub use logfile::{LogFile, LogFileError};
-pub use nvlog::{AppendError, NvLog, NvLogError, Recovered};
+pub use nvlog::{AppendError, Checkpoint, NvLog, NvLogError, Recovered};
 
 /// Number of NVLog partitions: writes go to the active half while the other is in a CP.
 pub const PARTITIONS: usize = 2;

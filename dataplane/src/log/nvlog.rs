@@ -4,6 +4,9 @@
 //! superblock (64 bytes, then padding to 4 KiB)
 //!  0 magic u32 "NVLG" | 4 version u16 | 6 reserved u16 | 8 volume_id u64
 //! 16 partition_bytes u64 | 24 reserved [36] | 60 crc32c u32
+//! checkpoint (64 bytes at offset 64), rewritten whenever a partition is freed
+//!  0 magic u32 "NVCK" | 4 reserved u32 | 8 released_cp u64 | 16 next_seq u64
+//! 24 reserved [36] | 60 crc32c u32
 //! partition 0 at 4096, partition 1 at 4096 + partition_bytes
 //! ```
 //!
@@ -24,6 +27,16 @@ use crate::format::{
 use crate::nvram::Nvram;
 
 const SUPER_MAGIC: u32 = u32::from_le_bytes(*b"NVLG");
+const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"NVCK");
+const CHECKPOINT_AT: usize = 64;
+
+/// The last CP whose partition was freed, and the first sequence number after it: where
+/// the log resumes when both partitions are free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub released_cp: u64,
+    pub next_seq: u64,
+}
 pub const SUPERBLOCK_BYTES: usize = 4096;
 
 #[derive(Debug, Error)]
@@ -52,6 +65,7 @@ pub enum AppendError {
 #[derive(Debug)]
 pub struct Recovered {
     pub scans: [PartitionScan; PARTITIONS],
+    pub checkpoint: Checkpoint,
 }
 
 impl Recovered {
@@ -150,7 +164,18 @@ impl<N: Nvram> NvLog<N> {
             log.parts[p as usize] = PartitionState { header, tail: scan.tail, persisted: scan.tail };
             scan
         });
-        Ok((log, Recovered { scans }))
+        let cp = &log.nvram.bytes()[CHECKPOINT_AT..CHECKPOINT_AT + 64];
+        let checkpoint = if u32::from_le_bytes(cp[0..4].try_into().expect("4")) == CHECKPOINT_MAGIC
+            && u32::from_le_bytes(cp[60..64].try_into().expect("4")) == crc32c(&[&cp[..60]])
+        {
+            Checkpoint {
+                released_cp: u64::from_le_bytes(cp[8..16].try_into().expect("8")),
+                next_seq: u64::from_le_bytes(cp[16..24].try_into().expect("8")),
+            }
+        } else {
+            Checkpoint::default()
+        };
+        Ok((log, Recovered { scans, checkpoint }))
     }
 
     pub fn volume_id(&self) -> u64 {
@@ -196,8 +221,17 @@ impl<N: Nvram> NvLog<N> {
         Ok(())
     }
 
-    /// Frees partition `p` once its CP is durable on both sites.
-    pub fn free_partition(&mut self, p: u8) -> Result<(), NvLogError> {
+    /// Frees partition `p` once its CP is durable on both sites, recording `checkpoint`
+    /// first so that the log can resume from it when both partitions are free.
+    pub fn free_partition(&mut self, p: u8, checkpoint: Checkpoint) -> Result<(), NvLogError> {
+        let mut c = [0u8; 64];
+        c[0..4].copy_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
+        c[8..16].copy_from_slice(&checkpoint.released_cp.to_le_bytes());
+        c[16..24].copy_from_slice(&checkpoint.next_seq.to_le_bytes());
+        let crc = crc32c(&[&c[..60]]);
+        c[60..64].copy_from_slice(&crc.to_le_bytes());
+        self.nvram.bytes_mut()[CHECKPOINT_AT..CHECKPOINT_AT + 64].copy_from_slice(&c);
+        self.nvram.persist(CHECKPOINT_AT, 64).map_err(NvLogError::Persist)?;
         let b = Self::base(p, self.partition_bytes);
         self.nvram.bytes_mut()[b..b + PARTITION_HEADER_BYTES].fill(0);
         self.nvram.persist(b, PARTITION_HEADER_BYTES).map_err(NvLogError::Persist)?;
@@ -227,6 +261,23 @@ impl<N: Nvram> NvLog<N> {
         header.encode(data, &mut bytes[at..at + ENTRY_HEADER_BYTES]);
         self.parts[p as usize].tail = end;
         Ok(at)
+    }
+
+    /// Offset of the first entry at or after `from` whose end lies beyond `from + max`:
+    /// where to cut a send of whole entries. Entries between `from` and the tail are valid.
+    pub fn cut(&self, p: u8, from: usize, max: usize) -> usize {
+        let bytes = self.partition(p);
+        let tail = self.parts[p as usize].tail;
+        let mut at = from;
+        while at < tail {
+            let data_len = u32::from_le_bytes(bytes[at + 44..at + 48].try_into().expect("4")) as usize;
+            let next = at + EntryHeader::footprint_for(data_len);
+            if next - from > max && at > from {
+                break;
+            }
+            at = next;
+        }
+        at
     }
 
     /// Persists partition `p` up to its tail (group commit). Returns the range persisted.

@@ -1,0 +1,689 @@
+//! The destination: mirrors of other nodes' volumes.
+//!
+//! A [`Mirror`] is one (source node, volume) pair hosted here: two log files (one per
+//! source NVLog partition, placed by the transport), the mirror volume behind
+//! [`BlockDevice`], and its metadata (epoch, last applied CP). A [`Session`] is one
+//! connection from the source. CP applications and baseline copies run on the mirror's own
+//! worker thread, in stream order, so that the connection keeps placing entries meanwhile.
+//!
+//! Invariants:
+//! - `applied_seq` never exceeds the highest sequence number persisted in the logs or the
+//!   volume; a log file is freed only after the CP that covers it is recorded as applied.
+//! - Nothing is accepted from an epoch older than the mirror's; failover raises the epoch
+//!   before it replays, so the old source is fenced from then on.
+//! - Mirror reads take the apply lock shared and CP application takes it exclusive: a
+//!   reader sees the mirror as of a completed CP, never half of one.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::cp::apply_entries;
+use crate::format::{EntryHeader, PartitionScan, BLOCK_BYTES, ENTRY_DATA_MAX};
+use crate::log::{LogFile, PARTITIONS};
+use crate::nvram::Nvram;
+use crate::storage::BlockDevice;
+use crate::transport::wire::BlockPurpose;
+use crate::transport::{FrameHandler, Hello, Intent, LogTail, Message, RefuseCode, ReplySink, Welcome};
+
+/// Where a mirror's metadata is kept (a file replaced atomically, or memory).
+pub trait MetaStore: Send + Sync {
+    fn save(&self, meta: &MirrorMeta) -> io::Result<()>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCp {
+    pub cp: u64,
+    pub partition: u8,
+    pub upto_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorMeta {
+    pub source_node: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub volume_bytes: u64,
+    pub partition_bytes: u64,
+    pub epoch: u64,
+    /// The last CP applied to the mirror volume, and the last sequence number it covers.
+    pub applied_cp: u64,
+    pub applied_seq: u64,
+    /// A complete baseline is on the mirror volume (it may be failed over).
+    pub consistent: bool,
+    /// A CP being applied; redone from the log after a crash.
+    pub pending_cp: Option<PendingCp>,
+    /// Failed over: this node is the volume's primary now and the mirror is broken.
+    pub promoted: bool,
+    pub last_cp_unix_ms: u64,
+    pub last_cp_duration_us: u64,
+}
+
+impl MirrorMeta {
+    pub fn new(hello: &Hello) -> Self {
+        MirrorMeta {
+            source_node: hello.source_node.clone(),
+            volume: hello.volume.clone(),
+            volume_id: hello.volume_id,
+            volume_bytes: hello.volume_bytes,
+            partition_bytes: hello.partition_bytes,
+            epoch: hello.epoch,
+            applied_cp: 0,
+            applied_seq: 0,
+            consistent: false,
+            pending_cp: None,
+            promoted: false,
+            last_cp_unix_ms: 0,
+            last_cp_duration_us: 0,
+        }
+    }
+}
+
+/// What a failover found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromoteReport {
+    pub epoch: u64,
+    pub entries_replayed: usize,
+    pub last_seq: u64,
+    /// Why the replay stopped where it did, where a log held more (torn or corrupt tail).
+    pub stops: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorStatus {
+    pub source_node: String,
+    pub volume: String,
+    pub epoch: u64,
+    pub applied_cp: u64,
+    pub applied_seq: u64,
+    pub persisted_seq: u64,
+    pub consistent: bool,
+    pub promoted: bool,
+    pub connected: bool,
+    pub entries_received: u64,
+    pub bytes_received: u64,
+    pub log_bytes_used: u64,
+    pub log_bytes_max: u64,
+    pub last_cp_unix_ms: u64,
+    pub last_cp_duration_us: u64,
+    pub baseline_bytes: u64,
+    pub error: Option<String>,
+}
+
+enum Job {
+    Cp { cp: u64, partition: u8, upto_seq: u64, by_value: Option<Vec<(u64, Vec<u8>)>>, sink: Arc<dyn ReplySink>, gen: u64 },
+    Baseline { offset: u64, data: Vec<u8> },
+    BaselineDone { sink: Arc<dyn ReplySink>, gen: u64 },
+    Barrier(Sender<()>),
+}
+
+/// Jobs queued per mirror; the connection waits when the worker is this far behind.
+const JOBS_MAX: usize = 64;
+
+pub struct Mirror {
+    meta: Mutex<MirrorMeta>,
+    store: Box<dyn MetaStore>,
+    logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
+    device: Arc<dyn BlockDevice>,
+    apply: RwLock<()>,
+    session: Mutex<Option<Arc<dyn ReplySink>>>,
+    session_gen: AtomicU64,
+    fenced: AtomicBool,
+    jobs: Sender<Job>,
+    entries_received: AtomicU64,
+    bytes_received: AtomicU64,
+    baseline_bytes: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
+}
+
+impl Mirror {
+    /// Opens a mirror from its parts, redoing a CP that a crash interrupted, and starts its
+    /// worker thread.
+    pub fn open(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+    ) -> io::Result<Arc<Mirror>> {
+        let [l0, l1] = logs;
+        let (log0, scan0) = LogFile::open(l0, 0);
+        let (log1, scan1) = LogFile::open(l1, 1);
+        for (p, scan) in [(0, &scan0), (1, &scan1)] {
+            if let crate::format::ScanStop::Invalid { offset, reason } = &scan.stop {
+                eprintln!(
+                    "mirror {}/{}: log {p}: scan stopped at offset {offset}: {reason}; entries after it are not used",
+                    meta.source_node, meta.volume
+                );
+            }
+        }
+        let (tx, rx) = bounded(JOBS_MAX);
+        let mirror = Arc::new(Mirror {
+            meta: Mutex::new(meta),
+            store,
+            logs: [Mutex::new(log0), Mutex::new(log1)],
+            device,
+            apply: RwLock::new(()),
+            session: Mutex::new(None),
+            session_gen: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
+            jobs: tx,
+            entries_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            baseline_bytes: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let pending = mirror.meta.lock().pending_cp;
+        if let Some(p) = pending {
+            eprintln!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
+            mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(io::Error::other)?;
+        }
+        let weak = Arc::downgrade(&mirror);
+        thread::Builder::new().name("nvm-mirror-cp".into()).spawn(move || worker(weak, rx))?;
+        Ok(mirror)
+    }
+
+    pub fn name(&self) -> String {
+        let m = self.meta.lock();
+        format!("{}/{}", m.source_node, m.volume)
+    }
+
+    pub fn meta(&self) -> MirrorMeta {
+        self.meta.lock().clone()
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    fn save(&self, meta: &MirrorMeta) -> Result<(), String> {
+        self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))
+    }
+
+    fn fail(&self, reason: &str) {
+        eprintln!("mirror {}: {reason}", self.name());
+        *self.error.lock() = Some(reason.to_string());
+    }
+
+    /// Accepts a connection from the source after checking who it is and its epoch.
+    pub fn attach(self: &Arc<Self>, hello: &Hello, sink: Arc<dyn ReplySink>) -> Result<(Session, Welcome), (RefuseCode, String)> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err((RefuseCode::Broken, "mirror is being failed over".into()));
+        }
+        // Quiesce the previous session's queued work before looking at the logs.
+        self.barrier();
+        let mut meta = self.meta.lock();
+        if meta.promoted {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("volume {} was failed over here at epoch {}; the source is stale", meta.volume, meta.epoch),
+            ));
+        }
+        if hello.epoch < meta.epoch {
+            return Err((RefuseCode::StaleEpoch, format!("epoch {} is older than the mirror's {}", hello.epoch, meta.epoch)));
+        }
+        if hello.volume_bytes != meta.volume_bytes && hello.intent == Intent::Resume {
+            return Err((RefuseCode::Mismatch, "volume size changed; a baseline is needed".into()));
+        }
+        if hello.partition_bytes != meta.partition_bytes {
+            return Err((RefuseCode::Mismatch, "NVLog partition size differs from the mirror's log files".into()));
+        }
+        if hello.volume_id != meta.volume_id && hello.intent == Intent::Resume {
+            return Err((RefuseCode::Mismatch, "another volume of that name is mirrored here".into()));
+        }
+        if hello.intent == Intent::Baseline {
+            if hello.volume_bytes != self.device.size() {
+                return Err((RefuseCode::Mismatch, format!("mirror volume is {} bytes, source {}", self.device.size(), hello.volume_bytes)));
+            }
+            for log in &self.logs {
+                log.lock().free().map_err(|e| (RefuseCode::Internal, e.to_string()))?;
+            }
+            *meta = MirrorMeta::new(hello);
+            meta.applied_seq = hello.base_seq.saturating_sub(1);
+            meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
+            self.baseline_bytes.store(0, Ordering::SeqCst);
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+        } else {
+            meta.epoch = hello.epoch;
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+        }
+        let gen = self.session_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(old) = self.session.lock().replace(sink.clone()) {
+            old.close();
+        }
+        *self.error.lock() = None;
+        let logs = [0, 1].map(|p| {
+            let l = self.logs[p].lock();
+            match l.header() {
+                Some(h) => LogTail {
+                    open: true,
+                    cp_gen: h.cp_gen,
+                    first_seq: h.first_seq,
+                    next_seq: l.next_seq(),
+                    tail: l.tail() as u64,
+                },
+                None => LogTail::default(),
+            }
+        });
+        let welcome = Welcome {
+            epoch: meta.epoch,
+            applied_cp: meta.applied_cp,
+            applied_seq: meta.applied_seq,
+            consistent: meta.consistent,
+            logs,
+        };
+        let session = Session {
+            mirror: self.clone(),
+            gen,
+            sink,
+            epoch: meta.epoch,
+            volume_id: meta.volume_id,
+            dirty: [false; PARTITIONS],
+            by_value: Vec::new(),
+            by_value_bytes: 0,
+            last_acked: None,
+        };
+        Ok((session, welcome))
+    }
+
+    /// Waits until every queued job has run.
+    fn barrier(&self) {
+        let (tx, rx) = bounded(1);
+        if self.jobs.send(Job::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Applies CP `cp`: by reference (the newest contents per block from log `partition`, up
+    /// to `upto_seq`) or by value (`blocks`). Idempotent: a CP already applied is a no-op.
+    fn apply_cp(&self, cp: u64, partition: u8, upto_seq: u64, blocks: Option<Vec<(u64, Vec<u8>)>>) -> Result<(), String> {
+        let started = Instant::now();
+        {
+            let mut meta = self.meta.lock();
+            if cp <= meta.applied_cp && meta.pending_cp.is_none_or(|p| p.cp != cp) {
+                drop(meta);
+                return self.release_log(partition, cp);
+            }
+            meta.pending_cp = Some(PendingCp { cp, partition, upto_seq });
+            let snapshot = meta.clone();
+            drop(meta);
+            self.save(&snapshot)?;
+        }
+        {
+            let _exclusive = self.apply.write();
+            match blocks {
+                None => {
+                    let log = self.logs[partition as usize].lock();
+                    let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
+                    if h.cp_gen != cp {
+                        return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
+                    }
+                    let scan = log.scan();
+                    let last = scan.entries.last().map(|e| e.header.seq);
+                    if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
+                        return Err(format!(
+                            "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
+                            scan.stop
+                        ));
+                    }
+                    let bytes = log.bytes();
+                    let entries = scan.entries.iter().filter(|e| e.header.seq <= upto_seq).map(|e| entry_data(bytes, e.at));
+                    apply_entries(entries, self.device.as_ref()).map_err(|e| format!("CP {cp}: apply: {e}"))?;
+                }
+                Some(blocks) => {
+                    for (offset, data) in &blocks {
+                        self.device.write_at(data, *offset).map_err(|e| format!("CP {cp}: write: {e}"))?;
+                    }
+                    self.device.flush().map_err(|e| format!("CP {cp}: flush: {e}"))?;
+                }
+            }
+            let mut meta = self.meta.lock();
+            meta.applied_cp = cp;
+            meta.applied_seq = meta.applied_seq.max(upto_seq);
+            meta.pending_cp = None;
+            meta.last_cp_unix_ms = unix_ms();
+            meta.last_cp_duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let snapshot = meta.clone();
+            drop(meta);
+            self.save(&snapshot)?;
+        }
+        self.release_log(partition, cp)
+    }
+
+    fn release_log(&self, partition: u8, cp: u64) -> Result<(), String> {
+        let mut log = self.logs[partition as usize].lock();
+        if log.header().is_some_and(|h| h.cp_gen <= cp) {
+            log.free().map_err(|e| format!("free log {partition}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the mirror as of the last completed CP.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _shared = self.apply.read();
+        self.device.read_at(buf, offset)
+    }
+
+    /// Breaks the mirror and makes its volume this node's primary: raises the epoch (the
+    /// old source is refused from here on), then replays every logged entry past the last
+    /// applied CP in sequence order.
+    pub fn promote(&self) -> Result<PromoteReport, String> {
+        {
+            let meta = self.meta.lock();
+            if meta.promoted {
+                return Err(format!("volume {} is already failed over (epoch {})", meta.volume, meta.epoch));
+            }
+            if !meta.consistent {
+                return Err(format!(
+                    "mirror of {} is inconsistent (its baseline copy did not finish); refusing to fail over",
+                    meta.volume
+                ));
+            }
+        }
+        self.fenced.store(true, Ordering::SeqCst);
+        self.session_gen.fetch_add(1, Ordering::SeqCst);
+        let epoch = {
+            let mut meta = self.meta.lock();
+            meta.epoch += 1;
+            let snapshot = meta.clone();
+            drop(meta);
+            self.save(&snapshot)?;
+            snapshot.epoch
+        };
+        if let Some(sink) = self.session.lock().take() {
+            let _ = sink.send(&Message::Refuse { code: RefuseCode::StaleEpoch, reason: format!("failed over at epoch {epoch}") });
+            sink.close();
+        }
+        self.barrier();
+        let _exclusive = self.apply.write();
+        let applied_seq = self.meta.lock().applied_seq;
+        let guards = [self.logs[0].lock(), self.logs[1].lock()];
+        let scans: Vec<PartitionScan> = guards.iter().map(|l| l.scan()).collect();
+        let mut stops = Vec::new();
+        for (p, s) in scans.iter().enumerate() {
+            if let crate::format::ScanStop::Invalid { offset, reason } = &s.stop {
+                stops.push(format!("log {p}: stopped at offset {offset}: {reason}"));
+            }
+        }
+        let mut all: Vec<(usize, usize, u64)> = scans
+            .iter()
+            .enumerate()
+            .flat_map(|(p, s)| s.entries.iter().filter(|e| e.header.seq > applied_seq).map(move |e| (p, e.at, e.header.seq)))
+            .collect();
+        all.sort_by_key(|e| e.2);
+        // Replay a gap-free run from applied_seq + 1 and never past a gap.
+        let mut expect = applied_seq + 1;
+        let mut run = Vec::new();
+        for (p, at, seq) in all {
+            if seq != expect {
+                stops.push(format!("sequence gap: {seq} found where {expect} was expected; nothing past it is replayed"));
+                break;
+            }
+            run.push((p, at));
+            expect += 1;
+        }
+        let entries = run.iter().map(|&(p, at)| entry_data(guards[p].bytes(), at));
+        let replayed = apply_entries(entries, self.device.as_ref()).map_err(|e| format!("replay: {e}"))?;
+        drop(guards);
+        let mut meta = self.meta.lock();
+        meta.applied_seq = expect - 1;
+        meta.promoted = true;
+        meta.pending_cp = None;
+        let snapshot = meta.clone();
+        drop(meta);
+        self.save(&snapshot)?;
+        for log in &self.logs {
+            log.lock().free().map_err(|e| e.to_string())?;
+        }
+        Ok(PromoteReport { epoch, entries_replayed: replayed, last_seq: expect - 1, stops })
+    }
+
+    pub fn status(&self) -> MirrorStatus {
+        let meta = self.meta.lock().clone();
+        let mut used = 0u64;
+        let mut persisted_seq = meta.applied_seq;
+        for log in &self.logs {
+            let l = log.lock();
+            used += l.tail() as u64;
+            if let Some(s) = l.last_persisted_seq() {
+                persisted_seq = persisted_seq.max(s);
+            }
+        }
+        MirrorStatus {
+            source_node: meta.source_node.clone(),
+            volume: meta.volume.clone(),
+            epoch: meta.epoch,
+            applied_cp: meta.applied_cp,
+            applied_seq: meta.applied_seq,
+            persisted_seq,
+            consistent: meta.consistent,
+            promoted: meta.promoted,
+            connected: self.session.lock().is_some(),
+            entries_received: self.entries_received.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            log_bytes_used: used,
+            log_bytes_max: meta.partition_bytes * PARTITIONS as u64,
+            last_cp_unix_ms: meta.last_cp_unix_ms,
+            last_cp_duration_us: meta.last_cp_duration_us,
+            baseline_bytes: self.baseline_bytes.load(Ordering::Relaxed),
+            error: self.error.lock().clone(),
+        }
+    }
+
+    fn detach(&self, gen: u64) {
+        let mut s = self.session.lock();
+        if self.session_gen.load(Ordering::SeqCst) == gen {
+            *s = None;
+        }
+    }
+}
+
+/// Header and data of the (already validated) entry at `at` of a log.
+fn entry_data(bytes: &[u8], at: usize) -> (EntryHeader, &[u8]) {
+    EntryHeader::decode(&bytes[at..]).expect("entry validated by the scan")
+}
+
+fn worker(mirror: std::sync::Weak<Mirror>, rx: Receiver<Job>) {
+    for job in rx {
+        let Some(m) = mirror.upgrade() else { return };
+        match job {
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+            Job::Cp { cp, partition, upto_seq, by_value, sink, gen } => {
+                if m.session_gen.load(Ordering::SeqCst) != gen {
+                    continue;
+                }
+                match m.apply_cp(cp, partition, upto_seq, by_value) {
+                    Ok(()) => {
+                        let _ = sink.send(&Message::CpDone { cp });
+                    }
+                    Err(e) => {
+                        m.fail(&e);
+                        let _ = sink.send(&Message::Error { reason: e });
+                        sink.close();
+                    }
+                }
+            }
+            Job::Baseline { offset, data } => {
+                if let Err(e) = m.device.write_at(&data, offset) {
+                    m.fail(&format!("baseline write at {offset}: {e}"));
+                } else {
+                    m.baseline_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Job::BaselineDone { sink, gen } => {
+                if m.session_gen.load(Ordering::SeqCst) != gen {
+                    continue;
+                }
+                let r = if let Some(e) = m.error.lock().clone() {
+                    Err(e)
+                } else {
+                    m.device.flush().map_err(|e| format!("baseline flush: {e}")).and_then(|()| {
+                        let mut meta = m.meta.lock();
+                        meta.consistent = true;
+                        let snapshot = meta.clone();
+                        drop(meta);
+                        m.save(&snapshot)
+                    })
+                };
+                match r {
+                    Ok(()) => {
+                        let _ = sink.send(&Message::BaselineAck);
+                    }
+                    Err(e) => {
+                        let _ = sink.send(&Message::Error { reason: e });
+                        sink.close();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connection from the source to a mirror.
+pub struct Session {
+    mirror: Arc<Mirror>,
+    gen: u64,
+    sink: Arc<dyn ReplySink>,
+    epoch: u64,
+    volume_id: u64,
+    dirty: [bool; PARTITIONS],
+    by_value: Vec<(u64, Vec<u8>)>,
+    by_value_bytes: usize,
+    last_acked: Option<u64>,
+}
+
+impl Session {
+    fn check_current(&self) -> Result<(), String> {
+        if self.mirror.fenced.load(Ordering::SeqCst) {
+            return Err("mirror was failed over; this source is fenced".into());
+        }
+        if self.mirror.session_gen.load(Ordering::SeqCst) != self.gen {
+            return Err("superseded by a newer connection".into());
+        }
+        Ok(())
+    }
+
+    fn partition(p: u8) -> Result<usize, String> {
+        if (p as usize) < PARTITIONS {
+            Ok(p as usize)
+        } else {
+            Err(format!("no partition {p}"))
+        }
+    }
+
+    fn queue(&self, job: Job) -> Result<(), String> {
+        self.mirror.jobs.send(job).map_err(|_| "mirror worker stopped".to_string())
+    }
+}
+
+impl FrameHandler for Session {
+    fn on_message(&mut self, msg: Message<'_>) -> Result<(), String> {
+        self.check_current()?;
+        match msg {
+            Message::PartitionOpen { header } => {
+                let p = Session::partition(header[6])?;
+                let mut log = self.mirror.logs[p].lock();
+                let h = log.open_partition(&header).map_err(|e| e.to_string())?;
+                if h.volume_id != self.volume_id || h.epoch != self.epoch {
+                    log.free().map_err(|e| e.to_string())?;
+                    return Err("partition header of another volume or epoch".into());
+                }
+                Ok(())
+            }
+            Message::Entries { partition, offset, bytes } => {
+                let p = Session::partition(partition)?;
+                let n = self.mirror.logs[p].lock().place(offset, bytes, self.epoch).map_err(|e| e.to_string())?;
+                self.dirty[p] = true;
+                self.mirror.entries_received.fetch_add(n as u64, Ordering::Relaxed);
+                self.mirror.bytes_received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Message::Cp { cp, partition, upto_seq, by_value } => {
+                Session::partition(partition)?;
+                // Entries of the CP must be durable before it is applied from them.
+                self.commit()?;
+                let blocks = if by_value {
+                    self.by_value_bytes = 0;
+                    Some(std::mem::take(&mut self.by_value))
+                } else {
+                    None
+                };
+                self.queue(Job::Cp { cp, partition, upto_seq, by_value: blocks, sink: self.sink.clone(), gen: self.gen })
+            }
+            Message::BlockData { purpose, offset, data } => {
+                let size = self.mirror.device.size();
+                if offset % BLOCK_BYTES as u64 != 0 || data.len() % BLOCK_BYTES != 0 || data.len() > ENTRY_DATA_MAX {
+                    return Err("block data not block-aligned or too large".into());
+                }
+                crate::storage::check_range(size, offset, data.len() as u64).map_err(|e| e.to_string())?;
+                match purpose {
+                    BlockPurpose::Baseline => self.queue(Job::Baseline { offset, data: data.to_vec() }),
+                    BlockPurpose::CpByValue => {
+                        // A CP by value carries at most what two partitions can dirty.
+                        let max = 2 * self.mirror.meta.lock().partition_bytes as usize;
+                        if self.by_value_bytes + data.len() > max {
+                            return Err("CP by value larger than the log it replaces".into());
+                        }
+                        self.by_value_bytes += data.len();
+                        self.by_value.push((offset, data.to_vec()));
+                        Ok(())
+                    }
+                }
+            }
+            Message::BaselineDone { volume_bytes } => {
+                if volume_bytes != self.mirror.device.size() {
+                    return Err("baseline size mismatch".into());
+                }
+                self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
+            }
+            other => Err(format!("unexpected message from source: {}", msg_name(&other))),
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        let mut high = None;
+        for p in 0..PARTITIONS {
+            if std::mem::take(&mut self.dirty[p]) {
+                let s = self.mirror.logs[p].lock().persist().map_err(|e| e.to_string())?;
+                high = high.max(s);
+            }
+        }
+        if let Some(seq) = high {
+            if self.last_acked.is_none_or(|a| seq > a) {
+                self.last_acked = Some(seq);
+                self.sink.send(&Message::Ack { seq }).map_err(|e| format!("send ack: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.mirror.detach(self.gen);
+    }
+}
+
+fn msg_name(m: &Message<'_>) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Welcome(_) => "welcome",
+        Message::Refuse { .. } => "refuse",
+        Message::Ack { .. } => "ack",
+        Message::CpDone { .. } => "cp-done",
+        Message::BaselineAck => "baseline-ack",
+        Message::Error { .. } => "error",
+        _ => "data",
+    }
+}

@@ -1,0 +1,115 @@
+//! Replication transports: one trait pair, several engines.
+//!
+//! The source side holds a [`Link`] per mirrored volume, made by a [`Connector`]. The
+//! destination side is transport-independent: an engine accepts a connection, reads the
+//! [`Hello`], asks the node's [`MirrorDirectory`] for a [`FrameHandler`], and then feeds it
+//! every frame; the handler answers through a [`ReplySink`]. The engine calls
+//! [`FrameHandler::commit`] whenever it has no more input at hand, which makes every
+//! batch that arrived together one persist and one ack (group commit).
+//!
+//! Engines: [`tcp`] (everywhere, the default) and [`mem`] (in-process, for tests and the
+//! simulator). The protocol is described in `README.md` beside this file.
+
+pub mod mem;
+pub mod tcp;
+pub mod wire;
+
+use std::io;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use thiserror::Error;
+
+pub use wire::{Hello, Intent, LogTail, Message, RefuseCode, Welcome};
+
+/// What the destination sends back on a link, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ack { seq: u64 },
+    CpDone { cp: u64 },
+    BaselineAck,
+    Refuse { code: RefuseCode, reason: String },
+    Error { reason: String },
+}
+
+/// An event on a link, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    Reply(Reply),
+    /// The link is gone; nothing more will arrive.
+    Closed { reason: String },
+}
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("link I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("link closed: {0}")]
+    Closed(String),
+}
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("connect to {target}: {source}")]
+    Io { target: String, source: io::Error },
+    #[error("refused by {target}: {reason}")]
+    Refused { target: String, code: RefuseCode, reason: String },
+    #[error("protocol error with {target}: {reason}")]
+    Protocol { target: String, reason: String },
+}
+
+/// The source's end of a replication connection.
+pub trait Link: Send {
+    /// Sends entry bytes (one or more whole NVLog entries) to be placed at `offset` of
+    /// partition `partition`'s log file.
+    fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError>;
+    /// Sends a control message (may be buffered until [`Link::flush`]).
+    fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError>;
+    fn flush(&mut self) -> Result<(), LinkError>;
+    /// Replies from the destination.
+    fn events(&self) -> &Receiver<LinkEvent>;
+    /// Closes the link; later sends fail.
+    fn close(&mut self);
+}
+
+pub trait Connector: Send + Sync {
+    type Link: Link;
+    /// Opens a link to `target` (engine-specific address), says hello, and returns the
+    /// destination's welcome.
+    fn connect(&self, target: &str, hello: &Hello) -> Result<(Self::Link, Welcome), ConnectError>;
+}
+
+/// How the destination answers on a connection. Safe to call from any thread.
+pub trait ReplySink: Send + Sync {
+    fn send(&self, msg: &Message<'_>) -> io::Result<()>;
+    /// Ends the connection (after a refusal, a fatal error, or a failover).
+    fn close(&self);
+}
+
+/// The destination's handling of one connection after its hello.
+pub trait FrameHandler: Send {
+    /// Handles one frame. An error is fatal for the connection: the engine sends it as an
+    /// `Error` frame and closes.
+    fn on_message(&mut self, msg: Message<'_>) -> Result<(), String>;
+    /// Persists what was placed since the last commit and acknowledges it.
+    fn commit(&mut self) -> Result<(), String>;
+}
+
+/// The destination node's mirrors, as engines see them.
+pub trait MirrorDirectory: Send + Sync {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)>;
+}
+
+/// The transport engine a volume is mirrored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+}
