@@ -16,5 +16,6 @@ pub mod format;
 pub mod log;
 pub mod nvram;
 pub mod poller;
+pub mod source;
 pub mod storage;
 pub mod transport;

@@ -1,0 +1,1233 @@
+//! The source: a primary volume and its pinned poller.
+//!
+//! One poller thread owns everything of a volume: its NVLog, its block cache (the
+//! [`Overlay`] of blocks dirtied since the last CP), its volume device and its replication
+//! [`Link`]. Front ends hand it requests through a bounded queue. Per batch of requests it
+//! appends one entry per write to the active NVLog partition, persists the batch once, sends
+//! it to the destination as one frame, and completes each write when the destination's ack
+//! covers it: a write is acknowledged only once persistent on both sites.
+//!
+//! Consistency points: when the active partition fills, a timer fires, the cache grows past
+//! its bound, or an administrator asks, the poller switches writes to the other partition,
+//! writes the closed partition's dirty blocks to the volume, flushes it, and sends the
+//! destination "CP n = partition p up to seq s"; the partition is freed when the
+//! destination reports CP n applied. One CP is in flight at a time; writes wait for log
+//! space only when both partitions are held.
+//!
+//! Policy is `strict`: a write that cannot be mirrored (link down, mirror fenced) fails
+//! with an I/O error. A link that comes back resumes from what the destination holds; when
+//! that is not possible the mirror is rebuilt with a baseline copy.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Select, Sender, TryRecvError};
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::cp::{apply_entries, Overlay, Vbn};
+use crate::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES, ENTRY_DATA_MAX, PARTITION_HEADER_BYTES};
+use crate::frontend::{Completer, Export, IoRequest};
+use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS};
+use crate::nvram::Nvram;
+use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle};
+use crate::storage::BlockDevice;
+use crate::transport::wire::{BlockPurpose, BODY_MAX, ENTRIES_PREFIX_BYTES, FRAME_HEADER_BYTES};
+use crate::transport::{ConnectError, Connector, Hello, Intent, Link, LinkEvent, Message, RefuseCode, Reply, Welcome};
+
+/// Requests queued from front ends to a poller.
+pub const IO_QUEUE_MAX: usize = 1024;
+/// Requests taken per poller iteration: the most entries one group commit carries.
+pub const BATCH_MAX: usize = 64;
+/// Bytes of baseline data per frame.
+const BASELINE_CHUNK: usize = 1 << 20;
+/// Entry bytes per frame.
+const SEND_MAX: usize = BODY_MAX - ENTRIES_PREFIX_BYTES - FRAME_HEADER_BYTES;
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// This node's name, as destinations know it.
+    pub node: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub epoch: u64,
+    pub partition_bytes: usize,
+    pub cp_interval: Duration,
+    /// Cached dirty blocks above which a CP starts.
+    pub cache_blocks_max: usize,
+    pub backoff: BackoffConfig,
+    /// Core index to pin the poller to.
+    pub core: Option<usize>,
+    /// Delay between reconnection attempts.
+    pub reconnect_interval: Duration,
+}
+
+impl SourceConfig {
+    pub fn new(node: &str, volume: &str, volume_id: u64, partition_bytes: usize) -> Self {
+        SourceConfig {
+            node: node.to_string(),
+            volume: volume.to_string(),
+            volume_id,
+            epoch: 1,
+            partition_bytes,
+            cp_interval: Duration::from_secs(10),
+            cache_blocks_max: 1 << 20,
+            backoff: BackoffConfig::default(),
+            core: None,
+            reconnect_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Smallest partition: room for the largest entry and some more.
+pub const PARTITION_BYTES_MIN: usize = 4 * ENTRY_DATA_MAX;
+
+/// Control-plane requests to a poller.
+pub enum Control {
+    /// Force a CP; answered with its number once durable on both sites.
+    Cp(Sender<Result<u64, String>>),
+    /// Start mirroring to the replication address `target` (baseline, then in sync).
+    Attach { target: String, reply: Sender<Result<(), String>> },
+    Status(Sender<SourceStatus>),
+    /// Stop the poller; pending requests fail.
+    Stop(Sender<()>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    pub volume: String,
+    pub volume_id: u64,
+    pub epoch: u64,
+    pub size_bytes: u64,
+    /// not-mirrored, connecting, baseline, in-sync, out-of-sync, fenced
+    pub state: String,
+    pub peer: Option<String>,
+    pub reason: Option<String>,
+    pub next_seq: u64,
+    pub acked_seq: u64,
+    pub writes: u64,
+    pub write_errors: u64,
+    pub bytes_written: u64,
+    pub cps: u64,
+    pub last_cp: u64,
+    pub last_cp_unix_ms: u64,
+    pub last_cp_duration_us: u64,
+    pub log_bytes_used: u64,
+    pub log_bytes_max: u64,
+    pub cache_blocks: u64,
+    pub pending_writes: u64,
+    pub baseline_done_bytes: u64,
+    pub core: Option<usize>,
+    pub parks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Free,
+    Active { gen: u64 },
+    Closing { gen: u64, upto_seq: u64, remote_done: bool },
+}
+
+impl Part {
+    fn gen(self) -> Option<u64> {
+        match self {
+            Part::Free => None,
+            Part::Active { gen } | Part::Closing { gen, .. } => Some(gen),
+        }
+    }
+}
+
+enum LinkState<L> {
+    /// Not mirrored.
+    Unmirrored,
+    /// Mirrored, link down; reconnecting.
+    Down { reason: String, next_try: Instant, connecting: bool, baseline: bool },
+    Up { link: L, baseline: Option<Baseline> },
+    /// The destination failed over: this node is no longer the primary.
+    Fenced(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    cursor: u64,
+    done_sent: bool,
+}
+
+/// A write not yet completed: `progress` bytes of it are logged so far.
+struct Waiting {
+    request: IoRequest,
+    done: Option<Completer>,
+    progress: u64,
+}
+
+impl Waiting {
+    fn complete(&mut self, r: crate::frontend::IoResult) {
+        if let Some(d) = self.done.take() {
+            d.complete(r);
+        }
+    }
+}
+
+struct Pending {
+    last_seq: u64,
+    done: Completer,
+}
+
+type ConnectResult<L> = Result<(L, Welcome), ConnectError>;
+
+/// Handle to a running source volume: submit I/O, send control requests.
+pub struct SourceHandle {
+    io: Sender<(IoRequest, Completer)>,
+    ctl: Sender<Control>,
+    size: u64,
+    thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SourceHandle {
+    pub fn control(&self, c: Control) -> Result<(), String> {
+        self.ctl.send(c).map_err(|_| "volume poller has stopped".to_string())
+    }
+
+    pub fn status(&self) -> Result<SourceStatus, String> {
+        let (tx, rx) = bounded(1);
+        self.control(Control::Status(tx))?;
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "volume poller did not answer".to_string())
+    }
+
+    /// Stops the poller and waits for it.
+    pub fn stop(&self) {
+        let (tx, rx) = bounded(1);
+        if self.ctl.send(Control::Stop(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Export for SourceHandle {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn submit(&self, request: IoRequest, done: Completer) {
+        if let Err(e) = self.io.send((request, done)) {
+            let (_, done) = e.into_inner();
+            done.complete(Err(io::Error::other("volume is stopped")));
+        }
+    }
+}
+
+/// Starts a source volume on its own poller thread. `recovered` is what opening the NVLog
+/// found: it is rebuilt into the cache, and a CP interrupted by a crash is redone.
+/// `mirror` is the destination's replication address when the volume is mirrored.
+pub fn spawn<C>(
+    cfg: SourceConfig,
+    nvlog: NvLog<Box<dyn Nvram>>,
+    recovered: Recovered,
+    device: Arc<dyn BlockDevice>,
+    connector: Arc<C>,
+    clock: Arc<dyn Clock>,
+    mirror: Option<String>,
+) -> io::Result<SourceHandle>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    if cfg.partition_bytes < PARTITION_BYTES_MIN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("NVLog partition of {} bytes is below the minimum {PARTITION_BYTES_MIN}", cfg.partition_bytes),
+        ));
+    }
+    let size = device.size();
+    let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
+    let (ctl_tx, ctl_rx) = bounded(16);
+    let mut poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, io_rx, ctl_rx)?;
+    let name = format!("nvm-vol-{}", poller.cfg.volume);
+    let thread = thread::Builder::new().name(name).spawn(move || poller.run())?;
+    Ok(SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(Some(thread)) })
+}
+
+struct Poller<C: Connector> {
+    cfg: SourceConfig,
+    nvlog: NvLog<Box<dyn Nvram>>,
+    device: Arc<dyn BlockDevice>,
+    connector: Arc<C>,
+    clock: Arc<dyn Clock>,
+    io_rx: Receiver<(IoRequest, Completer)>,
+    ctl_rx: Receiver<Control>,
+    target: Option<String>,
+    link: LinkState<C::Link>,
+    connect_rx: Option<Receiver<ConnectResult<C::Link>>>,
+
+    parts: [Part; PARTITIONS],
+    active: u8,
+    next_seq: u64,
+    /// Every entry up to here is persistent on the destination.
+    acked_seq: u64,
+    /// Per partition: entries from this offset on are not yet sent.
+    unsent: [usize; PARTITIONS],
+    overlay: Overlay,
+    dirty: [HashSet<Vbn>; PARTITIONS],
+    waiting: VecDeque<Waiting>,
+    pending: VecDeque<Pending>,
+    cp_wanted: bool,
+    cp_waiters: Vec<(u64, Sender<Result<u64, String>>)>,
+    cp_started_ns: u64,
+    last_cp_ns: u64,
+    stats: SourceStatus,
+    core: Option<usize>,
+    /// A local storage error: the volume refuses further writes (fail stop).
+    failed: Option<String>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
+}
+
+fn eio(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl<C> Poller<C>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: SourceConfig,
+        nvlog: NvLog<Box<dyn Nvram>>,
+        recovered: Recovered,
+        device: Arc<dyn BlockDevice>,
+        connector: Arc<C>,
+        clock: Arc<dyn Clock>,
+        mirror: Option<String>,
+        io_rx: Receiver<(IoRequest, Completer)>,
+        ctl_rx: Receiver<Control>,
+    ) -> io::Result<Self> {
+        let now = clock.now_ns();
+        let link = match &mirror {
+            None => LinkState::Unmirrored,
+            Some(_) => LinkState::Down { reason: "starting".into(), next_try: Instant::now(), connecting: false, baseline: false },
+        };
+        let stats = SourceStatus {
+            volume: cfg.volume.clone(),
+            volume_id: cfg.volume_id,
+            epoch: cfg.epoch,
+            size_bytes: device.size(),
+            state: String::new(),
+            peer: mirror.clone(),
+            reason: None,
+            next_seq: 0,
+            acked_seq: 0,
+            writes: 0,
+            write_errors: 0,
+            bytes_written: 0,
+            cps: 0,
+            last_cp: recovered.checkpoint.released_cp,
+            last_cp_unix_ms: 0,
+            last_cp_duration_us: 0,
+            log_bytes_used: 0,
+            log_bytes_max: (cfg.partition_bytes * PARTITIONS) as u64,
+            cache_blocks: 0,
+            pending_writes: 0,
+            baseline_done_bytes: 0,
+            core: None,
+            parks: 0,
+        };
+        let mut p = Poller {
+            cfg,
+            nvlog,
+            device,
+            connector,
+            clock,
+            io_rx,
+            ctl_rx,
+            target: mirror,
+            link,
+            connect_rx: None,
+            parts: [Part::Free; PARTITIONS],
+            active: 0,
+            next_seq: 1,
+            acked_seq: 0,
+            unsent: [PARTITION_HEADER_BYTES; PARTITIONS],
+            overlay: Overlay::new(),
+            dirty: [HashSet::new(), HashSet::new()],
+            waiting: VecDeque::new(),
+            pending: VecDeque::new(),
+            cp_wanted: false,
+            cp_waiters: Vec::new(),
+            cp_started_ns: 0,
+            last_cp_ns: now,
+            stats,
+            core: None,
+            failed: None,
+        };
+        p.recover(&recovered)?;
+        Ok(p)
+    }
+
+    /// Rebuilds the cache from the NVLog found at start: the older held partition is a CP
+    /// that did not finish, the newer the active one. The unfinished CP is redone locally;
+    /// its remote half follows once the link is up.
+    fn recover(&mut self, rec: &Recovered) -> io::Result<()> {
+        for problem in rec.problems() {
+            eprintln!("volume {}: NVLog recovery: {problem}; entries after it are not replayed", self.cfg.volume);
+        }
+        let mut held: Vec<(u8, PartitionHeader)> =
+            (0..PARTITIONS as u8).filter_map(|p| self.nvlog.header(p).map(|h| (p, h))).collect();
+        held.sort_by_key(|(_, h)| h.cp_gen);
+        let mut next_seq = rec.checkpoint.next_seq.max(1);
+        let mut next_gen = rec.checkpoint.released_cp + 1;
+        for (p, h) in &held {
+            let scan = &rec.scans[*p as usize];
+            next_seq = next_seq.max(h.first_seq);
+            for e in &scan.entries {
+                let bytes = self.nvlog.partition(*p);
+                let (eh, data) = EntryHeader::decode(&bytes[e.at..]).map_err(|e| eio(e.to_string()))?;
+                self.overlay.apply(&eh, data, self.device.as_ref(), &mut self.dirty[*p as usize])?;
+                next_seq = next_seq.max(eh.seq + 1);
+            }
+            next_gen = next_gen.max(h.cp_gen + 1);
+            self.unsent[*p as usize] = self.nvlog.tail(*p);
+        }
+        self.next_seq = next_seq;
+        self.acked_seq = next_seq - 1;
+        match held.as_slice() {
+            [] => {
+                self.open_partition(0, next_gen)?;
+            }
+            [(p, h)] => {
+                self.parts[*p as usize] = Part::Active { gen: h.cp_gen };
+                self.active = *p;
+            }
+            [(old, oh), (new, nh)] => {
+                self.active = *new;
+                self.parts[*new as usize] = Part::Active { gen: nh.cp_gen };
+                let upto = rec.scans[*old as usize].next_seq().unwrap_or(oh.first_seq).saturating_sub(1);
+                self.parts[*old as usize] = Part::Closing { gen: oh.cp_gen, upto_seq: upto, remote_done: false };
+                self.local_cp(*old)?;
+                if matches!(self.link, LinkState::Unmirrored) {
+                    self.release(*old)?;
+                }
+            }
+            _ => unreachable!("two partitions"),
+        }
+        Ok(())
+    }
+
+    fn open_partition(&mut self, p: u8, gen: u64) -> io::Result<()> {
+        let header = PartitionHeader {
+            partition: p,
+            volume_id: self.cfg.volume_id,
+            cp_gen: gen,
+            first_seq: self.next_seq,
+            epoch: self.cfg.epoch,
+        };
+        self.nvlog.open_partition(header).map_err(|e| eio(e.to_string()))?;
+        self.parts[p as usize] = Part::Active { gen };
+        self.active = p;
+        self.unsent[p as usize] = PARTITION_HEADER_BYTES;
+        if let LinkState::Up { link, .. } = &mut self.link {
+            let r = link.send(&Message::PartitionOpen { header: header.encode() });
+            if let Err(e) = r {
+                self.link_down(format!("send: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) {
+        self.core = self.cfg.core.and_then(pin_to_core);
+        let mut backoff = Backoff::new(self.cfg.backoff);
+        loop {
+            let mut worked = false;
+            match self.poll_control() {
+                Ok(true) => worked = true,
+                Ok(false) => {}
+                Err(()) => return,
+            }
+            worked |= self.poll_link();
+            worked |= self.poll_io();
+            worked |= self.flush_batch();
+            worked |= self.baseline_step();
+            self.timers();
+            if worked {
+                backoff.reset();
+            } else if backoff.idle() == Idle::Park {
+                self.park();
+            }
+            self.stats.parks = backoff.parks;
+        }
+    }
+
+    /// Blocks until an input is ready or a timer is due.
+    fn park(&self) {
+        let mut sel = Select::new();
+        sel.recv(&self.ctl_rx);
+        if self.waiting.is_empty() {
+            sel.recv(&self.io_rx);
+        }
+        if let LinkState::Up { link, .. } = &self.link {
+            sel.recv(link.events());
+        }
+        if let Some(rx) = &self.connect_rx {
+            sel.recv(rx);
+        }
+        let _ = sel.ready_timeout(Duration::from_millis(50));
+    }
+
+    fn timers(&mut self) {
+        let now = self.clock.now_ns();
+        let active = self.active;
+        let has_entries = self.nvlog.tail(active) > PARTITION_HEADER_BYTES;
+        let interval = u64::try_from(self.cfg.cp_interval.as_nanos()).unwrap_or(u64::MAX);
+        if has_entries && now.saturating_sub(self.last_cp_ns) >= interval {
+            self.cp_wanted = true;
+        }
+        if self.cp_wanted {
+            self.try_start_cp();
+        }
+        if let LinkState::Down { next_try, connecting: false, baseline, .. } = &self.link {
+            if Instant::now() >= *next_try {
+                let baseline = *baseline;
+                self.start_connect(baseline);
+            }
+        }
+    }
+
+    // ---- control ----
+
+    fn poll_control(&mut self) -> Result<bool, ()> {
+        let mut worked = false;
+        loop {
+            match self.ctl_rx.try_recv() {
+                Ok(Control::Status(tx)) => {
+                    let _ = tx.send(self.status());
+                }
+                Ok(Control::Cp(tx)) => self.force_cp(tx),
+                Ok(Control::Attach { target, reply }) => {
+                    let r = self.attach(target);
+                    let _ = reply.send(r);
+                }
+                Ok(Control::Stop(tx)) => {
+                    self.shutdown("volume stopped");
+                    let _ = tx.send(());
+                    return Err(());
+                }
+                Err(TryRecvError::Empty) => return Ok(worked),
+                Err(TryRecvError::Disconnected) => {
+                    self.shutdown("volume handle dropped");
+                    return Err(());
+                }
+            }
+            worked = true;
+        }
+    }
+
+    fn shutdown(&mut self, why: &str) {
+        let _ = self.flush_batch();
+        for mut w in self.waiting.drain(..) {
+            w.complete(Err(eio(why.to_string())));
+        }
+        for p in self.pending.drain(..) {
+            p.done.complete(Err(eio(why.to_string())));
+        }
+        while let Ok((_, done)) = self.io_rx.try_recv() {
+            done.complete(Err(eio(why.to_string())));
+        }
+        if let LinkState::Up { link, .. } = &mut self.link {
+            link.close();
+        }
+    }
+
+    fn status(&mut self) -> SourceStatus {
+        let mut s = self.stats.clone();
+        let (state, reason) = match &self.link {
+            LinkState::Unmirrored => ("not-mirrored", None),
+            LinkState::Down { reason, connecting, baseline, .. } => {
+                if *baseline || *connecting {
+                    ("connecting", Some(reason.clone()))
+                } else {
+                    ("out-of-sync", Some(reason.clone()))
+                }
+            }
+            LinkState::Up { baseline: Some(_), .. } => ("baseline", None),
+            LinkState::Up { baseline: None, .. } => ("in-sync", None),
+            LinkState::Fenced(r) => ("fenced", Some(r.clone())),
+        };
+        s.state = state.to_string();
+        s.reason = reason;
+        if let Some(r) = &self.failed {
+            s.state = "failed".into();
+            s.reason = Some(r.clone());
+        }
+        s.peer = self.target.clone();
+        s.next_seq = self.next_seq;
+        s.acked_seq = self.acked_seq;
+        s.epoch = self.cfg.epoch;
+        s.log_bytes_used = (0..PARTITIONS as u8)
+            .filter(|p| self.parts[*p as usize] != Part::Free)
+            .map(|p| self.nvlog.tail(p) as u64)
+            .sum();
+        s.cache_blocks = self.overlay.len() as u64;
+        s.pending_writes = (self.pending.len() + self.waiting.len()) as u64;
+        s.baseline_done_bytes = match &self.link {
+            LinkState::Up { baseline: Some(b), .. } => b.cursor,
+            _ => s.size_bytes,
+        };
+        s.core = self.core;
+        s
+    }
+
+    fn force_cp(&mut self, tx: Sender<Result<u64, String>>) {
+        let active = self.active;
+        let has_entries = self.nvlog.tail(active) > PARTITION_HEADER_BYTES;
+        let closing = self.parts.iter().find_map(|p| match p {
+            Part::Closing { gen, .. } => Some(*gen),
+            _ => None,
+        });
+        if let LinkState::Fenced(r) = &self.link {
+            let _ = tx.send(Err(r.clone()));
+            return;
+        }
+        if has_entries {
+            let gen = self.parts[active as usize].gen().expect("active partition has a generation");
+            self.cp_waiters.push((gen, tx));
+            self.cp_wanted = true;
+            self.try_start_cp();
+        } else if let Some(gen) = closing {
+            self.cp_waiters.push((gen, tx));
+        } else {
+            let _ = tx.send(Ok(self.stats.last_cp));
+        }
+    }
+
+    /// Starts mirroring to `target`: a full local flush, then a baseline copy.
+    fn attach(&mut self, target: String) -> Result<(), String> {
+        match &self.link {
+            LinkState::Up { .. } | LinkState::Down { .. } if self.target.as_deref() == Some(&target) => return Ok(()),
+            LinkState::Unmirrored => {}
+            LinkState::Fenced(r) => return Err(r.clone()),
+            _ => return Err(format!("volume is already mirrored to {}", self.target.as_deref().unwrap_or("?"))),
+        }
+        self.target = Some(target);
+        self.link = LinkState::Down { reason: "attaching".into(), next_try: Instant::now(), connecting: false, baseline: true };
+        Ok(())
+    }
+
+    // ---- link ----
+
+    fn start_connect(&mut self, baseline: bool) {
+        let Some(target) = self.target.clone() else { return };
+        if baseline {
+            if let Err(e) = self.full_flush() {
+                self.fail_stop(format!("local flush before baseline: {e}"));
+                return;
+            }
+        }
+        let active = self.active;
+        let hello = Hello {
+            source_node: self.cfg.node.clone(),
+            volume: self.cfg.volume.clone(),
+            volume_id: self.cfg.volume_id,
+            epoch: self.cfg.epoch,
+            volume_bytes: self.device.size(),
+            partition_bytes: self.cfg.partition_bytes as u64,
+            intent: if baseline { Intent::Baseline } else { Intent::Resume },
+            base_seq: self.nvlog.header(active).map_or(self.next_seq, |h| h.first_seq),
+            base_cp_gen: self.parts[active as usize].gen().unwrap_or(0),
+        };
+        let (tx, rx) = bounded(1);
+        let connector = self.connector.clone();
+        let spawned = thread::Builder::new().name("nvm-connect".into()).spawn(move || {
+            let _ = tx.send(connector.connect(&target, &hello));
+        });
+        match spawned {
+            Ok(_) => {
+                self.connect_rx = Some(rx);
+                if let LinkState::Down { connecting, .. } = &mut self.link {
+                    *connecting = true;
+                }
+            }
+            Err(e) => self.link_down(format!("spawn connect: {e}")),
+        }
+    }
+
+    fn fail_stop(&mut self, reason: String) {
+        eprintln!("volume {}: failed, refusing writes: {reason}", self.cfg.volume);
+        self.fail_pending(&reason);
+        self.failed = Some(reason);
+    }
+
+    /// Writes every cached block to the volume and frees both partitions: the volume then
+    /// holds everything, and a baseline can copy it.
+    fn full_flush(&mut self) -> io::Result<()> {
+        self.fail_pending("mirror is being re-established");
+        let all: HashSet<Vbn> = self.dirty.iter().flatten().copied().collect();
+        self.overlay.write_blocks(&all, self.device.as_ref())?;
+        self.device.flush()?;
+        self.overlay.clear();
+        let mut gen = 0;
+        for p in 0..PARTITIONS as u8 {
+            self.dirty[p as usize].clear();
+            if let Some(g) = self.parts[p as usize].gen() {
+                gen = gen.max(g);
+                self.nvlog
+                    .free_partition(p, Checkpoint { released_cp: g, next_seq: self.next_seq })
+                    .map_err(|e| eio(e.to_string()))?;
+                self.parts[p as usize] = Part::Free;
+            }
+        }
+        self.stats.last_cp = gen;
+        self.acked_seq = self.next_seq - 1;
+        self.open_partition(0, gen + 1)?;
+        self.last_cp_ns = self.clock.now_ns();
+        self.notify_cp_waiters(gen, Ok(gen));
+        Ok(())
+    }
+
+    fn poll_link(&mut self) -> bool {
+        let mut worked = false;
+        if let Some(rx) = &self.connect_rx {
+            if let Ok(result) = rx.try_recv() {
+                self.connect_rx = None;
+                self.on_connected(result);
+                worked = true;
+            }
+        }
+        loop {
+            let ev = match &self.link {
+                LinkState::Up { link, .. } => match link.events().try_recv() {
+                    Ok(ev) => ev,
+                    Err(_) => break,
+                },
+                _ => break,
+            };
+            worked = true;
+            match ev {
+                LinkEvent::Reply(Reply::Ack { seq }) => {
+                    if seq > self.acked_seq && seq < self.next_seq {
+                        self.acked_seq = seq;
+                    }
+                    self.complete_acked();
+                }
+                LinkEvent::Reply(Reply::CpDone { cp }) => self.on_cp_done(cp),
+                LinkEvent::Reply(Reply::BaselineAck) => {
+                    if let LinkState::Up { baseline, .. } = &mut self.link {
+                        *baseline = None;
+                    }
+                    eprintln!("volume {}: baseline done; mirror in sync", self.cfg.volume);
+                    // Make the mirror consistent as of a CP.
+                    self.cp_wanted = true;
+                }
+                LinkEvent::Reply(Reply::Refuse { code: RefuseCode::StaleEpoch, reason }) => {
+                    self.fence(reason);
+                }
+                LinkEvent::Reply(Reply::Refuse { reason, .. }) | LinkEvent::Reply(Reply::Error { reason }) => {
+                    self.link_down(format!("destination: {reason}"));
+                }
+                LinkEvent::Closed { reason } => self.link_down(reason),
+            }
+        }
+        worked
+    }
+
+    fn fence(&mut self, reason: String) {
+        let msg = format!("fenced: the mirror was failed over ({reason}); this node no longer accepts writes");
+        eprintln!("volume {}: {msg}", self.cfg.volume);
+        if let LinkState::Up { link, .. } = &mut self.link {
+            link.close();
+        }
+        self.link = LinkState::Fenced(msg.clone());
+        self.fail_pending(&msg);
+        for (_, tx) in self.cp_waiters.drain(..) {
+            let _ = tx.send(Err(msg.clone()));
+        }
+    }
+
+    fn link_down(&mut self, reason: String) {
+        if matches!(self.link, LinkState::Fenced(_) | LinkState::Unmirrored) {
+            return;
+        }
+        let baseline = match &mut self.link {
+            LinkState::Up { link, baseline } => {
+                link.close();
+                baseline.is_some()
+            }
+            LinkState::Down { baseline, .. } => *baseline,
+            _ => false,
+        };
+        eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
+        self.link = LinkState::Down {
+            reason: reason.clone(),
+            next_try: Instant::now() + self.cfg.reconnect_interval,
+            connecting: false,
+            baseline,
+        };
+        self.fail_pending(&format!("mirror link down ({reason}); policy strict"));
+    }
+
+    fn fail_pending(&mut self, why: &str) {
+        for p in self.pending.drain(..) {
+            self.stats.write_errors += 1;
+            p.done.complete(Err(eio(why.to_string())));
+        }
+    }
+
+    fn on_connected(&mut self, result: ConnectResult<C::Link>) {
+        let baseline = matches!(self.link, LinkState::Down { baseline: true, .. });
+        let (mut link, welcome) = match result {
+            Ok(x) => x,
+            Err(ConnectError::Refused { code: RefuseCode::StaleEpoch, reason, .. }) => return self.fence(reason),
+            Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. }) if !baseline => {
+                eprintln!("volume {}: resume refused ({reason}); starting a baseline", self.cfg.volume);
+                self.link =
+                    LinkState::Down { reason, next_try: Instant::now(), connecting: false, baseline: true };
+                return;
+            }
+            Err(e) => {
+                self.link = LinkState::Down {
+                    reason: e.to_string(),
+                    next_try: Instant::now() + self.cfg.reconnect_interval,
+                    connecting: false,
+                    baseline,
+                };
+                return;
+            }
+        };
+        if welcome.epoch > self.cfg.epoch {
+            link.close();
+            return self.fence(format!("destination is at epoch {}", welcome.epoch));
+        }
+        if baseline {
+            let active = self.active;
+            let header = self.nvlog.header(active).expect("active partition open");
+            // The active partition is fresh (full flush) and writes were refused meanwhile.
+            self.unsent[active as usize] = PARTITION_HEADER_BYTES;
+            let r = link.send(&Message::PartitionOpen { header: header.encode() }).and_then(|()| link.flush());
+            if let Err(e) = r {
+                return self.link_down(format!("baseline start: {e}"));
+            }
+            eprintln!("volume {}: mirroring to {}: baseline copy of {} bytes", self.cfg.volume, self.target.as_deref().unwrap_or("?"), self.device.size());
+            self.link = LinkState::Up { link, baseline: Some(Baseline { cursor: 0, done_sent: false }) };
+            return;
+        }
+        match self.resume(&mut link, &welcome) {
+            Ok(()) => {
+                eprintln!("volume {}: mirror link resumed", self.cfg.volume);
+                self.link = LinkState::Up { link, baseline: None };
+            }
+            Err(why) => {
+                link.close();
+                eprintln!("volume {}: cannot resume ({why}); starting a baseline", self.cfg.volume);
+                self.link = LinkState::Down { reason: why, next_try: Instant::now(), connecting: false, baseline: true };
+            }
+        }
+    }
+
+    /// Brings the destination's logs level with ours after a reconnect: resends what it
+    /// lacks, re-opens logs that diverged, re-sends an unfinished CP.
+    fn resume(&mut self, link: &mut C::Link, w: &Welcome) -> Result<(), String> {
+        if !w.consistent {
+            return Err("mirror has no complete baseline".into());
+        }
+        let mut held: Vec<(u8, u64)> =
+            (0..PARTITIONS as u8).filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
+        held.sort_by_key(|h| h.1);
+        let oldest = held.first().map(|h| h.1).unwrap_or(w.applied_cp + 1);
+        if w.applied_cp + 1 < oldest {
+            return Err(format!("destination applied CP {}, but our log starts at CP {oldest}", w.applied_cp));
+        }
+        let send_err = |e: crate::transport::LinkError| e.to_string();
+        for (p, gen) in held {
+            if let Part::Closing { remote_done: false, .. } = self.parts[p as usize] {
+                if w.applied_cp >= gen {
+                    self.mark_remote_done(p);
+                    continue;
+                }
+            }
+            let ours = self.nvlog.header(p).expect("held partition has a header");
+            let theirs = w.logs[p as usize];
+            let tail = self.nvlog.tail(p);
+            let same = theirs.open && theirs.cp_gen == gen && theirs.first_seq == ours.first_seq;
+            // Continue from their tail where it is a prefix of ours; otherwise start their
+            // log over from our partition's start.
+            let from = if same
+                && (theirs.tail as usize) <= tail
+                && self.nvlog_seq_at(p, theirs.tail as usize) == Some(theirs.next_seq)
+            {
+                theirs.tail as usize
+            } else {
+                link.send(&Message::PartitionOpen { header: ours.encode() }).map_err(send_err)?;
+                PARTITION_HEADER_BYTES
+            };
+            self.unsent[p as usize] = from;
+            send_range(&self.nvlog, &mut self.unsent[p as usize], p, link)?;
+            if let Part::Closing { upto_seq, remote_done: false, .. } = self.parts[p as usize] {
+                link.send(&Message::Cp { cp: gen, partition: p, upto_seq, by_value: false }).map_err(send_err)?;
+            }
+        }
+        link.flush().map_err(send_err)?;
+        Ok(())
+    }
+
+    /// The sequence number of the entry at `offset` of partition `p` (or the next one, at
+    /// the tail); `None` when `offset` is not an entry boundary.
+    fn nvlog_seq_at(&self, p: u8, offset: usize) -> Option<u64> {
+        let h = self.nvlog.header(p)?;
+        let mut at = PARTITION_HEADER_BYTES;
+        let mut seq = h.first_seq;
+        let tail = self.nvlog.tail(p);
+        while at < offset && at < tail {
+            at = self.nvlog.cut(p, at, 0);
+            seq += 1;
+        }
+        (at == offset).then_some(seq)
+    }
+
+
+    // ---- CPs ----
+
+    fn try_start_cp(&mut self) {
+        let other = 1 - self.active;
+        if self.parts[other as usize] != Part::Free {
+            return;
+        }
+        if matches!(self.link, LinkState::Fenced(_)) {
+            self.cp_wanted = false;
+            return;
+        }
+        let active = self.active;
+        if self.nvlog.tail(active) <= PARTITION_HEADER_BYTES {
+            self.cp_wanted = false;
+            return;
+        }
+        self.cp_wanted = false;
+        // Everything of the closing partition goes out before its CP message.
+        self.flush_batch();
+        let gen = self.parts[active as usize].gen().expect("active");
+        let upto_seq = self.next_seq - 1;
+        self.cp_started_ns = self.clock.now_ns();
+        self.parts[active as usize] = Part::Closing { gen, upto_seq, remote_done: false };
+        if let Err(e) = self.open_partition(other, gen + 1) {
+            return self.fail_stop(format!("open partition {other}: {e}"));
+        }
+        if let Err(e) = self.local_cp(active) {
+            return self.fail_stop(format!("CP {gen}: local volume: {e}"));
+        }
+        self.last_cp_ns = self.clock.now_ns();
+        match &mut self.link {
+            LinkState::Unmirrored => {
+                if let Err(e) = self.release(active) {
+                    self.fail_stop(format!("CP {gen}: release: {e}"));
+                }
+            }
+            LinkState::Up { link, .. } => {
+                let r = link.send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: false }).and_then(|()| link.flush());
+                if let Err(e) = r {
+                    self.link_down(format!("send CP: {e}"));
+                }
+            }
+            // Sent on resume.
+            LinkState::Down { .. } | LinkState::Fenced(_) => {}
+        }
+    }
+
+    /// Writes partition `p`'s dirty blocks to the local volume and flushes it.
+    fn local_cp(&mut self, p: u8) -> io::Result<()> {
+        let dirty = std::mem::take(&mut self.dirty[p as usize]);
+        self.overlay.write_blocks(&dirty, self.device.as_ref())?;
+        self.device.flush()?;
+        self.overlay.release(&dirty, p);
+        Ok(())
+    }
+
+    fn mark_remote_done(&mut self, p: u8) {
+        if let Part::Closing { remote_done, .. } = &mut self.parts[p as usize] {
+            *remote_done = true;
+        }
+        if let Err(e) = self.release(p) {
+            self.fail_stop(format!("release partition {p}: {e}"));
+        }
+    }
+
+    fn on_cp_done(&mut self, cp: u64) {
+        let p = (0..PARTITIONS as u8).find(|p| matches!(self.parts[*p as usize], Part::Closing { gen, .. } if gen == cp));
+        if let Some(p) = p {
+            self.mark_remote_done(p);
+        }
+    }
+
+    /// Frees a partition whose CP is durable on both sites.
+    fn release(&mut self, p: u8) -> io::Result<()> {
+        let Part::Closing { gen, upto_seq, .. } = self.parts[p as usize] else { return Ok(()) };
+        self.nvlog
+            .free_partition(p, Checkpoint { released_cp: gen, next_seq: upto_seq + 1 })
+            .map_err(|e| eio(e.to_string()))?;
+        self.parts[p as usize] = Part::Free;
+        self.stats.cps += 1;
+        self.stats.last_cp = gen;
+        self.stats.last_cp_unix_ms = unix_ms();
+        self.stats.last_cp_duration_us = self.clock.now_ns().saturating_sub(self.cp_started_ns) / 1000;
+        self.notify_cp_waiters(gen, Ok(gen));
+        Ok(())
+    }
+
+    fn notify_cp_waiters(&mut self, upto_gen: u64, r: Result<u64, String>) {
+        let mut keep = Vec::new();
+        for (g, tx) in self.cp_waiters.drain(..) {
+            if g <= upto_gen {
+                let _ = tx.send(r.clone());
+            } else {
+                keep.push((g, tx));
+            }
+        }
+        self.cp_waiters = keep;
+    }
+
+    // ---- I/O ----
+
+    fn poll_io(&mut self) -> bool {
+        let mut worked = false;
+        // Writes waiting for log space go first, in order.
+        while let Some(mut w) = self.waiting.pop_front() {
+            match self.log_write(&mut w) {
+                Ok(true) => {
+                    worked = true;
+                }
+                Ok(false) => {
+                    self.waiting.push_front(w);
+                    return worked;
+                }
+                Err(e) => {
+                    self.stats.write_errors += 1;
+                    w.complete(Err(e));
+                    worked = true;
+                }
+            }
+        }
+        for _ in 0..BATCH_MAX {
+            let Ok((request, done)) = self.io_rx.try_recv() else { break };
+            worked = true;
+            self.handle(request, done);
+            if !self.waiting.is_empty() {
+                break;
+            }
+        }
+        worked
+    }
+
+    fn write_refusal(&self) -> Option<io::Error> {
+        if let Some(r) = &self.failed {
+            return Some(eio(format!("volume failed: {r}")));
+        }
+        match &self.link {
+            LinkState::Fenced(r) => Some(eio(r.clone())),
+            LinkState::Down { reason, .. } => Some(eio(format!("mirror link down ({reason}); policy strict refuses writes"))),
+            _ => None,
+        }
+    }
+
+    fn handle(&mut self, request: IoRequest, done: Completer) {
+        match request {
+            IoRequest::Read { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                let r = self.overlay.read(&mut buf, offset, self.device.as_ref()).map(|()| Some(buf));
+                done.complete(r);
+            }
+            // Every acknowledged write is already persistent on both sites.
+            IoRequest::Flush => done.complete(Ok(None)),
+            request => {
+                if let Some(e) = self.write_refusal() {
+                    self.stats.write_errors += 1;
+                    return done.complete(Err(e));
+                }
+                let mut w = Waiting { request, done: Some(done), progress: 0 };
+                if !self.waiting.is_empty() {
+                    return self.waiting.push_back(w);
+                }
+                match self.log_write(&mut w) {
+                    Ok(true) => {}
+                    Ok(false) => self.waiting.push_back(w),
+                    Err(e) => {
+                        self.stats.write_errors += 1;
+                        w.complete(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Logs as much of a mutation as fits. `Ok(true)`: all of it is logged and its
+    /// completion is pending; `Ok(false)`: it waits for log space.
+    fn log_write(&mut self, w: &mut Waiting) -> io::Result<bool> {
+        let (kind, offset, len) = match &w.request {
+            IoRequest::Write { offset, data, .. } => (EntryKind::Write, *offset, data.len() as u64),
+            IoRequest::Trim { offset, len } => (EntryKind::Trim, *offset, u64::from(*len)),
+            IoRequest::WriteZeroes { offset, len, .. } => (EntryKind::WriteZeroes, *offset, u64::from(*len)),
+            _ => unreachable!("only mutations are logged"),
+        };
+        crate::storage::check_range(self.device.size(), offset, len)?;
+        if len == 0 {
+            w.complete(Ok(None));
+            return Ok(true);
+        }
+        while w.progress < len {
+            let at = offset + w.progress;
+            let piece = if kind == EntryKind::Write {
+                let boundary = (at / ENTRY_DATA_MAX as u64 + 1) * ENTRY_DATA_MAX as u64;
+                boundary.min(offset + len) - at
+            } else {
+                len - w.progress
+            };
+            let data_len = if kind == EntryKind::Write { piece as usize } else { 0 };
+            if !self.nvlog.fits(self.active, data_len) {
+                self.cp_wanted = true;
+                self.try_start_cp();
+                if !self.nvlog.fits(self.active, data_len) {
+                    return Ok(false);
+                }
+            }
+            let header = EntryHeader {
+                kind,
+                partition: self.active,
+                volume_id: self.cfg.volume_id,
+                epoch: self.cfg.epoch,
+                seq: self.next_seq,
+                offset: at,
+                length: u32::try_from(piece).expect("pieces are below 4 GiB"),
+                data_len: u32::try_from(data_len).expect("entry data below 1 MiB"),
+            };
+            let data: &[u8] = match &w.request {
+                IoRequest::Write { data, .. } => {
+                    let s = w.progress as usize;
+                    &data[s..s + data_len]
+                }
+                _ => &[],
+            };
+            self.nvlog.append(&header, data).map_err(|e| eio(e.to_string()))?;
+            self.overlay.apply(&header, data, self.device.as_ref(), &mut self.dirty[self.active as usize])?;
+            self.next_seq += 1;
+            w.progress += piece;
+        }
+        self.stats.writes += 1;
+        self.stats.bytes_written += len;
+        if self.overlay.len() > self.cfg.cache_blocks_max {
+            self.cp_wanted = true;
+        }
+        let done = w.done.take().expect("a logged write is completed once");
+        self.pending.push_back(Pending { last_seq: self.next_seq - 1, done });
+        Ok(true)
+    }
+
+    /// Persists and sends what the last requests logged, then completes what is durable.
+    fn flush_batch(&mut self) -> bool {
+        let mut worked = false;
+        let mut order: Vec<u8> = (0..PARTITIONS as u8).filter(|p| self.parts[*p as usize] != Part::Free).collect();
+        order.sort_by_key(|p| self.parts[*p as usize].gen());
+        for p in order {
+            if self.unsent[p as usize] >= self.nvlog.tail(p) {
+                continue;
+            }
+            worked = true;
+            if let Err(e) = self.nvlog.persist(p) {
+                self.fail_stop(format!("NVLog persist: {e}"));
+                return true;
+            }
+            match &mut self.link {
+                LinkState::Up { link, .. } => {
+                    if let Err(e) = send_range(&self.nvlog, &mut self.unsent[p as usize], p, link) {
+                        self.link_down(format!("send: {e}"));
+                    }
+                }
+                _ => self.unsent[p as usize] = self.nvlog.tail(p),
+            }
+        }
+        if worked {
+            if let LinkState::Up { link, .. } = &mut self.link {
+                if let Err(e) = link.flush() {
+                    self.link_down(format!("send: {e}"));
+                }
+            }
+            if matches!(self.link, LinkState::Unmirrored) {
+                self.acked_seq = self.next_seq - 1;
+            }
+            self.complete_acked();
+        }
+        worked
+    }
+
+    fn complete_acked(&mut self) {
+        while self.pending.front().is_some_and(|p| p.last_seq <= self.acked_seq) {
+            let p = self.pending.pop_front().expect("front exists");
+            p.done.complete(Ok(None));
+        }
+    }
+
+    fn baseline_step(&mut self) -> bool {
+        let size = self.device.size();
+        let LinkState::Up { link, baseline: Some(b) } = &mut self.link else { return false };
+        if b.done_sent {
+            return false;
+        }
+        let r = if b.cursor < size {
+            let n = (size - b.cursor).min(BASELINE_CHUNK as u64) as usize;
+            let mut buf = vec![0u8; n];
+            match self.device.read_at(&mut buf, b.cursor) {
+                Ok(()) => {
+                    let r = link.send(&Message::BlockData { purpose: BlockPurpose::Baseline, offset: b.cursor, data: &buf });
+                    b.cursor += n as u64;
+                    r
+                }
+                Err(e) => {
+                    let msg = format!("baseline read at {}: {e}", b.cursor);
+                    self.fail_stop(msg);
+                    return true;
+                }
+            }
+        } else {
+            b.done_sent = true;
+            link.send(&Message::BaselineDone { volume_bytes: size })
+        };
+        let r = r.and_then(|()| link.flush());
+        if let Err(e) = r {
+            self.link_down(format!("baseline send: {e}"));
+        }
+        true
+    }
+}
+
+/// Sends partition `p`'s entries from `*unsent` to its tail, in frames of whole entries.
+fn send_range<L: Link>(nvlog: &NvLog<Box<dyn Nvram>>, unsent: &mut usize, p: u8, link: &mut L) -> Result<(), String> {
+    let tail = nvlog.tail(p);
+    let mut from = *unsent;
+    while from < tail {
+        let to = nvlog.cut(p, from, SEND_MAX);
+        link.send_entries(p, from as u64, &nvlog.partition(p)[from..to]).map_err(|e| e.to_string())?;
+        from = to;
+    }
+    *unsent = tail;
+    Ok(())
+}
+
+/// Replays `recovered`'s entries directly onto `device` (used when a volume is opened
+/// without a poller, e.g. for verification tools).
+pub fn replay_nvlog(nvlog: &NvLog<Box<dyn Nvram>>, recovered: &Recovered, device: &dyn BlockDevice) -> io::Result<usize> {
+    let entries = recovered.entries_in_order();
+    let decoded: Vec<(EntryHeader, &[u8])> = entries
+        .iter()
+        .map(|(p, at, _)| EntryHeader::decode(&nvlog.partition(*p)[*at..]).map_err(|e| eio(e.to_string())))
+        .collect::<io::Result<_>>()?;
+    apply_entries(decoded, device)
+}
+
+const _: () = assert!(BASELINE_CHUNK % BLOCK_BYTES == 0);
