@@ -6,6 +6,7 @@
 //! persistent on both sites), so a front-end connection can keep many requests in flight.
 
 pub mod nbd;
+pub mod nbd_client;
 
 use std::io;
 use std::sync::Arc;

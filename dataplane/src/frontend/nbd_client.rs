@@ -1,0 +1,196 @@
+//! A small NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies) with pipelining:
+//! the quickstart, the end-to-end tests and the benchmarks drive volumes with it.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const INFO_EXPORT: u16 = 0;
+const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// Bound on option replies read during the handshake.
+const OPT_REPLY_MAX: usize = 1 << 16;
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+pub struct NbdClient {
+    stream: TcpStream,
+    pub size: u64,
+    pub read_only: bool,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn read_u16(s: &mut TcpStream) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(s: &mut TcpStream) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(s: &mut TcpStream) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// One simple reply: the request's cookie and its NBD error (0 for success).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdReply {
+    pub cookie: u64,
+    pub error: u32,
+}
+
+impl NbdClient {
+    pub fn connect(addr: impl ToSocketAddrs, export: &str) -> io::Result<NbdClient> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
+            return Err(bad("not an NBD newstyle server"));
+        }
+        let flags = read_u16(&mut s)?;
+        if flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(bad("server is not fixed newstyle"));
+        }
+        let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES));
+        s.write_all(&client_flags.to_be_bytes())?;
+        let name = export.as_bytes();
+        let mut opt = Vec::new();
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        let len = u32::try_from(4 + name.len() + 2).map_err(|_| bad("export name too long"))?;
+        opt.extend_from_slice(&len.to_be_bytes());
+        opt.extend_from_slice(&u32::try_from(name.len()).map_err(|_| bad("export name too long"))?.to_be_bytes());
+        opt.extend_from_slice(name);
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt)?;
+        let mut size = None;
+        let mut read_only = false;
+        loop {
+            if read_u64(&mut s)? != OPT_REPLY_MAGIC {
+                return Err(bad("bad option reply magic"));
+            }
+            let _opt = read_u32(&mut s)?;
+            let kind = read_u32(&mut s)?;
+            let len = read_u32(&mut s)? as usize;
+            if len > OPT_REPLY_MAX {
+                return Err(bad("option reply too long"));
+            }
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data)?;
+            match kind {
+                REP_ACK => break,
+                REP_INFO if len >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
+                    read_only = u16::from_be_bytes([data[10], data[11]]) & TFLAG_READ_ONLY != 0;
+                }
+                REP_INFO => {}
+                k if k & (1 << 31) != 0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("export {export:?} refused: {}", String::from_utf8_lossy(&data)),
+                    ))
+                }
+                _ => return Err(bad(format!("unexpected option reply {kind}"))),
+            }
+        }
+        let size = size.ok_or_else(|| bad("server sent no export info"))?;
+        s.set_read_timeout(None)?;
+        Ok(NbdClient { stream: s, size, read_only })
+    }
+
+    /// Sends one request without waiting for its reply.
+    pub fn send(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> io::Result<()> {
+        let mut h = [0u8; 28];
+        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[6..8].copy_from_slice(&cmd.to_be_bytes());
+        h[8..16].copy_from_slice(&cookie.to_be_bytes());
+        h[16..24].copy_from_slice(&offset.to_be_bytes());
+        h[24..28].copy_from_slice(&len.to_be_bytes());
+        if data.is_empty() {
+            self.stream.write_all(&h)
+        } else {
+            let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(data)];
+            let mut bufs: &mut [io::IoSlice<'_>] = &mut bufs;
+            while !bufs.is_empty() {
+                let n = self.stream.write_vectored(bufs)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                io::IoSlice::advance_slices(&mut bufs, n);
+            }
+            Ok(())
+        }
+    }
+
+    /// Receives one simple reply; for a read, `read_into` receives its data (the caller
+    /// knows each cookie's length).
+    pub fn recv(&mut self, read_into: Option<&mut [u8]>) -> io::Result<NbdReply> {
+        let mut h = [0u8; 16];
+        self.stream.read_exact(&mut h)?;
+        if u32::from_be_bytes(h[0..4].try_into().expect("4")) != SIMPLE_REPLY_MAGIC {
+            return Err(bad("bad reply magic"));
+        }
+        let error = u32::from_be_bytes(h[4..8].try_into().expect("4"));
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8"));
+        if error == 0 {
+            if let Some(buf) = read_into {
+                self.stream.read_exact(buf)?;
+            }
+        }
+        Ok(NbdReply { cookie, error })
+    }
+
+    fn check(r: NbdReply, what: &str) -> io::Result<()> {
+        if r.error == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(i32::try_from(r.error).unwrap_or(libc::EIO)))
+                .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}")))
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| bad("write too large"))?;
+        self.send(CMD_WRITE, 1, offset, len, data)?;
+        let r = self.recv(None)?;
+        Self::check(r, "write")
+    }
+
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = u32::try_from(buf.len()).map_err(|_| bad("read too large"))?;
+        self.send(CMD_READ, 2, offset, len, &[])?;
+        let r = self.recv(Some(buf))?;
+        Self::check(r, "read")
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.send(CMD_FLUSH, 3, 0, 0, &[])?;
+        let r = self.recv(None)?;
+        Self::check(r, "flush")
+    }
+
+    pub fn disconnect(mut self) -> io::Result<()> {
+        self.send(CMD_DISC, 4, 0, 0, &[])
+    }
+}
