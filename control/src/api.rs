@@ -1,0 +1,223 @@
+//! The node's HTTP/JSON control API, and the client `nvmirror ctl` uses.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | /v1/node | | name and addresses |
+//! | GET | /v1/status | | [`crate::node::NodeStatus`] |
+//! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
+//! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
+//! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
+//! | POST | /v1/volumes/VOL/failover | | the failover report |
+//!
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status. Bodies above [`BODY_MAX`]
+//! bytes are refused before they are read whole.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::node::{MirrorTarget, Node};
+
+pub const BODY_MAX: u64 = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
+    #[serde(default)]
+    pub parity: Option<PathBuf>,
+    #[serde(default)]
+    pub stripe_unit: Option<u64>,
+    #[serde(default)]
+    pub log_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorRequest {
+    /// The peer's control address.
+    pub to: String,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    #[serde(default = "default_policy")]
+    pub policy: String,
+}
+
+fn default_transport() -> String {
+    "tcp".into()
+}
+fn default_policy() -> String {
+    "strict".into()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub replication: String,
+    pub nbd: String,
+    pub control: String,
+}
+
+struct ApiError {
+    status: u16,
+    message: String,
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError { status: 409, message: format!("{e:#}") }
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError { status: 400, message: message.into() }
+}
+
+/// Serves the API until the process ends, a thread per request.
+pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
+    let server = Arc::new(server);
+    for request in server.incoming_requests() {
+        let node = node.clone();
+        let _ = thread::Builder::new().name("nvm-api".into()).spawn(move || handle(request, &node));
+    }
+}
+
+fn read_body<T: DeserializeOwned>(request: &mut tiny_http::Request) -> Result<T, ApiError> {
+    if request.body_length().is_some_and(|n| n as u64 > BODY_MAX) {
+        return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(BODY_MAX + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| bad_request(format!("read body: {e}")))?;
+    if body.len() as u64 > BODY_MAX {
+        return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
+    }
+    serde_json::from_slice(&body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn handle(mut request: tiny_http::Request, node: &Node) {
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let result = route(&mut request, node, &method, &url);
+    let (status, body) = match result {
+        Ok(v) => (200, v),
+        Err(e) => (e.status, json!({ "error": e.message })),
+    };
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
+    let response = tiny_http::Response::from_string(body.to_string()).with_status_code(status).with_header(header);
+    let _ = request.respond(response);
+}
+
+fn route(request: &mut tiny_http::Request, node: &Node, method: &tiny_http::Method, url: &str) -> Result<Value, ApiError> {
+    use tiny_http::Method::{Get, Post};
+    let path: Vec<&str> = url.split('?').next().unwrap_or("").trim_matches('/').split('/').collect();
+    match (method, path.as_slice()) {
+        (Get, ["v1", "node"]) => Ok(serde_json::to_value(NodeInfo {
+            name: node.cfg.name.clone(),
+            replication: node.cfg.replication.to_string(),
+            nbd: node.cfg.nbd.to_string(),
+            control: node.cfg.control.to_string(),
+        })
+        .expect("serializable")),
+        (Get, ["v1", "status"]) => Ok(serde_json::to_value(node.status()).expect("serializable")),
+        (Post, ["v1", "volumes"]) => {
+            let body: CreateVolume = read_body(request)?;
+            if body.parity.is_some() || body.stripe_unit.is_some() {
+                return Err(bad_request("--parity and --stripe-unit need the RAID-4 layer, which this build does not have yet"));
+            }
+            let log_bytes = body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
+            let rec = node.create_volume(&body.name, body.size, &body.disks, log_bytes)?;
+            Ok(serde_json::to_value(rec).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "mirror"]) => {
+            let body: MirrorRequest = read_body(request)?;
+            match body.transport.as_str() {
+                "tcp" => {}
+                "rdma" => return Err(bad_request("transport rdma is not available in this build (the RDMA engine is not built in); use tcp")),
+                other => return Err(bad_request(format!("unknown transport {other:?}: tcp or rdma"))),
+            }
+            match body.policy.as_str() {
+                "strict" => {}
+                "sync" => return Err(bad_request("policy sync (write on locally while the link is down) is not available in this build; use strict")),
+                other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
+            }
+            let peer: NodeInfo = Client::new(&body.to)
+                .get("/v1/node")
+                .map_err(|e| ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) })?;
+            node.mirror_volume(name, MirrorTarget { peer_name: peer.name, peer_control: body.to, replication: peer.replication })?;
+            Ok(json!({}))
+        }
+        (Post, ["v1", "volumes", name, "cp"]) => {
+            let cp = node.cp(name, Duration::from_secs(120))?;
+            Ok(json!({ "cp": cp }))
+        }
+        (Post, ["v1", "volumes", name, "failover"]) => {
+            let report = node.failover(name)?;
+            Ok(serde_json::to_value(report).expect("serializable"))
+        }
+        _ => Err(ApiError { status: 404, message: format!("no such endpoint: {method} {url}") }),
+    }
+}
+
+/// A client of one node's control API.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(addr: &str) -> Client {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .build();
+        Client { base: format!("http://{addr}"), agent: config.into() }
+    }
+
+    fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
+        let status = resp.status().as_u16();
+        let body: Value = resp.body_mut().read_json().context("response is not JSON")?;
+        if status != 200 {
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+            bail!("{msg}");
+        }
+        serde_json::from_value(body).context("unexpected response shape")
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        Self::decode(resp)
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .send_json(body)
+            .map_err(|e| anyhow!("{}: {e}", self.base))?;
+        Self::decode(resp)
+    }
+}
+
+/// Parses the address of a control API given on the command line.
+pub fn parse_addr(s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .with_context(|| format!("bad address {s:?}"))?
+        .next()
+        .ok_or_else(|| anyhow!("no address for {s:?}"))
+}

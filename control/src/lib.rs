@@ -1,0 +1,8 @@
+//! nvmirror control plane: the node runtime, its HTTP/JSON API and the command line.
+
+pub mod api;
+pub mod cluster;
+pub mod node;
+pub mod quickstart;
+pub mod size;
+pub mod workload;

@@ -1,0 +1,504 @@
+//! A node: its primary volumes (each with its poller), the mirrors it hosts for other
+//! nodes, and the state that survives a restart.
+//!
+//! Data dir layout:
+//! ```text
+//! node.json                      node state (volumes and their mirror targets), replaced atomically
+//! volumes/VOL/volume.img         a primary's volume, unless created with --disk
+//! mirrors/SOURCE/VOL/meta.json   a mirror's metadata (epoch, last applied CP), replaced atomically
+//! mirrors/SOURCE/VOL/volume.img  the mirror volume
+//! NVRAM dir (--nvram, default file:DATA/nvram):
+//!   VOL.EPOCH.nvlog              a primary's NVLog (superblock + two partitions)
+//!   mirrors/SOURCE/VOL/log.P     a mirror's log file for source partition P
+//! ```
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::bounded;
+use nvmirror_dataplane::clock::SystemClock;
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport};
+use nvmirror_dataplane::format::BLOCK_BYTES;
+use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
+use nvmirror_dataplane::log::{NvLog, PARTITIONS};
+use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
+use nvmirror_dataplane::source::{self, Control, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN};
+use nvmirror_dataplane::storage::{BlockDevice, FileDevice};
+use nvmirror_dataplane::transport::tcp::TcpConnector;
+use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+/// Default NVLog partition size (two per volume).
+pub const PARTITION_BYTES_DEFAULT: usize = 16 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub volume_id: u64,
+    pub size: u64,
+    pub partition_bytes: usize,
+    pub epoch: u64,
+    /// The volume's device or file.
+    pub device: PathBuf,
+    pub cp_interval_ms: u64,
+    /// The mirror destination, once paired.
+    pub mirror: Option<MirrorTarget>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorTarget {
+    pub peer_name: String,
+    pub peer_control: String,
+    pub replication: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub volumes: Vec<VolumeRecord>,
+}
+
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub nvram: NvramSpec,
+    pub replication: SocketAddr,
+    pub nbd: SocketAddr,
+    pub control: SocketAddr,
+}
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    state: Mutex<NodeState>,
+    volumes: RwLock<HashMap<String, Arc<SourceHandle>>>,
+    mirrors: RwLock<HashMap<(String, String), Arc<Mirror>>>,
+    next_core: AtomicUsize,
+    connector: Arc<TcpConnector>,
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+struct FileMetaStore(PathBuf);
+
+impl MetaStore for FileMetaStore {
+    fn save(&self, meta: &MirrorMeta) -> io::Result<()> {
+        write_atomic(&self.0, &serde_json::to_vec_pretty(meta).map_err(io::Error::other)?)
+    }
+}
+
+/// A mirror exported read-only: reads see the mirror as of its last completed CP.
+struct MirrorExport(Arc<Mirror>);
+
+impl Export for MirrorExport {
+    fn size(&self) -> u64 {
+        self.0.meta().volume_bytes
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn submit(&self, request: IoRequest, done: Completer) {
+        match request {
+            IoRequest::Read { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                done.complete(self.0.read(&mut buf, offset).map(|()| Some(buf)));
+            }
+            IoRequest::Flush => done.complete(Ok(None)),
+            _ => done.complete(Err(io::Error::from_raw_os_error(libc::EPERM))),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if !ok {
+        bail!("invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+impl Node {
+    pub fn open(cfg: NodeConfig) -> Result<Arc<Node>> {
+        fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
+        fs::create_dir_all(&cfg.nvram.dir).with_context(|| format!("create {}", cfg.nvram.dir.display()))?;
+        let state_path = cfg.data_dir.join("node.json");
+        let mut state: NodeState = if state_path.exists() {
+            let bytes = fs::read(&state_path)?;
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid node state", state_path.display()))?
+        } else {
+            NodeState::default()
+        };
+        if state.name.is_empty() {
+            state.name = cfg.name.clone();
+        } else if state.name != cfg.name {
+            bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
+        }
+        let node = Arc::new(Node {
+            cfg,
+            state: Mutex::new(state.clone()),
+            volumes: RwLock::new(HashMap::new()),
+            mirrors: RwLock::new(HashMap::new()),
+            next_core: AtomicUsize::new(0),
+            connector: Arc::new(TcpConnector),
+        });
+        node.save_state(&state)?;
+        node.load_mirrors()?;
+        for v in &state.volumes {
+            node.start_volume(v).with_context(|| format!("start volume {}", v.name))?;
+        }
+        Ok(node)
+    }
+
+    fn save_state(&self, state: &NodeState) -> Result<()> {
+        write_atomic(&self.cfg.data_dir.join("node.json"), &serde_json::to_vec_pretty(state)?)
+            .context("save node state")
+    }
+
+    fn nvlog_path(&self, name: &str, epoch: u64) -> PathBuf {
+        self.cfg.nvram.dir.join(format!("{name}.{epoch}.nvlog"))
+    }
+
+    fn start_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let device: Arc<dyn BlockDevice> =
+            Arc::new(FileDevice::open(&v.device).with_context(|| format!("open {}", v.device.display()))?);
+        if device.size() < v.size {
+            bail!("{} is {} bytes, the volume needs {}", v.device.display(), device.size(), v.size);
+        }
+        let path = self.nvlog_path(&v.name, v.epoch);
+        let region = MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
+        let region: Box<dyn Nvram> = Box::new(region);
+        let (log, recovered) = NvLog::open(region, v.volume_id, v.partition_bytes)?;
+        let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
+        cfg.epoch = v.epoch;
+        cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
+        cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
+        let handle = source::spawn(
+            cfg,
+            log,
+            recovered,
+            device,
+            self.connector.clone(),
+            Arc::new(SystemClock::default()),
+            v.mirror.as_ref().map(|m| m.replication.clone()),
+        )?;
+        self.volumes.write().insert(v.name.clone(), Arc::new(handle));
+        Ok(())
+    }
+
+    fn mirror_dir(&self, source: &str, volume: &str) -> PathBuf {
+        self.cfg.data_dir.join("mirrors").join(source).join(volume)
+    }
+
+    fn mirror_log_path(&self, source: &str, volume: &str, p: usize) -> PathBuf {
+        self.cfg.nvram.dir.join("mirrors").join(source).join(volume).join(format!("log.{p}"))
+    }
+
+    fn load_mirrors(&self) -> Result<()> {
+        let root = self.cfg.data_dir.join("mirrors");
+        let Ok(sources) = fs::read_dir(&root) else { return Ok(()) };
+        for s in sources {
+            let s = s?;
+            for v in fs::read_dir(s.path())? {
+                let v = v?;
+                let meta_path = v.path().join("meta.json");
+                if !meta_path.exists() {
+                    continue;
+                }
+                let meta: MirrorMeta = serde_json::from_slice(&fs::read(&meta_path)?)
+                    .with_context(|| format!("{} is not valid mirror metadata", meta_path.display()))?;
+                let mirror = self.open_mirror(meta).with_context(|| format!("open mirror {}", v.path().display()))?;
+                let m = mirror.meta();
+                self.mirrors.write().insert((m.source_node, m.volume), mirror);
+            }
+        }
+        Ok(())
+    }
+
+    fn open_mirror(&self, meta: MirrorMeta) -> Result<Arc<Mirror>> {
+        let dir = self.mirror_dir(&meta.source_node, &meta.volume);
+        fs::create_dir_all(&dir)?;
+        let logdir = self.mirror_log_path(&meta.source_node, &meta.volume, 0);
+        fs::create_dir_all(logdir.parent().expect("log path has a parent"))?;
+        let pb = usize::try_from(meta.partition_bytes).context("partition size")?;
+        let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
+            .map(|p| {
+                let path = self.mirror_log_path(&meta.source_node, &meta.volume, p);
+                MappedNvram::open(&path, pb, self.cfg.nvram.mode).map(|r| Box::new(r) as Box<dyn Nvram>)
+            })
+            .collect::<Result<_, _>>()?;
+        let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| anyhow!("two logs"))?;
+        let device = Arc::new(FileDevice::create(&dir.join("volume.img"), meta.volume_bytes)?);
+        let store = Box::new(FileMetaStore(dir.join("meta.json")));
+        store.save(&meta)?;
+        Ok(Mirror::open(meta, store, logs, device)?)
+    }
+
+    // ---- administration ----
+
+    pub fn create_volume(&self, name: &str, size: u64, disks: &[PathBuf], partition_bytes: Option<usize>) -> Result<VolumeRecord> {
+        valid_name(name)?;
+        if size == 0 || size % BLOCK_BYTES as u64 != 0 {
+            bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
+        }
+        let partition_bytes = partition_bytes.unwrap_or(PARTITION_BYTES_DEFAULT);
+        if partition_bytes < PARTITION_BYTES_MIN || partition_bytes % BLOCK_BYTES != 0 {
+            bail!("log partition size must be a multiple of {BLOCK_BYTES} and at least {PARTITION_BYTES_MIN} bytes");
+        }
+        let mut state = self.state.lock();
+        if state.volumes.iter().any(|v| v.name == name) || self.volumes.read().contains_key(name) {
+            bail!("volume {name} already exists on this node");
+        }
+        if self.mirrors.read().keys().any(|(_, v)| v == name) {
+            bail!("a mirror of a volume named {name} lives on this node; pick another name");
+        }
+        let device = match disks {
+            [] => {
+                let dir = self.cfg.data_dir.join("volumes").join(name);
+                fs::create_dir_all(&dir)?;
+                let path = dir.join("volume.img");
+                FileDevice::create(&path, size).with_context(|| format!("create {}", path.display()))?;
+                path
+            }
+            [one] => {
+                let dev = FileDevice::create(one, size).with_context(|| format!("use {} as the volume", one.display()))?;
+                drop(dev);
+                one.clone()
+            }
+            _ => bail!("a volume over several disks needs the RAID-4 layer, which this build does not have yet; give one --disk or none"),
+        };
+        let record = VolumeRecord {
+            name: name.to_string(),
+            volume_id: rand::random::<u64>() | 1,
+            size,
+            partition_bytes,
+            epoch: 1,
+            device,
+            cp_interval_ms: 10_000,
+            mirror: None,
+        };
+        state.volumes.push(record.clone());
+        let snapshot = state.clone();
+        drop(state);
+        self.save_state(&snapshot)?;
+        self.start_volume(&record)?;
+        Ok(record)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Arc<SourceHandle>> {
+        self.volumes.read().get(name).cloned().ok_or_else(|| anyhow!("no volume {name} on this node"))
+    }
+
+    /// Pairs `name` with the peer whose control API answered `peer`, and starts the
+    /// baseline.
+    pub fn mirror_volume(&self, name: &str, target: MirrorTarget) -> Result<()> {
+        let handle = self.volume(name)?;
+        if target.peer_name == self.cfg.name {
+            bail!("cannot mirror a volume to its own node");
+        }
+        {
+            let mut state = self.state.lock();
+            let v = state.volumes.iter_mut().find(|v| v.name == name).ok_or_else(|| anyhow!("no volume {name}"))?;
+            match &v.mirror {
+                Some(m) if *m != target => {
+                    bail!("volume {name} is already mirrored to {} ({})", m.peer_name, m.peer_control)
+                }
+                _ => v.mirror = Some(target.clone()),
+            }
+            let snapshot = state.clone();
+            drop(state);
+            self.save_state(&snapshot)?;
+        }
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Attach { target: target.replication.clone(), reply: tx }).map_err(|e| anyhow!(e))?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("volume poller did not answer"))?
+            .map_err(|e| anyhow!(e))
+    }
+
+    pub fn cp(&self, name: &str, timeout: Duration) -> Result<u64> {
+        let handle = self.volume(name)?;
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Cp(tx)).map_err(|e| anyhow!(e))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| anyhow!("CP did not complete within {timeout:?} (is the mirror link up?)"))?
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// Fails the mirror of `name` over to this node and serves it as a writable primary.
+    pub fn failover(&self, name: &str) -> Result<PromoteReport> {
+        if self.volumes.read().contains_key(name) {
+            bail!("volume {name} is already a primary on this node");
+        }
+        let mirror = {
+            let mirrors = self.mirrors.read();
+            let found: Vec<_> = mirrors.iter().filter(|((_, v), m)| v == name && !m.meta().promoted).collect();
+            match found.as_slice() {
+                [] => bail!("no mirror of volume {name} on this node"),
+                [(_, m)] => (*m).clone(),
+                _ => bail!("mirrors of several volumes named {name} live here"),
+            }
+        };
+        let report = mirror.promote().map_err(|e| anyhow!(e))?;
+        let meta = mirror.meta();
+        let record = VolumeRecord {
+            name: name.to_string(),
+            volume_id: meta.volume_id,
+            size: meta.volume_bytes,
+            partition_bytes: usize::try_from(meta.partition_bytes)?,
+            epoch: meta.epoch,
+            device: self.mirror_dir(&meta.source_node, &meta.volume).join("volume.img"),
+            cp_interval_ms: 10_000,
+            mirror: None,
+        };
+        // A fresh NVLog for the new epoch; its sequence numbers continue from the replay.
+        let path = self.nvlog_path(name, record.epoch);
+        if path.exists() {
+            fs::remove_file(&path)?;
+        }
+        {
+            let mut state = self.state.lock();
+            state.volumes.push(record.clone());
+            let snapshot = state.clone();
+            drop(state);
+            self.save_state(&snapshot)?;
+        }
+        self.start_volume(&record)?;
+        Ok(report)
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let state = self.state.lock().clone();
+        let mut volumes = Vec::new();
+        let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (name, h) in handles {
+            let rec = state.volumes.iter().find(|v| v.name == name);
+            match h.status() {
+                Ok(s) => volumes.push(VolumeStatus {
+                    peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
+                    source: s,
+                }),
+                Err(e) => eprintln!("status of {name}: {e}"),
+            }
+        }
+        volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
+        let mut mirrors: Vec<MirrorStatus> = self.mirrors.read().values().map(|m| m.status()).collect();
+        mirrors.sort_by(|a, b| (&a.volume, &a.source_node).cmp(&(&b.volume, &b.source_node)));
+        NodeStatus {
+            node: self.cfg.name.clone(),
+            replication: self.cfg.replication.to_string(),
+            nbd: self.cfg.nbd.to_string(),
+            control: self.cfg.control.to_string(),
+            nvram: format!("{}:{}", self.cfg.nvram.mode.as_str(), self.cfg.nvram.dir.display()),
+            nvram_survives: self.cfg.nvram.mode.survives().to_string(),
+            volumes,
+            mirrors,
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let handles: Vec<_> = self.volumes.write().drain().map(|(_, h)| h).collect();
+        for h in handles {
+            h.stop();
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeStatus {
+    #[serde(flatten)]
+    pub source: SourceStatus,
+    pub peer: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub replication: String,
+    pub nbd: String,
+    pub control: String,
+    pub nvram: String,
+    pub nvram_survives: String,
+    pub volumes: Vec<VolumeStatus>,
+    pub mirrors: Vec<MirrorStatus>,
+}
+
+impl MirrorDirectory for Node {
+    fn attach(&self, hello: &Hello, sink: Arc<dyn ReplySink>) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+        let refuse = |code, msg: String| (code, msg);
+        if valid_name(&hello.volume).is_err() || valid_name(&hello.source_node).is_err() {
+            return Err(refuse(RefuseCode::Mismatch, "invalid source or volume name".into()));
+        }
+        if hello.source_node == self.cfg.name {
+            return Err(refuse(RefuseCode::Mismatch, "a node cannot mirror to itself".into()));
+        }
+        let key = (hello.source_node.clone(), hello.volume.clone());
+        let existing = self.mirrors.read().get(&key).cloned();
+        let mirror = match existing {
+            Some(m) => m,
+            None => {
+                if hello.intent != Intent::Baseline {
+                    return Err(refuse(RefuseCode::Mismatch, "no mirror of this volume here; a baseline is needed".into()));
+                }
+                if self.volumes.read().contains_key(&hello.volume)
+                    || self.mirrors.read().keys().any(|(_, v)| *v == hello.volume)
+                {
+                    return Err(refuse(RefuseCode::Mismatch, format!("a volume named {} already exists on {}", hello.volume, self.cfg.name)));
+                }
+                let pb = usize::try_from(hello.partition_bytes).unwrap_or(0);
+                if pb < PARTITION_BYTES_MIN || hello.volume_bytes == 0 || hello.volume_bytes % BLOCK_BYTES as u64 != 0 {
+                    return Err(refuse(RefuseCode::Mismatch, "unusable volume or log geometry".into()));
+                }
+                let m = self
+                    .open_mirror(MirrorMeta::new(hello))
+                    .map_err(|e| refuse(RefuseCode::Internal, format!("create mirror: {e:#}")))?;
+                eprintln!("node {}: new mirror of {}/{}", self.cfg.name, hello.source_node, hello.volume);
+                self.mirrors.write().insert(key, m.clone());
+                m
+            }
+        };
+        let (session, welcome) = mirror.attach(hello, sink)?;
+        Ok((Box::new(session), welcome))
+    }
+}
+
+impl ExportRegistry for Node {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
+        if let Some(v) = self.volumes.read().get(name) {
+            return Some(v.clone() as Arc<dyn Export>);
+        }
+        let mirrors = self.mirrors.read();
+        let m = mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted)?;
+        Some(Arc::new(MirrorExport(m.1.clone())))
+    }
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();
+        for ((_, v), m) in self.mirrors.read().iter() {
+            if !m.meta().promoted && !names.contains(v) {
+                names.push(v.clone());
+            }
+        }
+        names.sort();
+        names
+    }
+}
