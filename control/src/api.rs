@@ -122,7 +122,12 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
     let _ = request.respond(response);
 }
 
-fn route(request: &mut tiny_http::Request, node: &Node, method: &tiny_http::Method, url: &str) -> Result<Value, ApiError> {
+fn route(
+    request: &mut tiny_http::Request,
+    node: &Node,
+    method: &tiny_http::Method,
+    url: &str,
+) -> Result<Value, ApiError> {
     use tiny_http::Method::{Get, Post};
     let path: Vec<&str> = url.split('?').next().unwrap_or("").trim_matches('/').split('/').collect();
     match (method, path.as_slice()) {
@@ -137,9 +142,12 @@ fn route(request: &mut tiny_http::Request, node: &Node, method: &tiny_http::Meth
         (Post, ["v1", "volumes"]) => {
             let body: CreateVolume = read_body(request)?;
             if body.parity.is_some() || body.stripe_unit.is_some() {
-                return Err(bad_request("--parity and --stripe-unit need the RAID-4 layer, which this build does not have yet"));
+                return Err(bad_request(
+                    "--parity and --stripe-unit need the RAID-4 layer, which this build does not have yet",
+                ));
             }
-            let log_bytes = body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
+            let log_bytes =
+                body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
             let rec = node.create_volume(&body.name, body.size, &body.disks, log_bytes)?;
             Ok(serde_json::to_value(rec).expect("serializable"))
         }
@@ -147,18 +155,27 @@ fn route(request: &mut tiny_http::Request, node: &Node, method: &tiny_http::Meth
             let body: MirrorRequest = read_body(request)?;
             match body.transport.as_str() {
                 "tcp" => {}
-                "rdma" => return Err(bad_request("transport rdma is not available in this build (the RDMA engine is not built in); use tcp")),
+                "rdma" => {
+                    return Err(bad_request(
+                        "transport rdma is not available in this build (the RDMA engine is not built in); use tcp",
+                    ))
+                }
                 other => return Err(bad_request(format!("unknown transport {other:?}: tcp or rdma"))),
             }
             match body.policy.as_str() {
                 "strict" => {}
-                "sync" => return Err(bad_request("policy sync (write on locally while the link is down) is not available in this build; use strict")),
+                "sync" => return Err(bad_request(
+                    "policy sync (write on locally while the link is down) is not available in this build; use strict",
+                )),
                 other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
             }
             let peer: NodeInfo = Client::new(&body.to)
                 .get("/v1/node")
                 .map_err(|e| ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) })?;
-            node.mirror_volume(name, MirrorTarget { peer_name: peer.name, peer_control: body.to, replication: peer.replication })?;
+            node.mirror_volume(
+                name,
+                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication: peer.replication },
+            )?;
             Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "cp"]) => {

@@ -150,7 +150,8 @@ fn run_node(a: NodeArgs) -> Result<()> {
     let replication = TcpListener::bind(&a.listen).with_context(|| format!("bind replication address {}", a.listen))?;
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
     let control_addr = api::parse_addr(&a.control)?;
-    let control = tiny_http::Server::http(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control))?;
+    let control =
+        tiny_http::Server::http(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control))?;
     let control_addr = control.server_addr().to_ip().ok_or_else(|| anyhow!("control address is not IP"))?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
@@ -196,7 +197,8 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             println!("created volume {name}: {} bytes at {}", rec["size"], rec["device"].as_str().unwrap_or("?"));
         }
         CtlCmd::Mirror { volume, to, transport, policy, no_wait, timeout } => {
-            let _: Value = client.post(&format!("/v1/volumes/{volume}/mirror"), &MirrorRequest { to: to.clone(), transport, policy })?;
+            let _: Value = client
+                .post(&format!("/v1/volumes/{volume}/mirror"), &MirrorRequest { to: to.clone(), transport, policy })?;
             if no_wait {
                 println!("mirroring {volume} to {to}: baseline started");
                 return Ok(());
@@ -286,7 +288,10 @@ fn print_status(s: &Value) {
         println!("no volumes");
         return;
     }
-    println!("{:<16} {:<8} {:<12} {:>5} {:>10} {:>10} {:>8} {:<}", "VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "LOG USED", "LAST CP", "PEER");
+    println!(
+        "{:<16} {:<8} {:<12} {:>5} {:>10} {:>10} {:>8} {:<}",
+        "VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "LOG USED", "LAST CP", "PEER"
+    );
     for v in vols {
         println!(
             "{:<16} {:<8} {:<12} {:>5} {:>10} {:>10} {:>8} {}{}",

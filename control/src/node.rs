@@ -145,7 +145,8 @@ impl Node {
         let state_path = cfg.data_dir.join("node.json");
         let mut state: NodeState = if state_path.exists() {
             let bytes = fs::read(&state_path)?;
-            serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid node state", state_path.display()))?
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not valid node state", state_path.display()))?
         } else {
             NodeState::default()
         };
@@ -186,7 +187,8 @@ impl Node {
             bail!("{} is {} bytes, the volume needs {}", v.device.display(), device.size(), v.size);
         }
         let path = self.nvlog_path(&v.name, v.epoch);
-        let region = MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
+        let region =
+            MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
         let region: Box<dyn Nvram> = Box::new(region);
         let (log, recovered) = NvLog::open(region, v.volume_id, v.partition_bytes)?;
         let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
@@ -256,13 +258,19 @@ impl Node {
 
     // ---- administration ----
 
-    pub fn create_volume(&self, name: &str, size: u64, disks: &[PathBuf], partition_bytes: Option<usize>) -> Result<VolumeRecord> {
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        disks: &[PathBuf],
+        partition_bytes: Option<usize>,
+    ) -> Result<VolumeRecord> {
         valid_name(name)?;
-        if size == 0 || size % BLOCK_BYTES as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
             bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
         }
         let partition_bytes = partition_bytes.unwrap_or(PARTITION_BYTES_DEFAULT);
-        if partition_bytes < PARTITION_BYTES_MIN || partition_bytes % BLOCK_BYTES != 0 {
+        if partition_bytes < PARTITION_BYTES_MIN || !partition_bytes.is_multiple_of(BLOCK_BYTES) {
             bail!("log partition size must be a multiple of {BLOCK_BYTES} and at least {PARTITION_BYTES_MIN} bytes");
         }
         let mut state = self.state.lock();
@@ -444,7 +452,11 @@ pub struct NodeStatus {
 }
 
 impl MirrorDirectory for Node {
-    fn attach(&self, hello: &Hello, sink: Arc<dyn ReplySink>) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
         let refuse = |code, msg: String| (code, msg);
         if valid_name(&hello.volume).is_err() || valid_name(&hello.source_node).is_err() {
             return Err(refuse(RefuseCode::Mismatch, "invalid source or volume name".into()));
@@ -458,15 +470,24 @@ impl MirrorDirectory for Node {
             Some(m) => m,
             None => {
                 if hello.intent != Intent::Baseline {
-                    return Err(refuse(RefuseCode::Mismatch, "no mirror of this volume here; a baseline is needed".into()));
+                    return Err(refuse(
+                        RefuseCode::Mismatch,
+                        "no mirror of this volume here; a baseline is needed".into(),
+                    ));
                 }
                 if self.volumes.read().contains_key(&hello.volume)
                     || self.mirrors.read().keys().any(|(_, v)| *v == hello.volume)
                 {
-                    return Err(refuse(RefuseCode::Mismatch, format!("a volume named {} already exists on {}", hello.volume, self.cfg.name)));
+                    return Err(refuse(
+                        RefuseCode::Mismatch,
+                        format!("a volume named {} already exists on {}", hello.volume, self.cfg.name),
+                    ));
                 }
                 let pb = usize::try_from(hello.partition_bytes).unwrap_or(0);
-                if pb < PARTITION_BYTES_MIN || hello.volume_bytes == 0 || hello.volume_bytes % BLOCK_BYTES as u64 != 0 {
+                if pb < PARTITION_BYTES_MIN
+                    || hello.volume_bytes == 0
+                    || !hello.volume_bytes.is_multiple_of(BLOCK_BYTES as u64)
+                {
                     return Err(refuse(RefuseCode::Mismatch, "unusable volume or log geometry".into()));
                 }
                 let m = self

@@ -55,12 +55,22 @@ pub fn run(args: Args) -> Result<()> {
 
     let _: Value = ca.post(
         "/v1/volumes",
-        &CreateVolume { name: "demo".into(), size, disks: vec![], parity: None, stripe_unit: None, log_bytes: Some(8 << 20) },
+        &CreateVolume {
+            name: "demo".into(),
+            size,
+            disks: vec![],
+            parity: None,
+            stripe_unit: None,
+            log_bytes: Some(8 << 20),
+        },
     )?;
     println!("1. created volume demo ({}) on site-a", mib(size));
 
     let t = Instant::now();
-    let _: Value = ca.post("/v1/volumes/demo/mirror", &MirrorRequest { to: b.control.clone(), transport: "tcp".into(), policy: "strict".into() })?;
+    let _: Value = ca.post(
+        "/v1/volumes/demo/mirror",
+        &MirrorRequest { to: b.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+    )?;
     loop {
         let s: Value = ca.get("/v1/status")?;
         let state = s["volumes"][0]["state"].as_str().unwrap_or("").to_string();
@@ -72,7 +82,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("2. mirrored demo to site-b: baseline of {} copied, in sync after {:.2} s", mib(size), t.elapsed().as_secs_f64());
+    println!(
+        "2. mirrored demo to site-b: baseline of {} copied, in sync after {:.2} s",
+        mib(size),
+        t.elapsed().as_secs_f64()
+    );
 
     let blocks = (size / 4096).min(4096);
     let mut w = Workload::new(0, blocks, 0x5eed);

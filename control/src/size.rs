@@ -13,7 +13,8 @@ pub fn parse(s: &str) -> Result<u64> {
         Some('T' | 't') => (&t[..t.len() - 1], 40),
         _ => (t, 0),
     };
-    let n: u64 = num.trim().parse().map_err(|_| anyhow!("bad size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let n: u64 =
+        num.trim().parse().map_err(|_| anyhow!("bad size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
     let v = n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| anyhow!("size {s:?} is too large"))?;
     if v == 0 {
         bail!("size {s:?} is zero");

@@ -14,8 +14,11 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use hdrhistogram::Histogram;
 use nvmirror_dataplane::frontend::nbd_client::{NbdClient, CMD_WRITE};
+use nvmirror_dataplane::usize_of;
 
 pub const BLOCK: usize = 4096;
+const BLOCK_U32: u32 = 4096;
+const _: () = assert!(BLOCK_U32 as usize == BLOCK);
 const MAGIC: u64 = 0x6e76_6d69_7272_6f72;
 
 /// The contents of block `block` at `version` (version 0 is the never-written zero block).
@@ -83,9 +86,9 @@ impl Workload {
             base,
             blocks,
             next_version: 1,
-            last_acked: vec![0; blocks as usize],
-            unacked: vec![Vec::new(); blocks as usize],
-            busy: vec![false; blocks as usize],
+            last_acked: vec![0; usize_of(blocks)],
+            unacked: vec![Vec::new(); usize_of(blocks)],
+            busy: vec![false; usize_of(blocks)],
             rng: seed | 1,
             latency_ns: Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("histogram bounds"),
             writes: 0,
@@ -100,7 +103,7 @@ impl Workload {
             self.rng ^= self.rng >> 7;
             self.rng ^= self.rng << 17;
             let b = self.rng % self.blocks;
-            if !self.busy[b as usize] {
+            if !self.busy[usize_of(b)] {
                 return b;
             }
         }
@@ -111,7 +114,7 @@ impl Workload {
     /// are in or the connection ends (a killed server): then every write without an OK
     /// reply counts as unacknowledged.
     pub fn run(&mut self, client: &mut NbdClient, qd: usize, count: u64, mut after_ack: impl FnMut(u64)) -> Result<()> {
-        let qd = qd.clamp(1, self.blocks as usize / 2);
+        let qd = qd.clamp(1, usize_of(self.blocks) / 2);
         let mut inflight: HashMap<u64, (u64, Instant)> = HashMap::new();
         let mut sent = 0u64;
         loop {
@@ -119,11 +122,11 @@ impl Workload {
                 let b = self.pick();
                 let v = self.next_version;
                 self.next_version += 1;
-                self.busy[b as usize] = true;
-                self.unacked[b as usize].push(v);
+                self.busy[usize_of(b)] = true;
+                self.unacked[usize_of(b)].push(v);
                 let data = block_data(b, v);
                 let started = Instant::now();
-                if let Err(e) = client.send(CMD_WRITE, v, self.base + b * BLOCK as u64, BLOCK as u32, &data) {
+                if let Err(e) = client.send(CMD_WRITE, v, self.base + b * BLOCK as u64, BLOCK_U32, &data) {
                     return self.connection_ended(e);
                 }
                 inflight.insert(v, (b, started));
@@ -140,7 +143,7 @@ impl Workload {
             let Some((b, started)) = inflight.remove(&reply.cookie) else {
                 bail!("reply for unknown cookie {}", reply.cookie);
             };
-            self.busy[b as usize] = false;
+            self.busy[usize_of(b)] = false;
             if reply.error != 0 {
                 self.errors += 1;
                 continue;
@@ -149,9 +152,9 @@ impl Workload {
             self.latency_ns.saturating_record(ns);
             self.acks += 1;
             let v = reply.cookie;
-            let list = &mut self.unacked[b as usize];
+            let list = &mut self.unacked[usize_of(b)];
             list.retain(|&x| x > v);
-            self.last_acked[b as usize] = self.last_acked[b as usize].max(v);
+            self.last_acked[usize_of(b)] = self.last_acked[usize_of(b)].max(v);
             after_ack(self.acks);
         }
     }
@@ -169,16 +172,18 @@ impl Workload {
         for b in 0..self.blocks {
             read(self.base + b * BLOCK as u64, &mut buf)?;
             out.blocks_checked += 1;
-            let acked = self.last_acked[b as usize];
+            let acked = self.last_acked[usize_of(b)];
             match identify(b, &buf) {
                 Some(v) if v == acked => {
                     if v > 0 {
                         out.blocks_with_acked_data += 1;
                     }
                 }
-                Some(v) if v > acked && self.unacked[b as usize].contains(&v) => out.newer_than_acked += 1,
+                Some(v) if v > acked && self.unacked[usize_of(b)].contains(&v) => out.newer_than_acked += 1,
                 Some(v) => out.bad.push(format!("block {b}: holds version {v}, last acknowledged {acked}")),
-                None => out.bad.push(format!("block {b}: matches no write (torn or corrupt), last acknowledged {acked}")),
+                None => {
+                    out.bad.push(format!("block {b}: matches no write (torn or corrupt), last acknowledged {acked}"))
+                }
             }
         }
         Ok(out)

@@ -48,7 +48,7 @@ fn cover(vbn: Vbn, offset: u64, len: u64) -> (usize, usize) {
     let start = offset.max(b0) - b0;
     let end = (offset + len).min(b0 + BLOCK_BYTES as u64) - b0;
     // Both are within one block, below BLOCK_BYTES.
-    (start as usize, end as usize)
+    (crate::usize_of(start), crate::usize_of(end))
 }
 
 impl Overlay {
@@ -117,7 +117,7 @@ impl Overlay {
             let whole = s == 0 && e == BLOCK_BYTES;
             match header.kind {
                 EntryKind::Write => {
-                    let src_at = (vbn * BLOCK_BYTES as u64 + s as u64 - offset) as usize;
+                    let src_at = crate::usize_of(vbn * BLOCK_BYTES as u64 + s as u64 - offset);
                     let src = &data[src_at..src_at + (e - s)];
                     if whole {
                         let mut b = match self.blocks.remove(&vbn) {
@@ -166,8 +166,8 @@ impl Overlay {
         let read_run = |from: Vbn, to: Vbn, buf: &mut [u8]| -> io::Result<()> {
             let a = (from * BLOCK_BYTES as u64).max(offset);
             let b = ((to + 1) * BLOCK_BYTES as u64).min(offset + len);
-            let at = (a - offset) as usize;
-            base.read_at(&mut buf[at..at + (b - a) as usize], a)
+            let at = crate::usize_of(a - offset);
+            base.read_at(&mut buf[at..at + crate::usize_of(b - a)], a)
         };
         for vbn in first..=last {
             match self.blocks.get(&vbn) {
@@ -179,7 +179,7 @@ impl Overlay {
                         read_run(from, vbn - 1, buf)?;
                     }
                     let (s, e) = cover(vbn, offset, len);
-                    let at = (vbn * BLOCK_BYTES as u64 + s as u64 - offset) as usize;
+                    let at = crate::usize_of(vbn * BLOCK_BYTES as u64 + s as u64 - offset);
                     match &slot.contents {
                         Contents::Data(b) => buf[at..at + (e - s)].copy_from_slice(&b[s..e]),
                         Contents::Zero => buf[at..at + (e - s)].fill(0),
@@ -288,6 +288,7 @@ pub fn apply_entries<'a>(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::storage::MemDevice;

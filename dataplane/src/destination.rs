@@ -117,9 +117,22 @@ pub struct MirrorStatus {
 }
 
 enum Job {
-    Cp { cp: u64, partition: u8, upto_seq: u64, by_value: Option<Vec<(u64, Vec<u8>)>>, sink: Arc<dyn ReplySink>, gen: u64 },
-    Baseline { offset: u64, data: Vec<u8> },
-    BaselineDone { sink: Arc<dyn ReplySink>, gen: u64 },
+    Cp {
+        cp: u64,
+        partition: u8,
+        upto_seq: u64,
+        by_value: Option<Vec<(u64, Vec<u8>)>>,
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    },
+    Baseline {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    BaselineDone {
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    },
     Barrier(Sender<()>),
 }
 
@@ -215,7 +228,11 @@ impl Mirror {
     }
 
     /// Accepts a connection from the source after checking who it is and its epoch.
-    pub fn attach(self: &Arc<Self>, hello: &Hello, sink: Arc<dyn ReplySink>) -> Result<(Session, Welcome), (RefuseCode, String)> {
+    pub fn attach(
+        self: &Arc<Self>,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Session, Welcome), (RefuseCode, String)> {
         if self.fenced.load(Ordering::SeqCst) {
             return Err((RefuseCode::Broken, "mirror is being failed over".into()));
         }
@@ -229,7 +246,10 @@ impl Mirror {
             ));
         }
         if hello.epoch < meta.epoch {
-            return Err((RefuseCode::StaleEpoch, format!("epoch {} is older than the mirror's {}", hello.epoch, meta.epoch)));
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("epoch {} is older than the mirror's {}", hello.epoch, meta.epoch),
+            ));
         }
         if hello.volume_bytes != meta.volume_bytes && hello.intent == Intent::Resume {
             return Err((RefuseCode::Mismatch, "volume size changed; a baseline is needed".into()));
@@ -242,7 +262,10 @@ impl Mirror {
         }
         if hello.intent == Intent::Baseline {
             if hello.volume_bytes != self.device.size() {
-                return Err((RefuseCode::Mismatch, format!("mirror volume is {} bytes, source {}", self.device.size(), hello.volume_bytes)));
+                return Err((
+                    RefuseCode::Mismatch,
+                    format!("mirror volume is {} bytes, source {}", self.device.size(), hello.volume_bytes),
+                ));
             }
             for log in &self.logs {
                 log.lock().free().map_err(|e| (RefuseCode::Internal, e.to_string()))?;
@@ -305,7 +328,13 @@ impl Mirror {
 
     /// Applies CP `cp`: by reference (the newest contents per block from log `partition`, up
     /// to `upto_seq`) or by value (`blocks`). Idempotent: a CP already applied is a no-op.
-    fn apply_cp(&self, cp: u64, partition: u8, upto_seq: u64, blocks: Option<Vec<(u64, Vec<u8>)>>) -> Result<(), String> {
+    fn apply_cp(
+        &self,
+        cp: u64,
+        partition: u8,
+        upto_seq: u64,
+        blocks: Option<Vec<(u64, Vec<u8>)>>,
+    ) -> Result<(), String> {
         let started = Instant::now();
         {
             let mut meta = self.meta.lock();
@@ -336,7 +365,8 @@ impl Mirror {
                         ));
                     }
                     let bytes = log.bytes();
-                    let entries = scan.entries.iter().filter(|e| e.header.seq <= upto_seq).map(|e| entry_data(bytes, e.at));
+                    let entries =
+                        scan.entries.iter().filter(|e| e.header.seq <= upto_seq).map(|e| entry_data(bytes, e.at));
                     apply_entries(entries, self.device.as_ref()).map_err(|e| format!("CP {cp}: apply: {e}"))?;
                 }
                 Some(blocks) => {
@@ -400,7 +430,10 @@ impl Mirror {
             snapshot.epoch
         };
         if let Some(sink) = self.session.lock().take() {
-            let _ = sink.send(&Message::Refuse { code: RefuseCode::StaleEpoch, reason: format!("failed over at epoch {epoch}") });
+            let _ = sink.send(&Message::Refuse {
+                code: RefuseCode::StaleEpoch,
+                reason: format!("failed over at epoch {epoch}"),
+            });
             sink.close();
         }
         self.barrier();
@@ -417,7 +450,9 @@ impl Mirror {
         let mut all: Vec<(usize, usize, u64)> = scans
             .iter()
             .enumerate()
-            .flat_map(|(p, s)| s.entries.iter().filter(|e| e.header.seq > applied_seq).map(move |e| (p, e.at, e.header.seq)))
+            .flat_map(|(p, s)| {
+                s.entries.iter().filter(|e| e.header.seq > applied_seq).map(move |e| (p, e.at, e.header.seq))
+            })
             .collect();
         all.sort_by_key(|e| e.2);
         // Replay a gap-free run from applied_seq + 1 and never past a gap.
@@ -425,7 +460,9 @@ impl Mirror {
         let mut run = Vec::new();
         for (p, at, seq) in all {
             if seq != expect {
-                stops.push(format!("sequence gap: {seq} found where {expect} was expected; nothing past it is replayed"));
+                stops.push(format!(
+                    "sequence gap: {seq} found where {expect} was expected; nothing past it is replayed"
+                ));
                 break;
             }
             run.push((p, at));
@@ -619,7 +656,14 @@ impl FrameHandler for Session {
                 } else {
                     None
                 };
-                self.queue(Job::Cp { cp, partition, upto_seq, by_value: blocks, sink: self.sink.clone(), gen: self.gen })
+                self.queue(Job::Cp {
+                    cp,
+                    partition,
+                    upto_seq,
+                    by_value: blocks,
+                    sink: self.sink.clone(),
+                    gen: self.gen,
+                })
             }
             Message::BlockData { purpose, offset, data } => {
                 let size = self.mirror.device.size();
@@ -631,7 +675,7 @@ impl FrameHandler for Session {
                     BlockPurpose::Baseline => self.queue(Job::Baseline { offset, data: data.to_vec() }),
                     BlockPurpose::CpByValue => {
                         // A CP by value carries at most what two partitions can dirty.
-                        let max = 2 * self.mirror.meta.lock().partition_bytes as usize;
+                        let max = 2 * crate::usize_of(self.mirror.meta.lock().partition_bytes);
                         if self.by_value_bytes + data.len() > max {
                             return Err("CP by value larger than the log it replaces".into());
                         }

@@ -34,9 +34,9 @@ pub const BLOCK_BYTES: usize = 4096;
 /// boundaries, so each block is still written atomically.
 pub const ENTRY_DATA_MAX: usize = 1 << 20;
 
-const _: () = assert!(ENTRY_HEADER_BYTES % ENTRY_ALIGN == 0);
-const _: () = assert!(PARTITION_HEADER_BYTES % ENTRY_ALIGN == 0);
-const _: () = assert!(ENTRY_DATA_MAX % BLOCK_BYTES == 0);
+const _: () = assert!(ENTRY_HEADER_BYTES.is_multiple_of(ENTRY_ALIGN));
+const _: () = assert!(PARTITION_HEADER_BYTES.is_multiple_of(ENTRY_ALIGN));
+const _: () = assert!(ENTRY_DATA_MAX.is_multiple_of(BLOCK_BYTES));
 
 pub fn crc32c(parts: &[&[u8]]) -> u32 {
     parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p))
@@ -354,6 +354,7 @@ pub fn scan_partition(bytes: &[u8], expect_partition: u8) -> PartitionScan {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

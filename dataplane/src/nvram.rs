@@ -191,7 +191,8 @@ impl Nvram for MappedNvram {
                 let start = offset / page * page;
                 // SAFETY: [start, offset + len) lies within the mapping (checked above;
                 // start is rounded down to the page that holds `offset`).
-                let rc = unsafe { libc::msync(self.ptr.as_ptr().add(start).cast(), offset + len - start, libc::MS_SYNC) };
+                let rc =
+                    unsafe { libc::msync(self.ptr.as_ptr().add(start).cast(), offset + len - start, libc::MS_SYNC) };
                 if rc != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -259,7 +260,9 @@ impl CacheFlush {
                 // cache line, which is mapped too); these instructions only write back.
                 unsafe {
                     match self {
-                        CacheFlush::Clwb => core::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags)),
+                        CacheFlush::Clwb => {
+                            core::arch::asm!("clwb [{0}]", in(reg) p, options(nostack, preserves_flags))
+                        }
                         CacheFlush::Clflushopt => {
                             core::arch::asm!("clflushopt [{0}]", in(reg) p, options(nostack, preserves_flags))
                         }
@@ -309,6 +312,21 @@ impl Nvram for MemNvram {
     }
 }
 
+impl<T: Nvram + ?Sized> Nvram for Box<T> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn bytes(&self) -> &[u8] {
+        (**self).bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        (**self).bytes_mut()
+    }
+    fn persist(&mut self, offset: usize, len: usize) -> io::Result<()> {
+        (**self).persist(offset, len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,20 +363,5 @@ mod tests {
         let err = MappedNvram::open(&dir.path().join("d"), 1 << 16, NvramMode::Dax);
         // tmpfs and ordinary filesystems refuse MAP_SYNC; DAX mode is tested in hw-tests.
         assert!(err.is_err(), "MAP_SYNC unexpectedly succeeded off a DAX mount");
-    }
-}
-
-impl<T: Nvram + ?Sized> Nvram for Box<T> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn bytes(&self) -> &[u8] {
-        (**self).bytes()
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        (**self).bytes_mut()
-    }
-    fn persist(&mut self, offset: usize, len: usize) -> io::Result<()> {
-        (**self).persist(offset, len)
     }
 }

@@ -31,12 +31,13 @@ use crate::clock::Clock;
 use crate::cp::{apply_entries, Overlay, Vbn};
 use crate::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES, ENTRY_DATA_MAX, PARTITION_HEADER_BYTES};
 use crate::frontend::{Completer, Export, IoRequest};
-use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS};
+use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
 use crate::nvram::Nvram;
 use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle};
 use crate::storage::BlockDevice;
 use crate::transport::wire::{BlockPurpose, BODY_MAX, ENTRIES_PREFIX_BYTES, FRAME_HEADER_BYTES};
 use crate::transport::{ConnectError, Connector, Hello, Intent, Link, LinkEvent, Message, RefuseCode, Reply, Welcome};
+use crate::usize_of;
 
 /// Requests queued from front ends to a poller.
 pub const IO_QUEUE_MAX: usize = 1024;
@@ -90,7 +91,10 @@ pub enum Control {
     /// Force a CP; answered with its number once durable on both sites.
     Cp(Sender<Result<u64, String>>),
     /// Start mirroring to the replication address `target` (baseline, then in sync).
-    Attach { target: String, reply: Sender<Result<(), String>> },
+    Attach {
+        target: String,
+        reply: Sender<Result<(), String>>,
+    },
     Status(Sender<SourceStatus>),
     /// Stop the poller; pending requests fail.
     Stop(Sender<()>),
@@ -144,8 +148,16 @@ enum LinkState<L> {
     /// Not mirrored.
     Unmirrored,
     /// Mirrored, link down; reconnecting.
-    Down { reason: String, next_try: Instant, connecting: bool, baseline: bool },
-    Up { link: L, baseline: Option<Baseline> },
+    Down {
+        reason: String,
+        next_try: Instant,
+        connecting: bool,
+        baseline: bool,
+    },
+    Up {
+        link: L,
+        baseline: Option<Baseline>,
+    },
     /// The destination failed over: this node is no longer the primary.
     Fenced(String),
 }
@@ -316,7 +328,12 @@ where
         let now = clock.now_ns();
         let link = match &mirror {
             None => LinkState::Unmirrored,
-            Some(_) => LinkState::Down { reason: "starting".into(), next_try: Instant::now(), connecting: false, baseline: false },
+            Some(_) => LinkState::Down {
+                reason: "starting".into(),
+                next_try: Instant::now(),
+                connecting: false,
+                baseline: false,
+            },
         };
         let stats = SourceStatus {
             volume: cfg.volume.clone(),
@@ -383,7 +400,7 @@ where
             eprintln!("volume {}: NVLog recovery: {problem}; entries after it are not replayed", self.cfg.volume);
         }
         let mut held: Vec<(u8, PartitionHeader)> =
-            (0..PARTITIONS as u8).filter_map(|p| self.nvlog.header(p).map(|h| (p, h))).collect();
+            PARTITION_IDS.into_iter().filter_map(|p| self.nvlog.header(p).map(|h| (p, h))).collect();
         held.sort_by_key(|(_, h)| h.cp_gen);
         let mut next_seq = rec.checkpoint.next_seq.max(1);
         let mut next_gen = rec.checkpoint.released_cp + 1;
@@ -574,7 +591,8 @@ where
         s.next_seq = self.next_seq;
         s.acked_seq = self.acked_seq;
         s.epoch = self.cfg.epoch;
-        s.log_bytes_used = (0..PARTITIONS as u8)
+        s.log_bytes_used = PARTITION_IDS
+            .into_iter()
             .filter(|p| self.parts[*p as usize] != Part::Free)
             .map(|p| self.nvlog.tail(p) as u64)
             .sum();
@@ -620,7 +638,8 @@ where
             _ => return Err(format!("volume is already mirrored to {}", self.target.as_deref().unwrap_or("?"))),
         }
         self.target = Some(target);
-        self.link = LinkState::Down { reason: "attaching".into(), next_try: Instant::now(), connecting: false, baseline: true };
+        self.link =
+            LinkState::Down { reason: "attaching".into(), next_try: Instant::now(), connecting: false, baseline: true };
         Ok(())
     }
 
@@ -677,7 +696,7 @@ where
         self.device.flush()?;
         self.overlay.clear();
         let mut gen = 0;
-        for p in 0..PARTITIONS as u8 {
+        for p in PARTITION_IDS {
             self.dirty[p as usize].clear();
             if let Some(g) = self.parts[p as usize].gen() {
                 gen = gen.max(g);
@@ -704,14 +723,8 @@ where
                 worked = true;
             }
         }
-        loop {
-            let ev = match &self.link {
-                LinkState::Up { link, .. } => match link.events().try_recv() {
-                    Ok(ev) => ev,
-                    Err(_) => break,
-                },
-                _ => break,
-            };
+        while let LinkState::Up { link, .. } = &self.link {
+            let Ok(ev) = link.events().try_recv() else { break };
             worked = true;
             match ev {
                 LinkEvent::Reply(Reply::Ack { seq }) => {
@@ -790,8 +803,7 @@ where
             Err(ConnectError::Refused { code: RefuseCode::StaleEpoch, reason, .. }) => return self.fence(reason),
             Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. }) if !baseline => {
                 eprintln!("volume {}: resume refused ({reason}); starting a baseline", self.cfg.volume);
-                self.link =
-                    LinkState::Down { reason, next_try: Instant::now(), connecting: false, baseline: true };
+                self.link = LinkState::Down { reason, next_try: Instant::now(), connecting: false, baseline: true };
                 return;
             }
             Err(e) => {
@@ -817,7 +829,12 @@ where
             if let Err(e) = r {
                 return self.link_down(format!("baseline start: {e}"));
             }
-            eprintln!("volume {}: mirroring to {}: baseline copy of {} bytes", self.cfg.volume, self.target.as_deref().unwrap_or("?"), self.device.size());
+            eprintln!(
+                "volume {}: mirroring to {}: baseline copy of {} bytes",
+                self.cfg.volume,
+                self.target.as_deref().unwrap_or("?"),
+                self.device.size()
+            );
             self.link = LinkState::Up { link, baseline: Some(Baseline { cursor: 0, done_sent: false }) };
             return;
         }
@@ -829,7 +846,8 @@ where
             Err(why) => {
                 link.close();
                 eprintln!("volume {}: cannot resume ({why}); starting a baseline", self.cfg.volume);
-                self.link = LinkState::Down { reason: why, next_try: Instant::now(), connecting: false, baseline: true };
+                self.link =
+                    LinkState::Down { reason: why, next_try: Instant::now(), connecting: false, baseline: true };
             }
         }
     }
@@ -841,7 +859,7 @@ where
             return Err("mirror has no complete baseline".into());
         }
         let mut held: Vec<(u8, u64)> =
-            (0..PARTITIONS as u8).filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
+            PARTITION_IDS.into_iter().filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
         held.sort_by_key(|h| h.1);
         let oldest = held.first().map(|h| h.1).unwrap_or(w.applied_cp + 1);
         if w.applied_cp + 1 < oldest {
@@ -862,10 +880,10 @@ where
             // Continue from their tail where it is a prefix of ours; otherwise start their
             // log over from our partition's start.
             let from = if same
-                && (theirs.tail as usize) <= tail
-                && self.nvlog_seq_at(p, theirs.tail as usize) == Some(theirs.next_seq)
+                && usize_of(theirs.tail) <= tail
+                && self.nvlog_seq_at(p, usize_of(theirs.tail)) == Some(theirs.next_seq)
             {
-                theirs.tail as usize
+                usize_of(theirs.tail)
             } else {
                 link.send(&Message::PartitionOpen { header: ours.encode() }).map_err(send_err)?;
                 PARTITION_HEADER_BYTES
@@ -893,7 +911,6 @@ where
         }
         (at == offset).then_some(seq)
     }
-
 
     // ---- CPs ----
 
@@ -932,7 +949,9 @@ where
                 }
             }
             LinkState::Up { link, .. } => {
-                let r = link.send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: false }).and_then(|()| link.flush());
+                let r = link
+                    .send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: false })
+                    .and_then(|()| link.flush());
                 if let Err(e) = r {
                     self.link_down(format!("send CP: {e}"));
                 }
@@ -961,7 +980,9 @@ where
     }
 
     fn on_cp_done(&mut self, cp: u64) {
-        let p = (0..PARTITIONS as u8).find(|p| matches!(self.parts[*p as usize], Part::Closing { gen, .. } if gen == cp));
+        let p = PARTITION_IDS
+            .into_iter()
+            .find(|p| matches!(self.parts[*p as usize], Part::Closing { gen, .. } if gen == cp));
         if let Some(p) = p {
             self.mark_remote_done(p);
         }
@@ -1032,7 +1053,9 @@ where
         }
         match &self.link {
             LinkState::Fenced(r) => Some(eio(r.clone())),
-            LinkState::Down { reason, .. } => Some(eio(format!("mirror link down ({reason}); policy strict refuses writes"))),
+            LinkState::Down { reason, .. } => {
+                Some(eio(format!("mirror link down ({reason}); policy strict refuses writes")))
+            }
             _ => None,
         }
     }
@@ -1089,7 +1112,7 @@ where
             } else {
                 len - w.progress
             };
-            let data_len = if kind == EntryKind::Write { piece as usize } else { 0 };
+            let data_len = if kind == EntryKind::Write { usize_of(piece) } else { 0 };
             if !self.nvlog.fits(self.active, data_len) {
                 self.cp_wanted = true;
                 self.try_start_cp();
@@ -1109,7 +1132,7 @@ where
             };
             let data: &[u8] = match &w.request {
                 IoRequest::Write { data, .. } => {
-                    let s = w.progress as usize;
+                    let s = usize_of(w.progress);
                     &data[s..s + data_len]
                 }
                 _ => &[],
@@ -1132,7 +1155,7 @@ where
     /// Persists and sends what the last requests logged, then completes what is durable.
     fn flush_batch(&mut self) -> bool {
         let mut worked = false;
-        let mut order: Vec<u8> = (0..PARTITIONS as u8).filter(|p| self.parts[*p as usize] != Part::Free).collect();
+        let mut order: Vec<u8> = PARTITION_IDS.into_iter().filter(|p| self.parts[*p as usize] != Part::Free).collect();
         order.sort_by_key(|p| self.parts[*p as usize].gen());
         for p in order {
             if self.unsent[p as usize] >= self.nvlog.tail(p) {
@@ -1180,11 +1203,15 @@ where
             return false;
         }
         let r = if b.cursor < size {
-            let n = (size - b.cursor).min(BASELINE_CHUNK as u64) as usize;
+            let n = usize_of((size - b.cursor).min(BASELINE_CHUNK as u64));
             let mut buf = vec![0u8; n];
             match self.device.read_at(&mut buf, b.cursor) {
                 Ok(()) => {
-                    let r = link.send(&Message::BlockData { purpose: BlockPurpose::Baseline, offset: b.cursor, data: &buf });
+                    let r = link.send(&Message::BlockData {
+                        purpose: BlockPurpose::Baseline,
+                        offset: b.cursor,
+                        data: &buf,
+                    });
                     b.cursor += n as u64;
                     r
                 }
@@ -1221,7 +1248,11 @@ fn send_range<L: Link>(nvlog: &NvLog<Box<dyn Nvram>>, unsent: &mut usize, p: u8,
 
 /// Replays `recovered`'s entries directly onto `device` (used when a volume is opened
 /// without a poller, e.g. for verification tools).
-pub fn replay_nvlog(nvlog: &NvLog<Box<dyn Nvram>>, recovered: &Recovered, device: &dyn BlockDevice) -> io::Result<usize> {
+pub fn replay_nvlog(
+    nvlog: &NvLog<Box<dyn Nvram>>,
+    recovered: &Recovered,
+    device: &dyn BlockDevice,
+) -> io::Result<usize> {
     let entries = recovered.entries_in_order();
     let decoded: Vec<(EntryHeader, &[u8])> = entries
         .iter()
@@ -1230,4 +1261,4 @@ pub fn replay_nvlog(nvlog: &NvLog<Box<dyn Nvram>>, recovered: &Recovered, device
     apply_entries(decoded, device)
 }
 
-const _: () = assert!(BASELINE_CHUNK % BLOCK_BYTES == 0);
+const _: () = assert!(BASELINE_CHUNK.is_multiple_of(BLOCK_BYTES));

@@ -1,5 +1,6 @@
 //! The mirroring core end to end in one process over the in-process transport: writes
 //! acknowledged only once on both sides, CPs by reference, failover replay.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io;
 use std::sync::Arc;
@@ -34,7 +35,11 @@ struct OneMirror {
 }
 
 impl MirrorDirectory for OneMirror {
-    fn attach(&self, hello: &Hello, sink: Arc<dyn ReplySink>) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
         let mut m = self.mirror.lock();
         if m.is_none() {
             let dev = Arc::new(MemDevice::new(hello.volume_bytes));
@@ -52,8 +57,16 @@ fn start(dir: Arc<OneMirror>, device: Arc<MemDevice>) -> SourceHandle {
     cfg.cp_interval = Duration::from_secs(3600);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
     let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
-    let h = source::spawn(cfg, log, rec, device, Arc::new(MemConnector { directory: dir }), Arc::new(SystemClock::default()), None).unwrap();
-    h
+    source::spawn(
+        cfg,
+        log,
+        rec,
+        device,
+        Arc::new(MemConnector { directory: dir }),
+        Arc::new(SystemClock::default()),
+        None,
+    )
+    .unwrap()
 }
 
 fn submit(h: &SourceHandle, req: IoRequest) -> Receiver<IoReply> {
@@ -63,7 +76,11 @@ fn submit(h: &SourceHandle, req: IoRequest) -> Receiver<IoReply> {
 }
 
 fn write(h: &SourceHandle, offset: u64, data: Vec<u8>) -> io::Result<()> {
-    submit(h, IoRequest::Write { offset, data, fua: false }).recv_timeout(Duration::from_secs(10)).unwrap().result.map(|_| ())
+    submit(h, IoRequest::Write { offset, data, fua: false })
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .result
+        .map(|_| ())
 }
 
 fn read(h: &SourceHandle, offset: u64, len: u32) -> Vec<u8> {

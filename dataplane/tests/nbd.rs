@@ -104,9 +104,7 @@ struct Backing {
 
 impl Backing {
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.bytes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn execute(&self, request: IoRequest) -> IoResult {
@@ -129,9 +127,7 @@ impl Backing {
         let mut bytes = self.lock();
         let size = bytes.len() as u64;
         let range = |offset: u64, len: u64| {
-            let end = offset
-                .checked_add(len)
-                .filter(|&end| len > 0 && end <= size);
+            let end = offset.checked_add(len).filter(|&end| len > 0 && end <= size);
             match end {
                 Some(end) => Ok(to_usize(offset)..to_usize(end)),
                 None => {
@@ -183,13 +179,7 @@ struct MemExport {
 }
 
 impl MemExport {
-    fn new(
-        size: u64,
-        fill: u8,
-        read_only: bool,
-        workers: usize,
-        odd_block_delay: Option<Duration>,
-    ) -> Arc<Self> {
+    fn new(size: u64, fill: u8, read_only: bool, workers: usize, odd_block_delay: Option<Duration>) -> Arc<Self> {
         let backing = Arc::new(Backing {
             bytes: Mutex::new(vec![fill; to_usize(size)]),
             read_only,
@@ -233,9 +223,7 @@ impl Export for MemExport {
 
     fn submit(&self, request: IoRequest, done: Completer) {
         match &self.workers {
-            Some(workers) => workers
-                .send((request, done))
-                .expect("workers run while the export lives"),
+            Some(workers) => workers.send((request, done)).expect("workers run while the export lives"),
             None => done.complete(self.backing.execute(request)),
         }
     }
@@ -245,9 +233,7 @@ struct Registry(BTreeMap<String, Arc<MemExport>>);
 
 impl ExportRegistry for Registry {
     fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.0
-            .get(name)
-            .map(|export| Arc::clone(export) as Arc<dyn Export>)
+        self.0.get(name).map(|export| Arc::clone(export) as Arc<dyn Export>)
     }
 
     fn names(&self) -> Vec<String> {
@@ -278,13 +264,7 @@ impl Fixture {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let server = NbdServer::spawn(listener, Arc::new(registry)).expect("start the server");
         let addr = server.local_addr();
-        Self {
-            server: Some(server),
-            addr,
-            disk,
-            ro,
-            slow,
-        }
+        Self { server: Some(server), addr, disk, ro, slow }
     }
 
     fn url(&self, name: &str) -> String {
@@ -303,10 +283,7 @@ impl Drop for Fixture {
         for export in [&self.disk, &self.ro, &self.slow] {
             let violations = export.stat(|s| &s.violations);
             if !thread::panicking() {
-                assert_eq!(
-                    violations, 0,
-                    "the server submitted requests it had to refuse"
-                );
+                assert_eq!(violations, 0, "the server submitted requests it had to refuse");
             }
         }
     }
@@ -349,18 +326,11 @@ fn run_tool(program: &str, package: &str, args: &[&str]) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`{program} {}` ran longer than {TOOL_TIMEOUT:?}",
-                args.join(" ")
-            );
+            panic!("`{program} {}` ran longer than {TOOL_TIMEOUT:?}", args.join(" "));
         }
         thread::sleep(Duration::from_millis(10));
     };
-    Output {
-        status,
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    }
+    Output { status, stdout: stdout.join().expect("stdout reader"), stderr: stderr.join().expect("stderr reader") }
 }
 
 fn describe(program: &str, args: &[&str], output: &Output) -> String {
@@ -376,19 +346,14 @@ fn describe(program: &str, args: &[&str], output: &Output) -> String {
 /// Runs a client program and requires it to succeed; returns its stdout.
 fn run_ok(program: &str, package: &str, args: &[&str]) -> String {
     let output = run_tool(program, package, args);
-    assert!(
-        output.status.success(),
-        "{}",
-        describe(program, args, &output)
-    );
+    assert!(output.status.success(), "{}", describe(program, args, &output));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Runs qemu-io commands on `url` and requires every one of them to succeed.
 fn qemu_io_ok(url: &str, options: &[&str], commands: &[&str]) -> String {
     let output = qemu_io(url, options, commands);
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     let args = qemu_io_args(url, options, commands);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // qemu-io reports some failures, pattern mismatches among them, only in its output.
@@ -435,9 +400,7 @@ struct OptionReply {
 impl Raw {
     fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).expect("connect to the server");
-        stream
-            .set_read_timeout(Some(RAW_READ_TIMEOUT))
-            .expect("set a read timeout");
+        stream.set_read_timeout(Some(RAW_READ_TIMEOUT)).expect("set a read timeout");
         stream.set_nodelay(true).expect("set TCP_NODELAY");
         Self { stream }
     }
@@ -494,11 +457,7 @@ impl Raw {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
         bytes.extend_from_slice(&option.to_be_bytes());
-        bytes.extend_from_slice(
-            &u32::try_from(data.len())
-                .expect("short option")
-                .to_be_bytes(),
-        );
+        bytes.extend_from_slice(&u32::try_from(data.len()).expect("short option").to_be_bytes());
         bytes.extend_from_slice(data);
         self.send(&bytes);
     }
@@ -528,9 +487,7 @@ impl Raw {
 
     fn read_exact(&mut self, len: usize) -> Vec<u8> {
         let mut bytes = vec![0u8; len];
-        self.stream
-            .read_exact(&mut bytes)
-            .expect("read from the server");
+        self.stream.read_exact(&mut bytes).expect("read from the server");
         bytes
     }
 
@@ -563,14 +520,7 @@ impl Raw {
     }
 }
 
-fn request(
-    flags: u16,
-    command: u16,
-    cookie: u64,
-    offset: u64,
-    len: u32,
-    payload: &[u8],
-) -> Vec<u8> {
+fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(28 + payload.len());
     bytes.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
     bytes.extend_from_slice(&flags.to_be_bytes());
@@ -587,11 +537,7 @@ fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
     let mut data = Vec::new();
     data.extend_from_slice(&u32::try_from(name.len()).expect("short name").to_be_bytes());
     data.extend_from_slice(name.as_bytes());
-    data.extend_from_slice(
-        &u16::try_from(requests.len())
-            .expect("few requests")
-            .to_be_bytes(),
-    );
+    data.extend_from_slice(&u16::try_from(requests.len()).expect("few requests").to_be_bytes());
     for request in requests {
         data.extend_from_slice(&request.to_be_bytes());
     }
@@ -657,15 +603,9 @@ fn qemu_io_writes_flushes_and_reads_back() {
     let mut expected = vec![0xab; 64 << 10];
     expected[4097..4197].fill(0x11);
     assert_eq!(fixture.disk.bytes(0, 64 << 10), expected);
-    assert_eq!(
-        fixture.disk.bytes(1 << 20, 128 << 10),
-        vec![0xcd; 128 << 10]
-    );
+    assert_eq!(fixture.disk.bytes(1 << 20, 128 << 10), vec![0xcd; 128 << 10]);
     assert!(fixture.disk.stat(|s| &s.fua) >= 1, "write -f sent FUA");
-    assert!(
-        fixture.disk.stat(|s| &s.flushes) >= 1,
-        "flush reached the export"
-    );
+    assert!(fixture.disk.stat(|s| &s.flushes) >= 1, "flush reached the export");
 }
 
 #[test]
@@ -688,14 +628,8 @@ fn qemu_io_trims_and_writes_zeroes() {
     let mut expected = vec![0u8; 512 << 10];
     expected[192 << 10..].fill(0xcd);
     assert_eq!(fixture.disk.bytes(0, 512 << 10), expected);
-    assert!(
-        fixture.disk.stat(|s| &s.trims) >= 1,
-        "discard sent NBD_CMD_TRIM"
-    );
-    assert!(
-        fixture.disk.stat(|s| &s.write_zeroes) >= 2,
-        "write -z sent NBD_CMD_WRITE_ZEROES"
-    );
+    assert!(fixture.disk.stat(|s| &s.trims) >= 1, "discard sent NBD_CMD_TRIM");
+    assert!(fixture.disk.stat(|s| &s.write_zeroes) >= 2, "write -z sent NBD_CMD_WRITE_ZEROES");
 }
 
 #[test]
@@ -705,10 +639,7 @@ fn read_only_export_refuses_writes() {
     qemu_io_ok(&url, &["-r"], &["read -P 0x5a 0 1M"]);
     let output = qemu_io(&url, &[], &["write -P 0x01 0 4k"]);
     let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() || text.contains("failed"),
-        "qemu-io wrote to a read-only export:\n{text}"
-    );
+    assert!(!output.status.success() || text.contains("failed"), "qemu-io wrote to a read-only export:\n{text}");
 
     // The server itself refuses, whatever the client believes.
     let (mut raw, size, flags) = Raw::go(fixture.addr, RO);
@@ -726,10 +657,7 @@ fn read_only_export_refuses_writes() {
     assert_eq!(raw.read_exact(4096), vec![RO_FILL; 4096]);
     raw.disconnect();
 
-    assert_eq!(
-        fixture.ro.bytes(0, RO_BYTES),
-        vec![RO_FILL; to_usize(RO_BYTES)]
-    );
+    assert_eq!(fixture.ro.bytes(0, RO_BYTES), vec![RO_FILL; to_usize(RO_BYTES)]);
     assert_eq!(fixture.ro.stat(|s| &s.writes), 0);
 }
 
@@ -739,10 +667,7 @@ fn nbdinfo_lists_and_describes_exports() {
     let list_url = format!("nbd://127.0.0.1:{}", fixture.addr.port());
     let list = run_ok("nbdinfo", "libnbd-bin", &["--list", &list_url]);
     for name in [DISK, RO, SLOW] {
-        assert!(
-            list.contains(&format!("export=\"{name}\"")),
-            "{name} missing from:\n{list}"
-        );
+        assert!(list.contains(&format!("export=\"{name}\"")), "{name} missing from:\n{list}");
     }
 
     for (name, size, read_only) in [(DISK, DISK_BYTES, false), (RO, RO_BYTES, true)] {
@@ -781,33 +706,16 @@ fn nbdcopy_and_qemu_img_round_trip() {
     // Pre-fill the hole's target so that only a zeroing request can clear it.
     qemu_io_ok(&url, &[], &["write -P 0xee 4M 2M"]);
     run_ok("nbdcopy", "libnbd-bin", &[&path(&input), &url]);
-    assert!(
-        fixture.disk.backing.lock().as_slice() == image.as_slice(),
-        "nbdcopy in"
-    );
+    assert!(fixture.disk.backing.lock().as_slice() == image.as_slice(), "nbdcopy in");
 
     let copied = dir.path().join("nbdcopy.img");
     run_ok("nbdcopy", "libnbd-bin", &[&url, &path(&copied)]);
-    assert!(
-        std::fs::read(&copied).expect("read the copy") == image,
-        "nbdcopy out"
-    );
+    assert!(std::fs::read(&copied).expect("read the copy") == image, "nbdcopy out");
 
     let converted = dir.path().join("converted.img");
-    run_ok(
-        "qemu-img",
-        "qemu-utils",
-        &["convert", "-f", "raw", "-O", "raw", &url, &path(&converted)],
-    );
-    assert!(
-        std::fs::read(&converted).expect("read the conversion") == image,
-        "qemu-img out"
-    );
-    run_ok(
-        "qemu-img",
-        "qemu-utils",
-        &["compare", "-f", "raw", "-F", "raw", &path(&input), &url],
-    );
+    run_ok("qemu-img", "qemu-utils", &["convert", "-f", "raw", "-O", "raw", &url, &path(&converted)]);
+    assert!(std::fs::read(&converted).expect("read the conversion") == image, "qemu-img out");
+    run_ok("qemu-img", "qemu-utils", &["compare", "-f", "raw", "-F", "raw", &path(&input), &url]);
 }
 
 #[test]
@@ -823,20 +731,14 @@ fn concurrent_qemu_io_clients() {
                 qemu_io_ok(
                     &url,
                     &[],
-                    &[
-                        &format!("write -P {pattern:#x} {offset} 1M"),
-                        &format!("read -P {pattern:#x} {offset} 1M"),
-                    ],
+                    &[&format!("write -P {pattern:#x} {offset} 1M"), &format!("read -P {pattern:#x} {offset} 1M")],
                 );
             });
         }
     });
     for client in 0..CLIENTS {
         let pattern = byte(0x21 + client);
-        assert_eq!(
-            fixture.disk.bytes(client << 20, 1 << 20),
-            vec![pattern; 1 << 20]
-        );
+        assert_eq!(fixture.disk.bytes(client << 20, 1 << 20), vec![pattern; 1 << 20]);
     }
 }
 
@@ -844,17 +746,9 @@ fn concurrent_qemu_io_clients() {
 fn unknown_export_fails_cleanly() {
     let fixture = Fixture::start();
     let output = qemu_io(&fixture.url("nope"), &[], &["read 0 4k"]);
-    assert!(
-        !output.status.success(),
-        "{}",
-        describe("qemu-io", &["nbd://.../nope"], &output)
-    );
+    assert!(!output.status.success(), "{}", describe("qemu-io", &["nbd://.../nope"], &output));
     let output = run_tool("nbdinfo", "libnbd-bin", &[&fixture.url("nope")]);
-    assert!(
-        !output.status.success(),
-        "{}",
-        describe("nbdinfo", &["nbd://.../nope"], &output)
-    );
+    assert!(!output.status.success(), "{}", describe("nbdinfo", &["nbd://.../nope"], &output));
 
     // NBD_OPT_GO can say so and let the client choose again on the same connection.
     let mut raw = Raw::negotiating(fixture.addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
@@ -883,10 +777,7 @@ fn handshake_options() {
 
     raw.send_option(OPT_STRUCTURED_REPLY, &[]);
     let reply = raw.read_option_reply();
-    assert_eq!(
-        (reply.option, reply.reply_type),
-        (OPT_STRUCTURED_REPLY, REP_ERR_UNSUP)
-    );
+    assert_eq!((reply.option, reply.reply_type), (OPT_STRUCTURED_REPLY, REP_ERR_UNSUP));
     raw.send_option(0x4242, &[7; 100]);
     let reply = raw.read_option_reply();
     assert_eq!((reply.option, reply.reply_type), (0x4242, REP_ERR_UNSUP));
@@ -932,14 +823,7 @@ fn handshake_options() {
     assert_eq!(be_u16(&export[8..]), FLAGS_WRITABLE | FLAG_READ_ONLY);
     assert_eq!(infos[&INFO_NAME], RO.as_bytes());
     let block_size = &infos[&INFO_BLOCK_SIZE];
-    assert_eq!(
-        (
-            be_u32(block_size),
-            be_u32(&block_size[4..]),
-            be_u32(&block_size[8..])
-        ),
-        (1, 4096, PAYLOAD_BYTES_MAX)
-    );
+    assert_eq!((be_u32(block_size), be_u32(&block_size[4..]), be_u32(&block_size[8..])), (1, 4096, PAYLOAD_BYTES_MAX));
 
     // NBD_OPT_INFO left the connection negotiating; EXPORT_NAME now enters transmission.
     raw.send_option(OPT_EXPORT_NAME, DISK.as_bytes());
@@ -1075,25 +959,12 @@ fn invalid_requests_get_einval_and_the_connection_stays_usable() {
 
     // Valid requests at the very end of the export still work.
     let tail = DISK_BYTES - 4096;
-    raw.send(&request(
-        CMD_FLAG_FUA,
-        CMD_WRITE,
-        101,
-        tail,
-        4096,
-        &[0x42; 4096],
-    ));
+    raw.send(&request(CMD_FLAG_FUA, CMD_WRITE, 101, tail, 4096, &[0x42; 4096]));
     assert_eq!(raw.read_reply(), (0, 101));
     raw.send_request(0, CMD_READ, 102, tail, 4096);
     assert_eq!(raw.read_reply(), (0, 102));
     assert_eq!(raw.read_exact(4096), vec![0x42; 4096]);
-    raw.send_request(
-        CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        CMD_WRITE_ZEROES,
-        103,
-        tail,
-        4096,
-    );
+    raw.send_request(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 103, tail, 4096);
     assert_eq!(raw.read_reply(), (0, 103));
     raw.send_request(0, CMD_FLUSH, 104, 0, 0);
     assert_eq!(raw.read_reply(), (0, 104));
@@ -1117,14 +988,7 @@ fn pipelined_writes_and_reads_match_cookies() {
     let mut batch = Vec::new();
     for index in 0..REQUESTS {
         let payload = vec![pattern(index); 4096];
-        batch.extend_from_slice(&request(
-            0,
-            CMD_WRITE,
-            cookie(index),
-            index * 4096,
-            4096,
-            &payload,
-        ));
+        batch.extend_from_slice(&request(0, CMD_WRITE, cookie(index), index * 4096, 4096, &payload));
     }
     raw.send(&batch);
     let mut order = Vec::new();
@@ -1142,35 +1006,21 @@ fn pipelined_writes_and_reads_match_cookies() {
     // Reads: each reply's data must belong to the cookie it carries.
     let mut batch = Vec::new();
     for index in 0..REQUESTS {
-        batch.extend_from_slice(&request(
-            0,
-            CMD_READ,
-            cookie(REQUESTS + index),
-            index * 4096,
-            4096,
-            &[],
-        ));
+        batch.extend_from_slice(&request(0, CMD_READ, cookie(REQUESTS + index), index * 4096, 4096, &[]));
     }
     raw.send(&batch);
     let mut seen = HashSet::new();
     for _ in 0..REQUESTS {
         let (error, reply_cookie) = raw.read_reply();
         assert_eq!(error, 0);
-        let index = (0..REQUESTS)
-            .find(|&index| cookie(REQUESTS + index) == reply_cookie)
-            .expect("a cookie that was sent");
-        assert!(
-            seen.insert(index),
-            "cookie {reply_cookie:#x} answered twice"
-        );
+        let index =
+            (0..REQUESTS).find(|&index| cookie(REQUESTS + index) == reply_cookie).expect("a cookie that was sent");
+        assert!(seen.insert(index), "cookie {reply_cookie:#x} answered twice");
         assert_eq!(raw.read_exact(4096), vec![pattern(index); 4096]);
     }
     raw.disconnect();
     for index in 0..REQUESTS {
-        assert_eq!(
-            fixture.slow.bytes(index * 4096, 4096),
-            vec![pattern(index); 4096]
-        );
+        assert_eq!(fixture.slow.bytes(index * 4096, 4096), vec![pattern(index); 4096]);
     }
 }
 
@@ -1185,23 +1035,9 @@ fn more_requests_than_the_in_flight_bound() {
         for index in 0..REQUESTS {
             let slot = index % 256;
             let bytes = if index % 2 == 0 {
-                request(
-                    0,
-                    CMD_WRITE,
-                    cookie(index),
-                    slot * 4096,
-                    4096,
-                    &[byte(slot); 4096],
-                )
+                request(0, CMD_WRITE, cookie(index), slot * 4096, 4096, &[byte(slot); 4096])
             } else {
-                request(
-                    0,
-                    CMD_READ,
-                    cookie(index),
-                    (1 << 20) + slot * 4096,
-                    4096,
-                    &[],
-                )
+                request(0, CMD_READ, cookie(index), (1 << 20) + slot * 4096, 4096, &[])
             };
             sender.write_all(&bytes).expect("send a request");
         }
@@ -1211,10 +1047,7 @@ fn more_requests_than_the_in_flight_bound() {
     for _ in 0..REQUESTS {
         let (error, reply_cookie) = raw.read_reply();
         assert_eq!(error, 0);
-        assert!(
-            seen.insert(reply_cookie),
-            "cookie {reply_cookie:#x} answered twice"
-        );
+        assert!(seen.insert(reply_cookie), "cookie {reply_cookie:#x} answered twice");
         // Odd cookies are reads; their data is zero.
         let index = indices[&reply_cookie];
         if index % 2 == 1 {
@@ -1234,14 +1067,7 @@ fn disconnect_waits_for_in_flight_replies() {
     let mut batch = Vec::new();
     for index in 0..REQUESTS {
         let offset = (2 * index + 1) * 4096;
-        batch.extend_from_slice(&request(
-            0,
-            CMD_WRITE,
-            cookie(index),
-            offset,
-            4096,
-            &[0x33; 4096],
-        ));
+        batch.extend_from_slice(&request(0, CMD_WRITE, cookie(index), offset, 4096, &[0x33; 4096]));
     }
     batch.extend_from_slice(&request(0, CMD_DISC, 0, 0, 0, &[]));
     raw.send(&batch);
@@ -1254,10 +1080,7 @@ fn disconnect_waits_for_in_flight_replies() {
     assert_eq!(seen, (0..REQUESTS).map(cookie).collect());
     raw.expect_closed();
     for index in 0..REQUESTS {
-        assert_eq!(
-            fixture.slow.bytes((2 * index + 1) * 4096, 4096),
-            vec![0x33; 4096]
-        );
+        assert_eq!(fixture.slow.bytes((2 * index + 1) * 4096, 4096), vec![0x33; 4096]);
     }
 }
 
@@ -1268,8 +1091,5 @@ fn shutdown_closes_connections() {
     let server = fixture.server.take().expect("running");
     server.shutdown().expect("clean shutdown");
     raw.expect_closed();
-    assert!(
-        TcpStream::connect(fixture.addr).is_err(),
-        "the listener is closed"
-    );
+    assert!(TcpStream::connect(fixture.addr).is_err(), "the listener is closed");
 }

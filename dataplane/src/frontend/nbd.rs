@@ -258,17 +258,11 @@ impl NbdServer {
     pub fn spawn(listener: TcpListener, registry: Arc<dyn ExportRegistry>) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let shutdown = Arc::new(AtomicBool::new(false));
-        let acceptor = thread::Builder::new()
-            .name("nbd-accept".to_owned())
-            .spawn({
-                let shutdown = Arc::clone(&shutdown);
-                move || serve(listener, registry, shutdown)
-            })?;
-        Ok(Self {
-            local_addr,
-            shutdown,
-            acceptor: Some(acceptor),
-        })
+        let acceptor = thread::Builder::new().name("nbd-accept".to_owned()).spawn({
+            let shutdown = Arc::clone(&shutdown);
+            move || serve(listener, registry, shutdown)
+        })?;
+        Ok(Self { local_addr, shutdown, acceptor: Some(acceptor) })
     }
 
     /// The address the server listens on (useful after binding port 0).
@@ -286,9 +280,7 @@ impl NbdServer {
     fn stop(&mut self) -> io::Result<()> {
         self.shutdown.store(true, Ordering::Release);
         match self.acceptor.take() {
-            Some(acceptor) => acceptor
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("NBD accept thread panicked"))),
+            Some(acceptor) => acceptor.join().unwrap_or_else(|_| Err(io::Error::other("NBD accept thread panicked"))),
             None => Ok(()),
         }
     }
@@ -304,9 +296,7 @@ impl Drop for NbdServer {
 
 impl std::fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdServer")
-            .field("local_addr", &self.local_addr)
-            .finish()
+        f.debug_struct("NbdServer").field("local_addr", &self.local_addr).finish()
     }
 }
 
@@ -315,11 +305,7 @@ impl std::fmt::Debug for NbdServer {
 ///
 /// Errors from one connection are logged and end that connection only. The function
 /// returns an error only when the listener itself fails.
-pub fn serve(
-    listener: TcpListener,
-    registry: Arc<dyn ExportRegistry>,
-    shutdown: Arc<AtomicBool>,
-) -> io::Result<()> {
+pub fn serve(listener: TcpListener, registry: Arc<dyn ExportRegistry>, shutdown: Arc<AtomicBool>) -> io::Result<()> {
     let mut connections = Vec::new();
     let result = accept_loop(&listener, &registry, &shutdown, &mut connections);
     // Whether the loop ended on request or on error, no connection outlives the server.
@@ -357,9 +343,7 @@ fn accept_loop(
             Err(err)
                 if matches!(
                     err.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                 ) =>
             {
                 continue;
@@ -386,10 +370,7 @@ fn accept_loop(
             .name(format!("nbd-{peer}"))
             .spawn(move || serve_connection(stream, peer, registry.as_ref()));
         match spawned {
-            Ok(thread) => connections.push(Connection {
-                stream: handle,
-                thread,
-            }),
+            Ok(thread) => connections.push(Connection { stream: handle, thread }),
             Err(err) => eprintln!("nbd: {peer}: cannot start a connection thread: {err}"),
         }
     }
@@ -411,11 +392,7 @@ fn reap(connections: &mut Vec<Connection>) {
 
 /// Waits up to `timeout_ms` for a connection to accept.
 fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Result<bool> {
-    let mut fds = [libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
+    let mut fds = [libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
     // SAFETY: `fds` is an array of one initialised pollfd that lives across the call, and
     // the count passed is its length; poll writes only its `revents` field.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
@@ -435,35 +412,20 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRe
     }
 }
 
-fn run_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    registry: &dyn ExportRegistry,
-) -> Result<(), ConnectionError> {
-    stream
-        .set_nonblocking(false)
-        .map_err(ConnectionError::Socket)?;
+fn run_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) -> Result<(), ConnectionError> {
+    stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
     stream.set_nodelay(true).map_err(ConnectionError::Socket)?;
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(ConnectionError::Socket)?;
-    stream
-        .set_write_timeout(Some(REPLY_WRITE_TIMEOUT))
-        .map_err(ConnectionError::Socket)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnectionError::Socket)?;
+    stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
     // One buffered reader for both phases: bytes it read ahead must not be lost when
     // transmission starts.
-    let mut reader = BufReader::with_capacity(
-        READ_BUFFER_BYTES,
-        stream.try_clone().map_err(ConnectionError::Socket)?,
-    );
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone().map_err(ConnectionError::Socket)?);
     let export = match negotiate(&mut reader, &stream, registry)? {
         Negotiated::Transmit(export) => export,
         Negotiated::Closed => return Ok(()),
     };
     // Idle clients are normal once transmission starts.
-    stream
-        .set_read_timeout(None)
-        .map_err(ConnectionError::Socket)?;
+    stream.set_read_timeout(None).map_err(ConnectionError::Socket)?;
     let result = transmit(&mut reader, &stream, export.as_ref(), peer);
     let _ = stream.shutdown(Shutdown::Both);
     result
@@ -492,9 +454,7 @@ fn negotiate(
     greeting[..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    writer
-        .write_all(&greeting)
-        .map_err(ConnectionError::WriteHandshake)?;
+    writer.write_all(&greeting).map_err(ConnectionError::WriteHandshake)?;
 
     let mut client_flags = [0u8; 4];
     if !read_full(reader, &mut client_flags).map_err(handshake_read_error)? {
@@ -502,18 +462,14 @@ fn negotiate(
         return Ok(Negotiated::Closed);
     }
     let client_flags = u32::from_be_bytes(client_flags);
-    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0
-        || client_flags & FLAG_C_FIXED_NEWSTYLE == 0
-    {
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 || client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
         return Err(ConnectionError::ClientFlags(client_flags));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
     for _ in 0..OPTIONS_MAX {
         let mut header = [0u8; 16];
-        reader
-            .read_exact(&mut header)
-            .map_err(handshake_read_error)?;
+        reader.read_exact(&mut header).map_err(handshake_read_error)?;
         let magic = be_u64(&header, 0);
         let option = be_u32(&header, 8);
         let len = be_u32(&header, 12);
@@ -539,9 +495,7 @@ fn negotiate(
                 if !no_zeroes {
                     reply.resize(reply.len() + EXPORT_NAME_ZEROES_BYTES, 0);
                 }
-                writer
-                    .write_all(&reply)
-                    .map_err(ConnectionError::WriteHandshake)?;
+                writer.write_all(&reply).map_err(ConnectionError::WriteHandshake)?;
                 return Ok(Negotiated::Transmit(export));
             }
             OPT_ABORT => {
@@ -576,12 +530,7 @@ fn transmission_flags(export: &dyn Export) -> u16 {
     flags
 }
 
-fn send_option_reply(
-    mut writer: &TcpStream,
-    option: u32,
-    reply_type: u32,
-    data: &[u8],
-) -> Result<(), ConnectionError> {
+fn send_option_reply(mut writer: &TcpStream, option: u32, reply_type: u32, data: &[u8]) -> Result<(), ConnectionError> {
     // Reply data is an export name, a short message or a fixed-size info record; all are
     // bounded by OPTION_BYTES_MAX or by the registry's names, far below 4 GiB.
     let len = u32::try_from(data.len()).expect("option reply data fits in u32");
@@ -591,24 +540,13 @@ fn send_option_reply(
     reply.extend_from_slice(&reply_type.to_be_bytes());
     reply.extend_from_slice(&len.to_be_bytes());
     reply.extend_from_slice(data);
-    writer
-        .write_all(&reply)
-        .map_err(ConnectionError::WriteHandshake)
+    writer.write_all(&reply).map_err(ConnectionError::WriteHandshake)
 }
 
 /// Answers NBD_OPT_LIST.
-fn list_exports(
-    writer: &TcpStream,
-    registry: &dyn ExportRegistry,
-    data: &[u8],
-) -> Result<(), ConnectionError> {
+fn list_exports(writer: &TcpStream, registry: &dyn ExportRegistry, data: &[u8]) -> Result<(), ConnectionError> {
     if !data.is_empty() {
-        return send_option_reply(
-            writer,
-            OPT_LIST,
-            REP_ERR_INVALID,
-            b"NBD_OPT_LIST takes no data",
-        );
+        return send_option_reply(writer, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
     }
     for name in registry.names() {
         let Ok(name_len) = u32::try_from(name.len()) else {
@@ -631,17 +569,10 @@ fn export_info(
 ) -> Result<Option<Arc<dyn Export>>, ConnectionError> {
     // Data: name length u32, name, number of information requests u16, requests u16 each.
     let Some(request) = InfoRequest::parse(data) else {
-        send_option_reply(
-            writer,
-            option,
-            REP_ERR_INVALID,
-            b"malformed information request",
-        )?;
+        send_option_reply(writer, option, REP_ERR_INVALID, b"malformed information request")?;
         return Ok(None);
     };
-    let export = std::str::from_utf8(request.name)
-        .ok()
-        .and_then(|name| registry.lookup(name));
+    let export = std::str::from_utf8(request.name).ok().and_then(|name| registry.lookup(name));
     let Some(export) = export else {
         send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
         return Ok(None);
@@ -695,9 +626,7 @@ impl<'a> InfoRequest<'a> {
     }
 
     fn asks_for(&self, info_type: u16) -> bool {
-        self.requests
-            .chunks_exact(2)
-            .any(|pair| pair == info_type.to_be_bytes())
+        self.requests.chunks_exact(2).any(|pair| pair == info_type.to_be_bytes())
     }
 }
 
@@ -729,11 +658,7 @@ impl Request {
 
     /// Whether `[offset, offset + len)` is non-empty and lies within an export of `size`.
     fn in_bounds(&self, size: u64) -> bool {
-        self.len != 0
-            && self
-                .offset
-                .checked_add(u64::from(self.len))
-                .is_some_and(|end| end <= size)
+        self.len != 0 && self.offset.checked_add(u64::from(self.len)).is_some_and(|end| end <= size)
     }
 
     fn fua(&self) -> bool {
@@ -788,10 +713,7 @@ impl InFlight {
             free: (0..IN_FLIGHT_MAX).rev().collect(),
             payload_bytes: 0,
         };
-        Self {
-            slots: Mutex::new(slots),
-            freed: Condvar::new(),
-        }
+        Self { slots: Mutex::new(slots), freed: Condvar::new() }
     }
 
     /// Takes a slot for `pending`, waiting for replies to be written while the connection
@@ -804,10 +726,7 @@ impl InFlight {
             if slots.payload_bytes + pending.payload_bytes <= IN_FLIGHT_BYTES_MAX {
                 if let Some(slot) = slots.free.pop() {
                     slots.payload_bytes += pending.payload_bytes;
-                    assert!(
-                        slots.pending[slot].is_none(),
-                        "free slot {slot} is occupied"
-                    );
+                    assert!(slots.pending[slot].is_none(), "free slot {slot} is occupied");
                     slots.pending[slot] = Some(pending);
                     return slot as u64;
                 }
@@ -855,9 +774,7 @@ fn transmit(
     // still held by the export. So joining it waits for every in-flight reply to be
     // written (or found unwritable), which is what NBD_CMD_DISC asks for.
     drop(reply_tx);
-    let write_result = writer
-        .join()
-        .unwrap_or(Err(ConnectionError::WriterPanicked));
+    let write_result = writer.join().unwrap_or(Err(ConnectionError::WriterPanicked));
     read_result.and(write_result)
 }
 
@@ -874,21 +791,13 @@ fn read_requests(
             IoRequest::Write { data, .. } => data.len() as u64,
             _ => 0,
         };
-        let slot = in_flight.acquire(Pending {
-            cookie: request.cookie,
-            read_len,
-            payload_bytes,
-        });
+        let slot = in_flight.acquire(Pending { cookie: request.cookie, read_len, payload_bytes });
         export.submit(io, Completer::new(slot, reply_tx.clone()));
     };
     // Refusals travel the same path as completions, so that replies stay bounded and a
     // DISC still waits for them.
     let refuse = |request: &Request, errno: i32| {
-        let pending = Pending {
-            cookie: request.cookie,
-            read_len: None,
-            payload_bytes: 0,
-        };
+        let pending = Pending { cookie: request.cookie, read_len: None, payload_bytes: 0 };
         let slot = in_flight.acquire(pending);
         Completer::new(slot, reply_tx.clone()).complete(Err(io::Error::from_raw_os_error(errno)));
     };
@@ -907,10 +816,7 @@ fn read_requests(
                 {
                     refuse(&request, libc::EINVAL);
                 } else {
-                    let io = IoRequest::Read {
-                        offset: request.offset,
-                        len: request.len,
-                    };
+                    let io = IoRequest::Read { offset: request.offset, len: request.len };
                     submit(&request, Some(request.len), io);
                 }
             }
@@ -926,17 +832,11 @@ fn read_requests(
                 } else {
                     let mut data = vec![0u8; request.len as usize];
                     if !read_full(reader, &mut data).map_err(ConnectionError::ReadRequest)? {
-                        let truncated = io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "write payload truncated after 0 bytes",
-                        );
+                        let truncated =
+                            io::Error::new(io::ErrorKind::UnexpectedEof, "write payload truncated after 0 bytes");
                         return Err(ConnectionError::ReadRequest(truncated));
                     }
-                    let io = IoRequest::Write {
-                        offset: request.offset,
-                        data,
-                        fua: request.fua(),
-                    };
+                    let io = IoRequest::Write { offset: request.offset, data, fua: request.fua() };
                     submit(&request, None, io);
                 }
             }
@@ -950,21 +850,14 @@ fn read_requests(
             CMD_TRIM => match request.mutation_refusal(export) {
                 Some(errno) => refuse(&request, errno),
                 None => {
-                    let io = IoRequest::Trim {
-                        offset: request.offset,
-                        len: request.len,
-                    };
+                    let io = IoRequest::Trim { offset: request.offset, len: request.len };
                     submit(&request, None, io);
                 }
             },
             CMD_WRITE_ZEROES => match request.mutation_refusal(export) {
                 Some(errno) => refuse(&request, errno),
                 None => {
-                    let io = IoRequest::WriteZeroes {
-                        offset: request.offset,
-                        len: request.len,
-                        fua: request.fua(),
-                    };
+                    let io = IoRequest::WriteZeroes { offset: request.offset, len: request.len, fua: request.fua() };
                     submit(&request, None, io);
                 }
             },
@@ -1014,11 +907,7 @@ fn write_replies(
     in_flight: &InFlight,
     peer: SocketAddr,
 ) -> Result<(), ConnectionError> {
-    let mut out = ReplyStream {
-        stream,
-        buffer: Vec::with_capacity(REPLY_BUFFER_BYTES),
-        failed: None,
-    };
+    let mut out = ReplyStream { stream, buffer: Vec::with_capacity(REPLY_BUFFER_BYTES), failed: None };
     while let Ok(first) = replies.recv() {
         let mut next = Some(first);
         while let Some(reply) = next {
@@ -1045,10 +934,7 @@ struct ReplyStream<'a> {
 impl ReplyStream<'_> {
     fn push(&mut self, reply: IoReply, in_flight: &InFlight, peer: SocketAddr) {
         let Some(pending) = in_flight.release(reply.cookie) else {
-            eprintln!(
-                "nbd: {peer}: reply for slot {} that is not in flight, dropped",
-                reply.cookie
-            );
+            eprintln!("nbd: {peer}: reply for slot {} that is not in flight, dropped", reply.cookie);
             return;
         };
         let (error, data) = match (reply.result, pending.read_len) {
@@ -1072,8 +958,7 @@ impl ReplyStream<'_> {
         if self.buffer.len() + buffered > REPLY_BUFFER_BYTES {
             self.flush();
         }
-        self.buffer
-            .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.buffer.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         self.buffer.extend_from_slice(&error.to_be_bytes());
         self.buffer.extend_from_slice(&pending.cookie.to_be_bytes());
         if inline {
@@ -1184,13 +1069,7 @@ mod tests {
 
     #[test]
     fn bounds_reject_empty_overflowing_and_past_the_end() {
-        let request = |offset, len| Request {
-            flags: 0,
-            command: CMD_READ,
-            cookie: 0,
-            offset,
-            len,
-        };
+        let request = |offset, len| Request { flags: 0, command: CMD_READ, cookie: 0, offset, len };
         assert!(request(0, 4096).in_bounds(4096));
         assert!(!request(1, 4096).in_bounds(4096));
         assert!(!request(0, 0).in_bounds(4096));
@@ -1201,20 +1080,11 @@ mod tests {
     fn in_flight_bounds_slots_and_bytes() {
         let in_flight = InFlight::new();
         let slots: Vec<u64> = (0..IN_FLIGHT_MAX as u64)
-            .map(|cookie| {
-                in_flight.acquire(Pending {
-                    cookie,
-                    read_len: None,
-                    payload_bytes: 1,
-                })
-            })
+            .map(|cookie| in_flight.acquire(Pending { cookie, read_len: None, payload_bytes: 1 }))
             .collect();
         assert!(in_flight.slots.lock().free.is_empty());
         for (cookie, slot) in slots.iter().enumerate() {
-            assert_eq!(
-                in_flight.release(*slot).map(|p| p.cookie),
-                Some(cookie as u64)
-            );
+            assert_eq!(in_flight.release(*slot).map(|p| p.cookie), Some(cookie as u64));
         }
         assert!(in_flight.release(slots[0]).is_none());
         assert!(in_flight.release(u64::MAX).is_none());
@@ -1223,18 +1093,9 @@ mod tests {
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(
-            nbd_errno(&io::Error::from_raw_os_error(libc::EPERM)),
-            NBD_EPERM
-        );
-        assert_eq!(
-            nbd_errno(&io::Error::from_raw_os_error(libc::ENOSPC)),
-            NBD_ENOSPC
-        );
-        assert_eq!(
-            nbd_errno(&io::Error::from_raw_os_error(libc::EBADF)),
-            NBD_EIO
-        );
+        assert_eq!(nbd_errno(&io::Error::from_raw_os_error(libc::EPERM)), NBD_EPERM);
+        assert_eq!(nbd_errno(&io::Error::from_raw_os_error(libc::ENOSPC)), NBD_ENOSPC);
+        assert_eq!(nbd_errno(&io::Error::from_raw_os_error(libc::EBADF)), NBD_EIO);
         assert_eq!(nbd_errno(&io::Error::other("boom")), NBD_EIO);
         assert_eq!(nbd_errno(&io::ErrorKind::InvalidInput.into()), NBD_EINVAL);
     }

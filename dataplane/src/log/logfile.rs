@@ -10,7 +10,10 @@ use std::io;
 
 use thiserror::Error;
 
-use crate::format::{scan_partition, DecodeError, EntryHeader, PartitionHeader, PartitionScan, ENTRY_HEADER_BYTES, PARTITION_HEADER_BYTES};
+use crate::format::{
+    scan_partition, DecodeError, EntryHeader, PartitionHeader, PartitionScan, ENTRY_HEADER_BYTES,
+    PARTITION_HEADER_BYTES,
+};
 use crate::nvram::Nvram;
 
 #[derive(Debug, Error)]
@@ -88,9 +91,7 @@ impl<N: Nvram> LogFile<N> {
         let bytes = self.nvram.bytes_mut();
         bytes[..PARTITION_HEADER_BYTES].copy_from_slice(&h.encode());
         bytes[PARTITION_HEADER_BYTES..PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES].fill(0);
-        self.nvram
-            .persist(0, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES)
-            .map_err(LogFileError::Persist)?;
+        self.nvram.persist(0, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES).map_err(LogFileError::Persist)?;
         self.header = Some(h);
         self.tail = PARTITION_HEADER_BYTES;
         self.persisted = self.tail;
@@ -116,7 +117,8 @@ impl<N: Nvram> LogFile<N> {
         let mut count = 0;
         while at < entries.len() {
             let abs = self.tail + at;
-            let (eh, _) = EntryHeader::decode(&entries[at..]).map_err(|source| LogFileError::BadEntry { at: abs, source })?;
+            let (eh, _) =
+                EntryHeader::decode(&entries[at..]).map_err(|source| LogFileError::BadEntry { at: abs, source })?;
             let what = if eh.seq != seq {
                 Some(format!("sequence {} where {} was expected", eh.seq, seq))
             } else if eh.volume_id != h.volume_id {
@@ -176,13 +178,23 @@ impl<N: Nvram> LogFile<N> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::format::EntryKind;
     use crate::nvram::MemNvram;
 
     fn entry(seq: u64, epoch: u64) -> Vec<u8> {
-        let h = EntryHeader { kind: EntryKind::Write, partition: 1, volume_id: 5, epoch, seq, offset: 0, length: 100, data_len: 100 };
+        let h = EntryHeader {
+            kind: EntryKind::Write,
+            partition: 1,
+            volume_id: 5,
+            epoch,
+            seq,
+            offset: 0,
+            length: 100,
+            data_len: 100,
+        };
         let mut v = vec![0u8; h.footprint()];
         let data = [seq as u8; 100];
         v[64..164].copy_from_slice(&data);

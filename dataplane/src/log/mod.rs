@@ -11,3 +11,5 @@ pub use nvlog::{AppendError, Checkpoint, NvLog, NvLogError, Recovered};
 
 /// Number of NVLog partitions: writes go to the active half while the other is in a CP.
 pub const PARTITIONS: usize = 2;
+/// The partitions' numbers, as entries and frames carry them.
+pub const PARTITION_IDS: [u8; PARTITIONS] = [0, 1];

@@ -21,8 +21,8 @@ use thiserror::Error;
 
 use super::PARTITIONS;
 use crate::format::{
-    crc32c, scan_partition, EntryHeader, PartitionHeader, PartitionScan, ScanStop, ENTRY_HEADER_BYTES,
-    FORMAT_VERSION, PARTITION_HEADER_BYTES,
+    crc32c, scan_partition, EntryHeader, PartitionHeader, PartitionScan, ScanStop, ENTRY_HEADER_BYTES, FORMAT_VERSION,
+    PARTITION_HEADER_BYTES,
 };
 use crate::nvram::Nvram;
 
@@ -76,7 +76,8 @@ impl Recovered {
             .scans
             .iter()
             .enumerate()
-            .flat_map(|(p, s)| s.entries.iter().map(move |e| (p as u8, e.at, e.header)))
+            .zip(super::PARTITION_IDS)
+            .flat_map(|((_, s), p)| s.entries.iter().map(move |e| (p, e.at, e.header)))
             .collect();
         all.sort_by_key(|e| e.2.seq);
         all
@@ -213,9 +214,7 @@ impl<N: Nvram> NvLog<N> {
         bytes[b..b + PARTITION_HEADER_BYTES].copy_from_slice(&header.encode());
         // Zero the first entry slot so an empty partition scans as empty, not as "stale".
         bytes[b + PARTITION_HEADER_BYTES..b + PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES].fill(0);
-        self.nvram
-            .persist(b, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES)
-            .map_err(NvLogError::Persist)?;
+        self.nvram.persist(b, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES).map_err(NvLogError::Persist)?;
         self.parts[p as usize] =
             PartitionState { header: Some(header), tail: PARTITION_HEADER_BYTES, persisted: PARTITION_HEADER_BYTES };
         Ok(())
@@ -293,13 +292,23 @@ impl<N: Nvram> NvLog<N> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::format::EntryKind;
     use crate::nvram::MemNvram;
 
     fn h(p: u8, seq: u64) -> EntryHeader {
-        EntryHeader { kind: EntryKind::Write, partition: p, volume_id: 9, epoch: 1, seq, offset: 0, length: 4096, data_len: 4096 }
+        EntryHeader {
+            kind: EntryKind::Write,
+            partition: p,
+            volume_id: 9,
+            epoch: 1,
+            seq,
+            offset: 0,
+            length: 4096,
+            data_len: 4096,
+        }
     }
 
     #[test]
@@ -315,7 +324,8 @@ mod tests {
             seq += 1;
         }
         assert_eq!(log.append(&h(0, seq), &[0; 4096]), Err(AppendError::Full));
-        log.open_partition(PartitionHeader { partition: 1, volume_id: 9, cp_gen: 2, first_seq: seq, epoch: 1 }).unwrap();
+        log.open_partition(PartitionHeader { partition: 1, volume_id: 9, cp_gen: 2, first_seq: seq, epoch: 1 })
+            .unwrap();
         log.append(&h(1, seq), &[7; 4096]).unwrap();
         log.persist(0).unwrap();
         log.persist(1).unwrap();

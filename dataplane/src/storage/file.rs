@@ -22,7 +22,7 @@ pub struct FileDevice {
 impl FileDevice {
     /// Creates (or opens) a file of exactly `size` bytes.
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
-        if size == 0 || size % BLOCK_BYTES as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("volume size {size} is not a positive multiple of {BLOCK_BYTES}"),
@@ -69,10 +69,7 @@ impl FileDevice {
 
     fn check_alive(&self) -> io::Result<()> {
         if self.failed.load(Ordering::SeqCst) {
-            return Err(io::Error::other(format!(
-                "{}: refusing I/O after an earlier I/O error",
-                self.path.display()
-            )));
+            return Err(io::Error::other(format!("{}: refusing I/O after an earlier I/O error", self.path.display())));
         }
         Ok(())
     }

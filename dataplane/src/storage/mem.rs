@@ -27,14 +27,14 @@ impl BlockDevice for MemDevice {
         let b = self.bytes.lock();
         check_range(b.len() as u64, offset, buf.len() as u64)?;
         // In range (checked), so the offset fits a usize.
-        let o = offset as usize;
+        let o = crate::usize_of(offset);
         buf.copy_from_slice(&b[o..o + buf.len()]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut b = self.bytes.lock();
         check_range(b.len() as u64, offset, buf.len() as u64)?;
-        let o = offset as usize;
+        let o = crate::usize_of(offset);
         b[o..o + buf.len()].copy_from_slice(buf);
         Ok(())
     }

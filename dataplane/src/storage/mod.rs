@@ -24,12 +24,11 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Writes zeroes over a range; backends may punch holes instead.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        const ZEROES: [u8; BLOCK_BYTES * 16] = [0; BLOCK_BYTES * 16];
+        static ZEROES: [u8; BLOCK_BYTES * 16] = [0; BLOCK_BYTES * 16];
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZEROES.len() as u64);
-            // n is at most ZEROES.len(), a usize.
-            self.write_at(&ZEROES[..n as usize], offset + done)?;
+            self.write_at(&ZEROES[..crate::usize_of(n)], offset + done)?;
             done += n;
         }
         Ok(())

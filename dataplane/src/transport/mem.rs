@@ -8,7 +8,10 @@ use std::sync::Arc;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use super::wire::{self, Message};
-use super::{ConnectError, Connector, FrameHandler, Hello, Link, LinkError, LinkEvent, MirrorDirectory, Reply, ReplySink, Welcome};
+use super::{
+    ConnectError, Connector, FrameHandler, Hello, Link, LinkError, LinkEvent, MirrorDirectory, Reply, ReplySink,
+    Welcome,
+};
 
 pub struct MemConnector {
     pub directory: Arc<dyn MirrorDirectory>,

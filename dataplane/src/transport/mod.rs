@@ -37,7 +37,9 @@ pub enum Reply {
 pub enum LinkEvent {
     Reply(Reply),
     /// The link is gone; nothing more will arrive.
-    Closed { reason: String },
+    Closed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Error)]

@@ -245,7 +245,10 @@ pub fn serve_connection(mut stream: TcpStream, directory: &dyn MirrorDirectory) 
         Err((code, reason)) => {
             let _ = sink.send(&Message::Refuse { code, reason: reason.clone() });
             sink.close();
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("refused {}/{}: {reason}", hello.source_node, hello.volume)));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("refused {}/{}: {reason}", hello.source_node, hello.volume),
+            ));
         }
     };
     sink.send(&Message::Welcome(welcome))?;

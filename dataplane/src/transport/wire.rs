@@ -108,21 +108,47 @@ pub enum RefuseCode {
 pub enum Message<'a> {
     Hello(Hello),
     Welcome(Welcome),
-    Refuse { code: RefuseCode, reason: String },
-    PartitionOpen { header: [u8; PARTITION_HEADER_BYTES] },
+    Refuse {
+        code: RefuseCode,
+        reason: String,
+    },
+    PartitionOpen {
+        header: [u8; PARTITION_HEADER_BYTES],
+    },
     /// Entry bytes to place at `offset` of the partition's log file.
-    Entries { partition: u8, offset: u64, bytes: &'a [u8] },
+    Entries {
+        partition: u8,
+        offset: u64,
+        bytes: &'a [u8],
+    },
     /// CP `cp` covers partition `partition` up to `upto_seq`; by reference from the log
     /// file, or by value from the `BlockData` frames sent just before it.
-    Cp { cp: u64, partition: u8, upto_seq: u64, by_value: bool },
-    BlockData { purpose: BlockPurpose, offset: u64, data: &'a [u8] },
-    BaselineDone { volume_bytes: u64 },
+    Cp {
+        cp: u64,
+        partition: u8,
+        upto_seq: u64,
+        by_value: bool,
+    },
+    BlockData {
+        purpose: BlockPurpose,
+        offset: u64,
+        data: &'a [u8],
+    },
+    BaselineDone {
+        volume_bytes: u64,
+    },
     /// Every entry up to `seq` is persistent in the destination's log files.
-    Ack { seq: u64 },
-    CpDone { cp: u64 },
+    Ack {
+        seq: u64,
+    },
+    CpDone {
+        cp: u64,
+    },
     BaselineAck,
     /// A fatal error; the sender closes the connection after it.
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }
 
 const K_HELLO: u8 = 1;
@@ -480,7 +506,19 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_ERROR => Message::Error { reason: r.str()? },
         _ => unreachable!("kind checked above"),
     };
-    if matches!(msg, Message::PartitionOpen { .. } | Message::Hello(_) | Message::Welcome(_) | Message::Cp { .. } | Message::BaselineDone { .. } | Message::Ack { .. } | Message::CpDone { .. } | Message::BaselineAck | Message::Refuse { .. } | Message::Error { .. }) {
+    if matches!(
+        msg,
+        Message::PartitionOpen { .. }
+            | Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::Cp { .. }
+            | Message::BaselineDone { .. }
+            | Message::Ack { .. }
+            | Message::CpDone { .. }
+            | Message::BaselineAck
+            | Message::Refuse { .. }
+            | Message::Error { .. }
+    ) {
         r.end()?;
     }
     Ok(msg)
