@@ -113,6 +113,9 @@ pub struct MirrorStatus {
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
     pub baseline_bytes: u64,
+    /// CPs applied since the node started, and how many of them by value.
+    pub cps_applied: u64,
+    pub cps_applied_by_value: u64,
     pub error: Option<String>,
 }
 
@@ -152,6 +155,8 @@ pub struct Mirror {
     entries_received: AtomicU64,
     bytes_received: AtomicU64,
     baseline_bytes: AtomicU64,
+    cps_applied: AtomicU64,
+    cps_applied_by_value: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -193,6 +198,8 @@ impl Mirror {
             entries_received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             baseline_bytes: AtomicU64::new(0),
+            cps_applied: AtomicU64::new(0),
+            cps_applied_by_value: AtomicU64::new(0),
             error: Mutex::new(None),
         });
         let pending = mirror.meta.lock().pending_cp;
@@ -370,12 +377,14 @@ impl Mirror {
                     apply_entries(entries, self.device.as_ref()).map_err(|e| format!("CP {cp}: apply: {e}"))?;
                 }
                 Some(blocks) => {
+                    self.cps_applied_by_value.fetch_add(1, Ordering::Relaxed);
                     for (offset, data) in &blocks {
                         self.device.write_at(data, *offset).map_err(|e| format!("CP {cp}: write: {e}"))?;
                     }
                     self.device.flush().map_err(|e| format!("CP {cp}: flush: {e}"))?;
                 }
             }
+            self.cps_applied.fetch_add(1, Ordering::Relaxed);
             let mut meta = self.meta.lock();
             meta.applied_cp = cp;
             meta.applied_seq = meta.applied_seq.max(upto_seq);
@@ -512,6 +521,8 @@ impl Mirror {
             last_cp_unix_ms: meta.last_cp_unix_ms,
             last_cp_duration_us: meta.last_cp_duration_us,
             baseline_bytes: self.baseline_bytes.load(Ordering::Relaxed),
+            cps_applied: self.cps_applied.load(Ordering::Relaxed),
+            cps_applied_by_value: self.cps_applied_by_value.load(Ordering::Relaxed),
             error: self.error.lock().clone(),
         }
     }

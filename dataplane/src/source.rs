@@ -64,6 +64,9 @@ pub struct SourceConfig {
     pub core: Option<usize>,
     /// Delay between reconnection attempts.
     pub reconnect_interval: Duration,
+    /// Send CPs by value (block number + data) instead of by reference to the
+    /// destination's log file.
+    pub cp_by_value: bool,
 }
 
 impl SourceConfig {
@@ -79,6 +82,7 @@ impl SourceConfig {
             backoff: BackoffConfig::default(),
             core: None,
             reconnect_interval: Duration::from_millis(500),
+            cp_by_value: false,
         }
     }
 }
@@ -938,6 +942,15 @@ where
         if let Err(e) = self.open_partition(other, gen + 1) {
             return self.fail_stop(format!("open partition {other}: {e}"));
         }
+        // By value: the closed partition's blocks as they are now, before any write of the
+        // new partition can change them.
+        let by_value = match (&self.link, self.cfg.cp_by_value) {
+            (LinkState::Up { .. }, true) => match self.cp_blocks(active) {
+                Ok(b) => b,
+                Err(e) => return self.fail_stop(format!("CP {gen}: read blocks: {e}")),
+            },
+            _ => None,
+        };
         if let Err(e) = self.local_cp(active) {
             return self.fail_stop(format!("CP {gen}: local volume: {e}"));
         }
@@ -949,8 +962,16 @@ where
                 }
             }
             LinkState::Up { link, .. } => {
-                let r = link
-                    .send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: false })
+                let mut r = Ok(());
+                for (offset, data) in by_value.iter().flatten() {
+                    r = r.and_then(|()| {
+                        link.send(&Message::BlockData { purpose: BlockPurpose::CpByValue, offset: *offset, data })
+                    });
+                }
+                let r = r
+                    .and_then(|()| {
+                        link.send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: by_value.is_some() })
+                    })
                     .and_then(|()| link.flush());
                 if let Err(e) = r {
                     self.link_down(format!("send CP: {e}"));
@@ -959,6 +980,34 @@ where
             // Sent on resume.
             LinkState::Down { .. } | LinkState::Fenced(_) => {}
         }
+    }
+
+    /// The current contents of partition `p`'s dirty blocks, in runs of adjacent blocks, for
+    /// a CP by value; `None` (by reference instead) when they exceed what the destination
+    /// accepts by value (twice the partition size).
+    fn cp_blocks(&self, p: u8) -> io::Result<Option<Vec<(u64, Vec<u8>)>>> {
+        const RUN_BLOCKS_MAX: u64 = (ENTRY_DATA_MAX / BLOCK_BYTES) as u64;
+        let dirty = &self.dirty[p as usize];
+        if dirty.len() * BLOCK_BYTES > 2 * self.cfg.partition_bytes {
+            return Ok(None);
+        }
+        let mut sorted: Vec<Vbn> = dirty.iter().copied().collect();
+        sorted.sort_unstable();
+        let mut runs: Vec<(Vbn, u64)> = Vec::new();
+        for vbn in sorted {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == vbn && *n < RUN_BLOCKS_MAX => *n += 1,
+                _ => runs.push((vbn, 1)),
+            }
+        }
+        let mut out = Vec::with_capacity(runs.len());
+        for (start, n) in runs {
+            let mut buf = vec![0u8; usize_of(n) * BLOCK_BYTES];
+            let offset = start * BLOCK_BYTES as u64;
+            self.overlay.read(&mut buf, offset, self.device.as_ref())?;
+            out.push((offset, buf));
+        }
+        Ok(Some(out))
     }
 
     /// Writes partition `p`'s dirty blocks to the local volume and flushes it.

@@ -53,7 +53,12 @@ impl MirrorDirectory for OneMirror {
 }
 
 fn start(dir: Arc<OneMirror>, device: Arc<MemDevice>) -> SourceHandle {
+    start_with(dir, device, false)
+}
+
+fn start_with(dir: Arc<OneMirror>, device: Arc<MemDevice>, cp_by_value: bool) -> SourceHandle {
     let mut cfg = SourceConfig::new("src", "vol", 42, PART);
+    cfg.cp_by_value = cp_by_value;
     cfg.cp_interval = Duration::from_secs(3600);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
     let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
@@ -129,6 +134,7 @@ fn writes_are_mirrored_cps_apply_and_failover_replays_the_log() {
     let mirror = dir.mirror.lock().clone().unwrap();
     let st = mirror.status();
     assert!(st.consistent && st.applied_cp >= n, "{st:?}");
+    assert_eq!(st.cps_applied_by_value, 0, "CPs go by reference by default");
     // After the CP the mirror volume equals the source volume.
     assert_eq!(dir.device.lock().as_ref().unwrap().snapshot(), src_dev.snapshot());
     write(&h, 7 << 20, pattern(5, 4096)).unwrap();
@@ -175,4 +181,23 @@ fn unmirrored_volume_acks_locally_and_refuses_out_of_range() {
     assert_eq!(read(&h, 0, 4096), vec![1; 4096]);
     assert!(write(&h, VOL - 10, vec![1; 4096]).is_err());
     assert_eq!(h.status().unwrap().state, "not-mirrored");
+}
+
+#[test]
+fn cps_by_value_make_the_mirror_equal_the_source() {
+    let dir = Arc::new(OneMirror::default());
+    let src_dev = Arc::new(MemDevice::new(VOL));
+    let h = start_with(dir.clone(), src_dev.clone(), true);
+    attach(&h);
+    for i in 0..300u64 {
+        write(&h, (i * 4096 * 13 + i) % (VOL - 8192), pattern(i, 5000)).unwrap();
+    }
+    submit(&h, IoRequest::Trim { offset: 4096, len: 3 * 4096 }).recv().unwrap().result.unwrap();
+    let n = cp(&h);
+    let mirror = dir.mirror.lock().clone().unwrap();
+    let st = mirror.status();
+    assert!(st.applied_cp >= n);
+    assert!(st.cps_applied_by_value >= 1 && st.cps_applied_by_value == st.cps_applied, "{st:?}");
+    assert_eq!(dir.device.lock().as_ref().unwrap().snapshot(), src_dev.snapshot());
+    h.stop();
 }
