@@ -41,6 +41,9 @@ pub struct CreateVolume {
     pub stripe_unit: Option<u64>,
     #[serde(default)]
     pub log_bytes: Option<u64>,
+    /// Send CPs to the mirror by value instead of by reference.
+    #[serde(default)]
+    pub cp_by_value: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,7 +151,7 @@ fn route(
             }
             let log_bytes =
                 body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
-            let rec = node.create_volume(&body.name, body.size, &body.disks, log_bytes)?;
+            let rec = node.create_volume(&body.name, body.size, &body.disks, log_bytes, body.cp_by_value)?;
             Ok(serde_json::to_value(rec).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "mirror"]) => {

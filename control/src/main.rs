@@ -120,6 +120,10 @@ enum VolumeCmd {
         /// Size of each of the two NVLog partitions (default 16M).
         #[arg(long)]
         log_size: Option<String>,
+        /// Send consistency points to the mirror by value (block data) instead of by
+        /// reference to the mirror's log files.
+        #[arg(long)]
+        cp_by_value: bool,
     },
 }
 
@@ -184,7 +188,9 @@ fn run_node(a: NodeArgs) -> Result<()> {
 fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
     let client = Client::new(addr);
     match cmd {
-        CtlCmd::Volume { cmd: VolumeCmd::Create { name, size: sz, disk, parity, stripe_unit, log_size } } => {
+        CtlCmd::Volume {
+            cmd: VolumeCmd::Create { name, size: sz, disk, parity, stripe_unit, log_size, cp_by_value },
+        } => {
             let body = CreateVolume {
                 name: name.clone(),
                 size: size::parse(&sz)?,
@@ -192,6 +198,7 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 parity,
                 stripe_unit: stripe_unit.as_deref().map(size::parse).transpose()?,
                 log_bytes: log_size.as_deref().map(size::parse).transpose()?,
+                cp_by_value,
             };
             let rec: Value = client.post("/v1/volumes", &body)?;
             println!("created volume {name}: {} bytes at {}", rec["size"], rec["device"].as_str().unwrap_or("?"));

@@ -51,6 +51,9 @@ pub struct VolumeRecord {
     pub cp_interval_ms: u64,
     /// The mirror destination, once paired.
     pub mirror: Option<MirrorTarget>,
+    /// CPs go to the mirror by value instead of by reference to its log files.
+    #[serde(default)]
+    pub cp_by_value: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -194,6 +197,7 @@ impl Node {
         let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
         cfg.epoch = v.epoch;
         cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
+        cfg.cp_by_value = v.cp_by_value;
         cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
         let handle = source::spawn(
             cfg,
@@ -264,6 +268,7 @@ impl Node {
         size: u64,
         disks: &[PathBuf],
         partition_bytes: Option<usize>,
+        cp_by_value: bool,
     ) -> Result<VolumeRecord> {
         valid_name(name)?;
         if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
@@ -304,6 +309,7 @@ impl Node {
             device,
             cp_interval_ms: 10_000,
             mirror: None,
+            cp_by_value,
         };
         state.volumes.push(record.clone());
         let snapshot = state.clone();
@@ -378,6 +384,7 @@ impl Node {
             device: self.mirror_dir(&meta.source_node, &meta.volume).join("volume.img"),
             cp_interval_ms: 10_000,
             mirror: None,
+            cp_by_value: false,
         };
         // A fresh NVLog for the new epoch; its sequence numbers continue from the replay.
         let path = self.nvlog_path(name, record.epoch);
