@@ -28,7 +28,7 @@ use crate::node::{MirrorTarget, Node};
 
 pub const BODY_MAX: u64 = 64 * 1024;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,

@@ -62,6 +62,7 @@ pub fn run(args: Args) -> Result<()> {
             parity: None,
             stripe_unit: None,
             log_bytes: Some(8 << 20),
+            cp_by_value: false,
         },
     )?;
     println!("1. created volume demo ({}) on site-a", mib(size));
