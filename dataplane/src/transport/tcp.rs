@@ -26,10 +26,20 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Replies queued between the reader thread and the poller.
 const EVENTS_MAX: usize = 4096;
 
-fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
+/// The largest hello or welcome: strings are bounded, so a first frame above this is
+/// refused before its body is read.
+const FIRST_FRAME_BODY_MAX: usize = 4096;
+
+fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>, body_max: usize) -> io::Result<()> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     stream.read_exact(&mut header)?;
     let (_, len) = wire::decode_header(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if len > body_max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame body of {len} bytes where at most {body_max} fit"),
+        ));
+    }
     buf.clear();
     buf.extend_from_slice(&header);
     buf.resize(FRAME_HEADER_BYTES + len, 0);
@@ -60,7 +70,7 @@ impl Connector for TcpConnector {
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
         stream.write_all(&Message::Hello(hello.clone()).encode()).map_err(io_err)?;
         let mut buf = Vec::new();
-        read_frame(&mut stream, &mut buf).map_err(io_err)?;
+        read_frame(&mut stream, &mut buf, FIRST_FRAME_BODY_MAX).map_err(io_err)?;
         let protocol = |reason: String| ConnectError::Protocol { target: target.to_string(), reason };
         let welcome = match wire::decode(&buf).map_err(|e| protocol(e.to_string()))? {
             Some((Message::Welcome(w), _)) => w,
@@ -86,7 +96,8 @@ impl Connector for TcpConnector {
 fn link_reader(mut stream: TcpStream, tx: Sender<LinkEvent>, closed: Arc<AtomicBool>) {
     let mut buf = Vec::new();
     let reason = loop {
-        if let Err(e) = read_frame(&mut stream, &mut buf) {
+        // Replies are small control messages.
+        if let Err(e) = read_frame(&mut stream, &mut buf, FIRST_FRAME_BODY_MAX) {
             break format!("read: {e}");
         }
         let reply = match wire::decode(&buf) {
@@ -226,7 +237,10 @@ pub fn serve_connection(mut stream: TcpStream, directory: &dyn MirrorDirectory) 
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut first = Vec::new();
-    read_frame(&mut stream, &mut first)?;
+    if let Err(e) = read_frame(&mut stream, &mut first, FIRST_FRAME_BODY_MAX) {
+        let _ = stream.write_all(&Message::Error { reason: format!("bad hello: {e}") }.encode());
+        return Err(e);
+    }
     let hello = match wire::decode(&first) {
         Ok(Some((Message::Hello(h), _))) => h,
         Ok(other) => {
