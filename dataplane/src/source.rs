@@ -497,13 +497,18 @@ where
         if self.waiting.is_empty() {
             sel.recv(&self.io_rx);
         }
-        if let LinkState::Up { link, .. } = &self.link {
-            sel.recv(link.events());
-        }
         if let Some(rx) = &self.connect_rx {
             sel.recv(rx);
         }
-        let _ = sel.ready_timeout(Duration::from_millis(50));
+        // The link is polled, not waited on: wake soon while a reply is owed (writes or a
+        // CP in flight, a baseline running), rarely otherwise (an unsolicited refusal or a
+        // closed connection is noticed within the longer timeout).
+        let owed = matches!(self.link, LinkState::Up { .. })
+            && (!self.pending.is_empty()
+                || self.parts.iter().any(|p| matches!(p, Part::Closing { .. }))
+                || matches!(self.link, LinkState::Up { baseline: Some(_), .. }));
+        let timeout = if owed { Duration::from_micros(500) } else { Duration::from_millis(50) };
+        let _ = sel.ready_timeout(timeout);
     }
 
     fn timers(&mut self) {
@@ -727,8 +732,8 @@ where
                 worked = true;
             }
         }
-        while let LinkState::Up { link, .. } = &self.link {
-            let Ok(ev) = link.events().try_recv() else { break };
+        while let LinkState::Up { link, .. } = &mut self.link {
+            let Some(ev) = link.poll() else { break };
             worked = true;
             match ev {
                 LinkEvent::Reply(Reply::Ack { seq }) => {

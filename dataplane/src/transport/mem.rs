@@ -82,8 +82,8 @@ impl Link for MemLink {
         }
         Ok(())
     }
-    fn events(&self) -> &Receiver<LinkEvent> {
-        &self.rx
+    fn poll(&mut self) -> Option<LinkEvent> {
+        self.rx.try_recv().ok()
     }
     fn close(&mut self) {
         self.sink.close();

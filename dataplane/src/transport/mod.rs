@@ -17,7 +17,6 @@ pub mod wire;
 use std::io;
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
 use thiserror::Error;
 
 pub use wire::{Hello, Intent, LogTail, Message, RefuseCode, Welcome};
@@ -70,8 +69,9 @@ pub trait Link: Send {
     /// Sends a control message (may be buffered until [`Link::flush`]).
     fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError>;
     fn flush(&mut self) -> Result<(), LinkError>;
-    /// Replies from the destination.
-    fn events(&self) -> &Receiver<LinkEvent>;
+    /// The next reply from the destination, without waiting: the poller busy-polls the
+    /// link itself, with no thread between it and the connection. After `Closed`, `None`.
+    fn poll(&mut self) -> Option<LinkEvent>;
     /// Closes the link; later sends fail.
     fn close(&mut self);
 }

@@ -1,20 +1,20 @@
 //! The TCP engine.
 //!
 //! Source side: the volume's poller writes frames straight from its NVLog with one
-//! `writev` per batch; a reader thread decodes the destination's replies into the link's
-//! event channel, which the poller polls. Destination side: one thread per connection
+//! `writev` per batch, and busy-polls the socket for the destination's replies with
+//! non-blocking reads: no thread sits between the poller and the connection. Destination side: one thread per connection
 //! reads whatever has arrived, hands every whole frame to the mirror's handler (which
 //! copies entries into the mapped log file), and commits once the input is drained: one
 //! persist and one ack for the whole batch (group commit).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::wire::{self, entries_prefix, Message, FRAME_HEADER_BYTES};
@@ -23,8 +23,6 @@ use super::{ConnectError, Connector, Hello, Link, LinkError, LinkEvent, MirrorDi
 /// How long a connect or a hello may take, and how long a send may block on a peer that
 /// does not read.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Replies queued between the reader thread and the poller.
-const EVENTS_MAX: usize = 4096;
 
 /// The largest hello or welcome: strings are bounded, so a first frame above this is
 /// refused before its body is read.
@@ -48,11 +46,16 @@ fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>, body_max: usize) -> io:
 
 pub struct TcpConnector;
 
+/// Bytes of replies buffered between polls; replies are small control frames.
+const REPLY_BUF_BYTES: usize = 64 * 1024;
+
 pub struct TcpLink {
     stream: TcpStream,
     wbuf: Vec<u8>,
-    events: Receiver<LinkEvent>,
-    closed: Arc<AtomicBool>,
+    rbuf: Vec<u8>,
+    rfill: usize,
+    closed: Option<String>,
+    close_reported: bool,
 }
 
 impl Connector for TcpConnector {
@@ -80,50 +83,55 @@ impl Connector for TcpConnector {
             Some((other, _)) => return Err(protocol(format!("expected welcome, got {other:?}"))),
             None => return Err(protocol("short frame".into())),
         };
-        stream.set_read_timeout(None).map_err(io_err)?;
-        let (tx, rx) = bounded(EVENTS_MAX);
-        let closed = Arc::new(AtomicBool::new(false));
-        let reader = stream.try_clone().map_err(io_err)?;
-        let closed2 = closed.clone();
-        thread::Builder::new()
-            .name("nvm-link-rx".into())
-            .spawn(move || link_reader(reader, tx, closed2))
-            .map_err(io_err)?;
-        Ok((TcpLink { stream, wbuf: Vec::with_capacity(4096), events: rx, closed }, welcome))
+        Ok((
+            TcpLink {
+                stream,
+                wbuf: Vec::with_capacity(4096),
+                rbuf: vec![0; REPLY_BUF_BYTES],
+                rfill: 0,
+                closed: None,
+                close_reported: false,
+            },
+            welcome,
+        ))
     }
-}
-
-fn link_reader(mut stream: TcpStream, tx: Sender<LinkEvent>, closed: Arc<AtomicBool>) {
-    let mut buf = Vec::new();
-    let reason = loop {
-        // Replies are small control messages.
-        if let Err(e) = read_frame(&mut stream, &mut buf, FIRST_FRAME_BODY_MAX) {
-            break format!("read: {e}");
-        }
-        let reply = match wire::decode(&buf) {
-            Ok(Some((Message::Ack { seq }, _))) => Reply::Ack { seq },
-            Ok(Some((Message::CpDone { cp }, _))) => Reply::CpDone { cp },
-            Ok(Some((Message::BaselineAck, _))) => Reply::BaselineAck,
-            Ok(Some((Message::Refuse { code, reason }, _))) => Reply::Refuse { code, reason },
-            Ok(Some((Message::Error { reason }, _))) => Reply::Error { reason },
-            Ok(Some((other, _))) => break format!("unexpected frame from destination: {other:?}"),
-            Ok(None) => break "short frame".to_string(),
-            Err(e) => break format!("bad frame from destination: {e}"),
-        };
-        if tx.send(LinkEvent::Reply(reply)).is_err() {
-            return;
-        }
-    };
-    closed.store(true, Ordering::SeqCst);
-    let _ = tx.send(LinkEvent::Closed { reason });
 }
 
 impl TcpLink {
     fn check(&self) -> Result<(), LinkError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(LinkError::Closed("connection lost".into()));
+        match &self.closed {
+            Some(reason) => Err(LinkError::Closed(reason.clone())),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Decodes one buffered reply, if a whole one is there.
+    fn decode_one(&mut self) -> Option<Result<Reply, String>> {
+        let (reply, used) = match wire::decode(&self.rbuf[..self.rfill]) {
+            Ok(None) => return None,
+            Err(e) => return Some(Err(format!("bad frame from destination: {e}"))),
+            Ok(Some((msg, used))) => {
+                let reply = match msg {
+                    Message::Ack { seq } => Ok(Reply::Ack { seq }),
+                    Message::CpDone { cp } => Ok(Reply::CpDone { cp }),
+                    Message::BaselineAck => Ok(Reply::BaselineAck),
+                    Message::Refuse { code, reason } => Ok(Reply::Refuse { code, reason }),
+                    Message::Error { reason } => Ok(Reply::Error { reason }),
+                    other => Err(format!("unexpected frame from destination: {other:?}")),
+                };
+                (reply, used)
+            }
+        };
+        self.rbuf.copy_within(used..self.rfill, 0);
+        self.rfill -= used;
+        Some(reply)
+    }
+
+    fn close_with(&mut self, reason: String) {
+        if self.closed.is_none() {
+            self.closed = Some(reason);
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -132,9 +140,7 @@ impl Link for TcpLink {
         self.check()?;
         let prefix = entries_prefix(partition, offset, bytes);
         let mut slices = [IoSlice::new(&self.wbuf), IoSlice::new(&prefix), IoSlice::new(bytes)];
-        let mut bufs: &mut [IoSlice<'_>] = &mut slices;
-        IoSlice::advance_slices(&mut bufs, 0);
-        let r = self.stream.write_all_vectored_compat(bufs);
+        let r = self.stream.write_all_vectored_compat(&mut slices);
         self.wbuf.clear();
         r.map_err(LinkError::Io)
     }
@@ -152,12 +158,51 @@ impl Link for TcpLink {
         }
         Ok(())
     }
-    fn events(&self) -> &Receiver<LinkEvent> {
-        &self.events
+    fn poll(&mut self) -> Option<LinkEvent> {
+        loop {
+            if let Some(r) = self.decode_one() {
+                return match r {
+                    Ok(reply) => Some(LinkEvent::Reply(reply)),
+                    Err(reason) => {
+                        self.close_with(reason.clone());
+                        self.close_reported = true;
+                        Some(LinkEvent::Closed { reason })
+                    }
+                };
+            }
+            if let Some(reason) = &self.closed {
+                if self.close_reported {
+                    return None;
+                }
+                self.close_reported = true;
+                return Some(LinkEvent::Closed { reason: reason.clone() });
+            }
+            if self.rfill == self.rbuf.len() {
+                self.close_with("reply larger than the reply buffer".into());
+                continue;
+            }
+            let free = &mut self.rbuf[self.rfill..];
+            // SAFETY: `free` is a valid, writable buffer of `free.len()` bytes for the
+            // duration of the call, and the fd is the open socket `self.stream` owns.
+            let n = unsafe {
+                libc::recv(self.stream.as_raw_fd(), free.as_mut_ptr().cast(), free.len(), libc::MSG_DONTWAIT)
+            };
+            match n {
+                0 => self.close_with("destination closed the connection".into()),
+                n if n > 0 => self.rfill += n.unsigned_abs(),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => return None,
+                        io::ErrorKind::Interrupted => {}
+                        _ => self.close_with(format!("read: {e}")),
+                    }
+                }
+            }
+        }
     }
     fn close(&mut self) {
-        self.closed.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.close_with("closed by the source".into());
     }
 }
 
