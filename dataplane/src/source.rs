@@ -193,6 +193,8 @@ struct Pending {
 }
 
 type ConnectResult<L> = Result<(L, Welcome), ConnectError>;
+/// Runs of adjacent blocks: (byte offset, data).
+type BlockRuns = Vec<(u64, Vec<u8>)>;
 
 /// Handle to a running source volume: submit I/O, send control requests.
 pub struct SourceHandle {
@@ -990,7 +992,7 @@ where
     /// The current contents of partition `p`'s dirty blocks, in runs of adjacent blocks, for
     /// a CP by value; `None` (by reference instead) when they exceed what the destination
     /// accepts by value (twice the partition size).
-    fn cp_blocks(&self, p: u8) -> io::Result<Option<Vec<(u64, Vec<u8>)>>> {
+    fn cp_blocks(&self, p: u8) -> io::Result<Option<BlockRuns>> {
         const RUN_BLOCKS_MAX: u64 = (ENTRY_DATA_MAX / BLOCK_BYTES) as u64;
         let dirty = &self.dirty[p as usize];
         if dirty.len() * BLOCK_BYTES > 2 * self.cfg.partition_bytes {
