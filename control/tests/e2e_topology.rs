@@ -1,0 +1,115 @@
+//! Many-to-many mirroring with real node processes: one destination hosts mirrors of
+//! volumes from two different source nodes, and one source mirrors two of its volumes to
+//! two different destinations. Every mirror is then failed over and checked.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nvmirror_control::api::{Client, CreateVolume, MirrorRequest};
+use nvmirror_control::cluster::NodeProc;
+use nvmirror_control::workload::Workload;
+use nvmirror_dataplane::frontend::nbd_client::NbdClient;
+use serde_json::{json, Value};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nvmirror"))
+}
+
+fn create(c: &Client, name: &str) {
+    let _: Value = c
+        .post(
+            "/v1/volumes",
+            &CreateVolume { name: name.into(), size: 16 << 20, log_bytes: Some(4 << 20), ..Default::default() },
+        )
+        .unwrap();
+}
+
+fn mirror(c: &Client, name: &str, to: &NodeProc) {
+    let _: Value = c
+        .post(
+            &format!("/v1/volumes/{name}/mirror"),
+            &MirrorRequest { to: to.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+        )
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let s: Value = c.get("/v1/status").unwrap();
+        let v = s["volumes"].as_array().unwrap().iter().find(|v| v["volume"] == name).cloned().unwrap();
+        if v["state"] == "in-sync" {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{name} never reached in-sync: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn one_destination_two_sources_and_one_source_two_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    // a: source of a1 (to c) and a2 (to d); b: source of b1 (to c); c: destination for a
+    // and b. c keeps its logs in file-sync mode, the others in the default file mode.
+    let sync_dir = dir.path().join("c-nvram");
+    let sync_arg = format!("file-sync:{}", sync_dir.display());
+    let mut a = NodeProc::start(bin(), "a", &dir.path().join("a"), &[]).unwrap();
+    let mut b = NodeProc::start(bin(), "b", &dir.path().join("b"), &[]).unwrap();
+    let c = NodeProc::start(bin(), "c", &dir.path().join("c"), &["--nvram", &sync_arg]).unwrap();
+    let d = NodeProc::start(bin(), "d", &dir.path().join("d"), &[]).unwrap();
+    let (ca, cb, cc, cd) =
+        (Client::new(&a.control), Client::new(&b.control), Client::new(&c.control), Client::new(&d.control));
+    create(&ca, "a1");
+    create(&ca, "a2");
+    create(&cb, "b1");
+    mirror(&ca, "a1", &c);
+    mirror(&ca, "a2", &d);
+    mirror(&cb, "b1", &c);
+
+    let s: Value = cc.get("/v1/status").unwrap();
+    let sources: Vec<&str> =
+        s["mirrors"].as_array().unwrap().iter().map(|m| m["source_node"].as_str().unwrap()).collect();
+    assert_eq!(sources.len(), 2, "{s}");
+    assert!(sources.contains(&"a") && sources.contains(&"b"), "{s}");
+    assert!(s["nvram"].as_str().unwrap().starts_with("file-sync:"), "{s}");
+    // Each (source, volume, partition) has a log file of its own on c.
+    for (src, vol) in [("a", "a1"), ("b", "b1")] {
+        for p in 0..2 {
+            assert!(sync_dir.join("mirrors").join(src).join(vol).join(format!("log.{p}")).exists());
+        }
+    }
+
+    // Checked writes to all three volumes, interleaved in rounds, with a CP in the middle.
+    let mut loads: Vec<(String, Workload, NbdClient)> = Vec::new();
+    for (i, (name, node)) in [("a1", &a), ("a2", &a), ("b1", &b)].into_iter().enumerate() {
+        let client = NbdClient::connect(node.nbd.as_str(), name).unwrap();
+        loads.push((name.to_string(), Workload::new(0, 1024, 7 + i as u64), client));
+    }
+    for round in 0..4 {
+        for (_, w, client) in &mut loads {
+            w.run(client, 4, 300, |_| {}).unwrap();
+        }
+        if round == 1 {
+            let _: Value = ca.post("/v1/volumes/a1/cp", &json!({})).unwrap();
+            let _: Value = cb.post("/v1/volumes/b1/cp", &json!({})).unwrap();
+        }
+    }
+    for (name, w, _) in &loads {
+        assert_eq!(w.acks, 1200, "{name}: every write acknowledged while in sync");
+        assert_eq!(w.errors, 0, "{name}");
+    }
+
+    // Both sources are lost; every mirror is failed over on its own destination.
+    a.kill();
+    b.kill();
+    for (name, dest) in [("a1", &cc), ("a2", &cd), ("b1", &cc)] {
+        let r: Value = dest.post(&format!("/v1/volumes/{name}/failover"), &json!({})).unwrap();
+        assert_eq!(r["epoch"], 2, "{name}: {r}");
+        assert!(r["stops"].as_array().unwrap().is_empty(), "{name}: {r}");
+    }
+    for (name, w, _) in &loads {
+        let dest = if name == "a2" { &d } else { &c };
+        let mut client = NbdClient::connect(dest.nbd.as_str(), name).unwrap();
+        assert!(!client.read_only, "{name}: promoted volume must be writable");
+        let v = w.verify(|off, buf| client.read(off, buf)).unwrap();
+        assert!(v.bad.is_empty(), "{name}: {:?}", &v.bad[..v.bad.len().min(5)]);
+        assert!(v.blocks_with_acked_data > 500, "{name}: {v:?}");
+    }
+}
