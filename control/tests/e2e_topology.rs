@@ -113,3 +113,44 @@ fn one_destination_two_sources_and_one_source_two_destinations() {
         assert!(v.blocks_with_acked_data > 500, "{name}: {v:?}");
     }
 }
+
+/// Many writes in flight are persisted and acknowledged in batches (group commit), and an
+/// idle node parks its pollers instead of spinning.
+#[test]
+fn group_commit_under_load_and_idle_nodes_do_not_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = NodeProc::start(bin(), "a", &dir.path().join("a"), &[]).unwrap();
+    let b = NodeProc::start(bin(), "b", &dir.path().join("b"), &[]).unwrap();
+    let (ca, cb) = (Client::new(&a.control), Client::new(&b.control));
+    create(&ca, "v");
+    mirror(&ca, "v", &b);
+    let mut client = NbdClient::connect(a.nbd.as_str(), "v").unwrap();
+    let mut w = Workload::new(0, 2048, 3);
+    w.run(&mut client, 32, 4000, |_| {}).unwrap();
+    assert_eq!(w.acks, 4000);
+    let s: Value = cb.get("/v1/status").unwrap();
+    let m = &s["mirrors"][0];
+    let entries = m["entries_received"].as_u64().unwrap();
+    let commits = m["commits"].as_u64().unwrap();
+    assert!(entries >= 4000, "{m}");
+    assert!(commits < entries, "no batching at queue depth 32: {commits} commits for {entries} entries");
+    eprintln!("group commit: {entries} entries in {commits} commits");
+
+    // Idle: both nodes together use a small fraction of one core.
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = |n: &NodeProc| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", n.pid().unwrap())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = cpu(&a) + cpu(&b);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu(&a) + cpu(&b) - before) as f64 / ticks_per_s;
+    let share = used / t.elapsed().as_secs_f64();
+    eprintln!("idle pair: {:.1}% of one core", share * 100.0);
+    assert!(share < 0.25, "idle nodes burn {:.0}% of a core: pollers are not parking", share * 100.0);
+}

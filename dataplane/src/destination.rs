@@ -108,6 +108,8 @@ pub struct MirrorStatus {
     pub connected: bool,
     pub entries_received: u64,
     pub bytes_received: u64,
+    /// Group commits: persists of the log files, each answered by one ack.
+    pub commits: u64,
     pub log_bytes_used: u64,
     pub log_bytes_max: u64,
     pub last_cp_unix_ms: u64,
@@ -154,6 +156,7 @@ pub struct Mirror {
     jobs: Sender<Job>,
     entries_received: AtomicU64,
     bytes_received: AtomicU64,
+    commits: AtomicU64,
     baseline_bytes: AtomicU64,
     cps_applied: AtomicU64,
     cps_applied_by_value: AtomicU64,
@@ -197,6 +200,7 @@ impl Mirror {
             jobs: tx,
             entries_received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
             baseline_bytes: AtomicU64::new(0),
             cps_applied: AtomicU64::new(0),
             cps_applied_by_value: AtomicU64::new(0),
@@ -516,6 +520,7 @@ impl Mirror {
             connected: self.session.lock().is_some(),
             entries_received: self.entries_received.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
             log_bytes_used: used,
             log_bytes_max: meta.partition_bytes * PARTITIONS as u64,
             last_cp_unix_ms: meta.last_cp_unix_ms,
@@ -715,6 +720,7 @@ impl FrameHandler for Session {
             }
         }
         if let Some(seq) = high {
+            self.mirror.commits.fetch_add(1, Ordering::Relaxed);
             if self.last_acked.is_none_or(|a| seq > a) {
                 self.last_acked = Some(seq);
                 self.sink.send(&Message::Ack { seq }).map_err(|e| format!("send ack: {e}"))?;
