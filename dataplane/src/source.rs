@@ -1075,8 +1075,15 @@ where
 
     fn poll_io(&mut self) -> bool {
         let mut worked = false;
-        // Writes waiting for log space go first, in order.
+        // Writes waiting for log space go first, in order; the mirror may have gone away
+        // while they waited.
         while let Some(mut w) = self.waiting.pop_front() {
+            if let Some(e) = self.write_refusal() {
+                self.stats.write_errors += 1;
+                w.complete(Err(e));
+                worked = true;
+                continue;
+            }
             match self.log_write(&mut w) {
                 Ok(true) => {
                     worked = true;
