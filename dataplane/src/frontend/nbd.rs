@@ -113,25 +113,25 @@ const _: () = assert!(PAYLOAD_BYTES_MAX as u64 <= IN_FLIGHT_BYTES_MAX);
 const _: () = assert!(IN_FLIGHT_MAX > 0 && CONNECTIONS_MAX > 0);
 const _: () = assert!(REPLY_INLINE_BYTES_MAX + SIMPLE_REPLY_BYTES <= REPLY_BUFFER_BYTES);
 
-const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(crate) const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+pub(crate) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const REQUEST_BYTES: usize = 28;
 const SIMPLE_REPLY_BYTES: usize = 16;
 const EXPORT_NAME_ZEROES_BYTES: usize = 124;
 
 // Handshake flags (server) and client flags.
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub(crate) const FLAG_NO_ZEROES: u16 = 1 << 1;
 const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // Transmission flags.
 const FLAG_HAS_FLAGS: u16 = 1 << 0;
-const FLAG_READ_ONLY: u16 = 1 << 1;
+pub(crate) const FLAG_READ_ONLY: u16 = 1 << 1;
 const FLAG_SEND_FLUSH: u16 = 1 << 2;
 const FLAG_SEND_FUA: u16 = 1 << 3;
 const FLAG_SEND_TRIM: u16 = 1 << 5;
@@ -143,28 +143,28 @@ const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
+pub(crate) const OPT_GO: u32 = 7;
 
 // Option reply types.
-const REP_ACK: u32 = 1;
+pub(crate) const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
+pub(crate) const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
 
 // Information types for NBD_OPT_INFO and NBD_OPT_GO.
-const INFO_EXPORT: u16 = 0;
+pub(crate) const INFO_EXPORT: u16 = 0;
 const INFO_NAME: u16 = 1;
 const INFO_BLOCK_SIZE: u16 = 3;
 
 // Commands.
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 
 // Command flags.
 const CMD_FLAG_FUA: u16 = 1 << 0;

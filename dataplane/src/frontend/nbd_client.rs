@@ -5,27 +5,14 @@ use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub use super::nbd::{CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use super::nbd::{
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, FLAG_READ_ONLY, IHAVEOPT, INFO_EXPORT, NBD_MAGIC, OPTION_REPLY_MAGIC, OPT_GO,
+    REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
+
 /// Bound on option replies read during the handshake.
 const OPT_REPLY_MAX: usize = 1 << 16;
-
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
 
 pub struct NbdClient {
     stream: TcpStream,
@@ -65,7 +52,7 @@ impl NbdClient {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
+        if read_u64(&mut s)? != NBD_MAGIC || read_u64(&mut s)? != IHAVEOPT {
             return Err(bad("not an NBD newstyle server"));
         }
         let flags = read_u16(&mut s)?;
@@ -87,7 +74,7 @@ impl NbdClient {
         let mut size = None;
         let mut read_only = false;
         loop {
-            if read_u64(&mut s)? != OPT_REPLY_MAGIC {
+            if read_u64(&mut s)? != OPTION_REPLY_MAGIC {
                 return Err(bad("bad option reply magic"));
             }
             let _opt = read_u32(&mut s)?;
@@ -102,7 +89,7 @@ impl NbdClient {
                 REP_ACK => break,
                 REP_INFO if len >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT => {
                     size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
-                    read_only = u16::from_be_bytes([data[10], data[11]]) & TFLAG_READ_ONLY != 0;
+                    read_only = u16::from_be_bytes([data[10], data[11]]) & FLAG_READ_ONLY != 0;
                 }
                 REP_INFO => {}
                 k if k & (1 << 31) != 0 => {
