@@ -172,6 +172,7 @@ fn route(
                 )),
                 other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
             }
+            node.volume(name)?;
             let peer: NodeInfo = Client::new(&body.to)
                 .get("/v1/node")
                 .map_err(|e| ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) })?;
