@@ -16,4 +16,11 @@ if ((${#need[@]})); then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
 fi
 
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "test.sh: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
