@@ -1,9 +1,12 @@
 //! FFI for nvmirror, and nothing else.
 //!
-//! Every use of a `-sys` crate (rdma-sys for verbs and rdma_cm, NVMe passthrough
-//! structures for io_uring `uring_cmd`) lives here, behind thin safe wrappers: RAII
-//! handles that keep their parent alive and check return codes on drop. The TCP engine
-//! of the data plane needs no FFI beyond `libc`, so this crate is empty until the RDMA
-//! and NVMe passthrough engines land; the workspace keeps its place so that nothing
-//! outside it grows raw bindings in the meantime.
+//! Every use of a `-sys` crate (rdma-sys for verbs and rdma_cm; NVMe passthrough
+//! structures for io_uring `uring_cmd` later) lives here, behind thin safe wrappers: RAII
+//! handles that keep their parent alive and check return codes on drop, `# Safety`
+//! sections on every unsafe fn and a `// SAFETY:` comment on every unsafe block. Engines
+//! that link system libraries are behind cargo features, so the default build needs only
+//! the Rust toolchain.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+#[cfg(feature = "rdma")]
+pub mod rdma;
