@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::bounded;
 use nvmirror_dataplane::clock::SystemClock;
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport};
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport, RdmaPlacement};
 use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::log::{NvLog, PARTITIONS};
@@ -85,6 +85,8 @@ pub struct Node {
     mirrors: RwLock<HashMap<(String, String), Arc<Mirror>>>,
     next_core: AtomicUsize,
     connector: Arc<TcpConnector>,
+    /// The RDMA engine, where the node has one.
+    rdma: Option<Arc<dyn RdmaPlacement>>,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -165,6 +167,7 @@ impl Node {
             mirrors: RwLock::new(HashMap::new()),
             next_core: AtomicUsize::new(0),
             connector: Arc::new(TcpConnector),
+            rdma: None,
         });
         node.save_state(&state)?;
         node.load_mirrors()?;
@@ -505,7 +508,7 @@ impl MirrorDirectory for Node {
                 m
             }
         };
-        let (session, welcome) = mirror.attach(hello, sink)?;
+        let (session, welcome) = mirror.attach(hello, sink, self.rdma.clone())?;
         Ok((Box::new(session), welcome))
     }
 }

@@ -32,6 +32,14 @@ use crate::storage::BlockDevice;
 use crate::transport::wire::BlockPurpose;
 use crate::transport::{FrameHandler, Hello, Intent, LogTail, Message, RefuseCode, ReplySink, Welcome};
 
+/// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
+/// for a mirror, registers the mirror's log files, and sends their keys on the session.
+pub trait RdmaPlacement: Send + Sync {
+    /// Expects a queue pair for `mirror` (session `gen`); returns the rdma_cm address to
+    /// connect to and the token the source presents.
+    fn expect(&self, mirror: Arc<Mirror>, sink: Arc<dyn ReplySink>, gen: u64) -> Result<(String, u64), String>;
+}
+
 /// Where a mirror's metadata is kept (a file replaced atomically, or memory).
 pub trait MetaStore: Send + Sync {
     fn save(&self, meta: &MirrorMeta) -> io::Result<()>;
@@ -145,6 +153,9 @@ enum Job {
 const JOBS_MAX: usize = 64;
 
 pub struct Mirror {
+    /// The RDMA engine's hold on the log files (queue pair and memory registrations).
+    /// Declared first so that it is dropped before the logs it registered.
+    rdma_attachment: Mutex<Option<(u64, Box<dyn std::any::Any + Send>)>>,
     meta: Mutex<MirrorMeta>,
     store: Box<dyn MetaStore>,
     logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
@@ -189,6 +200,7 @@ impl Mirror {
         }
         let (tx, rx) = bounded(JOBS_MAX);
         let mirror = Arc::new(Mirror {
+            rdma_attachment: Mutex::new(None),
             meta: Mutex::new(meta),
             store,
             logs: [Mutex::new(log0), Mutex::new(log1)],
@@ -238,17 +250,43 @@ impl Mirror {
         *self.error.lock() = Some(reason.to_string());
     }
 
+    /// The log files' memory, for an RDMA engine to register: valid while the mirror lives.
+    pub fn log_memory(&self) -> [(*mut u8, usize); PARTITIONS] {
+        [0, 1].map(|p| self.logs[p].lock().memory())
+    }
+
+    /// Keeps an RDMA engine's registrations for session `gen`, unless a newer session or a
+    /// failover came first.
+    pub fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
+        if self.fenced.load(Ordering::SeqCst) || self.session_gen.load(Ordering::SeqCst) != gen {
+            return Err("the session this queue pair was for is gone".into());
+        }
+        *self.rdma_attachment.lock() = Some((gen, attachment));
+        Ok(())
+    }
+
+    /// Drops the RDMA engine's registrations: from here on the source can place nothing.
+    fn drop_rdma_attachment(&self) {
+        let old = self.rdma_attachment.lock().take();
+        drop(old);
+    }
+
     /// Accepts a connection from the source after checking who it is and its epoch.
     pub fn attach(
         self: &Arc<Self>,
         hello: &Hello,
         sink: Arc<dyn ReplySink>,
+        rdma: Option<Arc<dyn RdmaPlacement>>,
     ) -> Result<(Session, Welcome), (RefuseCode, String)> {
         if self.fenced.load(Ordering::SeqCst) {
             return Err((RefuseCode::Broken, "mirror is being failed over".into()));
         }
-        // Quiesce the previous session's queued work before looking at the logs.
+        // Quiesce the previous session's queued work and placements before looking at the logs.
+        self.drop_rdma_attachment();
         self.barrier();
+        for log in &self.logs {
+            log.lock().rescan();
+        }
         let mut meta = self.meta.lock();
         if meta.promoted {
             return Err((
@@ -325,6 +363,7 @@ impl Mirror {
             by_value: Vec::new(),
             by_value_bytes: 0,
             last_acked: None,
+            rdma,
         };
         Ok((session, welcome))
     }
@@ -362,7 +401,9 @@ impl Mirror {
             let _exclusive = self.apply.write();
             match blocks {
                 None => {
-                    let log = self.logs[partition as usize].lock();
+                    let mut log = self.logs[partition as usize].lock();
+                    // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
+                    log.rescan();
                     let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
                     if h.cp_gen != cp {
                         return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
@@ -449,6 +490,7 @@ impl Mirror {
             });
             sink.close();
         }
+        self.drop_rdma_attachment();
         self.barrier();
         let _exclusive = self.apply.write();
         let applied_seq = self.meta.lock().applied_seq;
@@ -614,6 +656,7 @@ pub struct Session {
     by_value: Vec<(u64, Vec<u8>)>,
     by_value_bytes: usize,
     last_acked: Option<u64>,
+    rdma: Option<Arc<dyn RdmaPlacement>>,
 }
 
 impl Session {
@@ -706,6 +749,13 @@ impl FrameHandler for Session {
                     return Err("baseline size mismatch".into());
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
+            }
+            Message::RdmaSetup => {
+                let Some(rdma) = &self.rdma else {
+                    return Err("this node has no RDMA engine (no device, or not built with it); use tcp".into());
+                };
+                let (addr, token) = rdma.expect(self.mirror.clone(), self.sink.clone(), self.gen)?;
+                self.sink.send(&Message::RdmaListen { addr, token }).map_err(|e| format!("send: {e}"))
             }
             other => Err(format!("unexpected message from source: {}", msg_name(&other))),
         }

@@ -760,6 +760,10 @@ where
                     self.link_down(format!("destination: {reason}"));
                 }
                 LinkEvent::Closed { reason } => self.link_down(reason),
+                // Set-up replies are consumed by the RDMA engine's connect.
+                LinkEvent::Reply(other @ (Reply::RdmaListen { .. } | Reply::RdmaRegions { .. })) => {
+                    self.link_down(format!("unexpected reply after set-up: {other:?}"));
+                }
             }
         }
         worked

@@ -47,7 +47,7 @@ impl MirrorDirectory for OneMirror {
             let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
             *m = Some(Mirror::open(MirrorMeta::new(hello), Box::new(NoStore), logs, dev).unwrap());
         }
-        let (s, w) = m.as_ref().unwrap().attach(hello, sink)?;
+        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
         Ok((Box::new(s), w))
     }
 }

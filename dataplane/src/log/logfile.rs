@@ -164,6 +164,24 @@ impl<N: Nvram> LogFile<N> {
         }
     }
 
+    /// Re-reads the log's state from its bytes: after an engine placed entries without
+    /// this side's CPU (RDMA), the bookkeeping of [`LogFile::place`] knows nothing of them.
+    pub fn rescan(&mut self) -> PartitionScan {
+        let scan = self.scan();
+        self.header = scan.header;
+        self.tail = scan.tail;
+        self.persisted = scan.tail;
+        self.next_seq = scan.next_seq().unwrap_or(0);
+        self.persisted_next_seq = self.next_seq;
+        scan
+    }
+
+    /// The log's memory, for registration with an RDMA engine. Valid while the log lives.
+    pub fn memory(&mut self) -> (*mut u8, usize) {
+        let b = self.nvram.bytes_mut();
+        (b.as_mut_ptr(), b.len())
+    }
+
     /// Releases the log after its CP is durable.
     pub fn free(&mut self) -> Result<(), LogFileError> {
         self.nvram.bytes_mut()[..PARTITION_HEADER_BYTES].fill(0);

@@ -33,6 +33,8 @@ impl ReplySink for MemSink {
             Message::BaselineAck => Reply::BaselineAck,
             Message::Refuse { code, reason } => Reply::Refuse { code: *code, reason: reason.clone() },
             Message::Error { reason } => Reply::Error { reason: reason.clone() },
+            Message::RdmaListen { addr, token } => Reply::RdmaListen { addr: addr.clone(), token: *token },
+            Message::RdmaRegions { regions } => Reply::RdmaRegions { regions: *regions },
             other => return Err(io::Error::other(format!("unexpected reply {other:?}"))),
         };
         let _ = self.tx.send(LinkEvent::Reply(reply));

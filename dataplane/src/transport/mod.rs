@@ -29,6 +29,8 @@ pub enum Reply {
     BaselineAck,
     Refuse { code: RefuseCode, reason: String },
     Error { reason: String },
+    RdmaListen { addr: String, token: u64 },
+    RdmaRegions { regions: [wire::RdmaRegion; 2] },
 }
 
 /// An event on a link, in arrival order.

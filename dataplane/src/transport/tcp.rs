@@ -117,6 +117,8 @@ impl TcpLink {
                     Message::BaselineAck => Ok(Reply::BaselineAck),
                     Message::Refuse { code, reason } => Ok(Reply::Refuse { code, reason }),
                     Message::Error { reason } => Ok(Reply::Error { reason }),
+                    Message::RdmaListen { addr, token } => Ok(Reply::RdmaListen { addr, token }),
+                    Message::RdmaRegions { regions } => Ok(Reply::RdmaRegions { regions }),
                     other => Err(format!("unexpected frame from destination: {other:?}")),
                 };
                 (reply, used)

@@ -149,6 +149,26 @@ pub enum Message<'a> {
     Error {
         reason: String,
     },
+    /// The source asks to place entries by RDMA instead of `Entries` frames.
+    RdmaSetup,
+    /// Where to connect the RDMA queue pair (rdma_cm address), and the token to present as
+    /// its private data.
+    RdmaListen {
+        addr: String,
+        token: u64,
+    },
+    /// The destination's registered log files, per partition: address, key, length.
+    RdmaRegions {
+        regions: [RdmaRegion; 2],
+    },
+}
+
+/// One registered log file, as the source addresses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RdmaRegion {
+    pub addr: u64,
+    pub rkey: u32,
+    pub len: u64,
 }
 
 const K_HELLO: u8 = 1;
@@ -163,6 +183,9 @@ const K_ACK: u8 = 10;
 const K_CP_DONE: u8 = 11;
 const K_BASELINE_ACK: u8 = 12;
 const K_ERROR: u8 = 13;
+const K_RDMA_SETUP: u8 = 14;
+const K_RDMA_LISTEN: u8 = 15;
+const K_RDMA_REGIONS: u8 = 16;
 
 /// Prefix of an `Entries` body before the entry bytes.
 pub const ENTRIES_PREFIX_BYTES: usize = 12;
@@ -352,6 +375,20 @@ impl Message<'_> {
                 w.str(reason);
                 K_ERROR
             }
+            Message::RdmaSetup => K_RDMA_SETUP,
+            Message::RdmaListen { addr, token } => {
+                w.str(addr);
+                w.u64(*token);
+                K_RDMA_LISTEN
+            }
+            Message::RdmaRegions { regions } => {
+                for r in regions {
+                    w.u64(r.addr);
+                    w.0.extend_from_slice(&r.rkey.to_le_bytes());
+                    w.u64(r.len);
+                }
+                K_RDMA_REGIONS
+            }
         };
         let body = w.0;
         assert!(body.len() <= BODY_MAX, "frame body above BODY_MAX");
@@ -414,6 +451,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_CP_DONE => "cp-done",
         K_BASELINE_ACK => "baseline-ack",
         K_ERROR => "error",
+        K_RDMA_SETUP => "rdma-setup",
+        K_RDMA_LISTEN => "rdma-listen",
+        K_RDMA_REGIONS => "rdma-regions",
         _ => return Err(WireError::BadKind(kind)),
     };
     let mut r = Reader { b: body, what: name };
@@ -504,6 +544,17 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_CP_DONE => Message::CpDone { cp: r.u64()? },
         K_BASELINE_ACK => Message::BaselineAck,
         K_ERROR => Message::Error { reason: r.str()? },
+        K_RDMA_SETUP => Message::RdmaSetup,
+        K_RDMA_LISTEN => Message::RdmaListen { addr: r.str()?, token: r.u64()? },
+        K_RDMA_REGIONS => {
+            let mut regions = [RdmaRegion::default(); 2];
+            for g in &mut regions {
+                g.addr = r.u64()?;
+                g.rkey = u32::from_le_bytes(r.take(4)?.try_into().expect("4"));
+                g.len = r.u64()?;
+            }
+            Message::RdmaRegions { regions }
+        }
         _ => unreachable!("kind checked above"),
     };
     if matches!(
@@ -518,6 +569,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::BaselineAck
             | Message::Refuse { .. }
             | Message::Error { .. }
+            | Message::RdmaSetup
+            | Message::RdmaListen { .. }
+            | Message::RdmaRegions { .. }
     ) {
         r.end()?;
     }
@@ -559,6 +613,11 @@ mod tests {
             Message::CpDone { cp: 5 },
             Message::BaselineAck,
             Message::Error { reason: "bad".into() },
+            Message::RdmaSetup,
+            Message::RdmaListen { addr: "10.0.0.1:7100".into(), token: 99 },
+            Message::RdmaRegions {
+                regions: [RdmaRegion { addr: 1, rkey: 2, len: 3 }, RdmaRegion { addr: 4, rkey: 5, len: 6 }],
+            },
         ]
     }
 
