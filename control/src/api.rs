@@ -70,6 +70,9 @@ pub struct NodeInfo {
     pub replication: String,
     pub nbd: String,
     pub control: String,
+    /// The RDMA engine's rdma_cm address, where the node offers RDMA placement.
+    #[serde(default)]
+    pub rdma: Option<String>,
 }
 
 struct ApiError {
@@ -139,6 +142,7 @@ fn route(
             replication: node.cfg.replication.to_string(),
             nbd: node.cfg.nbd.to_string(),
             control: node.cfg.control.to_string(),
+            rdma: node.rdma_addr(),
         })
         .expect("serializable")),
         (Get, ["v1", "status"]) => Ok(serde_json::to_value(node.status()).expect("serializable")),
@@ -156,15 +160,16 @@ fn route(
         }
         (Post, ["v1", "volumes", name, "mirror"]) => {
             let body: MirrorRequest = read_body(request)?;
-            match body.transport.as_str() {
-                "tcp" => {}
-                "rdma" => {
+            let rdma = match body.transport.as_str() {
+                "tcp" => false,
+                "rdma" if !nvmirror_dataplane::transport::RDMA_BUILT => {
                     return Err(bad_request(
-                        "transport rdma is not available in this build (the RDMA engine is not built in); use tcp",
+                        "transport rdma is not available in this build (built without the rdma feature); use tcp",
                     ))
                 }
+                "rdma" => true,
                 other => return Err(bad_request(format!("unknown transport {other:?}: tcp or rdma"))),
-            }
+            };
             match body.policy.as_str() {
                 "strict" => {}
                 "sync" => return Err(bad_request(
@@ -176,9 +181,20 @@ fn route(
             let peer: NodeInfo = Client::new(&body.to)
                 .get("/v1/node")
                 .map_err(|e| ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) })?;
+            let replication = if rdma {
+                let Some(_) = &peer.rdma else {
+                    return Err(ApiError {
+                        status: 409,
+                        message: format!("peer {} offers no RDMA engine (no device, or file-sync log files)", peer.name),
+                    });
+                };
+                format!("{}{}", nvmirror_dataplane::transport::RDMA_SCHEME, peer.replication)
+            } else {
+                peer.replication.clone()
+            };
             node.mirror_volume(
                 name,
-                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication: peer.replication },
+                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication },
             )?;
             Ok(json!({}))
         }

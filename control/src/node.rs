@@ -31,7 +31,7 @@ use nvmirror_dataplane::log::{NvLog, PARTITIONS};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::source::{self, Control, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN};
 use nvmirror_dataplane::storage::{BlockDevice, FileDevice};
-use nvmirror_dataplane::transport::tcp::TcpConnector;
+use nvmirror_dataplane::transport::AnyConnector;
 use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -84,7 +84,7 @@ pub struct Node {
     volumes: RwLock<HashMap<String, Arc<SourceHandle>>>,
     mirrors: RwLock<HashMap<(String, String), Arc<Mirror>>>,
     next_core: AtomicUsize,
-    connector: Arc<TcpConnector>,
+    connector: Arc<AnyConnector>,
     /// The RDMA engine, where the node has one.
     rdma: Option<Arc<dyn RdmaPlacement>>,
 }
@@ -160,14 +160,15 @@ impl Node {
         } else if state.name != cfg.name {
             bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
         }
+        let rdma = start_rdma(&cfg);
         let node = Arc::new(Node {
             cfg,
             state: Mutex::new(state.clone()),
             volumes: RwLock::new(HashMap::new()),
             mirrors: RwLock::new(HashMap::new()),
             next_core: AtomicUsize::new(0),
-            connector: Arc::new(TcpConnector),
-            rdma: None,
+            connector: Arc::new(AnyConnector),
+            rdma,
         });
         node.save_state(&state)?;
         node.load_mirrors()?;
@@ -261,6 +262,11 @@ impl Node {
         let store = Box::new(FileMetaStore(dir.join("meta.json")));
         store.save(&meta)?;
         Ok(Mirror::open(meta, store, logs, device)?)
+    }
+
+    /// The RDMA engine's address, where this node offers one.
+    pub fn rdma_addr(&self) -> Option<String> {
+        self.rdma.as_ref().map(|_| self.cfg.replication.to_string())
     }
 
     // ---- administration ----
@@ -531,5 +537,37 @@ impl ExportRegistry for Node {
         }
         names.sort();
         names
+    }
+}
+
+/// Starts the RDMA engine where this build has one, the host has a device, and the log
+/// files' NVRAM mode allows placement without this node's CPU.
+fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
+    #[cfg(feature = "rdma")]
+    {
+        use nvmirror_dataplane::transport::rdma;
+        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::FileSync {
+            eprintln!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
+            return None;
+        }
+        let devices = rdma::device_names();
+        if devices.is_empty() {
+            return None;
+        }
+        match rdma::RdmaService::start(cfg.replication) {
+            Ok(s) => {
+                eprintln!("node {}: RDMA placement on {} ({})", cfg.name, cfg.replication, devices.join(", "));
+                Some(s)
+            }
+            Err(e) => {
+                eprintln!("node {}: RDMA not offered: {e}", cfg.name);
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = cfg;
+        None
     }
 }

@@ -11,6 +11,8 @@
 //! simulator). The protocol is described in `README.md` beside this file.
 
 pub mod mem;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 pub mod wire;
 
@@ -116,4 +118,52 @@ pub trait MirrorDirectory: Send + Sync {
 pub enum TransportKind {
     Tcp,
     Rdma,
+}
+
+impl<L: Link + ?Sized> Link for Box<L> {
+    fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
+        (**self).send_entries(partition, offset, bytes)
+    }
+    fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError> {
+        (**self).send(msg)
+    }
+    fn flush(&mut self) -> Result<(), LinkError> {
+        (**self).flush()
+    }
+    fn poll(&mut self) -> Option<LinkEvent> {
+        (**self).poll()
+    }
+    fn close(&mut self) {
+        (**self).close()
+    }
+}
+
+/// Prefix of a replication target that asks for the RDMA engine (`rdma://HOST:PORT`).
+pub const RDMA_SCHEME: &str = "rdma://";
+
+/// Whether this build has the RDMA engine.
+pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
+
+/// The engine a node's volumes use, chosen per target: `rdma://HOST:PORT` for RDMA (where
+/// built), `HOST:PORT` for TCP.
+pub struct AnyConnector;
+
+impl Connector for AnyConnector {
+    type Link = Box<dyn Link>;
+    fn connect(&self, target: &str, hello: &Hello) -> Result<(Box<dyn Link>, Welcome), ConnectError> {
+        if let Some(addr) = target.strip_prefix(RDMA_SCHEME) {
+            #[cfg(feature = "rdma")]
+            {
+                let (l, w) = rdma::RdmaConnector.connect(addr, hello)?;
+                return Ok((Box::new(l), w));
+            }
+            #[cfg(not(feature = "rdma"))]
+            return Err(ConnectError::Protocol {
+                target: addr.to_string(),
+                reason: "this build has no RDMA engine (build with the rdma feature)".into(),
+            });
+        }
+        let (l, w) = tcp::TcpConnector.connect(target, hello)?;
+        Ok((Box::new(l), w))
+    }
 }

@@ -137,6 +137,15 @@ impl TcpLink {
     }
 }
 
+impl TcpLink {
+    /// Queues an already encoded frame (sent on the next flush).
+    pub fn send_raw(&mut self, frame: &[u8]) -> Result<(), LinkError> {
+        self.check()?;
+        self.wbuf.extend_from_slice(frame);
+        Ok(())
+    }
+}
+
 impl Link for TcpLink {
     fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
         self.check()?;

@@ -1,0 +1,486 @@
+//! The RDMA engine: entries placed straight into the destination's log files by one-sided
+//! RDMA WRITE, made durable by an RDMA READ after the WRITE on the same queue pair, with no
+//! destination CPU on the data path.
+//!
+//! Control messages (hello, CPs, baseline data, acks of CPs) travel on the TCP connection
+//! of the [`super::tcp`] engine, which doubles as the small control channel. Set-up:
+//!
+//! 1. The source opens the TCP link (hello, welcome) and sends `RdmaSetup`.
+//! 2. The destination answers `RdmaListen { addr, token }`: its rdma_cm address and a token.
+//! 3. The source connects an RC queue pair to `addr` with the token as private data; the
+//!    destination's listener registers the mirror's two log files on that connection
+//!    (remote read/write) and sends `RdmaRegions` (address, key, length per partition).
+//! 4. The source checks the regions against its partition size and starts placing.
+//!
+//! Data path: a batch of whole entries (or a partition header) is copied into a registered
+//! staging ring, written with one unsignalled RDMA WRITE at the same offset of the remote
+//! log file, and followed by a signalled 8-byte RDMA READ of that range: by the ordering
+//! rules of a reliable connection the READ's completion means every WRITE before it has been
+//! placed in the destination's memory. That completion is the batch's `Ack`. Placement in a
+//! `file:` log file is what that mode promises; for `dax:` it is placement in persistent
+//! memory only on platforms that count memory-controller arrival as persistent (ADR with
+//! DDIO off): RDMA FLUSH, which would make it explicit, is not in rdma-core 44 and is not
+//! used. `file-sync:` needs the destination's CPU to `msync` and is refused with RDMA.
+//!
+//! Ordering: control messages that follow placements on the stream (a CP after its
+//! partition's entries, baseline data after a CP) are held back until every placement
+//! posted before them has completed, so the destination sees the same order as over TCP.
+//!
+//! Credits: the source writes at the offsets of its own NVLog partition, and re-uses a
+//! partition only after the destination reported its CP done and freed the log file: the
+//! partition is the unit of credit, released by `CpDone` on the control channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use nvmirror_bindings::rdma::device_names;
+use nvmirror_bindings::rdma::{Access, Completion, Connection, Depth, Listener, MemoryRegion, Op, Sge, WorkRequest};
+use parking_lot::Mutex;
+
+use super::tcp::{TcpConnector, TcpLink};
+use super::wire::{Message, RdmaRegion};
+use super::{ConnectError, Connector, Hello, Link, LinkError, LinkEvent, Reply, ReplySink, Welcome};
+use crate::destination::{Mirror, RdmaPlacement};
+use crate::format::{EntryHeader, PARTITION_HEADER_BYTES};
+use crate::log::PARTITIONS;
+
+/// Send queue depth and completion queue size of a link.
+const DEPTH: Depth = Depth { send: 256, cq: 512 };
+/// Bytes of the staging ring a source copies batches into.
+const STAGING_BYTES: usize = 16 << 20;
+/// How long set-up steps may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a placement may stay incomplete before the link is declared dead.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---- destination ----
+
+struct Expected {
+    mirror: Arc<Mirror>,
+    sink: Arc<dyn ReplySink>,
+    gen: u64,
+}
+
+/// The destination's RDMA engine: one rdma_cm listener for all mirrors of the node.
+pub struct RdmaService {
+    addr: SocketAddr,
+    expected: Arc<Mutex<HashMap<u64, Expected>>>,
+    next_token: AtomicU64,
+}
+
+/// What a mirror holds while its source places by RDMA; dropping it disconnects the queue
+/// pair and deregisters the log files.
+struct Attachment {
+    _mrs: Vec<MemoryRegion>,
+    _conn: Connection,
+}
+
+impl RdmaService {
+    /// Starts the listener on `addr` (an address of an RDMA-capable interface).
+    pub fn start(addr: SocketAddr) -> Result<Arc<Self>, String> {
+        let mut listener = Listener::bind(addr).map_err(|e| format!("RDMA listen on {addr}: {e}"))?;
+        let service = Arc::new(RdmaService {
+            addr,
+            expected: Arc::new(Mutex::new(HashMap::new())),
+            next_token: AtomicU64::new(rand_token()),
+        });
+        let expected = service.expected.clone();
+        thread::Builder::new()
+            .name("nvm-rdma-accept".into())
+            .spawn(move || loop {
+                match listener.next_request(Duration::from_secs(3600)) {
+                    Ok(req) => {
+                        let token = req.private_data.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8")));
+                        let Some(exp) = token.and_then(|t| expected.lock().remove(&t)) else {
+                            eprintln!("rdma: refused a queue pair with an unknown token");
+                            req.reject("unknown token");
+                            continue;
+                        };
+                        let conn = match req.accept(DEPTH, SETUP_TIMEOUT) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                eprintln!("rdma: accept: {e}");
+                                continue;
+                            }
+                        };
+                        if let Err(e) = register(exp, conn) {
+                            eprintln!("rdma: {e}");
+                        }
+                    }
+                    Err(nvmirror_bindings::rdma::RdmaError::Timeout { .. }) => {}
+                    Err(e) => {
+                        eprintln!("rdma: listener: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(service)
+    }
+}
+
+fn rand_token() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    u64::try_from(t & u128::from(u64::MAX)).unwrap_or(1) ^ u64::from(std::process::id()) << 32
+}
+
+/// Registers the mirror's log files on the accepted connection and tells the source.
+fn register(exp: Expected, conn: Connection) -> Result<(), String> {
+    let mut mrs = Vec::new();
+    let mut regions = [RdmaRegion::default(); PARTITIONS];
+    for (p, (ptr, len)) in exp.mirror.log_memory().into_iter().enumerate() {
+        // SAFETY: the log files are mappings owned by the mirror for its whole life; the
+        // registration is held in the mirror's RDMA attachment, which the mirror drops
+        // before its logs (field order) and before any failover replay.
+        let mr = unsafe { MemoryRegion::register(conn.pd(), ptr, len, Access::RemoteReadWrite) }
+            .map_err(|e| format!("register log file {p}: {e}"))?;
+        regions[p] = RdmaRegion { addr: mr.addr(), rkey: mr.rkey(), len: len as u64 };
+        mrs.push(mr);
+    }
+    exp.mirror.set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))?;
+    exp.sink.send(&Message::RdmaRegions { regions }).map_err(|e| format!("send regions: {e}"))
+}
+
+impl RdmaPlacement for RdmaService {
+    fn expect(&self, mirror: Arc<Mirror>, sink: Arc<dyn ReplySink>, gen: u64) -> Result<(String, u64), String> {
+        let token = self.next_token.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let mut expected = self.expected.lock();
+        // Bounded: an expectation that never saw its queue pair is replaced by its mirror's
+        // next session; cap the table all the same.
+        if expected.len() >= 1024 {
+            return Err("too many pending RDMA set-ups".into());
+        }
+        expected.insert(token, Expected { mirror, sink, gen });
+        Ok((self.addr.to_string(), token))
+    }
+}
+
+// ---- source ----
+
+/// Makes RDMA links: TCP for control, an RC queue pair for placement.
+pub struct RdmaConnector;
+
+struct Batch {
+    wr_id: u64,
+    /// The highest sequence number placed by this batch, if it carried entries.
+    seq: Option<u64>,
+    /// Staging ring offset just past this batch.
+    ring_end: usize,
+    posted: Instant,
+}
+
+pub struct RdmaLink {
+    tcp: TcpLink,
+    conn: Connection,
+    /// Deregistered (dropped) before the buffer it covers.
+    staging_mr: MemoryRegion,
+    staging: Box<[u8]>,
+    regions: [RdmaRegion; PARTITIONS],
+    /// Staging ring: bytes in [tail, head) (modulo) belong to batches in flight.
+    head: usize,
+    tail: usize,
+    inflight: VecDeque<Batch>,
+    /// Encoded control frames waiting for the placements posted before them.
+    held: VecDeque<(u64, Vec<u8>)>,
+    next_wr: u64,
+    /// The last wr_id completed.
+    done_wr: u64,
+    events: VecDeque<LinkEvent>,
+    completions: Vec<Completion>,
+    dead: Option<String>,
+}
+
+// The staging ring's first bytes serve as the READ target: 8 bytes, never a batch.
+const READ_SCRATCH: usize = 64;
+
+fn setup_reply(tcp: &mut TcpLink, want: &'static str) -> Result<Reply, String> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        match tcp.poll() {
+            Some(LinkEvent::Reply(r @ (Reply::RdmaListen { .. } | Reply::RdmaRegions { .. }))) => return Ok(r),
+            Some(LinkEvent::Reply(Reply::Error { reason })) | Some(LinkEvent::Reply(Reply::Refuse { reason, .. })) => {
+                return Err(reason)
+            }
+            Some(LinkEvent::Closed { reason }) => return Err(reason),
+            Some(other) => return Err(format!("expected {want}, got {other:?}")),
+            None => {
+                if Instant::now() > deadline {
+                    return Err(format!("no {want} within {SETUP_TIMEOUT:?}"));
+                }
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+impl Connector for RdmaConnector {
+    type Link = RdmaLink;
+    fn connect(&self, target: &str, hello: &Hello) -> Result<(RdmaLink, Welcome), ConnectError> {
+        let protocol = |reason: String| ConnectError::Protocol { target: target.to_string(), reason };
+        let (mut tcp, welcome) = TcpConnector.connect(target, hello)?;
+        tcp.send(&Message::RdmaSetup).and_then(|()| tcp.flush()).map_err(|e| protocol(e.to_string()))?;
+        let Reply::RdmaListen { addr, token } = setup_reply(&mut tcp, "rdma-listen").map_err(&protocol)? else {
+            return Err(protocol("expected rdma-listen".into()));
+        };
+        let addr: SocketAddr = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| protocol(format!("bad RDMA address {addr:?}")))?;
+        let conn = Connection::connect(addr, &token.to_le_bytes(), DEPTH, SETUP_TIMEOUT)
+            .map_err(|e| protocol(format!("RDMA connect to {addr}: {e}")))?;
+        let Reply::RdmaRegions { regions } = setup_reply(&mut tcp, "rdma-regions").map_err(&protocol)? else {
+            return Err(protocol("expected rdma-regions".into()));
+        };
+        for (p, r) in regions.iter().enumerate() {
+            if r.len != hello.partition_bytes {
+                return Err(protocol(format!(
+                    "destination log file {p} is {} bytes, the partition {}: refusing to place into it",
+                    r.len, hello.partition_bytes
+                )));
+            }
+        }
+        let mut staging = vec![0u8; STAGING_BYTES].into_boxed_slice();
+        // SAFETY: the staging buffer is a heap allocation owned by the link that never
+        // moves; the link declares `staging_mr` before `staging`, so the registration is
+        // dropped before the buffer is freed.
+        let staging_mr =
+            unsafe { MemoryRegion::register(conn.pd(), staging.as_mut_ptr(), STAGING_BYTES, Access::Local) }
+                .map_err(|e| protocol(format!("register staging ring: {e}")))?;
+        Ok((
+            RdmaLink {
+                tcp,
+                conn,
+                staging,
+                staging_mr,
+                regions,
+                head: READ_SCRATCH,
+                tail: READ_SCRATCH,
+                inflight: VecDeque::new(),
+                held: VecDeque::new(),
+                next_wr: 1,
+                done_wr: 0,
+                events: VecDeque::new(),
+                completions: Vec::new(),
+                dead: None,
+            },
+            welcome,
+        ))
+    }
+}
+
+/// The sequence number of the last whole entry in `bytes` (None for a partition header).
+fn last_seq(bytes: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    let mut seq = None;
+    while at + 64 <= bytes.len() {
+        let data_len = u32::from_le_bytes(bytes[at + 44..at + 48].try_into().expect("4")) as usize;
+        seq = Some(u64::from_le_bytes(bytes[at + 24..at + 32].try_into().expect("8")));
+        at += EntryHeader::footprint_for(data_len);
+    }
+    seq
+}
+
+impl RdmaLink {
+    fn fail(&mut self, reason: String) {
+        if self.dead.is_none() {
+            self.dead = Some(reason.clone());
+            self.tcp.close();
+            self.conn.disconnect();
+            self.events.push_back(LinkEvent::Closed { reason });
+        }
+    }
+
+    fn check(&self) -> Result<(), LinkError> {
+        match &self.dead {
+            Some(r) => Err(LinkError::Closed(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Room for `n` bytes in the ring, contiguous; `None` until batches complete.
+    fn reserve(&mut self, n: usize) -> Option<usize> {
+        let cap = self.staging.len();
+        if self.inflight.is_empty() {
+            self.head = READ_SCRATCH;
+            self.tail = READ_SCRATCH;
+        }
+        if self.head >= self.tail {
+            if self.head + n <= cap {
+                return Some(self.head);
+            }
+            if READ_SCRATCH + n < self.tail {
+                return Some(READ_SCRATCH);
+            }
+            None
+        } else if self.head + n < self.tail {
+            Some(self.head)
+        } else {
+            None
+        }
+    }
+
+    /// Reaps completions: acks for finished batches, held control frames released.
+    fn reap(&mut self) {
+        if self.dead.is_some() {
+            return;
+        }
+        let mut comps = std::mem::take(&mut self.completions);
+        comps.clear();
+        let polled = self.conn.poll(&mut comps, 16);
+        let mut failure = polled.err().map(|e| format!("poll: {e}"));
+        for c in &comps {
+            if !c.ok {
+                failure = Some(format!("RDMA work request {} failed with status {}", c.wr_id, c.status));
+                break;
+            }
+            while self.inflight.front().is_some_and(|b| b.wr_id <= c.wr_id) {
+                let b = self.inflight.pop_front().expect("front");
+                self.tail = b.ring_end;
+                self.done_wr = b.wr_id;
+                if let Some(seq) = b.seq {
+                    self.events.push_back(LinkEvent::Reply(Reply::Ack { seq }));
+                }
+            }
+        }
+        self.completions = comps;
+        if let Some(reason) = failure {
+            return self.fail(reason);
+        }
+        if let Some(b) = self.inflight.front() {
+            if b.posted.elapsed() > PLACEMENT_TIMEOUT {
+                let reason = format!("placement {} incomplete after {PLACEMENT_TIMEOUT:?}", b.wr_id);
+                return self.fail(reason);
+            }
+        }
+        self.release_held();
+    }
+
+    fn release_held(&mut self) {
+        while self.held.front().is_some_and(|(barrier, _)| *barrier <= self.done_wr) {
+            let (_, frame) = self.held.pop_front().expect("front");
+            if let Err(e) = self.tcp.send_raw(&frame) {
+                return self.fail(format!("send: {e}"));
+            }
+        }
+        if let Err(e) = self.tcp.flush() {
+            self.fail(format!("send: {e}"));
+        }
+    }
+
+    /// Places `bytes` at `offset` of partition `p`'s remote log file.
+    fn place(&mut self, p: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
+        self.check()?;
+        let region = self.regions[p as usize];
+        if offset + bytes.len() as u64 > region.len || bytes.len() > self.staging.len() / 2 {
+            return Err(LinkError::Closed(format!("placement {offset}+{} outside log file {p}", bytes.len())));
+        }
+        let at = loop {
+            if let Some(at) = self.reserve(bytes.len()) {
+                break at;
+            }
+            // Ring full: wait for batches to finish (bounded by PLACEMENT_TIMEOUT).
+            self.reap();
+            self.check()?;
+            std::hint::spin_loop();
+        };
+        while self.inflight.len() + 2 > usize::try_from(DEPTH.send / 2).unwrap_or(64) {
+            self.reap();
+            self.check()?;
+        }
+        self.staging[at..at + bytes.len()].copy_from_slice(bytes);
+        let base = self.staging.as_ptr() as u64;
+        let lkey = self.staging_mr.lkey();
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        let reqs = [
+            WorkRequest {
+                wr_id,
+                op: Op::Write,
+                local: Sge { addr: base + at as u64, len: u32::try_from(bytes.len()).expect("below the ring"), lkey },
+                remote_addr: region.addr + offset,
+                rkey: region.rkey,
+                signaled: false,
+            },
+            WorkRequest {
+                wr_id,
+                op: Op::Read,
+                local: Sge { addr: base, len: 8, lkey },
+                remote_addr: region.addr + offset,
+                rkey: region.rkey,
+                signaled: true,
+            },
+        ];
+        // SAFETY: both local buffers lie in the staging ring (registered as `staging_mr`),
+        // which the ring accounting keeps untouched until this batch's READ completes; the
+        // READ scratch bytes are never read; the remote range was checked against the
+        // region the destination registered.
+        if let Err(e) = unsafe { self.conn.post(&reqs) } {
+            let reason = format!("post: {e}");
+            self.fail(reason.clone());
+            return Err(LinkError::Closed(reason));
+        }
+        self.head = at + bytes.len();
+        self.inflight.push_back(Batch { wr_id, seq: last_seq(bytes), ring_end: self.head, posted: Instant::now() });
+        Ok(())
+    }
+}
+
+impl Link for RdmaLink {
+    fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
+        self.place(partition, offset, bytes)
+    }
+
+    fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError> {
+        self.check()?;
+        match msg {
+            // The partition header is placed like entries, so it is ordered with them.
+            Message::PartitionOpen { header } => {
+                let mut h = [0u8; 2 * PARTITION_HEADER_BYTES];
+                h[..PARTITION_HEADER_BYTES].copy_from_slice(header);
+                self.place(header[6], 0, &h)
+            }
+            Message::Entries { partition, offset, bytes } => self.place(*partition, *offset, bytes),
+            other => {
+                let barrier = self.next_wr - 1;
+                if barrier <= self.done_wr && self.held.is_empty() {
+                    self.tcp.send(other)
+                } else {
+                    self.held.push_back((barrier, other.encode()));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.check()?;
+        self.tcp.flush()
+    }
+
+    fn poll(&mut self) -> Option<LinkEvent> {
+        if let Some(ev) = self.events.pop_front() {
+            return Some(ev);
+        }
+        self.reap();
+        if let Some(ev) = self.events.pop_front() {
+            return Some(ev);
+        }
+        match self.tcp.poll() {
+            Some(LinkEvent::Closed { reason }) => {
+                self.fail(reason);
+                self.events.pop_front()
+            }
+            other => other,
+        }
+    }
+
+    fn close(&mut self) {
+        self.fail("closed by the source".into());
+        self.events.clear();
+    }
+}
