@@ -26,11 +26,17 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts a node with ephemeral loopback ports and waits for its ready line.
     pub fn start(bin: &Path, name: &str, data_dir: &Path, extra: &[&str]) -> Result<NodeProc> {
+        Self::start_on(bin, name, data_dir, "127.0.0.1", extra)
+    }
+
+    /// Starts a node whose replication address is on `host` (control and NBD stay on
+    /// loopback), with ephemeral ports.
+    pub fn start_on(bin: &Path, name: &str, data_dir: &Path, host: &str, extra: &[&str]) -> Result<NodeProc> {
         let mut n = NodeProc {
             name: name.to_string(),
             data_dir: data_dir.to_path_buf(),
             control: "127.0.0.1:0".into(),
-            replication: "127.0.0.1:0".into(),
+            replication: format!("{host}:0"),
             nbd: "127.0.0.1:0".into(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),

@@ -28,6 +28,12 @@ pub struct Args {
     /// Keep the nodes' data dirs (printed) instead of deleting them.
     #[arg(long)]
     keep: bool,
+    /// Replication transport: tcp, or rdma (needs an RDMA device and the rdma build).
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Address the nodes replicate on (for rdma: an address of the RDMA interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
 }
 
 fn mib(n: u64) -> String {
@@ -45,8 +51,8 @@ pub fn run(args: Args) -> Result<()> {
     let size = crate::size::parse(&args.size)?;
     println!("nvmirror quickstart: two nodes on loopback, data under {}", root.display());
 
-    let mut a = NodeProc::start(&bin, "site-a", &root.join("site-a"), &[])?;
-    let b = NodeProc::start(&bin, "site-b", &root.join("site-b"), &[])?;
+    let mut a = NodeProc::start_on(&bin, "site-a", &root.join("site-a"), &args.host, &[])?;
+    let b = NodeProc::start_on(&bin, "site-b", &root.join("site-b"), &args.host, &[])?;
     for n in [&a, &b] {
         println!("  {}: control {}  replication {}  nbd {}", n.name, n.control, n.replication, n.nbd);
     }
@@ -70,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     let t = Instant::now();
     let _: Value = ca.post(
         "/v1/volumes/demo/mirror",
-        &MirrorRequest { to: b.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+        &MirrorRequest { to: b.control.clone(), transport: args.transport.clone(), policy: "strict".into() },
     )?;
     loop {
         let s: Value = ca.get("/v1/status")?;
@@ -84,7 +90,8 @@ pub fn run(args: Args) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!(
-        "2. mirrored demo to site-b: baseline of {} copied, in sync after {:.2} s",
+        "2. mirrored demo to site-b over {}: baseline of {} copied, in sync after {:.2} s",
+        args.transport,
         mib(size),
         t.elapsed().as_secs_f64()
     );
