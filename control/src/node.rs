@@ -84,6 +84,7 @@ pub struct Node {
     volumes: RwLock<HashMap<String, Arc<SourceHandle>>>,
     mirrors: RwLock<HashMap<(String, String), Arc<Mirror>>>,
     next_core: AtomicUsize,
+    failover_lock: Mutex<()>,
     connector: Arc<AnyConnector>,
     /// The RDMA engine, where the node has one.
     rdma: Option<Arc<dyn RdmaPlacement>>,
@@ -92,7 +93,10 @@ pub struct Node {
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
-    let tmp = path.with_extension("tmp");
+    // A name of its own per call: two saves never share a temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -167,6 +171,7 @@ impl Node {
             volumes: RwLock::new(HashMap::new()),
             mirrors: RwLock::new(HashMap::new()),
             next_core: AtomicUsize::new(0),
+            failover_lock: Mutex::new(()),
             connector: Arc::new(AnyConnector),
             rdma,
         });
@@ -197,7 +202,8 @@ impl Node {
         let region =
             MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
         let region: Box<dyn Nvram> = Box::new(region);
-        let (log, recovered) = NvLog::open(region, v.volume_id, v.partition_bytes)?;
+        let (log, recovered) =
+            NvLog::open(region, v.volume_id, v.partition_bytes).with_context(|| format!("NVLog {}", path.display()))?;
         let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
         cfg.epoch = v.epoch;
         cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
@@ -321,9 +327,9 @@ impl Node {
             cp_by_value,
         };
         state.volumes.push(record.clone());
-        let snapshot = state.clone();
+        // Saved under the state lock: saves are ordered with the changes they record.
+        self.save_state(&state)?;
         drop(state);
-        self.save_state(&snapshot)?;
         self.start_volume(&record)?;
         Ok(record)
     }
@@ -348,9 +354,9 @@ impl Node {
                 }
                 _ => v.mirror = Some(target.clone()),
             }
-            let snapshot = state.clone();
+            // Saved under the state lock: saves are ordered with the changes they record.
+            self.save_state(&state)?;
             drop(state);
-            self.save_state(&snapshot)?;
         }
         let (tx, rx) = bounded(1);
         handle.control(Control::Attach { target: target.replication.clone(), reply: tx }).map_err(|e| anyhow!(e))?;
@@ -370,6 +376,9 @@ impl Node {
 
     /// Fails the mirror of `name` over to this node and serves it as a writable primary.
     pub fn failover(&self, name: &str) -> Result<PromoteReport> {
+        // One failover at a time on this node: the checks below and the promotion are one
+        // step.
+        let _one = self.failover_lock.lock();
         if self.volumes.read().contains_key(name) {
             bail!("volume {name} is already a primary on this node");
         }
@@ -403,9 +412,9 @@ impl Node {
         {
             let mut state = self.state.lock();
             state.volumes.push(record.clone());
-            let snapshot = state.clone();
+            // Saved under the state lock: saves are ordered with the changes they record.
+            self.save_state(&state)?;
             drop(state);
-            self.save_state(&snapshot)?;
         }
         self.start_volume(&record)?;
         Ok(report)

@@ -161,6 +161,8 @@ pub struct Mirror {
     logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
     device: Arc<dyn BlockDevice>,
     apply: RwLock<()>,
+    /// Held for the whole of a failover.
+    promoting: Mutex<()>,
     session: Mutex<Option<Arc<dyn ReplySink>>>,
     session_gen: AtomicU64,
     fenced: AtomicBool,
@@ -206,6 +208,7 @@ impl Mirror {
             logs: [Mutex::new(log0), Mutex::new(log1)],
             device,
             apply: RwLock::new(()),
+            promoting: Mutex::new(()),
             session: Mutex::new(None),
             session_gen: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
@@ -279,7 +282,13 @@ impl Mirror {
         rdma: Option<Arc<dyn RdmaPlacement>>,
     ) -> Result<(Session, Welcome), (RefuseCode, String)> {
         if self.fenced.load(Ordering::SeqCst) {
-            return Err((RefuseCode::Broken, "mirror is being failed over".into()));
+            // Failed over here (or being): the source's epoch is stale, and it must know so
+            // that it stops taking writes, rather than retry.
+            let epoch = self.meta.lock().epoch;
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("volume failed over to this node at epoch {epoch}; the source is stale"),
+            ));
         }
         // Quiesce the previous session's queued work and placements before looking at the logs.
         self.drop_rdma_attachment();
@@ -393,9 +402,9 @@ impl Mirror {
                 return self.release_log(partition, cp);
             }
             meta.pending_cp = Some(PendingCp { cp, partition, upto_seq });
-            let snapshot = meta.clone();
+            // Saved under the meta lock: saves are ordered with the changes they record.
+            self.save(&meta)?;
             drop(meta);
-            self.save(&snapshot)?;
         }
         {
             let _exclusive = self.apply.write();
@@ -436,9 +445,9 @@ impl Mirror {
             meta.pending_cp = None;
             meta.last_cp_unix_ms = unix_ms();
             meta.last_cp_duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let snapshot = meta.clone();
+            // Saved under the meta lock: saves are ordered with the changes they record.
+            self.save(&meta)?;
             drop(meta);
-            self.save(&snapshot)?;
         }
         self.release_log(partition, cp)
     }
@@ -461,6 +470,8 @@ impl Mirror {
     /// old source is refused from here on), then replays every logged entry past the last
     /// applied CP in sequence order.
     pub fn promote(&self) -> Result<PromoteReport, String> {
+        // One failover at a time; a second request finds the volume promoted.
+        let _one = self.promoting.lock();
         {
             let meta = self.meta.lock();
             if meta.promoted {
@@ -478,10 +489,8 @@ impl Mirror {
         let epoch = {
             let mut meta = self.meta.lock();
             meta.epoch += 1;
-            let snapshot = meta.clone();
-            drop(meta);
-            self.save(&snapshot)?;
-            snapshot.epoch
+            self.save(&meta)?;
+            meta.epoch
         };
         if let Some(sink) = self.session.lock().take() {
             let _ = sink.send(&Message::Refuse {
@@ -530,9 +539,9 @@ impl Mirror {
         meta.applied_seq = expect - 1;
         meta.promoted = true;
         meta.pending_cp = None;
-        let snapshot = meta.clone();
+        // Saved under the meta lock: saves are ordered with the changes they record.
+        self.save(&meta)?;
         drop(meta);
-        self.save(&snapshot)?;
         for log in &self.logs {
             log.lock().free().map_err(|e| e.to_string())?;
         }
@@ -626,9 +635,7 @@ fn worker(mirror: std::sync::Weak<Mirror>, rx: Receiver<Job>) {
                     m.device.flush().map_err(|e| format!("baseline flush: {e}")).and_then(|()| {
                         let mut meta = m.meta.lock();
                         meta.consistent = true;
-                        let snapshot = meta.clone();
-                        drop(meta);
-                        m.save(&snapshot)
+                        m.save(&meta)
                     })
                 };
                 match r {
@@ -662,6 +669,10 @@ pub struct Session {
 impl Session {
     fn check_current(&self) -> Result<(), String> {
         if self.mirror.fenced.load(Ordering::SeqCst) {
+            let _ = self.sink.send(&Message::Refuse {
+                code: RefuseCode::StaleEpoch,
+                reason: "volume failed over to the destination; this source is stale".into(),
+            });
             return Err("mirror was failed over; this source is fenced".into());
         }
         if self.mirror.session_gen.load(Ordering::SeqCst) != self.gen {

@@ -261,6 +261,9 @@ pub enum ScanStop {
     Free,
     /// A zeroed header slot: the clean end of the log.
     End,
+    /// A valid entry of an earlier use of the partition (a lower sequence number): the
+    /// clean end of the current use.
+    Stale { offset: usize },
     /// The region is full up to its last byte.
     Full,
     /// A header or entry failed to decode: a torn or corrupted entry, or an entry that
@@ -329,6 +332,9 @@ pub fn scan_partition(bytes: &[u8], expect_partition: u8) -> PartitionScan {
         }
         match EntryHeader::decode(&bytes[at..]) {
             Ok((h, _)) => {
+                if h.seq < expect_seq && h.volume_id == header.volume_id && h.partition == expect_partition {
+                    break ScanStop::Stale { offset: at };
+                }
                 let bad = if h.seq != expect_seq {
                     Some(format!("sequence {} where {} was expected", h.seq, expect_seq))
                 } else if h.volume_id != header.volume_id {
@@ -447,7 +453,7 @@ mod tests {
         }
         let scan = scan_partition(&p, 0);
         assert_eq!(scan.entries.len(), 2);
-        assert!(matches!(scan.stop, ScanStop::Invalid { .. }));
+        assert_eq!(scan.stop, ScanStop::Stale { offset: scan.tail });
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! The `nvmirror ctl` command line against real nodes: the whole flow (create, mirror, cp,
+//! status, failover) and its failures, each a non-zero exit with a one-line reason.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nvmirror_control::workload::Workload;
+use nvmirror_dataplane::frontend::nbd_client::NbdClient;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(120);
+
+/// Runs `nvmirror ctl --node NODE ARGS...`; returns (success, stdout, stderr).
+fn ctl(node: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["ctl", "--node", node];
+    all.extend_from_slice(args);
+    let out = run_bin(&all, T);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    println!(
+        "$ nvmirror {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        all.join(" "),
+        out.status.code(),
+        stdout.trim(),
+        stderr.trim()
+    );
+    (out.status.success(), stdout, stderr)
+}
+
+fn ctl_ok(node: &str, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = ctl(node, args);
+    assert!(ok, "nvmirror ctl {} failed: {stderr}", args.join(" "));
+    stdout
+}
+
+fn ctl_json(node: &str) -> Value {
+    let out = ctl_ok(node, &["status", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
+}
+
+/// A failing command: non-zero exit, nothing on stdout, one line on stderr that names the
+/// problem.
+fn ctl_fails(node: &str, args: &[&str], want: &str) {
+    let (ok, stdout, stderr) = ctl(node, args);
+    assert!(!ok, "nvmirror ctl {} succeeded: {stdout}", args.join(" "));
+    assert!(stdout.trim().is_empty(), "a failing ctl printed on stdout: {stdout}");
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
+    assert!(lines[0].starts_with("nvmirror: "), "reason: {}", lines[0]);
+    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
+}
+
+#[test]
+fn ctl_drives_create_mirror_cp_failover() {
+    let seed = base_seed("ctl_drives_create_mirror_cp_failover");
+    let mut pair = Pair::start("cli");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+
+    let out = ctl_ok(&src, &["volume", "create", "vol", "--size", "64M"]);
+    assert!(out.contains("created volume vol: 67108864 bytes"), "{out}");
+    let out = ctl_ok(&src, &["volume", "create", "small", "--size", "16M", "--log-size", "4M"]);
+    assert!(out.contains("created volume small: 16777216 bytes"), "{out}");
+    let s = ctl_json(&src);
+    let small = s["volumes"].as_array().expect("volumes").iter().find(|v| v["volume"] == "small").expect("small");
+    assert_eq!(small["log_bytes_max"], 8 << 20, "two partitions of --log-size 4M: {small}");
+    assert_eq!(small["state"], "not-mirrored");
+
+    let out = ctl_ok(&src, &["mirror", "vol", "--to", &dst]);
+    assert!(out.contains("in sync"), "{out}");
+    let s = ctl_json(&src);
+    let v = s["volumes"].as_array().expect("volumes").iter().find(|v| v["volume"] == "vol").expect("vol").clone();
+    assert_eq!(v["state"], "in-sync", "{v}");
+    assert!(v["peer"].as_str().unwrap_or("").contains(&dst), "peer {} should name {dst}", v["peer"]);
+    let d = ctl_json(&dst);
+    let m = d["mirrors"].as_array().expect("mirrors").iter().find(|m| m["volume"] == "vol").expect("mirror").clone();
+    assert_eq!(m["consistent"], true, "{m}");
+    assert_eq!(m["source_node"], "site-a", "{m}");
+
+    let mut w = Workload::new(0, 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "vol").expect("NBD connect");
+    w.run(&mut c, 4, 500, |_| {}).expect("writes");
+    assert_eq!(w.acks, 500);
+
+    let out = ctl_ok(&src, &["cp", "vol"]);
+    let n: u64 = out
+        .strip_prefix("CP ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("ctl cp said: {out}"));
+    assert!(out.contains("durable on both sites"), "{out}");
+    let d = ctl_json(&dst);
+    let m = d["mirrors"].as_array().expect("mirrors").iter().find(|m| m["volume"] == "vol").expect("mirror").clone();
+    assert_eq!(m["applied_cp"], n, "ctl cp said CP {n}: {m}");
+
+    let human = ctl_ok(&src, &["status"]);
+    let line = human.lines().find(|l| l.starts_with("vol ")).unwrap_or_else(|| panic!("no line for vol: {human}"));
+    assert!(line.contains("primary") && line.contains("in-sync"), "{line}");
+    let human = ctl_ok(&dst, &["status"]);
+    let line = human.lines().find(|l| l.starts_with("vol ")).unwrap_or_else(|| panic!("no line for vol: {human}"));
+    assert!(line.contains("mirror") && line.contains("in-sync"), "{line}");
+
+    w.run(&mut c, 4, 300, |_| {}).expect("writes after the CP");
+    drop(c);
+    pair.src.kill();
+    let out = ctl_ok(&dst, &["failover", "vol"]);
+    assert!(out.contains("failed over: epoch 2"), "{out}");
+    assert!(out.contains("writable primary"), "{out}");
+    let v = verify(&w, &pair.dst.nbd, "vol").expect("verify");
+    assert_verified(&v, "volume failed over with ctl");
+    let d = ctl_json(&dst);
+    let v = d["volumes"].as_array().expect("volumes").iter().find(|v| v["volume"] == "vol").expect("vol").clone();
+    assert_eq!(v["epoch"], 2, "{v}");
+    assert_eq!(v["state"], "not-mirrored", "{v}");
+    let m = d["mirrors"].as_array().expect("mirrors").iter().find(|m| m["volume"] == "vol").expect("mirror").clone();
+    assert_eq!(m["promoted"], true, "{m}");
+    // A second failover of the same volume is refused.
+    ctl_fails(&dst, &["failover", "vol"], "already a primary");
+}
+
+#[test]
+fn ctl_failures_exit_non_zero_with_one_line() {
+    let pair = Pair::start("clifail");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    ctl_ok(&src, &["volume", "create", "dup", "--size", "16M"]);
+
+    // Unknown volumes.
+    ctl_fails(&src, &["cp", "nope"], "no volume nope");
+    ctl_fails(&src, &["mirror", "nope", "--to", &dst], "no volume nope");
+    ctl_fails(&dst, &["failover", "nope"], "no mirror of volume nope");
+    // A failover on the node that holds the primary, not a mirror.
+    ctl_fails(&src, &["failover", "dup"], "already a primary");
+    // Bad sizes and names.
+    ctl_fails(&src, &["volume", "create", "v", "--size", "12X"], "bad size");
+    ctl_fails(&src, &["volume", "create", "v", "--size", "0"], "zero");
+    ctl_fails(&src, &["volume", "create", "v", "--size=-1M"], "bad size");
+    ctl_fails(&src, &["volume", "create", "v", "--size", "99999999999T"], "too large");
+    ctl_fails(&src, &["volume", "create", "v", "--size", "5000"], "multiple of 4096");
+    ctl_fails(&src, &["volume", "create", "v", "--size", "16M", "--log-size", "1M"], "log partition");
+    ctl_fails(&src, &["volume", "create", "bad/name", "--size", "16M"], "invalid name");
+    ctl_fails(&src, &["volume", "create", "dup", "--size", "16M"], "already exists");
+    // Mirror requests that cannot be met.
+    ctl_fails(&src, &["mirror", "dup", "--to", "127.0.0.1:1"], "127.0.0.1:1");
+    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--transport", "rdma"], "rdma");
+    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "sync"], "sync");
+    ctl_fails(&src, &["mirror", "dup", "--to", &src], "own node");
+    // Unreachable nodes, and a port that is not a control API.
+    ctl_fails("127.0.0.1:1", &["status"], "127.0.0.1:1");
+    ctl_fails("127.0.0.1:1", &["volume", "create", "v", "--size", "16M"], "127.0.0.1:1");
+    ctl_fails("no-such-host.invalid:80", &["status"], "no-such-host.invalid");
+    ctl_fails(&pair.src.nbd, &["status"], &pair.src.nbd);
+    // None of the failures created anything.
+    let s = ctl_json(&src);
+    let names: Vec<&str> =
+        s["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["volume"].as_str()).collect();
+    assert_eq!(names, ["dup"], "failed commands left volumes behind");
+    assert_eq!(s["volumes"][0]["state"], "not-mirrored");
+}
