@@ -141,7 +141,9 @@ fn register(exp: Expected, conn: Connection) -> Result<(), String> {
         regions[p] = RdmaRegion { addr: mr.addr(), rkey: mr.rkey(), len: len as u64 };
         mrs.push(mr);
     }
+    let name = exp.mirror.name();
     exp.mirror.set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))?;
+    eprintln!("rdma: mirror {name}: log files registered; the source places entries by RDMA");
     exp.sink.send(&Message::RdmaRegions { regions }).map_err(|e| format!("send regions: {e}"))
 }
 

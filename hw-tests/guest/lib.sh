@@ -1,0 +1,113 @@
+# Shared by the guest's plan and its tests (bash, inside the guest's chroot).
+#
+# Environment (set by plan.sh from the host's hwt.env):
+#   HWT_REPO     the repository, at the same path as on the host (read-only)
+#   HWT_BIN      the host's release build directory (the test programs)
+#   HWT_RESULTS  the writable results share
+#   HWT_STATE    guest-local state: one NAME.ok file per piece of setup that succeeded
+#
+# A test prints `hwt-detail: TEXT` (the last one becomes its one-line summary on the host)
+# and `hwt-figure: KEY=VALUE` (measured figures, reported on the host) and exits 0 to pass.
+
+# shellcheck disable=SC2034 # the names below are for the scripts that source this file
+
+# The rxe device and the address its netdev carries.
+HWT_RXE_DEV=rxe0
+HWT_RXE_NETDEV=veth0
+HWT_RXE_ADDR=10.77.0.1
+HWT_RXE_PEER_ADDR=10.77.0.2
+# The DAX mount of the emulated NVDIMM.
+HWT_PMEM_MNT=/mnt/pm
+# The emulated NVMe namespace: block device and passthrough char device.
+HWT_NVME_BLK=/dev/nvme0n1
+HWT_NVME_CHR=/dev/ng0n1
+
+set -o pipefail
+
+hwt_detail() { echo "hwt-detail: $*"; }
+hwt_figure() { echo "hwt-figure: $1=$2"; }
+hwt_fail() {
+    echo "FAIL: $*"
+    hwt_detail "$*"
+    exit 1
+}
+
+# Fails the calling test, with the setup's log, unless setup step $1 succeeded.
+hwt_need() {
+    if [ ! -e "$HWT_STATE/$1.ok" ]; then
+        echo "setup step '$1' failed; its log:"
+        sed 's/^/  | /' "$HWT_RESULTS/setup-$1.log" 2>/dev/null | tail -n 30
+        hwt_fail "setup step '$1' failed (see setup-$1.log)"
+    fi
+}
+
+# Waits up to $2 seconds (default 10) for a device node or file $1.
+hwt_wait_for() {
+    local path=$1 left=$((${2:-10} * 10))
+    while [ ! -e "$path" ] && [ "$left" -gt 0 ]; do
+        sleep 0.1
+        left=$((left - 1))
+    done
+    [ -e "$path" ]
+}
+
+# Waits up to $2 seconds for a TCP listener on port $1 opened by process $3.
+hwt_wait_listen() {
+    local port=$1 left=$((${2:-20} * 10)) pid=$3
+    while [ "$left" -gt 0 ]; do
+        ss -Hltn "sport = :$port" | grep -q . && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+        left=$((left - 1))
+    done
+    return 1
+}
+
+# Runs a perftest latency tool ($1: ib_write_lat, ib_read_lat) between a server and a
+# client on the one rxe device (two rxe devices in one namespace hang), message size $2
+# bytes, $3 iterations, TCP port $4 for perftest's own exchange. Prints the client's
+# output and the figures NAME_SIZEB_{typical,avg,p99,p999}_us.
+hwt_perftest_lat() {
+    local tool=$1 size=$2 iters=$3 port=$4
+    local common=(-d "$HWT_RXE_DEV" -s "$size" -n "$iters" -p "$port" -F)
+    local server_log client_log
+    server_log=$(mktemp) client_log=$(mktemp)
+    echo "== $tool -s $size -n $iters: server"
+    timeout --foreground 120 "$tool" "${common[@]}" >"$server_log" 2>&1 &
+    local server=$!
+    if ! hwt_wait_listen "$port" 20 "$server"; then
+        kill "$server" 2>/dev/null
+        cat "$server_log"
+        hwt_fail "$tool server did not listen on port $port: $(grep -v '^ *$' "$server_log" | head -n 1)"
+    fi
+    echo "== $tool -s $size -n $iters: client to $HWT_RXE_ADDR"
+    local rc=0
+    timeout --foreground 120 "$tool" "${common[@]}" "$HWT_RXE_ADDR" >"$client_log" 2>&1 || rc=$?
+    local src=0
+    wait "$server" || src=$?
+    cat "$client_log"
+    if [ "$rc" -ne 0 ] || [ "$src" -ne 0 ]; then
+        echo "== server output"
+        cat "$server_log"
+        hwt_fail "$tool -s $size: client exit $rc, server exit $src"
+    fi
+    # The result line follows the header naming t_typical: bytes, iterations, t_min, t_max,
+    # t_typical, t_avg, t_stdev, 99%, 99.9% (microseconds).
+    local line
+    line=$(awk -v size="$size" '/t_typical/ { hdr = 1; next } hdr && $1 == size { print; exit }' "$client_log")
+    [ -n "$line" ] || hwt_fail "$tool -s $size: no result line in the client's output"
+    local f
+    read -r -a f <<<"$line"
+    [ "${#f[@]}" -ge 9 ] || hwt_fail "$tool -s $size: result line has ${#f[@]} fields: $line"
+    local key="${tool}_${size}B"
+    hwt_figure "${key}_typical_us" "${f[4]}"
+    hwt_figure "${key}_avg_us" "${f[5]}"
+    hwt_figure "${key}_p99_us" "${f[7]}"
+    hwt_figure "${key}_p999_us" "${f[8]}"
+    # For the caller's one-line summary.
+    HWT_LAST_LAT="${size} B: typical ${f[4]} us, p99 ${f[7]} us"
+    rm -f "$server_log" "$client_log"
+}
+
+# Seconds since $1 (a `date +%s.%N` stamp), one decimal.
+hwt_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }

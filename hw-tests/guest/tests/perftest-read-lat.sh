@@ -1,0 +1,13 @@
+# perftest ib_read_lat over rxe0 (server and client on the one device): the latency floor
+# of a one-sided RDMA READ, for 2-byte and 4 KiB messages. One READ round trip is the
+# floor of the RDMA engine's read-after-write durable append.
+. "$HWT_REPO/hw-tests/guest/lib.sh"
+hwt_need rxe
+summary=()
+port=18611
+for size in 2 4096; do
+    hwt_perftest_lat ib_read_lat "$size" "${HWT_PERFTEST_ITERS:-1000}" "$port"
+    summary+=("$HWT_LAST_LAT")
+    port=$((port + 1))
+done
+hwt_detail "ib_read_lat ${summary[0]}; ${summary[1]}"
