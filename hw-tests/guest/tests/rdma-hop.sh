@@ -1,0 +1,32 @@
+# The RDMA engine's durable append of a 4 KiB entry at queue depth 1 (WRITE + READ after
+# it, through the real link and the real destination: hw-tests/src/bin/hw-rdma-hop.rs),
+# interleaved three times with its floor, perftest's ib_read_lat of 4 KiB on the same rxe
+# device. Reports both medians and their ratio; the ratio is a figure, not a pass
+# condition (benches/README.md holds the target and the latest figures).
+. "$HWT_REPO/hw-tests/guest/lib.sh"
+hwt_need rxe
+bin="$HWT_BIN/../rdma/release/hw-rdma-hop"
+[ -x "$bin" ] || hwt_fail "no RDMA build at $bin"
+ours=()
+floor=()
+port=18700
+for round in 1 2 3; do
+    hwt_perftest_lat ib_read_lat 4096 "${HWT_PERFTEST_ITERS:-1000}" "$port"
+    floor+=("$(sed -n 's/.*typical \([0-9.]*\) us.*/\1/p' <<<"$HWT_LAST_LAT")")
+    port=$((port + 1))
+    dir=/var/tmp/rdma-hop-$round
+    out=$("$bin" --addr "$HWT_RXE_ADDR:$port" --dir "$dir" --ops "${HWT_PERFTEST_ITERS:-1000}" 2>&1) ||
+        { echo "$out"; hwt_fail "hw-rdma-hop round $round failed"; }
+    echo "$out"
+    ours+=("$(sed -n 's/^hwt-figure: rdma_append_4096B_p50_us=//p' <<<"$out")")
+    rm -rf "$dir"
+    port=$((port + 1))
+done
+median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+o=$(median "${ours[@]}")
+f=$(median "${floor[@]}")
+ratio=$(awk -v o="$o" -v f="$f" 'BEGIN { printf "%.2f", o / f }')
+hwt_figure rdma_append_median_of_rounds_us "$o"
+hwt_figure ib_read_lat_4096B_median_of_rounds_us "$f"
+hwt_figure rdma_append_vs_ib_read_lat_ratio "$ratio"
+hwt_detail "durable append 4 KiB qd1: p50 $o us (rounds ${ours[*]}); ib_read_lat 4 KiB typical $f us (rounds ${floor[*]}); ratio $ratio (target <= 1.3)"

@@ -1,0 +1,181 @@
+//! The RDMA engine's durable append at queue depth 1, measured in the guest.
+//!
+//! A real destination runs in this process: a `Mirror` with two `file:` log files, the
+//! node's RDMA service (rdma_cm listener, log-file registration) and the TCP control
+//! channel. The source side is the real `RdmaConnector` link fed from a real NVLog: per
+//! operation one 4 KiB entry is appended and persisted, handed to the link
+//! (`send_entries`), and the link is busy-polled until the ack, which is the completion of
+//! the RDMA READ posted after the WRITE. The latency from hand-over to ack is recorded
+//! (hdrhistogram). The floor, perftest's `ib_read_lat` of 4 KiB, is run by the calling
+//! script interleaved with this program.
+//!
+//! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--rounds R]
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, RdmaPlacement};
+use nvmirror_dataplane::format::{EntryHeader, EntryKind, PartitionHeader};
+use nvmirror_dataplane::log::NvLog;
+use nvmirror_dataplane::nvram::{MappedNvram, MemNvram, Nvram, NvramMode};
+use nvmirror_dataplane::storage::FileDevice;
+use nvmirror_dataplane::transport::rdma::{RdmaConnector, RdmaService};
+use nvmirror_dataplane::transport::{
+    tcp, Connector, FrameHandler, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, RefuseCode, Reply,
+    ReplySink, Welcome,
+};
+
+const VOLUME_ID: u64 = 0x6877_7264_6d61_0001;
+const PARTITION_BYTES: usize = 32 << 20;
+const ENTRY_BYTES: usize = 4096;
+
+struct NoMeta;
+impl MetaStore for NoMeta {
+    fn save(&self, _: &MirrorMeta) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct OneMirror {
+    mirror: Arc<Mirror>,
+    rdma: Arc<dyn RdmaPlacement>,
+}
+
+impl MirrorDirectory for OneMirror {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+        let (s, w) = self.mirror.attach(hello, sink, Some(self.rdma.clone()))?;
+        Ok((Box::new(s), w))
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let addr: SocketAddr = arg(&args, "--addr").ok_or_else(|| anyhow!("--addr IP:PORT"))?.parse()?;
+    let dir = PathBuf::from(arg(&args, "--dir").ok_or_else(|| anyhow!("--dir DIR"))?);
+    let ops: u64 = arg(&args, "--ops").unwrap_or_else(|| "2000".into()).parse()?;
+    std::fs::create_dir_all(&dir)?;
+
+    // The destination.
+    let hello = Hello {
+        source_node: "hop-src".into(),
+        volume: "hop".into(),
+        volume_id: VOLUME_ID,
+        epoch: 1,
+        volume_bytes: 64 << 20,
+        partition_bytes: PARTITION_BYTES as u64,
+        intent: Intent::Baseline,
+        base_seq: 1,
+        base_cp_gen: 1,
+    };
+    let logs: [Box<dyn Nvram>; 2] = [0, 1].map(|p| {
+        Box::new(MappedNvram::open(&dir.join(format!("log.{p}")), PARTITION_BYTES, NvramMode::File).expect("log file"))
+            as Box<dyn Nvram>
+    });
+    let device = Arc::new(FileDevice::create(&dir.join("volume.img"), hello.volume_bytes)?);
+    let mirror = Mirror::open(MirrorMeta::new(&hello), Box::new(NoMeta), logs, device)?;
+    let rdma = RdmaService::start(addr).map_err(|e| anyhow!(e))?;
+    let listener = TcpListener::bind(addr).context("control listener")?;
+    let directory: Arc<dyn MirrorDirectory> = Arc::new(OneMirror { mirror: mirror.clone(), rdma });
+    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false))));
+
+    // The source.
+    let (mut link, _welcome) = RdmaConnector.connect(&addr.to_string(), &hello).map_err(|e| anyhow!("{e}"))?;
+    let region: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PARTITION_BYTES)));
+    let (mut nvlog, _) = NvLog::open(region, VOLUME_ID, PARTITION_BYTES)?;
+    let header = PartitionHeader { partition: 0, volume_id: VOLUME_ID, cp_gen: 1, first_seq: 1, epoch: 1 };
+    nvlog.open_partition(header)?;
+    link.send(&Message::PartitionOpen { header: header.encode() })?;
+    link.flush()?;
+
+    let mut hist = Histogram::<u64>::new_with_bounds(100, 60_000_000_000, 3)?;
+    let data = vec![0x5au8; ENTRY_BYTES];
+    let warmup = ops / 10;
+    for seq in 1..=ops + warmup {
+        let h = EntryHeader {
+            kind: EntryKind::Write,
+            partition: 0,
+            volume_id: VOLUME_ID,
+            epoch: 1,
+            seq,
+            offset: (seq % 1024) * ENTRY_BYTES as u64,
+            length: ENTRY_BYTES as u32,
+            data_len: ENTRY_BYTES as u32,
+        };
+        if !nvlog.fits(0, ENTRY_BYTES) {
+            bail!("partition full: lower --ops");
+        }
+        let at = nvlog.append(&h, &data)?;
+        nvlog.persist(0)?;
+        let end = nvlog.tail(0);
+        let started = Instant::now();
+        link.send_entries(0, at as u64, &nvlog.partition(0)[at..end])?;
+        link.flush()?;
+        loop {
+            match link.poll() {
+                Some(LinkEvent::Reply(Reply::Ack { seq: s })) if s == seq => break,
+                Some(LinkEvent::Reply(Reply::Ack { .. })) => {}
+                Some(other) => bail!("unexpected {other:?}"),
+                None => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        bail!("no ack for {seq}");
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        if seq > warmup {
+            hist.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        }
+    }
+    // The destination really holds what was acknowledged: a CP by reference applies it.
+    link.send(&Message::Cp { cp: 1, partition: 0, upto_seq: ops + warmup, by_value: false })?;
+    link.flush()?;
+    let started = Instant::now();
+    loop {
+        match link.poll() {
+            Some(LinkEvent::Reply(Reply::CpDone { cp: 1 })) => break,
+            Some(LinkEvent::Reply(Reply::Ack { .. })) | None => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    bail!("no CpDone");
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Some(other) => bail!("unexpected {other:?}"),
+        }
+    }
+    let st = mirror.status();
+    if st.applied_seq != ops + warmup || st.entries_received != 0 {
+        bail!(
+            "mirror applied up to {} (expected {}), TCP entries {}",
+            st.applied_seq,
+            ops + warmup,
+            st.entries_received
+        );
+    }
+    let us = |v: u64| v as f64 / 1000.0;
+    println!("hwt-figure: rdma_append_4096B_p50_us={:.2}", us(hist.value_at_quantile(0.5)));
+    println!("hwt-figure: rdma_append_4096B_p99_us={:.2}", us(hist.value_at_quantile(0.99)));
+    println!("hwt-figure: rdma_append_4096B_p999_us={:.2}", us(hist.value_at_quantile(0.999)));
+    println!(
+        "rdma durable append 4 KiB, qd1, {ops} ops: p50 {:.2} us, p99 {:.2} us, max {:.2} us; CP by reference applied all {} entries",
+        us(hist.value_at_quantile(0.5)),
+        us(hist.value_at_quantile(0.99)),
+        us(hist.max()),
+        ops + warmup
+    );
+    Ok(())
+}
