@@ -34,6 +34,8 @@ use nvmirror_dataplane::transport::{
 const VOLUME_ID: u64 = 0x6877_7264_6d61_0001;
 const PARTITION_BYTES: usize = 32 << 20;
 const ENTRY_BYTES: usize = 4096;
+const ENTRY_BYTES_U32: u32 = 4096;
+const _: () = assert!(ENTRY_BYTES_U32 as usize == ENTRY_BYTES);
 
 struct NoMeta;
 impl MetaStore for NoMeta {
@@ -112,8 +114,8 @@ fn main() -> Result<()> {
             epoch: 1,
             seq,
             offset: (seq % 1024) * ENTRY_BYTES as u64,
-            length: ENTRY_BYTES as u32,
-            data_len: ENTRY_BYTES as u32,
+            length: ENTRY_BYTES_U32,
+            data_len: ENTRY_BYTES_U32,
         };
         if !nvlog.fits(0, ENTRY_BYTES) {
             bail!("partition full: lower --ops");
