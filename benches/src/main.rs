@@ -1,1 +1,112 @@
-fn main() {}
+//! nvmirror benchmark harness.
+//!
+//! ```text
+//! cargo run --release -p nvmirror-benches -- [--quick] [--out DIR] [--node-bin PATH] SCENARIO...
+//! ```
+//!
+//! Scenarios (by name, or `all`): `hop` (one replication hop against a TCP ping-pong),
+//! `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
+//! against unmirrored), `qd-sweep` (queue depths 1 to 64). Every scenario runs its system
+//! and its floor interleaved in the same run, batch by batch, after warm-up rounds
+//! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
+//! operation. At the end the harness prints a table with each scenario's ratio against its
+//! floor, the target and PASS or FAIL, and writes one JSON file for the run into `--out`
+//! (default `benches/results/`). A failing ratio is reported, never hidden; the exit
+//! status is non-zero only when the harness itself failed. `--quick` runs a few
+//! iterations only (for the test suite): its figures mean nothing.
+
+mod cluster;
+mod floor;
+mod hop;
+mod measure;
+mod nbd;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use crate::report::{RunResult, ScenarioResult};
+
+/// Every scenario, in the order `all` runs them.
+const SCENARIOS: [&str; 4] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep"];
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
+struct Cli {
+    /// A few iterations only, to check that the scenarios run (figures are meaningless).
+    #[arg(long)]
+    quick: bool,
+    /// Directory for the run's JSON result file.
+    #[arg(long, default_value_os_t = default_out())]
+    out: PathBuf,
+    /// The `nvmirror` binary for the node processes (default: build it with cargo and
+    /// take it from beside this executable).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, or all.
+    #[arg(required = true)]
+    scenarios: Vec<String>,
+}
+
+fn default_out() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")
+}
+
+fn selected(names: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        let add: Vec<&str> = match n.as_str() {
+            "all" => SCENARIOS.to_vec(),
+            s if SCENARIOS.contains(&s) => vec![s],
+            s => bail!("unknown scenario {s:?}; scenarios: {}, all", SCENARIOS.join(", ")),
+        };
+        for s in add {
+            if !out.iter().any(|o| o == s) {
+                out.push(s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let names = selected(&cli.scenarios)?;
+    let (timestamp_utc, stamp) = report::timestamp();
+    let started = Instant::now();
+    let needs_nodes = names.iter().any(|n| n != "hop");
+    let bin = if needs_nodes { Some(cluster::node_binary(cli.node_bin.as_deref())?) } else { None };
+    let mut scenarios: Vec<ScenarioResult> = Vec::new();
+    for name in &names {
+        eprintln!("[harness] scenario {name}{}", if cli.quick { " (quick)" } else { "" });
+        let t = Instant::now();
+        let bin = || bin.as_deref().context("node binary");
+        let result = match name.as_str() {
+            "hop" => hop::run(cli.quick),
+            "nbd-qd1" => nbd::qd1(bin()?, cli.quick),
+            "nbd-qd32" => nbd::qd32(bin()?, cli.quick),
+            "qd-sweep" => nbd::sweep(bin()?, cli.quick),
+            other => unreachable!("scenario {other} was checked"),
+        }
+        .with_context(|| format!("scenario {name}"))?;
+        eprintln!("[harness] scenario {name} done in {:.1} s", t.elapsed().as_secs_f64());
+        scenarios.push(result);
+    }
+    let run = RunResult {
+        harness: "nvmirror-benches",
+        command: std::env::args().collect(),
+        quick: cli.quick,
+        timestamp_utc,
+        git: report::git(),
+        machine: report::machine(),
+        wall_s: started.elapsed().as_secs_f64(),
+        scenarios,
+    };
+    let path = report::write_json(&cli.out, &stamp, &names, &run)?;
+    println!("{}", report::table(&run));
+    println!("results: {}", path.display());
+    Ok(())
+}

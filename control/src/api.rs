@@ -185,17 +185,17 @@ fn route(
                 let Some(_) = &peer.rdma else {
                     return Err(ApiError {
                         status: 409,
-                        message: format!("peer {} offers no RDMA engine (no device, or file-sync log files)", peer.name),
+                        message: format!(
+                            "peer {} offers no RDMA engine (no device, or file-sync log files)",
+                            peer.name
+                        ),
                     });
                 };
                 format!("{}{}", nvmirror_dataplane::transport::RDMA_SCHEME, peer.replication)
             } else {
                 peer.replication.clone()
             };
-            node.mirror_volume(
-                name,
-                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication },
-            )?;
+            node.mirror_volume(name, MirrorTarget { peer_name: peer.name, peer_control: body.to, replication })?;
             Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "cp"]) => {

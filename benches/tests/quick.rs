@@ -1,0 +1,106 @@
+//! Runs every scenario of the harness with `--quick` (a few iterations) and checks that the
+//! run's JSON result is well-formed: every scenario is there, every arm has numeric
+//! figures, every target has a ratio and a verdict. No timing is asserted: the figures of
+//! a quick run on a shared machine mean nothing.
+//!
+//! The end-to-end scenarios need the `nvmirror` node binary: the harness builds it with
+//! cargo itself (same profile and target directory as the harness).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+const SCENARIOS: [&str; 4] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep"];
+
+fn number(v: &Value, what: &str) -> f64 {
+    let n = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(n.is_finite() && n >= 0.0, "{what} is not a finite non-negative number: {n}");
+    n
+}
+
+fn check_arm(scenario: &str, arm: &Value) {
+    let name = arm["name"].as_str().unwrap_or_else(|| panic!("{scenario}: arm without a name: {arm}"));
+    let what = |f: &str| format!("{scenario}/{name}/{f}");
+    let ops = arm["ops"].as_u64().unwrap_or_else(|| panic!("{} is not an integer", what("ops")));
+    assert!(ops > 0, "{} is zero", what("ops"));
+    for f in ["wall_s", "throughput_ops_s", "cpu_us_per_op"] {
+        number(&arm[f], &what(f));
+    }
+    for p in ["p50", "p90", "p99", "p99.9", "max", "mean"] {
+        number(&arm["latency_us"][p], &what(&format!("latency_us.{p}")));
+    }
+    for f in ["round_p50_us", "round_throughput_ops_s"] {
+        let rounds = arm[f].as_array().unwrap_or_else(|| panic!("{} is not an array", what(f)));
+        assert!(!rounds.is_empty(), "{} is empty", what(f));
+        for r in rounds {
+            number(r, &what(f));
+        }
+    }
+}
+
+#[test]
+fn quick_run_writes_a_well_formed_result_for_every_scenario() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_nvmirror-benches"))
+        .args(["--quick", "--out"])
+        .arg(out.path())
+        .arg("all")
+        .output()
+        .expect("run the harness");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "harness failed ({}):\n{stdout}\n{stderr}", run.status);
+    for s in SCENARIOS {
+        assert!(stdout.contains(s), "the table lacks scenario {s}:\n{stdout}");
+    }
+
+    let files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one JSON file per run, found {files:?}");
+    let path: &Path = &files[0];
+    assert_eq!(path.extension().and_then(|e| e.to_str()), Some("json"));
+    let run: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).expect("result is valid JSON");
+
+    assert_eq!(run["quick"], Value::Bool(true));
+    for f in ["timestamp_utc", "command"] {
+        assert!(!run[f].is_null(), "run lacks {f}");
+    }
+    assert!(run["git"]["commit"].as_str().is_some_and(|c| !c.is_empty()), "no git commit");
+    let m = &run["machine"];
+    assert!(m["cpu_model"].as_str().is_some_and(|c| !c.is_empty()), "no CPU model");
+    assert!(m["cores"].as_u64().is_some_and(|c| c > 0), "no core count");
+    assert!(m["kernel"].as_str().is_some_and(|k| !k.is_empty()), "no kernel");
+    number(&run["wall_s"], "wall_s");
+
+    let scenarios = run["scenarios"].as_array().expect("scenarios array");
+    let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, SCENARIOS, "every scenario, in order");
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap();
+        assert!(s["cpu_counted"].as_str().is_some_and(|c| !c.is_empty()), "{name}: cpu_counted");
+        let arms = s["arms"].as_array().unwrap_or_else(|| panic!("{name}: arms"));
+        assert!(!arms.is_empty(), "{name}: no arms");
+        for arm in arms {
+            check_arm(name, arm);
+        }
+        match name {
+            "qd-sweep" => {
+                assert!(s["check"].is_null(), "qd-sweep has no target");
+                assert_eq!(arms.len(), 14, "mirrored and plain at 7 queue depths");
+                for arm in arms {
+                    assert!(arm["queue_depth"].as_u64().is_some(), "qd-sweep arm without a queue depth");
+                }
+            }
+            _ => {
+                let c = &s["check"];
+                number(&c["ratio"], &format!("{name}: ratio"));
+                number(&c["target"], &format!("{name}: target"));
+                assert!(c["pass"].is_boolean(), "{name}: pass is not a boolean");
+                for f in ["median", "min", "max"] {
+                    number(&c["per_round"][f], &format!("{name}: per_round.{f}"));
+                }
+                assert!(matches!(c["comparison"].as_str(), Some("<=" | ">=")), "{name}: comparison");
+            }
+        }
+    }
+}
