@@ -274,29 +274,8 @@ impl Mirror {
         drop(old);
     }
 
-    /// Accepts a connection from the source after checking who it is and its epoch.
-    pub fn attach(
-        self: &Arc<Self>,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-        rdma: Option<Arc<dyn RdmaPlacement>>,
-    ) -> Result<(Session, Welcome), (RefuseCode, String)> {
-        if self.fenced.load(Ordering::SeqCst) {
-            // Failed over here (or being): the source's epoch is stale, and it must know so
-            // that it stops taking writes, rather than retry.
-            let epoch = self.meta.lock().epoch;
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!("volume failed over to this node at epoch {epoch}; the source is stale"),
-            ));
-        }
-        // Quiesce the previous session's queued work and placements before looking at the logs.
-        self.drop_rdma_attachment();
-        self.barrier();
-        for log in &self.logs {
-            log.lock().rescan();
-        }
-        let mut meta = self.meta.lock();
+    /// Whether a hello may take over the mirror, given its metadata.
+    fn admit(&self, meta: &MirrorMeta, hello: &Hello) -> Result<(), (RefuseCode, String)> {
         if meta.promoted {
             return Err((
                 RefuseCode::StaleEpoch,
@@ -318,13 +297,47 @@ impl Mirror {
         if hello.volume_id != meta.volume_id && hello.intent == Intent::Resume {
             return Err((RefuseCode::Mismatch, "another volume of that name is mirrored here".into()));
         }
+        if hello.intent == Intent::Baseline && hello.volume_bytes != self.device.size() {
+            return Err((
+                RefuseCode::Mismatch,
+                format!("mirror volume is {} bytes, source {}", self.device.size(), hello.volume_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Accepts a connection from the source after checking who it is and its epoch.
+    pub fn attach(
+        self: &Arc<Self>,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+        rdma: Option<Arc<dyn RdmaPlacement>>,
+    ) -> Result<(Session, Welcome), (RefuseCode, String)> {
+        if self.fenced.load(Ordering::SeqCst) {
+            // Failed over here (or being): the source's epoch is stale, and it must know so
+            // that it stops taking writes, rather than retry.
+            let epoch = self.meta.lock().epoch;
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("volume failed over to this node at epoch {epoch}; the source is stale"),
+            ));
+        }
+        // Refuse before disturbing anything: a hello that is turned away must leave the
+        // current session, its queued work and its RDMA placements alone.
+        self.admit(&self.meta.lock(), hello)?;
+        // Quiesce the previous session's queued work and placements before looking at the logs.
+        self.drop_rdma_attachment();
+        self.barrier();
+        for log in &self.logs {
+            log.lock().rescan();
+        }
+        let mut meta = self.meta.lock();
+        // Checked again: a failover or another session may have come in meanwhile.
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err((RefuseCode::StaleEpoch, format!("volume failed over to this node at epoch {}", meta.epoch)));
+        }
+        self.admit(&meta, hello)?;
         if hello.intent == Intent::Baseline {
-            if hello.volume_bytes != self.device.size() {
-                return Err((
-                    RefuseCode::Mismatch,
-                    format!("mirror volume is {} bytes, source {}", self.device.size(), hello.volume_bytes),
-                ));
-            }
             for log in &self.logs {
                 log.lock().free().map_err(|e| (RefuseCode::Internal, e.to_string()))?;
             }
@@ -552,8 +565,13 @@ impl Mirror {
         let meta = self.meta.lock().clone();
         let mut used = 0u64;
         let mut persisted_seq = meta.applied_seq;
+        // Entries placed by RDMA pass no bookkeeping on this side: read the logs themselves.
+        let placed_by_rdma = self.rdma_attachment.lock().is_some();
         for log in &self.logs {
-            let l = log.lock();
+            let mut l = log.lock();
+            if placed_by_rdma {
+                l.rescan();
+            }
             used += l.tail() as u64;
             if let Some(s) = l.last_persisted_seq() {
                 persisted_seq = persisted_seq.max(s);

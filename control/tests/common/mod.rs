@@ -122,6 +122,18 @@ pub fn sigkill(pid: u32) {
     assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
 }
 
+/// The replication transport of the pairs: `tcp`, or `NVMIRROR_E2E_TRANSPORT` (hw-tests runs
+/// these tests with `rdma` in the soft-RoCE guest, from a `--features rdma` build).
+pub fn transport() -> String {
+    std::env::var("NVMIRROR_E2E_TRANSPORT").unwrap_or_else(|_| "tcp".into())
+}
+
+/// The address nodes replicate on: loopback, or `NVMIRROR_E2E_HOST` (for RDMA, the address
+/// of the RDMA interface).
+pub fn replication_host() -> String {
+    std::env::var("NVMIRROR_E2E_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
 /// Two nodes (`site-a` is the source, `site-b` the destination) in a temporary directory.
 /// When a test panics, the tails of both node logs are printed (and the directory is kept
 /// with `NVMIRROR_E2E_KEEP=1`).
@@ -136,8 +148,9 @@ impl Pair {
     pub fn start(tag: &str) -> Pair {
         let dir = tempfile::Builder::new().prefix(&format!("nvmirror-e2e-{tag}-")).tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        let src = NodeProc::start(&bin(), "site-a", &root.join("site-a"), &[]).expect("start site-a");
-        let dst = NodeProc::start(&bin(), "site-b", &root.join("site-b"), &[]).expect("start site-b");
+        let host = replication_host();
+        let src = NodeProc::start_on(&bin(), "site-a", &root.join("site-a"), &host, &[]).expect("start site-a");
+        let dst = NodeProc::start_on(&bin(), "site-b", &root.join("site-b"), &host, &[]).expect("start site-b");
         Pair { dir: Some(dir), root, src, dst }
     }
 
@@ -217,7 +230,7 @@ pub fn create_volume(api: &Client, vol: &str, size: u64, log_bytes: Option<u64>)
 pub fn mirror(api: &Client, vol: &str, to: &str) -> Result<Value> {
     api.post(
         &format!("/v1/volumes/{vol}/mirror"),
-        &MirrorRequest { to: to.into(), transport: "tcp".into(), policy: "strict".into() },
+        &MirrorRequest { to: to.into(), transport: transport(), policy: "strict".into() },
     )
 }
 
