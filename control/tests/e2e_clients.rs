@@ -11,13 +11,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use common::*;
-use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
 use nvmirror_dataplane::usize_of;
 
@@ -179,25 +175,8 @@ fn nbd_port_garbage_does_not_disturb_a_writer() {
     pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
     let nbd = pair.src.nbd.clone();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(AtomicU64::new(0));
-    let (stop2, acks2, nbd2) = (stop.clone(), acks.clone(), nbd.clone());
-    let writer = thread::spawn(move || {
-        let mut w = Workload::new(0, 2048, seed);
-        let mut c = NbdClient::connect(nbd2.as_str(), VOL).expect("NBD connect");
-        // Bounded: 600 rounds of 50 writes at most.
-        for _ in 0..600 {
-            w.run(&mut c, 4, 50, |a| acks2.store(a, Ordering::SeqCst)).expect("writes");
-            if stop2.load(Ordering::SeqCst) || w.errors > 0 {
-                break;
-            }
-        }
-        w
-    });
-    let acks_at_start = wait_for("the writer to start", Duration::from_secs(30), || {
-        let a = acks.load(Ordering::SeqCst);
-        Ok((a > 50).then_some(a))
-    });
+    let writer = BackgroundWriter::start(nbd.as_str(), VOL, seed);
+    let acks_at_start = writer.acks_at_start;
     let t = Duration::from_secs(40);
     let greeting = |b: &[u8]| b.len() >= 18 && b[..8] == *b"NBDMAGIC" && b[8..16] == *b"IHAVEOPT";
 
@@ -228,9 +207,9 @@ fn nbd_port_garbage_does_not_disturb_a_writer() {
     half.write_all(&1u32.to_be_bytes()).expect("client flags");
     half.write_all(b"IHAVEOPT\x00\x00").expect("half an option");
     let idle: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(&nbd).expect("connect")).collect();
-    let a = acks.load(Ordering::SeqCst);
+    let a = writer.acks();
     wait_for("the writer to progress past the half-open connections", Duration::from_secs(30), || {
-        Ok((acks.load(Ordering::SeqCst) > a + 200).then_some(()))
+        Ok((writer.acks() > a + 200).then_some(()))
     });
 
     // 3. An option with an absurd length, a full handshake then a bad request magic, an
@@ -274,9 +253,8 @@ fn nbd_port_garbage_does_not_disturb_a_writer() {
 
     drop(half);
     drop(idle);
-    let acks_before_stop = acks.load(Ordering::SeqCst);
-    stop.store(true, Ordering::SeqCst);
-    let w = writer.join().expect("writer");
+    let acks_before_stop = writer.acks();
+    let w = writer.finish();
     println!(
         "nbdfuzz: writer {} writes, {} acked, {} failed ({} acks during the garbage)",
         w.writes,

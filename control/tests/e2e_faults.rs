@@ -7,8 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -307,25 +306,8 @@ fn replication_port_survives_hostile_input() {
     let repl = pair.dst.replication.clone();
 
     // Checked writes through the real mirror all along.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(AtomicU64::new(0));
-    let (stop2, acks2, nbd) = (stop.clone(), acks.clone(), pair.src.nbd.clone());
-    let writer = thread::spawn(move || {
-        let mut w = Workload::new(0, 2048, seed);
-        let mut c = NbdClient::connect(nbd.as_str(), VOL).expect("NBD connect");
-        // Bounded: 600 rounds of 50 writes at most.
-        for _ in 0..600 {
-            w.run(&mut c, 4, 50, |a| acks2.store(a, Ordering::SeqCst)).expect("writes");
-            if stop2.load(Ordering::SeqCst) || w.errors > 0 {
-                break;
-            }
-        }
-        w
-    });
-    let acks_at_start = wait_for("the writer to start", Duration::from_secs(30), || {
-        let a = acks.load(Ordering::SeqCst);
-        Ok((a > 50).then_some(a))
-    });
+    let writer = BackgroundWriter::start(&pair.src.nbd, VOL, seed);
+    let acks_at_start = writer.acks_at_start;
     // Persisted sequence numbers, which both engines report (RDMA placements pass no
     // entry counter on the destination).
     let persisted_before = mirror_status(&pair.dst_api(), VOL).expect("mirror status")["persisted_seq"].as_u64();
@@ -419,10 +401,9 @@ fn replication_port_survives_hostile_input() {
     expect_rejected("an entries frame cut short", &f, &end, "");
 
     // The node kept serving the real mirror throughout.
-    let acks_before_stop = acks.load(Ordering::SeqCst);
+    let acks_before_stop = writer.acks();
     thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    let w = writer.join().expect("writer");
+    let w = writer.finish();
     println!("replfuzz: writer {} writes, {} acked, {} failed during the bad input", w.writes, w.acks, w.errors);
     assert_eq!(w.errors, 0, "writes through the real mirror failed while the bad input came in");
     assert!(

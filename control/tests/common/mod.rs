@@ -429,3 +429,49 @@ pub fn read_until_close(s: &mut TcpStream) -> (Vec<u8>, ReadEnd) {
     }
     (got, ReadEnd::Other("more than 1 MiB came back".into()))
 }
+
+/// A checked writer on its own NBD connection, running until stopped (bounded: 600 rounds
+/// of 50 writes at most) or until a write fails.
+pub struct BackgroundWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub acks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<Workload>,
+    /// Acknowledged writes once the writer was under way.
+    pub acks_at_start: u64,
+}
+
+impl BackgroundWriter {
+    pub fn start(nbd: &str, volume: &str, seed: u64) -> BackgroundWriter {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
+        let (stop2, acks2, nbd, volume) = (stop.clone(), acks.clone(), nbd.to_string(), volume.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut w = Workload::new(0, 2048, seed);
+            let mut c = NbdClient::connect(nbd.as_str(), &volume).expect("NBD connect");
+            for _ in 0..600 {
+                w.run(&mut c, 4, 50, |a| acks2.store(a, Ordering::SeqCst)).expect("writes");
+                if stop2.load(Ordering::SeqCst) || w.errors > 0 {
+                    break;
+                }
+            }
+            w
+        });
+        let acks_at_start = wait_for("the writer to start", Duration::from_secs(30), || {
+            let a = acks.load(Ordering::SeqCst);
+            Ok((a > 50).then_some(a))
+        });
+        BackgroundWriter { stop, acks, thread, acks_at_start }
+    }
+
+    pub fn acks(&self) -> u64 {
+        self.acks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops the writer and returns its record.
+    pub fn finish(self) -> Workload {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("writer")
+    }
+}
