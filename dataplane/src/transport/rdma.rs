@@ -375,7 +375,9 @@ impl RdmaLink {
     }
 
     /// Places `bytes` at `offset` of partition `p`'s remote log file.
-    fn place(&mut self, p: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
+    /// `entries`: the bytes are whole entries (their last sequence number is acked), not a
+    /// partition header.
+    fn place(&mut self, p: u8, offset: u64, bytes: &[u8], entries: bool) -> Result<(), LinkError> {
         self.check()?;
         let region = self.regions[p as usize];
         if offset + bytes.len() as u64 > region.len || bytes.len() > self.staging.len() / 2 {
@@ -427,14 +429,15 @@ impl RdmaLink {
             return Err(LinkError::Closed(reason));
         }
         self.head = at + bytes.len();
-        self.inflight.push_back(Batch { wr_id, seq: last_seq(bytes), ring_end: self.head, posted: Instant::now() });
+        let seq = if entries { last_seq(bytes) } else { None };
+        self.inflight.push_back(Batch { wr_id, seq, ring_end: self.head, posted: Instant::now() });
         Ok(())
     }
 }
 
 impl Link for RdmaLink {
     fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
-        self.place(partition, offset, bytes)
+        self.place(partition, offset, bytes, true)
     }
 
     fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError> {
@@ -444,9 +447,9 @@ impl Link for RdmaLink {
             Message::PartitionOpen { header } => {
                 let mut h = [0u8; 2 * PARTITION_HEADER_BYTES];
                 h[..PARTITION_HEADER_BYTES].copy_from_slice(header);
-                self.place(header[6], 0, &h)
+                self.place(header[6], 0, &h, false)
             }
-            Message::Entries { partition, offset, bytes } => self.place(*partition, *offset, bytes),
+            Message::Entries { partition, offset, bytes } => self.place(*partition, *offset, bytes, true),
             other => {
                 let barrier = self.next_wr - 1;
                 if barrier <= self.done_wr && self.held.is_empty() {

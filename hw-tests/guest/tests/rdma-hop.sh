@@ -1,7 +1,8 @@
 # The RDMA engine's durable append of a 4 KiB entry at queue depth 1 (WRITE + READ after
 # it, through the real link and the real destination: hw-tests/src/bin/hw-rdma-hop.rs),
 # interleaved three times with its floor, perftest's ib_read_lat of 4 KiB on the same rxe
-# device. Reports both medians and their ratio; the ratio is a figure, not a pass
+# device; each round ends with a torn placement (the last entry of a batch only partly
+# placed) that failover must replay up to, never past. Reports both medians and their ratio; the ratio is a figure, not a pass
 # condition (benches/README.md holds the target and the latest figures).
 . "$HWT_REPO/hw-tests/guest/lib.sh"
 hwt_need rxe
@@ -18,6 +19,7 @@ for round in 1 2 3; do
     out=$("$bin" --addr "$HWT_RXE_ADDR:$port" --dir "$dir" --ops "${HWT_PERFTEST_ITERS:-1000}" 2>&1) ||
         { echo "$out"; hwt_fail "hw-rdma-hop round $round failed"; }
     echo "$out"
+    grep -q "^torn placement: 9 whole entries replayed" <<<"$out" || hwt_fail "round $round: no torn-placement check"
     ours+=("$(sed -n 's/^hwt-figure: rdma_append_4096B_p50_us=//p' <<<"$out")")
     rm -rf "$dir"
     port=$((port + 1))
