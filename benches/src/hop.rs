@@ -30,16 +30,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta};
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, SingleMirror};
 use nvmirror_dataplane::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES};
 use nvmirror_dataplane::log::{Checkpoint, NvLog, PARTITIONS};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramMode};
 use nvmirror_dataplane::storage::FileDevice;
 use nvmirror_dataplane::transport::tcp::{self, TcpConnector, TcpLink};
-use nvmirror_dataplane::transport::{
-    Connector, FrameHandler, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, RefuseCode, Reply, ReplySink,
-    Welcome,
-};
+use nvmirror_dataplane::transport::{Connector, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, Reply};
 use serde_json::json;
 
 use crate::floor::PingPong;
@@ -91,20 +88,6 @@ impl MetaStore for FileMeta {
         fs::write(&tmp, serde_json::to_vec(meta).map_err(io::Error::other)?)?;
         fs::File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, &self.0)
-    }
-}
-
-/// A destination node hosting exactly one mirror.
-struct OneMirror(Arc<Mirror>);
-
-impl MirrorDirectory for OneMirror {
-    fn attach(
-        &self,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let (session, welcome) = self.0.attach(hello, sink, None)?;
-        Ok((Box::new(session), welcome))
     }
 }
 
@@ -249,7 +232,7 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let directory: Arc<dyn MirrorDirectory> = Arc::new(OneMirror(mirror.clone()));
+    let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: None });
     let server = Server {
         addr: addr.clone(),
         stop: stop.clone(),

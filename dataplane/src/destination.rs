@@ -827,3 +827,21 @@ fn msg_name(m: &Message<'_>) -> &'static str {
         _ => "data",
     }
 }
+
+/// A directory of exactly one mirror, for what hosts a mirror without a node (benchmarks,
+/// the hardware tests).
+pub struct SingleMirror {
+    pub mirror: Arc<Mirror>,
+    pub rdma: Option<Arc<dyn RdmaPlacement>>,
+}
+
+impl crate::transport::MirrorDirectory for SingleMirror {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+        let (session, welcome) = self.mirror.attach(hello, sink, self.rdma.clone())?;
+        Ok((Box::new(session), welcome))
+    }
+}

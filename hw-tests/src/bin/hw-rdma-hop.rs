@@ -20,16 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, RdmaPlacement};
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, SingleMirror};
 use nvmirror_dataplane::format::{EntryHeader, EntryKind, PartitionHeader};
 use nvmirror_dataplane::log::NvLog;
 use nvmirror_dataplane::nvram::{MappedNvram, MemNvram, Nvram, NvramMode};
 use nvmirror_dataplane::storage::FileDevice;
 use nvmirror_dataplane::transport::rdma::{RdmaConnector, RdmaService};
-use nvmirror_dataplane::transport::{
-    tcp, Connector, FrameHandler, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, RefuseCode, Reply,
-    ReplySink, Welcome,
-};
+use nvmirror_dataplane::transport::{tcp, Connector, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, Reply};
 
 const VOLUME_ID: u64 = 0x6877_7264_6d61_0001;
 const PARTITION_BYTES: usize = 32 << 20;
@@ -41,22 +38,6 @@ struct NoMeta;
 impl MetaStore for NoMeta {
     fn save(&self, _: &MirrorMeta) -> io::Result<()> {
         Ok(())
-    }
-}
-
-struct OneMirror {
-    mirror: Arc<Mirror>,
-    rdma: Arc<dyn RdmaPlacement>,
-}
-
-impl MirrorDirectory for OneMirror {
-    fn attach(
-        &self,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let (s, w) = self.mirror.attach(hello, sink, Some(self.rdma.clone()))?;
-        Ok((Box::new(s), w))
     }
 }
 
@@ -91,7 +72,7 @@ fn main() -> Result<()> {
     let mirror = Mirror::open(MirrorMeta::new(&hello), Box::new(NoMeta), logs, device)?;
     let rdma = RdmaService::start(addr).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
-    let directory: Arc<dyn MirrorDirectory> = Arc::new(OneMirror { mirror: mirror.clone(), rdma });
+    let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
     std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false))));
 
     // The source.
