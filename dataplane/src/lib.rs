@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod log;
 pub mod nvram;
 pub mod poller;
+pub mod raid;
 pub mod source;
 pub mod storage;
 pub mod transport;

@@ -1,9 +1,11 @@
 //! Block devices: where volumes live.
 //!
-//! The mirror logic reads and writes volumes only through [`BlockDevice`]. Backends: a
-//! plain file or block device through `pread`/`pwrite` ([`FileDevice`]) and process
-//! memory for tests ([`MemDevice`]). The io_uring, NVMe passthrough and RAID-4 engines plug
-//! in behind the same trait.
+//! The mirror logic reads and writes volumes only through [`BlockDevice`]. Engines: a
+//! plain file or block device through `pread`/`pwrite` ([`FileDevice`]), io_uring with
+//! O_DIRECT and registered buffers ([`UringDevice`]), NVMe passthrough through io_uring
+//! `uring_cmd` on a `/dev/ngXnY` char device ([`NvmeDevice`]), and process memory for
+//! tests ([`MemDevice`]). The RAID-4 layer (`crate::raid`) is itself a `BlockDevice` over
+//! member devices of any engine. Each disk names its engine in a [`DiskSpec`].
 
 mod file;
 mod mem;
@@ -11,9 +13,26 @@ mod mem;
 pub use file::FileDevice;
 pub use mem::MemDevice;
 
+use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::format::BLOCK_BYTES;
+
+/// One write of a batch: `buf` goes to `offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOp<'a> {
+    pub offset: u64,
+    pub buf: &'a [u8],
+}
+
+/// One read of a batch: `buf` is filled from `offset`.
+#[derive(Debug)]
+pub struct ReadOp<'a> {
+    pub offset: u64,
+    pub buf: &'a mut [u8],
+}
 
 pub trait BlockDevice: Send + Sync {
     /// Size in bytes, a multiple of [`BLOCK_BYTES`].
@@ -33,6 +52,49 @@ pub trait BlockDevice: Send + Sync {
         }
         Ok(())
     }
+    /// Writes a batch; engines with a submission queue submit it in one go. Returns once
+    /// every write has completed; on an error some writes of the batch may have landed.
+    fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
+        ops.iter().try_for_each(|op| self.write_at(op.buf, op.offset))
+    }
+    /// Reads a batch; engines with a submission queue submit it in one go.
+    fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
+        ops.iter_mut().try_for_each(|op| self.read_at(op.buf, op.offset))
+    }
+    /// Marks the start (`true`) and end (`false`) of a redo: rewriting, from a log, writes
+    /// that a crash may have interrupted. While it lasts, engines with redundancy must not
+    /// trust the redundancy of what they rewrite (the RAID layer recomputes parity from
+    /// the data instead of updating it). Plain engines have nothing to do.
+    fn set_redo(&self, on: bool) {
+        let _ = on;
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
+        (**self).write_many(ops)
+    }
+    fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
+        (**self).read_many(ops)
+    }
+    fn set_redo(&self, on: bool) {
+        (**self).set_redo(on)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
@@ -43,5 +105,100 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
             io::ErrorKind::InvalidInput,
             format!("range {offset}+{len} is beyond the device end {size}"),
         )),
+    }
+}
+
+/// The I/O engine of one disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// `pread`/`pwrite` on a file or block device, through the page cache.
+    Pread,
+    /// io_uring, O_DIRECT, registered buffers, batched submission.
+    Uring,
+    /// NVMe read/write commands through io_uring `uring_cmd` on a `/dev/ngXnY` char device.
+    Nvme,
+}
+
+impl Engine {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Engine::Pread => "pread",
+            Engine::Uring => "uring",
+            Engine::Nvme => "nvme",
+        }
+    }
+}
+
+/// A disk as given on the command line: `[ENGINE:]PATH`, the engine one of `pread`,
+/// `uring`, `nvme`. Without a prefix: `nvme` for an NVMe char device (`/dev/ngXnY`),
+/// `pread` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpec {
+    pub engine: Engine,
+    pub path: PathBuf,
+}
+
+impl DiskSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (engine, path) = match s.split_once(':') {
+            Some(("pread", p)) => (Some(Engine::Pread), p),
+            Some(("uring", p)) => (Some(Engine::Uring), p),
+            Some(("nvme", p)) => (Some(Engine::Nvme), p),
+            _ => (None, s),
+        };
+        if path.is_empty() {
+            return Err(format!("disk {s:?} names no path (expected [pread:|uring:|nvme:]PATH)"));
+        }
+        let path = PathBuf::from(path);
+        let engine = engine.unwrap_or_else(|| if is_nvme_char_device(&path) { Engine::Nvme } else { Engine::Pread });
+        Ok(Self { engine, path })
+    }
+
+    /// Opens the disk, creating a regular file of `size` bytes where none exists (never for
+    /// NVMe). `size: None` opens an existing disk at its own size.
+    pub fn open(&self, size: Option<u64>) -> io::Result<Arc<dyn BlockDevice>> {
+        match self.engine {
+            Engine::Pread => Ok(Arc::new(match size {
+                Some(size) => FileDevice::create(&self.path, size)?,
+                None => FileDevice::open(&self.path)?,
+            })),
+            Engine::Uring | Engine::Nvme => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("disk {self}: the {} engine is not available in this build", self.engine.name()),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.engine.name(), self.path.display())
+    }
+}
+
+/// `/dev/ngXnY`: the NVMe generic char device of a namespace.
+fn is_nvme_char_device(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ng") && n[2..].split_once('n').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs_parse() {
+        let d = DiskSpec::parse("uring:/tmp/a").unwrap();
+        assert_eq!((d.engine, d.path.as_path()), (Engine::Uring, Path::new("/tmp/a")));
+        assert_eq!(DiskSpec::parse("/tmp/b").unwrap().engine, Engine::Pread);
+        assert_eq!(DiskSpec::parse("/dev/ng0n1").unwrap().engine, Engine::Nvme);
+        assert_eq!(DiskSpec::parse("pread:/dev/ng0n1").unwrap().engine, Engine::Pread);
+        assert_eq!(DiskSpec::parse("/dev/nvme0n1").unwrap().engine, Engine::Pread);
+        // An unknown prefix is part of the path, as in `./a:b`.
+        assert_eq!(DiskSpec::parse("x:y").unwrap().path, Path::new("x:y"));
+        assert!(DiskSpec::parse("uring:").is_err());
+        assert_eq!(DiskSpec::parse("nvme:/dev/ng1n2").unwrap().to_string(), "nvme:/dev/ng1n2");
     }
 }

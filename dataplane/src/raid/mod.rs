@@ -1,0 +1,2 @@
+//! RAID-4: N data disks and one dedicated parity disk.
+pub mod xor;
