@@ -7,9 +7,11 @@
 //! tests ([`MemDevice`]). The RAID-4 layer (`crate::raid`) is itself a `BlockDevice` over
 //! member devices of any engine. Each disk names its engine in a [`DiskSpec`].
 
+pub mod fault;
 mod file;
 mod mem;
 
+pub use fault::{FaultDevice, FaultPlan};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 
@@ -94,6 +96,22 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn set_redo(&self, on: bool) {
         (**self).set_redo(on)
+    }
+}
+
+/// Marks a redo on a device for as long as it lives (see [`BlockDevice::set_redo`]).
+pub struct RedoGuard<'a>(&'a dyn BlockDevice);
+
+impl<'a> RedoGuard<'a> {
+    pub fn new(dev: &'a dyn BlockDevice) -> Self {
+        dev.set_redo(true);
+        Self(dev)
+    }
+}
+
+impl Drop for RedoGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_redo(false);
     }
 }
 
