@@ -8,13 +8,15 @@
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
+//! | GET | /v1/volumes/VOL/storage | | the RAID-4 status of the volume (or mirror) VOL |
+//! | POST | /v1/volumes/VOL/scrub | [`ScrubRequest`] | `{}` once the scrub has started |
+//! | POST | /v1/volumes/VOL/replace-disk | [`ReplaceDisk`] | `{"member": i}` once the rebuild has started |
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. Bodies above [`BODY_MAX`]
 //! bytes are refused before they are read whole.
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -24,7 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::node::{MirrorTarget, Node};
+use nvmirror_dataplane::storage::Engine;
+
+use crate::node::{CreateLayout, MirrorTarget, Node};
+use crate::storage::storage_from_args;
 
 pub const BODY_MAX: u64 = 64 * 1024;
 
@@ -33,17 +38,44 @@ pub const BODY_MAX: u64 = 64 * 1024;
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,
+    /// Disks as `[ENGINE:]PATH`: one alone, or the data disks of a RAID-4 volume.
     #[serde(default)]
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<String>,
     #[serde(default)]
-    pub parity: Option<PathBuf>,
+    pub parity: Option<String>,
     #[serde(default)]
     pub stripe_unit: Option<u64>,
+    /// Data disks of a RAID-4 volume made of data-dir files (default: the node's).
+    #[serde(default)]
+    pub data_disks: Option<u32>,
+    /// Engine of the data-dir files: pread or uring (default: the node's).
+    #[serde(default)]
+    pub engine: Option<String>,
     #[serde(default)]
     pub log_bytes: Option<u64>,
     /// Send CPs to the mirror by value instead of by reference.
     #[serde(default)]
     pub cp_by_value: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubRequest {
+    /// Bytes read per second at most.
+    #[serde(default)]
+    pub rate: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceDisk {
+    /// The member to replace: its index, path or `ENGINE:PATH`.
+    pub old: String,
+    /// The new disk, `[ENGINE:]PATH`: a new file or a device.
+    pub new: String,
+    /// Bytes rebuilt per second at most.
+    #[serde(default)]
+    pub rate: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,14 +180,25 @@ fn route(
         (Get, ["v1", "status"]) => Ok(serde_json::to_value(node.status()).expect("serializable")),
         (Post, ["v1", "volumes"]) => {
             let body: CreateVolume = read_body(request)?;
-            if body.parity.is_some() || body.stripe_unit.is_some() {
-                return Err(bad_request(
-                    "--parity and --stripe-unit need the RAID-4 layer, which this build does not have yet",
-                ));
-            }
+            let storage =
+                storage_from_args(&body.disks, body.parity.as_deref()).map_err(|e| bad_request(e.to_string()))?;
+            let stripe_unit = body
+                .stripe_unit
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|_| bad_request("stripe unit too large (16M at most)"))?;
+            let engine = match body.engine.as_deref() {
+                None => None,
+                Some("pread") => Some(Engine::Pread),
+                Some("uring") => Some(Engine::Uring),
+                Some(other) => {
+                    return Err(bad_request(format!("unknown engine {other:?} for data-dir files: pread or uring")))
+                }
+            };
+            let layout = CreateLayout { data_disks: body.data_disks, stripe_unit, engine };
             let log_bytes =
                 body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
-            let rec = node.create_volume(&body.name, body.size, &body.disks, log_bytes, body.cp_by_value)?;
+            let rec = node.create_volume(&body.name, body.size, storage, layout, log_bytes, body.cp_by_value)?;
             Ok(serde_json::to_value(rec).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "mirror"]) => {
@@ -205,6 +248,20 @@ fn route(
         (Post, ["v1", "volumes", name, "failover"]) => {
             let report = node.failover(name)?;
             Ok(serde_json::to_value(report).expect("serializable"))
+        }
+        (Get, ["v1", "volumes", name, "storage"]) => {
+            let (_, raid) = node.raid(name).map_err(|e| ApiError { status: 404, message: format!("{e:#}") })?;
+            Ok(serde_json::to_value(raid.status()).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "scrub"]) => {
+            let body: ScrubRequest = read_body(request)?;
+            node.scrub(name, body.rate)?;
+            Ok(json!({}))
+        }
+        (Post, ["v1", "volumes", name, "replace-disk"]) => {
+            let body: ReplaceDisk = read_body(request)?;
+            let member = node.replace_disk(name, &body.old, &body.new, body.rate)?;
+            Ok(json!({ "member": member }))
         }
         _ => Err(ApiError { status: 404, message: format!("no such endpoint: {method} {url}") }),
     }

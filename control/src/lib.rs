@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod node;
 pub mod quickstart;
 pub mod size;
+pub mod storage;
 pub mod workload;

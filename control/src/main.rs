@@ -66,6 +66,16 @@ struct NodeArgs {
     /// Keep node state in etcd (etcd://HOST:PORT).
     #[arg(long)]
     state: Option<String>,
+    /// Data disks of the RAID-4 volumes this node makes from data-dir files, and of the
+    /// mirrors it hosts.
+    #[arg(long, default_value_t = nvmirror_control::storage::DATA_DISKS_DEFAULT)]
+    raid_data_disks: u32,
+    /// Stripe unit of those RAID-4 volumes (K/M suffixes).
+    #[arg(long, default_value = "64K")]
+    raid_stripe_unit: String,
+    /// I/O engine of those volumes' files: pread or uring.
+    #[arg(long, default_value = "pread")]
+    raid_engine: String,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +111,20 @@ enum CtlCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check every block's checksum and every stripe's parity of a volume (or of the
+    /// mirror of that name), repairing what can be repaired.
+    Scrub {
+        volume: String,
+        /// Bytes read per second at most (K/M/G suffixes).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Return once the scrub has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,13 +134,23 @@ enum VolumeCmd {
         /// Size, with K/M/G/T suffixes (powers of 1024).
         #[arg(long)]
         size: String,
-        /// Device or file for the volume (default: a file in the data dir).
+        /// A disk, `[pread:|uring:|nvme:]PATH`: one alone (no redundancy), or, repeated,
+        /// the data disks of a RAID-4 volume with --parity. Default: RAID-4 over files in
+        /// the data dir.
         #[arg(long)]
-        disk: Vec<PathBuf>,
+        disk: Vec<String>,
+        /// The parity disk of a RAID-4 volume.
         #[arg(long)]
-        parity: Option<PathBuf>,
+        parity: Option<String>,
+        /// RAID-4 stripe unit (K/M suffixes; default the node's, 64K).
         #[arg(long)]
         stripe_unit: Option<String>,
+        /// Data disks of a RAID-4 volume made of data-dir files (default the node's, 3).
+        #[arg(long)]
+        data_disks: Option<u32>,
+        /// Engine of the data-dir files: pread or uring (default the node's).
+        #[arg(long)]
+        engine: Option<String>,
         /// Size of each of the two NVLog partitions (default 16M).
         #[arg(long)]
         log_size: Option<String>,
@@ -124,6 +158,22 @@ enum VolumeCmd {
         /// reference to the mirror's log files.
         #[arg(long)]
         cp_by_value: bool,
+    },
+    /// Replace a member of a RAID-4 volume and rebuild onto the new disk.
+    ReplaceDisk {
+        name: String,
+        /// The member to replace: its index (0.., parity last) or its path.
+        #[arg(long)]
+        old: String,
+        /// The new disk, `[pread:|uring:|nvme:]PATH`: a new file or a device.
+        #[arg(long)]
+        new: String,
+        /// Bytes rebuilt per second at most (K/M/G suffixes).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Return once the rebuild has started.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -159,7 +209,19 @@ fn run_node(a: NodeArgs) -> Result<()> {
     let control_addr = control.server_addr().to_ip().ok_or_else(|| anyhow!("control address is not IP"))?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
+    let raid = nvmirror_control::storage::RaidDefaults {
+        data_disks: a.raid_data_disks,
+        stripe_unit: u32::try_from(size::parse(&a.raid_stripe_unit)?).context("--raid-stripe-unit too large")?,
+        engine: match a.raid_engine.as_str() {
+            "pread" => nvmirror_dataplane::storage::Engine::Pread,
+            "uring" => nvmirror_dataplane::storage::Engine::Uring,
+            other => bail!("--raid-engine {other:?}: pread or uring"),
+        },
+    };
+    nvmirror_dataplane::raid::Geometry::new(raid.data_disks, raid.stripe_unit, 1 << 20)
+        .map_err(|e| anyhow!("--raid-data-disks / --raid-stripe-unit: {e}"))?;
     let node = Node::open(NodeConfig {
+        raid,
         name: name.clone(),
         data_dir: a.data_dir,
         nvram,
@@ -189,7 +251,8 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
     let client = Client::new(addr);
     match cmd {
         CtlCmd::Volume {
-            cmd: VolumeCmd::Create { name, size: sz, disk, parity, stripe_unit, log_size, cp_by_value },
+            cmd:
+                VolumeCmd::Create { name, size: sz, disk, parity, stripe_unit, data_disks, engine, log_size, cp_by_value },
         } => {
             let body = CreateVolume {
                 name: name.clone(),
@@ -197,11 +260,68 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 disks: disk,
                 parity,
                 stripe_unit: stripe_unit.as_deref().map(size::parse).transpose()?,
+                data_disks,
+                engine,
                 log_bytes: log_size.as_deref().map(size::parse).transpose()?,
                 cp_by_value,
             };
             let rec: Value = client.post("/v1/volumes", &body)?;
-            println!("created volume {name}: {} bytes at {}", rec["size"], rec["device"].as_str().unwrap_or("?"));
+            println!("created volume {name}: {} bytes on {}", rec["size"], describe_storage(&rec["storage"]));
+        }
+        CtlCmd::Volume { cmd: VolumeCmd::ReplaceDisk { name, old, new, rate, no_wait } } => {
+            let rate = rate.as_deref().map(size::parse).transpose()?;
+            let r: Value = client.post(
+                &format!("/v1/volumes/{name}/replace-disk"),
+                &api::ReplaceDisk { old: old.clone(), new: new.clone(), rate },
+            )?;
+            println!("volume {name}: member {} ({old}) replaced by {new}; rebuilding", r["member"]);
+            if !no_wait {
+                let s = wait_storage_op(&client, &name, "rebuild", |s| {
+                    s["members"].as_array().is_some_and(|ms| ms.iter().all(|m| m["state"] != "rebuilding"))
+                })?;
+                if s["degraded"].as_bool() == Some(true) {
+                    bail!("volume {name} is still degraded after the rebuild: {}", member_problems(&s));
+                }
+                println!("volume {name}: rebuilt; all members in sync");
+            }
+        }
+        CtlCmd::Scrub { volume, rate, no_wait, json } => {
+            let rate = rate.as_deref().map(size::parse).transpose()?;
+            let before: Value = client.get(&format!("/v1/volumes/{volume}/storage"))?;
+            let _: Value = client.post(&format!("/v1/volumes/{volume}/scrub"), &api::ScrubRequest { rate })?;
+            if no_wait {
+                println!("scrub of {volume} started");
+                return Ok(());
+            }
+            let s = wait_storage_op(&client, &volume, "scrub", |s| {
+                !s["last_scrub"].is_null() && s["last_scrub"] != before["last_scrub"]
+            })?;
+            let r = &s["last_scrub"];
+            if json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                println!(
+                    "scrub of {volume}: {}: {} rows, {} blocks checked; {} checksum errors, {} checksums corrected, {} parity mismatches, {} blocks repaired, {} unrecoverable{}",
+                    r["result"].as_str().unwrap_or("?"),
+                    r["rows_checked"],
+                    r["blocks_checked"],
+                    r["checksum_errors"],
+                    r["checksums_corrected"],
+                    r["parity_mismatches"],
+                    r["blocks_repaired"],
+                    r["unrecoverable"],
+                    if r["rows_degraded"].as_u64().unwrap_or(0) > 0 {
+                        format!(" ({} rows checked degraded: parity not comparable)", r["rows_degraded"])
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            if r["unrecoverable"].as_u64().unwrap_or(0) > 0
+                || r["result"].as_str().is_some_and(|x| x.starts_with("aborted"))
+            {
+                bail!("scrub of {volume} found what it could not repair");
+            }
         }
         CtlCmd::Mirror { volume, to, transport, policy, no_wait, timeout } => {
             let _: Value = client
@@ -239,6 +359,116 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits for the running scrub or rebuild of `volume` to end, with a progress line;
+/// returns the storage status after it.
+fn wait_storage_op(client: &Client, volume: &str, op: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+    let mut last_line = String::new();
+    let started = Instant::now();
+    loop {
+        let s: Value = client.get(&format!("/v1/volumes/{volume}/storage"))?;
+        let p = &s[op];
+        if p.is_null() && done(&s) {
+            if !last_line.is_empty() {
+                eprintln!();
+            }
+            return Ok(s);
+        }
+        let done = p["done_bytes"].as_u64().unwrap_or(0);
+        let total = p["total_bytes"].as_u64().unwrap_or(1).max(1);
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let line = format!(
+            "\r{volume}: {op} {:5.1}% ({} / {} MiB, {:.0} MiB/s)",
+            done as f64 * 100.0 / total as f64,
+            done >> 20,
+            total >> 20,
+            (done >> 20) as f64 / secs
+        );
+        if line != last_line {
+            eprint!("{line}");
+            last_line = line;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn member_problems(s: &Value) -> String {
+    let empty = Vec::new();
+    s["members"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|m| m["state"] != "in-sync")
+        .map(|m| {
+            format!(
+                "member {} ({}) {}{}",
+                m["index"],
+                m["disk"].as_str().unwrap_or("?"),
+                m["state"].as_str().unwrap_or("?"),
+                m["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_storage(s: &Value) -> String {
+    let empty = Vec::new();
+    let disks: Vec<&str> = s["disks"].as_array().unwrap_or(&empty).iter().filter_map(|d| d["path"].as_str()).collect();
+    match s["layout"].as_str() {
+        Some("raid4") if !disks.is_empty() => {
+            format!("RAID-4, {} data disks + parity {}", disks.len() - 1, disks.last().copied().unwrap_or("?"))
+        }
+        Some("single") => format!("{} (single disk, no redundancy)", s["disk"]["path"].as_str().unwrap_or("?")),
+        _ => s.to_string(),
+    }
+}
+
+/// One line about a volume's storage for `ctl status`.
+fn storage_line(s: &Value) -> Option<String> {
+    match s["level"].as_str()? {
+        "raid4" => {
+            let c = &s["counters"];
+            let mut line = format!(
+                "raid4 {}+1, {} unit, {}",
+                s["data_disks"],
+                human(s["stripe_unit"].as_u64().unwrap_or(0)),
+                if s["degraded"].as_bool() == Some(true) {
+                    format!("DEGRADED: {}", member_problems(s))
+                } else {
+                    "all members in sync".into()
+                }
+            );
+            if c["checksum_errors"].as_u64().unwrap_or(0) + c["unrecoverable"].as_u64().unwrap_or(0) > 0 {
+                line += &format!(
+                    "; {} checksum errors, {} repaired, {} unrecoverable",
+                    c["checksum_errors"], c["blocks_repaired"], c["unrecoverable"]
+                );
+            }
+            for op in ["rebuild", "scrub"] {
+                let p = &s[op];
+                if !p.is_null() {
+                    let pct = p["done_bytes"].as_f64().unwrap_or(0.0) * 100.0
+                        / p["total_bytes"].as_f64().unwrap_or(1.0).max(1.0);
+                    line += &format!("; {op} {pct:.1}%");
+                }
+            }
+            let r = &s["last_scrub"];
+            if !r.is_null() {
+                line += &format!(
+                    "; last scrub {} ({} errors, {} repaired, {} unrecoverable)",
+                    r["result"].as_str().unwrap_or("?"),
+                    r["checksum_errors"].as_u64().unwrap_or(0) + r["parity_mismatches"].as_u64().unwrap_or(0),
+                    r["blocks_repaired"],
+                    r["unrecoverable"]
+                );
+            }
+            Some(line)
+        }
+        "single" => Some(format!("single disk {} (no redundancy)", s["disk"].as_str().unwrap_or("?"))),
+        _ => None,
+    }
 }
 
 fn wait_in_sync(client: &Client, volume: &str, timeout: Duration) -> Result<()> {
@@ -291,7 +521,7 @@ fn print_status(s: &Value) {
     let empty = Vec::new();
     let vols = s["volumes"].as_array().unwrap_or(&empty);
     let mirrors = s["mirrors"].as_array().unwrap_or(&empty);
-    if vols.is_empty() && mirrors.is_empty() {
+    if vols.is_empty() && mirrors.is_empty() && s["unstarted"].as_array().is_none_or(Vec::is_empty) {
         println!("no volumes");
         return;
     }
@@ -311,6 +541,19 @@ fn print_status(s: &Value) {
             v["last_cp"],
             v["peer"].as_str().unwrap_or("-"),
             v["reason"].as_str().map(|r| format!("  ({r})")).unwrap_or_default()
+        );
+        if let Some(line) = storage_line(&v["storage"]) {
+            println!("{:<16} storage: {line}", "");
+        }
+    }
+    let unstarted = s["unstarted"].as_array().unwrap_or(&empty);
+    for u in unstarted {
+        println!(
+            "{:<16} {:<8} {:<12} cannot start: {}",
+            u["volume"].as_str().unwrap_or("?"),
+            "primary",
+            "failed",
+            u["reason"].as_str().unwrap_or("?")
         );
     }
     for m in mirrors {
@@ -334,6 +577,9 @@ fn print_status(s: &Value) {
             m["applied_cp"],
             m["source_node"].as_str().unwrap_or("?"),
         );
+        if let Some(line) = storage_line(&m["storage"]) {
+            println!("{:<16} storage: {line}", "");
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 //! Data dir layout:
 //! ```text
 //! node.json                      node state (volumes and their mirror targets), replaced atomically
-//! volumes/VOL/volume.img         a primary's volume, unless created with --disk
+//! volumes/VOL/data0..N-1,parity a primary's RAID-4 members, unless created with --disk
 //! mirrors/SOURCE/VOL/meta.json   a mirror's metadata (epoch, last applied CP), replaced atomically
-//! mirrors/SOURCE/VOL/volume.img  the mirror volume
+//! mirrors/SOURCE/VOL/storage.json  the mirror volume's disks, replaced atomically
+//! mirrors/SOURCE/VOL/data0..,parity  the mirror volume's RAID-4 members (this node's geometry)
 //! NVRAM dir (--nvram, default file:DATA/nvram):
 //!   VOL.EPOCH.nvlog              a primary's NVLog (superblock + two partitions)
 //!   mirrors/SOURCE/VOL/log.P     a mirror's log file for source partition P
@@ -29,12 +30,15 @@ use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::log::{NvLog, PARTITIONS};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
+use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{self, Control, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN};
-use nvmirror_dataplane::storage::{BlockDevice, FileDevice};
+use nvmirror_dataplane::storage::{DiskSpec, Engine};
 use nvmirror_dataplane::transport::AnyConnector;
 use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+
+use crate::storage::{OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
 
 /// Default NVLog partition size (two per volume).
 pub const PARTITION_BYTES_DEFAULT: usize = 16 << 20;
@@ -46,8 +50,8 @@ pub struct VolumeRecord {
     pub size: u64,
     pub partition_bytes: usize,
     pub epoch: u64,
-    /// The volume's device or file.
-    pub device: PathBuf,
+    /// Where the volume's blocks live.
+    pub storage: VolumeStorage,
     pub cp_interval_ms: u64,
     /// The mirror destination, once paired.
     pub mirror: Option<MirrorTarget>,
@@ -76,6 +80,15 @@ pub struct NodeConfig {
     pub replication: SocketAddr,
     pub nbd: SocketAddr,
     pub control: SocketAddr,
+    /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
+    pub raid: RaidDefaults,
+}
+
+/// Whose storage: a primary volume, or the mirror of (source node, volume).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StorageOwner {
+    Volume(String),
+    Mirror(String, String),
 }
 
 pub struct Node {
@@ -88,6 +101,11 @@ pub struct Node {
     connector: Arc<AnyConnector>,
     /// The RDMA engine, where the node has one.
     rdma: Option<Arc<dyn RdmaPlacement>>,
+    open_volumes: OpenVolumes,
+    /// The storage of every open primary and mirror.
+    storage: RwLock<HashMap<StorageOwner, (VolumeStorage, Opened)>>,
+    /// Volumes that could not start, and why.
+    unstarted: Mutex<Vec<(String, String)>>,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -174,11 +192,20 @@ impl Node {
             failover_lock: Mutex::new(()),
             connector: Arc::new(AnyConnector),
             rdma,
+            open_volumes: OpenVolumes::default(),
+            storage: RwLock::new(HashMap::new()),
+            unstarted: Mutex::new(Vec::new()),
         });
         node.save_state(&state)?;
         node.load_mirrors()?;
         for v in &state.volumes {
-            node.start_volume(v).with_context(|| format!("start volume {}", v.name))?;
+            // One volume that cannot start (its disks are gone) does not keep the node, and
+            // the others, down: it is reported, with why, in the status.
+            if let Err(e) = node.start_volume(v) {
+                let why = format!("{e:#}");
+                eprintln!("node {}: volume {} cannot start: {why}", node.cfg.name, v.name);
+                node.unstarted.lock().push((v.name.clone(), why));
+            }
         }
         Ok(node)
     }
@@ -193,11 +220,13 @@ impl Node {
     }
 
     fn start_volume(&self, v: &VolumeRecord) -> Result<()> {
-        let device: Arc<dyn BlockDevice> =
-            Arc::new(FileDevice::open(&v.device).with_context(|| format!("open {}", v.device.display()))?);
+        let opened = self.open_volumes.open(&v.name, &v.storage)?;
+        let device = opened.device.clone();
         if device.size() < v.size {
-            bail!("{} is {} bytes, the volume needs {}", v.device.display(), device.size(), v.size);
+            bail!("{} holds {} bytes, the volume needs {}", v.storage.describe(), device.size(), v.size);
         }
+        self.resume_rebuild(&v.name, &opened);
+        self.storage.write().insert(StorageOwner::Volume(v.name.clone()), (v.storage.clone(), opened));
         let path = self.nvlog_path(&v.name, v.epoch);
         let region =
             MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
@@ -264,10 +293,52 @@ impl Node {
             })
             .collect::<Result<_, _>>()?;
         let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| anyhow!("two logs"))?;
-        let device = Arc::new(FileDevice::create(&dir.join("volume.img"), meta.volume_bytes)?);
+        let storage_path = dir.join("storage.json");
+        let (storage, opened) = if storage_path.exists() {
+            let storage: VolumeStorage = serde_json::from_slice(&fs::read(&storage_path)?)
+                .with_context(|| format!("{} is not a valid storage description", storage_path.display()))?;
+            let opened = self.open_volumes.open(&meta.volume, &storage)?;
+            (storage, opened)
+        } else {
+            // A new mirror, in this node's own geometry. Member files left by a creation
+            // that did not finish hold nothing: nothing was acknowledged into them.
+            let storage = VolumeStorage::raid_in(&dir, self.cfg.raid.data_disks, self.cfg.raid.engine);
+            for d in storage.disks() {
+                if d.path.starts_with(&dir) && d.path.exists() {
+                    fs::remove_file(&d.path)?;
+                }
+            }
+            let opened =
+                self.open_volumes.create(&meta.volume, &storage, meta.volume_bytes, self.cfg.raid.stripe_unit)?;
+            write_atomic(&storage_path, &serde_json::to_vec_pretty(&storage)?)?;
+            (storage, opened)
+        };
+        if opened.device.size() < meta.volume_bytes {
+            bail!(
+                "{} holds {} bytes, the mirror needs {}",
+                storage.describe(),
+                opened.device.size(),
+                meta.volume_bytes
+            );
+        }
+        self.resume_rebuild(&meta.volume, &opened);
+        let device = opened.device.clone();
+        self.storage
+            .write()
+            .insert(StorageOwner::Mirror(meta.source_node.clone(), meta.volume.clone()), (storage, opened));
         let store = Box::new(FileMetaStore(dir.join("meta.json")));
         store.save(&meta)?;
         Ok(Mirror::open(meta, store, logs, device)?)
+    }
+
+    /// Restarts a rebuild that a restart interrupted.
+    fn resume_rebuild(&self, name: &str, opened: &Opened) {
+        if let Some(raid) = &opened.raid {
+            if let Some(m) = raid.rebuilding_member() {
+                eprintln!("node {}: volume {name}: resuming the rebuild of member {m}", self.cfg.name);
+                spawn_rebuild(raid.clone(), None);
+            }
+        }
     }
 
     /// The RDMA engine's address, where this node offers one.
@@ -277,11 +348,13 @@ impl Node {
 
     // ---- administration ----
 
+    #[allow(clippy::too_many_arguments)]
     pub fn create_volume(
         &self,
         name: &str,
         size: u64,
-        disks: &[PathBuf],
+        storage: Option<VolumeStorage>,
+        layout: CreateLayout,
         partition_bytes: Option<usize>,
         cp_by_value: bool,
     ) -> Result<VolumeRecord> {
@@ -300,28 +373,41 @@ impl Node {
         if self.mirrors.read().keys().any(|(_, v)| v == name) {
             bail!("a mirror of a volume named {name} lives on this node; pick another name");
         }
-        let device = match disks {
-            [] => {
+        let storage = match storage {
+            Some(s) => {
+                if layout.data_disks.is_some() || layout.engine.is_some() {
+                    bail!("--data-disks and --engine are for volumes made of data-dir files; with --disk, name each disk (ENGINE:PATH)");
+                }
+                if matches!(s, VolumeStorage::Single { .. }) && layout.stripe_unit.is_some() {
+                    bail!("--stripe-unit needs RAID-4 (--disk at least twice, and --parity)");
+                }
+                s
+            }
+            None => {
                 let dir = self.cfg.data_dir.join("volumes").join(name);
+                if dir.exists() {
+                    bail!("{} exists from an earlier volume {name}; remove it first", dir.display());
+                }
                 fs::create_dir_all(&dir)?;
-                let path = dir.join("volume.img");
-                FileDevice::create(&path, size).with_context(|| format!("create {}", path.display()))?;
-                path
+                VolumeStorage::raid_in(
+                    &dir,
+                    layout.data_disks.unwrap_or(self.cfg.raid.data_disks),
+                    layout.engine.unwrap_or(self.cfg.raid.engine),
+                )
             }
-            [one] => {
-                let dev = FileDevice::create(one, size).with_context(|| format!("use {} as the volume", one.display()))?;
-                drop(dev);
-                one.clone()
-            }
-            _ => bail!("a volume over several disks needs the RAID-4 layer, which this build does not have yet; give one --disk or none"),
         };
+        let opened = self
+            .open_volumes
+            .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit))
+            .with_context(|| format!("create volume {name} on {}", storage.describe()))?;
+        drop(opened);
         let record = VolumeRecord {
             name: name.to_string(),
             volume_id: rand::random::<u64>() | 1,
             size,
             partition_bytes,
             epoch: 1,
-            device,
+            storage,
             cp_interval_ms: 10_000,
             mirror: None,
             cp_by_value,
@@ -335,7 +421,13 @@ impl Node {
     }
 
     pub fn volume(&self, name: &str) -> Result<Arc<SourceHandle>> {
-        self.volumes.read().get(name).cloned().ok_or_else(|| anyhow!("no volume {name} on this node"))
+        if let Some(v) = self.volumes.read().get(name) {
+            return Ok(v.clone());
+        }
+        if let Some((_, why)) = self.unstarted.lock().iter().find(|(v, _)| v == name) {
+            bail!("volume {name} could not start: {why}");
+        }
+        bail!("no volume {name} on this node")
     }
 
     /// Pairs `name` with the peer whose control API answered `peer`, and starts the
@@ -399,7 +491,12 @@ impl Node {
             size: meta.volume_bytes,
             partition_bytes: usize::try_from(meta.partition_bytes)?,
             epoch: meta.epoch,
-            device: self.mirror_dir(&meta.source_node, &meta.volume).join("volume.img"),
+            storage: self
+                .storage
+                .read()
+                .get(&StorageOwner::Mirror(meta.source_node.clone(), meta.volume.clone()))
+                .map(|(s, _)| s.clone())
+                .ok_or_else(|| anyhow!("the mirror of {name} has no open storage"))?,
             cp_interval_ms: 10_000,
             mirror: None,
             cp_by_value: false,
@@ -429,14 +526,26 @@ impl Node {
             match h.status() {
                 Ok(s) => volumes.push(VolumeStatus {
                     peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
+                    storage: self.storage_status(&StorageOwner::Volume(name.clone())),
                     source: s,
                 }),
                 Err(e) => eprintln!("status of {name}: {e}"),
             }
         }
         volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
-        let mut mirrors: Vec<MirrorStatus> = self.mirrors.read().values().map(|m| m.status()).collect();
-        mirrors.sort_by(|a, b| (&a.volume, &a.source_node).cmp(&(&b.volume, &b.source_node)));
+        let mut mirrors: Vec<MirrorEntry> = self
+            .mirrors
+            .read()
+            .values()
+            .map(|m| {
+                let mirror = m.status();
+                let storage =
+                    self.storage_status(&StorageOwner::Mirror(mirror.source_node.clone(), mirror.volume.clone()));
+                MirrorEntry { mirror, storage }
+            })
+            .collect();
+        mirrors
+            .sort_by(|a, b| (&a.mirror.volume, &a.mirror.source_node).cmp(&(&b.mirror.volume, &b.mirror.source_node)));
         NodeStatus {
             node: self.cfg.name.clone(),
             replication: self.cfg.replication.to_string(),
@@ -446,7 +555,86 @@ impl Node {
             nvram_survives: self.cfg.nvram.mode.survives().to_string(),
             volumes,
             mirrors,
+            unstarted: self
+                .unstarted
+                .lock()
+                .iter()
+                .map(|(volume, reason)| UnstartedVolume {
+                    volume: volume.clone(),
+                    state: "failed",
+                    reason: reason.clone(),
+                })
+                .collect(),
         }
+    }
+
+    fn storage_status(&self, owner: &StorageOwner) -> Option<StorageStatus> {
+        self.storage.read().get(owner).map(|(s, o)| o.status(s))
+    }
+
+    /// The RAID-4 layer of volume `name`: the primary's, else the mirror's of that name.
+    pub fn raid(&self, name: &str) -> Result<(StorageOwner, Arc<Raid4>)> {
+        let storage = self.storage.read();
+        let primary = StorageOwner::Volume(name.to_string());
+        let found: Vec<(StorageOwner, Option<Arc<Raid4>>)> = match storage.get(&primary) {
+            Some((_, o)) => vec![(primary, o.raid.clone())],
+            None => storage
+                .iter()
+                .filter(|(k, _)| matches!(k, StorageOwner::Mirror(_, v) if v == name))
+                .map(|(k, (_, o))| (k.clone(), o.raid.clone()))
+                .collect(),
+        };
+        match found.as_slice() {
+            [] => bail!("no volume or mirror {name} on this node"),
+            [(owner, Some(r))] => Ok((owner.clone(), r.clone())),
+            [(_, None)] => bail!("volume {name} is on a single disk: there is no RAID-4 layer to scrub or rebuild"),
+            _ => bail!("mirrors of several volumes named {name} live here"),
+        }
+    }
+
+    /// Starts a scrub of volume `name` in the background.
+    pub fn scrub(&self, name: &str, rate: Option<u64>) -> Result<()> {
+        let (_, raid) = self.raid(name)?;
+        if let Some(p) = raid.status().scrub.or(raid.status().rebuild) {
+            bail!("a {} of {name} is already running ({} of {} bytes)", p.operation, p.done_bytes, p.total_bytes);
+        }
+        let name = name.to_string();
+        std::thread::Builder::new().name("nvm-scrub".into()).spawn(move || match raid.scrub(rate) {
+            Ok(r) => eprintln!("scrub of {name}: {} ({r:?})", r.result),
+            Err(e) => eprintln!("scrub of {name}: {e}"),
+        })?;
+        Ok(())
+    }
+
+    /// Replaces member `old` (an index or a disk) of volume `name` by `new`, records the
+    /// new member list, and starts the rebuild in the background.
+    pub fn replace_disk(&self, name: &str, old: &str, new: &str, rate: Option<u64>) -> Result<usize> {
+        let (owner, raid) = self.raid(name)?;
+        let member = raid
+            .member_index(old)
+            .ok_or_else(|| anyhow!("{old} is not a member of {name} (members: {:?})", raid.disks()))?;
+        let new = DiskSpec::parse(new).map_err(|e| anyhow!(e))?;
+        raid.replace_member(member, &new).with_context(|| format!("replace member {member} of {name}"))?;
+        let mut disks = raid.disks();
+        disks[member] = new;
+        let storage = VolumeStorage::Raid4 { disks };
+        match &owner {
+            StorageOwner::Volume(v) => {
+                let mut state = self.state.lock();
+                if let Some(rec) = state.volumes.iter_mut().find(|r| r.name == *v) {
+                    rec.storage = storage.clone();
+                }
+                self.save_state(&state)?;
+            }
+            StorageOwner::Mirror(src, v) => {
+                write_atomic(&self.mirror_dir(src, v).join("storage.json"), &serde_json::to_vec_pretty(&storage)?)?;
+            }
+        }
+        if let Some(entry) = self.storage.write().get_mut(&owner) {
+            entry.0 = storage;
+        }
+        spawn_rebuild(raid, rate);
+        Ok(member)
     }
 
     pub fn shutdown(&self) {
@@ -462,6 +650,22 @@ pub struct VolumeStatus {
     #[serde(flatten)]
     pub source: SourceStatus,
     pub peer: Option<String>,
+    pub storage: Option<StorageStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MirrorEntry {
+    #[serde(flatten)]
+    pub mirror: MirrorStatus,
+    pub storage: Option<StorageStatus>,
+}
+
+/// How `volume create` lays out a volume made of data-dir files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateLayout {
+    pub data_disks: Option<u32>,
+    pub stripe_unit: Option<u32>,
+    pub engine: Option<Engine>,
 }
 
 #[derive(Debug, Serialize)]
@@ -473,7 +677,17 @@ pub struct NodeStatus {
     pub nvram: String,
     pub nvram_survives: String,
     pub volumes: Vec<VolumeStatus>,
-    pub mirrors: Vec<MirrorStatus>,
+    pub mirrors: Vec<MirrorEntry>,
+    /// Volumes whose storage could not be opened at start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unstarted: Vec<UnstartedVolume>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UnstartedVolume {
+    pub volume: String,
+    pub state: &'static str,
+    pub reason: String,
 }
 
 impl MirrorDirectory for Node {
@@ -578,5 +792,16 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     {
         let _ = cfg;
         None
+    }
+}
+
+fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>) {
+    let r = std::thread::Builder::new().name("nvm-rebuild".into()).spawn(move || {
+        if let Err(e) = raid.rebuild(rate) {
+            eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
+        }
+    });
+    if let Err(e) = r {
+        eprintln!("cannot start a rebuild thread: {e}");
     }
 }

@@ -61,15 +61,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let _: Value = ca.post(
         "/v1/volumes",
-        &CreateVolume {
-            name: "demo".into(),
-            size,
-            disks: vec![],
-            parity: None,
-            stripe_unit: None,
-            log_bytes: Some(8 << 20),
-            cp_by_value: false,
-        },
+        &CreateVolume { name: "demo".into(), size, log_bytes: Some(8 << 20), ..CreateVolume::default() },
     )?;
     println!("1. created volume demo ({}) on site-a", mib(size));
 

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 
 use crate::format::{EntryHeader, EntryKind, BLOCK_BYTES};
-use crate::storage::BlockDevice;
+use crate::storage::{BlockDevice, WriteOp};
 
 pub type Vbn = u64;
 type BlockBuf = Box<[u8; BLOCK_BYTES]>;
@@ -193,54 +193,23 @@ impl Overlay {
         Ok(())
     }
 
-    /// Writes the given blocks' current contents to `dev`, adjacent blocks in one write.
-    /// Does not flush `dev`.
+    /// Writes the given blocks' current contents to `dev` as one batch (one op per block,
+    /// straight from the cache; engines coalesce adjacent ones). Does not flush `dev`.
     pub fn write_blocks(&self, blocks: &HashSet<Vbn>, dev: &dyn BlockDevice) -> io::Result<()> {
+        static ZERO: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
         let mut sorted: Vec<Vbn> = blocks.iter().copied().filter(|v| self.blocks.contains_key(v)).collect();
         sorted.sort_unstable();
-        const RUN_BLOCKS_MAX: usize = 256;
-        let mut run: Vec<u8> = Vec::with_capacity(RUN_BLOCKS_MAX * BLOCK_BYTES);
-        let mut run_start = 0u64;
-        let mut zero_start: Option<(Vbn, u64)> = None;
-        let flush_run = |run: &mut Vec<u8>, start: Vbn| -> io::Result<()> {
-            if !run.is_empty() {
-                dev.write_at(run, start * BLOCK_BYTES as u64)?;
-                run.clear();
-            }
-            Ok(())
-        };
-        let flush_zero = |z: &mut Option<(Vbn, u64)>| -> io::Result<()> {
-            if let Some((start, n)) = z.take() {
-                dev.write_zeroes(start * BLOCK_BYTES as u64, n * BLOCK_BYTES as u64)?;
-            }
-            Ok(())
-        };
-        for vbn in sorted {
-            match &self.blocks[&vbn].contents {
-                Contents::Data(b) => {
-                    flush_zero(&mut zero_start)?;
-                    let contiguous = !run.is_empty() && run_start + (run.len() / BLOCK_BYTES) as u64 == vbn;
-                    if !contiguous || run.len() >= RUN_BLOCKS_MAX * BLOCK_BYTES {
-                        flush_run(&mut run, run_start)?;
-                        run_start = vbn;
-                    }
-                    run.extend_from_slice(&b[..]);
-                }
-                Contents::Zero => {
-                    flush_run(&mut run, run_start)?;
-                    match &mut zero_start {
-                        Some((start, n)) if *start + *n == vbn => *n += 1,
-                        _ => {
-                            flush_zero(&mut zero_start)?;
-                            zero_start = Some((vbn, 1));
-                        }
-                    }
-                }
-            }
-        }
-        flush_run(&mut run, run_start)?;
-        flush_zero(&mut zero_start)?;
-        Ok(())
+        let ops: Vec<WriteOp<'_>> = sorted
+            .iter()
+            .map(|vbn| WriteOp {
+                offset: vbn * BLOCK_BYTES as u64,
+                buf: match &self.blocks[vbn].contents {
+                    Contents::Data(b) => &b[..],
+                    Contents::Zero => &ZERO[..],
+                },
+            })
+            .collect();
+        dev.write_many(&ops)
     }
 
     /// Drops the given blocks whose newest write is in `partition`: they are on the volume

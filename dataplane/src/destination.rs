@@ -28,7 +28,7 @@ use crate::cp::apply_entries;
 use crate::format::{EntryHeader, PartitionScan, BLOCK_BYTES, ENTRY_DATA_MAX};
 use crate::log::{LogFile, PARTITIONS};
 use crate::nvram::Nvram;
-use crate::storage::BlockDevice;
+use crate::storage::{BlockDevice, RedoGuard};
 use crate::transport::wire::BlockPurpose;
 use crate::transport::{FrameHandler, Hello, Intent, LogTail, Message, RefuseCode, ReplySink, Welcome};
 
@@ -224,6 +224,8 @@ impl Mirror {
         let pending = mirror.meta.lock().pending_cp;
         if let Some(p) = pending {
             eprintln!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
+            // The interrupted CP may have half-written the volume: a redo (no write hole).
+            let _redo = RedoGuard::new(mirror.device.as_ref());
             mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(io::Error::other)?;
         }
         let weak = Arc::downgrade(&mirror);
@@ -546,7 +548,11 @@ impl Mirror {
             expect += 1;
         }
         let entries = run.iter().map(|&(p, at)| entry_data(guards[p].bytes(), at));
-        let replayed = apply_entries(entries, self.device.as_ref()).map_err(|e| format!("replay: {e}"))?;
+        // A CP interrupted before the promotion may have half-written the volume.
+        let replayed = {
+            let _redo = RedoGuard::new(self.device.as_ref());
+            apply_entries(entries, self.device.as_ref()).map_err(|e| format!("replay: {e}"))?
+        };
         drop(guards);
         let mut meta = self.meta.lock();
         meta.applied_seq = expect - 1;

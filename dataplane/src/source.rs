@@ -34,7 +34,7 @@ use crate::frontend::{Completer, Export, IoRequest};
 use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
 use crate::nvram::Nvram;
 use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle};
-use crate::storage::BlockDevice;
+use crate::storage::{BlockDevice, RedoGuard};
 use crate::transport::wire::{BlockPurpose, BODY_MAX, ENTRIES_PREFIX_BYTES, FRAME_HEADER_BYTES};
 use crate::transport::{ConnectError, Connector, Hello, Intent, Link, LinkEvent, Message, RefuseCode, Reply, Welcome};
 use crate::usize_of;
@@ -405,6 +405,10 @@ where
         for problem in rec.problems() {
             eprintln!("volume {}: NVLog recovery: {problem}; entries after it are not replayed", self.cfg.volume);
         }
+        // What is replayed here may have been half-written to the volume by a CP the crash
+        // interrupted: the device must not trust its redundancy over it (no write hole).
+        let device = self.device.clone();
+        let _redo = RedoGuard::new(device.as_ref());
         let mut held: Vec<(u8, PartitionHeader)> =
             PARTITION_IDS.into_iter().filter_map(|p| self.nvlog.header(p).map(|h| (p, h))).collect();
         held.sort_by_key(|(_, h)| h.cp_gen);
@@ -1325,6 +1329,7 @@ pub fn replay_nvlog(
         .iter()
         .map(|(p, at, _)| EntryHeader::decode(&nvlog.partition(*p)[*at..]).map_err(|e| eio(e.to_string())))
         .collect::<io::Result<_>>()?;
+    let _redo = RedoGuard::new(device);
     apply_entries(decoded, device)
 }
 

@@ -146,11 +146,16 @@ pub struct Pair {
 
 impl Pair {
     pub fn start(tag: &str) -> Pair {
+        Self::start_with(tag, &[], &[])
+    }
+
+    /// As [`Pair::start`], with extra node arguments for each site.
+    pub fn start_with(tag: &str, src_args: &[&str], dst_args: &[&str]) -> Pair {
         let dir = tempfile::Builder::new().prefix(&format!("nvmirror-e2e-{tag}-")).tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         let host = replication_host();
-        let src = NodeProc::start_on(&bin(), "site-a", &root.join("site-a"), &host, &[]).expect("start site-a");
-        let dst = NodeProc::start_on(&bin(), "site-b", &root.join("site-b"), &host, &[]).expect("start site-b");
+        let src = NodeProc::start_on(&bin(), "site-a", &root.join("site-a"), &host, src_args).expect("start site-a");
+        let dst = NodeProc::start_on(&bin(), "site-b", &root.join("site-b"), &host, dst_args).expect("start site-b");
         Pair { dir: Some(dir), root, src, dst }
     }
 
@@ -213,18 +218,7 @@ pub fn dump_log(n: &NodeProc) {
 }
 
 pub fn create_volume(api: &Client, vol: &str, size: u64, log_bytes: Option<u64>) -> Result<Value> {
-    api.post(
-        "/v1/volumes",
-        &CreateVolume {
-            name: vol.into(),
-            size,
-            disks: vec![],
-            parity: None,
-            stripe_unit: None,
-            log_bytes,
-            cp_by_value: false,
-        },
-    )
+    api.post("/v1/volumes", &CreateVolume { name: vol.into(), size, log_bytes, ..CreateVolume::default() })
 }
 
 pub fn mirror(api: &Client, vol: &str, to: &str) -> Result<Value> {

@@ -236,7 +236,8 @@ impl Raid4 {
         if self.maint.running.lock().is_some() {
             return Err(io::Error::new(io::ErrorKind::ResourceBusy, "a scrub or rebuild is running"));
         }
-        let others_down = (0..g.members()).filter(|&m| m != member && self.member_state(m) != MemberState::InSync).count();
+        let others_down =
+            (0..g.members()).filter(|&m| m != member && self.member_state(m) != MemberState::InSync).count();
         if others_down > 0 {
             return Err(io::Error::other(
                 "another member is not in sync; replacing this one would leave nothing to rebuild from",
@@ -248,7 +249,8 @@ impl Raid4 {
         let need = g.member_bytes();
         let device_node = {
             use std::os::unix::fs::FileTypeExt;
-            std::fs::metadata(&new.path).is_ok_and(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
+            std::fs::metadata(&new.path)
+                .is_ok_and(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
         };
         if !device_node && std::fs::metadata(&new.path).is_ok_and(|m| m.len() > 0) {
             return Err(io::Error::new(

@@ -137,8 +137,7 @@ impl Superblock {
         if version != VERSION {
             return Err(SuperblockError::Version(version));
         }
-        let geometry =
-            Geometry::new(u32_at(b, 36), u32_at(b, 40), u64_at(b, 48)).map_err(SuperblockError::Geometry)?;
+        let geometry = Geometry::new(u32_at(b, 36), u32_at(b, 40), u64_at(b, 48)).map_err(SuperblockError::Geometry)?;
         let n = geometry.members();
         let member_index = u32_at(b, 32);
         if member_index as usize >= n {

@@ -313,10 +313,14 @@ impl Raid4 {
             });
         }
         // The authority: the valid superblock with the most events.
-        let Some(auth) = found.iter().filter_map(|f| f.as_ref().ok()).map(|(_, sb)| sb).max_by_key(|sb| sb.events).cloned()
+        let Some(auth) =
+            found.iter().filter_map(|f| f.as_ref().ok()).map(|(_, sb)| sb).max_by_key(|sb| sb.events).cloned()
         else {
-            let problems =
-                disks.iter().zip(&found).map(|((d, _), f)| format!("{d}: {}", f.as_ref().err().map_or("", |s| s))).collect();
+            let problems = disks
+                .iter()
+                .zip(&found)
+                .map(|((d, _), f)| format!("{d}: {}", f.as_ref().err().map_or("", |s| s)))
+                .collect();
             return Err(RaidError::NoSuperblock { volume: name.into(), problems });
         };
         let geo = auth.geometry;
@@ -490,10 +494,7 @@ impl Raid4 {
             .position(|m| m.state == MemberState::Rebuilding)
             .map(|i| (i, self.maint.rebuild_cursor.load(Ordering::Acquire)));
         View {
-            devs: members
-                .iter()
-                .map(|m| if m.state == MemberState::Failed { None } else { m.dev.clone() })
-                .collect(),
+            devs: members.iter().map(|m| if m.state == MemberState::Failed { None } else { m.dev.clone() }).collect(),
             rebuilding,
         }
     }
@@ -738,7 +739,12 @@ impl Raid4 {
     /// Reads one row whole, checks every block, and rebuilds what is missing or bad from
     /// the rest (rewriting a bad block in place). Returns every member's block. The caller
     /// holds the row's stripe lock.
-    pub(super) fn verified_row(&self, view: &View, row: u64, scrub: Option<&mut super::maintain::ScrubReport>) -> Result<Vec<Vec<u8>>, RowError> {
+    pub(super) fn verified_row(
+        &self,
+        view: &View,
+        row: u64,
+        scrub: Option<&mut super::maintain::ScrubReport>,
+    ) -> Result<Vec<Vec<u8>>, RowError> {
         let n = self.geo.members();
         let got = self.read_rows(view, row, 1, 0..n).map_err(|Retry| RowError::Retry)?;
         let mut blocks: Vec<Option<Vec<u8>>> = vec![None; n];
@@ -746,9 +752,8 @@ impl Raid4 {
             blocks[m] = Some(b);
         }
         let missing: Vec<usize> = (0..n).filter(|&m| blocks[m].is_none()).collect();
-        let bad: Vec<usize> = (0..n)
-            .filter(|&m| blocks[m].as_ref().is_some_and(|b| crc32c::crc32c(b) != self.csum(m, row)))
-            .collect();
+        let bad: Vec<usize> =
+            (0..n).filter(|&m| blocks[m].as_ref().is_some_and(|b| crc32c::crc32c(b) != self.csum(m, row))).collect();
         let mut scrub = scrub;
         if !bad.is_empty() {
             self.counters.checksum_errors.fetch_add(bad.len() as u64, Ordering::Relaxed);
@@ -762,10 +767,8 @@ impl Raid4 {
             // entry; or, in a redo, checksums a crash kept from being written). Two bad
             // blocks in a row whose XOR still holds are not trusted outside a redo: two
             // equal corruptions cancel out in parity.
-            let fixes: Vec<(usize, u64, u32)> = bad
-                .iter()
-                .map(|&m| (m, row, crc32c::crc32c(blocks[m].as_ref().expect("present"))))
-                .collect();
+            let fixes: Vec<(usize, u64, u32)> =
+                bad.iter().map(|&m| (m, row, crc32c::crc32c(blocks[m].as_ref().expect("present")))).collect();
             self.set_csums(&fixes);
             self.counters.checksums_corrected.fetch_add(fixes.len() as u64, Ordering::Relaxed);
             if let Some(s) = scrub.as_deref_mut() {
@@ -794,7 +797,8 @@ impl Raid4 {
             [one] => {
                 let one = *one;
                 let mut rebuilt = vec![0u8; BLOCK_BYTES];
-                let srcs: Vec<&[u8]> = (0..n).filter(|&m| m != one).map(|m| blocks[m].as_deref().expect("present")).collect();
+                let srcs: Vec<&[u8]> =
+                    (0..n).filter(|&m| m != one).map(|m| blocks[m].as_deref().expect("present")).collect();
                 xor::xor_gen(&srcs, &mut rebuilt);
                 if missing.contains(&one) {
                     self.counters.degraded_reads.fetch_add(1, Ordering::Relaxed);
@@ -844,7 +848,11 @@ impl Raid4 {
             self.name,
             self.geo.stripe_of_row(row),
             what.join(", "),
-            if lost.len() > 1 { "; RAID-4 rebuilds one block per row" } else { ", and its rebuild from parity fails it too" }
+            if lost.len() > 1 {
+                "; RAID-4 rebuilds one block per row"
+            } else {
+                ", and its rebuild from parity fails it too"
+            }
         )))
     }
 
@@ -1011,7 +1019,11 @@ impl Raid4 {
             } else if touched == n {
                 Mode::Full
             } else if let Some(d) = down_data {
-                if new[d].is_some() { Mode::Rcw } else { Mode::Rmw }
+                if new[d].is_some() {
+                    Mode::Rcw
+                } else {
+                    Mode::Rmw
+                }
             } else if redo || n - touched <= touched + 1 {
                 Mode::Rcw
             } else {
@@ -1080,9 +1092,9 @@ impl Raid4 {
                     old.insert((m, *row), b);
                 }
             }
-            let stays_good = (0..n).filter(|&m| new[m].is_none()).all(|m| {
-                old.get(&(m, *row)).is_some_and(|b| crc32c::crc32c(b) == self.csum(m, *row))
-            });
+            let stays_good = (0..n)
+                .filter(|&m| new[m].is_none())
+                .all(|m| old.get(&(m, *row)).is_some_and(|b| crc32c::crc32c(b) == self.csum(m, *row)));
             if !stays_good {
                 verified.insert(*row, self.verified_row(&view, *row, None)?);
             }

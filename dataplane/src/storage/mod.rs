@@ -197,9 +197,9 @@ impl fmt::Display for DiskSpec {
 
 /// `/dev/ngXnY`: the NVMe generic char device of a namespace.
 fn is_nvme_char_device(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("ng") && n[2..].split_once('n').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty()))
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        n.starts_with("ng") && n[2..].split_once('n').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+    })
 }
 
 #[cfg(test)]

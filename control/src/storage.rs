@@ -1,0 +1,196 @@
+//! Where a volume's blocks live: one disk, or a RAID-4 volume over several, and the long
+//! operations on it (scrub, replace-disk and rebuild).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nvmirror_dataplane::raid::{Geometry, Raid4, RaidStatus};
+use nvmirror_dataplane::storage::{BlockDevice, DiskSpec, Engine};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// Data disks of a RAID-4 volume made of files in the data dir, unless told otherwise.
+pub const DATA_DISKS_DEFAULT: u32 = 3;
+/// Stripe unit of a RAID-4 volume, unless told otherwise.
+pub const STRIPE_UNIT_DEFAULT: u32 = 64 << 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "layout", rename_all = "kebab-case")]
+pub enum VolumeStorage {
+    /// One disk, no redundancy and no checksums.
+    Single { disk: DiskSpec },
+    /// RAID-4: the data disks, then the parity disk.
+    Raid4 { disks: Vec<DiskSpec> },
+}
+
+/// A node's default RAID-4 geometry, for volumes made of files in its data dir and for
+/// the mirrors it hosts (a mirror picks its own geometry).
+#[derive(Debug, Clone, Copy)]
+pub struct RaidDefaults {
+    pub data_disks: u32,
+    pub stripe_unit: u32,
+    pub engine: Engine,
+}
+
+impl Default for RaidDefaults {
+    fn default() -> Self {
+        Self { data_disks: DATA_DISKS_DEFAULT, stripe_unit: STRIPE_UNIT_DEFAULT, engine: Engine::Pread }
+    }
+}
+
+impl VolumeStorage {
+    /// RAID-4 over files `data0..dataN-1` and `parity` in `dir`.
+    pub fn raid_in(dir: &Path, data_disks: u32, engine: Engine) -> Self {
+        let mut disks: Vec<DiskSpec> =
+            (0..data_disks).map(|i| DiskSpec { engine, path: dir.join(format!("data{i}")) }).collect();
+        disks.push(DiskSpec { engine, path: dir.join("parity") });
+        VolumeStorage::Raid4 { disks }
+    }
+
+    pub fn disks(&self) -> Vec<DiskSpec> {
+        match self {
+            VolumeStorage::Single { disk } => vec![disk.clone()],
+            VolumeStorage::Raid4 { disks } => disks.clone(),
+        }
+    }
+
+    /// A one-line description for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            VolumeStorage::Single { disk } => format!("{disk} (single disk, no redundancy)"),
+            VolumeStorage::Raid4 { disks } => format!(
+                "RAID-4 over {}+1 disks ({}, parity {})",
+                disks.len() - 1,
+                disks[..disks.len() - 1].iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                disks[disks.len() - 1]
+            ),
+        }
+    }
+}
+
+/// An open volume's device, and its RAID-4 layer where it has one.
+#[derive(Clone)]
+pub struct Opened {
+    pub device: Arc<dyn BlockDevice>,
+    pub raid: Option<Arc<Raid4>>,
+}
+
+/// The status of a volume's storage, for `ctl status`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum StorageStatus {
+    Raid(Box<RaidStatus>),
+    Single { level: &'static str, disk: String },
+}
+
+impl Opened {
+    pub fn status(&self, storage: &VolumeStorage) -> StorageStatus {
+        match (&self.raid, storage) {
+            (Some(r), _) => StorageStatus::Raid(Box::new(r.status())),
+            (None, s) => StorageStatus::Single { level: "single", disk: s.disks()[0].to_string() },
+        }
+    }
+}
+
+fn is_device_node(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
+}
+
+/// The open RAID-4 volumes of a node, by their first disk: a volume is opened once, even
+/// where a promoted mirror and the primary it became both name it.
+#[derive(Default)]
+pub struct OpenVolumes(Mutex<HashMap<std::path::PathBuf, Weak<Raid4>>>);
+
+impl OpenVolumes {
+    /// Creates the storage of a new volume of `size` bytes.
+    pub fn create(&self, name: &str, storage: &VolumeStorage, size: u64, stripe_unit: u32) -> Result<Opened> {
+        match storage {
+            VolumeStorage::Single { disk } => {
+                let dev = disk
+                    .open(if is_device_node(&disk.path) { None } else { Some(size) })
+                    .with_context(|| format!("use {disk} as the volume"))?;
+                if dev.size() < size {
+                    bail!("{disk} holds {} bytes, the volume needs {size}", dev.size());
+                }
+                Ok(Opened { device: dev, raid: None })
+            }
+            VolumeStorage::Raid4 { disks } => {
+                let data = u32::try_from(disks.len() - 1).context("disk count")?;
+                let geo = Geometry::new(data, stripe_unit, size).map_err(|e| anyhow!(e))?;
+                for d in disks {
+                    if let Some(parent) = d.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+                    }
+                }
+                let raid = Arc::new(Raid4::create(name, disks, geo)?);
+                self.0.lock().insert(disks[0].path.clone(), Arc::downgrade(&raid));
+                Ok(Opened { device: raid.clone(), raid: Some(raid) })
+            }
+        }
+    }
+
+    /// Opens the storage of an existing volume.
+    pub fn open(&self, name: &str, storage: &VolumeStorage) -> Result<Opened> {
+        match storage {
+            VolumeStorage::Single { disk } => {
+                Ok(Opened { device: disk.open(None).with_context(|| format!("open {disk}"))?, raid: None })
+            }
+            VolumeStorage::Raid4 { disks } => {
+                let mut open = self.0.lock();
+                if let Some(raid) = open.get(&disks[0].path).and_then(Weak::upgrade) {
+                    return Ok(Opened { device: raid.clone(), raid: Some(raid) });
+                }
+                let raid = Arc::new(Raid4::open(name, disks)?);
+                open.insert(disks[0].path.clone(), Arc::downgrade(&raid));
+                Ok(Opened { device: raid.clone(), raid: Some(raid) })
+            }
+        }
+    }
+}
+
+/// Parses the disks of `volume create`: `--disk` (repeated) and `--parity`.
+pub fn storage_from_args(disks: &[String], parity: Option<&str>) -> Result<Option<VolumeStorage>> {
+    let parse = |s: &str| DiskSpec::parse(s).map_err(|e| anyhow!(e));
+    match (disks, parity) {
+        ([], None) => Ok(None),
+        ([], Some(_)) => bail!("--parity needs the data disks too (--disk, at least two)"),
+        ([one], None) => Ok(Some(VolumeStorage::Single { disk: parse(one)? })),
+        (_, None) => bail!("{} data disks need a parity disk (--parity) for RAID-4", disks.len()),
+        ([_], Some(_)) => bail!("RAID-4 needs at least two data disks (--disk twice) besides --parity"),
+        (many, Some(p)) => {
+            let mut specs: Vec<DiskSpec> = many.iter().map(|d| parse(d)).collect::<Result<_>>()?;
+            specs.push(parse(p)?);
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = specs.iter().find(|d| !seen.insert(d.path.clone())) {
+                bail!("disk {} is given twice", dup.path.display());
+            }
+            Ok(Some(VolumeStorage::Raid4 { disks: specs }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_args_make_sense_or_say_why() {
+        assert_eq!(storage_from_args(&[], None).unwrap(), None);
+        assert!(matches!(storage_from_args(&["/a".into()], None).unwrap(), Some(VolumeStorage::Single { .. })));
+        let r = storage_from_args(&["/a".into(), "uring:/b".into()], Some("/p")).unwrap().unwrap();
+        assert_eq!(r.disks().len(), 3);
+        assert_eq!(r.disks()[1].engine, Engine::Uring);
+        for (d, p, why) in [
+            (vec![], Some("/p"), "needs the data disks"),
+            (vec!["/a".to_string(), "/b".into()], None, "need a parity disk"),
+            (vec!["/a".to_string()], Some("/p"), "at least two data disks"),
+            (vec!["/a".to_string(), "/a".into()], Some("/p"), "given twice"),
+        ] {
+            let e = storage_from_args(&d, p).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
