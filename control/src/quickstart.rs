@@ -40,6 +40,16 @@ fn mib(n: u64) -> String {
     format!("{} MiB", n >> 20)
 }
 
+/// "RAID-4 3+1, 64 KiB stripe unit" from a storage status.
+fn geometry(s: &Value) -> String {
+    match s["level"].as_str() {
+        Some("raid4") => {
+            format!("RAID-4 {}+1, {} KiB stripe unit", s["data_disks"], s["stripe_unit"].as_u64().unwrap_or(0) >> 10)
+        }
+        _ => "on a single disk".into(),
+    }
+}
+
 fn us(ns: u64) -> String {
     format!("{:.1} us", ns as f64 / 1000.0)
 }
@@ -51,8 +61,21 @@ pub fn run(args: Args) -> Result<()> {
     let size = crate::size::parse(&args.size)?;
     println!("nvmirror quickstart: two nodes on loopback, data under {}", root.display());
 
-    let mut a = NodeProc::start_on(&bin, "site-a", &root.join("site-a"), &args.host, &[])?;
-    let b = NodeProc::start_on(&bin, "site-b", &root.join("site-b"), &args.host, &[])?;
+    // Each site's own RAID-4 geometry: the mirror protocol carries volume blocks.
+    let mut a = NodeProc::start_on(
+        &bin,
+        "site-a",
+        &root.join("site-a"),
+        &args.host,
+        &["--raid-data-disks", "3", "--raid-stripe-unit", "64K"],
+    )?;
+    let b = NodeProc::start_on(
+        &bin,
+        "site-b",
+        &root.join("site-b"),
+        &args.host,
+        &["--raid-data-disks", "5", "--raid-stripe-unit", "16K"],
+    )?;
     for n in [&a, &b] {
         println!("  {}: control {}  replication {}  nbd {}", n.name, n.control, n.replication, n.nbd);
     }
@@ -63,7 +86,8 @@ pub fn run(args: Args) -> Result<()> {
         "/v1/volumes",
         &CreateVolume { name: "demo".into(), size, log_bytes: Some(8 << 20), ..CreateVolume::default() },
     )?;
-    println!("1. created volume demo ({}) on site-a", mib(size));
+    let s: Value = ca.get("/v1/status")?;
+    println!("1. created volume demo ({}) on site-a, {}", mib(size), geometry(&s["volumes"][0]["storage"]));
 
     let t = Instant::now();
     let _: Value = ca.post(
@@ -81,11 +105,13 @@ pub fn run(args: Args) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let s: Value = cb.get("/v1/status")?;
     println!(
-        "2. mirrored demo to site-b over {}: baseline of {} copied, in sync after {:.2} s",
+        "2. mirrored demo to site-b over {}: baseline of {} copied, in sync after {:.2} s; the mirror is {}",
         args.transport,
         mib(size),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        geometry(&s["mirrors"][0]["storage"])
     );
 
     let blocks = (size / 4096).min(4096);
@@ -154,6 +180,31 @@ pub fn run(args: Args) -> Result<()> {
     );
     // The promoted volume takes writes.
     reader.write(0, &vec![0xa5; 4096]).context("write to the promoted volume")?;
+    drop(reader);
+    // Parity and checksums on site-b after the replay: a scrub finds nothing to repair.
+    let _: Value = cb.post("/v1/volumes/demo/scrub", &json!({}))?;
+    let t = Instant::now();
+    let report = loop {
+        let s: Value = cb.get("/v1/volumes/demo/storage")?;
+        if s["scrub"].is_null() && !s["last_scrub"].is_null() {
+            break s["last_scrub"].clone();
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("the scrub of demo on site-b did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "7. scrubbed demo on site-b in {:.2} s: {} ({} blocks checked, {} checksum errors, {} parity mismatches)",
+        t.elapsed().as_secs_f64(),
+        report["result"].as_str().unwrap_or("?"),
+        report["blocks_checked"],
+        report["checksum_errors"],
+        report["parity_mismatches"]
+    );
+    if report["result"] != "clean" {
+        bail!("the scrub after failover found damage: {report}");
+    }
     drop(b);
     if !v.bad.is_empty() {
         for line in v.bad.iter().take(20) {
