@@ -6,7 +6,8 @@
 //!
 //! Scenarios (by name, or `all`): `hop` (one replication hop against a TCP ping-pong),
 //! `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
-//! against unmirrored), `qd-sweep` (queue depths 1 to 64). Every scenario runs its system
+//! against unmirrored), `qd-sweep` (queue depths 1 to 64), `raid-write` (full-stripe RAID-4
+//! writes against the same bytes written raw). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -20,6 +21,7 @@ mod floor;
 mod hop;
 mod measure;
 mod nbd;
+mod raid;
 mod report;
 
 use std::path::PathBuf;
@@ -31,7 +33,9 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 4] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep"];
+const SCENARIOS: [&str; 5] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write"];
+/// The scenarios that run `nvmirror` node processes.
+const NODE_SCENARIOS: [&str; 3] = ["nbd-qd1", "nbd-qd32", "qd-sweep"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -46,7 +50,7 @@ struct Cli {
     /// take it from beside this executable).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, or all.
+    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, raid-write, or all.
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -77,7 +81,7 @@ fn main() -> Result<()> {
     let names = selected(&cli.scenarios)?;
     let (timestamp_utc, stamp) = report::timestamp();
     let started = Instant::now();
-    let needs_nodes = names.iter().any(|n| n != "hop");
+    let needs_nodes = names.iter().any(|n| NODE_SCENARIOS.contains(&n.as_str()));
     let bin = if needs_nodes { Some(cluster::node_binary(cli.node_bin.as_deref())?) } else { None };
     let mut scenarios: Vec<ScenarioResult> = Vec::new();
     for name in &names {
@@ -89,6 +93,7 @@ fn main() -> Result<()> {
             "nbd-qd1" => nbd::qd1(bin()?, cli.quick),
             "nbd-qd32" => nbd::qd32(bin()?, cli.quick),
             "qd-sweep" => nbd::sweep(bin()?, cli.quick),
+            "raid-write" => raid::run(cli.quick),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;

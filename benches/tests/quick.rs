@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 4] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep"];
+const SCENARIOS: [&str; 5] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write"];
 
 fn number(v: &Value, what: &str) -> f64 {
     let n = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
