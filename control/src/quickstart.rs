@@ -34,6 +34,10 @@ pub struct Args {
     /// Address the nodes replicate on (for rdma: an address of the RDMA interface).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// NVRAM of both nodes, MODE:DIR (file:, file-sync: or dax:); each node gets a
+    /// subdirectory. Default: file: in each node's data dir.
+    #[arg(long)]
+    nvram: Option<String>,
 }
 
 fn mib(n: u64) -> String {
@@ -61,26 +65,43 @@ pub fn run(args: Args) -> Result<()> {
     let size = crate::size::parse(&args.size)?;
     println!("nvmirror quickstart: two nodes on loopback, data under {}", root.display());
 
+    let nvram = |site: &str| -> Result<Vec<String>> {
+        Ok(match &args.nvram {
+            None => Vec::new(),
+            Some(spec) => {
+                let (mode, dir) = spec.split_once(':').context("--nvram MODE:DIR")?;
+                vec!["--nvram".into(), format!("{mode}:{}", PathBuf::from(dir).join(site).display())]
+            }
+        })
+    };
     // Each site's own RAID-4 geometry: the mirror protocol carries volume blocks.
-    let mut a = NodeProc::start_on(
-        &bin,
-        "site-a",
-        &root.join("site-a"),
-        &args.host,
-        &["--raid-data-disks", "3", "--raid-stripe-unit", "64K"],
-    )?;
-    let b = NodeProc::start_on(
-        &bin,
-        "site-b",
-        &root.join("site-b"),
-        &args.host,
-        &["--raid-data-disks", "5", "--raid-stripe-unit", "16K"],
-    )?;
-    for n in [&a, &b] {
-        println!("  {}: control {}  replication {}  nbd {}", n.name, n.control, n.replication, n.nbd);
-    }
+    let args_a: Vec<String> = ["--raid-data-disks", "3", "--raid-stripe-unit", "64K"]
+        .map(String::from)
+        .into_iter()
+        .chain(nvram("site-a")?)
+        .collect();
+    let args_b: Vec<String> = ["--raid-data-disks", "5", "--raid-stripe-unit", "16K"]
+        .map(String::from)
+        .into_iter()
+        .chain(nvram("site-b")?)
+        .collect();
+    let refs_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let refs_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let mut a = NodeProc::start_on(&bin, "site-a", &root.join("site-a"), &args.host, &refs_a)?;
+    let b = NodeProc::start_on(&bin, "site-b", &root.join("site-b"), &args.host, &refs_b)?;
     let ca = Client::new(&a.control);
     let cb = Client::new(&b.control);
+    for (n, c) in [(&a, &ca), (&b, &cb)] {
+        let s: Value = c.get("/v1/status")?;
+        println!(
+            "  {}: control {}  replication {}  nbd {}  nvram {}",
+            n.name,
+            n.control,
+            n.replication,
+            n.nbd,
+            s["nvram"].as_str().unwrap_or("?")
+        );
+    }
 
     let _: Value = ca.post(
         "/v1/volumes",

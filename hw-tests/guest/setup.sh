@@ -17,6 +17,10 @@ hwt_setup_rxe() {
     ip link add "$HWT_RXE_NETDEV" type veth peer name veth1
     ip addr add "$HWT_RXE_ADDR/24" dev "$HWT_RXE_NETDEV"
     ip addr add "$HWT_RXE_PEER_ADDR/24" dev veth1
+    # The netdev MTU sets rxe's: 1500 (the default) gives a RoCE MTU of 1024; 9000, as
+    # RoCE fabrics run with jumbo frames, gives 4096 (a 4 KiB transfer in one packet).
+    ip link set "$HWT_RXE_NETDEV" mtu "${HWT_RXE_NETDEV_MTU:-1500}"
+    ip link set veth1 mtu "${HWT_RXE_NETDEV_MTU:-1500}"
     ip link set "$HWT_RXE_NETDEV" up
     ip link set veth1 up
     rdma link add "$HWT_RXE_DEV" type rxe netdev "$HWT_RXE_NETDEV"

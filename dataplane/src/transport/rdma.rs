@@ -10,7 +10,9 @@
 //! 3. The source connects an RC queue pair to `addr` with the token as private data; the
 //!    destination's listener registers the mirror's two log files on that connection
 //!    (remote read/write) and sends `RdmaRegions` (address, key, length per partition).
-//! 4. The source checks the regions against its partition size and starts placing.
+//! 4. The source checks the regions against its partition size, proves each with an
+//!    8-byte RDMA READ at its first and last bytes (a wrong key or address fails here, with
+//!    the device's status, before any placement), and starts placing.
 //!
 //! Data path: a batch of whole entries (or a partition header) is copied into a registered
 //! staging ring, written with one unsignalled RDMA WRITE at the same offset of the remote
@@ -63,13 +65,20 @@ struct Expected {
     mirror: Arc<Mirror>,
     sink: Arc<dyn ReplySink>,
     gen: u64,
+    tamper: Option<Tamper>,
 }
+
+/// Changes the regions a destination presents: for the hw-tests programs that check how a
+/// source treats a peer presenting wrong keys, addresses or sizes. Never set by a node.
+#[doc(hidden)]
+pub type Tamper = fn(&mut [RdmaRegion; PARTITIONS]);
 
 /// The destination's RDMA engine: one rdma_cm listener for all mirrors of the node.
 pub struct RdmaService {
     addr: SocketAddr,
     expected: Arc<Mutex<HashMap<u64, Expected>>>,
     next_token: AtomicU64,
+    tamper: Option<Tamper>,
 }
 
 /// What a mirror holds while its source places by RDMA; dropping it disconnects the queue
@@ -82,11 +91,18 @@ struct Attachment {
 impl RdmaService {
     /// Starts the listener on `addr` (an address of an RDMA-capable interface).
     pub fn start(addr: SocketAddr) -> Result<Arc<Self>, String> {
+        Self::start_with(addr, None)
+    }
+
+    /// As [`RdmaService::start`], presenting regions changed by `tamper` (hw-tests only).
+    #[doc(hidden)]
+    pub fn start_with(addr: SocketAddr, tamper: Option<Tamper>) -> Result<Arc<Self>, String> {
         let mut listener = Listener::bind(addr).map_err(|e| format!("RDMA listen on {addr}: {e}"))?;
         let service = Arc::new(RdmaService {
             addr,
             expected: Arc::new(Mutex::new(HashMap::new())),
             next_token: AtomicU64::new(rand_token()),
+            tamper,
         });
         let expected = service.expected.clone();
         thread::Builder::new()
@@ -141,6 +157,9 @@ fn register(exp: Expected, conn: Connection) -> Result<(), String> {
         regions[p] = RdmaRegion { addr: mr.addr(), rkey: mr.rkey(), len: len as u64 };
         mrs.push(mr);
     }
+    if let Some(tamper) = exp.tamper {
+        tamper(&mut regions);
+    }
     let name = exp.mirror.name();
     exp.mirror.set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))?;
     eprintln!("rdma: mirror {name}: log files registered; the source places entries by RDMA");
@@ -156,7 +175,7 @@ impl RdmaPlacement for RdmaService {
         if expected.len() >= 1024 {
             return Err("too many pending RDMA set-ups".into());
         }
-        expected.insert(token, Expected { mirror, sink, gen });
+        expected.insert(token, Expected { mirror, sink, gen, tamper: self.tamper });
         Ok((self.addr.to_string(), token))
     }
 }
@@ -253,6 +272,8 @@ impl Connector for RdmaConnector {
         let staging_mr =
             unsafe { MemoryRegion::register(conn.pd(), staging.as_mut_ptr(), STAGING_BYTES, Access::Local) }
                 .map_err(|e| protocol(format!("register staging ring: {e}")))?;
+        let mut conn = conn;
+        probe_regions(&mut conn, &staging, &staging_mr, &regions).map_err(protocol)?;
         Ok((
             RdmaLink {
                 tcp,
@@ -272,6 +293,84 @@ impl Connector for RdmaConnector {
             },
             welcome,
         ))
+    }
+}
+
+/// Reads 8 bytes at the first and at the last bytes of every region the destination
+/// presented: a wrong key, an address outside its registration or a region shorter than it
+/// claims fails here with the device's completion status, before anything is placed.
+fn probe_regions(
+    conn: &mut Connection,
+    staging: &[u8],
+    staging_mr: &MemoryRegion,
+    regions: &[RdmaRegion; PARTITIONS],
+) -> Result<(), String> {
+    const PROBE_BYTES: u32 = 8;
+    let base = staging.as_ptr() as u64;
+    let mut reqs = Vec::new();
+    for (p, r) in regions.iter().enumerate() {
+        if r.len < u64::from(PROBE_BYTES) {
+            return Err(format!("destination log file {p} is {} bytes: refusing to place into it", r.len));
+        }
+        for (i, at) in [0, r.len - u64::from(PROBE_BYTES)].into_iter().enumerate() {
+            reqs.push(WorkRequest {
+                wr_id: u64::MAX - (2 * p + i) as u64,
+                op: Op::Read,
+                // Each probe reads into its own 8 bytes of the scratch area at the ring's head.
+                local: Sge { addr: base + (8 * (2 * p + i)) as u64, len: PROBE_BYTES, lkey: staging_mr.lkey() },
+                remote_addr: r.addr.wrapping_add(at),
+                rkey: r.rkey,
+                signaled: true,
+            });
+        }
+    }
+    const _: () = assert!(8 * 2 * PARTITIONS <= READ_SCRATCH, "probes fit the scratch area");
+    // SAFETY: the probes read into the staging ring's scratch bytes, registered and owned by
+    // the caller for the whole call; the completions are polled below before it returns.
+    unsafe { conn.post(&reqs) }.map_err(|e| format!("post the region probes: {e}"))?;
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    let mut done = Vec::new();
+    while done.len() < reqs.len() {
+        if Instant::now() > deadline {
+            return Err(format!("the region probes did not complete within {SETUP_TIMEOUT:?}"));
+        }
+        conn.poll(&mut done, reqs.len()).map_err(|e| format!("poll the region probes: {e}"))?;
+        if let Some(bad) = done.iter().find(|c| !c.ok) {
+            let k = u64::MAX - bad.wr_id;
+            let p = k / 2;
+            let (r, end) = (regions[partition_index(p)], if k % 2 == 0 { "first" } else { "last" });
+            return Err(format!(
+                "destination log file {p} (address {:#x}, key {:#x}, {} bytes) refused an RDMA READ of its {end} bytes with completion status {} ({}): wrong memory key, address or size; refusing to place into it",
+                r.addr,
+                r.rkey,
+                r.len,
+                bad.status,
+                wc_status_name(bad.status)
+            ));
+        }
+        std::hint::spin_loop();
+    }
+    Ok(())
+}
+
+fn partition_index(p: u64) -> usize {
+    usize::try_from(p).unwrap_or(0).min(PARTITIONS - 1)
+}
+
+/// The name of an `ibv_wc_status`, for errors.
+fn wc_status_name(status: u32) -> &'static str {
+    match status {
+        0 => "success",
+        1 => "local length error",
+        2 => "local QP operation error",
+        4 => "local protection error",
+        5 => "work request flushed",
+        9 => "remote invalid request",
+        10 => "remote access error",
+        11 => "remote operation error",
+        12 => "transport retry counter exceeded",
+        13 => "RNR retry counter exceeded",
+        _ => "see ibv_wc_status",
     }
 }
 
