@@ -7,7 +7,9 @@
 //! Scenarios (by name, or `all`): `hop` (one replication hop against a TCP ping-pong),
 //! `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
 //! against unmirrored), `qd-sweep` (queue depths 1 to 64), `raid-write` (full-stripe RAID-4
-//! writes against the same bytes written raw). Every scenario runs its system
+//! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
+//! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
+//! portable path). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -23,6 +25,7 @@ mod measure;
 mod nbd;
 mod raid;
 mod report;
+mod xor;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,7 +36,8 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 5] = ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write"];
+const SCENARIOS: [&str; 8] =
+    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable"];
 /// The scenarios that run `nvmirror` node processes.
 const NODE_SCENARIOS: [&str; 3] = ["nbd-qd1", "nbd-qd32", "qd-sweep"];
 
@@ -50,7 +54,8 @@ struct Cli {
     /// take it from beside this executable).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, raid-write, or all.
+    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, raid-write, xor-cache, xor-memory,
+    /// xor-portable, or all.
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -94,6 +99,9 @@ fn main() -> Result<()> {
             "nbd-qd32" => nbd::qd32(bin()?, cli.quick),
             "qd-sweep" => nbd::sweep(bin()?, cli.quick),
             "raid-write" => raid::run(cli.quick),
+            "xor-cache" => xor::cache(cli.quick),
+            "xor-memory" => xor::memory(cli.quick),
+            "xor-portable" => xor::portable(cli.quick),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;
