@@ -10,10 +10,12 @@
 pub mod fault;
 mod file;
 mod mem;
+mod uring;
 
 pub use fault::{FaultDevice, FaultPlan};
 pub use file::FileDevice;
 pub use mem::MemDevice;
+pub use uring::{UringDevice, URING_BUFFERS, URING_BUFFER_BYTES};
 
 use std::fmt;
 use std::io;
@@ -181,7 +183,11 @@ impl DiskSpec {
                 Some(size) => FileDevice::create(&self.path, size)?,
                 None => FileDevice::open(&self.path)?,
             })),
-            Engine::Uring | Engine::Nvme => Err(io::Error::new(
+            Engine::Uring => Ok(Arc::new(match size {
+                Some(size) => UringDevice::create(&self.path, size)?,
+                None => UringDevice::open(&self.path)?,
+            })),
+            Engine::Nvme => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("disk {self}: the {} engine is not available in this build", self.engine.name()),
             )),
