@@ -9,7 +9,7 @@
 //! against unmirrored), `qd-sweep` (queue depths 1 to 64), `raid-write` (full-stripe RAID-4
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
-//! portable path). Every scenario runs its system
+//! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -25,6 +25,7 @@ mod measure;
 mod nbd;
 mod raid;
 mod report;
+mod uring;
 mod xor;
 
 use std::path::PathBuf;
@@ -36,8 +37,8 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 8] =
-    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable"];
+const SCENARIOS: [&str; 9] =
+    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable", "uring-fio"];
 /// The scenarios that run `nvmirror` node processes.
 const NODE_SCENARIOS: [&str; 3] = ["nbd-qd1", "nbd-qd32", "qd-sweep"];
 
@@ -55,7 +56,7 @@ struct Cli {
     #[arg(long)]
     node_bin: Option<PathBuf>,
     /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, raid-write, xor-cache, xor-memory,
-    /// xor-portable, or all.
+    /// xor-portable, uring-fio, or all.
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -102,6 +103,7 @@ fn main() -> Result<()> {
             "xor-cache" => xor::cache(cli.quick),
             "xor-memory" => xor::memory(cli.quick),
             "xor-portable" => xor::portable(cli.quick),
+            "uring-fio" => uring::run(cli.quick),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;

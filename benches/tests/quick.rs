@@ -11,8 +11,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 8] =
-    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable"];
+const SCENARIOS: [&str; 9] =
+    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable", "uring-fio"];
 
 fn number(v: &Value, what: &str) -> f64 {
     let n = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
@@ -93,6 +93,10 @@ fn quick_run_writes_a_well_formed_result_for_every_scenario() {
                 }
             }
             // Built without ISA-L (as the test suite builds): no ratio, and the reason why.
+            "uring-fio" if s["check"].is_null() => {
+                assert_eq!(s["params"]["fio"], false, "{name}: no ratio although fio ran");
+                assert!(s["notes"].to_string().contains("fio is not installed"), "{name}: no reason for no ratio");
+            }
             "xor-cache" | "xor-memory" if s["check"].is_null() => {
                 assert_eq!(s["params"]["isal_built"], false, "{name}: no ratio although ISA-L is built");
                 let notes = s["notes"].to_string();

@@ -229,7 +229,7 @@ fn route(
                     return Err(ApiError {
                         status: 409,
                         message: format!(
-                            "peer {} offers no RDMA engine (no device, or file-sync log files)",
+                            "peer {} offers no RDMA engine (no RDMA device, or file-sync: or dax: log files; its log says which)",
                             peer.name
                         ),
                     });

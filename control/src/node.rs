@@ -773,6 +773,16 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
             eprintln!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
             return None;
         }
+        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Dax {
+            // Measured in the hw-tests guest: ibv_reg_mr of a file-DAX mapping fails with
+            // EOPNOTSUPP (the kernel does not let a device pin fsdax pages for long).
+            eprintln!(
+                "node {}: RDMA not offered: dax: log files are filesystem-DAX mappings, which the kernel does not let \
+                 an RDMA device pin (ibv_reg_mr fails with EOPNOTSUPP); mirrors hosted here take entries over TCP",
+                cfg.name
+            );
+            return None;
+        }
         let devices = rdma::device_names();
         if devices.is_empty() {
             return None;

@@ -123,8 +123,12 @@ impl RdmaService {
                                 continue;
                             }
                         };
+                        let sink = exp.sink.clone();
                         if let Err(e) = register(exp, conn) {
                             eprintln!("rdma: {e}");
+                            // The source is waiting for the regions: tell it why none come.
+                            let _ =
+                                sink.send(&Message::Error { reason: format!("RDMA set-up on the destination: {e}") });
                         }
                     }
                     Err(nvmirror_bindings::rdma::RdmaError::Timeout { .. }) => {}
