@@ -335,6 +335,9 @@ impl UringDevice {
         let (mut sent, mut finished) = (0u64, 0u64);
         let result = (|| -> io::Result<()> {
             while finished < count {
+                // Every free buffer gets a write, and each goes to the kernel on its own:
+                // the device sees a steady trickle rather than bursts of a whole queue
+                // (measured: bursts completed together, and took longer each).
                 while sent < count {
                     let Some(i) = free.pop() else { break };
                     let offset = next_offset();
@@ -351,21 +354,24 @@ impl UringDevice {
                     // SAFETY: buffer `i` is registered and not reused until its completion
                     // is reaped below.
                     unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring: queue full"))?;
+                    ring.submit()?;
                     sent += 1;
                 }
-                ring.submit_and_wait(1)?;
-                while let Some(cqe) = ring.completion().next() {
-                    let i = usize::try_from(cqe.user_data()).expect("a buffer index");
-                    if cqe.result() < 0 {
-                        return Err(io::Error::from_raw_os_error(-cqe.result()));
-                    }
-                    if usize::try_from(cqe.result()).ok() != Some(data.len()) {
-                        return Err(io::Error::new(io::ErrorKind::WriteZero, "short io_uring write"));
-                    }
-                    done(u64::try_from(started[i].elapsed().as_nanos()).unwrap_or(u64::MAX));
-                    finished += 1;
-                    free.push(i);
+                if ring.completion().is_empty() {
+                    ring.submit_and_wait(1)?;
                 }
+                // One completion at a time, its replacement submitted before the next.
+                let Some(cqe) = ring.completion().next() else { continue };
+                let i = usize::try_from(cqe.user_data()).expect("a buffer index");
+                if cqe.result() < 0 {
+                    return Err(io::Error::from_raw_os_error(-cqe.result()));
+                }
+                if usize::try_from(cqe.result()).ok() != Some(data.len()) {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "short io_uring write"));
+                }
+                done(u64::try_from(started[i].elapsed().as_nanos()).unwrap_or(u64::MAX));
+                finished += 1;
+                free.push(i);
             }
             Ok(())
         })();
