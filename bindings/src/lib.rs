@@ -10,5 +10,6 @@
 
 #[cfg(feature = "isal")]
 pub mod isal;
+pub mod nvme;
 #[cfg(feature = "rdma")]
 pub mod rdma;

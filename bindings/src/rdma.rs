@@ -48,6 +48,22 @@ fn check(op: &'static str, rc: i32) -> Result<(), RdmaError> {
 }
 
 /// The RDMA devices this host has, by name (empty where there is none).
+/// Whether the rdma-core this was built against has RDMA FLUSH (`IBV_WR_FLUSH`, rdma-core
+/// 45+), which would make placement in remote persistent memory explicit. rdma-core 44
+/// (Debian 12) has not; the engine then makes placements durable with an RDMA READ after
+/// the WRITE on the same queue pair.
+pub const FLUSH_IN_HEADERS: bool = cfg!(rdma_flush_in_headers);
+
+/// One line on the RDMA durability in use, for logs.
+pub fn flush_support() -> &'static str {
+    if FLUSH_IN_HEADERS {
+        "RDMA FLUSH is in this rdma-core's headers but not used yet: durability by RDMA READ after WRITE"
+    } else {
+        "RDMA FLUSH is not available (this rdma-core's headers have no IBV_WR_FLUSH; it came in rdma-core 45): \
+         durability by RDMA READ after WRITE"
+    }
+}
+
 pub fn device_names() -> Vec<String> {
     let mut n = 0i32;
     // SAFETY: ibv_get_device_list writes the count into `n` and returns a list (or null)

@@ -33,6 +33,9 @@ hwt_setup_nvme() {
     modprobe nvme
     hwt_wait_for "$HWT_NVME_BLK" 20
     hwt_wait_for "$HWT_NVME_CHR" 20
+    # The three smaller drives for the RAID-4 test; which controller gets which name is
+    # the kernel's choice, so they are found by size in that test.
+    for i in 1 2 3; do hwt_wait_for "/dev/ng${i}n1" 20; done
     ls -l /dev/nvme* /dev/ng*
 }
 

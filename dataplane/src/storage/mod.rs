@@ -10,11 +10,13 @@
 pub mod fault;
 mod file;
 mod mem;
+mod nvme;
 mod uring;
 
 pub use fault::{FaultDevice, FaultPlan};
 pub use file::FileDevice;
 pub use mem::MemDevice;
+pub use nvme::NvmeDevice;
 pub use uring::{UringDevice, URING_BUFFERS, URING_BUFFER_BYTES};
 
 use std::fmt;
@@ -187,10 +189,7 @@ impl DiskSpec {
                 Some(size) => UringDevice::create(&self.path, size)?,
                 None => UringDevice::open(&self.path)?,
             })),
-            Engine::Nvme => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("disk {self}: the {} engine is not available in this build", self.engine.name()),
-            )),
+            Engine::Nvme => Ok(Arc::new(NvmeDevice::open(&self.path, size)?)),
         }
     }
 }

@@ -98,6 +98,7 @@ impl RdmaService {
     #[doc(hidden)]
     pub fn start_with(addr: SocketAddr, tamper: Option<Tamper>) -> Result<Arc<Self>, String> {
         let mut listener = Listener::bind(addr).map_err(|e| format!("RDMA listen on {addr}: {e}"))?;
+        eprintln!("rdma: {}", nvmirror_bindings::rdma::flush_support());
         let service = Arc::new(RdmaService {
             addr,
             expected: Arc::new(Mutex::new(HashMap::new())),

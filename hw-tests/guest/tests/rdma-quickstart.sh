@@ -26,6 +26,9 @@ grep -q "over rdma" <<<"$out" || hwt_fail "the volume was not mirrored over rdma
 grep -q "log files registered; the source places entries by RDMA" "$keep"/*/site-b.log ||
     hwt_fail "site-b never registered its log files for RDMA placement"
 grep -q "^OK: no acknowledged write was lost" <<<"$out" || hwt_fail "no verification line"
+# The destination says which RDMA durability it uses (RDMA FLUSH is not in rdma-core 44).
+flush=$(grep -h -m1 "rdma: RDMA FLUSH" "$keep"/*/site-b.log) || hwt_fail "site-b did not say whether RDMA FLUSH is available"
+echo "$flush"
 line=$(grep "ack latency" <<<"$out")
 p50=$(sed -n 's/.*p50 \([0-9.]*\) us.*/\1/p' <<<"$line")
 p99=$(sed -n 's/.*p99 \([0-9.]*\) us.*/\1/p' <<<"$line")
