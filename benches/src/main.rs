@@ -6,7 +6,8 @@
 //!
 //! Scenarios (by name, or `all`): `hop` (one replication hop against a TCP ping-pong),
 //! `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
-//! against unmirrored), `qd-sweep` (queue depths 1 to 64), `raid-write` (full-stripe RAID-4
+//! against unmirrored), `qd-sweep` (queue depths 1 to 64), `nbd-open` (open loop at `--rate` writes/s,
+//! coordinated omission corrected), `raid-write` (full-stripe RAID-4
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
 //! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32). Every scenario runs its system
@@ -37,10 +38,20 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 9] =
-    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable", "uring-fio"];
+const SCENARIOS: [&str; 10] = [
+    "hop",
+    "nbd-qd1",
+    "nbd-qd32",
+    "qd-sweep",
+    "nbd-open",
+    "raid-write",
+    "xor-cache",
+    "xor-memory",
+    "xor-portable",
+    "uring-fio",
+];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 3] = ["nbd-qd1", "nbd-qd32", "qd-sweep"];
+const NODE_SCENARIOS: [&str; 4] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -55,7 +66,10 @@ struct Cli {
     /// take it from beside this executable).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, raid-write, xor-cache, xor-memory,
+    /// Writes per second of the open-loop scenario (nbd-open).
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
     /// xor-portable, uring-fio, or all.
     #[arg(required = true)]
     scenarios: Vec<String>,
@@ -99,6 +113,7 @@ fn main() -> Result<()> {
             "nbd-qd1" => nbd::qd1(bin()?, cli.quick),
             "nbd-qd32" => nbd::qd32(bin()?, cli.quick),
             "qd-sweep" => nbd::sweep(bin()?, cli.quick),
+            "nbd-open" => nbd::open(bin()?, cli.quick, cli.rate),
             "raid-write" => raid::run(cli.quick),
             "xor-cache" => xor::cache(cli.quick),
             "xor-memory" => xor::memory(cli.quick),

@@ -11,8 +11,18 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 9] =
-    ["hop", "nbd-qd1", "nbd-qd32", "qd-sweep", "raid-write", "xor-cache", "xor-memory", "xor-portable", "uring-fio"];
+const SCENARIOS: [&str; 10] = [
+    "hop",
+    "nbd-qd1",
+    "nbd-qd32",
+    "qd-sweep",
+    "nbd-open",
+    "raid-write",
+    "xor-cache",
+    "xor-memory",
+    "xor-portable",
+    "uring-fio",
+];
 
 fn number(v: &Value, what: &str) -> f64 {
     let n = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
@@ -85,6 +95,11 @@ fn quick_run_writes_a_well_formed_result_for_every_scenario() {
             check_arm(name, arm);
         }
         match name {
+            "nbd-open" => {
+                assert!(s["check"].is_null(), "nbd-open has no target");
+                assert!(s["params"]["rate_writes_per_s"].as_u64().is_some_and(|r| r > 0), "nbd-open: no rate");
+                assert!(s["notes"].to_string().contains("behind its schedule"), "nbd-open: no sender lag note");
+            }
             "qd-sweep" => {
                 assert!(s["check"].is_null(), "qd-sweep has no target");
                 assert_eq!(arms.len(), 14, "mirrored and plain at 7 queue depths");

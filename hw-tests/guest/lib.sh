@@ -111,3 +111,38 @@ hwt_perftest_lat() {
 
 # Seconds since $1 (a `date +%s.%N` stamp), one decimal.
 hwt_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Runs perftest's ib_write_bw between a server and a client on the one rxe device: message
+# size $1 bytes, $2 iterations, TCP port $3, tx depth $4. Prints the client's output, the
+# figure ib_write_bw_SIZEB_qdDEPTH_msg_per_s, and sets HWT_LAST_RATE (messages per second).
+hwt_perftest_bw() {
+    local size=$1 iters=$2 port=$3 depth=$4
+    local common=(-d "$HWT_RXE_DEV" -s "$size" -n "$iters" -p "$port" -t "$depth" -F)
+    local server_log client_log
+    server_log=$(mktemp) client_log=$(mktemp)
+    timeout --foreground 120 ib_write_bw "${common[@]}" >"$server_log" 2>&1 &
+    local server=$!
+    if ! hwt_wait_listen "$port" 20 "$server"; then
+        kill "$server" 2>/dev/null
+        cat "$server_log"
+        hwt_fail "ib_write_bw server did not listen on port $port"
+    fi
+    local rc=0
+    timeout --foreground 120 ib_write_bw "${common[@]}" "$HWT_RXE_ADDR" >"$client_log" 2>&1 || rc=$?
+    local src=0
+    wait "$server" || src=$?
+    cat "$client_log"
+    if [ "$rc" -ne 0 ] || [ "$src" -ne 0 ]; then
+        cat "$server_log"
+        hwt_fail "ib_write_bw -s $size: client exit $rc, server exit $src"
+    fi
+    # The result line: bytes, iterations, BW peak, BW average (MB/s), MsgRate (Mpps).
+    local line
+    line=$(awk -v size="$size" '/MsgRate/ { hdr = 1; next } hdr && $1 == size { print; exit }' "$client_log")
+    [ -n "$line" ] || hwt_fail "ib_write_bw -s $size: no result line"
+    local f
+    read -r -a f <<<"$line"
+    HWT_LAST_RATE=$(awk -v m="${f[4]}" 'BEGIN { printf "%.0f", m * 1000000 }')
+    hwt_figure "ib_write_bw_${size}B_qd${depth}_msg_per_s" "$HWT_LAST_RATE"
+    rm -f "$server_log" "$client_log"
+}

@@ -130,6 +130,12 @@ impl NbdClient {
         }
     }
 
+    /// A second handle on the same connection, for a thread that only receives while
+    /// another only sends (an open-loop load generator).
+    pub fn try_clone(&self) -> io::Result<NbdClient> {
+        Ok(NbdClient { stream: self.stream.try_clone()?, size: self.size, read_only: self.read_only })
+    }
+
     /// Receives one simple reply; for a read, `read_into` receives its data (the caller
     /// knows each cookie's length).
     pub fn recv(&mut self, read_into: Option<&mut [u8]>) -> io::Result<NbdReply> {

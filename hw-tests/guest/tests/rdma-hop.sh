@@ -31,4 +31,26 @@ ratio=$(awk -v o="$o" -v f="$f" 'BEGIN { printf "%.2f", o / f }')
 hwt_figure rdma_append_median_of_rounds_us "$o"
 hwt_figure ib_read_lat_4096B_median_of_rounds_us "$f"
 hwt_figure rdma_append_vs_ib_read_lat_ratio "$ratio"
-hwt_detail "durable append 4 KiB qd1: p50 $o us (rounds ${ours[*]}); ib_read_lat 4 KiB typical $f us (rounds ${floor[*]}); ratio $ratio (target <= 1.3)"
+# Batching at queue depth 32: entries per second against ib_write_bw's message rate for
+# 4 KiB at the same depth, three interleaved rounds, medians.
+ours32=()
+floor32=()
+for round in 1 2 3; do
+    hwt_perftest_bw 4096 5000 "$port" 32
+    floor32+=("$HWT_LAST_RATE")
+    port=$((port + 1))
+    dir=/var/tmp/rdma-hop32-$round
+    out=$("$bin" --addr "$HWT_RXE_ADDR:$port" --dir "$dir" --ops 6000 --qd 32 2>&1) ||
+        { echo "$out"; hwt_fail "hw-rdma-hop --qd 32 round $round failed"; }
+    echo "$out"
+    ours32+=("$(sed -n 's/^hwt-figure: rdma_append_4096B_qd32_entries_per_s=//p' <<<"$out")")
+    rm -rf "$dir"
+    port=$((port + 1))
+done
+o32=$(median "${ours32[@]}")
+f32=$(median "${floor32[@]}")
+ratio32=$(awk -v o="$o32" -v f="$f32" 'BEGIN { printf "%.2f", o / f }')
+hwt_figure rdma_append_qd32_median_entries_per_s "$o32"
+hwt_figure ib_write_bw_4096B_qd32_median_msg_per_s "$f32"
+hwt_figure rdma_append_qd32_vs_ib_write_bw_ratio "$ratio32"
+hwt_detail "durable append 4 KiB qd1: p50 $o us (rounds ${ours[*]}); ib_read_lat 4 KiB typical $f us (rounds ${floor[*]}); ratio $ratio (target <= 1.3); qd32: $o32 entries/s vs ib_write_bw $f32 msg/s, ratio $ratio32 (target >= 0.7)"

@@ -9,7 +9,11 @@
 //! (hdrhistogram). The floor, perftest's `ib_read_lat` of 4 KiB, is run by the calling
 //! script interleaved with this program.
 //!
-//! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--rounds R]
+//! With `--qd N` (N > 1) it measures batching instead: entries appended and handed over
+//! in batches of up to 16, at most N unacknowledged, and reports entries per second (the
+//! calling script compares them with perftest's `ib_write_bw` message rate).
+//!
+//! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--qd N]
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -50,6 +54,7 @@ fn main() -> Result<()> {
     let addr: SocketAddr = arg(&args, "--addr").ok_or_else(|| anyhow!("--addr IP:PORT"))?.parse()?;
     let dir = PathBuf::from(arg(&args, "--dir").ok_or_else(|| anyhow!("--dir DIR"))?);
     let ops: u64 = arg(&args, "--ops").unwrap_or_else(|| "2000".into()).parse()?;
+    let qd: u64 = arg(&args, "--qd").unwrap_or_else(|| "1".into()).parse()?;
     std::fs::create_dir_all(&dir)?;
 
     // The destination.
@@ -96,6 +101,12 @@ fn main() -> Result<()> {
         }
     }
 
+    if qd > 1 {
+        let (rate, batches) = pipelined(&mut link, &mut nvlog, ops, qd)?;
+        println!("hwt-figure: rdma_append_4096B_qd{qd}_entries_per_s={rate:.0}");
+        println!("rdma durable append 4 KiB, {ops} entries, at most {qd} unacknowledged: {rate:.0} entries/s in {batches} batches");
+        return Ok(());
+    }
     let mut hist = Histogram::<u64>::new_with_bounds(100, 60_000_000_000, 3)?;
     let data = vec![0x5au8; ENTRY_BYTES];
     let warmup = ops / 10;
@@ -174,6 +185,56 @@ fn main() -> Result<()> {
         ops + warmup
     );
     Ok(())
+}
+
+/// Appends `total` 4 KiB entries in batches of up to 16, at most `qd` unacknowledged, and
+/// returns entries per second and the number of batches.
+fn pipelined(link: &mut impl Link, nvlog: &mut NvLog<Box<dyn Nvram>>, total: u64, qd: u64) -> Result<(f64, u64)> {
+    const BATCH: u64 = 16;
+    let data = vec![0x6bu8; ENTRY_BYTES];
+    let (mut next, mut acked, mut batches) = (1u64, 0u64, 0u64);
+    let started = Instant::now();
+    while acked < total {
+        while next <= total && next - 1 - acked < qd {
+            let k = BATCH.min(qd - (next - 1 - acked)).min(total - next + 1);
+            let mut first = None;
+            for seq in next..next + k {
+                let h = EntryHeader {
+                    kind: EntryKind::Write,
+                    partition: 0,
+                    volume_id: VOLUME_ID,
+                    epoch: 1,
+                    seq,
+                    offset: (seq % 1024) * ENTRY_BYTES as u64,
+                    length: ENTRY_BYTES_U32,
+                    data_len: ENTRY_BYTES_U32,
+                };
+                if !nvlog.fits(0, ENTRY_BYTES) {
+                    bail!("partition full: lower --ops");
+                }
+                let at = nvlog.append(&h, &data)?;
+                first.get_or_insert(at);
+            }
+            nvlog.persist(0)?;
+            let at = first.expect("k >= 1");
+            let end = nvlog.tail(0);
+            link.send_entries(0, at as u64, &nvlog.partition(0)[at..end])?;
+            link.flush()?;
+            next += k;
+            batches += 1;
+        }
+        match link.poll() {
+            Some(LinkEvent::Reply(Reply::Ack { seq })) => acked = acked.max(seq),
+            Some(other) => bail!("unexpected {other:?}"),
+            None => {
+                if started.elapsed() > Duration::from_secs(120) {
+                    bail!("acks stopped at {acked} of {total}");
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+    Ok((total as f64 / started.elapsed().as_secs_f64(), batches))
 }
 
 /// A torn placement: the last entry of a batch only partly placed, as when the connection
