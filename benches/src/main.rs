@@ -24,6 +24,7 @@ mod floor;
 mod hop;
 mod measure;
 mod nbd;
+mod plot;
 mod raid;
 mod report;
 mod uring;
@@ -136,7 +137,11 @@ fn main() -> Result<()> {
         scenarios,
     };
     let path = report::write_json(&cli.out, &stamp, &names, &run)?;
+    let plots = plot::write(&cli.out, &stamp, &run)?;
     println!("{}", report::table(&run));
     println!("results: {}", path.display());
+    for p in plots {
+        println!("plot: {}", p.display());
+    }
     Ok(())
 }

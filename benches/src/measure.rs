@@ -170,7 +170,14 @@ pub struct ArmResult {
     /// Each measured round's batch: its median latency and its throughput.
     pub round_p50_us: Vec<f64>,
     pub round_throughput_ops_s: Vec<f64>,
+    /// The latency distribution: (percentile, microseconds) at [`CURVE_PERCENTILES`] and
+    /// the maximum (percentile 100), for the plots.
+    pub curve: Vec<(f64, f64)>,
 }
+
+/// Percentiles of each arm's latency curve.
+pub const CURVE_PERCENTILES: [f64; 14] =
+    [1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.995, 99.999];
 
 impl ArmStats {
     pub fn p50_ns(&self) -> u64 {
@@ -206,6 +213,11 @@ impl ArmStats {
             cpu_us_per_op: us(self.cpu_ns) / ops as f64,
             round_p50_us: self.rounds.iter().map(|r| us(r.p50_ns)).collect(),
             round_throughput_ops_s: self.rounds.iter().map(RoundFigures::throughput).collect(),
+            curve: CURVE_PERCENTILES
+                .iter()
+                .map(|&p| (p, us(h.value_at_quantile(p / 100.0))))
+                .chain(std::iter::once((100.0, us(h.max()))))
+                .collect(),
         }
     }
 }
