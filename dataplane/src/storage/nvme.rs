@@ -22,11 +22,15 @@ use nvmirror_bindings::nvme::{
 };
 use parking_lot::Mutex;
 
-use super::uring::AlignedBuf;
+use super::uring::{submit_and_wait, AlignedBuf};
 use super::{check_range, BlockDevice, ReadOp, WriteOp};
 use crate::format::BLOCK_BYTES;
 
+/// Aligned buffers, and so the most commands a wave holds.
 const BUFFERS: usize = 32;
+/// Entries of the submission queue.
+const RING_ENTRIES: u32 = 64;
+const _: () = assert!(BUFFERS <= RING_ENTRIES as usize);
 /// The largest transfer this engine issues; the namespace's own limit may be lower.
 const TRANSFER_BYTES_MAX: usize = 256 << 10;
 
@@ -34,7 +38,22 @@ type Ring = IoUring<squeue::Entry128, cqueue::Entry32>;
 
 struct State {
     ring: Ring,
+    /// Declared after the ring: dropped after it.
     bufs: Vec<AlignedBuf>,
+    /// Commands pushed whose completions have not been reaped: zero between calls unless
+    /// the ring itself failed (see `Drop`).
+    inflight: usize,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // The kernel tears a ring down asynchronously: a command still in flight when the
+        // fd closes may DMA into its buffer afterwards, so such buffers are leaked rather
+        // than handed back to the allocator (only after the ring itself failed).
+        if self.inflight != 0 {
+            std::mem::forget(std::mem::take(&mut self.bufs));
+        }
+    }
 }
 
 pub struct NvmeDevice {
@@ -105,6 +124,12 @@ impl NvmeDevice {
         }
         let size = match size {
             None => capacity / BLOCK_BYTES as u64 * BLOCK_BYTES as u64,
+            Some(s) if s == 0 || !s.is_multiple_of(BLOCK_BYTES as u64) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: size {s} is not a positive multiple of {BLOCK_BYTES}", path.display()),
+                ))
+            }
             Some(s) if s <= capacity => s,
             Some(s) => {
                 return Err(io::Error::new(
@@ -113,7 +138,7 @@ impl NvmeDevice {
                 ))
             }
         };
-        let ring: Ring = IoUring::builder().build(64)?;
+        let ring: Ring = IoUring::builder().build(RING_ENTRIES)?;
         let bufs = (0..BUFFERS).map(|_| AlignedBuf::new(TRANSFER_BYTES_MAX)).collect();
         Ok(Self {
             path: path.to_path_buf(),
@@ -123,7 +148,7 @@ impl NvmeDevice {
             size,
             capacity,
             transfer_bytes,
-            state: Mutex::new(State { ring, bufs }),
+            state: Mutex::new(State { ring, bufs, inflight: 0 }),
             failed: AtomicBool::new(false),
         })
     }
@@ -145,11 +170,11 @@ impl NvmeDevice {
         Ok(())
     }
 
+    /// Fails the device on any error of a command that was sent. Requests refused before
+    /// any command (misaligned, out of range) do not pass through here.
     fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if let Err(e) = &r {
-            if e.kind() != io::ErrorKind::InvalidInput {
-                self.failed.store(true, Ordering::SeqCst);
-            }
+        if r.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
         }
         r
     }
@@ -175,25 +200,31 @@ impl NvmeDevice {
     }
 
     fn submit(&self, state: &mut State, cmds: &[(u64, NvmeUringCmd)], what: &str) -> io::Result<()> {
-        let State { ring, .. } = state;
+        let State { ring, inflight, .. } = state;
         for (user, cmd) in cmds {
             let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
                 .cmd(cmd.to_bytes())
                 .build()
                 .user_data(*user);
             // SAFETY: the command's buffer (if any) is one of the state's aligned buffers,
-            // untouched until every completion of this call is reaped below.
-            unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring: queue full"))?;
+            // untouched until every completion of this call is reaped below; `inflight`
+            // counts it until then, and a ring dropped with commands in flight leaks its
+            // buffers rather than free them.
+            unsafe { ring.submission().push(&sqe) }
+                .expect("the submission queue holds a whole wave (BUFFERS <= RING_ENTRIES)");
+            *inflight += 1;
         }
-        ring.submit_and_wait(cmds.len())?;
+        submit_and_wait(ring.submitter(), cmds.len())?;
         let mut seen = 0;
         let mut first_err = None;
         while seen < cmds.len() {
-            let Some(cqe) = ring.completion().next() else {
-                ring.submit_and_wait(cmds.len() - seen)?;
+            let cqe = ring.completion().next();
+            let Some(cqe) = cqe else {
+                submit_and_wait(ring.submitter(), cmds.len() - seen)?;
                 continue;
             };
             seen += 1;
+            *inflight -= 1;
             let res = cqe.result();
             if res != 0 && first_err.is_none() {
                 let (_, cmd) = cmds.iter().find(|(u, _)| *u == cqe.user_data()).copied().unwrap_or_default();
