@@ -2,10 +2,10 @@
 //!
 //! 1. Random batches written through `NvmeDevice` (io_uring `uring_cmd` on /dev/ngXnY)
 //!    read back equal through it, through the io_uring engine on the block device
-//!    (O_DIRECT) and the other way round; a flush succeeds; an out-of-range request is a
-//!    clear error and leaves the device usable.
-//! 2. Figures (not assertions): 4 KiB writes at queue depth 1 and in batches of 32,
-//!    NVMe passthrough against io_uring on the block device.
+//!    (O_DIRECT) and the other way round; a flush succeeds on both; an out-of-range or
+//!    partial-block request is a clear error and leaves the device usable.
+//! 2. Figures (not assertions): 4 KiB writes and reads at queue depth 1 (p50, p99, IOPS)
+//!    and in batches of 32 (IOPS), NVMe passthrough against io_uring on the block device.
 //! 3. A RAID-4 volume over four NVMe namespaces, every member through the passthrough
 //!    engine: written, read back, scrubbed clean, and read back equal with a member gone.
 //!
@@ -73,30 +73,47 @@ fn round_trip(
     Ok(blocks)
 }
 
-fn qd1(dev: &dyn BlockDevice, rng: &mut Rng, span: u64) -> Result<Histogram<u64>> {
+/// 4 KiB I/Os at queue depth 1 at random blocks: their latencies (ns) and the IOPS.
+fn qd1(dev: &dyn BlockDevice, write: bool, rng: &mut Rng, span: u64) -> Result<(Histogram<u64>, f64)> {
     let mut h = Histogram::<u64>::new_with_bounds(100, 10_000_000_000, 3)?;
-    let data = rng.bytes(4096);
-    for _ in 0..400 {
+    let mut data = rng.bytes(4096);
+    let n = 400u32;
+    let all = Instant::now();
+    for _ in 0..n {
         let off = rng.next() % (span / 4096) * 4096;
         let t = Instant::now();
-        dev.write_at(&data, off)?;
+        if write {
+            dev.write_at(&data, off)?;
+        } else {
+            dev.read_at(&mut data, off)?;
+        }
         h.record(u64::try_from(t.elapsed().as_nanos())?)?;
     }
-    Ok(h)
+    Ok((h, f64::from(n) / all.elapsed().as_secs_f64()))
 }
 
-fn batch32(dev: &dyn BlockDevice, rng: &mut Rng, span: u64) -> Result<f64> {
+/// Batches of 32 4 KiB I/Os at random distinct blocks, each batch submitted whole
+/// (`write_many`/`read_many`): the IOPS.
+fn batch32(dev: &dyn BlockDevice, write: bool, rng: &mut Rng, span: u64) -> Result<f64> {
     let data = rng.bytes(4096);
+    let mut bufs = vec![vec![0u8; 4096]; 32];
     let t = Instant::now();
-    let rounds = 40;
-    for _ in 0..rounds {
+    let mut ios = 0usize;
+    for _ in 0..40 {
         let mut offs: Vec<u64> = (0..32).map(|_| rng.next() % (span / 4096) * 4096).collect();
         offs.sort_unstable();
         offs.dedup();
-        let ops: Vec<WriteOp<'_>> = offs.iter().map(|&o| WriteOp { offset: o, buf: &data }).collect();
-        dev.write_many(&ops)?;
+        ios += offs.len();
+        if write {
+            let ops: Vec<WriteOp<'_>> = offs.iter().map(|&o| WriteOp { offset: o, buf: &data }).collect();
+            dev.write_many(&ops)?;
+        } else {
+            let mut ops: Vec<ReadOp<'_>> =
+                offs.iter().zip(bufs.iter_mut()).map(|(&o, b)| ReadOp { offset: o, buf: b }).collect();
+            dev.read_many(&mut ops)?;
+        }
     }
-    Ok(f64::from(rounds * 32) / t.elapsed().as_secs_f64())
+    Ok(ios as f64 / t.elapsed().as_secs_f64())
 }
 
 fn main() -> Result<()> {
@@ -121,21 +138,28 @@ fn main() -> Result<()> {
     let a = round_trip(&nvme, &nvme, &uring, &mut rng, span).context("NVMe writes, NVMe and block-device reads")?;
     let b = round_trip(&uring, &nvme, &uring, &mut rng, span).context("block-device writes, NVMe reads")?;
     println!("hwt-check: {a} blocks written by NVMe passthrough and {b} by io_uring read back equal through both");
+    nvme.flush().context("NVMe Flush")?;
+    uring.flush().context("io_uring fdatasync on the block device")?;
+    println!("hwt-check: NVMe Flush through passthrough and IORING_OP_FSYNC (datasync) on the block device succeed");
     let e = nvme.write_at(&[0u8; 4096], span).err().ok_or_else(|| anyhow!("a write past the end was accepted"))?;
     ensure!(e.kind() == std::io::ErrorKind::InvalidInput, "out of range: {e}");
     let e2 = nvme.write_at(&[0u8; 100], 0).err().ok_or_else(|| anyhow!("a partial-block write was accepted"))?;
     nvme.write_at(&[9u8; 4096], 0).context("the device after refused requests")?;
     println!("hwt-check: out of range refused ({e}); partial block refused ({e2}); still usable");
 
-    // 2. Figures.
-    let hn = qd1(&nvme, &mut rng, span)?;
-    let hu = qd1(&uring, &mut rng, span)?;
-    let (bn, bu) = (batch32(&nvme, &mut rng, span)?, batch32(&uring, &mut rng, span)?);
+    // 2. Figures (TCG guest: for comparing the two engines side by side, nothing else).
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!("hwt-figure: nvme_passthrough_write_4k_qd1_p50_us={:.1}", us(&hn, 0.5));
-    println!("hwt-figure: uring_blockdev_write_4k_qd1_p50_us={:.1}", us(&hu, 0.5));
-    println!("hwt-figure: nvme_passthrough_write_4k_batch32_iops={bn:.0}");
-    println!("hwt-figure: uring_blockdev_write_4k_batch32_iops={bu:.0}");
+    for (op, write) in [("write", true), ("read", false)] {
+        for (engine, dev) in [("nvme_passthrough", &nvme as &dyn BlockDevice), ("uring_blockdev", &uring)] {
+            let (h, iops) = qd1(dev, write, &mut rng, span)?;
+            println!("hwt-figure: {engine}_{op}_4k_qd1_p50_us={:.1}", us(&h, 0.5));
+            println!("hwt-figure: {engine}_{op}_4k_qd1_p99_us={:.1}", us(&h, 0.99));
+            println!("hwt-figure: {engine}_{op}_4k_qd1_iops={iops:.0}");
+        }
+        for (engine, dev) in [("nvme_passthrough", &nvme as &dyn BlockDevice), ("uring_blockdev", &uring)] {
+            println!("hwt-figure: {engine}_{op}_4k_batch32_iops={:.0}", batch32(dev, write, &mut rng, span)?);
+        }
+    }
     drop(nvme);
     drop(uring);
 
