@@ -10,7 +10,8 @@
 //! coordinated omission corrected), `raid-write` (full-stripe RAID-4
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
-//! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32). Every scenario runs its system
+//! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32), and, only when named,
+//! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -21,6 +22,7 @@
 
 mod cluster;
 mod floor;
+mod guest;
 mod hop;
 mod measure;
 mod nbd;
@@ -51,6 +53,8 @@ const SCENARIOS: [&str; 10] = [
     "xor-portable",
     "uring-fio",
 ];
+/// Scenarios run only when named: they boot the hw-tests QEMU guest (minutes).
+const GUEST_SCENARIOS: [&str; 1] = ["rdma-guest"];
 /// The scenarios that run `nvmirror` node processes.
 const NODE_SCENARIOS: [&str; 4] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open"];
 
@@ -85,8 +89,12 @@ fn selected(names: &[String]) -> Result<Vec<String>> {
     for n in names {
         let add: Vec<&str> = match n.as_str() {
             "all" => SCENARIOS.to_vec(),
-            s if SCENARIOS.contains(&s) => vec![s],
-            s => bail!("unknown scenario {s:?}; scenarios: {}, all", SCENARIOS.join(", ")),
+            s if SCENARIOS.contains(&s) || GUEST_SCENARIOS.contains(&s) => vec![s],
+            s => bail!(
+                "unknown scenario {s:?}; scenarios: {}, all (which leaves out {})",
+                SCENARIOS.iter().chain(&GUEST_SCENARIOS).copied().collect::<Vec<_>>().join(", "),
+                GUEST_SCENARIOS.join(", ")
+            ),
         };
         for s in add {
             if !out.iter().any(|o| o == s) {
@@ -120,6 +128,7 @@ fn main() -> Result<()> {
             "xor-memory" => xor::memory(cli.quick),
             "xor-portable" => xor::portable(cli.quick),
             "uring-fio" => uring::run(cli.quick),
+            "rdma-guest" => guest::run(),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;

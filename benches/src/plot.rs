@@ -131,7 +131,9 @@ pub fn write(dir: &Path, stamp: &str, run: &RunResult) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut out = Vec::new();
     for s in &run.scenarios {
-        if s.arms.is_empty() {
+        // Scenarios without latency distributions (figures reported by the guest) have no
+        // latency plot.
+        if s.arms.iter().all(|a| a.curve.is_empty()) {
             continue;
         }
         let path = dir.join(format!("{stamp}-{}-latency.svg", s.name));
