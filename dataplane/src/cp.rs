@@ -212,6 +212,24 @@ impl Overlay {
         dev.write_many(&ops)
     }
 
+    /// Copies of the given blocks' current contents (`None`: zeroes), in block order: what a
+    /// CP writes while the cache goes on taking writes.
+    pub fn snapshot(&self, blocks: &HashSet<Vbn>) -> CpImage {
+        let mut sorted: Vec<Vbn> = blocks.iter().copied().filter(|v| self.blocks.contains_key(v)).collect();
+        sorted.sort_unstable();
+        let blocks = sorted
+            .into_iter()
+            .map(|vbn| {
+                let copy = match &self.blocks[&vbn].contents {
+                    Contents::Data(b) => Some(b.clone()),
+                    Contents::Zero => None,
+                };
+                (vbn, copy)
+            })
+            .collect();
+        CpImage { blocks }
+    }
+
     /// Drops the given blocks whose newest write is in `partition`: they are on the volume
     /// now. Blocks rewritten since (in the other partition) stay.
     pub fn release(&mut self, blocks: &HashSet<Vbn>, partition: u8) {
@@ -230,6 +248,35 @@ impl Overlay {
                 self.free.push(b);
             }
         }
+    }
+}
+
+/// Blocks copied out of an [`Overlay`] for a CP to write (see [`Overlay::snapshot`]).
+#[derive(Debug, Default)]
+pub struct CpImage {
+    blocks: Vec<(Vbn, Option<BlockBuf>)>,
+}
+
+impl CpImage {
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+    /// Writes the blocks to `dev` as one batch and flushes it.
+    pub fn write_out(&self, dev: &dyn BlockDevice) -> io::Result<()> {
+        static ZERO: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
+        let ops: Vec<WriteOp<'_>> = self
+            .blocks
+            .iter()
+            .map(|(vbn, b)| WriteOp {
+                offset: vbn * BLOCK_BYTES as u64,
+                buf: b.as_deref().map_or(&ZERO[..], |b| &b[..]),
+            })
+            .collect();
+        dev.write_many(&ops)?;
+        dev.flush()
     }
 }
 

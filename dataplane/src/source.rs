@@ -28,7 +28,7 @@ use crossbeam_channel::{bounded, Receiver, Select, Sender, TryRecvError};
 use serde::Serialize;
 
 use crate::clock::Clock;
-use crate::cp::{apply_entries, Overlay, Vbn};
+use crate::cp::{apply_entries, CpImage, Overlay, Vbn};
 use crate::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES, ENTRY_DATA_MAX, PARTITION_HEADER_BYTES};
 use crate::frontend::{Completer, Export, IoRequest};
 use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
@@ -123,6 +123,8 @@ pub struct SourceStatus {
     pub last_cp: u64,
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
+    /// How long the last CP's local write-out (blocks and flush) took, off the poller.
+    pub last_local_cp_us: u64,
     pub log_bytes_used: u64,
     pub log_bytes_max: u64,
     pub cache_blocks: u64,
@@ -135,8 +137,18 @@ pub struct SourceStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     Free,
-    Active { gen: u64 },
-    Closing { gen: u64, upto_seq: u64, remote_done: bool },
+    Active {
+        gen: u64,
+    },
+    /// `local_done`: the partition's blocks are on the local volume (written and flushed);
+    /// `remote_done`: the destination applied the CP. Freed when both hold (the first alone
+    /// while unmirrored).
+    Closing {
+        gen: u64,
+        upto_seq: u64,
+        remote_done: bool,
+        local_done: bool,
+    },
 }
 
 impl Part {
@@ -304,6 +316,39 @@ struct Poller<C: Connector> {
     core: Option<usize>,
     /// A local storage error: the volume refuses further writes (fail stop).
     failed: Option<String>,
+    /// To the CP writer thread, and its answers.
+    cp_jobs: Sender<CpJob>,
+    cp_done: Receiver<CpLocalDone>,
+    /// The local CP being written: its partition, generation and blocks.
+    local_cp_inflight: Option<(u8, u64, HashSet<Vbn>)>,
+}
+
+/// A local CP for the writer thread: a copy of a closed partition's blocks.
+struct CpJob {
+    partition: u8,
+    gen: u64,
+    image: CpImage,
+}
+
+struct CpLocalDone {
+    partition: u8,
+    gen: u64,
+    result: io::Result<()>,
+    micros: u64,
+}
+
+/// The CP writer: writes each job's blocks to the volume and flushes it, off the poller
+/// thread, so that a CP's write-out and `fdatasync` do not stop client writes. Ends when
+/// the poller drops its sender.
+fn cp_writer(device: Arc<dyn BlockDevice>, jobs: Receiver<CpJob>, done: Sender<CpLocalDone>) {
+    for job in jobs {
+        let started = Instant::now();
+        let result = job.image.write_out(device.as_ref());
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if done.send(CpLocalDone { partition: job.partition, gen: job.gen, result, micros }).is_err() {
+            return;
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -358,6 +403,7 @@ where
             last_cp: recovered.checkpoint.released_cp,
             last_cp_unix_ms: 0,
             last_cp_duration_us: 0,
+            last_local_cp_us: 0,
             log_bytes_used: 0,
             log_bytes_max: (cfg.partition_bytes * PARTITIONS) as u64,
             cache_blocks: 0,
@@ -366,6 +412,14 @@ where
             core: None,
             parks: 0,
         };
+        let (cp_jobs, cp_jobs_rx) = bounded::<CpJob>(1);
+        let (cp_done_tx, cp_done) = bounded::<CpLocalDone>(1);
+        {
+            let device = device.clone();
+            thread::Builder::new()
+                .name(format!("nvm-cp-{}", cfg.volume))
+                .spawn(move || cp_writer(device, cp_jobs_rx, cp_done_tx))?;
+        }
         let mut p = Poller {
             cfg,
             nvlog,
@@ -393,6 +447,9 @@ where
             stats,
             core: None,
             failed: None,
+            cp_jobs,
+            cp_done,
+            local_cp_inflight: None,
         };
         p.recover(&recovered)?;
         Ok(p)
@@ -440,7 +497,8 @@ where
                 self.active = *new;
                 self.parts[*new as usize] = Part::Active { gen: nh.cp_gen };
                 let upto = rec.scans[*old as usize].next_seq().unwrap_or(oh.first_seq).saturating_sub(1);
-                self.parts[*old as usize] = Part::Closing { gen: oh.cp_gen, upto_seq: upto, remote_done: false };
+                self.parts[*old as usize] =
+                    Part::Closing { gen: oh.cp_gen, upto_seq: upto, remote_done: false, local_done: false };
                 self.local_cp(*old)?;
                 if matches!(self.link, LinkState::Unmirrored) {
                     self.release(*old)?;
@@ -486,6 +544,7 @@ where
             worked |= self.poll_io();
             worked |= self.flush_batch();
             worked |= self.baseline_step();
+            worked |= self.poll_local_cp(false);
             self.timers();
             if worked {
                 backoff.reset();
@@ -505,6 +564,9 @@ where
         }
         if let Some(rx) = &self.connect_rx {
             sel.recv(rx);
+        }
+        if self.local_cp_inflight.is_some() {
+            sel.recv(&self.cp_done);
         }
         // The link is polled, not waited on: wake soon while a reply is owed (writes or a
         // CP in flight, a baseline running), rarely otherwise (an unsolicited refusal or a
@@ -567,6 +629,8 @@ where
 
     fn shutdown(&mut self, why: &str) {
         let _ = self.flush_batch();
+        // A local CP being written finishes first: the volume is left flushed.
+        self.poll_local_cp(true);
         for mut w in self.waiting.drain(..) {
             w.complete(Err(eio(why.to_string())));
         }
@@ -705,6 +769,11 @@ where
     /// Writes every cached block to the volume and frees both partitions: the volume then
     /// holds everything, and a baseline can copy it.
     fn full_flush(&mut self) -> io::Result<()> {
+        // A local CP being written must land before everything is written over it.
+        self.poll_local_cp(true);
+        if let Some(why) = &self.failed {
+            return Err(eio(why.clone()));
+        }
         self.fail_pending("mirror is being re-established");
         let all: HashSet<Vbn> = self.dirty.iter().flatten().copied().collect();
         self.overlay.write_blocks(&all, self.device.as_ref())?;
@@ -953,7 +1022,7 @@ where
         let gen = self.parts[active as usize].gen().expect("active");
         let upto_seq = self.next_seq - 1;
         self.cp_started_ns = self.clock.now_ns();
-        self.parts[active as usize] = Part::Closing { gen, upto_seq, remote_done: false };
+        self.parts[active as usize] = Part::Closing { gen, upto_seq, remote_done: false, local_done: false };
         if let Err(e) = self.open_partition(other, gen + 1) {
             return self.fail_stop(format!("open partition {other}: {e}"));
         }
@@ -966,16 +1035,14 @@ where
             },
             _ => None,
         };
-        if let Err(e) = self.local_cp(active) {
+        // The local half runs on the CP writer thread, from a copy of the blocks: this
+        // thread goes on taking writes into the new partition meanwhile.
+        if let Err(e) = self.start_local_cp(active, gen) {
             return self.fail_stop(format!("CP {gen}: local volume: {e}"));
         }
         self.last_cp_ns = self.clock.now_ns();
         match &mut self.link {
-            LinkState::Unmirrored => {
-                if let Err(e) = self.release(active) {
-                    self.fail_stop(format!("CP {gen}: release: {e}"));
-                }
-            }
+            LinkState::Unmirrored => {}
             LinkState::Up { link, .. } => {
                 let mut r = Ok(());
                 for (offset, data) in by_value.iter().flatten() {
@@ -1025,22 +1092,84 @@ where
         Ok(Some(out))
     }
 
-    /// Writes partition `p`'s dirty blocks to the local volume and flushes it.
+    /// Writes partition `p`'s dirty blocks to the local volume and flushes it, here and
+    /// now (recovery; the asynchronous path is [`Self::start_local_cp`]).
     fn local_cp(&mut self, p: u8) -> io::Result<()> {
         let dirty = std::mem::take(&mut self.dirty[p as usize]);
         self.overlay.write_blocks(&dirty, self.device.as_ref())?;
         self.device.flush()?;
         self.overlay.release(&dirty, p);
+        if let Part::Closing { local_done, .. } = &mut self.parts[p as usize] {
+            *local_done = true;
+        }
         Ok(())
+    }
+
+    /// Hands a copy of partition `p`'s dirty blocks to the CP writer thread.
+    fn start_local_cp(&mut self, p: u8, gen: u64) -> io::Result<()> {
+        // One local CP at a time: the next CP needs this partition free, which needs this
+        // one done.
+        assert!(self.local_cp_inflight.is_none(), "a local CP is already being written");
+        let dirty = std::mem::take(&mut self.dirty[p as usize]);
+        let image = self.overlay.snapshot(&dirty);
+        self.cp_jobs
+            .send(CpJob { partition: p, gen, image })
+            .map_err(|_| eio("the CP writer thread is gone".into()))?;
+        self.local_cp_inflight = Some((p, gen, dirty));
+        Ok(())
+    }
+
+    /// Takes the CP writer's answer, waiting for it when `wait`; returns whether one came.
+    fn poll_local_cp(&mut self, wait: bool) -> bool {
+        if self.local_cp_inflight.is_none() {
+            return false;
+        }
+        let done =
+            if wait { self.cp_done.recv().map_err(|_| TryRecvError::Disconnected) } else { self.cp_done.try_recv() };
+        let done = match done {
+            Ok(d) => d,
+            Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => {
+                self.local_cp_inflight = None;
+                self.fail_stop("the CP writer thread is gone".into());
+                return true;
+            }
+        };
+        let Some((p, gen, dirty)) = self.local_cp_inflight.take() else { return true };
+        assert_eq!((done.partition, done.gen), (p, gen), "CP writer answered another CP");
+        if let Err(e) = done.result {
+            self.fail_stop(format!("CP {gen}: local volume: {e}"));
+            return true;
+        }
+        self.stats.last_local_cp_us = done.micros;
+        // The blocks whose newest write is in `p` are on the volume now; those rewritten
+        // since (in the active partition) stay cached.
+        self.overlay.release(&dirty, p);
+        if let Part::Closing { local_done, .. } = &mut self.parts[p as usize] {
+            *local_done = true;
+        }
+        self.maybe_release(p);
+        true
+    }
+
+    /// Frees partition `p` if both halves of its CP are done (the local one alone while
+    /// unmirrored).
+    fn maybe_release(&mut self, p: u8) {
+        let unmirrored = matches!(self.link, LinkState::Unmirrored);
+        if let Part::Closing { local_done: true, remote_done, .. } = self.parts[p as usize] {
+            if remote_done || unmirrored {
+                if let Err(e) = self.release(p) {
+                    self.fail_stop(format!("release partition {p}: {e}"));
+                }
+            }
+        }
     }
 
     fn mark_remote_done(&mut self, p: u8) {
         if let Part::Closing { remote_done, .. } = &mut self.parts[p as usize] {
             *remote_done = true;
         }
-        if let Err(e) = self.release(p) {
-            self.fail_stop(format!("release partition {p}: {e}"));
-        }
+        self.maybe_release(p);
     }
 
     fn on_cp_done(&mut self, cp: u64) {
