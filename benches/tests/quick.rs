@@ -67,10 +67,40 @@ fn quick_run_writes_a_well_formed_result_for_every_scenario() {
     }
 
     let files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(files.len(), 1, "one JSON file per run, found {files:?}");
-    let path: &Path = &files[0];
-    assert_eq!(path.extension().and_then(|e| e.to_str()), Some("json"));
+    let ext = |p: &Path, e: &str| p.extension().and_then(|x| x.to_str()) == Some(e);
+    let json: Vec<_> = files.iter().filter(|p| ext(p, "json")).collect();
+    assert_eq!(json.len(), 1, "one JSON file per run, found {files:?}");
+    let path: &Path = json[0];
     let run: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).expect("result is valid JSON");
+    // The plots: an SVG per scenario with its arms' latency curves (named in the legend),
+    // and the sweep's throughput against queue depth; nothing else in the directory.
+    let svgs: Vec<_> = files.iter().filter(|p| ext(p, "svg")).collect();
+    assert_eq!(svgs.len() + 1, files.len(), "only the JSON and SVG plots: {files:?}");
+    for s in run["scenarios"].as_array().expect("scenarios") {
+        let name = s["name"].as_str().unwrap();
+        let plot = svgs
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(&format!("-{name}-latency.svg")))
+            .unwrap_or_else(|| panic!("no latency plot for {name}: {svgs:?}"));
+        let svg = std::fs::read_to_string(plot).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{name}: not an SVG document");
+        assert!(svg.contains("<polyline"), "{name}: the plot draws no curve");
+        let arms = s["arms"].as_array().unwrap();
+        if name != "qd-sweep" {
+            for arm in arms {
+                let arm = arm["name"].as_str().unwrap();
+                assert!(svg.contains(arm), "{name}: the plot's legend lacks arm {arm}");
+            }
+        }
+        for arm in arms {
+            let curve = arm["curve"].as_array().unwrap_or_else(|| panic!("{name}: an arm without a curve"));
+            assert!(curve.len() >= 10, "{name}: a curve of {} points", curve.len());
+        }
+    }
+    assert!(
+        svgs.iter().any(|p| p.to_string_lossy().ends_with("-qd-sweep-throughput.svg")),
+        "no throughput plot for qd-sweep: {svgs:?}"
+    );
 
     assert_eq!(run["quick"], Value::Bool(true));
     for f in ["timestamp_utc", "command"] {
