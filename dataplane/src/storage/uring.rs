@@ -204,8 +204,16 @@ impl UringDevice {
         })?;
         let size = {
             use std::io::Seek;
-            (&file).seek(io::SeekFrom::End(0))?
+            // Only whole blocks can be addressed with O_DIRECT: a partial last block (a
+            // block device of 512-byte sectors, an odd file) is left out.
+            (&file).seek(io::SeekFrom::End(0))? / BLOCK_BYTES as u64 * BLOCK_BYTES as u64
         };
+        if size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: smaller than one {BLOCK_BYTES}-byte block", path.display()),
+            ));
+        }
         let ring = IoUring::new(RING_ENTRIES)?;
         let bufs: Vec<AlignedBuf> = (0..URING_BUFFERS).map(|_| AlignedBuf::new(URING_BUFFER_BYTES)).collect();
         let iovecs: Vec<libc::iovec> = bufs.iter().map(AlignedBuf::iovec).collect();
