@@ -407,8 +407,15 @@ fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Result<bool> {
 }
 
 fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) {
+    let closer = stream.try_clone().ok();
     if let Err(err) = run_connection(stream, peer, registry) {
         eprintln!("nbd: {peer}: {}", ErrorChain(&err));
+    }
+    // The accept loop holds a handle on the socket until it reaps this thread: shut it
+    // down now, so that the client sees the connection end at once (a refused handshake
+    // otherwise lingered until the next reap, up to an accept poll later).
+    if let Some(c) = closer {
+        let _ = c.shutdown(Shutdown::Both);
     }
 }
 
