@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | GET | /v1/node | | name and addresses |
 //! | GET | /v1/status | | [`crate::node::NodeStatus`] |
+//! | GET | /metrics | | Prometheus text exposition ([`crate::metrics`]) |
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
@@ -150,6 +151,13 @@ fn read_body<T: DeserializeOwned>(request: &mut tiny_http::Request) -> Result<T,
 fn handle(mut request: tiny_http::Request, node: &Node) {
     let method = request.method().clone();
     let url = request.url().to_string();
+    if method == tiny_http::Method::Get && url.split('?').next() == Some("/metrics") {
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4"[..])
+            .expect("static header");
+        let body = crate::metrics::render(&node.status());
+        let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
+        return;
+    }
     let result = route(&mut request, node, &method, &url);
     let (status, body) = match result {
         Ok(v) => (200, v),

@@ -157,3 +157,66 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     assert_eq!(names, ["dup"], "failed commands left volumes behind");
     assert_eq!(s["volumes"][0]["state"], "not-mirrored");
 }
+
+/// GET /metrics of a node, as (name, labels, value) samples, checking the exposition's
+/// shape on the way: every sample's name was described (HELP and TYPE) before it.
+fn metrics(control: &str) -> Vec<(String, String, f64)> {
+    let mut resp = ureq::get(&format!("http://{control}/metrics")).call().expect("GET /metrics");
+    let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert!(ctype.starts_with("text/plain"), "content type {ctype}");
+    let text = resp.body_mut().read_to_string().expect("body");
+    let mut described = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let name = it.next().expect("name");
+            assert!(matches!(it.next(), Some("counter" | "gauge")), "{line}");
+            described.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (name, rest) = line.split_once('{').unwrap_or_else(|| panic!("no labels: {line}"));
+        let (labels, value) = rest.split_once("} ").unwrap_or_else(|| panic!("bad sample: {line}"));
+        assert!(described.contains(name), "{name} sampled before its TYPE");
+        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        out.push((name.to_string(), labels.to_string(), value));
+    }
+    out
+}
+
+fn sample(m: &[(String, String, f64)], name: &str, label: &str) -> f64 {
+    m.iter()
+        .find(|(n, l, _)| n == name && l.contains(label))
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no {name} with {label} in {m:?}"))
+}
+
+#[test]
+fn metrics_expose_volumes_mirrors_and_their_raid_layers() {
+    let pair = Pair::start("metrics");
+    pair.create_mirrored("mvol", 8 * MIB, LOG_BYTES_MIN);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "mvol").unwrap();
+    for i in 0..50u64 {
+        c.write(i * 4096, &[0x5a; 4096]).unwrap();
+    }
+    cp(&pair.src_api(), "mvol").unwrap();
+    let src = metrics(&pair.src.control);
+    let vol = "volume=\"mvol\"";
+    assert_eq!(sample(&src, "nvmirror_volume_writes_total", vol), 50.0);
+    assert_eq!(sample(&src, "nvmirror_volume_written_bytes_total", vol), 50.0 * 4096.0);
+    assert!(sample(&src, "nvmirror_volume_cps_total", vol) >= 1.0);
+    assert_eq!(sample(&src, "nvmirror_volume_replication_lag_entries", vol), 0.0);
+    assert_eq!(sample(&src, "nvmirror_volume_info", "state=\"in-sync\""), 1.0);
+    assert_eq!(sample(&src, "nvmirror_raid_degraded", "role=\"primary\""), 0.0);
+    assert_eq!(sample(&src, "nvmirror_raid_unrecoverable_total", "role=\"primary\""), 0.0);
+    let dst = metrics(&pair.dst.control);
+    let mirror = "source=\"site-a\"";
+    assert_eq!(sample(&dst, "nvmirror_mirror_connected", mirror), 1.0);
+    assert!(sample(&dst, "nvmirror_mirror_cps_applied_total", mirror) >= 1.0);
+    assert!(sample(&dst, "nvmirror_mirror_received_bytes_total", mirror) >= 50.0 * 4096.0 || transport() == "rdma");
+    assert_eq!(sample(&dst, "nvmirror_raid_degraded", "role=\"mirror\""), 0.0);
+}
