@@ -127,7 +127,8 @@ impl Workload {
                 let data = block_data(b, v);
                 let started = Instant::now();
                 if let Err(e) = client.send(CMD_WRITE, v, self.base + b * BLOCK as u64, BLOCK_U32, &data) {
-                    return self.connection_ended(e);
+                    self.busy[usize_of(b)] = false;
+                    return self.connection_ended(&inflight, e);
                 }
                 inflight.insert(v, (b, started));
                 sent += 1;
@@ -138,7 +139,7 @@ impl Workload {
             }
             let reply = match client.recv(None) {
                 Ok(r) => r,
-                Err(e) => return self.connection_ended(e),
+                Err(e) => return self.connection_ended(&inflight, e),
             };
             let Some((b, started)) = inflight.remove(&reply.cookie) else {
                 bail!("reply for unknown cookie {}", reply.cookie);
@@ -159,9 +160,16 @@ impl Workload {
         }
     }
 
-    fn connection_ended(&mut self, e: io::Error) -> Result<()> {
-        // Expected when the server was killed: whatever is in flight stays unacknowledged.
+    fn connection_ended(&mut self, inflight: &HashMap<u64, (u64, Instant)>, e: io::Error) -> Result<()> {
+        // Expected when the server was killed: whatever is in flight stays unacknowledged
+        // (its versions stay in `unacked`, so a verification accepts them or the older
+        // acknowledged one). Its blocks are free again for a later run on a new
+        // connection, as after a failover, so that a long run does not leave more and
+        // more blocks unwritable.
         let _ = e;
+        for (b, _) in inflight.values() {
+            self.busy[usize_of(*b)] = false;
+        }
         Ok(())
     }
 
