@@ -275,6 +275,13 @@ impl Writer {
     /// write left unanswered past the bound fails the soak (a stuck primary).
     fn finish(self) -> (Workload, bool) {
         self.stop.store(true, Ordering::SeqCst);
+        self.join()
+    }
+
+    /// Waits for the writer to end by itself (its primary was killed), without stopping
+    /// it: a writer told to stop could end between two batches, before it saw the
+    /// connection go.
+    fn join(self) -> (Workload, bool) {
         let started = Instant::now();
         while !self.thread.is_finished() {
             assert!(
@@ -425,7 +432,7 @@ impl Soak {
     /// promoted volume, a fresh mirror for it.
     fn kill_source(&mut self, writer: Writer) -> String {
         sigkill(self.primary.pid().expect("the primary runs"));
-        let (w, lost) = writer.finish();
+        let (w, lost) = writer.join();
         assert!(lost, "the writer did not notice that the primary died");
         self.primary.kill();
         let t = Instant::now();
