@@ -11,7 +11,8 @@
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
 //! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32), and, only when named,
-//! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest). Every scenario runs its system
+//! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest) and `drbd-guest` (nvmirror
+//! against DRBD in two QEMU guests joined by one link, `hw-tests/pair`). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -21,6 +22,7 @@
 //! iterations only (for the test suite): its figures mean nothing.
 
 mod cluster;
+mod drbd;
 mod floor;
 mod guest;
 mod hop;
@@ -53,8 +55,8 @@ const SCENARIOS: [&str; 10] = [
     "xor-portable",
     "uring-fio",
 ];
-/// Scenarios run only when named: they boot the hw-tests QEMU guest (minutes).
-const GUEST_SCENARIOS: [&str; 1] = ["rdma-guest"];
+/// Scenarios run only when named: they boot QEMU guests (minutes).
+const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
 /// The scenarios that run `nvmirror` node processes.
 const NODE_SCENARIOS: [&str; 4] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open"];
 
@@ -75,7 +77,7 @@ struct Cli {
     #[arg(long, default_value_t = 5000)]
     rate: u64,
     /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
-    /// xor-portable, uring-fio, or all.
+    /// xor-portable, uring-fio, or all; and, only when named, rdma-guest and drbd-guest.
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -129,6 +131,7 @@ fn main() -> Result<()> {
             "xor-portable" => xor::portable(cli.quick),
             "uring-fio" => uring::run(cli.quick),
             "rdma-guest" => guest::run(),
+            "drbd-guest" => drbd::run(),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;
