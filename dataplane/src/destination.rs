@@ -167,6 +167,9 @@ pub struct Mirror {
     session_gen: AtomicU64,
     fenced: AtomicBool,
     jobs: Sender<Job>,
+    /// Stepped (no worker thread): the job queue, run by [`Mirror::run_jobs`] and by
+    /// whatever waits for it.
+    stepped_jobs: Option<Receiver<Job>>,
     entries_received: AtomicU64,
     bytes_received: AtomicU64,
     commits: AtomicU64,
@@ -188,6 +191,28 @@ impl Mirror {
         store: Box<dyn MetaStore>,
         logs: [Box<dyn Nvram>; PARTITIONS],
         device: Arc<dyn BlockDevice>,
+    ) -> io::Result<Arc<Mirror>> {
+        Self::open_with(meta, store, logs, device, false)
+    }
+
+    /// As [`Mirror::open`], without a worker thread: CP applications and baseline writes
+    /// wait in the queue until [`Mirror::run_jobs`] runs them (the deterministic simulator
+    /// drives a mirror this way).
+    pub fn open_stepped(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+    ) -> io::Result<Arc<Mirror>> {
+        Self::open_with(meta, store, logs, device, true)
+    }
+
+    fn open_with(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+        stepped: bool,
     ) -> io::Result<Arc<Mirror>> {
         let [l0, l1] = logs;
         let (log0, scan0) = LogFile::open(l0, 0);
@@ -213,6 +238,7 @@ impl Mirror {
             session_gen: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             jobs: tx,
+            stepped_jobs: stepped.then(|| rx.clone()),
             entries_received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             commits: AtomicU64::new(0),
@@ -228,9 +254,46 @@ impl Mirror {
             let _redo = RedoGuard::new(mirror.device.as_ref());
             mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(io::Error::other)?;
         }
-        let weak = Arc::downgrade(&mirror);
-        thread::Builder::new().name("nvm-mirror-cp".into()).spawn(move || worker(weak, rx))?;
+        if !stepped {
+            let weak = Arc::downgrade(&mirror);
+            thread::Builder::new().name("nvm-mirror-cp".into()).spawn(move || worker(weak, rx))?;
+        }
         Ok(mirror)
+    }
+
+    /// Stepped mirrors: runs up to `max` queued jobs; how many ran.
+    pub fn run_jobs(&self, max: usize) -> usize {
+        let Some(rx) = &self.stepped_jobs else { return 0 };
+        let mut n = 0;
+        while n < max {
+            let Ok(job) = rx.try_recv() else { break };
+            run_job(self, job);
+            n += 1;
+        }
+        n
+    }
+
+    /// Jobs waiting (stepped mirrors).
+    pub fn jobs_queued(&self) -> usize {
+        self.stepped_jobs.as_ref().map_or(0, Receiver::len)
+    }
+
+    fn queue(&self, job: Job) -> Result<(), String> {
+        if self.stepped_jobs.is_some() {
+            // Nobody else runs the queue: make room by running the oldest job here.
+            let mut job = job;
+            loop {
+                match self.jobs.try_send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(crossbeam_channel::TrySendError::Full(j)) => {
+                        job = j;
+                        self.run_jobs(1);
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err("mirror worker stopped".into()),
+                }
+            }
+        }
+        self.jobs.send(job).map_err(|_| "mirror worker stopped".to_string())
     }
 
     pub fn name(&self) -> String {
@@ -331,7 +394,7 @@ impl Mirror {
         self.drop_rdma_attachment();
         self.barrier();
         for log in &self.logs {
-            log.lock().rescan();
+            log.lock().rescan().map_err(|e| (RefuseCode::Internal, format!("rescan log: {e}")))?;
         }
         let mut meta = self.meta.lock();
         // Checked again: a failover or another session may have come in meanwhile.
@@ -388,12 +451,17 @@ impl Mirror {
             by_value_bytes: 0,
             last_acked: None,
             rdma,
+            baseline_next: (hello.intent == Intent::Baseline).then_some(0),
         };
         Ok((session, welcome))
     }
 
     /// Waits until every queued job has run.
     fn barrier(&self) {
+        if self.stepped_jobs.is_some() {
+            self.run_jobs(usize::MAX);
+            return;
+        }
         let (tx, rx) = bounded(1);
         if self.jobs.send(Job::Barrier(tx)).is_ok() {
             let _ = rx.recv();
@@ -416,6 +484,12 @@ impl Mirror {
                 drop(meta);
                 return self.release_log(partition, cp);
             }
+            // A CP is recorded as pending (to be redone after a crash) only once its log
+            // holds everything it needs: one that names entries that never arrived (a lost
+            // frame, a dropped connection) fails here and leaves nothing to redo.
+            if blocks.is_none() {
+                self.check_cp_log(cp, partition, upto_seq)?;
+            }
             meta.pending_cp = Some(PendingCp { cp, partition, upto_seq });
             // Saved under the meta lock: saves are ordered with the changes they record.
             self.save(&meta)?;
@@ -425,21 +499,8 @@ impl Mirror {
             let _exclusive = self.apply.write();
             match blocks {
                 None => {
-                    let mut log = self.logs[partition as usize].lock();
-                    // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
-                    log.rescan();
-                    let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
-                    if h.cp_gen != cp {
-                        return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
-                    }
-                    let scan = log.scan();
-                    let last = scan.entries.last().map(|e| e.header.seq);
-                    if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
-                        return Err(format!(
-                            "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
-                            scan.stop
-                        ));
-                    }
+                    let scan = self.check_cp_log(cp, partition, upto_seq)?;
+                    let log = self.logs[partition as usize].lock();
                     let bytes = log.bytes();
                     let entries =
                         scan.entries.iter().filter(|e| e.header.seq <= upto_seq).map(|e| entry_data(bytes, e.at));
@@ -465,6 +526,26 @@ impl Mirror {
             drop(meta);
         }
         self.release_log(partition, cp)
+    }
+
+    /// Checks that log `partition` holds CP `cp` up to `upto_seq`, and returns its scan.
+    fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<PartitionScan, String> {
+        let mut log = self.logs[partition as usize].lock();
+        // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
+        log.rescan().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
+        let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
+        if h.cp_gen != cp {
+            return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
+        }
+        let scan = log.scan();
+        let last = scan.entries.last().map(|e| e.header.seq);
+        if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
+            return Err(format!(
+                "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
+                scan.stop
+            ));
+        }
+        Ok(scan)
     }
 
     fn release_log(&self, partition: u8, cp: u64) -> Result<(), String> {
@@ -518,8 +599,13 @@ impl Mirror {
         self.barrier();
         let _exclusive = self.apply.write();
         let applied_seq = self.meta.lock().applied_seq;
-        let guards = [self.logs[0].lock(), self.logs[1].lock()];
-        let scans: Vec<PartitionScan> = guards.iter().map(|l| l.scan()).collect();
+        let mut guards = [self.logs[0].lock(), self.logs[1].lock()];
+        // What is replayed must be durable first: entries placed and not yet persisted (a
+        // batch whose commit never came) would otherwise be written to the volume, then
+        // lost with a crash before the promotion completes, and the redo of the next
+        // attempt could not rewrite the blocks they touched.
+        let scans: Vec<PartitionScan> =
+            guards.iter_mut().map(|l| l.rescan().map_err(|e| format!("persist log: {e}"))).collect::<Result<_, _>>()?;
         let mut stops = Vec::new();
         for (p, s) in scans.iter().enumerate() {
             if let crate::format::ScanStop::Invalid { offset, reason } = &s.stop {
@@ -576,7 +662,9 @@ impl Mirror {
         for log in &self.logs {
             let mut l = log.lock();
             if placed_by_rdma {
-                l.rescan();
+                if let Err(e) = l.rescan() {
+                    eprintln!("mirror {}/{}: rescan log: {e}", meta.source_node, meta.volume);
+                }
             }
             used += l.tail() as u64;
             if let Some(s) = l.last_persisted_seq() {
@@ -623,53 +711,60 @@ fn entry_data(bytes: &[u8], at: usize) -> (EntryHeader, &[u8]) {
 fn worker(mirror: std::sync::Weak<Mirror>, rx: Receiver<Job>) {
     for job in rx {
         let Some(m) = mirror.upgrade() else { return };
-        match job {
-            Job::Barrier(done) => {
-                let _ = done.send(());
+        run_job(&m, job);
+    }
+}
+
+fn run_job(m: &Mirror, job: Job) {
+    match job {
+        Job::Barrier(done) => {
+            let _ = done.send(());
+        }
+        Job::Cp { cp, partition, upto_seq, by_value, sink, gen } => {
+            if m.session_gen.load(Ordering::SeqCst) != gen {
+                return;
             }
-            Job::Cp { cp, partition, upto_seq, by_value, sink, gen } => {
-                if m.session_gen.load(Ordering::SeqCst) != gen {
-                    continue;
+            match m.apply_cp(cp, partition, upto_seq, by_value) {
+                Ok(()) => {
+                    let _ = sink.send(&Message::CpDone { cp });
                 }
-                match m.apply_cp(cp, partition, upto_seq, by_value) {
-                    Ok(()) => {
-                        let _ = sink.send(&Message::CpDone { cp });
-                    }
-                    Err(e) => {
-                        m.fail(&e);
-                        let _ = sink.send(&Message::Error { reason: e });
-                        sink.close();
-                    }
-                }
-            }
-            Job::Baseline { offset, data } => {
-                if let Err(e) = m.device.write_at(&data, offset) {
-                    m.fail(&format!("baseline write at {offset}: {e}"));
-                } else {
-                    m.baseline_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                Err(e) => {
+                    m.fail(&e);
+                    let _ = sink.send(&Message::Error { reason: e });
+                    sink.close();
                 }
             }
-            Job::BaselineDone { sink, gen } => {
-                if m.session_gen.load(Ordering::SeqCst) != gen {
-                    continue;
+        }
+        Job::Baseline { offset, data } => {
+            // A baseline overwrites what a crash may have left half-written (an earlier
+            // baseline, or an interrupted CP): parity is recomputed from the data.
+            let _redo = RedoGuard::new(m.device.as_ref());
+            if let Err(e) = m.device.write_at(&data, offset) {
+                m.fail(&format!("baseline write at {offset}: {e}"));
+            } else {
+                m.baseline_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Job::BaselineDone { sink, gen } => {
+            if m.session_gen.load(Ordering::SeqCst) != gen {
+                return;
+            }
+            let r = if let Some(e) = m.error.lock().clone() {
+                Err(e)
+            } else {
+                m.device.flush().map_err(|e| format!("baseline flush: {e}")).and_then(|()| {
+                    let mut meta = m.meta.lock();
+                    meta.consistent = true;
+                    m.save(&meta)
+                })
+            };
+            match r {
+                Ok(()) => {
+                    let _ = sink.send(&Message::BaselineAck);
                 }
-                let r = if let Some(e) = m.error.lock().clone() {
-                    Err(e)
-                } else {
-                    m.device.flush().map_err(|e| format!("baseline flush: {e}")).and_then(|()| {
-                        let mut meta = m.meta.lock();
-                        meta.consistent = true;
-                        m.save(&meta)
-                    })
-                };
-                match r {
-                    Ok(()) => {
-                        let _ = sink.send(&Message::BaselineAck);
-                    }
-                    Err(e) => {
-                        let _ = sink.send(&Message::Error { reason: e });
-                        sink.close();
-                    }
+                Err(e) => {
+                    let _ = sink.send(&Message::Error { reason: e });
+                    sink.close();
                 }
             }
         }
@@ -688,6 +783,9 @@ pub struct Session {
     by_value_bytes: usize,
     last_acked: Option<u64>,
     rdma: Option<Arc<dyn RdmaPlacement>>,
+    /// On a baseline session: the offset the next baseline data must start at. The copy
+    /// arrives in order, whole; `BaselineDone` is accepted only once it covers the volume.
+    baseline_next: Option<u64>,
 }
 
 impl Session {
@@ -714,7 +812,7 @@ impl Session {
     }
 
     fn queue(&self, job: Job) -> Result<(), String> {
-        self.mirror.jobs.send(job).map_err(|_| "mirror worker stopped".to_string())
+        self.mirror.queue(job)
     }
 }
 
@@ -766,7 +864,17 @@ impl FrameHandler for Session {
                 }
                 crate::storage::check_range(size, offset, data.len() as u64).map_err(|e| e.to_string())?;
                 match purpose {
-                    BlockPurpose::Baseline => self.queue(Job::Baseline { offset, data: data.to_vec() }),
+                    BlockPurpose::Baseline => {
+                        match self.baseline_next {
+                            Some(next) if next == offset => {}
+                            Some(next) => {
+                                return Err(format!("baseline data at offset {offset}, where {next} was expected"))
+                            }
+                            None => return Err("baseline data on a session that is not a baseline".into()),
+                        }
+                        self.baseline_next = Some(offset + data.len() as u64);
+                        self.queue(Job::Baseline { offset, data: data.to_vec() })
+                    }
                     BlockPurpose::CpByValue => {
                         // A CP by value carries at most what two partitions can dirty.
                         let max = 2 * crate::usize_of(self.mirror.meta.lock().partition_bytes);
@@ -782,6 +890,12 @@ impl FrameHandler for Session {
             Message::BaselineDone { volume_bytes } => {
                 if volume_bytes != self.mirror.device.size() {
                     return Err("baseline size mismatch".into());
+                }
+                if self.baseline_next != Some(volume_bytes) {
+                    return Err(format!(
+                        "baseline done after {} of {volume_bytes} bytes",
+                        self.baseline_next.map_or("none".into(), |n| n.to_string())
+                    ));
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
             }

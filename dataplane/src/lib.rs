@@ -17,6 +17,8 @@ pub mod log;
 pub mod nvram;
 pub mod poller;
 pub mod raid;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod source;
 pub mod storage;
 pub mod transport;

@@ -67,6 +67,26 @@ pub struct SourceConfig {
     /// Send CPs by value (block number + data) instead of by reference to the
     /// destination's log file.
     pub cp_by_value: bool,
+    /// How long a sent write may wait for the destination's acknowledgement before the
+    /// link is declared down (the write then fails under policy strict and the source
+    /// reconnects). A peer that goes silent without closing the connection (a partition,
+    /// a hung node) is noticed within this time, not when the kernel gives up on TCP.
+    pub ack_timeout: Duration,
+    /// How long a CP or a baseline may wait for the destination's answer: longer than
+    /// [`Self::ack_timeout`], since applying a CP writes a whole partition's blocks.
+    pub cp_timeout: Duration,
+    /// Deliberate defects, for the simulator's own test that it catches them.
+    #[cfg(any(test, feature = "sim"))]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// A deliberate defect the simulator must catch (see `crate::sim`).
+#[cfg(any(test, feature = "sim"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Complete a write once it is persistent in the local NVLog, without waiting for the
+    /// destination's acknowledgement.
+    AckBeforeRemotePersist,
 }
 
 impl SourceConfig {
@@ -83,6 +103,10 @@ impl SourceConfig {
             core: None,
             reconnect_interval: Duration::from_millis(500),
             cp_by_value: false,
+            ack_timeout: Duration::from_secs(6),
+            cp_timeout: Duration::from_secs(60),
+            #[cfg(any(test, feature = "sim"))]
+            planted_bug: None,
         }
     }
 }
@@ -166,7 +190,8 @@ enum LinkState<L> {
     /// Mirrored, link down; reconnecting.
     Down {
         reason: String,
-        next_try: Instant,
+        /// Clock time (ns) of the next connection attempt.
+        next_try: u64,
         connecting: bool,
         baseline: bool,
     },
@@ -182,6 +207,8 @@ enum LinkState<L> {
 struct Baseline {
     cursor: u64,
     done_sent: bool,
+    /// Clock time (ns) `BaselineDone` was sent.
+    done_ns: u64,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.
@@ -201,6 +228,8 @@ impl Waiting {
 
 struct Pending {
     last_seq: u64,
+    /// Clock time (ns) it was sent (or logged, while unmirrored).
+    sent_ns: u64,
     done: Completer,
 }
 
@@ -270,6 +299,67 @@ where
     C: Connector + 'static,
     C::Link: 'static,
 {
+    let (mut poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, false)?;
+    let name = format!("nvm-vol-{}", poller.cfg.volume);
+    let thread = thread::Builder::new().name(name).spawn(move || poller.run())?;
+    *handle.thread.lock() = Some(thread);
+    Ok(handle)
+}
+
+/// A source volume without threads of its own, driven one step at a time by its owner:
+/// the deterministic simulator runs the real poller this way. The CP write-out happens
+/// on the step after the one that started it, and connecting happens within a step.
+pub struct SteppedSource<C: Connector> {
+    poller: Poller<C>,
+}
+
+impl<C> SteppedSource<C>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    /// One pass of the poller over its inputs; whether it found work. `false` once stopped.
+    pub fn step(&mut self) -> bool {
+        self.poller.poll_once().unwrap_or(false)
+    }
+    pub fn status(&mut self) -> SourceStatus {
+        self.poller.status()
+    }
+}
+
+/// As [`spawn`], but the poller runs only when [`SteppedSource::step`] is called.
+pub fn stepped<C>(
+    cfg: SourceConfig,
+    nvlog: NvLog<Box<dyn Nvram>>,
+    recovered: Recovered,
+    device: Arc<dyn BlockDevice>,
+    connector: Arc<C>,
+    clock: Arc<dyn Clock>,
+    mirror: Option<String>,
+) -> io::Result<(SteppedSource<C>, SourceHandle)>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    let (poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, true)?;
+    Ok((SteppedSource { poller }, handle))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build<C>(
+    cfg: SourceConfig,
+    nvlog: NvLog<Box<dyn Nvram>>,
+    recovered: Recovered,
+    device: Arc<dyn BlockDevice>,
+    connector: Arc<C>,
+    clock: Arc<dyn Clock>,
+    mirror: Option<String>,
+    inline: bool,
+) -> io::Result<(Poller<C>, SourceHandle)>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
     if cfg.partition_bytes < PARTITION_BYTES_MIN {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -279,10 +369,8 @@ where
     let size = device.size();
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(16);
-    let mut poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, io_rx, ctl_rx)?;
-    let name = format!("nvm-vol-{}", poller.cfg.volume);
-    let thread = thread::Builder::new().name(name).spawn(move || poller.run())?;
-    Ok(SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(Some(thread)) })
+    let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, io_rx, ctl_rx, inline)?;
+    Ok((poller, SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(None) }))
 }
 
 struct Poller<C: Connector> {
@@ -321,6 +409,13 @@ struct Poller<C: Connector> {
     cp_done: Receiver<CpLocalDone>,
     /// The local CP being written: its partition, generation and blocks.
     local_cp_inflight: Option<(u8, u64, HashSet<Vbn>)>,
+    /// Stepped (no threads): the CP writer's queue, run by the poller itself, and the
+    /// step a job was queued at (it runs on a later one).
+    inline: Option<(Receiver<CpJob>, Sender<CpLocalDone>)>,
+    steps: u64,
+    inline_job_step: u64,
+    /// Clock time (ns) the last CP message was sent: the destination owes its `CpDone`.
+    cp_sent_ns: u64,
 }
 
 /// A local CP for the writer thread: a copy of a closed partition's blocks.
@@ -342,17 +437,25 @@ struct CpLocalDone {
 /// the poller drops its sender.
 fn cp_writer(device: Arc<dyn BlockDevice>, jobs: Receiver<CpJob>, done: Sender<CpLocalDone>) {
     for job in jobs {
-        let started = Instant::now();
-        let result = job.image.write_out(device.as_ref());
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        if done.send(CpLocalDone { partition: job.partition, gen: job.gen, result, micros }).is_err() {
+        if done.send(write_cp_job(device.as_ref(), &job)).is_err() {
             return;
         }
     }
 }
 
+fn write_cp_job(device: &dyn BlockDevice, job: &CpJob) -> CpLocalDone {
+    let started = Instant::now();
+    let result = job.image.write_out(device);
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    CpLocalDone { partition: job.partition, gen: job.gen, result, micros }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn eio(msg: String) -> io::Error {
@@ -375,16 +478,12 @@ where
         mirror: Option<String>,
         io_rx: Receiver<(IoRequest, Completer)>,
         ctl_rx: Receiver<Control>,
+        inline: bool,
     ) -> io::Result<Self> {
         let now = clock.now_ns();
         let link = match &mirror {
             None => LinkState::Unmirrored,
-            Some(_) => LinkState::Down {
-                reason: "starting".into(),
-                next_try: Instant::now(),
-                connecting: false,
-                baseline: false,
-            },
+            Some(_) => LinkState::Down { reason: "starting".into(), next_try: now, connecting: false, baseline: false },
         };
         let stats = SourceStatus {
             volume: cfg.volume.clone(),
@@ -414,12 +513,15 @@ where
         };
         let (cp_jobs, cp_jobs_rx) = bounded::<CpJob>(1);
         let (cp_done_tx, cp_done) = bounded::<CpLocalDone>(1);
-        {
+        let inline = if inline {
+            Some((cp_jobs_rx, cp_done_tx))
+        } else {
             let device = device.clone();
             thread::Builder::new()
                 .name(format!("nvm-cp-{}", cfg.volume))
                 .spawn(move || cp_writer(device, cp_jobs_rx, cp_done_tx))?;
-        }
+            None
+        };
         let mut p = Poller {
             cfg,
             nvlog,
@@ -450,6 +552,10 @@ where
             cp_jobs,
             cp_done,
             local_cp_inflight: None,
+            inline,
+            steps: 0,
+            inline_job_step: 0,
+            cp_sent_ns: 0,
         };
         p.recover(&recovered)?;
         Ok(p)
@@ -492,10 +598,12 @@ where
             [(p, h)] => {
                 self.parts[*p as usize] = Part::Active { gen: h.cp_gen };
                 self.active = *p;
+                self.redo_active(*p)?;
             }
             [(old, oh), (new, nh)] => {
                 self.active = *new;
                 self.parts[*new as usize] = Part::Active { gen: nh.cp_gen };
+                self.redo_active(*new)?;
                 let upto = rec.scans[*old as usize].next_seq().unwrap_or(oh.first_seq).saturating_sub(1);
                 self.parts[*old as usize] =
                     Part::Closing { gen: oh.cp_gen, upto_seq: upto, remote_done: false, local_done: false };
@@ -507,6 +615,19 @@ where
             _ => unreachable!("two partitions"),
         }
         Ok(())
+    }
+
+    /// Rewrites the active partition's blocks to the volume, as a redo, at recovery: a
+    /// full flush (before a baseline) writes them too, and a crash in the middle of it can
+    /// leave their rows with stale parity, which a later read-modify-write would keep. The
+    /// blocks stay cached: the partition is still active.
+    fn redo_active(&mut self, p: u8) -> io::Result<()> {
+        let dirty = &self.dirty[p as usize];
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        self.overlay.write_blocks(dirty, self.device.as_ref())?;
+        self.device.flush()
     }
 
     fn open_partition(&mut self, p: u8, gen: u64) -> io::Result<()> {
@@ -534,18 +655,7 @@ where
         self.core = self.cfg.core.and_then(pin_to_core);
         let mut backoff = Backoff::new(self.cfg.backoff);
         loop {
-            let mut worked = false;
-            match self.poll_control() {
-                Ok(true) => worked = true,
-                Ok(false) => {}
-                Err(()) => return,
-            }
-            worked |= self.poll_link();
-            worked |= self.poll_io();
-            worked |= self.flush_batch();
-            worked |= self.baseline_step();
-            worked |= self.poll_local_cp(false);
-            self.timers();
+            let Ok(worked) = self.poll_once() else { return };
             if worked {
                 backoff.reset();
             } else if backoff.idle() == Idle::Park {
@@ -553,6 +663,19 @@ where
             }
             self.stats.parks = backoff.parks;
         }
+    }
+
+    /// One pass over every input; whether any had work. `Err` once stopped.
+    fn poll_once(&mut self) -> Result<bool, ()> {
+        self.steps += 1;
+        let mut worked = self.poll_control()?;
+        worked |= self.poll_link();
+        worked |= self.poll_io();
+        worked |= self.flush_batch();
+        worked |= self.baseline_step();
+        worked |= self.poll_local_cp(false);
+        self.timers();
+        Ok(worked)
     }
 
     /// Blocks until an input is ready or a timer is due.
@@ -590,8 +713,25 @@ where
         if self.cp_wanted {
             self.try_start_cp();
         }
+        if let LinkState::Up { baseline, .. } = &self.link {
+            let late = |since: u64, limit: Duration| now.saturating_sub(since) > nanos(limit);
+            let why = if self.pending.front().is_some_and(|p| late(p.sent_ns, self.cfg.ack_timeout)) {
+                Some(format!("no acknowledgement from the destination within {:?}", self.cfg.ack_timeout))
+            } else if self.parts.iter().any(|p| matches!(p, Part::Closing { remote_done: false, .. }))
+                && late(self.cp_sent_ns, self.cfg.cp_timeout)
+            {
+                Some(format!("the destination did not finish a CP within {:?}", self.cfg.cp_timeout))
+            } else if baseline.is_some_and(|b| b.done_sent && late(b.done_ns, self.cfg.cp_timeout)) {
+                Some(format!("the destination did not confirm the baseline within {:?}", self.cfg.cp_timeout))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.link_down(why);
+            }
+        }
         if let LinkState::Down { next_try, connecting: false, baseline, .. } = &self.link {
-            if Instant::now() >= *next_try {
+            if now >= *next_try {
                 let baseline = *baseline;
                 self.start_connect(baseline);
             }
@@ -717,8 +857,12 @@ where
             _ => return Err(format!("volume is already mirrored to {}", self.target.as_deref().unwrap_or("?"))),
         }
         self.target = Some(target);
-        self.link =
-            LinkState::Down { reason: "attaching".into(), next_try: Instant::now(), connecting: false, baseline: true };
+        self.link = LinkState::Down {
+            reason: "attaching".into(),
+            next_try: self.clock.now_ns(),
+            connecting: false,
+            baseline: true,
+        };
         Ok(())
     }
 
@@ -744,6 +888,10 @@ where
             base_seq: self.nvlog.header(active).map_or(self.next_seq, |h| h.first_seq),
             base_cp_gen: self.parts[active as usize].gen().unwrap_or(0),
         };
+        if self.inline.is_some() {
+            let result = self.connector.connect(&target, &hello);
+            return self.on_connected(result);
+        }
         let (tx, rx) = bounded(1);
         let connector = self.connector.clone();
         let spawned = thread::Builder::new().name("nvm-connect".into()).spawn(move || {
@@ -758,6 +906,10 @@ where
             }
             Err(e) => self.link_down(format!("spawn connect: {e}")),
         }
+    }
+
+    fn reconnect_at(&self) -> u64 {
+        self.clock.now_ns().saturating_add(nanos(self.cfg.reconnect_interval))
     }
 
     fn fail_stop(&mut self, reason: String) {
@@ -868,12 +1020,8 @@ where
             _ => false,
         };
         eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
-        self.link = LinkState::Down {
-            reason: reason.clone(),
-            next_try: Instant::now() + self.cfg.reconnect_interval,
-            connecting: false,
-            baseline,
-        };
+        self.link =
+            LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, baseline };
         self.fail_pending(&format!("mirror link down ({reason}); policy strict"));
     }
 
@@ -891,13 +1039,14 @@ where
             Err(ConnectError::Refused { code: RefuseCode::StaleEpoch, reason, .. }) => return self.fence(reason),
             Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. }) if !baseline => {
                 eprintln!("volume {}: resume refused ({reason}); starting a baseline", self.cfg.volume);
-                self.link = LinkState::Down { reason, next_try: Instant::now(), connecting: false, baseline: true };
+                self.link =
+                    LinkState::Down { reason, next_try: self.clock.now_ns(), connecting: false, baseline: true };
                 return;
             }
             Err(e) => {
                 self.link = LinkState::Down {
                     reason: e.to_string(),
-                    next_try: Instant::now() + self.cfg.reconnect_interval,
+                    next_try: self.reconnect_at(),
                     connecting: false,
                     baseline,
                 };
@@ -923,7 +1072,7 @@ where
                 self.target.as_deref().unwrap_or("?"),
                 self.device.size()
             );
-            self.link = LinkState::Up { link, baseline: Some(Baseline { cursor: 0, done_sent: false }) };
+            self.link = LinkState::Up { link, baseline: Some(Baseline { cursor: 0, done_sent: false, done_ns: 0 }) };
             return;
         }
         match self.resume(&mut link, &welcome) {
@@ -935,7 +1084,7 @@ where
                 link.close();
                 eprintln!("volume {}: cannot resume ({why}); starting a baseline", self.cfg.volume);
                 self.link =
-                    LinkState::Down { reason: why, next_try: Instant::now(), connecting: false, baseline: true };
+                    LinkState::Down { reason: why, next_try: self.clock.now_ns(), connecting: false, baseline: true };
             }
         }
     }
@@ -980,6 +1129,7 @@ where
             send_range(&self.nvlog, &mut self.unsent[p as usize], p, link)?;
             if let Part::Closing { upto_seq, remote_done: false, .. } = self.parts[p as usize] {
                 link.send(&Message::Cp { cp: gen, partition: p, upto_seq, by_value: false }).map_err(send_err)?;
+                self.cp_sent_ns = self.clock.now_ns();
             }
         }
         link.flush().map_err(send_err)?;
@@ -1041,6 +1191,7 @@ where
             return self.fail_stop(format!("CP {gen}: local volume: {e}"));
         }
         self.last_cp_ns = self.clock.now_ns();
+        self.cp_sent_ns = self.last_cp_ns;
         match &mut self.link {
             LinkState::Unmirrored => {}
             LinkState::Up { link, .. } => {
@@ -1116,6 +1267,7 @@ where
             .send(CpJob { partition: p, gen, image })
             .map_err(|_| eio("the CP writer thread is gone".into()))?;
         self.local_cp_inflight = Some((p, gen, dirty));
+        self.inline_job_step = self.steps;
         Ok(())
     }
 
@@ -1123,6 +1275,15 @@ where
     fn poll_local_cp(&mut self, wait: bool) -> bool {
         if self.local_cp_inflight.is_none() {
             return false;
+        }
+        if let Some((jobs, done)) = &self.inline {
+            // Stepped: the job runs here, a step after the one that queued it (or at once
+            // when waited for).
+            if wait || self.steps > self.inline_job_step {
+                if let Ok(job) = jobs.try_recv() {
+                    let _ = done.send(write_cp_job(self.device.as_ref(), &job));
+                }
+            }
         }
         let done =
             if wait { self.cp_done.recv().map_err(|_| TryRecvError::Disconnected) } else { self.cp_done.try_recv() };
@@ -1348,7 +1509,7 @@ where
             self.cp_wanted = true;
         }
         let done = w.done.take().expect("a logged write is completed once");
-        self.pending.push_back(Pending { last_seq: self.next_seq - 1, done });
+        self.pending.push_back(Pending { last_seq: self.next_seq - 1, sent_ns: self.clock.now_ns(), done });
         Ok(true)
     }
 
@@ -1381,12 +1542,21 @@ where
                     self.link_down(format!("send: {e}"));
                 }
             }
-            if matches!(self.link, LinkState::Unmirrored) {
+            if matches!(self.link, LinkState::Unmirrored) || self.planted_ack_before_remote_persist() {
                 self.acked_seq = self.next_seq - 1;
             }
             self.complete_acked();
         }
         worked
+    }
+
+    #[cfg(any(test, feature = "sim"))]
+    fn planted_ack_before_remote_persist(&self) -> bool {
+        self.cfg.planted_bug == Some(PlantedBug::AckBeforeRemotePersist)
+    }
+    #[cfg(not(any(test, feature = "sim")))]
+    fn planted_ack_before_remote_persist(&self) -> bool {
+        false
     }
 
     fn complete_acked(&mut self) {
@@ -1423,6 +1593,7 @@ where
             }
         } else {
             b.done_sent = true;
+            b.done_ns = self.clock.now_ns();
             link.send(&Message::BaselineDone { volume_bytes: size })
         };
         let r = r.and_then(|()| link.flush());

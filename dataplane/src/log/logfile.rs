@@ -166,14 +166,21 @@ impl<N: Nvram> LogFile<N> {
 
     /// Re-reads the log's state from its bytes: after an engine placed entries without
     /// this side's CPU (RDMA), the bookkeeping of [`LogFile::place`] knows nothing of them.
-    pub fn rescan(&mut self) -> PartitionScan {
+    /// What it finds past the last persist is persisted before it counts as persisted:
+    /// entries placed by a connection that ended before its commit were never made
+    /// durable, and a new session must not acknowledge them on the old one's word.
+    pub fn rescan(&mut self) -> Result<PartitionScan, LogFileError> {
         let scan = self.scan();
+        let from = self.persisted.min(scan.tail);
+        if scan.tail > from {
+            self.nvram.persist(from, scan.tail - from).map_err(LogFileError::Persist)?;
+        }
         self.header = scan.header;
         self.tail = scan.tail;
         self.persisted = scan.tail;
         self.next_seq = scan.next_seq().unwrap_or(0);
         self.persisted_next_seq = self.next_seq;
-        scan
+        Ok(scan)
     }
 
     /// The log's memory, for registration with an RDMA engine. Valid while the log lives.

@@ -225,10 +225,7 @@ impl Raid4 {
         })
     }
 
-    /// Puts `new` in place of member `member` (failed, or in sync while every other member
-    /// is): the new disk is written a superblock and starts rebuilding. Call
-    /// [`Raid4::rebuild`] next.
-    pub fn replace_member(&self, member: usize, new: &DiskSpec) -> io::Result<()> {
+    fn check_replace(&self, member: usize, new: &DiskSpec) -> io::Result<()> {
         let g = self.geometry();
         if member >= g.members() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no member {member}")));
@@ -246,6 +243,15 @@ impl Raid4 {
         if self.disks().iter().enumerate().any(|(i, d)| i != member && d.path == new.path) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{new} is already a member")));
         }
+        Ok(())
+    }
+
+    /// Puts `new` in place of member `member` (failed, or in sync while every other member
+    /// is): the new disk is written a superblock and starts rebuilding. Call
+    /// [`Raid4::rebuild`] next.
+    pub fn replace_member(&self, member: usize, new: &DiskSpec) -> io::Result<()> {
+        self.check_replace(member, new)?;
+        let g = self.geometry();
         let need = g.member_bytes();
         let device_node = {
             use std::os::unix::fs::FileTypeExt;
@@ -265,6 +271,24 @@ impl Raid4 {
                 format!("{new} holds {} bytes, a member needs {need}", dev.size()),
             ));
         }
+        self.install_replacement(member, new, dev)
+    }
+
+    /// As [`Raid4::replace_member`], with the new disk already open (its contents are
+    /// written over whole).
+    pub fn replace_member_device(&self, member: usize, new: &DiskSpec, dev: Arc<dyn BlockDevice>) -> io::Result<()> {
+        self.check_replace(member, new)?;
+        let need = self.geometry().member_bytes();
+        if dev.size() < need {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{new} holds {} bytes, a member needs {need}", dev.size()),
+            ));
+        }
+        self.install_replacement(member, new, dev)
+    }
+
+    fn install_replacement(&self, member: usize, new: &DiskSpec, dev: Arc<dyn BlockDevice>) -> io::Result<()> {
         eprintln!("RAID-4 volume {}: member {member}: {} replaced by {new}", self.name(), self.member_spec(member));
         self.install_member(member, new.clone(), dev);
         self.set_rebuild_cursor_persisted(0);

@@ -176,6 +176,9 @@ pub struct Raid4 {
     dirty_csums: Mutex<BTreeSet<(usize, u64)>>,
     locks: Box<[Mutex<()>]>,
     redo: AtomicBool,
+    /// Member I/O one member after another on the calling thread, never side by side:
+    /// what the deterministic simulator needs to replay a run exactly.
+    serial_io: AtomicBool,
     counters: Counters,
     pub(super) maint: super::maintain::MaintState,
 }
@@ -427,9 +430,15 @@ impl Raid4 {
             dirty_csums: Mutex::new(BTreeSet::new()),
             locks: (0..STRIPE_LOCKS).map(|_| Mutex::new(())).collect(),
             redo: AtomicBool::new(false),
+            serial_io: AtomicBool::new(false),
             counters: Counters::default(),
             maint: super::maintain::MaintState::new(rebuild_cursor),
         }
+    }
+
+    /// Issues member I/O one member after another on the calling thread (see the field).
+    pub fn set_serial_io(&self, on: bool) {
+        self.serial_io.store(on, Ordering::SeqCst);
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -1164,7 +1173,7 @@ impl Raid4 {
             i = j;
         }
         let bytes: usize = per_member.iter().flatten().map(|op| op.buf.len()).sum();
-        let results: Vec<(usize, io::Result<()>)> = if bytes >= (512 << 10) {
+        let results: Vec<(usize, io::Result<()>)> = if bytes >= (512 << 10) && !self.serial_io.load(Ordering::Relaxed) {
             std::thread::scope(|s| {
                 let handles: Vec<_> = per_member
                     .iter()
@@ -1316,6 +1325,14 @@ impl BlockDevice for Raid4 {
     fn flush(&self) -> io::Result<()> {
         self.write_csums()?;
         let view = self.view();
+        if self.serial_io.load(Ordering::Relaxed) {
+            for (m, d) in view.devs.iter().enumerate() {
+                if let Some(Err(e)) = d.as_ref().map(|d| d.flush()) {
+                    self.fail_member(m, &e);
+                }
+            }
+            return self.check_survivable();
+        }
         let results: Vec<(usize, io::Result<()>)> = std::thread::scope(|s| {
             let handles: Vec<_> = view
                 .devs
