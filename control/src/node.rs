@@ -198,6 +198,23 @@ impl Node {
         });
         node.save_state(&state)?;
         node.load_mirrors()?;
+        // A failover that a crash cut short between the promotion and the record: the
+        // promoted mirror is this node's volume, and it comes up as one.
+        let orphans: Vec<(String, Arc<Mirror>)> = node
+            .mirrors
+            .read()
+            .iter()
+            .filter(|((_, v), m)| m.meta().promoted && !state.volumes.iter().any(|r| r.name == *v))
+            .map(|((_, v), m)| (v.clone(), m.clone()))
+            .collect();
+        for (v, m) in orphans {
+            eprintln!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
+            if let Err(e) = node.take_up_promoted(&v, &m) {
+                let why = format!("{e:#}");
+                eprintln!("node {}: volume {v} cannot start: {why}", node.cfg.name);
+                node.unstarted.lock().push((v, why));
+            }
+        }
         for v in &state.volumes {
             // One volume that cannot start (its disks are gone) does not keep the node, and
             // the others, down: it is reported, with why, in the status.
@@ -484,6 +501,14 @@ impl Node {
             }
         };
         let report = mirror.promote().map_err(|e| anyhow!(e))?;
+        self.take_up_promoted(name, &mirror)?;
+        Ok(report)
+    }
+
+    /// Makes a promoted mirror this node's primary volume: a record in the node state and
+    /// a fresh NVLog for the new epoch, then its poller. Also run at start for a mirror a
+    /// crash left promoted without its record (the failover's last step did not happen).
+    fn take_up_promoted(&self, name: &str, mirror: &Mirror) -> Result<()> {
         let meta = mirror.meta();
         let record = VolumeRecord {
             name: name.to_string(),
@@ -514,7 +539,7 @@ impl Node {
             drop(state);
         }
         self.start_volume(&record)?;
-        Ok(report)
+        Ok(())
     }
 
     pub fn status(&self) -> NodeStatus {
