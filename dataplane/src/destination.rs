@@ -69,6 +69,10 @@ pub struct MirrorMeta {
     pub pending_cp: Option<PendingCp>,
     /// Failed over: this node is the volume's primary now and the mirror is broken.
     pub promoted: bool,
+    /// A failover raised the epoch and has not finished its replay: the old source is
+    /// fenced already, so the mirror can only go forward. Opening the mirror finishes it.
+    #[serde(default)]
+    pub promoting: bool,
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
 }
@@ -87,6 +91,7 @@ impl MirrorMeta {
             consistent: false,
             pending_cp: None,
             promoted: false,
+            promoting: false,
             last_cp_unix_ms: 0,
             last_cp_duration_us: 0,
         }
@@ -257,6 +262,16 @@ impl Mirror {
         if !stepped {
             let weak = Arc::downgrade(&mirror);
             thread::Builder::new().name("nvm-mirror-cp".into()).spawn(move || worker(weak, rx))?;
+        }
+        let (promoting, epoch) = {
+            let m = mirror.meta.lock();
+            (m.promoting && !m.promoted, m.epoch)
+        };
+        if promoting {
+            eprintln!("mirror {}: finishing the failover a restart interrupted (epoch {epoch})", mirror.name());
+            let _one = mirror.promoting.lock();
+            mirror.fenced.store(true, Ordering::SeqCst);
+            mirror.finish_promotion(epoch).map_err(io::Error::other)?;
         }
         Ok(mirror)
     }
@@ -585,9 +600,16 @@ impl Mirror {
         let epoch = {
             let mut meta = self.meta.lock();
             meta.epoch += 1;
+            meta.promoting = true;
             self.save(&meta)?;
             meta.epoch
         };
+        self.finish_promotion(epoch)
+    }
+
+    /// The promotion after the epoch is raised: the old session dropped, every logged entry
+    /// past the last applied CP replayed (as a redo), the mirror marked promoted.
+    fn finish_promotion(&self, epoch: u64) -> Result<PromoteReport, String> {
         if let Some(sink) = self.session.lock().take() {
             let _ = sink.send(&Message::Refuse {
                 code: RefuseCode::StaleEpoch,
@@ -643,6 +665,7 @@ impl Mirror {
         let mut meta = self.meta.lock();
         meta.applied_seq = expect - 1;
         meta.promoted = true;
+        meta.promoting = false;
         meta.pending_cp = None;
         // Saved under the meta lock: saves are ordered with the changes they record.
         self.save(&meta)?;

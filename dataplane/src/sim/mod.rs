@@ -727,7 +727,8 @@ impl World {
             let (m, raid) = directory
                 .open_mirror(meta.clone(), false)
                 .map_err(|e| format!("node {node}: open mirror of {src}: {e}"))?;
-            if meta.promoted && durable.lock().volume.is_none() {
+            // Opening finishes a failover that raised the epoch before the crash.
+            if m.meta().promoted && durable.lock().volume.is_none() {
                 // Failed over, and the crash came before the volume record was saved: the
                 // promoted mirror is this node's volume now.
                 let keys = durable.lock().mirror_disks[&src].clone();
