@@ -263,6 +263,7 @@ impl Node {
             self.connector.clone(),
             Arc::new(SystemClock::default()),
             v.mirror.as_ref().map(|m| m.replication.clone()),
+            None,
         )?;
         self.volumes.write().insert(v.name.clone(), Arc::new(handle));
         Ok(())
@@ -468,7 +469,13 @@ impl Node {
             drop(state);
         }
         let (tx, rx) = bounded(1);
-        handle.control(Control::Attach { target: target.replication.clone(), reply: tx }).map_err(|e| anyhow!(e))?;
+        handle
+            .control(Control::Attach {
+                target: target.replication.clone(),
+                peer: Some(target.peer_name.clone()),
+                reply: tx,
+            })
+            .map_err(|e| anyhow!(e))?;
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| anyhow!("volume poller did not answer"))?
             .map_err(|e| anyhow!(e))

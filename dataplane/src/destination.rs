@@ -73,6 +73,10 @@ pub struct MirrorMeta {
     /// fenced already, so the mirror can only go forward. Opening the mirror finishes it.
     #[serde(default)]
     pub promoting: bool,
+    /// A delta resync is under way: the mirror is inconsistent, but another delta resync
+    /// (not a full copy) can bring it level.
+    #[serde(default)]
+    pub resyncing: bool,
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
 }
@@ -92,6 +96,7 @@ impl MirrorMeta {
             pending_cp: None,
             promoted: false,
             promoting: false,
+            resyncing: false,
             last_cp_unix_ms: 0,
             last_cp_duration_us: 0,
         }
@@ -106,6 +111,12 @@ pub struct PromoteReport {
     pub last_seq: u64,
     /// Why the replay stopped where it did, where a log held more (torn or corrupt tail).
     pub stops: Vec<String>,
+    /// The last CP the mirror had applied: what the old source and this volume have in
+    /// common (the new primary's change map is relative to it).
+    pub applied_cp: u64,
+    /// The byte ranges the replay wrote (offset, length): changed since `applied_cp`.
+    #[serde(skip)]
+    pub replayed: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -368,14 +379,21 @@ impl Mirror {
                 format!("epoch {} is older than the mirror's {}", hello.epoch, meta.epoch),
             ));
         }
-        if hello.volume_bytes != meta.volume_bytes && hello.intent == Intent::Resume {
+        let keeps = matches!(hello.intent, Intent::Resume | Intent::Resync);
+        if hello.volume_bytes != meta.volume_bytes && keeps {
             return Err((RefuseCode::Mismatch, "volume size changed; a baseline is needed".into()));
         }
         if hello.partition_bytes != meta.partition_bytes {
             return Err((RefuseCode::Mismatch, "NVLog partition size differs from the mirror's log files".into()));
         }
-        if hello.volume_id != meta.volume_id && hello.intent == Intent::Resume {
+        if hello.volume_id != meta.volume_id && keeps {
             return Err((RefuseCode::Mismatch, "another volume of that name is mirrored here".into()));
+        }
+        if hello.intent == Intent::Resync && !(meta.consistent || meta.resyncing) {
+            return Err((
+                RefuseCode::Mismatch,
+                "the mirror holds no consistent copy to resync from; a baseline is needed".into(),
+            ));
         }
         if hello.intent == Intent::Baseline && hello.volume_bytes != self.device.size() {
             return Err((
@@ -426,6 +444,20 @@ impl Mirror {
             meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
             self.baseline_bytes.store(0, Ordering::SeqCst);
             self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+        } else if hello.intent == Intent::Resync {
+            // The contents stay; the logs start over, and until the resync is done the
+            // mirror is not consistent (it may not be failed over), but resyncable.
+            for log in &self.logs {
+                log.lock().free().map_err(|e| (RefuseCode::Internal, e.to_string()))?;
+            }
+            meta.epoch = hello.epoch;
+            meta.consistent = false;
+            meta.resyncing = true;
+            meta.pending_cp = None;
+            meta.applied_seq = hello.base_seq.saturating_sub(1);
+            meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
+            self.baseline_bytes.store(0, Ordering::SeqCst);
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
         } else {
             meta.epoch = hello.epoch;
             self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
@@ -453,6 +485,7 @@ impl Mirror {
             applied_cp: meta.applied_cp,
             applied_seq: meta.applied_seq,
             consistent: meta.consistent,
+            resyncable: meta.consistent || meta.resyncing,
             logs,
         };
         let session = Session {
@@ -467,6 +500,7 @@ impl Mirror {
             last_acked: None,
             rdma,
             baseline_next: (hello.intent == Intent::Baseline).then_some(0),
+            resync: (hello.intent == Intent::Resync).then_some(ResyncProgress::default()),
         };
         Ok((session, welcome))
     }
@@ -590,7 +624,7 @@ impl Mirror {
             }
             if !meta.consistent {
                 return Err(format!(
-                    "mirror of {} is inconsistent (its baseline copy did not finish); refusing to fail over",
+                    "mirror of {} is inconsistent (its baseline copy or resync did not finish); refusing to fail over",
                     meta.volume
                 ));
             }
@@ -655,6 +689,13 @@ impl Mirror {
             run.push((p, at));
             expect += 1;
         }
+        let replayed_ranges: Vec<(u64, u64)> = run
+            .iter()
+            .map(|&(p, at)| {
+                let (h, _) = entry_data(guards[p].bytes(), at);
+                (h.offset, u64::from(h.length))
+            })
+            .collect();
         let entries = run.iter().map(|&(p, at)| entry_data(guards[p].bytes(), at));
         // A CP interrupted before the promotion may have half-written the volume.
         let replayed = {
@@ -667,13 +708,21 @@ impl Mirror {
         meta.promoted = true;
         meta.promoting = false;
         meta.pending_cp = None;
+        let applied_cp = meta.applied_cp;
         // Saved under the meta lock: saves are ordered with the changes they record.
         self.save(&meta)?;
         drop(meta);
         for log in &self.logs {
             log.lock().free().map_err(|e| e.to_string())?;
         }
-        Ok(PromoteReport { epoch, entries_replayed: replayed, last_seq: expect - 1, stops })
+        Ok(PromoteReport {
+            epoch,
+            entries_replayed: replayed,
+            last_seq: expect - 1,
+            stops,
+            applied_cp,
+            replayed: replayed_ranges,
+        })
     }
 
     pub fn status(&self) -> MirrorStatus {
@@ -778,6 +827,7 @@ fn run_job(m: &Mirror, job: Job) {
                 m.device.flush().map_err(|e| format!("baseline flush: {e}")).and_then(|()| {
                     let mut meta = m.meta.lock();
                     meta.consistent = true;
+                    meta.resyncing = false;
                     m.save(&meta)
                 })
             };
@@ -809,6 +859,17 @@ pub struct Session {
     /// On a baseline session: the offset the next baseline data must start at. The copy
     /// arrives in order, whole; `BaselineDone` is accepted only once it covers the volume.
     baseline_next: Option<u64>,
+    /// On a delta resync session: what arrived so far.
+    resync: Option<ResyncProgress>,
+}
+
+/// A delta resync's data, as it arrives: regions in increasing order.
+#[derive(Debug, Default, Clone, Copy)]
+struct ResyncProgress {
+    /// The next region data may not start below this.
+    next_min: u64,
+    bytes: u64,
+    chunks: u64,
 }
 
 impl Session {
@@ -898,6 +959,18 @@ impl FrameHandler for Session {
                         self.baseline_next = Some(offset + data.len() as u64);
                         self.queue(Job::Baseline { offset, data: data.to_vec() })
                     }
+                    BlockPurpose::Resync => {
+                        let Some(r) = &mut self.resync else {
+                            return Err("resync data on a session that is not a resync".into());
+                        };
+                        if offset < r.next_min {
+                            return Err(format!("resync data at offset {offset}, below {} already sent", r.next_min));
+                        }
+                        r.next_min = offset + data.len() as u64;
+                        r.bytes += data.len() as u64;
+                        r.chunks += 1;
+                        self.queue(Job::Baseline { offset, data: data.to_vec() })
+                    }
                     BlockPurpose::CpByValue => {
                         // A CP by value carries at most what two partitions can dirty.
                         let max = 2 * crate::usize_of(self.mirror.meta.lock().partition_bytes);
@@ -918,6 +991,18 @@ impl FrameHandler for Session {
                     return Err(format!(
                         "baseline done after {} of {volume_bytes} bytes",
                         self.baseline_next.map_or("none".into(), |n| n.to_string())
+                    ));
+                }
+                self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
+            }
+            Message::ResyncDone { bytes, chunks } => {
+                let Some(r) = self.resync else {
+                    return Err("resync done on a session that is not a resync".into());
+                };
+                if (r.bytes, r.chunks) != (bytes, chunks) {
+                    return Err(format!(
+                        "resync done after {} bytes in {} chunks, but the source sent {bytes} in {chunks}",
+                        r.bytes, r.chunks
                     ));
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })

@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::cp::{apply_entries, CpImage, Overlay, Vbn};
 use crate::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES, ENTRY_DATA_MAX, PARTITION_HEADER_BYTES};
 use crate::frontend::{Completer, Export, IoRequest};
-use crate::log::{Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
+use crate::log::{ChangeBase, ChangeMap, Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
 use crate::nvram::Nvram;
 use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle};
 use crate::storage::{BlockDevice, RedoGuard};
@@ -75,9 +75,35 @@ pub struct SourceConfig {
     /// How long a CP or a baseline may wait for the destination's answer: longer than
     /// [`Self::ack_timeout`], since applying a CP writes a whole partition's blocks.
     pub cp_timeout: Duration,
+    /// What a write does when it cannot be mirrored (see [`Policy`]).
+    pub policy: Policy,
+    /// The mirror's node name: what the change map is relative to.
+    pub peer: Option<String>,
     /// Deliberate defects, for the simulator's own test that it catches them.
     #[cfg(any(test, feature = "sim"))]
     pub planted_bug: Option<PlantedBug>,
+}
+
+/// What a write does when the mirror cannot take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// The write fails with an I/O error: nothing is acknowledged that is not on both sites.
+    #[default]
+    Strict,
+    /// The write goes on locally and its region is marked in the change map; when the link
+    /// returns, a delta resync copies the marked regions. Needs a change map (without one
+    /// the volume behaves as `strict`).
+    Sync,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Sync => "sync",
+        }
+    }
 }
 
 /// A deliberate defect the simulator must catch (see `crate::sim`).
@@ -105,6 +131,8 @@ impl SourceConfig {
             cp_by_value: false,
             ack_timeout: Duration::from_secs(6),
             cp_timeout: Duration::from_secs(60),
+            policy: Policy::Strict,
+            peer: None,
             #[cfg(any(test, feature = "sim"))]
             planted_bug: None,
         }
@@ -118,14 +146,36 @@ pub const PARTITION_BYTES_MIN: usize = 4 * ENTRY_DATA_MAX;
 pub enum Control {
     /// Force a CP; answered with its number once durable on both sites.
     Cp(Sender<Result<u64, String>>),
-    /// Start mirroring to the replication address `target` (baseline, then in sync).
+    /// Start mirroring to the replication address `target` of node `peer` (baseline or
+    /// delta resync, then in sync).
     Attach {
         target: String,
+        peer: Option<String>,
         reply: Sender<Result<(), String>>,
     },
     Status(Sender<SourceStatus>),
     /// Stop the poller; pending requests fail.
     Stop(Sender<()>),
+    /// Marks regions in the change map (a returning peer's own changes, for its resync)
+    /// and makes them durable.
+    MarkRegions {
+        regions: Vec<u64>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Planned switchover, first half: stop taking new requests (they wait in the queue),
+    /// complete what was logged, and bring the mirror level with a CP. Answered with the
+    /// last CP and the next sequence number once both partitions are free and the mirror
+    /// applied everything.
+    Quiesce(Sender<Result<(u64, u64), String>>),
+    /// Planned switchover, second half: stop the poller and hand back the requests that
+    /// waited in the queue, unanswered, for whoever serves the volume next.
+    Handover(Sender<Vec<(IoRequest, Completer)>>),
+    /// Takes back a quiesce that did not lead to a handover.
+    Resume,
+    /// The regions this volume may hold that its mirror (or a new primary) does not: the
+    /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
+    /// old primary sends them to the new one for its failback resync.
+    ChangedRegions(Sender<Vec<u64>>),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +204,24 @@ pub struct SourceStatus {
     pub cache_blocks: u64,
     pub pending_writes: u64,
     pub baseline_done_bytes: u64,
+    /// strict or sync.
+    pub policy: String,
+    /// Volume bytes marked changed since the mirror's last consistent point (what a
+    /// delta resync would copy), where the volume has a change map.
+    pub changed_bytes: u64,
+    /// The node and CP the change map is relative to.
+    pub changes_since: Option<crate::log::ChangeBase>,
+    /// The mirror holds every write acknowledged so far: in sync, and caught up with what
+    /// policy sync acknowledged alone. A failover to a mirror that is not current loses
+    /// the writes acknowledged since it fell behind.
+    pub mirror_current: bool,
+    /// The highest sequence number the mirror acknowledged (or holds by a copy), and the
+    /// highest acknowledged to a client without it (policy sync).
+    pub mirror_acked_seq: u64,
+    pub local_only_seq: u64,
+    /// A delta resync under way: bytes copied, of how many.
+    pub resync_done_bytes: u64,
+    pub resync_total_bytes: u64,
     pub core: Option<usize>,
     pub parks: u64,
 }
@@ -193,22 +261,47 @@ enum LinkState<L> {
         /// Clock time (ns) of the next connection attempt.
         next_try: u64,
         connecting: bool,
-        baseline: bool,
+        /// What the next connection must copy first (none: resume).
+        copy: Option<CopyKind>,
     },
     Up {
         link: L,
-        baseline: Option<Baseline>,
+        copy: Option<Copying>,
     },
     /// The destination failed over: this node is no longer the primary.
     Fenced(String),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Baseline {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyKind {
+    /// The whole volume.
+    Baseline,
+    /// The regions the change map marks.
+    Resync,
+}
+
+/// A copy under way on the link: the baseline, or a delta resync.
+#[derive(Debug, Clone)]
+struct Copying {
+    kind: CopyKind,
+    /// Baseline: the byte offset reached. Resync: the region reached.
     cursor: u64,
+    /// The change map's marks when the copy started (one bit per region): a resync copies
+    /// those regions; either kind clears them from the map once the destination has the
+    /// copy (a baseline copied everything, so all of them).
+    marks: Vec<u8>,
+    /// Regions a resync copies.
+    marked: u64,
+    bytes: u64,
+    chunks: u64,
     done_sent: bool,
-    /// Clock time (ns) `BaselineDone` was sent.
+    /// Clock time (ns) the end of the copy was sent.
     done_ns: u64,
+    /// The CP generation the destination's logs start at: it holds CP `base_cp_gen - 1`
+    /// once the copy is done.
+    base_cp_gen: u64,
+    /// The first sequence number of the logs: everything before is in the copy.
+    base_seq: u64,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.
@@ -266,6 +359,12 @@ impl SourceHandle {
             let _ = t.join();
         }
     }
+
+    /// Asks a stepped poller to stop, without waiting: its next step stops it.
+    pub fn stop_stepped(&self) {
+        let (tx, _rx) = bounded(1);
+        let _ = self.ctl.send(Control::Stop(tx));
+    }
 }
 
 impl Export for SourceHandle {
@@ -286,6 +385,7 @@ impl Export for SourceHandle {
 /// Starts a source volume on its own poller thread. `recovered` is what opening the NVLog
 /// found: it is rebuilt into the cache, and a CP interrupted by a crash is redone.
 /// `mirror` is the destination's replication address when the volume is mirrored.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn<C>(
     cfg: SourceConfig,
     nvlog: NvLog<Box<dyn Nvram>>,
@@ -294,12 +394,13 @@ pub fn spawn<C>(
     connector: Arc<C>,
     clock: Arc<dyn Clock>,
     mirror: Option<String>,
+    changes: Option<ChangeMap>,
 ) -> io::Result<SourceHandle>
 where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    let (mut poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, false)?;
+    let (mut poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, changes, false)?;
     let name = format!("nvm-vol-{}", poller.cfg.volume);
     let thread = thread::Builder::new().name(name).spawn(move || poller.run())?;
     *handle.thread.lock() = Some(thread);
@@ -325,9 +426,15 @@ where
     pub fn status(&mut self) -> SourceStatus {
         self.poller.status()
     }
+    /// Whether the mirror holds every write acknowledged so far (see
+    /// [`SourceStatus::mirror_current`]).
+    pub fn mirror_current(&self) -> bool {
+        self.poller.mirror_current()
+    }
 }
 
 /// As [`spawn`], but the poller runs only when [`SteppedSource::step`] is called.
+#[allow(clippy::too_many_arguments)]
 pub fn stepped<C>(
     cfg: SourceConfig,
     nvlog: NvLog<Box<dyn Nvram>>,
@@ -336,12 +443,13 @@ pub fn stepped<C>(
     connector: Arc<C>,
     clock: Arc<dyn Clock>,
     mirror: Option<String>,
+    changes: Option<ChangeMap>,
 ) -> io::Result<(SteppedSource<C>, SourceHandle)>
 where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    let (poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, true)?;
+    let (poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, changes, true)?;
     Ok((SteppedSource { poller }, handle))
 }
 
@@ -354,6 +462,7 @@ fn build<C>(
     connector: Arc<C>,
     clock: Arc<dyn Clock>,
     mirror: Option<String>,
+    changes: Option<ChangeMap>,
     inline: bool,
 ) -> io::Result<(Poller<C>, SourceHandle)>
 where
@@ -369,7 +478,7 @@ where
     let size = device.size();
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(16);
-    let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, io_rx, ctl_rx, inline)?;
+    let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, changes, io_rx, ctl_rx, inline)?;
     Ok((poller, SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(None) }))
 }
 
@@ -416,6 +525,24 @@ struct Poller<C: Connector> {
     inline_job_step: u64,
     /// Clock time (ns) the last CP message was sent: the destination owes its `CpDone`.
     cp_sent_ns: u64,
+    /// Regions changed since the mirror's last consistent point (see [`ChangeMap`]).
+    changes: Option<ChangeMap>,
+    /// Per partition: every block logged into it since it opened. A partition freed
+    /// without the destination's `CpDone` has these marked in the change map first.
+    part_blocks: [HashSet<Vbn>; PARTITIONS],
+    /// A planned switchover is draining the volume: new requests wait in the queue.
+    quiesce: Option<Sender<Result<(u64, u64), String>>>,
+    quiesced: bool,
+    /// The highest sequence number the destination acknowledged (or holds by a copy).
+    remote_acked_seq: u64,
+    /// The highest sequence number acknowledged to a client without the mirror (policy
+    /// sync, link down). The mirror holds every acknowledged write again once
+    /// `remote_acked_seq` reaches it with the link up.
+    local_only_seq: u64,
+    /// The mirror accepted this node's epoch since the poller started. Until it has, a
+    /// volume under policy sync does not go on alone: a restarted old primary that cannot
+    /// reach its mirror may have been failed over meanwhile.
+    confirmed: bool,
 }
 
 /// A local CP for the writer thread: a copy of a closed partition's blocks.
@@ -476,6 +603,7 @@ where
         connector: Arc<C>,
         clock: Arc<dyn Clock>,
         mirror: Option<String>,
+        changes: Option<ChangeMap>,
         io_rx: Receiver<(IoRequest, Completer)>,
         ctl_rx: Receiver<Control>,
         inline: bool,
@@ -483,7 +611,7 @@ where
         let now = clock.now_ns();
         let link = match &mirror {
             None => LinkState::Unmirrored,
-            Some(_) => LinkState::Down { reason: "starting".into(), next_try: now, connecting: false, baseline: false },
+            Some(_) => LinkState::Down { reason: "starting".into(), next_try: now, connecting: false, copy: None },
         };
         let stats = SourceStatus {
             volume: cfg.volume.clone(),
@@ -508,6 +636,14 @@ where
             cache_blocks: 0,
             pending_writes: 0,
             baseline_done_bytes: 0,
+            policy: cfg.policy.as_str().into(),
+            changed_bytes: 0,
+            changes_since: None,
+            mirror_current: false,
+            mirror_acked_seq: 0,
+            local_only_seq: 0,
+            resync_done_bytes: 0,
+            resync_total_bytes: 0,
             core: None,
             parks: 0,
         };
@@ -556,6 +692,13 @@ where
             steps: 0,
             inline_job_step: 0,
             cp_sent_ns: 0,
+            changes,
+            part_blocks: [HashSet::new(), HashSet::new()],
+            quiesce: None,
+            quiesced: false,
+            remote_acked_seq: 0,
+            local_only_seq: 0,
+            confirmed: false,
         };
         p.recover(&recovered)?;
         Ok(p)
@@ -588,6 +731,7 @@ where
             }
             next_gen = next_gen.max(h.cp_gen + 1);
             self.unsent[*p as usize] = self.nvlog.tail(*p);
+            self.part_blocks[*p as usize] = self.dirty[*p as usize].clone();
         }
         self.next_seq = next_seq;
         self.acked_seq = next_seq - 1;
@@ -672,7 +816,7 @@ where
         worked |= self.poll_link();
         worked |= self.poll_io();
         worked |= self.flush_batch();
-        worked |= self.baseline_step();
+        worked |= self.copy_step();
         worked |= self.poll_local_cp(false);
         self.timers();
         Ok(worked)
@@ -682,7 +826,7 @@ where
     fn park(&self) {
         let mut sel = Select::new();
         sel.recv(&self.ctl_rx);
-        if self.waiting.is_empty() {
+        if self.waiting.is_empty() && !self.quiesced {
             sel.recv(&self.io_rx);
         }
         if let Some(rx) = &self.connect_rx {
@@ -697,7 +841,7 @@ where
         let owed = matches!(self.link, LinkState::Up { .. })
             && (!self.pending.is_empty()
                 || self.parts.iter().any(|p| matches!(p, Part::Closing { .. }))
-                || matches!(self.link, LinkState::Up { baseline: Some(_), .. }));
+                || matches!(self.link, LinkState::Up { copy: Some(_), .. }));
         let timeout = if owed { Duration::from_micros(500) } else { Duration::from_millis(50) };
         let _ = sel.ready_timeout(timeout);
     }
@@ -713,7 +857,7 @@ where
         if self.cp_wanted {
             self.try_start_cp();
         }
-        if let LinkState::Up { baseline, .. } = &self.link {
+        if let LinkState::Up { copy, .. } = &self.link {
             let late = |since: u64, limit: Duration| now.saturating_sub(since) > nanos(limit);
             let why = if self.pending.front().is_some_and(|p| late(p.sent_ns, self.cfg.ack_timeout)) {
                 Some(format!("no acknowledgement from the destination within {:?}", self.cfg.ack_timeout))
@@ -721,8 +865,8 @@ where
                 && late(self.cp_sent_ns, self.cfg.cp_timeout)
             {
                 Some(format!("the destination did not finish a CP within {:?}", self.cfg.cp_timeout))
-            } else if baseline.is_some_and(|b| b.done_sent && late(b.done_ns, self.cfg.cp_timeout)) {
-                Some(format!("the destination did not confirm the baseline within {:?}", self.cfg.cp_timeout))
+            } else if copy.as_ref().is_some_and(|c| c.done_sent && late(c.done_ns, self.cfg.cp_timeout)) {
+                Some(format!("the destination did not confirm the copy within {:?}", self.cfg.cp_timeout))
             } else {
                 None
             };
@@ -730,12 +874,13 @@ where
                 self.link_down(why);
             }
         }
-        if let LinkState::Down { next_try, connecting: false, baseline, .. } = &self.link {
+        if let LinkState::Down { next_try, connecting: false, copy, .. } = &self.link {
             if now >= *next_try {
-                let baseline = *baseline;
-                self.start_connect(baseline);
+                let copy = *copy;
+                self.start_connect(copy);
             }
         }
+        self.poll_quiesce();
     }
 
     // ---- control ----
@@ -748,9 +893,50 @@ where
                     let _ = tx.send(self.status());
                 }
                 Ok(Control::Cp(tx)) => self.force_cp(tx),
-                Ok(Control::Attach { target, reply }) => {
-                    let r = self.attach(target);
+                Ok(Control::Attach { target, peer, reply }) => {
+                    let r = self.attach(target, peer);
                     let _ = reply.send(r);
+                }
+                Ok(Control::MarkRegions { regions, reply }) => {
+                    let r = match &mut self.changes {
+                        None => Err("this volume keeps no change map".to_string()),
+                        Some(m) => {
+                            for r in regions {
+                                m.mark_region(r);
+                            }
+                            m.persist().map_err(|e| format!("change map: {e}"))
+                        }
+                    };
+                    let _ = reply.send(r);
+                }
+                Ok(Control::Quiesce(tx)) => {
+                    if !matches!(self.link, LinkState::Up { copy: None, .. }) {
+                        let _ = tx.send(Err("the mirror is not in sync; a switchover needs it in sync".into()));
+                    } else if let Some(why) = &self.failed {
+                        let _ = tx.send(Err(format!("volume failed: {why}")));
+                    } else {
+                        self.quiesced = true;
+                        self.quiesce = Some(tx);
+                        self.cp_wanted = true;
+                    }
+                }
+                Ok(Control::ChangedRegions(tx)) => {
+                    let _ = tx.send(self.changed_regions());
+                }
+                Ok(Control::Resume) => {
+                    self.quiesced = false;
+                    if let Some(tx) = self.quiesce.take() {
+                        let _ = tx.send(Err("switchover cancelled".into()));
+                    }
+                }
+                Ok(Control::Handover(tx)) => {
+                    let mut queued = Vec::new();
+                    while let Ok(r) = self.io_rx.try_recv() {
+                        queued.push(r);
+                    }
+                    self.shutdown("volume handed over");
+                    let _ = tx.send(queued);
+                    return Err(());
                 }
                 Ok(Control::Stop(tx)) => {
                     self.shutdown("volume stopped");
@@ -789,15 +975,16 @@ where
         let mut s = self.stats.clone();
         let (state, reason) = match &self.link {
             LinkState::Unmirrored => ("not-mirrored", None),
-            LinkState::Down { reason, connecting, baseline, .. } => {
-                if *baseline || *connecting {
+            LinkState::Down { reason, connecting, copy, .. } => {
+                if copy.is_some() || *connecting {
                     ("connecting", Some(reason.clone()))
                 } else {
                     ("out-of-sync", Some(reason.clone()))
                 }
             }
-            LinkState::Up { baseline: Some(_), .. } => ("baseline", None),
-            LinkState::Up { baseline: None, .. } => ("in-sync", None),
+            LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Resync => ("resyncing", None),
+            LinkState::Up { copy: Some(_), .. } => ("baseline", None),
+            LinkState::Up { copy: None, .. } => ("in-sync", None),
             LinkState::Fenced(r) => ("fenced", Some(r.clone())),
         };
         s.state = state.to_string();
@@ -818,9 +1005,25 @@ where
         s.cache_blocks = self.overlay.len() as u64;
         s.pending_writes = (self.pending.len() + self.waiting.len()) as u64;
         s.baseline_done_bytes = match &self.link {
-            LinkState::Up { baseline: Some(b), .. } => b.cursor,
+            LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Baseline => c.cursor,
             _ => s.size_bytes,
         };
+        (s.resync_done_bytes, s.resync_total_bytes) = match &self.link {
+            LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Resync => {
+                (c.bytes, c.marked * crate::log::REGION_BYTES)
+            }
+            _ => (0, 0),
+        };
+        if let Some(m) = &self.changes {
+            s.changed_bytes = (m.marked() * crate::log::REGION_BYTES).min(s.size_bytes);
+            s.changes_since = m.base().cloned();
+        }
+        if self.quiesced {
+            s.state = "quiescing".into();
+        }
+        s.mirror_current = self.mirror_current();
+        s.mirror_acked_seq = self.remote_acked_seq;
+        s.local_only_seq = self.local_only_seq;
         s.core = self.core;
         s
     }
@@ -849,7 +1052,7 @@ where
     }
 
     /// Starts mirroring to `target`: a full local flush, then a baseline copy.
-    fn attach(&mut self, target: String) -> Result<(), String> {
+    fn attach(&mut self, target: String, peer: Option<String>) -> Result<(), String> {
         match &self.link {
             LinkState::Up { .. } | LinkState::Down { .. } if self.target.as_deref() == Some(&target) => return Ok(()),
             LinkState::Unmirrored => {}
@@ -857,22 +1060,26 @@ where
             _ => return Err(format!("volume is already mirrored to {}", self.target.as_deref().unwrap_or("?"))),
         }
         self.target = Some(target);
+        self.cfg.peer = peer;
+        // A resume first: a peer that already holds a consistent copy (a returning old
+        // primary, made a mirror) is then brought level by a delta resync if the change map
+        // allows, and by a baseline otherwise.
         self.link = LinkState::Down {
             reason: "attaching".into(),
             next_try: self.clock.now_ns(),
             connecting: false,
-            baseline: true,
+            copy: None,
         };
         Ok(())
     }
 
     // ---- link ----
 
-    fn start_connect(&mut self, baseline: bool) {
+    fn start_connect(&mut self, copy: Option<CopyKind>) {
         let Some(target) = self.target.clone() else { return };
-        if baseline {
+        if copy.is_some() {
             if let Err(e) = self.full_flush() {
-                self.fail_stop(format!("local flush before baseline: {e}"));
+                self.fail_stop(format!("local flush before a copy to the mirror: {e}"));
                 return;
             }
         }
@@ -884,7 +1091,11 @@ where
             epoch: self.cfg.epoch,
             volume_bytes: self.device.size(),
             partition_bytes: self.cfg.partition_bytes as u64,
-            intent: if baseline { Intent::Baseline } else { Intent::Resume },
+            intent: match copy {
+                None => Intent::Resume,
+                Some(CopyKind::Baseline) => Intent::Baseline,
+                Some(CopyKind::Resync) => Intent::Resync,
+            },
             base_seq: self.nvlog.header(active).map_or(self.next_seq, |h| h.first_seq),
             base_cp_gen: self.parts[active as usize].gen().unwrap_or(0),
         };
@@ -926,10 +1137,26 @@ where
         if let Some(why) = &self.failed {
             return Err(eio(why.clone()));
         }
-        self.fail_pending("mirror is being re-established");
+        if !self.tracks_changes() {
+            self.fail_pending("mirror is being re-established");
+        }
         let all: HashSet<Vbn> = self.dirty.iter().flatten().copied().collect();
         self.overlay.write_blocks(&all, self.device.as_ref())?;
         self.device.flush()?;
+        if self.tracks_changes() {
+            // Policy sync: pending writes are on the volume now, flushed.
+            if !self.pending.is_empty() {
+                self.local_only_seq = self.next_seq - 1;
+            }
+            self.acked_seq = self.next_seq - 1;
+            self.complete_acked();
+        }
+        // The partitions go without the destination's CP: their blocks count as changed.
+        for p in PARTITION_IDS {
+            let blocks: Vec<Vbn> = self.part_blocks[p as usize].iter().copied().chain(all.iter().copied()).collect();
+            self.mark_changed(&blocks)?;
+            self.part_blocks[p as usize].clear();
+        }
         self.overlay.clear();
         let mut gen = 0;
         for p in PARTITION_IDS {
@@ -967,14 +1194,39 @@ where
                     if seq > self.acked_seq && seq < self.next_seq {
                         self.acked_seq = seq;
                     }
+                    if seq < self.next_seq {
+                        self.remote_acked_seq = self.remote_acked_seq.max(seq);
+                    }
                     self.complete_acked();
                 }
                 LinkEvent::Reply(Reply::CpDone { cp }) => self.on_cp_done(cp),
                 LinkEvent::Reply(Reply::BaselineAck) => {
-                    if let LinkState::Up { baseline, .. } = &mut self.link {
-                        *baseline = None;
+                    let done = match &mut self.link {
+                        LinkState::Up { copy, .. } => copy.take(),
+                        _ => None,
+                    };
+                    if let Some(c) = done {
+                        // Everything before the copy's first sequence number is in it.
+                        self.remote_acked_seq = self.remote_acked_seq.max(c.base_seq.saturating_sub(1));
+                        let what = if c.kind == CopyKind::Resync { "delta resync" } else { "baseline" };
+                        eprintln!(
+                            "volume {}: {what} done ({} bytes in {} chunks); mirror in sync",
+                            self.cfg.volume, c.bytes, c.chunks
+                        );
+                        // The change map is relative to this peer's copy from now on.
+                        if let (Some(m), Some(peer)) = (&mut self.changes, &self.cfg.peer) {
+                            let base = ChangeBase { peer: peer.clone(), cp: c.base_cp_gen.saturating_sub(1) };
+                            if c.kind == CopyKind::Baseline {
+                                let all = vec![0xff; c.marks.len()];
+                                m.rebase(&all, base);
+                            } else {
+                                m.rebase(&c.marks, base);
+                            }
+                            if let Err(e) = m.persist() {
+                                self.fail_stop(format!("change map: {e}"));
+                            }
+                        }
                     }
-                    eprintln!("volume {}: baseline done; mirror in sync", self.cfg.volume);
                     // Make the mirror consistent as of a CP.
                     self.cp_wanted = true;
                 }
@@ -1011,18 +1263,25 @@ where
         if matches!(self.link, LinkState::Fenced(_) | LinkState::Unmirrored) {
             return;
         }
-        let baseline = match &mut self.link {
-            LinkState::Up { link, baseline } => {
+        let copy = match &mut self.link {
+            LinkState::Up { link, copy } => {
                 link.close();
-                baseline.is_some()
+                copy.as_ref().map(|c| c.kind)
             }
-            LinkState::Down { baseline, .. } => *baseline,
-            _ => false,
+            LinkState::Down { copy, .. } => *copy,
+            _ => None,
         };
         eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
-        self.link =
-            LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, baseline };
-        self.fail_pending(&format!("mirror link down ({reason}); policy strict"));
+        self.link = LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, copy };
+        if self.tracks_changes() {
+            // Policy sync: what was sent and not acknowledged completes once persistent
+            // here (the next batch flush), and a resume or a resync brings it over later.
+            for p in PARTITION_IDS {
+                self.maybe_release(p);
+            }
+        } else {
+            self.fail_pending(&format!("mirror link down ({reason}); policy strict"));
+        }
     }
 
     fn fail_pending(&mut self, why: &str) {
@@ -1033,23 +1292,28 @@ where
     }
 
     fn on_connected(&mut self, result: ConnectResult<C::Link>) {
-        let baseline = matches!(self.link, LinkState::Down { baseline: true, .. });
+        let copy = match self.link {
+            LinkState::Down { copy, .. } => copy,
+            _ => None,
+        };
         let (mut link, welcome) = match result {
             Ok(x) => x,
             Err(ConnectError::Refused { code: RefuseCode::StaleEpoch, reason, .. }) => return self.fence(reason),
-            Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. }) if !baseline => {
-                eprintln!("volume {}: resume refused ({reason}); starting a baseline", self.cfg.volume);
-                self.link =
-                    LinkState::Down { reason, next_try: self.clock.now_ns(), connecting: false, baseline: true };
+            Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. })
+                if copy != Some(CopyKind::Baseline) =>
+            {
+                eprintln!("volume {}: {reason}; starting a baseline", self.cfg.volume);
+                self.link = LinkState::Down {
+                    reason,
+                    next_try: self.clock.now_ns(),
+                    connecting: false,
+                    copy: Some(CopyKind::Baseline),
+                };
                 return;
             }
             Err(e) => {
-                self.link = LinkState::Down {
-                    reason: e.to_string(),
-                    next_try: self.reconnect_at(),
-                    connecting: false,
-                    baseline,
-                };
+                self.link =
+                    LinkState::Down { reason: e.to_string(), next_try: self.reconnect_at(), connecting: false, copy };
                 return;
             }
         };
@@ -1057,34 +1321,64 @@ where
             link.close();
             return self.fence(format!("destination is at epoch {}", welcome.epoch));
         }
-        if baseline {
+        if let Some(kind) = copy {
             let active = self.active;
             let header = self.nvlog.header(active).expect("active partition open");
-            // The active partition is fresh (full flush) and writes were refused meanwhile.
+            // The active partition is fresh (full flush) and writes went on into it only
+            // through this link from here.
             self.unsent[active as usize] = PARTITION_HEADER_BYTES;
             let r = link.send(&Message::PartitionOpen { header: header.encode() }).and_then(|()| link.flush());
             if let Err(e) = r {
-                return self.link_down(format!("baseline start: {e}"));
+                return self.link_down(format!("copy start: {e}"));
             }
-            eprintln!(
-                "volume {}: mirroring to {}: baseline copy of {} bytes",
-                self.cfg.volume,
-                self.target.as_deref().unwrap_or("?"),
-                self.device.size()
-            );
-            self.link = LinkState::Up { link, baseline: Some(Baseline { cursor: 0, done_sent: false, done_ns: 0 }) };
+            let marks = self.changes.as_ref().map(ChangeMap::snapshot).unwrap_or_default();
+            let marked: u64 = marks.iter().map(|b| u64::from(b.count_ones())).sum();
+            let target = self.target.as_deref().unwrap_or("?");
+            match kind {
+                CopyKind::Baseline => eprintln!(
+                    "volume {}: mirroring to {target}: baseline copy of {} bytes",
+                    self.cfg.volume,
+                    self.device.size()
+                ),
+                CopyKind::Resync => eprintln!(
+                    "volume {}: mirroring to {target}: delta resync of {marked} regions ({} bytes at most)",
+                    self.cfg.volume,
+                    marked * crate::log::REGION_BYTES
+                ),
+            }
+            let base_cp_gen = header.cp_gen;
+            let base_seq = header.first_seq;
+            self.confirmed = true;
+            self.link = LinkState::Up {
+                link,
+                copy: Some(Copying {
+                    kind,
+                    cursor: 0,
+                    marks,
+                    marked,
+                    bytes: 0,
+                    chunks: 0,
+                    done_sent: false,
+                    done_ns: 0,
+                    base_cp_gen,
+                    base_seq,
+                }),
+            };
             return;
         }
         match self.resume(&mut link, &welcome) {
             Ok(()) => {
                 eprintln!("volume {}: mirror link resumed", self.cfg.volume);
-                self.link = LinkState::Up { link, baseline: None };
+                self.confirmed = true;
+                self.link = LinkState::Up { link, copy: None };
             }
             Err(why) => {
                 link.close();
-                eprintln!("volume {}: cannot resume ({why}); starting a baseline", self.cfg.volume);
+                let next = if self.can_resync(&welcome) { CopyKind::Resync } else { CopyKind::Baseline };
+                let what = if next == CopyKind::Resync { "a delta resync" } else { "a baseline" };
+                eprintln!("volume {}: cannot resume ({why}); starting {what}", self.cfg.volume);
                 self.link =
-                    LinkState::Down { reason: why, next_try: self.clock.now_ns(), connecting: false, baseline: true };
+                    LinkState::Down { reason: why, next_try: self.clock.now_ns(), connecting: false, copy: Some(next) };
             }
         }
     }
@@ -1102,6 +1396,7 @@ where
         if w.applied_cp + 1 < oldest {
             return Err(format!("destination applied CP {}, but our log starts at CP {oldest}", w.applied_cp));
         }
+        self.remote_acked_seq = self.remote_acked_seq.max(w.applied_seq);
         let send_err = |e: crate::transport::LinkError| e.to_string();
         for (p, gen) in held {
             if let Part::Closing { remote_done: false, .. } = self.parts[p as usize] {
@@ -1120,6 +1415,9 @@ where
                 && usize_of(theirs.tail) <= tail
                 && self.nvlog_seq_at(p, usize_of(theirs.tail)) == Some(theirs.next_seq)
             {
+                // What the destination holds of this log is persistent there (it persists
+                // what it finds before it welcomes): acknowledged, in effect.
+                self.remote_acked_seq = self.remote_acked_seq.max(theirs.next_seq.saturating_sub(1));
                 usize_of(theirs.tail)
             } else {
                 link.send(&Message::PartitionOpen { header: ours.encode() }).map_err(send_err)?;
@@ -1316,9 +1614,12 @@ where
     /// Frees partition `p` if both halves of its CP are done (the local one alone while
     /// unmirrored).
     fn maybe_release(&mut self, p: u8) {
-        let unmirrored = matches!(self.link, LinkState::Unmirrored);
+        // Unmirrored, or policy sync with the mirror away: the partition goes on the local
+        // half alone, its blocks marked in the change map.
+        let alone = matches!(self.link, LinkState::Unmirrored)
+            || (self.tracks_changes() && !matches!(self.link, LinkState::Up { .. }));
         if let Part::Closing { local_done: true, remote_done, .. } = self.parts[p as usize] {
-            if remote_done || unmirrored {
+            if remote_done || alone {
                 if let Err(e) = self.release(p) {
                     self.fail_stop(format!("release partition {p}: {e}"));
                 }
@@ -1344,7 +1645,12 @@ where
 
     /// Frees a partition whose CP is durable on both sites.
     fn release(&mut self, p: u8) -> io::Result<()> {
-        let Part::Closing { gen, upto_seq, .. } = self.parts[p as usize] else { return Ok(()) };
+        let Part::Closing { gen, upto_seq, remote_done, .. } = self.parts[p as usize] else { return Ok(()) };
+        let blocks = std::mem::take(&mut self.part_blocks[p as usize]);
+        if !remote_done {
+            let blocks: Vec<Vbn> = blocks.into_iter().collect();
+            self.mark_changed(&blocks)?;
+        }
         self.nvlog
             .free_partition(p, Checkpoint { released_cp: gen, next_seq: upto_seq + 1 })
             .map_err(|e| eio(e.to_string()))?;
@@ -1398,6 +1704,9 @@ where
             }
         }
         for _ in 0..BATCH_MAX {
+            if self.quiesced {
+                break;
+            }
             let Ok((request, done)) = self.io_rx.try_recv() else { break };
             worked = true;
             self.handle(request, done);
@@ -1414,6 +1723,11 @@ where
         }
         match &self.link {
             LinkState::Fenced(r) => Some(eio(r.clone())),
+            LinkState::Down { .. } if self.tracks_changes() && self.confirmed => None,
+            LinkState::Down { reason, .. } if self.tracks_changes() => Some(eio(format!(
+                "mirror link down ({reason}); policy sync goes on alone only once the mirror has confirmed this \
+                 node's epoch since it started"
+            ))),
             LinkState::Down { reason, .. } => {
                 Some(eio(format!("mirror link down ({reason}); policy strict refuses writes")))
             }
@@ -1499,7 +1813,11 @@ where
                 _ => &[],
             };
             self.nvlog.append(&header, data).map_err(|e| eio(e.to_string()))?;
-            self.overlay.apply(&header, data, self.device.as_ref(), &mut self.dirty[self.active as usize])?;
+            let active = self.active as usize;
+            self.overlay.apply(&header, data, self.device.as_ref(), &mut self.dirty[active])?;
+            let first = header.offset / BLOCK_BYTES as u64;
+            let last = (header.offset + u64::from(header.length)).div_ceil(BLOCK_BYTES as u64);
+            self.part_blocks[active].extend(first..last);
             self.next_seq += 1;
             w.progress += piece;
         }
@@ -1542,10 +1860,19 @@ where
                     self.link_down(format!("send: {e}"));
                 }
             }
-            if matches!(self.link, LinkState::Unmirrored) || self.planted_ack_before_remote_persist() {
+            let alone = matches!(self.link, LinkState::Unmirrored);
+            if alone || self.planted_ack_before_remote_persist() {
                 self.acked_seq = self.next_seq - 1;
             }
             self.complete_acked();
+        }
+        // Policy sync with the mirror away: everything logged is persistent here now (the
+        // loop above persisted every partition with something unsent).
+        if self.tracks_changes() && matches!(self.link, LinkState::Down { .. }) && !self.pending.is_empty() {
+            self.acked_seq = self.next_seq - 1;
+            self.local_only_seq = self.acked_seq;
+            self.complete_acked();
+            worked = true;
         }
         worked
     }
@@ -1566,41 +1893,137 @@ where
         }
     }
 
-    fn baseline_step(&mut self) -> bool {
+    /// Sends the next piece of the copy under way: a chunk of the volume (baseline), or
+    /// of the marked regions (resync), then the end of the copy.
+    fn copy_step(&mut self) -> bool {
         let size = self.device.size();
-        let LinkState::Up { link, baseline: Some(b) } = &mut self.link else { return false };
-        if b.done_sent {
+        let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
+        if c.done_sent {
             return false;
         }
-        let r = if b.cursor < size {
-            let n = usize_of((size - b.cursor).min(BASELINE_CHUNK as u64));
-            let mut buf = vec![0u8; n];
-            match self.device.read_at(&mut buf, b.cursor) {
-                Ok(()) => {
-                    let r = link.send(&Message::BlockData {
-                        purpose: BlockPurpose::Baseline,
-                        offset: b.cursor,
-                        data: &buf,
-                    });
-                    b.cursor += n as u64;
-                    r
+        // The next run: `(offset, bytes)`, or `None` at the end.
+        let next = match c.kind {
+            CopyKind::Baseline => (c.cursor < size).then(|| (c.cursor, (size - c.cursor).min(BASELINE_CHUNK as u64))),
+            CopyKind::Resync => {
+                let marked = |r: u64| c.marks.get(usize_of(r / 8)).is_some_and(|b| b & (1 << (r % 8)) != 0);
+                let regions = size.div_ceil(crate::log::REGION_BYTES);
+                while c.cursor < regions && !marked(c.cursor) {
+                    c.cursor += 1;
                 }
-                Err(e) => {
-                    let msg = format!("baseline read at {}: {e}", b.cursor);
+                (c.cursor < regions).then(|| {
+                    // Adjacent regions go in one frame, up to a chunk.
+                    let per = BASELINE_CHUNK as u64 / crate::log::REGION_BYTES;
+                    let first = c.cursor;
+                    let mut n = 1u64;
+                    while n < per && first + n < regions && marked(first + n) {
+                        n += 1;
+                    }
+                    let offset = first * crate::log::REGION_BYTES;
+                    (offset, (n * crate::log::REGION_BYTES).min(size - offset))
+                })
+            }
+        };
+        let r = match next {
+            Some((offset, len)) => {
+                let mut buf = vec![0u8; usize_of(len)];
+                // Through the cache: the newest contents as of this point of the stream. The
+                // volume itself may be behind (a CP being written by the CP writer, whose
+                // message went out already and is applied before this copy).
+                if let Err(e) = self.overlay.read(&mut buf, offset, self.device.as_ref()) {
+                    let msg = format!("copy read at {offset}: {e}");
                     self.fail_stop(msg);
                     return true;
                 }
+                let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
+                let r = link.send(&Message::BlockData { purpose, offset, data: &buf });
+                c.bytes += len;
+                c.chunks += 1;
+                c.cursor += match c.kind {
+                    CopyKind::Baseline => len,
+                    CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),
+                };
+                r
             }
-        } else {
-            b.done_sent = true;
-            b.done_ns = self.clock.now_ns();
-            link.send(&Message::BaselineDone { volume_bytes: size })
+            None => {
+                c.done_sent = true;
+                c.done_ns = self.clock.now_ns();
+                match c.kind {
+                    CopyKind::Baseline => link.send(&Message::BaselineDone { volume_bytes: size }),
+                    CopyKind::Resync => link.send(&Message::ResyncDone { bytes: c.bytes, chunks: c.chunks }),
+                }
+            }
         };
         let r = r.and_then(|()| link.flush());
         if let Err(e) = r {
-            self.link_down(format!("baseline send: {e}"));
+            self.link_down(format!("copy send: {e}"));
         }
         true
+    }
+
+    fn changed_regions(&self) -> Vec<u64> {
+        let mut regions: std::collections::BTreeSet<u64> =
+            self.changes.as_ref().map(ChangeMap::marked_regions).unwrap_or_default().into_iter().collect();
+        let per = crate::log::REGION_BYTES / BLOCK_BYTES as u64;
+        for b in self.part_blocks.iter().chain(self.dirty.iter()).flatten() {
+            regions.insert(b / per);
+        }
+        if let Some((_, _, blocks)) = &self.local_cp_inflight {
+            regions.extend(blocks.iter().map(|b| b / per));
+        }
+        regions.into_iter().collect()
+    }
+
+    fn mirror_current(&self) -> bool {
+        matches!(self.link, LinkState::Up { copy: None, .. }) && self.remote_acked_seq >= self.local_only_seq
+    }
+
+    /// Policy sync, with a change map to track what the mirror lacks.
+    fn tracks_changes(&self) -> bool {
+        self.cfg.policy == Policy::Sync && self.changes.is_some()
+    }
+
+    /// Whether a delta resync can bring the destination that sent `w` level: it holds a
+    /// copy the change map is relative to (this peer, at or past the map's CP).
+    fn can_resync(&self, w: &Welcome) -> bool {
+        let Some(base) = self.changes.as_ref().and_then(ChangeMap::base) else { return false };
+        w.resyncable && self.cfg.peer.as_deref() == Some(base.peer.as_str()) && w.applied_cp >= base.cp
+    }
+
+    /// Marks `blocks` changed and makes the marks durable (before the partition that held
+    /// them is freed).
+    fn mark_changed(&mut self, blocks: &[Vbn]) -> io::Result<()> {
+        let Some(m) = &mut self.changes else { return Ok(()) };
+        for &b in blocks {
+            m.mark(b * BLOCK_BYTES as u64, BLOCK_BYTES as u64);
+        }
+        m.persist().map_err(|e| eio(format!("change map: {e}")))
+    }
+
+    /// A planned switchover drains: once nothing is waiting or unacknowledged, a CP
+    /// brings the mirror level; once both partitions are free, the quiesce is answered.
+    fn poll_quiesce(&mut self) {
+        if self.quiesce.is_none() {
+            return;
+        }
+        if !matches!(self.link, LinkState::Up { copy: None, .. }) || self.failed.is_some() {
+            self.quiesced = false;
+            if let Some(tx) = self.quiesce.take() {
+                let _ = tx.send(Err("the mirror left sync during the switchover".into()));
+            }
+            return;
+        }
+        if !self.pending.is_empty() || !self.waiting.is_empty() {
+            return;
+        }
+        let active_empty = self.nvlog.tail(self.active) <= PARTITION_HEADER_BYTES;
+        let other_free = self.parts[1 - self.active as usize] == Part::Free;
+        if !(active_empty && other_free) {
+            self.cp_wanted = true;
+            return;
+        }
+        if let Some(tx) = self.quiesce.take() {
+            let _ = tx.send(Ok((self.stats.last_cp, self.next_seq)));
+        }
     }
 }
 

@@ -70,6 +70,7 @@ fn start_with(dir: Arc<OneMirror>, device: Arc<MemDevice>, cp_by_value: bool) ->
         Arc::new(MemConnector { directory: dir }),
         Arc::new(SystemClock::default()),
         None,
+        None,
     )
     .unwrap()
 }
@@ -94,7 +95,7 @@ fn read(h: &SourceHandle, offset: u64, len: u32) -> Vec<u8> {
 
 fn attach(h: &SourceHandle) {
     let (tx, rx) = bounded(1);
-    h.control(Control::Attach { target: "mem".into(), reply: tx }).unwrap();
+    h.control(Control::Attach { target: "mem".into(), peer: None, reply: tx }).unwrap();
     rx.recv().unwrap().unwrap();
     for _ in 0..500 {
         if h.status().unwrap().state == "in-sync" {

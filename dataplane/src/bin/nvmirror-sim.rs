@@ -112,6 +112,10 @@ struct Totals {
     clock_jumps: u64,
     disk_faults: u64,
     disks_replaced: u64,
+    switchovers: u64,
+    failbacks_delta: u64,
+    failbacks_baseline: u64,
+    sync_policy_seeds: u64,
     nvram_lines_lost_or_torn: u64,
     disk_blocks_lost_or_torn: u64,
     durable_ops: u64,
@@ -138,6 +142,10 @@ impl Totals {
         self.clock_jumps += r.faults.clock_jumps;
         self.disk_faults += r.faults.disk_bit_flips + r.faults.disk_read_errors + r.faults.disks_lost;
         self.disks_replaced += r.faults.disks_replaced;
+        self.switchovers += r.faults.switchovers;
+        self.failbacks_delta += r.faults.failbacks_delta;
+        self.failbacks_baseline += r.faults.failbacks_baseline;
+        self.sync_policy_seeds += r.faults.sync_policy;
         let c = &r.crash_damage;
         self.nvram_lines_lost_or_torn += c.nvram_lines_lost + c.nvram_lines_torn;
         self.disk_blocks_lost_or_torn += c.disk_blocks_lost + c.disk_blocks_torn;
@@ -193,7 +201,23 @@ fn main() -> ExitCode {
                 if seed >= end {
                     return;
                 }
-                match sim::run(seed, &opts) {
+                // A panic in a seed is that seed's failure, reported like any other.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim::run(seed, &opts)))
+                    .unwrap_or_else(|p| {
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                            .unwrap_or_else(|| "a panic".into());
+                        Err(sim::SimFailure {
+                            seed,
+                            sim_ns: 0,
+                            tick: 0,
+                            message: format!("panicked: {what}"),
+                            trace: Vec::new(),
+                        })
+                    });
+                match outcome {
                     Ok(r) => {
                         let mut t = totals.lock().expect("totals");
                         t.add(&r);
@@ -229,8 +253,9 @@ fn main() -> ExitCode {
     println!(
         "{} seeds passed in {:.1} s ({:.0} simulated s): {} writes acknowledged and verified over {} volume checks; \
          {} power cuts, {} failovers, {} writes to stale primaries refused, {} link cuts, {} frames dropped, {} duplicated, \
-         {} reordered, {} clock jumps, {} disk faults ({} disks replaced); crashes lost or tore {} NVRAM lines and {} disk \
-         blocks; {} durable operations",
+         {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} switchovers, {} failbacks by delta resync and \
+         {} by baseline, {} seeds under policy sync; crashes lost or tore {} NVRAM lines and {} disk blocks; {} durable \
+         operations",
         t.seeds,
         t.wall_secs,
         t.sim_secs,
@@ -246,6 +271,10 @@ fn main() -> ExitCode {
         t.clock_jumps,
         t.disk_faults,
         t.disks_replaced,
+        t.switchovers,
+        t.failbacks_delta,
+        t.failbacks_baseline,
+        t.sync_policy_seeds,
         t.nvram_lines_lost_or_torn,
         t.disk_blocks_lost_or_torn,
         t.durable_ops

@@ -3,9 +3,11 @@
 //! partition), created on demand). A partition and its log file hold the same bytes at the
 //! same offsets (see [`crate::format`]).
 
+mod changemap;
 mod logfile;
 mod nvlog;
 
+pub use changemap::{ChangeBase, ChangeMap, ChangeMapError, REGION_BYTES};
 pub use logfile::{LogFile, LogFileError};
 pub use nvlog::{AppendError, Checkpoint, NvLog, NvLogError, Recovered};
 

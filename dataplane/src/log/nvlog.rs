@@ -220,6 +220,37 @@ impl<N: Nvram> NvLog<N> {
         Ok(())
     }
 
+    /// Formats `nvram` as an empty NVLog whose first partition will be CP generation
+    /// `start.released_cp + 1` starting at sequence `start.next_seq`: a volume taken over
+    /// by failover or switchover continues the numbering its mirror knows. The superblock
+    /// is written last, so a format a crash cut short reads as unformatted... or as a
+    /// damaged superblock, which is why callers format before they record the volume.
+    pub fn format(mut nvram: N, volume_id: u64, partition_bytes: usize, start: Checkpoint) -> Result<N, NvLogError> {
+        if nvram.len() < Self::region_bytes(partition_bytes) {
+            return Err(NvLogError::TooSmall { len: nvram.len(), partition_bytes });
+        }
+        let mut c = [0u8; 64];
+        c[0..4].copy_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
+        c[8..16].copy_from_slice(&start.released_cp.to_le_bytes());
+        c[16..24].copy_from_slice(&start.next_seq.to_le_bytes());
+        let crc = crc32c(&[&c[..60]]);
+        c[60..64].copy_from_slice(&crc.to_le_bytes());
+        let bytes = nvram.bytes_mut();
+        bytes[..64].fill(0);
+        bytes[CHECKPOINT_AT..CHECKPOINT_AT + 64].copy_from_slice(&c);
+        for p in [0u8, 1] {
+            let b = Self::base(p, partition_bytes);
+            bytes[b..b + PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES].fill(0);
+        }
+        nvram.persist(0, SUPERBLOCK_BYTES).map_err(NvLogError::Persist)?;
+        for p in [0u8, 1] {
+            let b = Self::base(p, partition_bytes);
+            nvram.persist(b, PARTITION_HEADER_BYTES + ENTRY_HEADER_BYTES).map_err(NvLogError::Persist)?;
+        }
+        let (log, _) = Self::open(nvram, volume_id, partition_bytes)?;
+        Ok(log.nvram)
+    }
+
     /// Frees partition `p` once its CP is durable on both sites, recording `checkpoint`
     /// first so that the log can resume from it when both partitions are free.
     pub fn free_partition(&mut self, p: u8, checkpoint: Checkpoint) -> Result<(), NvLogError> {

@@ -54,10 +54,13 @@ use crate::clock::Clock;
 use crate::destination::{Mirror, MirrorMeta};
 use crate::format::BLOCK_BYTES;
 use crate::frontend::{Completer, Export, IoReply, IoRequest};
+use crate::log::{ChangeBase, ChangeMap, Checkpoint};
 use crate::log::{NvLog, PARTITIONS};
 use crate::nvram::Nvram;
 use crate::raid::{Geometry, Raid4};
-use crate::source::{self, Control, PlantedBug, SourceConfig, SourceHandle, SteppedSource, PARTITION_BYTES_MIN};
+use crate::source::{
+    self, Control, PlantedBug, Policy, SourceConfig, SourceHandle, SteppedSource, PARTITION_BYTES_MIN,
+};
 use crate::storage::{BlockDevice, DiskSpec, Engine};
 use crate::transport::mem::{Cut, FrameFaults, MemNet, NetCounters};
 use crate::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
@@ -75,6 +78,8 @@ const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
 /// How long a healed cluster may take to get back in sync and take writes again.
 const LIVENESS_NS: u64 = 60 * SEC;
+/// The media key of a node's change map.
+const CHANGES: &str = "vol.changes";
 /// Nodes a run may add (fresh mirrors after failovers).
 const NODES_MAX: usize = 6;
 
@@ -120,6 +125,13 @@ pub struct FaultCounts {
     pub disk_bit_flips: u64,
     pub disks_lost: u64,
     pub disks_replaced: u64,
+    pub switchovers: u64,
+    /// Old primaries brought back as mirrors, by delta resync or (change map not
+    /// relative to them) baseline.
+    pub failbacks_delta: u64,
+    pub failbacks_baseline: u64,
+    /// Runs (of one) under policy sync.
+    pub sync_policy: u64,
 }
 
 /// What a run did, when it passed.
@@ -216,6 +228,10 @@ struct Durable {
     mirror_disks: BTreeMap<String, Vec<String>>,
     /// The primary volume (`node.json`), if this node holds it.
     volume: Option<VolumeRecord>,
+    /// The highest epoch this node has known the volume at, kept when the records that
+    /// held it go (a promoted mirror whose disks became another mirror): a node never takes
+    /// a hello from an older epoch.
+    fence_epoch: u64,
     /// This node's RAID-4 geometry for volumes it creates and mirrors it hosts.
     data_disks: u32,
     stripe_unit: u32,
@@ -342,6 +358,17 @@ impl MirrorDirectory for Directory {
         if hello.source_node == self.name {
             return Err((RefuseCode::Mismatch, "a node cannot mirror to itself".into()));
         }
+        let known = {
+            let d = self.durable.lock();
+            let metas = d.metas.values().filter_map(|m| m.lock().as_ref().map(|m| m.epoch)).max().unwrap_or(0);
+            d.fence_epoch.max(metas).max(d.volume.as_ref().map_or(0, |v| v.epoch))
+        };
+        if hello.epoch < known {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("this node knows volume {VOLUME} at epoch {known}; the source's {} is stale", hello.epoch),
+            ));
+        }
         let existing = self.mirrors.lock().get(&hello.source_node).map(|(m, _)| m.clone());
         let mirror = match existing {
             Some(m) => m,
@@ -402,6 +429,7 @@ enum Action {
     Restart(String),
     Failover(String),
     PairNew,
+    Failback(String),
     Heal(String, String),
     FramesClean,
     /// `volume`: the RAID volume's disk prefix (it may have changed roles since).
@@ -432,6 +460,10 @@ struct World {
     replies_tx: Sender<IoReply>,
     replies_rx: Receiver<IoReply>,
     qd: usize,
+    /// The volume's policy for this run.
+    policy: Policy,
+    /// The primary's mirror held every acknowledged write at its last step.
+    primary_current: bool,
     writing: bool,
     faulting: bool,
     /// Which node acknowledged writes in each epoch.
@@ -485,6 +517,8 @@ impl World {
             replies_tx,
             replies_rx,
             qd: 4,
+            policy: Policy::Strict,
+            primary_current: false,
             writing: true,
             faulting: false,
             ack_epochs: BTreeMap::new(),
@@ -508,6 +542,9 @@ impl World {
             cps_forced: 0,
             scrubs: 0,
         };
+        w.policy = if w.rng.gen_bool(0.5) { Policy::Sync } else { Policy::Strict };
+        w.event(format!("policy {}", w.policy.as_str()));
+        w.faults.sync_policy = u64::from(w.policy == Policy::Sync);
         // Each site its own geometry: the mirror protocol carries volume blocks.
         let a = w.add_node();
         let b = w.add_node();
@@ -572,6 +609,7 @@ impl World {
             metas: BTreeMap::new(),
             mirror_disks: BTreeMap::new(),
             volume: None,
+            fence_epoch: 0,
             data_disks,
             stripe_unit,
         }));
@@ -593,6 +631,7 @@ impl World {
         cfg.ack_timeout = Duration::from_millis(250);
         cfg.cp_timeout = Duration::from_millis(1500);
         cfg.planted_bug = self.opts.planted_bug;
+        cfg.policy = self.policy;
         cfg
     }
 
@@ -623,9 +662,15 @@ impl World {
             let len = NvLog::<SimNvram>::region_bytes(PARTITION_BYTES);
             (d.region(&format!("{VOLUME}.{}.nvlog", rec.epoch), len), d.power.clone())
         };
-        let nvram: Box<dyn Nvram> = Box::new(SimNvram::open(region, power));
+        let nvram: Box<dyn Nvram> = Box::new(SimNvram::open(region, power.clone()));
         let (log, recovered) = NvLog::open(nvram, VOLUME_ID, PARTITION_BYTES).map_err(io::Error::other)?;
-        let cfg = self.source_config(node, rec.epoch);
+        let changes = {
+            let r = durable.lock().region(CHANGES, ChangeMap::region_bytes(BLOCKS * BLOCK_BYTES as u64));
+            ChangeMap::open(Box::new(SimNvram::open(r, power)), BLOCKS * BLOCK_BYTES as u64)
+                .map_err(io::Error::other)?
+        };
+        let mut cfg = self.source_config(node, rec.epoch);
+        cfg.peer = rec.mirror.clone();
         let (stepped, handle) = source::stepped(
             cfg,
             log,
@@ -634,6 +679,7 @@ impl World {
             Arc::new(self.net.clone()),
             self.clock.clone() as Arc<dyn Clock>,
             rec.mirror.clone(),
+            Some(changes),
         )?;
         let n = self.nodes.get_mut(node).expect("node");
         if let Some(live) = &mut n.live {
@@ -646,7 +692,11 @@ impl World {
         let primary = self.primary.clone();
         let Some(src) = self.live_source(&primary) else { return };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if src.handle.control(Control::Attach { target: target.to_string(), reply: tx }).is_ok() {
+        if src
+            .handle
+            .control(Control::Attach { target: target.to_string(), peer: Some(target.to_string()), reply: tx })
+            .is_ok()
+        {
             self.attach_rx = Some(rx);
         }
         let n = &self.nodes[&primary];
@@ -732,6 +782,10 @@ impl World {
                 // Failed over, and the crash came before the volume record was saved: the
                 // promoted mirror is this node's volume now.
                 let keys = durable.lock().mirror_disks[&src].clone();
+                let mm = m.meta();
+                let start = Checkpoint { released_cp: mm.applied_cp, next_seq: mm.applied_seq + 1 };
+                self.prepare_logs(node, mm.epoch, start, ChangeBase { peer: src.clone(), cp: mm.applied_cp }, None)
+                    .map_err(|e| format!("node {node}: prepare the promoted volume's logs: {e}"))?;
                 durable.lock().volume = Some(VolumeRecord {
                     epoch: meta.epoch,
                     disks: keys,
@@ -979,6 +1033,13 @@ impl World {
             for _ in 0..k {
                 let Some(src) = self.live_source(&name) else { break };
                 src.stepped.step();
+                let current = src.stepped.mirror_current();
+                if name == self.primary {
+                    // What the administrator sees in the primary's status: whether its
+                    // mirror holds every acknowledged write (policy sync may have gone on
+                    // alone). Only a current mirror is failed over to.
+                    self.primary_current = current;
+                }
                 self.drain_replies()?;
             }
         }
@@ -1044,6 +1105,7 @@ impl World {
     /// when its mirror can take over) fail over.
     fn after_crash(&mut self, node: &str) {
         let can_fail_over = node == self.primary
+            && self.primary_current
             && self.nodes.len() < NODES_MAX
             && self.mirror.as_ref().is_some_and(|m| self.is_live(m) && self.mirror_consistent(m));
         if can_fail_over && self.rng.gen_bool(0.5) {
@@ -1086,6 +1148,7 @@ impl World {
             Action::Restart(n) => self.restart(&n)?,
             Action::Failover(n) => self.failover(&n)?,
             Action::PairNew => self.pair_new(),
+            Action::Failback(n) => self.failback(&n)?,
             Action::Heal(a, b) => {
                 self.net.heal(&a, &b);
                 self.event(format!("link {a}-{b} healed"));
@@ -1132,10 +1195,274 @@ impl World {
             return Ok(());
         }
         let keys = durable.lock().mirror_disks.get(&old).cloned().ok_or("promoted mirror without storage")?;
+        // The new epoch's NVLog (its numbering continuing the mirror's) and change map
+        // (relative to the old primary's last common CP, the replay marked) come before
+        // the record that names them.
+        let start = Checkpoint { released_cp: report.applied_cp, next_seq: report.last_seq + 1 };
+        let base = ChangeBase { peer: old.clone(), cp: report.applied_cp };
+        self.prepare_logs(node, report.epoch, start, base, Some(&report.replayed))
+            .map_err(|e| format!("prepare the promoted volume's logs on {node}: {e}"))?;
+        if durable.lock().power.is_cut() {
+            self.retry_failover = Some(node.to_string());
+            return Ok(());
+        }
         durable.lock().volume =
             Some(VolumeRecord { epoch: report.epoch, disks: keys, mirror: None, promoted_from: Some(old.clone()) });
         self.start_source(node, Some(raid)).map_err(|e| format!("start the promoted volume on {node}: {e}"))?;
         self.took_over(node)
+    }
+
+    /// Formats a new primary's NVLog for `epoch`, starting at `start`, and its change map,
+    /// relative to `base`, with `replayed` marked (all of the volume where unknown).
+    fn prepare_logs(
+        &mut self,
+        node: &str,
+        epoch: u64,
+        start: Checkpoint,
+        base: ChangeBase,
+        replayed: Option<&[(u64, u64)]>,
+    ) -> io::Result<()> {
+        let durable = self.nodes[node].durable.clone();
+        let mut d = durable.lock();
+        let power = d.power.clone();
+        let key = format!("{VOLUME}.{epoch}.nvlog");
+        d.nvram.remove(&key);
+        d.nvram.remove(CHANGES);
+        let region = d.region(&key, NvLog::<SimNvram>::region_bytes(PARTITION_BYTES));
+        let changes = d.region(CHANGES, ChangeMap::region_bytes(BLOCKS * BLOCK_BYTES as u64));
+        drop(d);
+        NvLog::format(SimNvram::open(region, power.clone()), VOLUME_ID, PARTITION_BYTES, start)
+            .map_err(io::Error::other)?;
+        let mut map = ChangeMap::open(Box::new(SimNvram::open(changes, power)), BLOCKS * BLOCK_BYTES as u64)
+            .map_err(io::Error::other)?;
+        match replayed {
+            Some(ranges) => {
+                for &(o, l) in ranges {
+                    map.mark(o, l);
+                }
+            }
+            None => map.mark_all(),
+        }
+        map.set_base(Some(base));
+        map.persist().map_err(io::Error::other)
+    }
+
+    /// The fenced old primary comes back as the new primary's mirror: its own changes
+    /// since the last common CP are sent along, and the new primary brings it level by a
+    /// delta resync (or a baseline where its change map is not relative to this node).
+    fn failback(&mut self, old: &str) -> Result<(), String> {
+        let primary = self.primary.clone();
+        if self.mirror.is_some() {
+            return Ok(());
+        }
+        if self.live_source(&primary).is_none() || self.live_source(old).is_none() {
+            self.schedule(50 * MS, Action::Failback(old.to_string()));
+            return Ok(());
+        }
+        // 1. What the old primary holds that the new one may not.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.live_source(old).expect("live").handle.control(Control::ChangedRegions(tx))?;
+        self.live_source(old).expect("live").stepped.step();
+        let regions = rx.try_recv().map_err(|_| "the old primary did not answer")?;
+        // 2. What the new primary's change map is relative to.
+        let status = self.live_source(&primary).expect("live").stepped.status();
+        let base = status.changes_since.clone().filter(|b| b.peer == old);
+        // 3. The old primary's volume becomes a mirror of the new one, in place.
+        let src = self.nodes.get_mut(old).and_then(|n| n.live.as_mut()).and_then(|l| l.source.take()).expect("live");
+        let LiveSource { mut stepped, handle, raid, .. } = src;
+        handle.stop_stepped();
+        stepped.step();
+        drop(stepped);
+        drop(handle);
+        let keys = self.nodes[old].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume record")?;
+        let mut meta = MirrorMeta {
+            source_node: primary.clone(),
+            volume: VOLUME.into(),
+            volume_id: VOLUME_ID,
+            volume_bytes: BLOCKS * BLOCK_BYTES as u64,
+            partition_bytes: PARTITION_BYTES as u64,
+            epoch: status.epoch,
+            applied_cp: 0,
+            applied_seq: 0,
+            consistent: false,
+            pending_cp: None,
+            promoted: false,
+            promoting: false,
+            resyncing: false,
+            last_cp_unix_ms: 0,
+            last_cp_duration_us: 0,
+        };
+        if let Some(b) = &base {
+            meta.applied_cp = b.cp;
+            meta.resyncing = true;
+        }
+        self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
+        self.nodes[old].durable.lock().volume = None;
+        self.stale.remove(old);
+        // 4. The new primary marks those regions and pairs with it.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let marks = Control::MarkRegions { regions: regions.clone(), reply: tx };
+        self.live_source(&primary).expect("live").handle.control(marks)?;
+        self.live_source(&primary).expect("live").stepped.step();
+        rx.try_recv().map_err(|_| "no answer to MarkRegions".to_string())??;
+        self.event(format!(
+            "failback: {old} is the mirror of {primary} again ({} of its own regions to copy back; change map {})",
+            regions.len(),
+            if base.is_some() { "relative to it: a delta resync" } else { "not relative to it: a baseline" }
+        ));
+        if base.is_some() {
+            self.faults.failbacks_delta += 1;
+        } else {
+            self.faults.failbacks_baseline += 1;
+        }
+        self.mirror = Some(old.to_string());
+        self.attach(old);
+        Ok(())
+    }
+
+    /// Makes `raid` (with its disks `keys`) on `node` the mirror that `meta` describes,
+    /// with fresh logs: an old primary's volume, or a switchover's.
+    fn adopt_mirror(&mut self, node: &str, meta: MirrorMeta, raid: Arc<Raid4>, keys: Vec<String>) -> io::Result<()> {
+        let src = meta.source_node.clone();
+        let live = self.nodes[node].live.as_ref().ok_or_else(|| io::Error::other("down"))?;
+        let directory = live.directory.clone();
+        let durable = self.nodes[node].durable.clone();
+        // Promoted mirrors of earlier eras on these disks (of this source or another) go:
+        // the disks are this mirror's now, and only one RAID volume may drive them.
+        let sharing: Vec<String> = {
+            let d = durable.lock();
+            d.mirror_disks.iter().filter(|(s, k)| **s == src || **k == keys).map(|(s, _)| s.clone()).collect()
+        };
+        for s in sharing {
+            directory.mirrors.lock().remove(&s);
+            let mut d = durable.lock();
+            d.mirror_disks.remove(&s);
+            if let Some(m) = d.metas.remove(&s) {
+                let e = m.lock().as_ref().map_or(0, |m| m.epoch);
+                d.fence_epoch = d.fence_epoch.max(e);
+            }
+        }
+        directory.mirrors.lock().remove(&src);
+        let (store_cell, power, logs) = {
+            let mut d = durable.lock();
+            let prefix = format!("mirrors/{src}/{VOLUME}");
+            let power = d.power.clone();
+            let mut logs: Vec<Box<dyn Nvram>> = Vec::new();
+            for p in 0..PARTITIONS {
+                let k = format!("{prefix}/log.{p}");
+                d.nvram.remove(&k);
+                let r = d.region(&k, PARTITION_BYTES);
+                logs.push(Box::new(SimNvram::open(r, power.clone())));
+            }
+            d.mirror_disks.insert(src.clone(), keys);
+            let cell = Arc::new(Mutex::new(None));
+            d.metas.insert(src.clone(), cell.clone());
+            (cell, power, logs)
+        };
+        let store = SimMetaStore { durable: store_cell, power };
+        crate::destination::MetaStore::save(&store, &meta)?;
+        let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| io::Error::other("two logs"))?;
+        let mirror = Mirror::open_stepped(meta, Box::new(store), logs, raid.clone())?;
+        directory.mirrors.lock().insert(src, (mirror, raid));
+        Ok(())
+    }
+
+    /// A planned switchover from the primary to its mirror, under load: the primary drains
+    /// and brings the mirror level, hands its queued requests over, becomes the mirror; the
+    /// mirror takes the volume up with nothing to replay, and the pair resumes the other
+    /// way round with nothing to copy.
+    fn switchover(&mut self, deadline: u64) -> Result<(), String> {
+        let (a, b) = (self.primary.clone(), self.mirror.clone().ok_or("no mirror")?);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.live_source(&a).ok_or("no primary")?.handle.control(Control::Quiesce(tx))?;
+        let (cp, next_seq) = loop {
+            if let Ok(r) = rx.try_recv() {
+                match r {
+                    Ok(x) => break x,
+                    Err(e) => {
+                        self.event(format!("switchover {a} -> {b} refused: {e}"));
+                        return Ok(());
+                    }
+                }
+            }
+            if self.clock.now_ns() > deadline {
+                return Err(format!("liveness: the switchover's quiesce on {a} did not complete"));
+            }
+            self.tick()?;
+        };
+        let meta = self.mirror_meta(&b).ok_or("no mirror meta")?;
+        if meta.applied_cp != cp || meta.applied_seq + 1 != next_seq || !meta.consistent {
+            return Err(format!(
+                "switchover: {a} quiesced at CP {cp}, next sequence {next_seq}, but the mirror on {b} holds {meta:?}"
+            ));
+        }
+        // The primary stops; what waited in its queue goes to the new primary.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.live_source(&a).expect("live").handle.control(Control::Handover(tx))?;
+        self.live_source(&a).expect("live").stepped.step();
+        let queued = rx.try_recv().map_err(|_| "no handover")?;
+        let src = self.nodes.get_mut(&a).and_then(|n| n.live.as_mut()).and_then(|l| l.source.take()).expect("live");
+        let raid_a = src.raid.clone();
+        drop(src);
+        // The mirror takes over: nothing to replay.
+        let (mirror, raid_b) =
+            self.nodes[&b].live.as_ref().expect("live").directory.mirrors.lock().get(&a).cloned().ok_or("mirror")?;
+        let report = mirror.promote().map_err(|e| format!("switchover: promote on {b}: {e}"))?;
+        drop(mirror);
+        if report.entries_replayed != 0 {
+            return Err(format!(
+                "switchover: the mirror on {b} replayed {} entries after a full CP",
+                report.entries_replayed
+            ));
+        }
+        let keys_a = self.nodes[&a].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume")?;
+        let meta_a = MirrorMeta {
+            source_node: b.clone(),
+            volume: VOLUME.into(),
+            volume_id: VOLUME_ID,
+            volume_bytes: BLOCKS * BLOCK_BYTES as u64,
+            partition_bytes: PARTITION_BYTES as u64,
+            epoch: report.epoch,
+            applied_cp: cp,
+            applied_seq: next_seq - 1,
+            consistent: true,
+            pending_cp: None,
+            promoted: false,
+            promoting: false,
+            resyncing: false,
+            last_cp_unix_ms: 0,
+            last_cp_duration_us: 0,
+        };
+        self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
+        self.nodes[&a].durable.lock().volume = None;
+        let start = Checkpoint { released_cp: cp, next_seq };
+        self.prepare_logs(&b, report.epoch, start, ChangeBase { peer: a.clone(), cp }, Some(&[]))
+            .map_err(|e| format!("switchover: logs on {b}: {e}"))?;
+        let keys_b = self.nodes[&b].durable.lock().mirror_disks.get(&a).cloned().ok_or("no mirror disks")?;
+        self.nodes[&b].durable.lock().volume = Some(VolumeRecord {
+            epoch: report.epoch,
+            disks: keys_b,
+            mirror: Some(a.clone()),
+            promoted_from: Some(a.clone()),
+        });
+        self.start_source(&b, Some(raid_b)).map_err(|e| format!("switchover: start the volume on {b}: {e}"))?;
+        self.primary = b.clone();
+        self.mirror = Some(a.clone());
+        // The requests that waited on the old primary are answered by the new one.
+        let epoch = report.epoch;
+        let n = queued.len();
+        for (request, done) in queued {
+            self.live_source(&b).expect("started").handle.submit(request, done);
+        }
+        for f in self.inflight.values_mut() {
+            if f.node == a {
+                f.node.clone_from(&b);
+                f.epoch = epoch;
+            }
+        }
+        self.faults.switchovers += 1;
+        self.event(format!("switchover {a} -> {b}: epoch {epoch}, CP {cp}, {n} queued requests handed over"));
+        self.check_primary("after the switchover")
     }
 
     /// `node` is the volume's primary now.
@@ -1157,7 +1484,16 @@ impl World {
     }
 
     fn pair_new(&mut self) {
-        if self.mirror.is_some() || self.nodes.len() >= NODES_MAX {
+        if self.mirror.is_some() {
+            return;
+        }
+        // Half the time the old primary comes back (failback), else a fresh node.
+        let old = self.stale.iter().max_by_key(|(_, t)| **t).map(|(n, _)| n.clone());
+        if let Some(old) = old.filter(|_| self.rng.gen_bool(0.5) || self.nodes.len() >= NODES_MAX) {
+            self.schedule(0, Action::Failback(old));
+            return;
+        }
+        if self.nodes.len() >= NODES_MAX {
             return;
         }
         let primary = self.primary.clone();
@@ -1258,6 +1594,11 @@ impl World {
         let Some(raid) = self.raid_of(&node, mirror_side) else { return Ok(()) };
         let n = &self.nodes[&node];
         if n.disk_damage > 0 || n.durable.lock().power.armed() || raid.status().degraded {
+            return Ok(());
+        }
+        // A mirror that a crash left in the middle of a copy holds rows only the rest of
+        // the copy rewrites: a disk fault on top is a second fault.
+        if mirror_side && !self.mirror_meta(&node).is_some_and(|m| m.consistent) {
             return Ok(());
         }
         let geo = raid.geometry();
@@ -1430,20 +1771,31 @@ impl World {
         if self.mirror.is_none() {
             self.pair_new();
         }
-        // In sync again.
-        self.wait(deadline, "the pair to get back in sync", |w| w.primary_state().as_deref() == Some("in-sync"))?;
-        // Writes drained, then a CP forced through to the mirror.
+        self.wait(deadline, "a mirror to be paired", |w| w.mirror.is_some())?;
+        // In sync again, then a CP forced through to the mirror with the writes drained.
+        // Under policy sync a CP can complete alone (the link dropped again: a resync then
+        // follows), so the round repeats until the mirror applied it, in sync and current.
         self.writing = false;
-        self.wait(deadline, "the writes in flight to complete", |w| w.inflight.is_empty())?;
-        let cp = self.force_cp(deadline)?;
         let mirror = self.mirror.clone().expect("paired");
-        self.wait(deadline, "the mirror to apply the forced CP", |w| {
-            w.mirror_meta(&mirror).is_some_and(|m| m.applied_cp >= cp)
-                && w.nodes[&mirror]
-                    .live
-                    .as_ref()
-                    .is_some_and(|l| l.directory.mirrors.lock().values().all(|(m, _)| m.jobs_queued() == 0))
-        })?;
+        let cp = loop {
+            self.wait(deadline, "the pair to get back in sync", |w| {
+                w.primary_state().as_deref() == Some("in-sync") && w.primary_current
+            })?;
+            self.wait(deadline, "the writes in flight to complete", |w| w.inflight.is_empty())?;
+            let cp = self.force_cp(deadline)?;
+            self.wait(deadline, "the mirror to apply the forced CP", |w| {
+                let left = w.primary_state().as_deref() != Some("in-sync");
+                left || (w.mirror_meta(&mirror).is_some_and(|m| m.applied_cp >= cp && m.consistent)
+                    && w.nodes[&mirror]
+                        .live
+                        .as_ref()
+                        .is_some_and(|l| l.directory.mirrors.lock().values().all(|(m, _)| m.jobs_queued() == 0)))
+            })?;
+            if self.primary_state().as_deref() == Some("in-sync") && self.primary_current {
+                break cp;
+            }
+            self.event(format!("{when}: the pair left sync during the forced CP {cp}; again"));
+        };
         let primary = self.primary.clone();
         let ours = self.read_volume(&primary)?;
         let theirs = {
@@ -1481,6 +1833,12 @@ impl World {
         self.writing = true;
         self.qd = 4;
         self.wait(deadline, "new writes to be acknowledged", |w| w.writes_acked >= acked + 24)?;
+        // Now and then a planned switchover, with the writes going on.
+        if self.rng.gen_ratio(1, 3) {
+            self.switchover(deadline)?;
+            let acked = self.writes_acked;
+            self.wait(deadline, "writes acknowledged after the switchover", |w| w.writes_acked >= acked + 16)?;
+        }
         self.writing = false;
         self.wait(deadline, "the writes in flight to complete", |w| w.inflight.is_empty())?;
         self.writing = true;
@@ -1495,6 +1853,9 @@ impl World {
     fn wait(&mut self, deadline: u64, what: &str, mut done: impl FnMut(&mut World) -> bool) -> Result<(), String> {
         while !done(self) {
             if self.clock.now_ns() > deadline {
+                let p = self.primary.clone();
+                let status = self.live_source(&p).map(|s| s.stepped.status());
+                self.event(format!("primary status: {status:?}"));
                 let state = self.primary_state();
                 return Err(format!(
                     "liveness: no progress with the faults stopped: still waiting for {what} after {} s (primary {} state {state:?})",

@@ -49,6 +49,10 @@ pub enum Intent {
     Resume = 1,
     /// Start the mirror over with a full copy.
     Baseline = 2,
+    /// Keep the mirror's contents and copy only the regions changed since the last
+    /// consistent point the two share (a delta resync); the logs start over as with a
+    /// baseline.
+    Resync = 3,
 }
 
 /// What the destination holds of one partition.
@@ -84,6 +88,9 @@ pub struct Welcome {
     pub applied_seq: u64,
     /// Whether the mirror holds a complete baseline.
     pub consistent: bool,
+    /// Whether the mirror can be brought level by a delta resync (consistent, or in the
+    /// middle of one). Encoded in the same byte as `consistent` (bit 1).
+    pub resyncable: bool,
     pub logs: [LogTail; 2],
 }
 
@@ -92,6 +99,8 @@ pub struct Welcome {
 pub enum BlockPurpose {
     CpByValue = 1,
     Baseline = 2,
+    /// A region of a delta resync.
+    Resync = 3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +145,12 @@ pub enum Message<'a> {
     },
     BaselineDone {
         volume_bytes: u64,
+    },
+    /// A delta resync sent `bytes` of region data in `chunks` frames: the destination
+    /// checks it received as much before it counts the mirror consistent.
+    ResyncDone {
+        bytes: u64,
+        chunks: u64,
     },
     /// Every entry up to `seq` is persistent in the destination's log files.
     Ack {
@@ -186,6 +201,7 @@ const K_ERROR: u8 = 13;
 const K_RDMA_SETUP: u8 = 14;
 const K_RDMA_LISTEN: u8 = 15;
 const K_RDMA_REGIONS: u8 = 16;
+const K_RESYNC_DONE: u8 = 17;
 
 /// Prefix of an `Entries` body before the entry bytes.
 pub const ENTRIES_PREFIX_BYTES: usize = 12;
@@ -318,7 +334,7 @@ impl Message<'_> {
                 w.u64(wl.epoch);
                 w.u64(wl.applied_cp);
                 w.u64(wl.applied_seq);
-                w.u8(u8::from(wl.consistent));
+                w.u8(u8::from(wl.consistent) | (u8::from(wl.resyncable) << 1));
                 for t in &wl.logs {
                     w.u8(u8::from(t.open));
                     w.u64(t.cp_gen);
@@ -361,6 +377,11 @@ impl Message<'_> {
             Message::BaselineDone { volume_bytes } => {
                 w.u64(*volume_bytes);
                 K_BASELINE_DONE
+            }
+            Message::ResyncDone { bytes, chunks } => {
+                w.u64(*bytes);
+                w.u64(*chunks);
+                K_RESYNC_DONE
             }
             Message::Ack { seq } => {
                 w.u64(*seq);
@@ -454,6 +475,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_RDMA_SETUP => "rdma-setup",
         K_RDMA_LISTEN => "rdma-listen",
         K_RDMA_REGIONS => "rdma-regions",
+        K_RESYNC_DONE => "resync-done",
         _ => return Err(WireError::BadKind(kind)),
     };
     let mut r = Reader { b: body, what: name };
@@ -468,6 +490,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             let intent = match r.u8()? {
                 1 => Intent::Resume,
                 2 => Intent::Baseline,
+                3 => Intent::Resync,
                 _ => return Err(WireError::BadField(name, "unknown intent")),
             };
             let base_seq = r.u64()?;
@@ -488,7 +511,11 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             let epoch = r.u64()?;
             let applied_cp = r.u64()?;
             let applied_seq = r.u64()?;
-            let consistent = r.bool()?;
+            let state = r.u8()?;
+            if state & !3 != 0 {
+                return Err(WireError::BadField(name, "unknown mirror state bits"));
+            }
+            let (consistent, resyncable) = (state & 1 != 0, state & 2 != 0);
             let mut logs = [LogTail::default(); 2];
             for t in &mut logs {
                 t.open = r.bool()?;
@@ -497,7 +524,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 t.next_seq = r.u64()?;
                 t.tail = r.u64()?;
             }
-            Message::Welcome(Welcome { epoch, applied_cp, applied_seq, consistent, logs })
+            Message::Welcome(Welcome { epoch, applied_cp, applied_seq, consistent, resyncable, logs })
         }
         K_REFUSE => {
             let code = match r.u16()? {
@@ -529,6 +556,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             let purpose = match r.u8()? {
                 1 => BlockPurpose::CpByValue,
                 2 => BlockPurpose::Baseline,
+                3 => BlockPurpose::Resync,
                 _ => return Err(WireError::BadField(name, "unknown purpose")),
             };
             r.take(3)?;
@@ -540,6 +568,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             Message::BlockData { purpose, offset, data }
         }
         K_BASELINE_DONE => Message::BaselineDone { volume_bytes: r.u64()? },
+        K_RESYNC_DONE => Message::ResyncDone { bytes: r.u64()?, chunks: r.u64()? },
         K_ACK => Message::Ack { seq: r.u64()? },
         K_CP_DONE => Message::CpDone { cp: r.u64()? },
         K_BASELINE_ACK => Message::BaselineAck,
@@ -564,6 +593,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::Welcome(_)
             | Message::Cp { .. }
             | Message::BaselineDone { .. }
+            | Message::ResyncDone { .. }
             | Message::Ack { .. }
             | Message::CpDone { .. }
             | Message::BaselineAck
@@ -601,6 +631,7 @@ mod tests {
                 applied_cp: 2,
                 applied_seq: 3,
                 consistent: true,
+                resyncable: true,
                 logs: [LogTail { open: true, cp_gen: 1, first_seq: 2, next_seq: 3, tail: 4 }, LogTail::default()],
             }),
             Message::Refuse { code: RefuseCode::StaleEpoch, reason: "old".into() },
@@ -609,6 +640,19 @@ mod tests {
             Message::Cp { cp: 9, partition: 1, upto_seq: 77, by_value: true },
             Message::BlockData { purpose: BlockPurpose::Baseline, offset: 4096, data: &[9; 10] },
             Message::BaselineDone { volume_bytes: 1 << 30 },
+            Message::ResyncDone { bytes: 1 << 20, chunks: 3 },
+            Message::BlockData { purpose: BlockPurpose::Resync, offset: 1 << 16, data: &[1; 8] },
+            Message::Hello(Hello {
+                source_node: "b".into(),
+                volume: "vol".into(),
+                volume_id: 1,
+                epoch: 3,
+                volume_bytes: 3,
+                partition_bytes: 4,
+                intent: Intent::Resync,
+                base_seq: 5,
+                base_cp_gen: 6,
+            }),
             Message::Ack { seq: 5 },
             Message::CpDone { cp: 5 },
             Message::BaselineAck,
