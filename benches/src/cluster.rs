@@ -163,7 +163,12 @@ impl Cluster {
         let _: Value = ca
             .post(
                 &format!("/v1/volumes/{MIRRORED}/mirror"),
-                &MirrorRequest { to: self.b.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+                &MirrorRequest {
+                    to: self.b.control.clone(),
+                    transport: "tcp".into(),
+                    policy: "strict".into(),
+                    resync_ranges: Vec::new(),
+                },
             )
             .context("mirror the volume")?;
         loop {

@@ -9,6 +9,9 @@
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
+//! | POST | /v1/volumes/VOL/resync | [`ResyncRequest`] | on a node that lost VOL to a failover: it becomes the new primary's mirror, brought level by a delta resync |
+//! | POST | /v1/volumes/VOL/switchover | | on the primary: a planned exchange of roles with its mirror ([`crate::node::SwitchoverReport`]) |
+//! | POST | /v1/volumes/VOL/takeover | [`TakeoverRequest`] | node to node, the mirror's half of a switchover |
 //! | GET | /v1/volumes/VOL/storage | | the RAID-4 status of the volume (or mirror) VOL |
 //! | POST | /v1/volumes/VOL/scrub | [`ScrubRequest`] | `{}` once the scrub has started |
 //! | POST | /v1/volumes/VOL/replace-disk | [`ReplaceDisk`] | `{"member": i}` once the rebuild has started |
@@ -27,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use nvmirror_dataplane::source::Policy;
 use nvmirror_dataplane::storage::Engine;
 
 use crate::node::{CreateLayout, MirrorTarget, Node};
@@ -87,6 +91,33 @@ pub struct MirrorRequest {
     #[serde(default = "default_transport")]
     pub transport: String,
     #[serde(default = "default_policy")]
+    pub policy: String,
+    /// Regions (first, count) the peer holds changed, to copy back with the volume's own
+    /// changes: a failback resync.
+    #[serde(default)]
+    pub resync_ranges: Vec<(u64, u64)>,
+}
+
+/// Region runs a resync request may carry.
+pub const RESYNC_RANGES_MAX: usize = 2048;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncRequest {
+    /// The control address of the node that holds the volume now.
+    pub from: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeoverRequest {
+    /// The primary handing the volume over: its name, control and replication addresses.
+    pub from: String,
+    pub control: String,
+    pub replication: String,
+    /// The CP it drained at, and its next sequence number: the mirror must hold exactly that.
+    pub cp: u64,
+    pub next_seq: u64,
     pub policy: String,
 }
 
@@ -221,12 +252,13 @@ fn route(
                 "rdma" => true,
                 other => return Err(bad_request(format!("unknown transport {other:?}: tcp or rdma"))),
             };
-            match body.policy.as_str() {
-                "strict" => {}
-                "sync" => return Err(bad_request(
-                    "policy sync (write on locally while the link is down) is not available in this build; use strict",
-                )),
+            let policy = match body.policy.as_str() {
+                "strict" => Policy::Strict,
+                "sync" => Policy::Sync,
                 other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
+            };
+            if body.resync_ranges.len() > RESYNC_RANGES_MAX {
+                return Err(bad_request(format!("more than {RESYNC_RANGES_MAX} region runs to resync")));
             }
             node.volume(name)?;
             let peer: NodeInfo = Client::new(&body.to)
@@ -246,7 +278,8 @@ fn route(
             } else {
                 peer.replication.clone()
             };
-            node.mirror_volume(name, MirrorTarget { peer_name: peer.name, peer_control: body.to, replication })?;
+            let target = MirrorTarget { peer_name: peer.name, peer_control: body.to, replication };
+            node.mirror_volume(name, target, policy, &body.resync_ranges)?;
             Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "cp"]) => {
@@ -256,6 +289,20 @@ fn route(
         (Post, ["v1", "volumes", name, "failover"]) => {
             let report = node.failover(name)?;
             Ok(serde_json::to_value(report).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "resync"]) => {
+            let body: ResyncRequest = read_body(request)?;
+            let r = node.resync_from(name, &body.from)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "switchover"]) => {
+            let r = node.switchover(name)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "takeover"]) => {
+            let body: TakeoverRequest = read_body(request)?;
+            let r = node.takeover(name, &body)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
         }
         (Get, ["v1", "volumes", name, "storage"]) => {
             let (_, raid) = node.raid(name).map_err(|e| ApiError { status: 404, message: format!("{e:#}") })?;

@@ -143,7 +143,14 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     // Mirror requests that cannot be met.
     ctl_fails(&src, &["mirror", "dup", "--to", "127.0.0.1:1"], "127.0.0.1:1");
     ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--transport", "rdma"], "rdma");
-    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "sync"], "sync");
+    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "lazy"], "unknown policy");
+    // Illegal role changes: a switchover of a volume that is not mirrored, or not here; a
+    // resync from a node that is not the volume's primary, or of a volume not here.
+    ctl_fails(&src, &["switchover", "dup"], "not mirrored");
+    ctl_fails(&dst, &["switchover", "dup"], "no volume dup");
+    ctl_fails(&src, &["resync", "dup", "--from", &dst], "holds no primary volume dup");
+    ctl_fails(&dst, &["resync", "dup", "--from", &src], "no volume dup");
+    ctl_fails(&src, &["resync", "dup", "--from", &src], "this node");
     ctl_fails(&src, &["mirror", "dup", "--to", &src], "own node");
     // Unreachable nodes, and a port that is not a control API.
     ctl_fails("127.0.0.1:1", &["status"], "127.0.0.1:1");

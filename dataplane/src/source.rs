@@ -172,6 +172,8 @@ pub enum Control {
     Handover(Sender<Vec<(IoRequest, Completer)>>),
     /// Takes back a quiesce that did not lead to a handover.
     Resume,
+    /// Changes the policy (`ctl mirror --policy`).
+    SetPolicy(Policy),
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
     /// old primary sends them to the new one for its failback resync.
@@ -219,6 +221,9 @@ pub struct SourceStatus {
     /// highest acknowledged to a client without it (policy sync).
     pub mirror_acked_seq: u64,
     pub local_only_seq: u64,
+    /// The last copy to the mirror that completed: `baseline` or `resync`, and its bytes.
+    pub last_copy_kind: Option<String>,
+    pub last_copy_bytes: u64,
     /// A delta resync under way: bytes copied, of how many.
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,
@@ -336,6 +341,8 @@ pub struct SourceHandle {
     ctl: Sender<Control>,
     size: u64,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// After a switchover: where requests go instead of the stopped poller.
+    forward: parking_lot::RwLock<Option<Arc<dyn Export>>>,
 }
 
 impl SourceHandle {
@@ -360,6 +367,11 @@ impl SourceHandle {
         }
     }
 
+    /// From now on, requests submitted here go to `to` (the volume moved).
+    pub fn forward_to(&self, to: Arc<dyn Export>) {
+        *self.forward.write() = Some(to);
+    }
+
     /// Asks a stepped poller to stop, without waiting: its next step stops it.
     pub fn stop_stepped(&self) {
         let (tx, _rx) = bounded(1);
@@ -375,6 +387,9 @@ impl Export for SourceHandle {
         false
     }
     fn submit(&self, request: IoRequest, done: Completer) {
+        if let Some(f) = self.forward.read().as_ref() {
+            return f.submit(request, done);
+        }
         if let Err(e) = self.io.send((request, done)) {
             let (_, done) = e.into_inner();
             done.complete(Err(io::Error::other("volume is stopped")));
@@ -479,7 +494,14 @@ where
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(16);
     let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, changes, io_rx, ctl_rx, inline)?;
-    Ok((poller, SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(None) }))
+    let handle = SourceHandle {
+        io: io_tx,
+        ctl: ctl_tx,
+        size,
+        thread: parking_lot::Mutex::new(None),
+        forward: parking_lot::RwLock::new(None),
+    };
+    Ok((poller, handle))
 }
 
 struct Poller<C: Connector> {
@@ -642,6 +664,8 @@ where
             mirror_current: false,
             mirror_acked_seq: 0,
             local_only_seq: 0,
+            last_copy_kind: None,
+            last_copy_bytes: 0,
             resync_done_bytes: 0,
             resync_total_bytes: 0,
             core: None,
@@ -919,6 +943,10 @@ where
                         self.quiesce = Some(tx);
                         self.cp_wanted = true;
                     }
+                }
+                Ok(Control::SetPolicy(p)) => {
+                    self.cfg.policy = p;
+                    self.stats.policy = p.as_str().into();
                 }
                 Ok(Control::ChangedRegions(tx)) => {
                     let _ = tx.send(self.changed_regions());
@@ -1209,6 +1237,9 @@ where
                         // Everything before the copy's first sequence number is in it.
                         self.remote_acked_seq = self.remote_acked_seq.max(c.base_seq.saturating_sub(1));
                         let what = if c.kind == CopyKind::Resync { "delta resync" } else { "baseline" };
+                        self.stats.last_copy_kind =
+                            Some(if c.kind == CopyKind::Resync { "resync" } else { "baseline" }.into());
+                        self.stats.last_copy_bytes = c.bytes;
                         eprintln!(
                             "volume {}: {what} done ({} bytes in {} chunks); mirror in sync",
                             self.cfg.volume, c.bytes, c.chunks
