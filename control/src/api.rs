@@ -5,6 +5,7 @@
 //! | GET | /v1/node | | name and addresses |
 //! | GET | /v1/status | | [`crate::node::NodeStatus`] |
 //! | GET | /metrics | | Prometheus text exposition ([`crate::metrics`]) |
+//! | GET | /v1/events?since=ID&follow=1 | | JSON lines of [`crate::events::Event`]; with `follow`, kept open for new ones |
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
@@ -19,7 +20,7 @@
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. Bodies above [`BODY_MAX`]
 //! bytes are refused before they are read whole.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
@@ -163,6 +164,68 @@ pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
     }
 }
 
+/// `GET /v1/events?since=ID[&follow=1]`: the events after `since` as JSON lines; with
+/// `follow`, then new ones as they happen, on a response that stays open.
+fn events(request: tiny_http::Request, node: &Node, url: &str) {
+    let header =
+        tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/x-ndjson"[..]).expect("static header");
+    let mut since = 0u64;
+    let mut follow = false;
+    for kv in url.split_once('?').map(|(_, q)| q).unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "since" => match v.parse() {
+                Ok(n) => since = n,
+                Err(_) => return respond_error(request, 400, &format!("since={v:?} is not an event id")),
+            },
+            "follow" => follow = matches!(v, "" | "1" | "true"),
+            other => return respond_error(request, 400, &format!("unknown parameter {other:?}: since, follow")),
+        }
+    }
+    if !follow {
+        let mut body = String::new();
+        for e in node.events.since(since) {
+            body.push_str(&serde_json::to_string(&e).expect("serializable"));
+            body.push('\n');
+        }
+        let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
+        return;
+    }
+    let Some(stream) = node.events.follow(since) else {
+        return respond_error(
+            request,
+            503,
+            &format!("{} event streams are open already", crate::events::FOLLOWERS_MAX),
+        );
+    };
+    // Written by hand on the connection, flushed line by line (tiny_http's chunked
+    // encoder would hold small lines back), and delimited by closing: the stream ends
+    // when the client goes away (a keepalive line every few seconds notices it).
+    let mut stream = stream;
+    let mut w = request.into_writer();
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+    if w.write_all(head.as_bytes()).and_then(|()| w.flush()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+fn respond_error(request: tiny_http::Request, status: u16, message: &str) {
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
+    let body = json!({ "error": message }).to_string();
+    let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+}
+
 fn read_body<T: DeserializeOwned>(request: &mut tiny_http::Request) -> Result<T, ApiError> {
     if request.body_length().is_some_and(|n| n as u64 > BODY_MAX) {
         return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
@@ -188,6 +251,9 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
         let body = crate::metrics::render(&node.status());
         let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
         return;
+    }
+    if method == tiny_http::Method::Get && url.split('?').next() == Some("/v1/events") {
+        return events(request, node, &url);
     }
     let result = route(&mut request, node, &method, &url);
     let (status, body) = match result {
@@ -350,6 +416,25 @@ impl Client {
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
         Self::decode(resp)
+    }
+
+    /// GETs `path` and hands each line of the answer to `line` as it arrives, until the
+    /// answer ends (no time limit: for a followed event stream).
+    pub fn get_lines(&self, path: &str, mut line: impl FnMut(&str)) -> Result<()> {
+        use std::io::BufRead;
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        if resp.status().as_u16() != 200 {
+            return Self::decode::<Value>(resp).map(|_| ());
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for l in reader.lines() {
+            let l = l.with_context(|| format!("{}: reading the stream", self.base))?;
+            if !l.is_empty() {
+                line(&l);
+            }
+        }
+        Ok(())
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod events;
 pub mod metrics;
 pub mod node;
 pub mod quickstart;

@@ -121,6 +121,15 @@ enum CtlCmd {
     /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
     /// failed (clients still connected here are forwarded to the new primary).
     Switchover { volume: String },
+    /// State changes, failovers, resyncs, CPs...: JSON lines, as they happen.
+    Events {
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print the events kept so far and exit instead of following.
+        #[arg(long)]
+        once: bool,
+    },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
     Failover { volume: String },
     /// Node, volume and mirror status.
@@ -260,6 +269,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         node.status().nvram
     );
     std::io::stdout().flush()?;
+    nvmirror_control::events::spawn_sampler(&node);
     api::serve(control, node);
     Ok(())
 }
@@ -369,6 +379,15 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 "volume {volume} is in sync again, {} primary, this node its mirror",
                 r["primary"].as_str().unwrap_or("?")
             );
+        }
+        CtlCmd::Events { since, once } => {
+            use std::io::Write;
+            let path = format!("/v1/events?since={since}{}", if once { "" } else { "&follow=1" });
+            let mut out = std::io::stdout().lock();
+            client.get_lines(&path, |l| {
+                let _ = writeln!(out, "{l}");
+                let _ = out.flush();
+            })?;
         }
         CtlCmd::Switchover { volume } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/switchover"), &serde_json::json!({}))?;

@@ -116,6 +116,8 @@ pub struct Node {
     storage: RwLock<HashMap<StorageOwner, (VolumeStorage, Opened)>>,
     /// Volumes that could not start, and why.
     unstarted: Mutex<Vec<(String, String)>>,
+    /// What changed on this node, for `ctl events`.
+    pub events: Arc<crate::events::EventLog>,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -205,7 +207,9 @@ impl Node {
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
+            events: Arc::default(),
         });
+        node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
         node.save_state(&state)?;
         node.load_mirrors()?;
         // A failover that a crash cut short between the promotion and the record: the
@@ -541,6 +545,7 @@ impl Node {
         self.save_state(&state)?;
         drop(state);
         self.start_volume(&record)?;
+        self.events.push("volume-created", Some(name), serde_json::json!({ "size": size }));
         Ok(record)
     }
 
@@ -576,6 +581,11 @@ impl Node {
             drop(state);
         }
         handle.control(Control::SetPolicy(policy)).map_err(|e| anyhow!(e))?;
+        self.events.push(
+            "mirror-paired",
+            Some(name),
+            serde_json::json!({ "peer": target.peer_name, "policy": policy.as_str(), "resync_ranges": resync.len() }),
+        );
         if !resync.is_empty() {
             // The peer's own changes (a returning old primary): copied back with ours.
             let per = nvmirror_dataplane::log::REGION_BYTES;
@@ -632,6 +642,11 @@ impl Node {
         };
         let report = mirror.promote().map_err(|e| anyhow!(e))?;
         self.take_up_promoted(name, &mirror, Some(&report), None)?;
+        self.events.push(
+            "failover",
+            Some(name),
+            serde_json::json!({ "epoch": report.epoch, "entries_replayed": report.entries_replayed, "stops": report.stops }),
+        );
         Ok(report)
     }
 
@@ -793,9 +808,17 @@ impl Node {
             bail!("a {} of {name} is already running ({} of {} bytes)", p.operation, p.done_bytes, p.total_bytes);
         }
         let name = name.to_string();
+        let events = self.events.clone();
+        events.push("scrub-started", Some(&name), serde_json::json!({ "rate": rate }));
         std::thread::Builder::new().name("nvm-scrub".into()).spawn(move || match raid.scrub(rate) {
-            Ok(r) => eprintln!("scrub of {name}: {} ({r:?})", r.result),
-            Err(e) => eprintln!("scrub of {name}: {e}"),
+            Ok(r) => {
+                eprintln!("scrub of {name}: {} ({r:?})", r.result);
+                events.push("scrub-finished", Some(&name), serde_json::to_value(&r).unwrap_or_default());
+            }
+            Err(e) => {
+                eprintln!("scrub of {name}: {e}");
+                events.push("scrub-finished", Some(&name), serde_json::json!({ "result": format!("aborted: {e}") }));
+            }
         })?;
         Ok(())
     }
@@ -827,6 +850,11 @@ impl Node {
         if let Some(entry) = self.storage.write().get_mut(&owner) {
             entry.0 = storage;
         }
+        self.events.push(
+            "disk-replaced",
+            Some(name),
+            serde_json::json!({ "member": member, "old": old, "new": raid.disks()[member].to_string() }),
+        );
         spawn_rebuild(raid, rate);
         Ok(member)
     }
@@ -976,6 +1004,11 @@ impl Node {
                 resync_ranges: ranges,
             },
         )?;
+        self.events.push(
+            "resync-started",
+            Some(name),
+            serde_json::json!({ "primary": peer.name, "delta": delta, "regions_here": regions.len() }),
+        );
         Ok(ResyncStarted { primary: peer.name, delta, regions_here: regions.len() as u64 })
     }
 
@@ -1113,6 +1146,7 @@ impl Node {
                 handle.forward_to(Arc::new(nvmirror_dataplane::frontend::forward::Parked::new(0)));
             }
         }
+        self.events.push("switchover", Some(name), serde_json::json!({ "new_primary": peer.name, "cp": cp }));
         Ok(SwitchoverReport {
             new_primary: peer.name,
             epoch: taken["epoch"].as_u64().unwrap_or(rec.epoch + 1),
@@ -1154,6 +1188,7 @@ impl Node {
             replication: req.replication.clone(),
         };
         self.take_up_promoted(name, &mirror, Some(&report), Some((target, policy)))?;
+        self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));
         Ok(report)
     }
 
