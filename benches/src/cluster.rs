@@ -168,6 +168,7 @@ impl Cluster {
                     transport: "tcp".into(),
                     policy: "strict".into(),
                     resync_ranges: Vec::new(),
+                    rate: None,
                 },
             )
             .context("mirror the volume")?;

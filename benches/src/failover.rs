@@ -97,6 +97,7 @@ pub fn run(bin: &std::path::Path, quick: bool) -> Result<ScenarioResult> {
                 transport: "tcp".into(),
                 policy: "strict".into(),
                 resync_ranges: Vec::new(),
+                rate: None,
             },
         )?;
         wait_in_sync(&ca, Duration::from_secs(600))?;

@@ -97,6 +97,9 @@ pub struct MirrorRequest {
     /// changes: a failback resync.
     #[serde(default)]
     pub resync_ranges: Vec<(u64, u64)>,
+    /// Bytes per second the baseline or resync sends at most.
+    #[serde(default)]
+    pub rate: Option<u64>,
 }
 
 /// Region runs a resync request may carry.
@@ -345,7 +348,7 @@ fn route(
                 peer.replication.clone()
             };
             let target = MirrorTarget { peer_name: peer.name, peer_control: body.to, replication };
-            node.mirror_volume(name, target, policy, &body.resync_ranges)?;
+            node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "cp"]) => {

@@ -95,6 +95,9 @@ enum CtlCmd {
         transport: String,
         #[arg(long, default_value = "strict")]
         policy: String,
+        /// Bytes per second the baseline (or a later resync) sends at most (K/M/G suffixes).
+        #[arg(long)]
+        rate: Option<String>,
         /// Return once the baseline has started instead of waiting for in-sync.
         #[arg(long)]
         no_wait: bool,
@@ -350,10 +353,11 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 bail!("scrub of {volume} found what it could not repair");
             }
         }
-        CtlCmd::Mirror { volume, to, transport, policy, no_wait, timeout } => {
+        CtlCmd::Mirror { volume, to, transport, policy, rate, no_wait, timeout } => {
+            let rate = rate.as_deref().map(size::parse).transpose()?;
             let _: Value = client.post(
                 &format!("/v1/volumes/{volume}/mirror"),
-                &MirrorRequest { to: to.clone(), transport, policy, resync_ranges: Vec::new() },
+                &MirrorRequest { to: to.clone(), transport, policy, resync_ranges: Vec::new(), rate },
             )?;
             if no_wait {
                 println!("mirroring {volume} to {to}: baseline started");

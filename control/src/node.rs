@@ -561,7 +561,14 @@ impl Node {
 
     /// Pairs `name` with the peer whose control API answered `peer`, and starts the
     /// baseline.
-    pub fn mirror_volume(&self, name: &str, target: MirrorTarget, policy: Policy, resync: &[(u64, u64)]) -> Result<()> {
+    pub fn mirror_volume(
+        &self,
+        name: &str,
+        target: MirrorTarget,
+        policy: Policy,
+        resync: &[(u64, u64)],
+        rate: Option<u64>,
+    ) -> Result<()> {
         let handle = self.volume(name)?;
         if target.peer_name == self.cfg.name {
             bail!("cannot mirror a volume to its own node");
@@ -581,6 +588,7 @@ impl Node {
             drop(state);
         }
         handle.control(Control::SetPolicy(policy)).map_err(|e| anyhow!(e))?;
+        handle.control(Control::SetCopyRate(rate)).map_err(|e| anyhow!(e))?;
         self.events.push(
             "mirror-paired",
             Some(name),
@@ -1002,6 +1010,7 @@ impl Node {
                 transport: "tcp".into(),
                 policy: policy.as_str().into(),
                 resync_ranges: ranges,
+                rate: None,
             },
         )?;
         self.events.push(

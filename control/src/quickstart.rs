@@ -118,6 +118,7 @@ pub fn run(args: Args) -> Result<()> {
             transport: args.transport.clone(),
             policy: "strict".into(),
             resync_ranges: Vec::new(),
+            rate: None,
         },
     )?;
     loop {

@@ -178,8 +178,17 @@ fn metrics(control: &str) -> Vec<(String, String, f64)> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut it = rest.split_whitespace();
             let name = it.next().expect("name");
-            assert!(matches!(it.next(), Some("counter" | "gauge")), "{line}");
-            described.insert(name.to_string());
+            match it.next() {
+                Some("counter" | "gauge") => {
+                    described.insert(name.to_string());
+                }
+                Some("histogram") => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        described.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => panic!("{line}"),
+            }
             continue;
         }
         if line.starts_with("# HELP ") || line.is_empty() {
@@ -219,6 +228,18 @@ fn metrics_expose_volumes_mirrors_and_their_raid_layers() {
     assert_eq!(sample(&src, "nvmirror_volume_replication_lag_entries", vol), 0.0);
     assert_eq!(sample(&src, "nvmirror_volume_info", "state=\"in-sync\""), 1.0);
     assert_eq!(sample(&src, "nvmirror_raid_degraded", "role=\"primary\""), 0.0);
+    // The acknowledgement latency histogram: every write counted, the buckets cumulative.
+    assert_eq!(sample(&src, "nvmirror_volume_ack_latency_seconds_count", vol), 50.0);
+    assert_eq!(sample(&src, "nvmirror_volume_ack_latency_seconds_bucket", "le=\"+Inf\""), 50.0);
+    let buckets: Vec<f64> = src
+        .iter()
+        .filter(|(n, l, _)| n == "nvmirror_volume_ack_latency_seconds_bucket" && l.contains(vol))
+        .map(|s| s.2)
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "buckets not cumulative: {buckets:?}");
+    assert!(sample(&src, "nvmirror_volume_ack_latency_seconds_sum", vol) > 0.0);
+    assert_eq!(sample(&src, "nvmirror_volume_mirror_current", vol), 1.0);
+    assert_eq!(sample(&src, "nvmirror_volume_changed_bytes", vol), 0.0);
     assert_eq!(sample(&src, "nvmirror_raid_unrecoverable_total", "role=\"primary\""), 0.0);
     let dst = metrics(&pair.dst.control);
     let mirror = "source=\"site-a\"";

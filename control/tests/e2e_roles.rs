@@ -173,3 +173,19 @@ fn failover_failback_and_switchback_keep_every_acknowledged_write() {
     cp(&pair.src_api(), VOL).expect("CP on a");
     assert_mirror_equals_primary(&pair.src.nbd, &pair.dst.nbd, "after the switchback");
 }
+
+#[test]
+fn a_baseline_keeps_to_its_rate_limit() {
+    let pair = Pair::start("rate");
+    let size = 24 * MIB;
+    create_volume(&pair.src_api(), VOL, size, Some(LOG_BYTES_MIN)).expect("create");
+    let started = std::time::Instant::now();
+    // 8 MiB/s: the 24 MiB copy takes at least 24/8 s less one chunk of credit.
+    ctl(&pair.src.control, &["mirror", VOL, "--to", &pair.dst.control, "--rate", "8M"]);
+    let took = started.elapsed();
+    eprintln!("baseline of {} MiB at 8 MiB/s took {:.2} s", size >> 20, took.as_secs_f64());
+    assert!(took >= Duration::from_millis(2500), "the baseline ran past its rate limit: {took:?}");
+    let s = volume_status(&pair.src_api(), VOL).expect("status");
+    assert_eq!(s["last_copy_kind"], "baseline");
+    assert_eq!(s["last_copy_bytes"], size);
+}

@@ -33,6 +33,7 @@ fn mirror(c: &Client, name: &str, to: &NodeProc) {
                 transport: "tcp".into(),
                 policy: "strict".into(),
                 resync_ranges: Vec::new(),
+                rate: None,
             },
         )
         .unwrap();

@@ -559,6 +559,7 @@ fn pair(primary: &NodeProc, mirror: &NodeProc, until: Instant) -> (LinkProxy, Pr
                 transport: "tcp".into(),
                 policy: "strict".into(),
                 resync_ranges: Vec::new(),
+                rate: None,
             },
         )
         .unwrap_or_else(|e| panic!("mirror {VOL} from {} to {}: {e:#}", primary.name, mirror.name));

@@ -139,6 +139,10 @@ impl SourceConfig {
     }
 }
 
+/// Bucket bounds of the acknowledgement latency histogram, in microseconds.
+pub const ACK_LATENCY_BOUNDS_US: [u64; 14] =
+    [25, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000, 1_000_000];
+
 /// Smallest partition: room for the largest entry and some more.
 pub const PARTITION_BYTES_MIN: usize = 4 * ENTRY_DATA_MAX;
 
@@ -174,6 +178,8 @@ pub enum Control {
     Resume,
     /// Changes the policy (`ctl mirror --policy`).
     SetPolicy(Policy),
+    /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
+    SetCopyRate(Option<u64>),
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
     /// old primary sends them to the new one for its failback resync.
@@ -221,6 +227,12 @@ pub struct SourceStatus {
     /// highest acknowledged to a client without it (policy sync).
     pub mirror_acked_seq: u64,
     pub local_only_seq: u64,
+    /// Acknowledged writes by latency (logged to acknowledged): counts at or below each
+    /// bound of [`ACK_LATENCY_BOUNDS_US`], cumulative as Prometheus histograms are, and the
+    /// sum of the latencies.
+    pub ack_latency_le_us: Vec<(u64, u64)>,
+    pub ack_latency_sum_us: u64,
+    pub ack_latency_count: u64,
     /// The last copy to the mirror that completed: `baseline` or `resync`, and its bytes.
     pub last_copy_kind: Option<String>,
     pub last_copy_bytes: u64,
@@ -307,6 +319,8 @@ struct Copying {
     base_cp_gen: u64,
     /// The first sequence number of the logs: everything before is in the copy.
     base_seq: u64,
+    /// Clock time (ns) the copy started, for its rate limit.
+    started_ns: u64,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.
@@ -555,12 +569,17 @@ struct Poller<C: Connector> {
     /// A planned switchover is draining the volume: new requests wait in the queue.
     quiesce: Option<Sender<Result<(u64, u64), String>>>,
     quiesced: bool,
+    /// Acknowledged writes per latency bucket (the last one: above every bound).
+    ack_buckets: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],
+    ack_sum_us: u64,
     /// The highest sequence number the destination acknowledged (or holds by a copy).
     remote_acked_seq: u64,
     /// The highest sequence number acknowledged to a client without the mirror (policy
     /// sync, link down). The mirror holds every acknowledged write again once
     /// `remote_acked_seq` reaches it with the link up.
     local_only_seq: u64,
+    /// Bytes per second a copy may send at most.
+    copy_rate: Option<u64>,
     /// The mirror accepted this node's epoch since the poller started. Until it has, a
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.
@@ -666,6 +685,9 @@ where
             local_only_seq: 0,
             last_copy_kind: None,
             last_copy_bytes: 0,
+            ack_latency_le_us: Vec::new(),
+            ack_latency_sum_us: 0,
+            ack_latency_count: 0,
             resync_done_bytes: 0,
             resync_total_bytes: 0,
             core: None,
@@ -720,8 +742,11 @@ where
             part_blocks: [HashSet::new(), HashSet::new()],
             quiesce: None,
             quiesced: false,
+            ack_buckets: [0; ACK_LATENCY_BOUNDS_US.len() + 1],
+            ack_sum_us: 0,
             remote_acked_seq: 0,
             local_only_seq: 0,
+            copy_rate: None,
             confirmed: false,
         };
         p.recover(&recovered)?;
@@ -944,6 +969,7 @@ where
                         self.cp_wanted = true;
                     }
                 }
+                Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
                 Ok(Control::SetPolicy(p)) => {
                     self.cfg.policy = p;
                     self.stats.policy = p.as_str().into();
@@ -1051,6 +1077,17 @@ where
         }
         s.mirror_current = self.mirror_current();
         s.mirror_acked_seq = self.remote_acked_seq;
+        let mut cumulative = 0;
+        s.ack_latency_le_us = ACK_LATENCY_BOUNDS_US
+            .iter()
+            .zip(&self.ack_buckets)
+            .map(|(&le, &n)| {
+                cumulative += n;
+                (le, cumulative)
+            })
+            .collect();
+        s.ack_latency_count = self.ack_buckets.iter().sum();
+        s.ack_latency_sum_us = self.ack_sum_us;
         s.local_only_seq = self.local_only_seq;
         s.core = self.core;
         s
@@ -1393,6 +1430,7 @@ where
                     done_ns: 0,
                     base_cp_gen,
                     base_seq,
+                    started_ns: self.clock.now_ns(),
                 }),
             };
             return;
@@ -1918,8 +1956,13 @@ where
     }
 
     fn complete_acked(&mut self) {
+        let now = self.clock.now_ns();
         while self.pending.front().is_some_and(|p| p.last_seq <= self.acked_seq) {
             let p = self.pending.pop_front().expect("front exists");
+            let us = now.saturating_sub(p.sent_ns) / 1000;
+            let b = ACK_LATENCY_BOUNDS_US.iter().position(|&le| us <= le).unwrap_or(ACK_LATENCY_BOUNDS_US.len());
+            self.ack_buckets[b] += 1;
+            self.ack_sum_us = self.ack_sum_us.saturating_add(us);
             p.done.complete(Ok(None));
         }
     }
@@ -1931,6 +1974,13 @@ where
         let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
         if c.done_sent {
             return false;
+        }
+        if let Some(rate) = self.copy_rate {
+            // Ahead of the rate: wait (a chunk's worth of credit up front).
+            let secs = self.clock.now_ns().saturating_sub(c.started_ns) as f64 / 1e9;
+            if c.bytes as f64 > rate as f64 * secs + BASELINE_CHUNK as f64 {
+                return false;
+            }
         }
         // The next run: `(offset, bytes)`, or `None` at the end.
         let next = match c.kind {
