@@ -63,9 +63,14 @@ struct NodeArgs {
     /// file-sync:DIR or dax:DIR.
     #[arg(long)]
     nvram: Option<String>,
-    /// Keep node state in etcd (etcd://HOST:PORT).
+    /// Fleet mode: record each volume's primary and pair state in etcd (etcd://HOST:PORT),
+    /// held by this node's lease; a mirror whose primary's lease expires fails over by
+    /// itself, the etcd revision its new epoch (node state stays in the data dir).
     #[arg(long)]
     state: Option<String>,
+    /// The fleet lease's time to live, in seconds: how long a dead primary goes unnoticed.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl: u64,
     /// Data disks of the RAID-4 volumes this node makes from data-dir files, and of the
     /// mirrors it hosts.
     #[arg(long, default_value_t = nvmirror_control::storage::DATA_DISKS_DEFAULT)]
@@ -223,9 +228,6 @@ fn run_node(a: NodeArgs) -> Result<()> {
     if a.secret_file.is_some() {
         bail!("--secret-file: peer authentication is not available in this build yet; run without it on a trusted network");
     }
-    if a.state.is_some() {
-        bail!("--state: etcd-backed node state is not available in this build yet; state is kept in the data dir");
-    }
     let nvram: NvramSpec = match &a.nvram {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
@@ -273,6 +275,9 @@ fn run_node(a: NodeArgs) -> Result<()> {
     );
     std::io::stdout().flush()?;
     nvmirror_control::events::spawn_sampler(&node);
+    if let Some(url) = &a.state {
+        nvmirror_control::fleet::start(&node, url, Duration::from_secs(a.lease_ttl.max(1)))?;
+    }
     api::serve(control, node);
     Ok(())
 }

@@ -633,6 +633,29 @@ impl Node {
 
     /// Fails the mirror of `name` over to this node and serves it as a writable primary.
     pub fn failover(&self, name: &str) -> Result<PromoteReport> {
+        self.failover_at(name, None)
+    }
+
+    /// Fences primary volume `name` here (fleet mode: another node holds it).
+    pub fn fence_volume(&self, name: &str, why: &str) {
+        if let Some(h) = self.volumes.read().get(name) {
+            if h.control(Control::Fence(why.to_string())).is_ok() {
+                eprintln!("node {}: volume {name} fenced: {why}", self.cfg.name);
+                self.events.push("fenced", Some(name), serde_json::json!({ "reason": why }));
+            }
+        }
+    }
+
+    /// Fences every primary volume here.
+    pub fn fence_primaries(&self, why: &str) {
+        let names: Vec<String> = self.volumes.read().keys().cloned().collect();
+        for n in names {
+            self.fence_volume(&n, why);
+        }
+    }
+
+    /// As [`Node::failover`], the new epoch at least `epoch` where given (a fencing token).
+    pub fn failover_at(&self, name: &str, epoch: Option<u64>) -> Result<PromoteReport> {
         // One failover at a time on this node: the checks below and the promotion are one
         // step.
         let _one = self.failover_lock.lock();
@@ -648,7 +671,7 @@ impl Node {
                 _ => bail!("mirrors of several volumes named {name} live here"),
             }
         };
-        let report = mirror.promote().map_err(|e| anyhow!(e))?;
+        let report = mirror.promote_to(epoch).map_err(|e| anyhow!(e))?;
         self.take_up_promoted(name, &mirror, Some(&report), None)?;
         self.events.push(
             "failover",

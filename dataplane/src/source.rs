@@ -178,6 +178,9 @@ pub enum Control {
     Resume,
     /// Changes the policy (`ctl mirror --policy`).
     SetPolicy(Policy),
+    /// Stop taking writes: another node may be the primary now (fleet mode lost its lease,
+    /// or found the volume held elsewhere).
+    Fence(String),
     /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
     SetCopyRate(Option<u64>),
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
@@ -970,6 +973,11 @@ where
                     }
                 }
                 Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
+                Ok(Control::Fence(why)) => {
+                    if !matches!(self.link, LinkState::Fenced(_)) {
+                        self.fence(why);
+                    }
+                }
                 Ok(Control::SetPolicy(p)) => {
                     self.cfg.policy = p;
                     self.stats.policy = p.as_str().into();
