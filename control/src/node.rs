@@ -1175,7 +1175,10 @@ impl Node {
                 for (_, d) in queued.into_iter().chain(parked.take()) {
                     d.complete(Err(gone()));
                 }
-                handle.forward_to(Arc::new(nvmirror_dataplane::frontend::forward::Parked::new(0)));
+                handle.forward_to(Arc::new(Moved(format!("volume {name} moved to {}: reconnect there", peer.name))));
+                for (_, d) in parked.take() {
+                    d.complete(Err(gone()));
+                }
             }
         }
         self.events.push("switchover", Some(name), serde_json::json!({ "new_primary": peer.name, "cp": cp }));
@@ -1221,6 +1224,16 @@ impl Node {
         };
         self.take_up_promoted(name, &mirror, Some(&report), Some((target, policy)))?;
         self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));
+        // The pair resumes the other way round before the old primary forwards its
+        // clients' requests here: until then a write would find the mirror link down.
+        let handle = self.volume(name)?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if handle.status().is_ok_and(|s| s.state == "in-sync") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(report)
     }
 
@@ -1229,6 +1242,21 @@ impl Node {
         for h in handles {
             h.stop();
         }
+    }
+}
+
+/// The export of a volume that moved away: every request fails, saying where it went.
+struct Moved(String);
+
+impl Export for Moved {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn submit(&self, _request: IoRequest, done: Completer) {
+        done.complete(Err(io::Error::other(self.0.clone())));
     }
 }
 
