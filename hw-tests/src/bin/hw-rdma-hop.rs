@@ -30,6 +30,7 @@ use nvmirror_dataplane::log::NvLog;
 use nvmirror_dataplane::nvram::{MappedNvram, MemNvram, Nvram, NvramMode};
 use nvmirror_dataplane::storage::FileDevice;
 use nvmirror_dataplane::transport::rdma::{RdmaConnector, RdmaService};
+use nvmirror_dataplane::transport::wire::BlockPurpose;
 use nvmirror_dataplane::transport::{tcp, Connector, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, Reply};
 
 const VOLUME_ID: u64 = 0x6877_7264_6d61_0001;
@@ -87,8 +88,15 @@ fn main() -> Result<()> {
     let header = PartitionHeader { partition: 0, volume_id: VOLUME_ID, cp_gen: 1, first_seq: 1, epoch: 1 };
     nvlog.open_partition(header)?;
     link.send(&Message::PartitionOpen { header: header.encode() })?;
-    // The mirror volume starts empty, like the source's: the baseline is complete at once
-    // (so that the mirror may be failed over at the end).
+    // The source's volume is empty: the baseline copies zeroes (the destination takes a
+    // baseline as done only once every byte of it arrived), so that the mirror may be
+    // failed over at the end.
+    let zeroes = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < hello.volume_bytes {
+        link.send(&Message::BlockData { purpose: BlockPurpose::Baseline, offset, data: &zeroes })?;
+        offset += zeroes.len() as u64;
+    }
     link.send(&Message::BaselineDone { volume_bytes: hello.volume_bytes })?;
     link.flush()?;
     let started = Instant::now();
