@@ -15,6 +15,14 @@
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. Bodies above [`BODY_MAX`]
 //! bytes are refused before they are read whole.
+//!
+//! **Node to node.** The one call a node makes to another is `GET /v1/node` on the peer it
+//! is asked to pair with (`mirror --to`). A node with a secret sends a fresh nonce with it
+//! ([`CHALLENGE_HEADER`], 64 hex digits) and pairs only when the answer carries
+//! [`PROOF_HEADER`], HMAC-SHA256(secret, "nvmirror-api" || nonce || body), over the exact
+//! body; a peer that holds a secret says so in the answer (`auth`), and a node without
+//! one refuses to pair with it. An operator's requests carry no challenge and are answered
+//! as before. The replication handshake authenticates both nodes again, whatever was paired.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -28,11 +36,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use nvmirror_dataplane::storage::Engine;
+use nvmirror_dataplane::transport::auth::{self, PeerSecret};
 
 use crate::node::{CreateLayout, MirrorTarget, Node};
 use crate::storage::storage_from_args;
 
 pub const BODY_MAX: u64 = 64 * 1024;
+
+/// A caller's nonce, asking the node to prove that it holds the pair's secret.
+pub const CHALLENGE_HEADER: &str = "X-Nvmirror-Challenge";
+/// The node's proof over its answer, for the nonce of [`CHALLENGE_HEADER`].
+pub const PROOF_HEADER: &str = "X-Nvmirror-Proof";
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +120,9 @@ pub struct NodeInfo {
     /// The RDMA engine's rdma_cm address, where the node offers RDMA placement.
     #[serde(default)]
     pub rdma: Option<String>,
+    /// The node authenticates its peers (it runs with `--secret-file`).
+    #[serde(default)]
+    pub auth: bool,
 }
 
 struct ApiError {
@@ -158,14 +175,35 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
         let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
         return;
     }
-    let result = route(&mut request, node, &method, &url);
+    let challenge = challenge_of(&request);
+    let result = match &challenge {
+        Err(e) => Err(bad_request(e.clone())),
+        Ok(_) => route(&mut request, node, &method, &url),
+    };
     let (status, body) = match result {
         Ok(v) => (200, v),
         Err(e) => (e.status, json!({ "error": e.message })),
     };
+    let body = body.to_string();
     let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
-    let response = tiny_http::Response::from_string(body.to_string()).with_status_code(status).with_header(header);
+    let mut response = tiny_http::Response::from_string(body.clone()).with_status_code(status).with_header(header);
+    if let (Ok(Some(nonce)), Some(secret)) = (challenge, &node.cfg.secret) {
+        let proof = auth::to_hex(&secret.api_proof(&nonce, body.as_bytes()));
+        response.add_header(
+            tiny_http::Header::from_bytes(PROOF_HEADER.as_bytes(), proof.as_bytes()).expect("hex is a header value"),
+        );
+    }
     let _ = request.respond(response);
+}
+
+/// The nonce of a caller that asks this node to prove its secret, if it asks.
+fn challenge_of(request: &tiny_http::Request) -> Result<Option<auth::Nonce>, String> {
+    let Some(h) = request.headers().iter().find(|h| h.field.equiv(CHALLENGE_HEADER)) else {
+        return Ok(None);
+    };
+    auth::from_hex32(h.value.as_str())
+        .map(Some)
+        .ok_or_else(|| format!("{CHALLENGE_HEADER} must be {} hex digits", 2 * auth::NONCE_BYTES))
 }
 
 fn route(
@@ -183,6 +221,7 @@ fn route(
             nbd: node.cfg.nbd.to_string(),
             control: node.cfg.control.to_string(),
             rdma: node.rdma_addr(),
+            auth: node.cfg.secret.is_some(),
         })
         .expect("serializable")),
         (Get, ["v1", "status"]) => Ok(serde_json::to_value(node.status()).expect("serializable")),
@@ -229,9 +268,10 @@ fn route(
                 other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
             }
             node.volume(name)?;
-            let peer: NodeInfo = Client::new(&body.to)
-                .get("/v1/node")
-                .map_err(|e| ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) })?;
+            let peer = Client::new(&body.to).peer_info(node.cfg.secret.as_ref()).map_err(|e| match e {
+                PeerError::Unreachable(e) => ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) },
+                PeerError::Unauthenticated(why) => ApiError { status: 409, message: format!("peer {}: {why}", body.to) },
+            })?;
             let replication = if rdma {
                 let Some(_) = &peer.rdma else {
                     return Err(ApiError {
@@ -305,6 +345,48 @@ impl Client {
         Self::decode(resp)
     }
 
+    /// `GET /v1/node` of a peer to pair with. With `secret`, the peer must prove that it
+    /// holds the same one; without, it must not require one.
+    pub fn peer_info(&self, secret: Option<&PeerSecret>) -> Result<NodeInfo, PeerError> {
+        let Some(secret) = secret else {
+            let info: NodeInfo = self.get("/v1/node").map_err(PeerError::Unreachable)?;
+            if info.auth {
+                return Err(PeerError::Unauthenticated(format!(
+                    "node {} requires authentication: start this node with the pair's --secret-file",
+                    info.name
+                )));
+            }
+            return Ok(info);
+        };
+        let nonce = auth::fresh_nonce().map_err(|e| PeerError::Unreachable(anyhow!(e)))?;
+        let mut resp = self
+            .agent
+            .get(&format!("{}/v1/node", self.base))
+            .header(CHALLENGE_HEADER, auth::to_hex(&nonce))
+            .call()
+            .map_err(|e| PeerError::Unreachable(anyhow!("{}: {e}", self.base)))?;
+        let proof = resp.headers().get(PROOF_HEADER).and_then(|v| v.to_str().ok()).and_then(auth::from_hex32);
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(BODY_MAX)
+            .read_to_vec()
+            .map_err(|e| PeerError::Unreachable(anyhow!("{}: read the answer: {e}", self.base)))?;
+        if status != 200 {
+            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+            return Err(PeerError::Unreachable(anyhow!("{msg}")));
+        }
+        if !proof.is_some_and(|p| secret.verify_api(&nonce, &body, &p)) {
+            return Err(PeerError::Unauthenticated(
+                "it did not prove that it holds this node's secret (it runs without --secret-file, or with another secret)"
+                    .into(),
+            ));
+        }
+        serde_json::from_slice(&body).map_err(|e| PeerError::Unreachable(anyhow!("unexpected answer: {e}")))
+    }
+
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let resp = self
             .agent
@@ -313,6 +395,16 @@ impl Client {
             .map_err(|e| anyhow!("{}: {e}", self.base))?;
         Self::decode(resp)
     }
+}
+
+/// Why a peer's `GET /v1/node` did not yield a peer to pair with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 /// Parses the address of a control API given on the command line.

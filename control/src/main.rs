@@ -14,6 +14,7 @@ use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
 use nvmirror_dataplane::frontend::nbd::NbdServer;
 use nvmirror_dataplane::nvram::NvramSpec;
+use nvmirror_dataplane::transport::auth::PeerSecret;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -56,7 +57,9 @@ struct NodeArgs {
     /// Node name (default: node-PORT of the replication address).
     #[arg(long)]
     name: Option<String>,
-    /// Shared secret for peer authentication.
+    /// A file holding the pair's shared secret (one trailing newline is ignored): every
+    /// replication connection, both ways, and every pairing is then authenticated with it
+    /// (HMAC-SHA256 challenge-response). Both nodes of a pair need the same secret.
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
@@ -191,9 +194,16 @@ fn main() {
 }
 
 fn run_node(a: NodeArgs) -> Result<()> {
-    if a.secret_file.is_some() {
-        bail!("--secret-file: peer authentication is not available in this build yet; run without it on a trusted network");
-    }
+    let secret = match &a.secret_file {
+        None => None,
+        Some(path) => {
+            let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
+            if let Some(w) = &loaded.warning {
+                eprintln!("nvmirror node: warning: {w}");
+            }
+            Some(loaded.secret)
+        }
+    };
     if a.state.is_some() {
         bail!("--state: etcd-backed node state is not available in this build yet; state is kept in the data dir");
     }
@@ -228,12 +238,13 @@ fn run_node(a: NodeArgs) -> Result<()> {
         replication: replication_addr,
         nbd: nbd.local_addr()?,
         control: control_addr,
+        secret: secret.clone(),
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let dir: Arc<dyn nvmirror_dataplane::transport::MirrorDirectory> = node.clone();
     std::thread::Builder::new()
         .name("nvm-repl-accept".into())
-        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop))?;
+        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, secret))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
     println!(
         "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}",

@@ -33,6 +33,7 @@ use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{self, Control, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN};
 use nvmirror_dataplane::storage::{DiskSpec, Engine};
+use nvmirror_dataplane::transport::auth::PeerSecret;
 use nvmirror_dataplane::transport::AnyConnector;
 use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
 use parking_lot::{Mutex, RwLock};
@@ -82,6 +83,9 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
     pub raid: RaidDefaults,
+    /// The pair's shared secret (`--secret-file`): replication connections and pairings
+    /// are authenticated with it, both ways. None: peers are not authenticated.
+    pub secret: Option<PeerSecret>,
 }
 
 /// Whose storage: a primary volume, or the mirror of (source node, volume).
@@ -183,6 +187,7 @@ impl Node {
             bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
         }
         let rdma = start_rdma(&cfg);
+        let connector = Arc::new(AnyConnector::new(cfg.secret.clone()));
         let node = Arc::new(Node {
             cfg,
             state: Mutex::new(state.clone()),
@@ -190,7 +195,7 @@ impl Node {
             mirrors: RwLock::new(HashMap::new()),
             next_core: AtomicUsize::new(0),
             failover_lock: Mutex::new(()),
-            connector: Arc::new(AnyConnector),
+            connector,
             rdma,
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
