@@ -163,7 +163,13 @@ impl Cluster {
         let _: Value = ca
             .post(
                 &format!("/v1/volumes/{MIRRORED}/mirror"),
-                &MirrorRequest { to: self.b.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+                &MirrorRequest {
+                    to: self.b.control.clone(),
+                    transport: "tcp".into(),
+                    policy: "strict".into(),
+                    resync_ranges: Vec::new(),
+                    rate: None,
+                },
             )
             .context("mirror the volume")?;
         loop {

@@ -10,7 +10,8 @@
 //! coordinated omission corrected), `raid-write` (full-stripe RAID-4
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
-//! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32), and, only when named,
+//! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32), `failover` (failover
+//! command to writable primary with a nearly full 64 MiB log partition to replay), and, only when named,
 //! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest) and `drbd-guest` (nvmirror
 //! against DRBD in two QEMU guests joined by one link, `hw-tests/pair`). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
@@ -23,6 +24,7 @@
 
 mod cluster;
 mod drbd;
+mod failover;
 mod floor;
 mod guest;
 mod hop;
@@ -43,7 +45,7 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "hop",
     "nbd-qd1",
     "nbd-qd32",
@@ -54,11 +56,12 @@ const SCENARIOS: [&str; 10] = [
     "xor-memory",
     "xor-portable",
     "uring-fio",
+    "failover",
 ];
 /// Scenarios run only when named: they boot QEMU guests (minutes).
 const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 4] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open"];
+const NODE_SCENARIOS: [&str; 5] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -130,6 +133,7 @@ fn main() -> Result<()> {
             "xor-memory" => xor::memory(cli.quick),
             "xor-portable" => xor::portable(cli.quick),
             "uring-fio" => uring::run(cli.quick),
+            "failover" => failover::run(bin()?, cli.quick),
             "rdma-guest" => guest::run(),
             "drbd-guest" => drbd::run(),
             other => unreachable!("scenario {other} was checked"),

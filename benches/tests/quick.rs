@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "hop",
     "nbd-qd1",
     "nbd-qd32",
@@ -22,6 +22,7 @@ const SCENARIOS: [&str; 10] = [
     "xor-memory",
     "xor-portable",
     "uring-fio",
+    "failover",
 ];
 
 fn number(v: &Value, what: &str) -> f64 {

@@ -5,10 +5,14 @@
 //! | GET | /v1/node | | name and addresses |
 //! | GET | /v1/status | | [`crate::node::NodeStatus`] |
 //! | GET | /metrics | | Prometheus text exposition ([`crate::metrics`]) |
+//! | GET | /v1/events?since=ID&follow=1 | | JSON lines of [`crate::events::Event`]; with `follow`, kept open for new ones |
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
+//! | POST | /v1/volumes/VOL/resync | [`ResyncRequest`] | on a node that lost VOL to a failover: it becomes the new primary's mirror, brought level by a delta resync |
+//! | POST | /v1/volumes/VOL/switchover | | on the primary: a planned exchange of roles with its mirror ([`crate::node::SwitchoverReport`]) |
+//! | POST | /v1/volumes/VOL/takeover | [`TakeoverRequest`] | node to node, the mirror's half of a switchover |
 //! | GET | /v1/volumes/VOL/storage | | the RAID-4 status of the volume (or mirror) VOL |
 //! | POST | /v1/volumes/VOL/scrub | [`ScrubRequest`] | `{}` once the scrub has started |
 //! | POST | /v1/volumes/VOL/replace-disk | [`ReplaceDisk`] | `{"member": i}` once the rebuild has started |
@@ -24,7 +28,7 @@
 //! one refuses to pair with it. An operator's requests carry no challenge and are answered
 //! as before. The replication handshake authenticates both nodes again, whatever was paired.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
@@ -35,6 +39,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use nvmirror_dataplane::source::Policy;
 use nvmirror_dataplane::storage::Engine;
 use nvmirror_dataplane::transport::auth::{self, PeerSecret};
 
@@ -102,6 +107,36 @@ pub struct MirrorRequest {
     pub transport: String,
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// Regions (first, count) the peer holds changed, to copy back with the volume's own
+    /// changes: a failback resync.
+    #[serde(default)]
+    pub resync_ranges: Vec<(u64, u64)>,
+    /// Bytes per second the baseline or resync sends at most.
+    #[serde(default)]
+    pub rate: Option<u64>,
+}
+
+/// Region runs a resync request may carry.
+pub const RESYNC_RANGES_MAX: usize = 2048;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncRequest {
+    /// The control address of the node that holds the volume now.
+    pub from: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeoverRequest {
+    /// The primary handing the volume over: its name, control and replication addresses.
+    pub from: String,
+    pub control: String,
+    pub replication: String,
+    /// The CP it drained at, and its next sequence number: the mirror must hold exactly that.
+    pub cp: u64,
+    pub next_seq: u64,
+    pub policy: String,
 }
 
 fn default_transport() -> String {
@@ -149,6 +184,68 @@ pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
     }
 }
 
+/// `GET /v1/events?since=ID[&follow=1]`: the events after `since` as JSON lines; with
+/// `follow`, then new ones as they happen, on a response that stays open.
+fn events(request: tiny_http::Request, node: &Node, url: &str) {
+    let header =
+        tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/x-ndjson"[..]).expect("static header");
+    let mut since = 0u64;
+    let mut follow = false;
+    for kv in url.split_once('?').map(|(_, q)| q).unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "since" => match v.parse() {
+                Ok(n) => since = n,
+                Err(_) => return respond_error(request, 400, &format!("since={v:?} is not an event id")),
+            },
+            "follow" => follow = matches!(v, "" | "1" | "true"),
+            other => return respond_error(request, 400, &format!("unknown parameter {other:?}: since, follow")),
+        }
+    }
+    if !follow {
+        let mut body = String::new();
+        for e in node.events.since(since) {
+            body.push_str(&serde_json::to_string(&e).expect("serializable"));
+            body.push('\n');
+        }
+        let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
+        return;
+    }
+    let Some(stream) = node.events.follow(since) else {
+        return respond_error(
+            request,
+            503,
+            &format!("{} event streams are open already", crate::events::FOLLOWERS_MAX),
+        );
+    };
+    // Written by hand on the connection, flushed line by line (tiny_http's chunked
+    // encoder would hold small lines back), and delimited by closing: the stream ends
+    // when the client goes away (a keepalive line every few seconds notices it).
+    let mut stream = stream;
+    let mut w = request.into_writer();
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+    if w.write_all(head.as_bytes()).and_then(|()| w.flush()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+fn respond_error(request: tiny_http::Request, status: u16, message: &str) {
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
+    let body = json!({ "error": message }).to_string();
+    let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+}
+
 fn read_body<T: DeserializeOwned>(request: &mut tiny_http::Request) -> Result<T, ApiError> {
     if request.body_length().is_some_and(|n| n as u64 > BODY_MAX) {
         return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
@@ -174,6 +271,9 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
         let body = crate::metrics::render(&node.status());
         let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
         return;
+    }
+    if method == tiny_http::Method::Get && url.split('?').next() == Some("/v1/events") {
+        return events(request, node, &url);
     }
     let challenge = challenge_of(&request);
     let result = match &challenge {
@@ -260,17 +360,20 @@ fn route(
                 "rdma" => true,
                 other => return Err(bad_request(format!("unknown transport {other:?}: tcp or rdma"))),
             };
-            match body.policy.as_str() {
-                "strict" => {}
-                "sync" => return Err(bad_request(
-                    "policy sync (write on locally while the link is down) is not available in this build; use strict",
-                )),
+            let policy = match body.policy.as_str() {
+                "strict" => Policy::Strict,
+                "sync" => Policy::Sync,
                 other => return Err(bad_request(format!("unknown policy {other:?}: strict or sync"))),
+            };
+            if body.resync_ranges.len() > RESYNC_RANGES_MAX {
+                return Err(bad_request(format!("more than {RESYNC_RANGES_MAX} region runs to resync")));
             }
             node.volume(name)?;
             let peer = Client::new(&body.to).peer_info(node.cfg.secret.as_ref()).map_err(|e| match e {
                 PeerError::Unreachable(e) => ApiError { status: 502, message: format!("peer {}: {e:#}", body.to) },
-                PeerError::Unauthenticated(why) => ApiError { status: 409, message: format!("peer {}: {why}", body.to) },
+                PeerError::Unauthenticated(why) => {
+                    ApiError { status: 409, message: format!("peer {}: {why}", body.to) }
+                }
             })?;
             let replication = if rdma {
                 let Some(_) = &peer.rdma else {
@@ -286,7 +389,8 @@ fn route(
             } else {
                 peer.replication.clone()
             };
-            node.mirror_volume(name, MirrorTarget { peer_name: peer.name, peer_control: body.to, replication })?;
+            let target = MirrorTarget { peer_name: peer.name, peer_control: body.to, replication };
+            node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "cp"]) => {
@@ -296,6 +400,20 @@ fn route(
         (Post, ["v1", "volumes", name, "failover"]) => {
             let report = node.failover(name)?;
             Ok(serde_json::to_value(report).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "resync"]) => {
+            let body: ResyncRequest = read_body(request)?;
+            let r = node.resync_from(name, &body.from)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "switchover"]) => {
+            let r = node.switchover(name)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "takeover"]) => {
+            let body: TakeoverRequest = read_body(request)?;
+            let r = node.takeover(name, &body)?;
+            Ok(serde_json::to_value(r).expect("serializable"))
         }
         (Get, ["v1", "volumes", name, "storage"]) => {
             let (_, raid) = node.raid(name).map_err(|e| ApiError { status: 404, message: format!("{e:#}") })?;
@@ -385,6 +503,25 @@ impl Client {
             ));
         }
         serde_json::from_slice(&body).map_err(|e| PeerError::Unreachable(anyhow!("unexpected answer: {e}")))
+    }
+
+    /// GETs `path` and hands each line of the answer to `line` as it arrives, until the
+    /// answer ends (no time limit: for a followed event stream).
+    pub fn get_lines(&self, path: &str, mut line: impl FnMut(&str)) -> Result<()> {
+        use std::io::BufRead;
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        if resp.status().as_u16() != 200 {
+            return Self::decode::<Value>(resp).map(|_| ());
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for l in reader.lines() {
+            let l = l.with_context(|| format!("{}: reading the stream", self.base))?;
+            if !l.is_empty() {
+                line(&l);
+            }
+        }
+        Ok(())
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {

@@ -2,6 +2,9 @@
 
 pub mod api;
 pub mod cluster;
+pub mod etcd;
+pub mod events;
+pub mod fleet;
 pub mod metrics;
 pub mod node;
 pub mod quickstart;

@@ -66,9 +66,14 @@ struct NodeArgs {
     /// file-sync:DIR or dax:DIR.
     #[arg(long)]
     nvram: Option<String>,
-    /// Keep node state in etcd (etcd://HOST:PORT).
+    /// Fleet mode: record each volume's primary and pair state in etcd (etcd://HOST:PORT),
+    /// held by this node's lease; a mirror whose primary's lease expires fails over by
+    /// itself, the etcd revision its new epoch (node state stays in the data dir).
     #[arg(long)]
     state: Option<String>,
+    /// The fleet lease's time to live, in seconds: how long a dead primary goes unnoticed.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl: u64,
     /// Data disks of the RAID-4 volumes this node makes from data-dir files, and of the
     /// mirrors it hosts.
     #[arg(long, default_value_t = nvmirror_control::storage::DATA_DISKS_DEFAULT)]
@@ -98,6 +103,9 @@ enum CtlCmd {
         transport: String,
         #[arg(long, default_value = "strict")]
         policy: String,
+        /// Bytes per second the baseline (or a later resync) sends at most (K/M/G suffixes).
+        #[arg(long)]
+        rate: Option<String>,
         /// Return once the baseline has started instead of waiting for in-sync.
         #[arg(long)]
         no_wait: bool,
@@ -107,6 +115,32 @@ enum CtlCmd {
     },
     /// Force a consistency point.
     Cp { volume: String },
+    /// On a node that lost the volume to a failover: become the new primary's mirror,
+    /// brought level by a delta resync of what either side changed since their last
+    /// common CP.
+    Resync {
+        volume: String,
+        /// The control address of the node that holds the volume now.
+        #[arg(long)]
+        from: String,
+        /// Return once the resync has started instead of waiting for in-sync.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
+    /// failed (clients still connected here are forwarded to the new primary).
+    Switchover { volume: String },
+    /// State changes, failovers, resyncs, CPs...: JSON lines, as they happen.
+    Events {
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print the events kept so far and exit instead of following.
+        #[arg(long)]
+        once: bool,
+    },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
     Failover { volume: String },
     /// Node, volume and mirror status.
@@ -204,9 +238,6 @@ fn run_node(a: NodeArgs) -> Result<()> {
             Some(loaded.secret)
         }
     };
-    if a.state.is_some() {
-        bail!("--state: etcd-backed node state is not available in this build yet; state is kept in the data dir");
-    }
     let nvram: NvramSpec = match &a.nvram {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
@@ -254,6 +285,10 @@ fn run_node(a: NodeArgs) -> Result<()> {
         node.status().nvram
     );
     std::io::stdout().flush()?;
+    nvmirror_control::events::spawn_sampler(&node);
+    if let Some(url) = &a.state {
+        nvmirror_control::fleet::start(&node, url, Duration::from_secs(a.lease_ttl.max(1)))?;
+    }
     api::serve(control, node);
     Ok(())
 }
@@ -334,15 +369,57 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 bail!("scrub of {volume} found what it could not repair");
             }
         }
-        CtlCmd::Mirror { volume, to, transport, policy, no_wait, timeout } => {
-            let _: Value = client
-                .post(&format!("/v1/volumes/{volume}/mirror"), &MirrorRequest { to: to.clone(), transport, policy })?;
+        CtlCmd::Mirror { volume, to, transport, policy, rate, no_wait, timeout } => {
+            let rate = rate.as_deref().map(size::parse).transpose()?;
+            let _: Value = client.post(
+                &format!("/v1/volumes/{volume}/mirror"),
+                &MirrorRequest { to: to.clone(), transport, policy, resync_ranges: Vec::new(), rate },
+            )?;
             if no_wait {
                 println!("mirroring {volume} to {to}: baseline started");
                 return Ok(());
             }
             wait_in_sync(&client, &volume, Duration::from_secs(timeout))?;
             println!("volume {volume} is in sync with {to}");
+        }
+        CtlCmd::Resync { volume, from, no_wait, timeout } => {
+            let r: Value =
+                client.post(&format!("/v1/volumes/{volume}/resync"), &api::ResyncRequest { from: from.clone() })?;
+            let how = if r["delta"].as_bool() == Some(true) { "delta resync" } else { "baseline (no common point)" };
+            println!(
+                "volume {volume} is now the mirror of {} ({how}; {} regions of this node's own changes copied back)",
+                r["primary"].as_str().unwrap_or("?"),
+                r["regions_here"]
+            );
+            if no_wait {
+                return Ok(());
+            }
+            wait_in_sync(&Client::new(&from), &volume, Duration::from_secs(timeout))?;
+            println!(
+                "volume {volume} is in sync again, {} primary, this node its mirror",
+                r["primary"].as_str().unwrap_or("?")
+            );
+        }
+        CtlCmd::Events { since, once } => {
+            use std::io::Write;
+            let path = format!("/v1/events?since={since}{}", if once { "" } else { "&follow=1" });
+            let mut out = std::io::stdout().lock();
+            client.get_lines(&path, |l| {
+                let _ = writeln!(out, "{l}");
+                let _ = out.flush();
+            })?;
+        }
+        CtlCmd::Switchover { volume } => {
+            let r: Value = client.post(&format!("/v1/volumes/{volume}/switchover"), &serde_json::json!({}))?;
+            println!(
+                "volume {volume} switched over in {} ms: {} is the primary at epoch {}, this node its mirror as of CP {}; \
+                 {} waiting requests handed over (clients still connected here are forwarded)",
+                r["duration_ms"],
+                r["new_primary"].as_str().unwrap_or("?"),
+                r["epoch"],
+                r["cp"],
+                r["requests_handed_over"]
+            );
         }
         CtlCmd::Cp { volume } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/cp"), &serde_json::json!({}))?;
@@ -492,8 +569,11 @@ fn wait_in_sync(client: &Client, volume: &str, timeout: Duration) -> Result<()> 
             .and_then(|vs| vs.iter().find(|v| v["volume"] == volume))
             .ok_or_else(|| anyhow!("volume {volume} vanished"))?;
         let state = v["state"].as_str().unwrap_or("?");
-        let done = v["baseline_done_bytes"].as_u64().unwrap_or(0);
-        let size = v["size_bytes"].as_u64().unwrap_or(1).max(1);
+        let (done, size) = if state == "resyncing" {
+            (v["resync_done_bytes"].as_u64().unwrap_or(0), v["resync_total_bytes"].as_u64().unwrap_or(1).max(1))
+        } else {
+            (v["baseline_done_bytes"].as_u64().unwrap_or(0), v["size_bytes"].as_u64().unwrap_or(1).max(1))
+        };
         match state {
             "in-sync" => {
                 eprintln!();
@@ -553,6 +633,27 @@ fn print_status(s: &Value) {
             v["peer"].as_str().unwrap_or("-"),
             v["reason"].as_str().map(|r| format!("  ({r})")).unwrap_or_default()
         );
+        let changed = v["changed_bytes"].as_u64().unwrap_or(0);
+        println!(
+            "{:<16} policy {}; mirror {}; {} changed since {}{}",
+            "",
+            v["policy"].as_str().unwrap_or("?"),
+            if v["mirror_current"].as_bool() == Some(true) { "current" } else { "not current" },
+            human(changed),
+            match (v["changes_since"]["peer"].as_str(), v["changes_since"]["cp"].as_u64()) {
+                (Some(p), Some(cp)) => format!("{p}'s CP {cp}"),
+                _ => "(no common point: a full copy)".into(),
+            },
+            if v["state"] == "resyncing" {
+                format!(
+                    "; resync {} / {}",
+                    human(v["resync_done_bytes"].as_u64().unwrap_or(0)),
+                    human(v["resync_total_bytes"].as_u64().unwrap_or(0))
+                )
+            } else {
+                String::new()
+            }
+        );
         if let Some(line) = storage_line(&v["storage"]) {
             println!("{:<16} storage: {line}", "");
         }
@@ -568,15 +669,7 @@ fn print_status(s: &Value) {
         );
     }
     for m in mirrors {
-        let state = if m["promoted"].as_bool() == Some(true) {
-            "broken"
-        } else if m["consistent"].as_bool() != Some(true) {
-            "baseline"
-        } else if m["connected"].as_bool() == Some(true) {
-            "in-sync"
-        } else {
-            "out-of-sync"
-        };
+        let state = m["state"].as_str().unwrap_or("?");
         println!(
             "{:<16} {:<8} {:<12} {:>5} {:>10} {:>10} {:>8} {}",
             m["volume"].as_str().unwrap_or("?"),

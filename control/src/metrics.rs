@@ -24,6 +24,22 @@ impl Out {
         }
         let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
     }
+
+    /// A histogram's `_bucket`, `_sum` and `_count` samples under one description of
+    /// `name`: cumulative counts at or below each bound (seconds), then `+Inf`.
+    fn histogram(&mut self, name: &'static str, help: &str, labels: &str, le: &[(f64, u64)], sum: f64, count: u64) {
+        if !self.described.contains(&name) {
+            self.described.push(name);
+            let _ = writeln!(self.text, "# HELP {name} {help}");
+            let _ = writeln!(self.text, "# TYPE {name} histogram");
+        }
+        for (bound, n) in le {
+            let _ = writeln!(self.text, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(self.text, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.text, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(self.text, "{name}_count{{{labels}}} {count}");
+    }
 }
 
 fn secs(us: u64) -> f64 {
@@ -170,6 +186,43 @@ pub fn render(s: &NodeStatus) -> String {
             "Bytes copied by the running baseline",
             &l,
             src.baseline_done_bytes,
+        );
+        let le: Vec<(f64, u64)> = src.ack_latency_le_us.iter().map(|&(us, n)| (secs(us), n)).collect();
+        out.histogram(
+            "nvmirror_volume_ack_latency_seconds",
+            "Client writes by latency from logged to acknowledged (persistent on both sites)",
+            &l,
+            &le,
+            secs(src.ack_latency_sum_us),
+            src.ack_latency_count,
+        );
+        out.metric(
+            "nvmirror_volume_changed_bytes",
+            "gauge",
+            "Bytes marked changed since the mirror's last consistent point (a delta resync's size)",
+            &l,
+            src.changed_bytes,
+        );
+        out.metric(
+            "nvmirror_volume_resync_done_bytes",
+            "gauge",
+            "Bytes copied by the running delta resync",
+            &l,
+            src.resync_done_bytes,
+        );
+        out.metric(
+            "nvmirror_volume_resync_total_bytes",
+            "gauge",
+            "Bytes the running delta resync copies",
+            &l,
+            src.resync_total_bytes,
+        );
+        out.metric(
+            "nvmirror_volume_mirror_current",
+            "gauge",
+            "1 while the mirror holds every acknowledged write",
+            &l,
+            u8::from(src.mirror_current),
         );
         out.metric(
             "nvmirror_volume_pending_writes",

@@ -28,10 +28,12 @@ use nvmirror_dataplane::clock::SystemClock;
 use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport, RdmaPlacement};
 use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
-use nvmirror_dataplane::log::{NvLog, PARTITIONS};
+use nvmirror_dataplane::log::{ChangeBase, ChangeMap, Checkpoint, NvLog, PARTITIONS};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
-use nvmirror_dataplane::source::{self, Control, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN};
+use nvmirror_dataplane::source::{
+    self, Control, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
+};
 use nvmirror_dataplane::storage::{DiskSpec, Engine};
 use nvmirror_dataplane::transport::auth::PeerSecret;
 use nvmirror_dataplane::transport::AnyConnector;
@@ -59,6 +61,9 @@ pub struct VolumeRecord {
     /// CPs go to the mirror by value instead of by reference to its log files.
     #[serde(default)]
     pub cp_by_value: bool,
+    /// What a write does when the mirror cannot take it.
+    #[serde(default)]
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,6 +77,11 @@ pub struct MirrorTarget {
 pub struct NodeState {
     pub name: String,
     pub volumes: Vec<VolumeRecord>,
+    /// The highest epoch this node has known each volume at (by volume id, in hex), kept
+    /// when the records that held it go (a promoted mirror whose disks became another
+    /// mirror, a primary turned mirror): a hello from an older epoch is refused as stale.
+    #[serde(default)]
+    pub fences: std::collections::BTreeMap<String, u64>,
 }
 
 pub struct NodeConfig {
@@ -110,6 +120,8 @@ pub struct Node {
     storage: RwLock<HashMap<StorageOwner, (VolumeStorage, Opened)>>,
     /// Volumes that could not start, and why.
     unstarted: Mutex<Vec<(String, String)>>,
+    /// What changed on this node, for `ctl events`.
+    pub events: Arc<crate::events::EventLog>,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -200,7 +212,9 @@ impl Node {
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
+            events: Arc::default(),
         });
+        node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
         node.save_state(&state)?;
         node.load_mirrors()?;
         // A failover that a crash cut short between the promotion and the record: the
@@ -214,7 +228,7 @@ impl Node {
             .collect();
         for (v, m) in orphans {
             eprintln!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
-            if let Err(e) = node.take_up_promoted(&v, &m) {
+            if let Err(e) = node.take_up_promoted(&v, &m, None, None) {
                 let why = format!("{e:#}");
                 eprintln!("node {}: volume {v} cannot start: {why}", node.cfg.name);
                 node.unstarted.lock().push((v, why));
@@ -255,8 +269,11 @@ impl Node {
         let region: Box<dyn Nvram> = Box::new(region);
         let (log, recovered) =
             NvLog::open(region, v.volume_id, v.partition_bytes).with_context(|| format!("NVLog {}", path.display()))?;
+        let changes = self.open_changes(&v.name, v.size)?;
         let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
         cfg.epoch = v.epoch;
+        cfg.policy = v.policy;
+        cfg.peer = v.mirror.as_ref().map(|m| m.peer_name.clone());
         cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
         cfg.cp_by_value = v.cp_by_value;
         cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
@@ -268,10 +285,102 @@ impl Node {
             self.connector.clone(),
             Arc::new(SystemClock::default()),
             v.mirror.as_ref().map(|m| m.replication.clone()),
-            None,
+            Some(changes),
         )?;
         self.volumes.write().insert(v.name.clone(), Arc::new(handle));
         Ok(())
+    }
+
+    fn changes_path(&self, name: &str) -> PathBuf {
+        self.cfg.nvram.dir.join(format!("{name}.changes"))
+    }
+
+    /// The volume's change map. One that cannot be read is replaced by a map with no base
+    /// (the next mirror is a full baseline): what it knew is lost, never trusted wrongly.
+    fn open_changes(&self, name: &str, size: u64) -> Result<ChangeMap> {
+        let path = self.changes_path(name);
+        let len = ChangeMap::region_bytes(size);
+        let open = || -> Result<ChangeMap> {
+            let r = MappedNvram::open(&path, len, self.cfg.nvram.mode)?;
+            Ok(ChangeMap::open(Box::new(r), size)?)
+        };
+        match open() {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                eprintln!(
+                    "node {}: volume {name}: change map {}: {e:#}; starting a new one (the next mirror copy is whole)",
+                    self.cfg.name,
+                    path.display()
+                );
+                let _ = fs::remove_file(&path);
+                let mut m = open()?;
+                m.mark_all();
+                m.persist()?;
+                Ok(m)
+            }
+        }
+    }
+
+    /// Formats volume `name`'s NVLog for `epoch` (numbering from `start`) and a new change
+    /// map relative to `base`, with `changed` marked (everything where unknown). Done
+    /// before the record that names them is saved: a crash in between leaves nothing that
+    /// a restart would trust.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_logs(
+        &self,
+        name: &str,
+        volume_id: u64,
+        size: u64,
+        partition_bytes: usize,
+        epoch: u64,
+        start: Checkpoint,
+        base: Option<ChangeBase>,
+        changed: Option<&[(u64, u64)]>,
+    ) -> Result<()> {
+        let path = self.nvlog_path(name, epoch);
+        if path.exists() {
+            fs::remove_file(&path)?;
+        }
+        let region =
+            MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(partition_bytes), self.cfg.nvram.mode)?;
+        NvLog::format(region, volume_id, partition_bytes, start)
+            .with_context(|| format!("format {}", path.display()))?;
+        let cpath = self.changes_path(name);
+        if cpath.exists() {
+            fs::remove_file(&cpath)?;
+        }
+        let mut map = ChangeMap::open(
+            Box::new(MappedNvram::open(&cpath, ChangeMap::region_bytes(size), self.cfg.nvram.mode)?),
+            size,
+        )?;
+        match changed {
+            Some(ranges) => {
+                for &(o, l) in ranges {
+                    map.mark(o, l);
+                }
+            }
+            None => map.mark_all(),
+        }
+        map.set_base(base);
+        map.persist()?;
+        Ok(())
+    }
+
+    /// Records that this node has known volume `volume_id` at `epoch`.
+    fn fence(state: &mut NodeState, volume_id: u64, epoch: u64) {
+        let e = state.fences.entry(format!("{volume_id:016x}")).or_insert(0);
+        *e = (*e).max(epoch);
+    }
+
+    /// The highest epoch this node knows volume `volume_id` at.
+    fn known_epoch(&self, volume_id: u64) -> u64 {
+        let state = self.state.lock();
+        let fenced = state.fences.get(&format!("{volume_id:016x}")).copied().unwrap_or(0);
+        let own = state.volumes.iter().filter(|v| v.volume_id == volume_id).map(|v| v.epoch).max().unwrap_or(0);
+        drop(state);
+        let mirrors =
+            self.mirrors.read().values().map(|m| m.meta()).filter(|m| m.volume_id == volume_id).map(|m| m.epoch).max();
+        fenced.max(own).max(mirrors.unwrap_or(0))
     }
 
     fn mirror_dir(&self, source: &str, volume: &str) -> PathBuf {
@@ -434,12 +543,14 @@ impl Node {
             cp_interval_ms: 10_000,
             mirror: None,
             cp_by_value,
+            policy: Policy::Strict,
         };
         state.volumes.push(record.clone());
         // Saved under the state lock: saves are ordered with the changes they record.
         self.save_state(&state)?;
         drop(state);
         self.start_volume(&record)?;
+        self.events.push("volume-created", Some(name), serde_json::json!({ "size": size }));
         Ok(record)
     }
 
@@ -455,7 +566,14 @@ impl Node {
 
     /// Pairs `name` with the peer whose control API answered `peer`, and starts the
     /// baseline.
-    pub fn mirror_volume(&self, name: &str, target: MirrorTarget) -> Result<()> {
+    pub fn mirror_volume(
+        &self,
+        name: &str,
+        target: MirrorTarget,
+        policy: Policy,
+        resync: &[(u64, u64)],
+        rate: Option<u64>,
+    ) -> Result<()> {
         let handle = self.volume(name)?;
         if target.peer_name == self.cfg.name {
             bail!("cannot mirror a volume to its own node");
@@ -469,9 +587,32 @@ impl Node {
                 }
                 _ => v.mirror = Some(target.clone()),
             }
+            v.policy = policy;
             // Saved under the state lock: saves are ordered with the changes they record.
             self.save_state(&state)?;
             drop(state);
+        }
+        handle.control(Control::SetPolicy(policy)).map_err(|e| anyhow!(e))?;
+        handle.control(Control::SetCopyRate(rate)).map_err(|e| anyhow!(e))?;
+        self.events.push(
+            "mirror-paired",
+            Some(name),
+            serde_json::json!({ "peer": target.peer_name, "policy": policy.as_str(), "resync_ranges": resync.len() }),
+        );
+        if !resync.is_empty() {
+            // The peer's own changes (a returning old primary): copied back with ours.
+            let per = nvmirror_dataplane::log::REGION_BYTES;
+            let size = handle.size();
+            let regions: Vec<u64> = resync
+                .iter()
+                .flat_map(|&(first, n)| first..first.saturating_add(n))
+                .filter(|r| r.saturating_mul(per) < size)
+                .collect();
+            let (tx, rx) = bounded(1);
+            handle.control(Control::MarkRegions { regions, reply: tx }).map_err(|e| anyhow!(e))?;
+            rx.recv_timeout(Duration::from_secs(30))
+                .map_err(|_| anyhow!("volume poller did not answer"))?
+                .map_err(|e| anyhow!(e))?;
         }
         let (tx, rx) = bounded(1);
         handle
@@ -497,6 +638,29 @@ impl Node {
 
     /// Fails the mirror of `name` over to this node and serves it as a writable primary.
     pub fn failover(&self, name: &str) -> Result<PromoteReport> {
+        self.failover_at(name, None)
+    }
+
+    /// Fences primary volume `name` here (fleet mode: another node holds it).
+    pub fn fence_volume(&self, name: &str, why: &str) {
+        if let Some(h) = self.volumes.read().get(name) {
+            if h.control(Control::Fence(why.to_string())).is_ok() {
+                eprintln!("node {}: volume {name} fenced: {why}", self.cfg.name);
+                self.events.push("fenced", Some(name), serde_json::json!({ "reason": why }));
+            }
+        }
+    }
+
+    /// Fences every primary volume here.
+    pub fn fence_primaries(&self, why: &str) {
+        let names: Vec<String> = self.volumes.read().keys().cloned().collect();
+        for n in names {
+            self.fence_volume(&n, why);
+        }
+    }
+
+    /// As [`Node::failover`], the new epoch at least `epoch` where given (a fencing token).
+    pub fn failover_at(&self, name: &str, epoch: Option<u64>) -> Result<PromoteReport> {
         // One failover at a time on this node: the checks below and the promotion are one
         // step.
         let _one = self.failover_lock.lock();
@@ -512,15 +676,26 @@ impl Node {
                 _ => bail!("mirrors of several volumes named {name} live here"),
             }
         };
-        let report = mirror.promote().map_err(|e| anyhow!(e))?;
-        self.take_up_promoted(name, &mirror)?;
+        let report = mirror.promote_to(epoch).map_err(|e| anyhow!(e))?;
+        self.take_up_promoted(name, &mirror, Some(&report), None)?;
+        self.events.push(
+            "failover",
+            Some(name),
+            serde_json::json!({ "epoch": report.epoch, "entries_replayed": report.entries_replayed, "stops": report.stops }),
+        );
         Ok(report)
     }
 
     /// Makes a promoted mirror this node's primary volume: a record in the node state and
     /// a fresh NVLog for the new epoch, then its poller. Also run at start for a mirror a
     /// crash left promoted without its record (the failover's last step did not happen).
-    fn take_up_promoted(&self, name: &str, mirror: &Mirror) -> Result<()> {
+    fn take_up_promoted(
+        &self,
+        name: &str,
+        mirror: &Mirror,
+        report: Option<&PromoteReport>,
+        then_mirror: Option<(MirrorTarget, Policy)>,
+    ) -> Result<()> {
         let meta = mirror.meta();
         let record = VolumeRecord {
             name: name.to_string(),
@@ -535,14 +710,29 @@ impl Node {
                 .map(|(s, _)| s.clone())
                 .ok_or_else(|| anyhow!("the mirror of {name} has no open storage"))?,
             cp_interval_ms: 10_000,
-            mirror: None,
+            mirror: then_mirror.as_ref().map(|(t, _)| t.clone()),
             cp_by_value: false,
+            policy: then_mirror.as_ref().map_or(Policy::Strict, |(_, p)| *p),
         };
-        // A fresh NVLog for the new epoch; its sequence numbers continue from the replay.
-        let path = self.nvlog_path(name, record.epoch);
-        if path.exists() {
-            fs::remove_file(&path)?;
-        }
+        // A fresh NVLog for the new epoch, its numbering continuing the mirror's, and a
+        // change map relative to the old source's last CP here (what the replay wrote is
+        // marked; everything, where the replay is not known): a returning old primary is
+        // brought back by a delta resync.
+        let (start, changed) = match report {
+            Some(r) => (Checkpoint { released_cp: r.applied_cp, next_seq: r.last_seq + 1 }, Some(&r.replayed[..])),
+            None => (Checkpoint { released_cp: meta.applied_cp, next_seq: meta.applied_seq + 1 }, None),
+        };
+        let base = ChangeBase { peer: meta.source_node.clone(), cp: meta.applied_cp };
+        self.prepare_logs(
+            name,
+            record.volume_id,
+            record.size,
+            record.partition_bytes,
+            record.epoch,
+            start,
+            Some(base),
+            changed,
+        )?;
         {
             let mut state = self.state.lock();
             state.volumes.push(record.clone());
@@ -562,6 +752,12 @@ impl Node {
             let rec = state.volumes.iter().find(|v| v.name == name);
             match h.status() {
                 Ok(s) => volumes.push(VolumeStatus {
+                    role: "primary",
+                    replication_lag_entries: if s.peer.is_some() {
+                        s.acked_seq.saturating_sub(s.mirror_acked_seq)
+                    } else {
+                        0
+                    },
                     peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
                     storage: self.storage_status(&StorageOwner::Volume(name.clone())),
                     source: s,
@@ -578,7 +774,19 @@ impl Node {
                 let mirror = m.status();
                 let storage =
                     self.storage_status(&StorageOwner::Mirror(mirror.source_node.clone(), mirror.volume.clone()));
-                MirrorEntry { mirror, storage }
+                let meta = m.meta();
+                let state = if mirror.promoted {
+                    "broken"
+                } else if meta.resyncing {
+                    "resyncing"
+                } else if !mirror.consistent {
+                    "baseline"
+                } else if mirror.connected {
+                    "in-sync"
+                } else {
+                    "out-of-sync"
+                };
+                MirrorEntry { role: "mirror", state, mirror, storage }
             })
             .collect();
         mirrors
@@ -636,9 +844,17 @@ impl Node {
             bail!("a {} of {name} is already running ({} of {} bytes)", p.operation, p.done_bytes, p.total_bytes);
         }
         let name = name.to_string();
+        let events = self.events.clone();
+        events.push("scrub-started", Some(&name), serde_json::json!({ "rate": rate }));
         std::thread::Builder::new().name("nvm-scrub".into()).spawn(move || match raid.scrub(rate) {
-            Ok(r) => eprintln!("scrub of {name}: {} ({r:?})", r.result),
-            Err(e) => eprintln!("scrub of {name}: {e}"),
+            Ok(r) => {
+                eprintln!("scrub of {name}: {} ({r:?})", r.result);
+                events.push("scrub-finished", Some(&name), serde_json::to_value(&r).unwrap_or_default());
+            }
+            Err(e) => {
+                eprintln!("scrub of {name}: {e}");
+                events.push("scrub-finished", Some(&name), serde_json::json!({ "result": format!("aborted: {e}") }));
+            }
         })?;
         Ok(())
     }
@@ -670,8 +886,360 @@ impl Node {
         if let Some(entry) = self.storage.write().get_mut(&owner) {
             entry.0 = storage;
         }
+        self.events.push(
+            "disk-replaced",
+            Some(name),
+            serde_json::json!({ "member": member, "old": old, "new": raid.disks()[member].to_string() }),
+        );
         spawn_rebuild(raid, rate);
         Ok(member)
+    }
+
+    // ---- role changes: failback resync, planned switchover ----
+
+    /// Makes this node's volume `name` (stopped by the caller) the mirror that `meta`
+    /// describes, in place on its storage, with fresh log files. The volume record goes;
+    /// so do promoted mirrors of earlier failovers on the same storage (one RAID volume
+    /// drives a set of disks); the epochs they knew stay as fences.
+    fn adopt_as_mirror(&self, name: &str, storage: &VolumeStorage, meta: MirrorMeta, fence_epoch: u64) -> Result<()> {
+        let retired: Vec<((String, String), Arc<Mirror>)> = self
+            .mirrors
+            .read()
+            .iter()
+            .filter(|((_, v), _)| v == name)
+            .filter(|(k, _)| {
+                self.storage
+                    .read()
+                    .get(&StorageOwner::Mirror(k.0.clone(), k.1.clone()))
+                    .is_some_and(|(s, _)| s == storage)
+                    || k.0 == meta.source_node
+            })
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        {
+            let mut state = self.state.lock();
+            state.volumes.retain(|v| v.name != name);
+            Self::fence(&mut state, meta.volume_id, fence_epoch);
+            for (_, m) in &retired {
+                let mm = m.meta();
+                Self::fence(&mut state, mm.volume_id, mm.epoch);
+            }
+            // Saved under the state lock: saves are ordered with the changes they record.
+            self.save_state(&state)?;
+        }
+        for ((src, v), _) in &retired {
+            self.mirrors.write().remove(&(src.clone(), v.clone()));
+            self.storage.write().remove(&StorageOwner::Mirror(src.clone(), v.clone()));
+            let dir = self.mirror_dir(src, v);
+            let _ = fs::remove_file(dir.join("meta.json"));
+            let _ = fs::remove_file(dir.join("storage.json"));
+        }
+        self.storage.write().remove(&StorageOwner::Volume(name.to_string()));
+        let dir = self.mirror_dir(&meta.source_node, name);
+        fs::create_dir_all(&dir)?;
+        write_atomic(&dir.join("storage.json"), &serde_json::to_vec_pretty(storage)?)?;
+        for p in 0..PARTITIONS {
+            let log = self.mirror_log_path(&meta.source_node, name, p);
+            if log.exists() {
+                fs::remove_file(&log)?;
+            }
+        }
+        let key = (meta.source_node.clone(), meta.volume.clone());
+        let m = self.open_mirror(meta)?;
+        self.mirrors.write().insert(key, m);
+        Ok(())
+    }
+
+    /// `ctl resync VOL --from PRIMARY`, on a node that lost `name` to a failover: the
+    /// volume becomes the new primary's mirror in place, and the new primary brings it
+    /// level with a delta resync of what either side changed since their last common CP
+    /// (a baseline, where its change map is not relative to this node).
+    pub fn resync_from(&self, name: &str, primary_control: &str) -> Result<ResyncStarted> {
+        let handle = self.volume(name)?;
+        let ours = handle.status().map_err(|e| anyhow!(e))?;
+        let client = crate::api::Client::new(primary_control);
+        let peer: crate::api::NodeInfo = client.get("/v1/node").with_context(|| format!("peer {primary_control}"))?;
+        if peer.name == self.cfg.name {
+            bail!("{primary_control} is this node");
+        }
+        let status: serde_json::Value = client.get("/v1/status").with_context(|| format!("peer {primary_control}"))?;
+        let empty = Vec::new();
+        let theirs = status["volumes"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .find(|v| v["volume"] == name)
+            .ok_or_else(|| {
+                anyhow!("{} holds no primary volume {name}: resync needs the node that took it over", peer.name)
+            })?
+            .clone();
+        if theirs["volume_id"].as_u64() != Some(ours.volume_id) {
+            bail!("{}'s volume {name} is another volume (a different id)", peer.name);
+        }
+        let their_epoch = theirs["epoch"].as_u64().unwrap_or(0);
+        if their_epoch <= ours.epoch {
+            bail!(
+                "{} holds {name} at epoch {their_epoch}, this node at {}: it did not take the volume over from here \
+                 (for a planned change of roles, use switchover)",
+                peer.name,
+                ours.epoch
+            );
+        }
+        if theirs["state"] == "fenced" {
+            bail!("{}'s volume {name} is fenced itself: resync from the current primary", peer.name);
+        }
+        let policy: Policy = serde_json::from_value(theirs["policy"].clone()).unwrap_or_default();
+        let base = theirs["changes_since"].clone();
+        let delta = base["peer"] == self.cfg.name.as_str();
+        let base_cp = base["cp"].as_u64().unwrap_or(0);
+        // What this node holds that the new primary may not.
+        let (tx, rx) = bounded(1);
+        handle.control(Control::ChangedRegions(tx)).map_err(|e| anyhow!(e))?;
+        let regions = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?;
+        let rec = self
+            .state
+            .lock()
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no record of volume {name}"))?;
+        handle.stop();
+        self.volumes.write().remove(name);
+        let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
+        let mut meta = MirrorMeta::new(&Hello {
+            source_node: peer.name.clone(),
+            volume: name.to_string(),
+            volume_id: rec.volume_id,
+            epoch: their_epoch,
+            volume_bytes: rec.size,
+            partition_bytes: rec.partition_bytes as u64,
+            intent: Intent::Resync,
+            base_seq: 0,
+            base_cp_gen: 0,
+        });
+        if delta {
+            meta.applied_cp = base_cp;
+            meta.resyncing = true;
+        }
+        self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch)?;
+        eprintln!(
+            "node {}: volume {name} is now the mirror of {} ({} regions of its own to copy back; {})",
+            self.cfg.name,
+            peer.name,
+            regions.len(),
+            if delta { "delta resync" } else { "the new primary's change map is not relative to this node: baseline" }
+        );
+        let ranges = region_ranges(&regions);
+        let _: serde_json::Value = client.post(
+            &format!("/v1/volumes/{name}/mirror"),
+            &crate::api::MirrorRequest {
+                to: self.cfg.control.to_string(),
+                transport: "tcp".into(),
+                policy: policy.as_str().into(),
+                resync_ranges: ranges,
+                rate: None,
+            },
+        )?;
+        self.events.push(
+            "resync-started",
+            Some(name),
+            serde_json::json!({ "primary": peer.name, "delta": delta, "regions_here": regions.len() }),
+        );
+        Ok(ResyncStarted { primary: peer.name, delta, regions_here: regions.len() as u64 })
+    }
+
+    /// `ctl switchover VOL` on the primary: a planned exchange of roles, with nothing lost
+    /// and no write failed. The volume drains (new requests wait) and a CP brings the
+    /// mirror level; the requests waiting are handed over; this node becomes the mirror,
+    /// consistent as of that CP; the mirror takes the volume up with nothing to replay and
+    /// resumes the pair the other way round; requests still arriving here are forwarded to
+    /// the new primary's NBD export until the clients reconnect there.
+    pub fn switchover(&self, name: &str) -> Result<SwitchoverReport> {
+        let started = std::time::Instant::now();
+        let handle = self.volume(name)?;
+        let rec = self
+            .state
+            .lock()
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no record of volume {name}"))?;
+        let target = rec.mirror.clone().ok_or_else(|| anyhow!("volume {name} is not mirrored"))?;
+        let st = handle.status().map_err(|e| anyhow!(e))?;
+        if st.state != "in-sync" || !st.mirror_current {
+            bail!(
+                "volume {name} is {} (mirror current: {}): a switchover needs the pair in sync",
+                st.state,
+                st.mirror_current
+            );
+        }
+        let client = crate::api::Client::new(&target.peer_control);
+        let peer: crate::api::NodeInfo =
+            client.get("/v1/node").with_context(|| format!("peer {}", target.peer_control))?;
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Quiesce(tx)).map_err(|e| anyhow!(e))?;
+        let quiesced =
+            rx.recv_timeout(Duration::from_secs(60)).map_err(|_| anyhow!("the volume did not drain within 60 s"));
+        let (cp, next_seq) = match quiesced.and_then(|r| r.map_err(|e| anyhow!(e))) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = handle.control(Control::Resume);
+                return Err(e.context("switchover"));
+            }
+        };
+        // From here requests wait (parked) instead of reaching the stopped poller.
+        let parked = Arc::new(nvmirror_dataplane::frontend::forward::Parked::new(handle.size()));
+        handle.forward_to(parked.clone());
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Handover(tx)).map_err(|e| anyhow!(e))?;
+        let queued = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("the volume did not hand over"))?;
+        self.volumes.write().remove(name);
+        let meta = MirrorMeta {
+            epoch: rec.epoch + 1,
+            applied_cp: cp,
+            applied_seq: next_seq - 1,
+            consistent: true,
+            ..MirrorMeta::new(&Hello {
+                source_node: peer.name.clone(),
+                volume: name.to_string(),
+                volume_id: rec.volume_id,
+                epoch: rec.epoch + 1,
+                volume_bytes: rec.size,
+                partition_bytes: rec.partition_bytes as u64,
+                intent: Intent::Resume,
+                base_seq: 0,
+                base_cp_gen: 0,
+            })
+        };
+        let takeover = self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch).and_then(|()| {
+            client.post::<_, serde_json::Value>(
+                &format!("/v1/volumes/{name}/takeover"),
+                &crate::api::TakeoverRequest {
+                    from: self.cfg.name.clone(),
+                    control: self.cfg.control.to_string(),
+                    replication: self.cfg.replication.to_string(),
+                    cp,
+                    next_seq,
+                    policy: rec.policy.as_str().into(),
+                },
+            )
+        });
+        let taken = match takeover {
+            Ok(v) => v,
+            Err(e) => {
+                // Back to where it was: this node the primary again, the requests served here.
+                eprintln!("node {}: switchover of {name} failed ({e:#}); staying primary", self.cfg.name);
+                self.mirrors.write().remove(&(peer.name.clone(), name.to_string()));
+                self.storage.write().remove(&StorageOwner::Mirror(peer.name.clone(), name.to_string()));
+                let _ = fs::remove_file(self.mirror_dir(&peer.name, name).join("meta.json"));
+                {
+                    let mut state = self.state.lock();
+                    state.volumes.push(rec.clone());
+                    self.save_state(&state)?;
+                }
+                self.start_volume(&rec)?;
+                let local = self.volume(name)?;
+                for (r, d) in queued.into_iter().chain(parked.take()) {
+                    local.submit(r, d);
+                }
+                handle.forward_to(local.clone());
+                for (r, d) in parked.take() {
+                    local.submit(r, d);
+                }
+                return Err(e.context("switchover"));
+            }
+        };
+        // Requests that waited, then those still coming here, go to the new primary.
+        let mut fwd = None;
+        for _ in 0..50 {
+            match nvmirror_dataplane::frontend::forward::NbdForward::connect(&peer.nbd, name) {
+                Ok(f) => {
+                    fwd = Some(Arc::new(f));
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let handed = queued.len() + parked.held_len();
+        match fwd {
+            Some(f) => {
+                for (r, d) in queued.into_iter().chain(parked.take()) {
+                    f.submit(r, d);
+                }
+                handle.forward_to(f.clone());
+                for (r, d) in parked.take() {
+                    f.submit(r, d);
+                }
+            }
+            None => {
+                // The new primary serves the volume, but not its NBD export to us: the
+                // waiting requests fail, and clients must reconnect to it.
+                let gone = || io::Error::other(format!("volume {name} moved to {}: reconnect there", peer.name));
+                for (_, d) in queued.into_iter().chain(parked.take()) {
+                    d.complete(Err(gone()));
+                }
+                handle.forward_to(Arc::new(Moved(format!("volume {name} moved to {}: reconnect there", peer.name))));
+                for (_, d) in parked.take() {
+                    d.complete(Err(gone()));
+                }
+            }
+        }
+        self.events.push("switchover", Some(name), serde_json::json!({ "new_primary": peer.name, "cp": cp }));
+        Ok(SwitchoverReport {
+            new_primary: peer.name,
+            epoch: taken["epoch"].as_u64().unwrap_or(rec.epoch + 1),
+            cp,
+            requests_handed_over: handed as u64,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// The second half of a switchover, on the mirror: checks it holds everything the
+    /// primary quiesced at, promotes with nothing to replay, and takes the volume up
+    /// mirrored to the old primary (now its mirror, consistent as of that CP).
+    pub fn takeover(&self, name: &str, req: &crate::api::TakeoverRequest) -> Result<PromoteReport> {
+        let _one = self.failover_lock.lock();
+        let mirror = self
+            .mirrors
+            .read()
+            .get(&(req.from.clone(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| anyhow!("no mirror of {name} from {} on this node", req.from))?;
+        let meta = mirror.meta();
+        if meta.promoted || !meta.consistent || meta.applied_cp != req.cp || meta.applied_seq + 1 != req.next_seq {
+            bail!(
+                "the mirror holds CP {} up to sequence {} (consistent: {}, promoted: {}); the primary drained at CP {} \
+                 before sequence {}: not level, no switchover",
+                meta.applied_cp,
+                meta.applied_seq,
+                meta.consistent,
+                meta.promoted,
+                req.cp,
+                req.next_seq
+            );
+        }
+        let policy: Policy = serde_json::from_value(serde_json::Value::String(req.policy.clone())).unwrap_or_default();
+        let report = mirror.promote().map_err(|e| anyhow!(e))?;
+        let target = MirrorTarget {
+            peer_name: req.from.clone(),
+            peer_control: req.control.clone(),
+            replication: req.replication.clone(),
+        };
+        self.take_up_promoted(name, &mirror, Some(&report), Some((target, policy)))?;
+        self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));
+        // The pair resumes the other way round before the old primary forwards its
+        // clients' requests here: until then a write would find the mirror link down.
+        let handle = self.volume(name)?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if handle.status().is_ok_and(|s| s.state == "in-sync") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(report)
     }
 
     pub fn shutdown(&self) {
@@ -682,8 +1250,67 @@ impl Node {
     }
 }
 
+/// The export of a volume that moved away: every request fails, saying where it went.
+struct Moved(String);
+
+impl Export for Moved {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn submit(&self, _request: IoRequest, done: Completer) {
+        done.complete(Err(io::Error::other(self.0.clone())));
+    }
+}
+
+/// What `resync` started.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResyncStarted {
+    pub primary: String,
+    /// A delta resync (else a baseline).
+    pub delta: bool,
+    /// Regions this node held that the new primary may not, copied back with its own.
+    pub regions_here: u64,
+}
+
+/// What a switchover did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SwitchoverReport {
+    pub new_primary: String,
+    pub epoch: u64,
+    pub cp: u64,
+    pub requests_handed_over: u64,
+    pub duration_ms: u64,
+}
+
+/// Regions as `(first, count)` runs, at most [`crate::api::RESYNC_RANGES_MAX`] of them
+/// (neighbouring runs merge, copying a little more, where there would be more).
+pub fn region_ranges(regions: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &r in regions {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == r => *n += 1,
+            _ => runs.push((r, 1)),
+        }
+    }
+    while runs.len() > crate::api::RESYNC_RANGES_MAX {
+        // Merge the pair with the smallest gap.
+        let i = (0..runs.len() - 1).min_by_key(|&i| runs[i + 1].0 - (runs[i].0 + runs[i].1)).expect("two runs");
+        let (f, _) = runs[i];
+        let (g, m) = runs.remove(i + 1);
+        runs[i].1 = g + m - f;
+    }
+    runs
+}
+
 #[derive(Debug, Serialize)]
 pub struct VolumeStatus {
+    /// Always `primary`.
+    pub role: &'static str,
+    /// Entries acknowledged to clients and not yet to the mirror.
+    pub replication_lag_entries: u64,
     #[serde(flatten)]
     pub source: SourceStatus,
     pub peer: Option<String>,
@@ -692,6 +1319,10 @@ pub struct VolumeStatus {
 
 #[derive(Debug, Serialize)]
 pub struct MirrorEntry {
+    /// Always `mirror`.
+    pub role: &'static str,
+    /// baseline, resyncing, in-sync, out-of-sync, or broken (failed over).
+    pub state: &'static str,
     #[serde(flatten)]
     pub mirror: MirrorStatus,
     pub storage: Option<StorageStatus>,
@@ -739,6 +1370,15 @@ impl MirrorDirectory for Node {
         }
         if hello.source_node == self.cfg.name {
             return Err(refuse(RefuseCode::Mismatch, "a node cannot mirror to itself".into()));
+        }
+        let known = self.known_epoch(hello.volume_id);
+        if hello.epoch < known {
+            let why = format!(
+                "this node knows volume {} at epoch {known}; a source at epoch {} is stale",
+                hello.volume, hello.epoch
+            );
+            eprintln!("node {}: refused {}: {why}", self.cfg.name, hello.source_node);
+            return Err(refuse(RefuseCode::StaleEpoch, why));
         }
         let key = (hello.source_node.clone(), hello.volume.clone());
         let existing = self.mirrors.read().get(&key).cloned();

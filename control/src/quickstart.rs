@@ -113,7 +113,13 @@ pub fn run(args: Args) -> Result<()> {
     let t = Instant::now();
     let _: Value = ca.post(
         "/v1/volumes/demo/mirror",
-        &MirrorRequest { to: b.control.clone(), transport: args.transport.clone(), policy: "strict".into() },
+        &MirrorRequest {
+            to: b.control.clone(),
+            transport: args.transport.clone(),
+            policy: "strict".into(),
+            resync_ranges: Vec::new(),
+            rate: None,
+        },
     )?;
     loop {
         let s: Value = ca.get("/v1/status")?;

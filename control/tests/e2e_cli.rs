@@ -143,7 +143,14 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     // Mirror requests that cannot be met.
     ctl_fails(&src, &["mirror", "dup", "--to", "127.0.0.1:1"], "127.0.0.1:1");
     ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--transport", "rdma"], "rdma");
-    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "sync"], "sync");
+    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "lazy"], "unknown policy");
+    // Illegal role changes: a switchover of a volume that is not mirrored, or not here; a
+    // resync from a node that is not the volume's primary, or of a volume not here.
+    ctl_fails(&src, &["switchover", "dup"], "not mirrored");
+    ctl_fails(&dst, &["switchover", "dup"], "no volume dup");
+    ctl_fails(&src, &["resync", "dup", "--from", &dst], "holds no primary volume dup");
+    ctl_fails(&dst, &["resync", "dup", "--from", &src], "no volume dup");
+    ctl_fails(&src, &["resync", "dup", "--from", &src], "this node");
     ctl_fails(&src, &["mirror", "dup", "--to", &src], "own node");
     // Unreachable nodes, and a port that is not a control API.
     ctl_fails("127.0.0.1:1", &["status"], "127.0.0.1:1");
@@ -171,8 +178,17 @@ fn metrics(control: &str) -> Vec<(String, String, f64)> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut it = rest.split_whitespace();
             let name = it.next().expect("name");
-            assert!(matches!(it.next(), Some("counter" | "gauge")), "{line}");
-            described.insert(name.to_string());
+            match it.next() {
+                Some("counter" | "gauge") => {
+                    described.insert(name.to_string());
+                }
+                Some("histogram") => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        described.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => panic!("{line}"),
+            }
             continue;
         }
         if line.starts_with("# HELP ") || line.is_empty() {
@@ -212,6 +228,18 @@ fn metrics_expose_volumes_mirrors_and_their_raid_layers() {
     assert_eq!(sample(&src, "nvmirror_volume_replication_lag_entries", vol), 0.0);
     assert_eq!(sample(&src, "nvmirror_volume_info", "state=\"in-sync\""), 1.0);
     assert_eq!(sample(&src, "nvmirror_raid_degraded", "role=\"primary\""), 0.0);
+    // The acknowledgement latency histogram: every write counted, the buckets cumulative.
+    assert_eq!(sample(&src, "nvmirror_volume_ack_latency_seconds_count", vol), 50.0);
+    assert_eq!(sample(&src, "nvmirror_volume_ack_latency_seconds_bucket", "le=\"+Inf\""), 50.0);
+    let buckets: Vec<f64> = src
+        .iter()
+        .filter(|(n, l, _)| n == "nvmirror_volume_ack_latency_seconds_bucket" && l.contains(vol))
+        .map(|s| s.2)
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "buckets not cumulative: {buckets:?}");
+    assert!(sample(&src, "nvmirror_volume_ack_latency_seconds_sum", vol) > 0.0);
+    assert_eq!(sample(&src, "nvmirror_volume_mirror_current", vol), 1.0);
+    assert_eq!(sample(&src, "nvmirror_volume_changed_bytes", vol), 0.0);
     assert_eq!(sample(&src, "nvmirror_raid_unrecoverable_total", "role=\"primary\""), 0.0);
     let dst = metrics(&pair.dst.control);
     let mirror = "source=\"site-a\"";

@@ -28,7 +28,13 @@ fn mirror(c: &Client, name: &str, to: &NodeProc) {
     let _: Value = c
         .post(
             &format!("/v1/volumes/{name}/mirror"),
-            &MirrorRequest { to: to.control.clone(), transport: "tcp".into(), policy: "strict".into() },
+            &MirrorRequest {
+                to: to.control.clone(),
+                transport: "tcp".into(),
+                policy: "strict".into(),
+                resync_ranges: Vec::new(),
+                rate: None,
+            },
         )
         .unwrap();
     let t = Instant::now();

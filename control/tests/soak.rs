@@ -554,7 +554,13 @@ fn pair(primary: &NodeProc, mirror: &NodeProc, until: Instant) -> (LinkProxy, Pr
     let _: Value = api
         .post(
             &format!("/v1/volumes/{VOL}/mirror"),
-            &MirrorRequest { to: peer.addr.clone(), transport: "tcp".into(), policy: "strict".into() },
+            &MirrorRequest {
+                to: peer.addr.clone(),
+                transport: "tcp".into(),
+                policy: "strict".into(),
+                resync_ranges: Vec::new(),
+                rate: None,
+            },
         )
         .unwrap_or_else(|e| panic!("mirror {VOL} from {} to {}: {e:#}", primary.name, mirror.name));
     wait_state(&api, VOL, "in-sync", Duration::from_secs(120));

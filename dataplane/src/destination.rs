@@ -615,6 +615,12 @@ impl Mirror {
     /// old source is refused from here on), then replays every logged entry past the last
     /// applied CP in sequence order.
     pub fn promote(&self) -> Result<PromoteReport, String> {
+        self.promote_to(None)
+    }
+
+    /// As [`Mirror::promote`], with the new epoch at least `epoch` (an external fencing
+    /// token, such as an etcd revision) rather than one more than the mirror's.
+    pub fn promote_to(&self, epoch: Option<u64>) -> Result<PromoteReport, String> {
         // One failover at a time; a second request finds the volume promoted.
         let _one = self.promoting.lock();
         {
@@ -633,7 +639,7 @@ impl Mirror {
         self.session_gen.fetch_add(1, Ordering::SeqCst);
         let epoch = {
             let mut meta = self.meta.lock();
-            meta.epoch += 1;
+            meta.epoch = (meta.epoch + 1).max(epoch.unwrap_or(0));
             meta.promoting = true;
             self.save(&meta)?;
             meta.epoch

@@ -139,6 +139,10 @@ impl SourceConfig {
     }
 }
 
+/// Bucket bounds of the acknowledgement latency histogram, in microseconds.
+pub const ACK_LATENCY_BOUNDS_US: [u64; 14] =
+    [25, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000, 1_000_000];
+
 /// Smallest partition: room for the largest entry and some more.
 pub const PARTITION_BYTES_MIN: usize = 4 * ENTRY_DATA_MAX;
 
@@ -172,6 +176,13 @@ pub enum Control {
     Handover(Sender<Vec<(IoRequest, Completer)>>),
     /// Takes back a quiesce that did not lead to a handover.
     Resume,
+    /// Changes the policy (`ctl mirror --policy`).
+    SetPolicy(Policy),
+    /// Stop taking writes: another node may be the primary now (fleet mode lost its lease,
+    /// or found the volume held elsewhere).
+    Fence(String),
+    /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
+    SetCopyRate(Option<u64>),
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
     /// old primary sends them to the new one for its failback resync.
@@ -219,6 +230,15 @@ pub struct SourceStatus {
     /// highest acknowledged to a client without it (policy sync).
     pub mirror_acked_seq: u64,
     pub local_only_seq: u64,
+    /// Acknowledged writes by latency (logged to acknowledged): counts at or below each
+    /// bound of [`ACK_LATENCY_BOUNDS_US`], cumulative as Prometheus histograms are, and the
+    /// sum of the latencies.
+    pub ack_latency_le_us: Vec<(u64, u64)>,
+    pub ack_latency_sum_us: u64,
+    pub ack_latency_count: u64,
+    /// The last copy to the mirror that completed: `baseline` or `resync`, and its bytes.
+    pub last_copy_kind: Option<String>,
+    pub last_copy_bytes: u64,
     /// A delta resync under way: bytes copied, of how many.
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,
@@ -302,6 +322,8 @@ struct Copying {
     base_cp_gen: u64,
     /// The first sequence number of the logs: everything before is in the copy.
     base_seq: u64,
+    /// Clock time (ns) the copy started, for its rate limit.
+    started_ns: u64,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.
@@ -336,6 +358,8 @@ pub struct SourceHandle {
     ctl: Sender<Control>,
     size: u64,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// After a switchover: where requests go instead of the stopped poller.
+    forward: parking_lot::RwLock<Option<Arc<dyn Export>>>,
 }
 
 impl SourceHandle {
@@ -360,6 +384,11 @@ impl SourceHandle {
         }
     }
 
+    /// From now on, requests submitted here go to `to` (the volume moved).
+    pub fn forward_to(&self, to: Arc<dyn Export>) {
+        *self.forward.write() = Some(to);
+    }
+
     /// Asks a stepped poller to stop, without waiting: its next step stops it.
     pub fn stop_stepped(&self) {
         let (tx, _rx) = bounded(1);
@@ -375,6 +404,9 @@ impl Export for SourceHandle {
         false
     }
     fn submit(&self, request: IoRequest, done: Completer) {
+        if let Some(f) = self.forward.read().as_ref() {
+            return f.submit(request, done);
+        }
         if let Err(e) = self.io.send((request, done)) {
             let (_, done) = e.into_inner();
             done.complete(Err(io::Error::other("volume is stopped")));
@@ -479,7 +511,14 @@ where
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(16);
     let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, changes, io_rx, ctl_rx, inline)?;
-    Ok((poller, SourceHandle { io: io_tx, ctl: ctl_tx, size, thread: parking_lot::Mutex::new(None) }))
+    let handle = SourceHandle {
+        io: io_tx,
+        ctl: ctl_tx,
+        size,
+        thread: parking_lot::Mutex::new(None),
+        forward: parking_lot::RwLock::new(None),
+    };
+    Ok((poller, handle))
 }
 
 struct Poller<C: Connector> {
@@ -533,12 +572,17 @@ struct Poller<C: Connector> {
     /// A planned switchover is draining the volume: new requests wait in the queue.
     quiesce: Option<Sender<Result<(u64, u64), String>>>,
     quiesced: bool,
+    /// Acknowledged writes per latency bucket (the last one: above every bound).
+    ack_buckets: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],
+    ack_sum_us: u64,
     /// The highest sequence number the destination acknowledged (or holds by a copy).
     remote_acked_seq: u64,
     /// The highest sequence number acknowledged to a client without the mirror (policy
     /// sync, link down). The mirror holds every acknowledged write again once
     /// `remote_acked_seq` reaches it with the link up.
     local_only_seq: u64,
+    /// Bytes per second a copy may send at most.
+    copy_rate: Option<u64>,
     /// The mirror accepted this node's epoch since the poller started. Until it has, a
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.
@@ -642,6 +686,11 @@ where
             mirror_current: false,
             mirror_acked_seq: 0,
             local_only_seq: 0,
+            last_copy_kind: None,
+            last_copy_bytes: 0,
+            ack_latency_le_us: Vec::new(),
+            ack_latency_sum_us: 0,
+            ack_latency_count: 0,
             resync_done_bytes: 0,
             resync_total_bytes: 0,
             core: None,
@@ -696,8 +745,11 @@ where
             part_blocks: [HashSet::new(), HashSet::new()],
             quiesce: None,
             quiesced: false,
+            ack_buckets: [0; ACK_LATENCY_BOUNDS_US.len() + 1],
+            ack_sum_us: 0,
             remote_acked_seq: 0,
             local_only_seq: 0,
+            copy_rate: None,
             confirmed: false,
         };
         p.recover(&recovered)?;
@@ -920,6 +972,16 @@ where
                         self.cp_wanted = true;
                     }
                 }
+                Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
+                Ok(Control::Fence(why)) => {
+                    if !matches!(self.link, LinkState::Fenced(_)) {
+                        self.fence(why);
+                    }
+                }
+                Ok(Control::SetPolicy(p)) => {
+                    self.cfg.policy = p;
+                    self.stats.policy = p.as_str().into();
+                }
                 Ok(Control::ChangedRegions(tx)) => {
                     let _ = tx.send(self.changed_regions());
                 }
@@ -1023,6 +1085,17 @@ where
         }
         s.mirror_current = self.mirror_current();
         s.mirror_acked_seq = self.remote_acked_seq;
+        let mut cumulative = 0;
+        s.ack_latency_le_us = ACK_LATENCY_BOUNDS_US
+            .iter()
+            .zip(&self.ack_buckets)
+            .map(|(&le, &n)| {
+                cumulative += n;
+                (le, cumulative)
+            })
+            .collect();
+        s.ack_latency_count = self.ack_buckets.iter().sum();
+        s.ack_latency_sum_us = self.ack_sum_us;
         s.local_only_seq = self.local_only_seq;
         s.core = self.core;
         s
@@ -1209,6 +1282,9 @@ where
                         // Everything before the copy's first sequence number is in it.
                         self.remote_acked_seq = self.remote_acked_seq.max(c.base_seq.saturating_sub(1));
                         let what = if c.kind == CopyKind::Resync { "delta resync" } else { "baseline" };
+                        self.stats.last_copy_kind =
+                            Some(if c.kind == CopyKind::Resync { "resync" } else { "baseline" }.into());
+                        self.stats.last_copy_bytes = c.bytes;
                         eprintln!(
                             "volume {}: {what} done ({} bytes in {} chunks); mirror in sync",
                             self.cfg.volume, c.bytes, c.chunks
@@ -1362,6 +1438,7 @@ where
                     done_ns: 0,
                     base_cp_gen,
                     base_seq,
+                    started_ns: self.clock.now_ns(),
                 }),
             };
             return;
@@ -1887,8 +1964,13 @@ where
     }
 
     fn complete_acked(&mut self) {
+        let now = self.clock.now_ns();
         while self.pending.front().is_some_and(|p| p.last_seq <= self.acked_seq) {
             let p = self.pending.pop_front().expect("front exists");
+            let us = now.saturating_sub(p.sent_ns) / 1000;
+            let b = ACK_LATENCY_BOUNDS_US.iter().position(|&le| us <= le).unwrap_or(ACK_LATENCY_BOUNDS_US.len());
+            self.ack_buckets[b] += 1;
+            self.ack_sum_us = self.ack_sum_us.saturating_add(us);
             p.done.complete(Ok(None));
         }
     }
@@ -1900,6 +1982,13 @@ where
         let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
         if c.done_sent {
             return false;
+        }
+        if let Some(rate) = self.copy_rate {
+            // Ahead of the rate: wait (a chunk's worth of credit up front).
+            let secs = self.clock.now_ns().saturating_sub(c.started_ns) as f64 / 1e9;
+            if c.bytes as f64 > rate as f64 * secs + BASELINE_CHUNK as f64 {
+                return false;
+            }
         }
         // The next run: `(offset, bytes)`, or `None` at the end.
         let next = match c.kind {

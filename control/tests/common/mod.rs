@@ -224,7 +224,13 @@ pub fn create_volume(api: &Client, vol: &str, size: u64, log_bytes: Option<u64>)
 pub fn mirror(api: &Client, vol: &str, to: &str) -> Result<Value> {
     api.post(
         &format!("/v1/volumes/{vol}/mirror"),
-        &MirrorRequest { to: to.into(), transport: transport(), policy: "strict".into() },
+        &MirrorRequest {
+            to: to.into(),
+            transport: transport(),
+            policy: "strict".into(),
+            resync_ranges: Vec::new(),
+            rate: None,
+        },
     )
 }
 

@@ -5,6 +5,7 @@
 //! thread finishes the work (for a primary volume, its poller thread once the write is
 //! persistent on both sites), so a front-end connection can keep many requests in flight.
 
+pub mod forward;
 pub mod nbd;
 pub mod nbd_client;
 

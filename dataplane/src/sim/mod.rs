@@ -1756,17 +1756,25 @@ impl World {
         self.net.heal_all();
         self.net.set_faults(FrameFaults::default());
         let deadline = self.clock.now_ns() + LIVENESS_NS;
-        // Pending administrator actions happen now (a failover decided stays decided).
-        let actions: Vec<Action> = std::mem::take(&mut self.actions).into_values().collect();
-        for a in actions {
-            match a {
-                Action::Heal(..) | Action::FramesClean => {}
-                a => self.act(a)?,
+        // Pending administrator actions happen now (a failover decided stays decided), and
+        // crashed nodes come back; what they schedule in turn (a failover to run again)
+        // happens too, before anything is checked.
+        for _ in 0..16 {
+            let actions: Vec<Action> = std::mem::take(&mut self.actions).into_values().collect();
+            let down: Vec<String> =
+                self.nodes.iter().filter(|(_, n)| n.live.is_none()).map(|(k, _)| k.clone()).collect();
+            if down.is_empty() && actions.iter().all(|a| matches!(a, Action::Heal(..) | Action::FramesClean)) {
+                break;
             }
-        }
-        let down: Vec<String> = self.nodes.iter().filter(|(_, n)| n.live.is_none()).map(|(k, _)| k.clone()).collect();
-        for n in down {
-            self.restart(&n)?;
+            for a in actions {
+                match a {
+                    Action::Heal(..) | Action::FramesClean => {}
+                    a => self.act(a)?,
+                }
+            }
+            for n in down {
+                self.restart(&n)?;
+            }
         }
         if self.mirror.is_none() {
             self.pair_new();

@@ -1,0 +1,201 @@
+//! Events: what changed on a node, as JSON lines (`ctl events`, `GET /v1/events`).
+//!
+//! A bounded ring of the last [`KEPT`] events, each with an id that only grows. Commands
+//! (volume created, mirror paired, failover, resync, switchover, scrub, disk replaced)
+//! record theirs as they happen; a sampler thread records the state changes of every
+//! volume and mirror (in-sync, out-of-sync, baseline, resyncing, fenced, failed, broken),
+//! with their reason, and completed CPs, by looking at their status every 200 ms.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::node::Node;
+
+/// Events kept for `?since=`.
+pub const KEPT: usize = 1024;
+/// Clients following the stream at once.
+pub const FOLLOWERS_MAX: usize = 16;
+/// A followed stream sends an empty line after this long without events, so that a client
+/// gone away is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    pub unix_ms: u64,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    pub detail: Value,
+}
+
+#[derive(Default)]
+struct Ring {
+    next_id: u64,
+    events: VecDeque<Event>,
+}
+
+#[derive(Default)]
+pub struct EventLog {
+    ring: Mutex<Ring>,
+    arrived: Condvar,
+    followers: AtomicUsize,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
+}
+
+impl EventLog {
+    pub fn push(&self, kind: &str, volume: Option<&str>, detail: Value) {
+        let mut r = self.ring.lock();
+        r.next_id += 1;
+        let e =
+            Event { id: r.next_id, unix_ms: unix_ms(), kind: kind.into(), volume: volume.map(str::to_string), detail };
+        r.events.push_back(e);
+        while r.events.len() > KEPT {
+            r.events.pop_front();
+        }
+        drop(r);
+        self.arrived.notify_all();
+    }
+
+    /// Events with an id above `since`, oldest first.
+    pub fn since(&self, since: u64) -> Vec<Event> {
+        self.ring.lock().events.iter().filter(|e| e.id > since).cloned().collect()
+    }
+
+    /// As [`EventLog::since`], waiting up to `timeout` for one.
+    fn wait_since(&self, since: u64, timeout: Duration) -> Vec<Event> {
+        let mut r = self.ring.lock();
+        if r.next_id <= since {
+            let _ = self.arrived.wait_for(&mut r, timeout);
+        }
+        r.events.iter().filter(|e| e.id > since).cloned().collect()
+    }
+
+    /// A stream of the events after `since`, then of new ones as they come, as JSON lines;
+    /// `None` when [`FOLLOWERS_MAX`] streams are open already.
+    pub fn follow(self: &Arc<Self>, since: u64) -> Option<EventStream> {
+        let n = self.followers.fetch_add(1, Ordering::SeqCst);
+        if n >= FOLLOWERS_MAX {
+            self.followers.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(EventStream { log: self.clone(), next: since, buf: Vec::new(), pos: 0 })
+    }
+}
+
+/// A followed stream: blocks until there is something to send.
+pub struct EventStream {
+    log: Arc<EventLog>,
+    next: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for EventStream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            let events = self.log.wait_since(self.next, KEEPALIVE);
+            if events.is_empty() {
+                self.buf.push(b'\n');
+            }
+            for e in events {
+                self.next = e.id;
+                self.buf.extend_from_slice(&serde_json::to_vec(&e).map_err(io::Error::other)?);
+                self.buf.push(b'\n');
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.log.followers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Records the state changes of the node's volumes and mirrors, and their CPs, until the
+/// node is gone.
+pub fn spawn_sampler(node: &Arc<Node>) {
+    let weak: Weak<Node> = Arc::downgrade(node);
+    let _ = std::thread::Builder::new().name("nvm-events".into()).spawn(move || {
+        let mut seen: HashMap<String, (String, Option<String>, u64)> = HashMap::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let Some(node) = weak.upgrade() else { return };
+            let s = serde_json::to_value(node.status()).unwrap_or(Value::Null);
+            let empty = Vec::new();
+            let mut now: HashMap<String, (String, Option<String>, u64, Option<String>)> = HashMap::new();
+            for v in s["volumes"].as_array().unwrap_or(&empty) {
+                let name = v["volume"].as_str().unwrap_or("?").to_string();
+                now.insert(
+                    format!("volume {name}"),
+                    (
+                        v["state"].as_str().unwrap_or("?").into(),
+                        v["reason"].as_str().map(str::to_string),
+                        v["last_cp"].as_u64().unwrap_or(0),
+                        Some(name),
+                    ),
+                );
+            }
+            for m in s["mirrors"].as_array().unwrap_or(&empty) {
+                let name = m["volume"].as_str().unwrap_or("?").to_string();
+                let src = m["source_node"].as_str().unwrap_or("?");
+                now.insert(
+                    format!("mirror {src}/{name}"),
+                    (
+                        m["state"].as_str().unwrap_or("?").into(),
+                        m["error"].as_str().map(str::to_string),
+                        m["applied_cp"].as_u64().unwrap_or(0),
+                        Some(name),
+                    ),
+                );
+            }
+            for (key, (state, reason, cp, volume)) in &now {
+                let role = if key.starts_with("volume") { "primary" } else { "mirror" };
+                match seen.get(key) {
+                    Some((s0, r0, cp0)) => {
+                        if s0 != state || r0 != reason {
+                            node.events.push(
+                                "state",
+                                volume.as_deref(),
+                                serde_json::json!({ "role": role, "what": key, "state": state, "from": s0, "reason": reason }),
+                            );
+                        }
+                        if cp > cp0 {
+                            node.events.push(
+                                "cp",
+                                volume.as_deref(),
+                                serde_json::json!({ "role": role, "what": key, "cp": cp }),
+                            );
+                        }
+                    }
+                    None => node.events.push(
+                        "state",
+                        volume.as_deref(),
+                        serde_json::json!({ "role": role, "what": key, "state": state, "from": Value::Null, "reason": reason }),
+                    ),
+                }
+            }
+            for key in seen.keys().filter(|k| !now.contains_key(*k)) {
+                node.events.push("gone", None, serde_json::json!({ "what": key }));
+            }
+            seen = now.into_iter().map(|(k, (s, r, c, _))| (k, (s, r, c))).collect();
+        }
+    });
+}

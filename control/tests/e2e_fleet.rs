@@ -1,0 +1,126 @@
+//! Fleet mode against a real etcd (Debian's etcd-server, started by the test on loopback):
+//! the primary holds the volume's key through its lease; killed, its lease expires and the
+//! mirror fails over by itself with the etcd revision as its epoch; every acknowledged
+//! write is there; the old primary, restarted, finds the key held elsewhere and stays
+//! fenced.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvmirror_control::etcd::Etcd;
+use nvmirror_control::workload::Workload;
+use nvmirror_dataplane::frontend::nbd_client::NbdClient;
+use serde_json::Value;
+
+const VOL: &str = "vol";
+
+fn etcd_binary() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("etcd")).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("etcd is not installed: this test needs the Debian package etcd-server (apt-get install etcd-server)")
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+struct EtcdProc {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_etcd() -> EtcdProc {
+    let dir = tempfile::Builder::new().prefix("nvmirror-etcd-").tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new(etcd_binary())
+        .args(["--name", "nvmirror-test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("nvmirror-test=http://127.0.0.1:{peer}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("etcd.log")).expect("log"))
+        .spawn()
+        .expect("start etcd");
+    let e = EtcdProc { child, url: format!("etcd://127.0.0.1:{client}"), _dir: dir };
+    let client = Etcd::new(&e.url).expect("client");
+    wait_for("etcd to answer", Duration::from_secs(30), || Ok(client.grant(1).ok().map(|_| ())));
+    e
+}
+
+fn holder(etcd: &Etcd) -> Option<Value> {
+    etcd.get(&format!("/nvmirror/volumes/{VOL}/primary"))
+        .ok()
+        .flatten()
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+}
+
+#[test]
+fn a_killed_primary_is_failed_over_by_its_lease_and_stays_fenced() {
+    let etcd_proc = start_etcd();
+    let etcd = Etcd::new(&etcd_proc.url).expect("client");
+    let args = ["--state", etcd_proc.url.as_str(), "--lease-ttl", "2"];
+    let mut pair = Pair::start_with("fleet", &args, &args);
+    pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
+    wait_for("the primary to register in etcd", Duration::from_secs(30), || {
+        Ok(holder(&etcd).filter(|h| h["node"] == "site-a").map(|_| ()))
+    });
+    let mut w = Workload::new(0, 1024, base_seed("fleet"));
+    {
+        let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD");
+        w.run(&mut c, 8, 2000, |_| {}).expect("writes");
+    }
+    assert_eq!(w.errors, 0);
+    let epoch_before = volume_status(&pair.src_api(), VOL).expect("status")["epoch"].as_u64().expect("epoch");
+
+    // The primary dies; nobody runs a failover.
+    pair.src.kill();
+    let killed = Instant::now();
+    let v = wait_for("the mirror to fail over by itself", Duration::from_secs(30), || {
+        Ok(status(&pair.dst_api())?["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["volume"] == VOL))
+            .cloned())
+    });
+    let took = killed.elapsed();
+    eprintln!("automatic failover {:.1} s after the kill (lease TTL 2 s): {}", took.as_secs_f64(), v["epoch"]);
+    let epoch = v["epoch"].as_u64().expect("epoch");
+    assert!(epoch > epoch_before, "epoch {epoch} not above {epoch_before}");
+    let h = wait_for("site-b to hold the key", Duration::from_secs(10), || {
+        Ok(holder(&etcd).filter(|h| h["node"] == "site-b"))
+    });
+    assert_eq!(h["epoch"].as_u64(), Some(epoch), "{h}");
+    assert_verified(&verify(&w, &pair.dst.nbd, VOL).expect("verify"), "after the automatic failover");
+    {
+        let mut c = NbdClient::connect(pair.dst.nbd.as_str(), VOL).expect("NBD to b");
+        c.write(0, &[1u8; 4096]).expect("the promoted volume takes writes");
+    }
+    let events = run_bin(&["ctl", "--node", &pair.dst.control, "events", "--once"], Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&events.stdout).contains("automatic-failover"));
+
+    // The old primary returns: the key is held elsewhere, its epoch is stale; it stays fenced.
+    pair.src.restart().expect("restart site-a");
+    wait_state(&pair.src_api(), VOL, "fenced", Duration::from_secs(30));
+    {
+        let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD to a");
+        assert!(c.write(0, &[2u8; 4096]).is_err(), "the old primary took a write");
+    }
+    assert_eq!(holder(&etcd).expect("key")["node"], "site-b");
+}
