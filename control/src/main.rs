@@ -132,12 +132,16 @@ enum CtlCmd {
     /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
     /// failed (clients still connected here are forwarded to the new primary).
     Switchover { volume: String },
-    /// State changes, failovers, resyncs, CPs...: JSON lines, as they happen.
+    /// State changes, failovers, resyncs, CPs...: JSON lines. Prints the events the node
+    /// keeps and exits; with --follow, then new ones as they happen, until interrupted.
     Events {
         /// Only events after this id.
         #[arg(long, default_value_t = 0)]
         since: u64,
-        /// Print the events kept so far and exit instead of following.
+        /// Keep the stream open and print new events as they happen.
+        #[arg(long, conflicts_with = "once")]
+        follow: bool,
+        /// Print the events kept so far and exit (the default; kept for scripts).
         #[arg(long)]
         once: bool,
     },
@@ -246,7 +250,9 @@ fn run_node(a: NodeArgs) -> Result<()> {
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
     let control_addr = api::parse_addr(&a.control)?;
     let control =
-        tiny_http::Server::http(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control))?;
+        api::control_listener(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control)).and_then(
+            |l| tiny_http::Server::from_listener(l, None).map_err(|e| anyhow!("control address {}: {e}", a.control)),
+        )?;
     let control_addr = control.server_addr().to_ip().ok_or_else(|| anyhow!("control address is not IP"))?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
@@ -400,14 +406,17 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 r["primary"].as_str().unwrap_or("?")
             );
         }
-        CtlCmd::Events { since, once } => {
+        CtlCmd::Events { since, follow, once: _ } => {
             use std::io::Write;
-            let path = format!("/v1/events?since={since}{}", if once { "" } else { "&follow=1" });
+            let path = format!("/v1/events?since={since}{}", if follow { "&follow=1" } else { "" });
             let mut out = std::io::stdout().lock();
-            client.get_lines(&path, |l| {
+            client.get_lines(&path, follow, |l| {
                 let _ = writeln!(out, "{l}");
                 let _ = out.flush();
             })?;
+            if follow {
+                bail!("the node closed the event stream");
+            }
         }
         CtlCmd::Switchover { volume } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/switchover"), &serde_json::json!({}))?;

@@ -122,6 +122,8 @@ pub struct Node {
     unstarted: Mutex<Vec<(String, String)>>,
     /// What changed on this node, for `ctl events`.
     pub events: Arc<crate::events::EventLog>,
+    /// Nonces issued for node-to-node requests to this node (`GET /v1/call-challenge`).
+    pub call_nonces: crate::api::CallNonces,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -213,6 +215,7 @@ impl Node {
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
             events: Arc::default(),
+            call_nonces: crate::api::CallNonces::default(),
         });
         node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
         node.save_state(&state)?;
@@ -468,7 +471,7 @@ impl Node {
         if let Some(raid) = &opened.raid {
             if let Some(m) = raid.rebuilding_member() {
                 eprintln!("node {}: volume {name}: resuming the rebuild of member {m}", self.cfg.name);
-                spawn_rebuild(raid.clone(), None);
+                spawn_rebuild(raid.clone(), None, name, self.events.clone());
             }
         }
     }
@@ -631,9 +634,12 @@ impl Node {
         let handle = self.volume(name)?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Cp(tx)).map_err(|e| anyhow!(e))?;
-        rx.recv_timeout(timeout)
+        let cp = rx
+            .recv_timeout(timeout)
             .map_err(|_| anyhow!("CP did not complete within {timeout:?} (is the mirror link up?)"))?
-            .map_err(|e| anyhow!(e))
+            .map_err(|e| anyhow!(e))?;
+        self.events.push("cp-forced", Some(name), serde_json::json!({ "cp": cp }));
+        Ok(cp)
     }
 
     /// Fails the mirror of `name` over to this node and serves it as a writable primary.
@@ -891,7 +897,7 @@ impl Node {
             Some(name),
             serde_json::json!({ "member": member, "old": old, "new": raid.disks()[member].to_string() }),
         );
-        spawn_rebuild(raid, rate);
+        spawn_rebuild(raid, rate, name, self.events.clone());
         Ok(member)
     }
 
@@ -958,11 +964,13 @@ impl Node {
         let handle = self.volume(name)?;
         let ours = handle.status().map_err(|e| anyhow!(e))?;
         let client = crate::api::Client::new(primary_control);
-        let peer: crate::api::NodeInfo = client.get("/v1/node").with_context(|| format!("peer {primary_control}"))?;
+        let secret = self.cfg.secret.as_ref();
+        let peer = client.peer_info(secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
         if peer.name == self.cfg.name {
             bail!("{primary_control} is this node");
         }
-        let status: serde_json::Value = client.get("/v1/status").with_context(|| format!("peer {primary_control}"))?;
+        let status: serde_json::Value =
+            client.get_proven("/v1/status", secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
         let empty = Vec::new();
         let theirs = status["volumes"]
             .as_array()
@@ -1076,8 +1084,8 @@ impl Node {
             );
         }
         let client = crate::api::Client::new(&target.peer_control);
-        let peer: crate::api::NodeInfo =
-            client.get("/v1/node").with_context(|| format!("peer {}", target.peer_control))?;
+        let peer =
+            client.peer_info(self.cfg.secret.as_ref()).map_err(|e| anyhow!("peer {}: {e}", target.peer_control))?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Quiesce(tx)).map_err(|e| anyhow!(e))?;
         let quiesced =
@@ -1114,7 +1122,8 @@ impl Node {
             })
         };
         let takeover = self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch).and_then(|()| {
-            client.post::<_, serde_json::Value>(
+            client.post_signed::<_, serde_json::Value>(
+                self.cfg.secret.as_ref(),
                 &format!("/v1/volumes/{name}/takeover"),
                 &crate::api::TakeoverRequest {
                     from: self.cfg.name.clone(),
@@ -1359,6 +1368,10 @@ pub struct UnstartedVolume {
 }
 
 impl MirrorDirectory for Node {
+    fn peer_refused(&self, peer: &str, reason: &str) {
+        self.events.push("peer-refused", None, serde_json::json!({ "peer": peer, "reason": reason }));
+    }
+
     fn attach(
         &self,
         hello: &Hello,
@@ -1482,11 +1495,17 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     }
 }
 
-fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>) {
+fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>, volume: &str, events: Arc<crate::events::EventLog>) {
+    let volume = volume.to_string();
     let r = std::thread::Builder::new().name("nvm-rebuild".into()).spawn(move || {
-        if let Err(e) = raid.rebuild(rate) {
-            eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
-        }
+        let result = match raid.rebuild(rate) {
+            Ok(_) => "done".to_string(),
+            Err(e) => {
+                eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
+                format!("failed: {e}")
+            }
+        };
+        events.push("rebuild-finished", Some(&volume), serde_json::json!({ "result": result }));
     });
     if let Err(e) = r {
         eprintln!("cannot start a rebuild thread: {e}");

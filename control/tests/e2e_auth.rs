@@ -165,6 +165,16 @@ fn a_destination_with_a_secret_refuses_sources_without_it() {
     assert!(v["reason"].as_str().unwrap_or("").contains("did not authenticate"), "{v}");
     let line = wait_log(&pair.dst, &["replication: connection from 127.0.0.1:", "peer did not authenticate"]);
     println!("destination logged: {line}");
+    let mut refused = Vec::new();
+    pair.dst_api()
+        .get_lines("/v1/events", false, |l| refused.push(serde_json::from_str::<Value>(l).expect("a JSON line")))
+        .expect("the destination's events");
+    refused.retain(|e| e["kind"] == "peer-refused");
+    assert!(
+        refused.iter().any(|e| e["detail"]["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:"))
+            && e["detail"]["reason"].as_str().is_some_and(|r| r.contains("peer did not authenticate"))),
+        "no peer-refused event with the peer's address: {refused:?}"
+    );
     // Nor may it pair anything new.
     create_volume(&pair.src_api(), "vol2", 4 * MIB, Some(LOG_BYTES_MIN)).expect("create vol2");
     ctl_fails(&pair.src.control, &["mirror", "vol2", "--to", &pair.dst.control], "requires authentication");
@@ -348,4 +358,47 @@ fn secret_files_that_cannot_be_used_stop_the_node() {
     let line = wait_log(&n, &["warning", "readable by every user"]);
     println!("node warned: {line}");
     n.kill();
+}
+
+#[test]
+fn node_to_node_requests_between_authenticated_nodes_are_signed() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let good = secret_file(keys.path(), "pair.key", "correct horse battery staple");
+    let good = good.to_str().expect("path");
+    let pair = Pair::start_with("auth-calls", &["--secret-file", good], &["--secret-file", good]);
+    pair.create_mirrored(VOL, 8 * MIB, LOG_BYTES_MIN);
+    let takeover = nvmirror_control::api::TakeoverRequest {
+        from: pair.src.name.clone(),
+        control: pair.src.control.clone(),
+        replication: pair.src.replication.clone(),
+        cp: 0,
+        next_seq: 1,
+        policy: "strict".into(),
+    };
+    let body = serde_json::to_string(&takeover).expect("JSON");
+    let path = format!("/v1/volumes/{VOL}/takeover");
+    // Unsigned, and signed for a nonce the destination never issued: refused, and logged.
+    for (header, want) in [
+        (String::new(), "carries no proof"),
+        (format!("X-Nvmirror-Call: {} {}\r\n", "ab".repeat(32), "cd".repeat(32)), "not issued here"),
+    ] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{header}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (answer, _) = raw_exchange(&pair.dst.control, req.as_bytes(), false, Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(text.contains(want), "{text}");
+    }
+    let line = wait_log(&pair.dst, &["control: refused POST /v1/volumes/vol/takeover from 127.0.0.1:"]);
+    println!("destination logged: {line}");
+    let m = mirror_status(&pair.dst_api(), VOL).expect("mirror");
+    assert_eq!(m["promoted"], false, "a refused takeover promoted the mirror: {m}");
+
+    // The nodes' own switchover signs its takeover, and goes through.
+    let (ok, stdout, stderr) = ctl(&pair.src.control, &["switchover", VOL]);
+    assert!(ok, "switchover between authenticated nodes failed: {stdout}{stderr}");
+    let v = wait_state(&pair.dst_api(), VOL, "in-sync", T);
+    assert_eq!(v["role"], "primary", "{v}");
 }

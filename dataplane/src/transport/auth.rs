@@ -40,6 +40,8 @@ pub const LABEL_SOURCE: &[u8] = b"nvmirror-src";
 pub const LABEL_DESTINATION: &[u8] = b"nvmirror-dst";
 /// Label of a node's proof on a control API answer to another node.
 pub const LABEL_API: &[u8] = b"nvmirror-api";
+/// Label of a node's proof on a control API request to another node.
+pub const LABEL_CALL: &[u8] = b"nvmirror-call";
 
 pub type Nonce = [u8; NONCE_BYTES];
 pub type Proof = [u8; MAC_BYTES];
@@ -174,6 +176,17 @@ impl PeerSecret {
     pub fn verify_api(&self, nonce: &Nonce, body: &[u8], proof: &Proof) -> bool {
         self.check(LABEL_API, &[nonce, body], proof)
     }
+
+    /// A node's proof on a control API request to another: HMAC(secret, "nvmirror-call" ||
+    /// nonce || method || 0 || path || 0 || body), for a nonce the called node issued.
+    /// The zero bytes keep method and path apart (neither holds one).
+    pub fn call_proof(&self, nonce: &Nonce, method: &str, path: &str, body: &[u8]) -> Proof {
+        self.prove(LABEL_CALL, &[nonce, method.as_bytes(), &[0], path.as_bytes(), &[0], body])
+    }
+
+    pub fn verify_call(&self, nonce: &Nonce, method: &str, path: &str, body: &[u8], proof: &Proof) -> bool {
+        self.check(LABEL_CALL, &[nonce, method.as_bytes(), &[0], path.as_bytes(), &[0], body], proof)
+    }
 }
 
 /// A fresh random nonce from the operating system.
@@ -241,6 +254,12 @@ mod tests {
         assert!(!k.verify_destination(&cn, &sn, hello, &p));
         // The API's label is apart from both.
         assert!(!k.verify_api(&sn, hello, &p));
+        let c = k.call_proof(&sn, "POST", "/v1/volumes/v/takeover", b"{}");
+        assert!(k.verify_call(&sn, "POST", "/v1/volumes/v/takeover", b"{}", &c));
+        assert!(!k.verify_call(&sn, "POST", "/v1/volumes/w/takeover", b"{}", &c), "another path");
+        assert!(!k.verify_call(&sn, "GET", "/v1/volumes/v/takeover", b"{}", &c), "another method");
+        assert!(!k.verify_call(&sn, "POST", "/v1/volumes/v/takeover", b"{ }", &c), "another body");
+        assert!(!k.verify_call(&cn, "POST", "/v1/volumes/v/takeover", b"{}", &c), "another nonce");
     }
 
     #[test]
