@@ -2,7 +2,8 @@
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
-//! | GET | /v1/node | | name and addresses |
+//! | GET | /v1/node | | name and addresses, and whether it authenticates peers |
+//! | GET | /v1/call-challenge | | `{"nonce": HEX}` for one signed node-to-node request (nodes with a secret) |
 //! | GET | /v1/status | | [`crate::node::NodeStatus`] |
 //! | GET | /metrics | | Prometheus text exposition ([`crate::metrics`]) |
 //! | GET | /v1/events?since=ID&follow=1 | | JSON lines of [`crate::events::Event`]; with `follow`, kept open for new ones |
@@ -20,13 +21,21 @@
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. Bodies above [`BODY_MAX`]
 //! bytes are refused before they are read whole.
 //!
-//! **Node to node.** The one call a node makes to another is `GET /v1/node` on the peer it
-//! is asked to pair with (`mirror --to`). A node with a secret sends a fresh nonce with it
-//! ([`CHALLENGE_HEADER`], 64 hex digits) and pairs only when the answer carries
-//! [`PROOF_HEADER`], HMAC-SHA256(secret, "nvmirror-api" || nonce || body), over the exact
-//! body; a peer that holds a secret says so in the answer (`auth`), and a node without
-//! one refuses to pair with it. An operator's requests carry no challenge and are answered
-//! as before. The replication handshake authenticates both nodes again, whatever was paired.
+//! **Node to node.** Nodes call each other's API to pair (`mirror --to`: `GET /v1/node`),
+//! to fail back (`resync --from`: `GET /v1/node`, `GET /v1/status`) and to switch over
+//! (`GET /v1/node`, then `POST /v1/volumes/VOL/takeover`). With a secret (`--secret-file`):
+//! - the caller's GETs carry a fresh nonce ([`CHALLENGE_HEADER`], 64 hex digits), and the
+//!   answer counts only with [`PROOF_HEADER`], HMAC-SHA256(secret, "nvmirror-api" || nonce
+//!   || body) over the exact body ([`Client::get_proven`]); a peer with a secret says so in
+//!   `GET /v1/node` (`auth`), and a node without one refuses to pair with it;
+//! - a node-to-node POST (`takeover`) is refused (401) unless it carries [`CALL_HEADER`]: a
+//!   nonce the called node issued by `GET /v1/call-challenge` (good once, for
+//!   [`CALL_NONCE_TTL`]) and HMAC-SHA256(secret, "nvmirror-call" || nonce || method || 0 ||
+//!   path || 0 || body) ([`Client::post_signed`]).
+//!
+//! An operator's requests carry none of this and are answered as before (the operator's
+//! commands are not authenticated by the secret). The replication handshake authenticates
+//! both nodes again, whatever was paired.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
