@@ -65,6 +65,8 @@ pub const PROOF_HEADER: &str = "X-Nvmirror-Proof";
 /// A node-to-node request's nonce (issued by the called node) and the caller's proof,
 /// hex, separated by a space.
 pub const CALL_HEADER: &str = "X-Nvmirror-Call";
+/// The largest answer [`Client::get_proven`] reads (a node's status with many volumes).
+pub const PROVEN_ANSWER_MAX: u64 = 4 << 20;
 /// How long a nonce of `GET /v1/call-challenge` stays good, and how many may be out at once
 /// (the oldest is forgotten first).
 pub const CALL_NONCE_TTL: Duration = Duration::from_secs(120);
@@ -644,7 +646,7 @@ impl Client {
         let body = resp
             .body_mut()
             .with_config()
-            .limit(BODY_MAX)
+            .limit(PROVEN_ANSWER_MAX)
             .read_to_vec()
             .map_err(|e| PeerError::Unreachable(anyhow!("{}: read the answer: {e}", self.base)))?;
         if status != 200 {
