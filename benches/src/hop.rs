@@ -239,7 +239,7 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
         thread: Some(
             thread::Builder::new()
                 .name("hop-destination".into())
-                .spawn(move || tcp::serve(listener, directory, stop, None))?,
+                .spawn(move || tcp::serve(listener, directory, stop, Default::default()))?,
         ),
     };
 

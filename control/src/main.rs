@@ -276,12 +276,14 @@ fn run_node(a: NodeArgs) -> Result<()> {
         nbd: nbd.local_addr()?,
         control: control_addr,
         secret: secret.clone(),
+        tls: None,
     })?;
+    let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));
     let dir: Arc<dyn nvmirror_dataplane::transport::MirrorDirectory> = node.clone();
     std::thread::Builder::new()
         .name("nvm-repl-accept".into())
-        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, secret))?;
+        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
     println!(
         "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}",

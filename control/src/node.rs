@@ -96,6 +96,16 @@ pub struct NodeConfig {
     /// The pair's shared secret (`--secret-file`): replication connections and pairings
     /// are authenticated with it, both ways. None: peers are not authenticated.
     pub secret: Option<PeerSecret>,
+    /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`): the control API and the replication
+    /// engine serve TLS only, and this node speaks TLS to its peers. None: plain TCP.
+    pub tls: Option<nvmirror_dataplane::transport::tls::TlsConfig>,
+}
+
+impl NodeConfig {
+    /// How this node's replication connections are secured, both ways.
+    pub fn link_security(&self) -> nvmirror_dataplane::transport::LinkSecurity {
+        nvmirror_dataplane::transport::LinkSecurity { secret: self.secret.clone(), tls: self.tls.clone() }
+    }
 }
 
 /// Whose storage: a primary volume, or the mirror of (source node, volume).
@@ -201,7 +211,7 @@ impl Node {
             bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
         }
         let rdma = start_rdma(&cfg);
-        let connector = Arc::new(AnyConnector::new(cfg.secret.clone()));
+        let connector = Arc::new(AnyConnector::new(cfg.link_security()));
         let node = Arc::new(Node {
             cfg,
             state: Mutex::new(state.clone()),

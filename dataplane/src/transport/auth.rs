@@ -152,9 +152,16 @@ impl PeerSecret {
     }
 
     /// The destination's proof: HMAC(secret, "nvmirror-dst" || client_nonce ||
-    /// server_nonce || hello frame).
-    pub fn destination_proof(&self, client_nonce: &Nonce, server_nonce: &Nonce, hello_frame: &[u8]) -> Proof {
-        self.prove(LABEL_DESTINATION, &[client_nonce, server_nonce, hello_frame])
+    /// server_nonce || hello frame || answer frame). It covers the answer (the welcome, or
+    /// a refusal that could fence the source), so that no answer is taken on trust.
+    pub fn destination_proof(
+        &self,
+        client_nonce: &Nonce,
+        server_nonce: &Nonce,
+        hello_frame: &[u8],
+        answer_frame: &[u8],
+    ) -> Proof {
+        self.prove(LABEL_DESTINATION, &[client_nonce, server_nonce, hello_frame, answer_frame])
     }
 
     pub fn verify_destination(
@@ -162,9 +169,10 @@ impl PeerSecret {
         client_nonce: &Nonce,
         server_nonce: &Nonce,
         hello_frame: &[u8],
+        answer_frame: &[u8],
         proof: &Proof,
     ) -> bool {
-        self.check(LABEL_DESTINATION, &[client_nonce, server_nonce, hello_frame], proof)
+        self.check(LABEL_DESTINATION, &[client_nonce, server_nonce, hello_frame, answer_frame], proof)
     }
 
     /// A node's proof on a control API answer: HMAC(secret, "nvmirror-api" || nonce ||
@@ -248,10 +256,11 @@ mod tests {
         bad[31] ^= 1;
         assert!(!k.verify_source(&sn, &cn, hello, &bad), "one bit of the tag");
         // A proof is for its direction only: the destination's is not a source's.
-        let d = k.destination_proof(&cn, &sn, hello);
-        assert!(k.verify_destination(&cn, &sn, hello, &d));
+        let d = k.destination_proof(&cn, &sn, hello, b"welcome");
+        assert!(k.verify_destination(&cn, &sn, hello, b"welcome", &d));
+        assert!(!k.verify_destination(&cn, &sn, hello, b"refuse", &d), "another answer");
         assert!(!k.verify_source(&sn, &cn, hello, &d));
-        assert!(!k.verify_destination(&cn, &sn, hello, &p));
+        assert!(!k.verify_destination(&cn, &sn, hello, b"", &p));
         // The API's label is apart from both.
         assert!(!k.verify_api(&sn, hello, &p));
         let c = k.call_proof(&sn, "POST", "/v1/volumes/v/takeover", b"{}");

@@ -15,6 +15,7 @@ pub mod mem;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 use std::io;
@@ -163,9 +164,18 @@ pub struct AnyConnector {
 }
 
 impl AnyConnector {
-    pub fn new(secret: Option<auth::PeerSecret>) -> AnyConnector {
-        AnyConnector { tcp: tcp::TcpConnector::new(secret) }
+    pub fn new(security: LinkSecurity) -> AnyConnector {
+        AnyConnector { tcp: tcp::TcpConnector::new(security) }
     }
+}
+
+/// How a node's replication connections are secured, both ways: the pair's shared secret
+/// (each end proves it holds it before the hello is acted on) and TLS around the whole
+/// connection. The default, neither, is the engine as it was before either existed.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSecurity {
+    pub secret: Option<auth::PeerSecret>,
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Connector for AnyConnector {

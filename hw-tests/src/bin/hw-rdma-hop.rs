@@ -78,7 +78,7 @@ fn main() -> Result<()> {
     let rdma = RdmaService::start(addr).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
-    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false)), None));
+    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false)), Default::default()));
 
     // The source.
     let (mut link, _welcome) =
