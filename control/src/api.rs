@@ -595,8 +595,9 @@ impl Client {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
+            .tls_config(crate::tls::client_tls())
             .build();
-        Client { base: format!("http://{addr}"), agent: config.into() }
+        Client { base: crate::tls::base_url(addr), agent: config.into() }
     }
 
     fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
@@ -698,6 +699,7 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global((!follow).then_some(Duration::from_secs(300)))
+            .tls_config(crate::tls::client_tls())
             .build()
             .into();
         let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;

@@ -33,6 +33,10 @@ enum Cmd {
         /// The node's control address (HOST:PORT).
         #[arg(long)]
         node: String,
+        /// Speak https to the node, trusting these CA certificates (PEM) for its
+        /// certificate (a node started with --tls-cert).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -62,6 +66,18 @@ struct NodeArgs {
     /// (HMAC-SHA256 challenge-response). Both nodes of a pair need the same secret.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// TLS: this node's certificate chain (PEM). The control API and the replication
+    /// engine then serve TLS only, and the node speaks TLS to its peers (both nodes of a
+    /// pair use TLS, or neither). The certificate must name the address peers dial.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) this node trusts for its peers' certificates (default:
+    /// those of --tls-cert itself).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
     /// file-sync:DIR or dax:DIR.
     #[arg(long)]
@@ -222,13 +238,30 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
-        Cmd::Ctl { node, cmd } => ctl(&node, cmd),
+        Cmd::Ctl { node, tls_ca, cmd } => match &tls_ca {
+            Some(ca) => nvmirror_control::tls::trust_file(ca).and_then(|()| ctl(&node, cmd)),
+            None => ctl(&node, cmd),
+        },
         Cmd::Quickstart(a) => quickstart::run(a),
     };
     if let Err(e) = r {
-        eprintln!("nvmirror: {e:#}");
+        let e = format!("{e:#}");
+        match nvmirror_control::tls::hint(&e) {
+            Some(hint) => eprintln!("nvmirror: {e} ({hint})"),
+            None => eprintln!("nvmirror: {e}"),
+        }
         std::process::exit(1);
     }
+}
+
+/// The node's TLS, from --tls-cert, --tls-key and --tls-ca; its API clients then speak
+/// https to its peers, trusting the same CA certificates.
+fn node_tls(a: &NodeArgs) -> Result<Option<nvmirror_dataplane::transport::tls::TlsConfig>> {
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else { return Ok(None) };
+    let tls = nvmirror_dataplane::transport::tls::TlsConfig::from_files(cert, key, a.tls_ca.as_deref())
+        .map_err(|e| anyhow!("--tls-cert/--tls-key/--tls-ca: {e}"))?;
+    nvmirror_control::tls::trust(tls.roots().to_vec());
+    Ok(Some(tls))
 }
 
 fn run_node(a: NodeArgs) -> Result<()> {
@@ -248,12 +281,9 @@ fn run_node(a: NodeArgs) -> Result<()> {
     };
     let replication = TcpListener::bind(&a.listen).with_context(|| format!("bind replication address {}", a.listen))?;
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
-    let control_addr = api::parse_addr(&a.control)?;
-    let control =
-        api::control_listener(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control)).and_then(
-            |l| tiny_http::Server::from_listener(l, None).map_err(|e| anyhow!("control address {}: {e}", a.control)),
-        )?;
-    let control_addr = control.server_addr().to_ip().ok_or_else(|| anyhow!("control address is not IP"))?;
+    let tls = node_tls(&a)?;
+    let (control, control_addr) =
+        nvmirror_control::tls::control_server(api::parse_addr(&a.control)?, &a.data_dir, tls.as_ref())?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
     let raid = nvmirror_control::storage::RaidDefaults {
@@ -276,7 +306,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         nbd: nbd.local_addr()?,
         control: control_addr,
         secret: secret.clone(),
-        tls: None,
+        tls,
     })?;
     let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));

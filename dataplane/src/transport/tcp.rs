@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rustls::{ClientConnection, ServerConnection};
 
 use super::auth::{self, PeerSecret};
-use super::tls::DontWait;
+use super::tls::{handshake as tls_handshake, send as tls_send, DontWait};
 use super::wire::{self, entries_prefix, Message, FRAME_HEADER_BYTES};
 use super::{
     ConnectError, Connector, Hello, Link, LinkError, LinkEvent, LinkSecurity, MirrorDirectory, RefuseCode, Reply,
@@ -67,46 +67,6 @@ fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>, body_max: usize) -> io:
     buf.extend_from_slice(&header);
     buf.resize(FRAME_HEADER_BYTES + len, 0);
     stream.read_exact(&mut buf[FRAME_HEADER_BYTES..])
-}
-
-/// Runs a TLS handshake to its end on a blocking socket (its timeouts bound it).
-fn tls_handshake<D>(conn: &mut rustls::ConnectionCommon<D>, stream: &mut TcpStream) -> io::Result<()> {
-    while conn.is_handshaking() {
-        conn.complete_io(stream).map_err(|e| {
-            // The alert rustls queued tells the peer why (a plain peer sees TLS bytes).
-            while conn.wants_write() {
-                if conn.write_tls(stream).is_err() {
-                    break;
-                }
-            }
-            let untrusted = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-            let why = if untrusted {
-                format!("TLS handshake: {e} (is the peer's CA in --tls-ca?)")
-            } else {
-                format!("TLS handshake: {e} (does the peer run with TLS, --tls-cert?)")
-            };
-            io::Error::new(e.kind(), why)
-        })?;
-    }
-    Ok(())
-}
-
-/// Encrypts `data` and writes it out, blocking (within the socket's timeout) while the
-/// peer does not read; rustls's own bounded buffer is drained after each piece.
-fn tls_send<D>(conn: &mut rustls::ConnectionCommon<D>, mut stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    loop {
-        while conn.wants_write() {
-            conn.write_tls(&mut stream)?;
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let n = conn.writer().write(data)?;
-        data = &data[n..];
-    }
 }
 
 /// Opens replication connections, secured as its [`LinkSecurity`] says.
@@ -501,7 +461,7 @@ impl TcpSink {
             Some(c) => {
                 let mut c = c.lock();
                 let s = self.stream.lock();
-                tls_send(&mut c, &s, frames)
+                tls_send(&mut c, &*s, frames)
             }
         }
     }
@@ -783,6 +743,9 @@ pub fn serve_connection(
             if stream.peek(&mut magic).is_ok_and(|n| n == magic.len()) && u32::from_le_bytes(magic) == wire::FRAME_MAGIC
             {
                 let reason = "this node speaks TLS only (--tls-cert): the source must use TLS too".to_string();
+                // The hello is taken first, so that closing does not reset the connection
+                // before the source reads why.
+                let _ = read_frame(&mut stream, &mut Vec::new(), FIRST_FRAME_BODY_MAX);
                 let _ = stream.write_all(&Message::Error { reason: reason.clone() }.encode());
                 return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a plain hello from {peer}: {reason}")));
             }

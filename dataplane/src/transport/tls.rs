@@ -163,6 +163,46 @@ pub fn server_name(target: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
+/// Runs a TLS handshake to its end on a blocking socket (its timeouts bound it).
+pub fn handshake<D, S: Read + Write>(conn: &mut rustls::ConnectionCommon<D>, stream: &mut S) -> io::Result<()> {
+    while conn.is_handshaking() {
+        conn.complete_io(stream).map_err(|e| {
+            // The alert rustls queued tells the peer why (a plain peer sees TLS bytes).
+            while conn.wants_write() {
+                if conn.write_tls(stream).is_err() {
+                    break;
+                }
+            }
+            let untrusted = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+            let why = if untrusted {
+                format!("TLS handshake: {e} (is the peer's CA in --tls-ca?)")
+            } else {
+                format!("TLS handshake: {e} (does the peer run with TLS, --tls-cert?)")
+            };
+            io::Error::new(e.kind(), why)
+        })?;
+    }
+    Ok(())
+}
+
+/// Encrypts `data` and writes it out, blocking (within the socket's timeout) while the
+/// peer does not read; rustls's own bounded buffer is drained after each piece.
+pub fn send<D, W: Write>(conn: &mut rustls::ConnectionCommon<D>, mut stream: W, mut data: &[u8]) -> io::Result<()> {
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(&mut stream)?;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let n = conn.writer().write(data)?;
+        data = &data[n..];
+    }
+}
+
 /// A socket read and written without waiting (`MSG_DONTWAIT`), whatever the socket's own
 /// mode: a read with nothing there, or a write with no room, is `WouldBlock`.
 pub struct DontWait<'a>(pub &'a TcpStream);
