@@ -376,7 +376,7 @@ fn respond_error(request: tiny_http::Request, status: u16, message: &str) {
     let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
 }
 
-fn read_body<T: DeserializeOwned>(request: &mut tiny_http::Request) -> Result<T, ApiError> {
+fn read_body<T: DeserializeOwned>(request: &mut Incoming<'_>) -> Result<T, ApiError> {
     parse_body(&read_raw_body(request)?)
 }
 
@@ -384,8 +384,52 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// A request whose body was read (at most [`BODY_MAX`] bytes) before it is routed, so
+/// that a signature over it can be checked first ([`authorize`]).
+struct Incoming<'a> {
+    http: &'a mut tiny_http::Request,
+    body: Vec<u8>,
+}
+
+impl std::ops::Deref for Incoming<'_> {
+    type Target = tiny_http::Request;
+    fn deref(&self) -> &tiny_http::Request {
+        self.http
+    }
+}
+
+/// The request's body (read once, before routing).
+fn read_raw_body(request: &mut Incoming<'_>) -> Result<Vec<u8>, ApiError> {
+    Ok(std::mem::take(&mut request.body))
+}
+
+/// Operator calls signed with the node's secret (`ctl --secret-file`), and the admin
+/// calls a node started with `--require-signed-ctl` refuses unsigned: every POST but the
+/// node-to-node `takeover`, which [`route`] checks itself. Reads stay open.
+fn authorize(node: &Node, request: &Incoming<'_>, method: &tiny_http::Method, url: &str) -> Result<(), ApiError> {
+    let path = url.split('?').next().unwrap_or("");
+    if *method != tiny_http::Method::Post || path.ends_with("/takeover") {
+        return Ok(());
+    }
+    if request.headers().iter().any(|h| h.field.equiv(CALL_HEADER)) {
+        return check_call(node, request, "POST", path, &request.body);
+    }
+    if node.cfg.require_signed_ctl {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        let why = "this node requires signed admin calls (--require-signed-ctl): sign them with ctl --secret-file";
+        eprintln!("control: refused POST {path} from {peer}: unsigned");
+        node.events.push(
+            "peer-refused",
+            None,
+            json!({ "peer": peer, "request": format!("POST {path}"), "reason": why }),
+        );
+        return Err(ApiError { status: 401, message: why.into() });
+    }
+    Ok(())
+}
+
 /// A request's body, at most [`BODY_MAX`] bytes.
-fn read_raw_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
+fn read_http_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
     if request.body_length().is_some_and(|n| n as u64 > BODY_MAX) {
         return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
     }
@@ -417,7 +461,11 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
     let challenge = challenge_of(&request);
     let result = match &challenge {
         Err(e) => Err(bad_request(e.clone())),
-        Ok(_) => route(&mut request, node, &method, &url),
+        Ok(_) => read_http_body(&mut request).and_then(|body| {
+            let mut incoming = Incoming { http: &mut request, body };
+            authorize(node, &incoming, &method, &url)?;
+            route(&mut incoming, node, &method, &url)
+        }),
     };
     let (status, body) = match result {
         Ok(v) => (200, v),
@@ -445,12 +493,7 @@ fn challenge_of(request: &tiny_http::Request) -> Result<Option<auth::Nonce>, Str
         .ok_or_else(|| format!("{CHALLENGE_HEADER} must be {} hex digits", 2 * auth::NONCE_BYTES))
 }
 
-fn route(
-    request: &mut tiny_http::Request,
-    node: &Node,
-    method: &tiny_http::Method,
-    url: &str,
-) -> Result<Value, ApiError> {
+fn route(request: &mut Incoming<'_>, node: &Node, method: &tiny_http::Method, url: &str) -> Result<Value, ApiError> {
     use tiny_http::Method::{Get, Post};
     let path: Vec<&str> = url.split('?').next().unwrap_or("").trim_matches('/').split('/').collect();
     match (method, path.as_slice()) {
@@ -588,6 +631,9 @@ fn route(
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// Signs every POST ([`Client::post_signed`]) where set: an operator's `ctl
+    /// --secret-file` ([`crate::tls::sign_operator_calls`]).
+    secret: Option<PeerSecret>,
 }
 
 impl Client {
@@ -597,7 +643,7 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(300)))
             .tls_config(crate::tls::client_tls())
             .build();
-        Client { base: crate::tls::base_url(addr), agent: config.into() }
+        Client { base: crate::tls::base_url(addr), agent: config.into(), secret: crate::tls::operator_secret() }
     }
 
     fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
@@ -717,6 +763,9 @@ impl Client {
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        if let Some(secret) = &self.secret {
+            return self.post_signed(Some(secret), path, body);
+        }
         let resp = self
             .agent
             .post(&format!("{}{path}", self.base))

@@ -37,6 +37,10 @@ enum Cmd {
         /// certificate (a node started with --tls-cert).
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Sign admin calls with the pair's secret (needed by a node started with
+        /// --require-signed-ctl).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -66,6 +70,10 @@ struct NodeArgs {
     /// (HMAC-SHA256 challenge-response). Both nodes of a pair need the same secret.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Refuse admin calls (every POST of the control API) that are not signed with the
+    /// secret (`ctl --secret-file`) with 401; reads (status, events, metrics) stay open.
+    #[arg(long, requires = "secret_file")]
+    require_signed_ctl: bool,
     /// TLS: this node's certificate chain (PEM). The control API and the replication
     /// engine then serve TLS only, and the node speaks TLS to its peers (both nodes of a
     /// pair use TLS, or neither). The certificate must name the address peers dial.
@@ -238,10 +246,9 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
-        Cmd::Ctl { node, tls_ca, cmd } => match &tls_ca {
-            Some(ca) => nvmirror_control::tls::trust_file(ca).and_then(|()| ctl(&node, cmd)),
-            None => ctl(&node, cmd),
-        },
+        Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
+            ctl_security(tls_ca.as_deref(), secret_file.as_deref()).and_then(|()| ctl(&node, cmd))
+        }
         Cmd::Quickstart(a) => quickstart::run(a),
     };
     if let Err(e) = r {
@@ -252,6 +259,21 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// What `ctl --tls-ca` and `ctl --secret-file` set for this process's API clients.
+fn ctl_security(tls_ca: Option<&std::path::Path>, secret_file: Option<&std::path::Path>) -> Result<()> {
+    if let Some(ca) = tls_ca {
+        nvmirror_control::tls::trust_file(ca)?;
+    }
+    if let Some(path) = secret_file {
+        let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
+        if let Some(w) = &loaded.warning {
+            eprintln!("nvmirror ctl: warning: {w}");
+        }
+        nvmirror_control::tls::sign_operator_calls(loaded.secret);
+    }
+    Ok(())
 }
 
 /// The node's TLS, from --tls-cert, --tls-key and --tls-ca; its API clients then speak
@@ -307,6 +329,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         control: control_addr,
         secret: secret.clone(),
         tls,
+        require_signed_ctl: a.require_signed_ctl,
     })?;
     let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));

@@ -99,6 +99,9 @@ pub struct NodeConfig {
     /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`): the control API and the replication
     /// engine serve TLS only, and this node speaks TLS to its peers. None: plain TCP.
     pub tls: Option<nvmirror_dataplane::transport::tls::TlsConfig>,
+    /// `--require-signed-ctl`: admin calls (POSTs) must be signed with the secret (`ctl
+    /// --secret-file`); reads stay open. Needs a secret.
+    pub require_signed_ctl: bool,
 }
 
 impl NodeConfig {

@@ -1,4 +1,5 @@
-//! TLS for the control API: the node's TLS front, and what its clients trust.
+//! TLS for the control API: the node's TLS front, and what its clients trust (and, for
+//! `ctl --secret-file`, the secret an operator's clients sign with).
 //!
 //! tiny_http speaks plain HTTP only (its own TLS support is tied to an old rustls), so a
 //! node with `--tls-cert` serves its control address through a small TLS front: each
@@ -23,6 +24,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
+use nvmirror_dataplane::transport::auth::PeerSecret;
 use nvmirror_dataplane::transport::tls::{self as dtls, TlsConfig};
 use rustls_pki_types::CertificateDer;
 
@@ -34,6 +36,19 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BUF_BYTES: usize = 16 * 1024;
 
 static TRUSTED: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+static OPERATOR_SECRET: OnceLock<PeerSecret> = OnceLock::new();
+
+/// From now on this process's API clients sign their POSTs with `secret` (`ctl
+/// --secret-file`; a node signs its own node-to-node calls explicitly, and never calls
+/// this).
+pub fn sign_operator_calls(secret: PeerSecret) {
+    let _ = OPERATOR_SECRET.set(secret);
+}
+
+/// The secret of [`sign_operator_calls`], if set.
+pub fn operator_secret() -> Option<PeerSecret> {
+    OPERATOR_SECRET.get().cloned()
+}
 
 /// From now on this process's API clients speak https, trusting `roots` only. The first
 /// call wins (a process has one configuration).
