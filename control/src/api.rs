@@ -33,9 +33,15 @@
 //!   [`CALL_NONCE_TTL`]) and HMAC-SHA256(secret, "nvmirror-call" || nonce || method || 0 ||
 //!   path || 0 || body) ([`Client::post_signed`]).
 //!
-//! An operator's requests carry none of this and are answered as before (the operator's
-//! commands are not authenticated by the secret). The replication handshake authenticates
+//! An operator's requests carry none of this and are answered as before, unless the node
+//! runs with `--require-signed-ctl`: then every POST but `takeover` must carry
+//! [`CALL_HEADER`] as node-to-node POSTs do (`ctl --secret-file` signs them, [`Client`]
+//! with [`crate::tls::sign_operator_calls`]), or is refused with 401; a POST that carries
+//! it is checked whatever the flag. Reads stay open. The replication handshake authenticates
 //! both nodes again, whatever was paired.
+//!
+//! With `--tls-cert` the API is served over TLS only (the front of [`crate::tls`]), and a
+//! node's calls to its peers, like `ctl --tls-ca`, speak https.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
