@@ -121,8 +121,11 @@ pub fn serve_front(listener: TcpListener, tls: TlsConfig, backend: PathBuf) {
         let (tls, backend, open) = (tls.clone(), backend.clone(), open.clone());
         let spawned = thread::Builder::new().name("nvm-api-tls".into()).spawn(move || {
             let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-            if let Err(e) = relay(stream, &tls, &backend) {
-                eprintln!("control: TLS connection from {peer}: {e}");
+            match relay(stream, &tls, &backend) {
+                // A client that went away mid-answer is no news.
+                Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {}
+                Err(e) => eprintln!("control: TLS connection from {peer}: {e}"),
+                Ok(()) => {}
             }
             open.fetch_sub(1, Ordering::SeqCst);
         });
