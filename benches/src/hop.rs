@@ -239,14 +239,14 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
         thread: Some(
             thread::Builder::new()
                 .name("hop-destination".into())
-                .spawn(move || tcp::serve(listener, directory, stop))?,
+                .spawn(move || tcp::serve(listener, directory, stop, Default::default()))?,
         ),
     };
 
     let region =
         MappedNvram::open(&dir.path().join("source.nvlog"), NvLog::<MappedNvram>::region_bytes(pb), NvramMode::File)?;
     let (nvlog, _) = NvLog::open(region, VOLUME_ID, pb)?;
-    let (link, _welcome) = TcpConnector.connect(&addr, &hello).context("connect to the destination")?;
+    let (link, _welcome) = TcpConnector::default().connect(&addr, &hello).context("connect to the destination")?;
     let mut source = Source {
         nvlog,
         link,

@@ -122,6 +122,11 @@ impl NodeProc {
         Err(last.expect("tried"))
     }
 
+    /// Replaces the extra arguments the next [`NodeProc::restart`] starts the node with.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

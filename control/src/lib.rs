@@ -10,4 +10,5 @@ pub mod node;
 pub mod quickstart;
 pub mod size;
 pub mod storage;
+pub mod tls;
 pub mod workload;

@@ -14,6 +14,7 @@ use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
 use nvmirror_dataplane::frontend::nbd::NbdServer;
 use nvmirror_dataplane::nvram::NvramSpec;
+use nvmirror_dataplane::transport::auth::PeerSecret;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -32,6 +33,14 @@ enum Cmd {
         /// The node's control address (HOST:PORT).
         #[arg(long)]
         node: String,
+        /// Speak https to the node, trusting these CA certificates (PEM) for its
+        /// certificate (a node started with --tls-cert).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Sign admin calls with the pair's secret (needed by a node started with
+        /// --require-signed-ctl).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -56,9 +65,27 @@ struct NodeArgs {
     /// Node name (default: node-PORT of the replication address).
     #[arg(long)]
     name: Option<String>,
-    /// Shared secret for peer authentication.
+    /// A file holding the pair's shared secret (one trailing newline is ignored): every
+    /// replication connection, both ways, and every pairing is then authenticated with it
+    /// (HMAC-SHA256 challenge-response). Both nodes of a pair need the same secret.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Refuse admin calls (every POST of the control API) that are not signed with the
+    /// secret (`ctl --secret-file`) with 401; reads (status, events, metrics) stay open.
+    #[arg(long, requires = "secret_file")]
+    require_signed_ctl: bool,
+    /// TLS: this node's certificate chain (PEM). The control API and the replication
+    /// engine then serve TLS only, and the node speaks TLS to its peers (both nodes of a
+    /// pair use TLS, or neither). The certificate must name the address peers dial.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) this node trusts for its peers' certificates (default:
+    /// those of --tls-cert itself).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
     /// file-sync:DIR or dax:DIR.
     #[arg(long)]
@@ -129,12 +156,16 @@ enum CtlCmd {
     /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
     /// failed (clients still connected here are forwarded to the new primary).
     Switchover { volume: String },
-    /// State changes, failovers, resyncs, CPs...: JSON lines, as they happen.
+    /// State changes, failovers, resyncs, CPs...: JSON lines. Prints the events the node
+    /// keeps and exits; with --follow, then new ones as they happen, until interrupted.
     Events {
         /// Only events after this id.
         #[arg(long, default_value_t = 0)]
         since: u64,
-        /// Print the events kept so far and exit instead of following.
+        /// Keep the stream open and print new events as they happen.
+        #[arg(long, conflicts_with = "once")]
+        follow: bool,
+        /// Print the events kept so far and exit (the default; kept for scripts).
         #[arg(long)]
         once: bool,
     },
@@ -215,29 +246,66 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
-        Cmd::Ctl { node, cmd } => ctl(&node, cmd),
+        Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
+            ctl_security(tls_ca.as_deref(), secret_file.as_deref()).and_then(|()| ctl(&node, cmd))
+        }
         Cmd::Quickstart(a) => quickstart::run(a),
     };
     if let Err(e) = r {
-        eprintln!("nvmirror: {e:#}");
+        let e = format!("{e:#}");
+        match nvmirror_control::tls::hint(&e) {
+            Some(hint) => eprintln!("nvmirror: {e} ({hint})"),
+            None => eprintln!("nvmirror: {e}"),
+        }
         std::process::exit(1);
     }
 }
 
-fn run_node(a: NodeArgs) -> Result<()> {
-    if a.secret_file.is_some() {
-        bail!("--secret-file: peer authentication is not available in this build yet; run without it on a trusted network");
+/// What `ctl --tls-ca` and `ctl --secret-file` set for this process's API clients.
+fn ctl_security(tls_ca: Option<&std::path::Path>, secret_file: Option<&std::path::Path>) -> Result<()> {
+    if let Some(ca) = tls_ca {
+        nvmirror_control::tls::trust_file(ca)?;
     }
+    if let Some(path) = secret_file {
+        let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
+        if let Some(w) = &loaded.warning {
+            eprintln!("nvmirror ctl: warning: {w}");
+        }
+        nvmirror_control::tls::sign_operator_calls(loaded.secret);
+    }
+    Ok(())
+}
+
+/// The node's TLS, from --tls-cert, --tls-key and --tls-ca; its API clients then speak
+/// https to its peers, trusting the same CA certificates.
+fn node_tls(a: &NodeArgs) -> Result<Option<nvmirror_dataplane::transport::tls::TlsConfig>> {
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else { return Ok(None) };
+    let tls = nvmirror_dataplane::transport::tls::TlsConfig::from_files(cert, key, a.tls_ca.as_deref())
+        .map_err(|e| anyhow!("--tls-cert/--tls-key/--tls-ca: {e}"))?;
+    nvmirror_control::tls::trust(tls.roots().to_vec());
+    Ok(Some(tls))
+}
+
+fn run_node(a: NodeArgs) -> Result<()> {
+    let secret = match &a.secret_file {
+        None => None,
+        Some(path) => {
+            let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
+            if let Some(w) = &loaded.warning {
+                eprintln!("nvmirror node: warning: {w}");
+            }
+            Some(loaded.secret)
+        }
+    };
     let nvram: NvramSpec = match &a.nvram {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
     };
     let replication = TcpListener::bind(&a.listen).with_context(|| format!("bind replication address {}", a.listen))?;
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
-    let control_addr = api::parse_addr(&a.control)?;
-    let control =
-        tiny_http::Server::http(control_addr).map_err(|e| anyhow!("bind control address {}: {e}", a.control))?;
-    let control_addr = control.server_addr().to_ip().ok_or_else(|| anyhow!("control address is not IP"))?;
+    let tls = node_tls(&a)?;
+    let (control, control_addr) =
+        nvmirror_control::tls::control_server(api::parse_addr(&a.control)?, &a.data_dir, tls.as_ref())?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
     let raid = nvmirror_control::storage::RaidDefaults {
@@ -259,12 +327,16 @@ fn run_node(a: NodeArgs) -> Result<()> {
         replication: replication_addr,
         nbd: nbd.local_addr()?,
         control: control_addr,
+        secret: secret.clone(),
+        tls,
+        require_signed_ctl: a.require_signed_ctl,
     })?;
+    let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));
     let dir: Arc<dyn nvmirror_dataplane::transport::MirrorDirectory> = node.clone();
     std::thread::Builder::new()
         .name("nvm-repl-accept".into())
-        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop))?;
+        .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
     println!(
         "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}",
@@ -389,14 +461,17 @@ fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 r["primary"].as_str().unwrap_or("?")
             );
         }
-        CtlCmd::Events { since, once } => {
+        CtlCmd::Events { since, follow, once: _ } => {
             use std::io::Write;
-            let path = format!("/v1/events?since={since}{}", if once { "" } else { "&follow=1" });
+            let path = format!("/v1/events?since={since}{}", if follow { "&follow=1" } else { "" });
             let mut out = std::io::stdout().lock();
-            client.get_lines(&path, |l| {
+            client.get_lines(&path, follow, |l| {
                 let _ = writeln!(out, "{l}");
                 let _ = out.flush();
             })?;
+            if follow {
+                bail!("the node closed the event stream");
+            }
         }
         CtlCmd::Switchover { volume } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/switchover"), &serde_json::json!({}))?;

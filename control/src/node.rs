@@ -35,6 +35,7 @@ use nvmirror_dataplane::source::{
     self, Control, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
 };
 use nvmirror_dataplane::storage::{DiskSpec, Engine};
+use nvmirror_dataplane::transport::auth::PeerSecret;
 use nvmirror_dataplane::transport::AnyConnector;
 use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
 use parking_lot::{Mutex, RwLock};
@@ -92,6 +93,22 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
     pub raid: RaidDefaults,
+    /// The pair's shared secret (`--secret-file`): replication connections and pairings
+    /// are authenticated with it, both ways. None: peers are not authenticated.
+    pub secret: Option<PeerSecret>,
+    /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`): the control API and the replication
+    /// engine serve TLS only, and this node speaks TLS to its peers. None: plain TCP.
+    pub tls: Option<nvmirror_dataplane::transport::tls::TlsConfig>,
+    /// `--require-signed-ctl`: admin calls (POSTs) must be signed with the secret (`ctl
+    /// --secret-file`); reads stay open. Needs a secret.
+    pub require_signed_ctl: bool,
+}
+
+impl NodeConfig {
+    /// How this node's replication connections are secured, both ways.
+    pub fn link_security(&self) -> nvmirror_dataplane::transport::LinkSecurity {
+        nvmirror_dataplane::transport::LinkSecurity { secret: self.secret.clone(), tls: self.tls.clone() }
+    }
 }
 
 /// Whose storage: a primary volume, or the mirror of (source node, volume).
@@ -118,6 +135,8 @@ pub struct Node {
     unstarted: Mutex<Vec<(String, String)>>,
     /// What changed on this node, for `ctl events`.
     pub events: Arc<crate::events::EventLog>,
+    /// Nonces issued for node-to-node requests to this node (`GET /v1/call-challenge`).
+    pub call_nonces: crate::api::CallNonces,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -195,6 +214,7 @@ impl Node {
             bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
         }
         let rdma = start_rdma(&cfg);
+        let connector = Arc::new(AnyConnector::new(cfg.link_security()));
         let node = Arc::new(Node {
             cfg,
             state: Mutex::new(state.clone()),
@@ -202,12 +222,13 @@ impl Node {
             mirrors: RwLock::new(HashMap::new()),
             next_core: AtomicUsize::new(0),
             failover_lock: Mutex::new(()),
-            connector: Arc::new(AnyConnector),
+            connector,
             rdma,
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
             events: Arc::default(),
+            call_nonces: crate::api::CallNonces::default(),
         });
         node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
         node.save_state(&state)?;
@@ -463,7 +484,7 @@ impl Node {
         if let Some(raid) = &opened.raid {
             if let Some(m) = raid.rebuilding_member() {
                 eprintln!("node {}: volume {name}: resuming the rebuild of member {m}", self.cfg.name);
-                spawn_rebuild(raid.clone(), None);
+                spawn_rebuild(raid.clone(), None, name, self.events.clone());
             }
         }
     }
@@ -626,9 +647,12 @@ impl Node {
         let handle = self.volume(name)?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Cp(tx)).map_err(|e| anyhow!(e))?;
-        rx.recv_timeout(timeout)
+        let cp = rx
+            .recv_timeout(timeout)
             .map_err(|_| anyhow!("CP did not complete within {timeout:?} (is the mirror link up?)"))?
-            .map_err(|e| anyhow!(e))
+            .map_err(|e| anyhow!(e))?;
+        self.events.push("cp-forced", Some(name), serde_json::json!({ "cp": cp }));
+        Ok(cp)
     }
 
     /// Fails the mirror of `name` over to this node and serves it as a writable primary.
@@ -886,7 +910,7 @@ impl Node {
             Some(name),
             serde_json::json!({ "member": member, "old": old, "new": raid.disks()[member].to_string() }),
         );
-        spawn_rebuild(raid, rate);
+        spawn_rebuild(raid, rate, name, self.events.clone());
         Ok(member)
     }
 
@@ -953,11 +977,13 @@ impl Node {
         let handle = self.volume(name)?;
         let ours = handle.status().map_err(|e| anyhow!(e))?;
         let client = crate::api::Client::new(primary_control);
-        let peer: crate::api::NodeInfo = client.get("/v1/node").with_context(|| format!("peer {primary_control}"))?;
+        let secret = self.cfg.secret.as_ref();
+        let peer = client.peer_info(secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
         if peer.name == self.cfg.name {
             bail!("{primary_control} is this node");
         }
-        let status: serde_json::Value = client.get("/v1/status").with_context(|| format!("peer {primary_control}"))?;
+        let status: serde_json::Value =
+            client.get_proven("/v1/status", secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
         let empty = Vec::new();
         let theirs = status["volumes"]
             .as_array()
@@ -1071,8 +1097,8 @@ impl Node {
             );
         }
         let client = crate::api::Client::new(&target.peer_control);
-        let peer: crate::api::NodeInfo =
-            client.get("/v1/node").with_context(|| format!("peer {}", target.peer_control))?;
+        let peer =
+            client.peer_info(self.cfg.secret.as_ref()).map_err(|e| anyhow!("peer {}: {e}", target.peer_control))?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Quiesce(tx)).map_err(|e| anyhow!(e))?;
         let quiesced =
@@ -1109,7 +1135,8 @@ impl Node {
             })
         };
         let takeover = self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch).and_then(|()| {
-            client.post::<_, serde_json::Value>(
+            client.post_signed::<_, serde_json::Value>(
+                self.cfg.secret.as_ref(),
                 &format!("/v1/volumes/{name}/takeover"),
                 &crate::api::TakeoverRequest {
                     from: self.cfg.name.clone(),
@@ -1354,6 +1381,10 @@ pub struct UnstartedVolume {
 }
 
 impl MirrorDirectory for Node {
+    fn peer_refused(&self, peer: &str, reason: &str) {
+        self.events.push("peer-refused", None, serde_json::json!({ "peer": peer, "reason": reason }));
+    }
+
     fn attach(
         &self,
         hello: &Hello,
@@ -1477,11 +1508,17 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     }
 }
 
-fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>) {
+fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>, volume: &str, events: Arc<crate::events::EventLog>) {
+    let volume = volume.to_string();
     let r = std::thread::Builder::new().name("nvm-rebuild".into()).spawn(move || {
-        if let Err(e) = raid.rebuild(rate) {
-            eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
-        }
+        let result = match raid.rebuild(rate) {
+            Ok(_) => "done".to_string(),
+            Err(e) => {
+                eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
+                format!("failed: {e}")
+            }
+        };
+        events.push("rebuild-finished", Some(&volume), serde_json::json!({ "result": result }));
     });
     if let Err(e) = r {
         eprintln!("cannot start a rebuild thread: {e}");

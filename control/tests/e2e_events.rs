@@ -29,7 +29,7 @@ fn state_changes_stream_in_order_and_resume_from_an_id() {
 
     // Follow the stream from now on, in a child process.
     let mut follower = Command::new(bin())
-        .args(["ctl", "--node", &pair.src.control, "events"])
+        .args(["ctl", "--node", &pair.src.control, "events", "--follow"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -110,4 +110,59 @@ fn state_changes_stream_in_order_and_resume_from_an_id() {
     let text = String::from_utf8_lossy(&body);
     assert!(text.starts_with("HTTP/1.0 400") || text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("not an event id"), "{text}");
+}
+
+#[test]
+fn ctl_events_prints_and_exits_and_streams_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = nvmirror_control::cluster::NodeProc::start(&bin(), "solo", &dir.path().join("solo"), &[])
+        .expect("start a node");
+    create_volume(&nvmirror_control::api::Client::new(&node.control), VOL, 4 * MIB, Some(LOG_BYTES_MIN))
+        .expect("create");
+    cp(&nvmirror_control::api::Client::new(&node.control), VOL).expect("CP");
+
+    // Without --follow: what is kept, then exit 0.
+    let out = run_bin(&["ctl", "--node", &node.control, "events"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kinds: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line")["kind"].as_str().unwrap_or("?").to_string())
+        .collect();
+    for k in ["node-started", "volume-created", "cp-forced"] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+    }
+
+    // Followers that never read hold their own streams only: the API answers beside them,
+    // and the stream after the last allowed one is refused clearly.
+    let max = nvmirror_control::events::FOLLOWERS_MAX;
+    let mut stuck = Vec::new();
+    for _ in 0..max {
+        let mut s = std::net::TcpStream::connect(&node.control).expect("connect");
+        std::io::Write::write_all(&mut s, b"GET /v1/events?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        stuck.push(s);
+    }
+    let refused = wait_for("a stream past the bound to be refused", Duration::from_secs(30), || {
+        let (body, _) = raw_exchange(
+            &node.control,
+            b"GET /v1/events?follow=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            false,
+            Duration::from_secs(2),
+        );
+        let text = String::from_utf8_lossy(&body).to_string();
+        Ok(text.starts_with("HTTP/1.1 503").then_some(text))
+    });
+    assert!(refused.contains("event streams are open already"), "{refused}");
+    let t = std::time::Instant::now();
+    status(&nvmirror_control::api::Client::new(&node.control)).expect("status beside stuck streams");
+    assert!(t.elapsed() < Duration::from_secs(5), "the API was held up by event streams: {:?}", t.elapsed());
+    drop(stuck);
+
+    // A node that cannot be reached: a non-zero exit with one line.
+    let gone = node.control.clone();
+    drop(node);
+    let out = run_bin(&["ctl", "--node", &gone, "events"], Duration::from_secs(30));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("nvmirror: "), "{stderr}");
 }

@@ -10,10 +10,12 @@
 //! Engines: [`tcp`] (everywhere, the default) and [`mem`] (in-process, for tests and the
 //! simulator). The protocol is described in `README.md` beside this file.
 
+pub mod auth;
 pub mod mem;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 use std::io;
@@ -63,6 +65,9 @@ pub enum ConnectError {
     Refused { target: String, code: RefuseCode, reason: String },
     #[error("protocol error with {target}: {reason}")]
     Protocol { target: String, reason: String },
+    /// The destination did not prove that it holds this node's secret.
+    #[error("destination {target} failed authentication: {reason}")]
+    Unauthenticated { target: String, reason: String },
 }
 
 /// The source's end of a replication connection.
@@ -110,6 +115,13 @@ pub trait MirrorDirectory: Send + Sync {
         hello: &Hello,
         sink: Arc<dyn ReplySink>,
     ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)>;
+
+    /// A peer at address `peer` was refused before its hello was acted on (authentication
+    /// missing or failed): nothing of any mirror was touched. The engine logs it; a node
+    /// may record it too.
+    fn peer_refused(&self, peer: &str, reason: &str) {
+        let _ = (peer, reason);
+    }
 }
 
 /// The transport engine a volume is mirrored with.
@@ -145,8 +157,26 @@ pub const RDMA_SCHEME: &str = "rdma://";
 pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
 
 /// The engine a node's volumes use, chosen per target: `rdma://HOST:PORT` for RDMA (where
-/// built), `HOST:PORT` for TCP.
-pub struct AnyConnector;
+/// built), `HOST:PORT` for TCP. Both authenticate with the node's secret, where it has one.
+#[derive(Debug, Clone, Default)]
+pub struct AnyConnector {
+    tcp: tcp::TcpConnector,
+}
+
+impl AnyConnector {
+    pub fn new(security: LinkSecurity) -> AnyConnector {
+        AnyConnector { tcp: tcp::TcpConnector::new(security) }
+    }
+}
+
+/// How a node's replication connections are secured, both ways: the pair's shared secret
+/// (each end proves it holds it before the hello is acted on) and TLS around the whole
+/// connection. The default, neither, is the engine as it was before either existed.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSecurity {
+    pub secret: Option<auth::PeerSecret>,
+    pub tls: Option<tls::TlsConfig>,
+}
 
 impl Connector for AnyConnector {
     type Link = Box<dyn Link>;
@@ -154,7 +184,7 @@ impl Connector for AnyConnector {
         if let Some(addr) = target.strip_prefix(RDMA_SCHEME) {
             #[cfg(feature = "rdma")]
             {
-                let (l, w) = rdma::RdmaConnector.connect(addr, hello)?;
+                let (l, w) = rdma::RdmaConnector::over(self.tcp.clone()).connect(addr, hello)?;
                 return Ok((Box::new(l), w));
             }
             #[cfg(not(feature = "rdma"))]
@@ -163,7 +193,7 @@ impl Connector for AnyConnector {
                 reason: "this build has no RDMA engine (build with the rdma feature)".into(),
             });
         }
-        let (l, w) = tcp::TcpConnector.connect(target, hello)?;
+        let (l, w) = self.tcp.connect(target, hello)?;
         Ok((Box::new(l), w))
     }
 }

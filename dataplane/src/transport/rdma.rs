@@ -187,8 +187,19 @@ impl RdmaPlacement for RdmaService {
 
 // ---- source ----
 
-/// Makes RDMA links: TCP for control, an RC queue pair for placement.
-pub struct RdmaConnector;
+/// Makes RDMA links: TCP for control (authenticated as its connector says), an RC queue
+/// pair for placement.
+#[derive(Debug, Clone, Default)]
+pub struct RdmaConnector {
+    tcp: TcpConnector,
+}
+
+impl RdmaConnector {
+    /// An RDMA connector whose control channel is opened by `tcp` (with its secret).
+    pub fn over(tcp: TcpConnector) -> RdmaConnector {
+        RdmaConnector { tcp }
+    }
+}
 
 struct Batch {
     wr_id: u64,
@@ -247,7 +258,7 @@ impl Connector for RdmaConnector {
     type Link = RdmaLink;
     fn connect(&self, target: &str, hello: &Hello) -> Result<(RdmaLink, Welcome), ConnectError> {
         let protocol = |reason: String| ConnectError::Protocol { target: target.to_string(), reason };
-        let (mut tcp, welcome) = TcpConnector.connect(target, hello)?;
+        let (mut tcp, welcome) = self.tcp.connect(target, hello)?;
         tcp.send(&Message::RdmaSetup).and_then(|()| tcp.flush()).map_err(|e| protocol(e.to_string()))?;
         let Reply::RdmaListen { addr, token } = setup_reply(&mut tcp, "rdma-listen").map_err(&protocol)? else {
             return Err(protocol("expected rdma-listen".into()));

@@ -10,6 +10,7 @@
 
 use thiserror::Error;
 
+use super::auth::{Nonce, Proof, MAC_BYTES, NONCE_BYTES};
 use crate::format::{crc32c, PARTITION_HEADER_BYTES};
 
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"NVMF");
@@ -111,6 +112,8 @@ pub enum RefuseCode {
     Busy = 3,
     Broken = 4,
     Internal = 5,
+    /// Authentication is missing or failed on one side (`--secret-file`).
+    Unauthenticated = 6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +179,20 @@ pub enum Message<'a> {
     RdmaRegions {
         regions: [RdmaRegion; 2],
     },
+    /// The source asks to authenticate, with its nonce: its first frame where it holds a
+    /// secret.
+    AuthRequest {
+        nonce: Nonce,
+    },
+    /// The destination's challenge: its nonce.
+    AuthChallenge {
+        nonce: Nonce,
+    },
+    /// A proof of the secret over the handshake (`auth.rs`): the source's right after its
+    /// hello, the destination's right before its welcome or refusal.
+    AuthProof {
+        proof: Proof,
+    },
 }
 
 /// One registered log file, as the source addresses it.
@@ -202,6 +219,10 @@ const K_RDMA_SETUP: u8 = 14;
 const K_RDMA_LISTEN: u8 = 15;
 const K_RDMA_REGIONS: u8 = 16;
 const K_RESYNC_DONE: u8 = 17;
+// The handshake's authentication frames, apart from the data path's kinds.
+const K_AUTH_REQUEST: u8 = 32;
+const K_AUTH_CHALLENGE: u8 = 33;
+const K_AUTH_PROOF: u8 = 34;
 
 /// Prefix of an `Entries` body before the entry bytes.
 pub const ENTRIES_PREFIX_BYTES: usize = 12;
@@ -410,6 +431,18 @@ impl Message<'_> {
                 }
                 K_RDMA_REGIONS
             }
+            Message::AuthRequest { nonce } => {
+                w.0.extend_from_slice(nonce);
+                K_AUTH_REQUEST
+            }
+            Message::AuthChallenge { nonce } => {
+                w.0.extend_from_slice(nonce);
+                K_AUTH_CHALLENGE
+            }
+            Message::AuthProof { proof } => {
+                w.0.extend_from_slice(proof);
+                K_AUTH_PROOF
+            }
         };
         let body = w.0;
         assert!(body.len() <= BODY_MAX, "frame body above BODY_MAX");
@@ -476,6 +509,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_RDMA_LISTEN => "rdma-listen",
         K_RDMA_REGIONS => "rdma-regions",
         K_RESYNC_DONE => "resync-done",
+        K_AUTH_REQUEST => "auth-request",
+        K_AUTH_CHALLENGE => "auth-challenge",
+        K_AUTH_PROOF => "auth-proof",
         _ => return Err(WireError::BadKind(kind)),
     };
     let mut r = Reader { b: body, what: name };
@@ -533,6 +569,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 3 => RefuseCode::Busy,
                 4 => RefuseCode::Broken,
                 5 => RefuseCode::Internal,
+                6 => RefuseCode::Unauthenticated,
                 _ => return Err(WireError::BadField(name, "unknown refusal code")),
             };
             Message::Refuse { code, reason: r.str()? }
@@ -584,6 +621,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             }
             Message::RdmaRegions { regions }
         }
+        K_AUTH_REQUEST => Message::AuthRequest { nonce: r.take(NONCE_BYTES)?.try_into().expect("32") },
+        K_AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.take(NONCE_BYTES)?.try_into().expect("32") },
+        K_AUTH_PROOF => Message::AuthProof { proof: r.take(MAC_BYTES)?.try_into().expect("32") },
         _ => unreachable!("kind checked above"),
     };
     if matches!(
@@ -602,6 +642,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::RdmaSetup
             | Message::RdmaListen { .. }
             | Message::RdmaRegions { .. }
+            | Message::AuthRequest { .. }
+            | Message::AuthChallenge { .. }
+            | Message::AuthProof { .. }
     ) {
         r.end()?;
     }
@@ -662,6 +705,10 @@ mod tests {
             Message::RdmaRegions {
                 regions: [RdmaRegion { addr: 1, rkey: 2, len: 3 }, RdmaRegion { addr: 4, rkey: 5, len: 6 }],
             },
+            Message::Refuse { code: RefuseCode::Unauthenticated, reason: "who are you".into() },
+            Message::AuthRequest { nonce: [1; 32] },
+            Message::AuthChallenge { nonce: [2; 32] },
+            Message::AuthProof { proof: [3; 32] },
         ]
     }
 
@@ -698,6 +745,27 @@ mod tests {
         let mut f = Message::Ack { seq: 1 }.encode();
         f[20] ^= 1;
         assert_eq!(decode(&f), Err(WireError::BadChecksum));
+    }
+
+    #[test]
+    fn auth_frames_are_exactly_their_nonce_or_proof() {
+        for kind in [K_AUTH_REQUEST, K_AUTH_CHALLENGE, K_AUTH_PROOF] {
+            for len in [0usize, 1, 31, 33, 64] {
+                let body = vec![9u8; len];
+                let mut f = frame_header(kind, len, frame_crc(kind, len, &[&body])).to_vec();
+                f.extend_from_slice(&body);
+                let e = decode(&f).unwrap_err();
+                assert!(
+                    matches!(e, WireError::Truncated(_) | WireError::Trailing(_, _)),
+                    "kind {kind} with a {len}-byte body: {e:?}"
+                );
+            }
+        }
+        // A refusal code this build does not know is an error, not a default.
+        let body = [7u8, 0, 0, 0];
+        let mut f = frame_header(K_REFUSE, body.len(), frame_crc(K_REFUSE, body.len(), &[&body])).to_vec();
+        f.extend_from_slice(&body);
+        assert_eq!(decode(&f), Err(WireError::BadField("refuse", "unknown refusal code")));
     }
 
     proptest! {

@@ -87,8 +87,8 @@ fn case(
     let rdma = RdmaService::start_with(addr, tamper).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
-    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false))));
-    let r = RdmaConnector.connect(&addr.to_string(), &hello(source_epoch));
+    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false)), Default::default()));
+    let r = RdmaConnector::default().connect(&addr.to_string(), &hello(source_epoch));
     // Nothing was placed in the destination's log files.
     for (p, (ptr, len)) in mirror.log_memory().into_iter().enumerate() {
         // SAFETY: the mirror's log mappings live as long as `mirror`, held here; only read.

@@ -79,10 +79,11 @@ fn main() -> Result<()> {
     let rdma = RdmaService::start(addr).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
-    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false))));
+    std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false)), Default::default()));
 
     // The source.
-    let (mut link, _welcome) = RdmaConnector.connect(&addr.to_string(), &hello).map_err(|e| anyhow!("{e}"))?;
+    let (mut link, _welcome) =
+        RdmaConnector::default().connect(&addr.to_string(), &hello).map_err(|e| anyhow!("{e}"))?;
     let region: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PARTITION_BYTES)));
     let (mut nvlog, _) = NvLog::open(region, VOLUME_ID, PARTITION_BYTES)?;
     let header = PartitionHeader { partition: 0, volume_id: VOLUME_ID, cp_gen: 1, first_seq: 1, epoch: 1 };
