@@ -969,6 +969,16 @@ impl Node {
         Ok(())
     }
 
+    fn volume_record(&self, name: &str) -> Result<VolumeRecord> {
+        self.state
+            .lock()
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no record of volume {name}"))
+    }
+
     /// `ctl resync VOL --from PRIMARY`, on a node that lost `name` to a failover: the
     /// volume becomes the new primary's mirror in place, and the new primary brings it
     /// level with a delta resync of what either side changed since their last common CP
@@ -1017,14 +1027,7 @@ impl Node {
         let (tx, rx) = bounded(1);
         handle.control(Control::ChangedRegions(tx)).map_err(|e| anyhow!(e))?;
         let regions = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?;
-        let rec = self
-            .state
-            .lock()
-            .volumes
-            .iter()
-            .find(|v| v.name == name)
-            .cloned()
-            .ok_or_else(|| anyhow!("no record of volume {name}"))?;
+        let rec = self.volume_record(name)?;
         handle.stop();
         self.volumes.write().remove(name);
         let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
@@ -1079,14 +1082,7 @@ impl Node {
     pub fn switchover(&self, name: &str) -> Result<SwitchoverReport> {
         let started = std::time::Instant::now();
         let handle = self.volume(name)?;
-        let rec = self
-            .state
-            .lock()
-            .volumes
-            .iter()
-            .find(|v| v.name == name)
-            .cloned()
-            .ok_or_else(|| anyhow!("no record of volume {name}"))?;
+        let rec = self.volume_record(name)?;
         let target = rec.mirror.clone().ok_or_else(|| anyhow!("volume {name} is not mirrored"))?;
         let st = handle.status().map_err(|e| anyhow!(e))?;
         if st.state != "in-sync" || !st.mirror_current {

@@ -304,6 +304,21 @@ fn volume_prefix(raid: &Raid4) -> String {
     k.rsplit_once('/').map_or(k.clone(), |(p, _)| p.to_string())
 }
 
+/// A new mirror's metadata for the run's volume, sourced from `source` at `epoch`.
+fn mirror_meta(source: &str, epoch: u64) -> MirrorMeta {
+    MirrorMeta::new(&Hello {
+        source_node: source.to_string(),
+        volume: VOLUME.into(),
+        volume_id: VOLUME_ID,
+        epoch,
+        volume_bytes: BLOCKS * BLOCK_BYTES as u64,
+        partition_bytes: PARTITION_BYTES as u64,
+        intent: Intent::Resume,
+        base_seq: 0,
+        base_cp_gen: 0,
+    })
+}
+
 fn member_keys(prefix: &str, members: usize) -> Vec<String> {
     (0..members).map(|m| format!("{prefix}/d{m}")).collect()
 }
@@ -1275,23 +1290,7 @@ impl World {
         drop(stepped);
         drop(handle);
         let keys = self.nodes[old].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume record")?;
-        let mut meta = MirrorMeta {
-            source_node: primary.clone(),
-            volume: VOLUME.into(),
-            volume_id: VOLUME_ID,
-            volume_bytes: BLOCKS * BLOCK_BYTES as u64,
-            partition_bytes: PARTITION_BYTES as u64,
-            epoch: status.epoch,
-            applied_cp: 0,
-            applied_seq: 0,
-            consistent: false,
-            pending_cp: None,
-            promoted: false,
-            promoting: false,
-            resyncing: false,
-            last_cp_unix_ms: 0,
-            last_cp_duration_us: 0,
-        };
+        let mut meta = mirror_meta(&primary, status.epoch);
         if let Some(b) = &base {
             meta.applied_cp = b.cp;
             meta.resyncing = true;
@@ -1416,23 +1415,8 @@ impl World {
             ));
         }
         let keys_a = self.nodes[&a].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume")?;
-        let meta_a = MirrorMeta {
-            source_node: b.clone(),
-            volume: VOLUME.into(),
-            volume_id: VOLUME_ID,
-            volume_bytes: BLOCKS * BLOCK_BYTES as u64,
-            partition_bytes: PARTITION_BYTES as u64,
-            epoch: report.epoch,
-            applied_cp: cp,
-            applied_seq: next_seq - 1,
-            consistent: true,
-            pending_cp: None,
-            promoted: false,
-            promoting: false,
-            resyncing: false,
-            last_cp_unix_ms: 0,
-            last_cp_duration_us: 0,
-        };
+        let meta_a =
+            MirrorMeta { applied_cp: cp, applied_seq: next_seq - 1, consistent: true, ..mirror_meta(&b, report.epoch) };
         self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
         self.nodes[&a].durable.lock().volume = None;
         let start = Checkpoint { released_cp: cp, next_seq };

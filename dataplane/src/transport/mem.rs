@@ -27,17 +27,7 @@ impl ReplySink for MemSink {
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
         }
-        let reply = match msg {
-            Message::Ack { seq } => Reply::Ack { seq: *seq },
-            Message::CpDone { cp } => Reply::CpDone { cp: *cp },
-            Message::BaselineAck => Reply::BaselineAck,
-            Message::Refuse { code, reason } => Reply::Refuse { code: *code, reason: reason.clone() },
-            Message::Error { reason } => Reply::Error { reason: reason.clone() },
-            Message::RdmaListen { addr, token } => Reply::RdmaListen { addr: addr.clone(), token: *token },
-            Message::RdmaRegions { regions } => Reply::RdmaRegions { regions: *regions },
-            other => return Err(io::Error::other(format!("unexpected reply {other:?}"))),
-        };
-        let _ = self.tx.send(LinkEvent::Reply(reply));
+        let _ = self.tx.send(LinkEvent::Reply(reply_of(msg)?));
         Ok(())
     }
     fn close(&self) {
