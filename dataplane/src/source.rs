@@ -1037,8 +1037,11 @@ where
         let mut s = self.stats.clone();
         let (state, reason) = match &self.link {
             LinkState::Unmirrored => ("not-mirrored", None),
+            // Connecting: to a mirror not joined yet (a copy to come, or none confirmed since
+            // the start). A pair that was in sync stays out of sync through its reconnect
+            // attempts, whichever moment the status is taken.
             LinkState::Down { reason, connecting, copy, .. } => {
-                if copy.is_some() || *connecting {
+                if copy.is_some() || (*connecting && !self.confirmed) {
                     ("connecting", Some(reason.clone()))
                 } else {
                     ("out-of-sync", Some(reason.clone()))
