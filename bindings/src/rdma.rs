@@ -239,6 +239,9 @@ impl Drop for CompletionQueue {
 pub enum Access {
     /// Local use only (the source of RDMA WRITEs, the target of READs).
     Local,
+    /// Read by the local device only (the source of RDMA WRITEs): pinned without write
+    /// access, so memory the device never writes (a mapped log) is not dirtied by the pin.
+    LocalRead,
     /// The peer may RDMA WRITE into it and READ from it.
     RemoteReadWrite,
 }
@@ -259,7 +262,8 @@ impl MemoryRegion {
     ///
     /// # Safety
     /// The memory must stay mapped (and, for remote access, may be written by the peer at
-    /// any time) until this region is dropped.
+    /// any time) until this region is dropped. With [`Access::LocalRead`] the device only
+    /// reads it.
     pub unsafe fn register(
         pd: &Arc<ProtectionDomain>,
         addr: *mut u8,
@@ -268,6 +272,7 @@ impl MemoryRegion {
     ) -> Result<Self, RdmaError> {
         let flags = match access {
             Access::Local => ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+            Access::LocalRead => 0,
             Access::RemoteReadWrite => {
                 (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
                     | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE

@@ -523,6 +523,10 @@ where
 
 struct Poller<C: Connector> {
     cfg: SourceConfig,
+    /// Declared (so dropped) before `nvlog`: a link may send straight from the NVLog's
+    /// memory, offered to it at connect time.
+    link: LinkState<C::Link>,
+    connect_rx: Option<Receiver<ConnectResult<C::Link>>>,
     nvlog: NvLog<Box<dyn Nvram>>,
     device: Arc<dyn BlockDevice>,
     connector: Arc<C>,
@@ -530,8 +534,6 @@ struct Poller<C: Connector> {
     io_rx: Receiver<(IoRequest, Completer)>,
     ctl_rx: Receiver<Control>,
     target: Option<String>,
-    link: LinkState<C::Link>,
-    connect_rx: Option<Receiver<ConnectResult<C::Link>>>,
 
     parts: [Part; PARTITIONS],
     active: u8,
@@ -1400,6 +1402,12 @@ where
             link.close();
             return self.fence(format!("destination is at epoch {}", welcome.epoch));
         }
+        // SAFETY: the NVLog's memory is mapped for the poller's life, and the link is
+        // dropped first (field order) or replaced when it goes down. Entry bytes are sent
+        // only from a partition's written part, which changes only when the partition is
+        // freed: after the destination's CpDone for it (which follows the completion of
+        // every placement before the CP), or with the link down (dropped).
+        unsafe { link.offer_source_memory(self.nvlog.memory()) };
         if let Some(kind) = copy {
             let active = self.active;
             let header = self.nvlog.header(active).expect("active partition open");

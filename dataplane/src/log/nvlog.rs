@@ -191,6 +191,12 @@ impl<N: Nvram> NvLog<N> {
         SUPERBLOCK_BYTES + p as usize * partition_bytes
     }
 
+    /// The whole log's memory (superblock, checkpoint and both partitions): what a link
+    /// may register to send entries from.
+    pub fn memory(&self) -> &[u8] {
+        self.nvram.bytes()
+    }
+
     /// The bytes of partition `p`.
     pub fn partition(&self, p: u8) -> &[u8] {
         let b = Self::base(p, self.partition_bytes);

@@ -83,6 +83,18 @@ pub trait Link: Send {
     fn poll(&mut self) -> Option<LinkEvent>;
     /// Closes the link; later sends fail.
     fn close(&mut self);
+    /// Tells the link where the bytes of later [`Link::send_entries`] calls live (the
+    /// NVLog's memory), so that an engine able to send straight from memory (RDMA)
+    /// registers it once instead of copying every batch. Engines that copy or stream the
+    /// bytes at once ignore it.
+    ///
+    /// # Safety
+    /// `memory` must stay mapped for as long as the link lives, and the bytes of every
+    /// `send_entries` call that lie in it must stay unchanged until the link acknowledges
+    /// them (an `Ack` covering their last entry) or is dropped.
+    unsafe fn offer_source_memory(&mut self, memory: &[u8]) {
+        let _ = memory;
+    }
 }
 
 pub trait Connector: Send + Sync {
@@ -147,6 +159,10 @@ impl<L: Link + ?Sized> Link for Box<L> {
     }
     fn close(&mut self) {
         (**self).close()
+    }
+    unsafe fn offer_source_memory(&mut self, memory: &[u8]) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { (**self).offer_source_memory(memory) }
     }
 }
 

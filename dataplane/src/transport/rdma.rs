@@ -14,9 +14,12 @@
 //!    8-byte RDMA READ at its first and last bytes (a wrong key or address fails here, with
 //!    the device's status, before any placement), and starts placing.
 //!
-//! Data path: a batch of whole entries (or a partition header) is copied into a registered
-//! staging ring, written with one unsignalled RDMA WRITE at the same offset of the remote
-//! log file, and followed by a signalled 8-byte RDMA READ of that range: by the ordering
+//! Data path: a batch of whole entries is written with one unsignalled RDMA WRITE at the
+//! same offset of the remote log file, straight from the source's NVLog, which the source
+//! offers at connect time ([`Link::offer_source_memory`]) and the link registers once, read
+//! only; where that registration is refused (file-DAX memory), or for a partition header,
+//! the bytes are first copied into a registered staging ring. The WRITE is followed by a
+//! signalled 8-byte RDMA READ of that range: by the ordering
 //! rules of a reliable connection the READ's completion means every WRITE before it has been
 //! placed in the destination's memory. That completion is the batch's `Ack`. Placement in a
 //! `file:` log file is what that mode promises; for `dax:` it is placement in persistent
@@ -56,6 +59,8 @@ const DEPTH: Depth = Depth { send: 256, cq: 512 };
 const STAGING_BYTES: usize = 16 << 20;
 /// How long set-up steps may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// With placements in flight, the control channel is looked at once every this many polls.
+const TCP_POLL_EVERY: u32 = 64;
 /// How long a placement may stay incomplete before the link is declared dead.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -213,6 +218,9 @@ struct Batch {
 pub struct RdmaLink {
     tcp: TcpLink,
     conn: Connection,
+    /// The source's NVLog, registered read only: batches inside it are written from it
+    /// without a copy. Its memory outlives the link (the offer's contract).
+    source: Option<SourceMemory>,
     /// Deregistered (dropped) before the buffer it covers.
     staging_mr: MemoryRegion,
     staging: Box<[u8]>,
@@ -229,6 +237,22 @@ pub struct RdmaLink {
     events: VecDeque<LinkEvent>,
     completions: Vec<Completion>,
     dead: Option<String>,
+    /// Polls since the control channel was last looked at.
+    tcp_skips: u32,
+}
+
+struct SourceMemory {
+    mr: MemoryRegion,
+    base: usize,
+    len: usize,
+}
+
+impl SourceMemory {
+    /// The local address of `bytes` and the key to send them with, if they lie inside.
+    fn covers(&self, bytes: &[u8]) -> Option<(u64, u32)> {
+        let at = (bytes.as_ptr() as usize).checked_sub(self.base)?;
+        (at.checked_add(bytes.len())? <= self.len).then(|| (bytes.as_ptr() as u64, self.mr.lkey()))
+    }
 }
 
 // The staging ring's first bytes serve as the READ target: 8 bytes, never a batch.
@@ -294,6 +318,7 @@ impl Connector for RdmaConnector {
             RdmaLink {
                 tcp,
                 conn,
+                source: None,
                 staging,
                 staging_mr,
                 regions,
@@ -306,6 +331,7 @@ impl Connector for RdmaConnector {
                 events: VecDeque::new(),
                 completions: Vec::new(),
                 dead: None,
+                tcp_skips: 0,
             },
             welcome,
         ))
@@ -491,36 +517,45 @@ impl RdmaLink {
 
     /// Places `bytes` at `offset` of partition `p`'s remote log file.
     /// `entries`: the bytes are whole entries (their last sequence number is acked), not a
-    /// partition header.
-    fn place(&mut self, p: u8, offset: u64, bytes: &[u8], entries: bool) -> Result<(), LinkError> {
+    /// partition header. `from_source`: the bytes came through `send_entries` and may be
+    /// written straight from the offered source memory.
+    fn place(&mut self, p: u8, offset: u64, bytes: &[u8], entries: bool, from_source: bool) -> Result<(), LinkError> {
         self.check()?;
         let region = self.regions[p as usize];
         if offset + bytes.len() as u64 > region.len || bytes.len() > self.staging.len() / 2 {
             return Err(LinkError::Closed(format!("placement {offset}+{} outside log file {p}", bytes.len())));
         }
-        let at = loop {
-            if let Some(at) = self.reserve(bytes.len()) {
-                break at;
-            }
-            // Ring full: wait for batches to finish (bounded by PLACEMENT_TIMEOUT).
-            self.reap();
-            self.check()?;
-            std::hint::spin_loop();
-        };
         while self.inflight.len() + 2 > usize::try_from(DEPTH.send / 2).unwrap_or(64) {
             self.reap();
             self.check()?;
         }
-        self.staging[at..at + bytes.len()].copy_from_slice(bytes);
-        let base = self.staging.as_ptr() as u64;
-        let lkey = self.staging_mr.lkey();
+        let direct = if from_source { self.source.as_ref().and_then(|s| s.covers(bytes)) } else { None };
+        let (local, staged_end) = match direct {
+            Some((addr, lkey)) => (Sge { addr, len: u32::try_from(bytes.len()).expect("below the ring"), lkey }, None),
+            None => {
+                let at = loop {
+                    if let Some(at) = self.reserve(bytes.len()) {
+                        break at;
+                    }
+                    // Ring full: wait for batches to finish (bounded by PLACEMENT_TIMEOUT).
+                    self.reap();
+                    self.check()?;
+                    std::hint::spin_loop();
+                };
+                self.staging[at..at + bytes.len()].copy_from_slice(bytes);
+                let addr = self.staging.as_ptr() as u64 + at as u64;
+                let len = u32::try_from(bytes.len()).expect("below the ring");
+                (Sge { addr, len, lkey: self.staging_mr.lkey() }, Some(at + bytes.len()))
+            }
+        };
+        let scratch = self.staging.as_ptr() as u64;
         let wr_id = self.next_wr;
         self.next_wr += 1;
         let reqs = [
             WorkRequest {
                 wr_id,
                 op: Op::Write,
-                local: Sge { addr: base + at as u64, len: u32::try_from(bytes.len()).expect("below the ring"), lkey },
+                local,
                 remote_addr: region.addr + offset,
                 rkey: region.rkey,
                 signaled: false,
@@ -528,22 +563,26 @@ impl RdmaLink {
             WorkRequest {
                 wr_id,
                 op: Op::Read,
-                local: Sge { addr: base, len: 8, lkey },
+                local: Sge { addr: scratch, len: 8, lkey: self.staging_mr.lkey() },
                 remote_addr: region.addr + offset,
                 rkey: region.rkey,
                 signaled: true,
             },
         ];
-        // SAFETY: both local buffers lie in the staging ring (registered as `staging_mr`),
-        // which the ring accounting keeps untouched until this batch's READ completes; the
-        // READ scratch bytes are never read; the remote range was checked against the
-        // region the destination registered.
+        // SAFETY: the WRITE's local buffer lies either in the staging ring (registered as
+        // `staging_mr`), which the ring accounting keeps untouched until this batch's READ
+        // completes, or in the offered source memory (registered as `source`), which the
+        // offer's contract keeps mapped and unchanged until the batch is acknowledged,
+        // which is that same completion; the READ's scratch bytes are never read; the
+        // remote range was checked against the region the destination registered.
         if let Err(e) = unsafe { self.conn.post(&reqs) } {
             let reason = format!("post: {e}");
             self.fail(reason.clone());
             return Err(LinkError::Closed(reason));
         }
-        self.head = at + bytes.len();
+        if let Some(end) = staged_end {
+            self.head = end;
+        }
         let seq = if entries { last_seq(bytes) } else { None };
         self.inflight.push_back(Batch { wr_id, seq, ring_end: self.head, posted: Instant::now() });
         Ok(())
@@ -552,7 +591,23 @@ impl RdmaLink {
 
 impl Link for RdmaLink {
     fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
-        self.place(partition, offset, bytes, true)
+        self.place(partition, offset, bytes, true, true)
+    }
+
+    unsafe fn offer_source_memory(&mut self, memory: &[u8]) {
+        // SAFETY: the device only reads the memory (LocalRead); the caller keeps it mapped
+        // for the link's life, and `source` is dropped with the link.
+        let mr = unsafe {
+            MemoryRegion::register(self.conn.pd(), memory.as_ptr().cast_mut(), memory.len(), Access::LocalRead)
+        };
+        match mr {
+            Ok(mr) => self.source = Some(SourceMemory { mr, base: memory.as_ptr() as usize, len: memory.len() }),
+            // File-DAX memory cannot be pinned: copy batches through the staging ring.
+            Err(e) => eprintln!(
+                "rdma: the NVLog ({} bytes) cannot be registered ({e}): entries are copied into the staging ring",
+                memory.len()
+            ),
+        }
     }
 
     fn send(&mut self, msg: &Message<'_>) -> Result<(), LinkError> {
@@ -562,9 +617,9 @@ impl Link for RdmaLink {
             Message::PartitionOpen { header } => {
                 let mut h = [0u8; 2 * PARTITION_HEADER_BYTES];
                 h[..PARTITION_HEADER_BYTES].copy_from_slice(header);
-                self.place(header[6], 0, &h, false)
+                self.place(header[6], 0, &h, false, false)
             }
-            Message::Entries { partition, offset, bytes } => self.place(*partition, *offset, bytes, true),
+            Message::Entries { partition, offset, bytes } => self.place(*partition, *offset, bytes, true, false),
             other => {
                 let barrier = self.next_wr - 1;
                 if barrier <= self.done_wr && self.held.is_empty() {
@@ -590,6 +645,16 @@ impl Link for RdmaLink {
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
         }
+        // While placements are in flight, their completions (polled from user space) are
+        // what the caller waits for: the control channel, a system call per look, is
+        // looked at only every TCP_POLL_EVERY polls then.
+        if !self.inflight.is_empty() && self.dead.is_none() {
+            self.tcp_skips += 1;
+            if self.tcp_skips < TCP_POLL_EVERY {
+                return None;
+            }
+        }
+        self.tcp_skips = 0;
         match self.tcp.poll() {
             Some(LinkEvent::Closed { reason }) => {
                 self.fail(reason);

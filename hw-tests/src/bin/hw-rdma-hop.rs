@@ -13,7 +13,10 @@
 //! in batches of up to 16, at most N unacknowledged, and reports entries per second (the
 //! calling script compares them with perftest's `ib_write_bw` message rate).
 //!
-//! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--qd N]
+//! The source offers its NVLog to the link, which sends entries straight from it; with
+//! `--staging` it does not, and every batch is copied into the link's staging ring first.
+//!
+//! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--qd N] [--staging]
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -56,6 +59,9 @@ fn main() -> Result<()> {
     let dir = PathBuf::from(arg(&args, "--dir").ok_or_else(|| anyhow!("--dir DIR"))?);
     let ops: u64 = arg(&args, "--ops").unwrap_or_else(|| "2000".into()).parse()?;
     let qd: u64 = arg(&args, "--qd").unwrap_or_else(|| "1".into()).parse()?;
+    // Copy every batch into the link's staging ring instead of offering the NVLog's memory
+    // (the engine's path where the NVLog cannot be registered, e.g. on file-DAX).
+    let staging = args.iter().any(|a| a == "--staging");
     std::fs::create_dir_all(&dir)?;
 
     // The destination.
@@ -81,11 +87,16 @@ fn main() -> Result<()> {
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
     std::thread::spawn(move || tcp::serve(listener, directory, Arc::new(AtomicBool::new(false)), Default::default()));
 
-    // The source.
-    let (mut link, _welcome) =
-        RdmaConnector::default().connect(&addr.to_string(), &hello).map_err(|e| anyhow!("{e}"))?;
+    // The source. Its NVLog is declared before the link, so it is dropped after it.
     let region: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PARTITION_BYTES)));
     let (mut nvlog, _) = NvLog::open(region, VOLUME_ID, PARTITION_BYTES)?;
+    let (mut link, _welcome) =
+        RdmaConnector::default().connect(&addr.to_string(), &hello).map_err(|e| anyhow!("{e}"))?;
+    if !staging {
+        // SAFETY: the NVLog outlives the link (declared before it) and, as in the source's
+        // poller, the bytes of a partition already sent are never rewritten here.
+        unsafe { link.offer_source_memory(nvlog.memory()) };
+    }
     let header = PartitionHeader { partition: 0, volume_id: VOLUME_ID, cp_gen: 1, first_seq: 1, epoch: 1 };
     nvlog.open_partition(header)?;
     link.send(&Message::PartitionOpen { header: header.encode() })?;
@@ -112,8 +123,10 @@ fn main() -> Result<()> {
 
     if qd > 1 {
         let (rate, batches) = pipelined(&mut link, &mut nvlog, ops, qd)?;
-        println!("hwt-figure: rdma_append_4096B_qd{qd}_entries_per_s={rate:.0}");
-        println!("rdma durable append 4 KiB, {ops} entries, at most {qd} unacknowledged: {rate:.0} entries/s in {batches} batches");
+        let how = if staging { "_staging" } else { "" };
+        println!("hwt-figure: rdma_append_4096B_qd{qd}{how}_entries_per_s={rate:.0}");
+        let how = if staging { "copied through the staging ring" } else { "sent from the NVLog" };
+        println!("rdma durable append 4 KiB, {ops} entries, at most {qd} unacknowledged, {how}: {rate:.0} entries/s in {batches} batches");
         return Ok(());
     }
     let mut hist = Histogram::<u64>::new_with_bounds(100, 60_000_000_000, 3)?;
