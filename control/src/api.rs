@@ -505,7 +505,7 @@ fn route(request: &mut Incoming<'_>, node: &Node, method: &tiny_http::Method, ur
     match (method, path.as_slice()) {
         (Get, ["v1", "node"]) => Ok(serde_json::to_value(NodeInfo {
             name: node.cfg.name.clone(),
-            replication: node.cfg.replication.to_string(),
+            replication: node.cfg.advertised_replication(),
             nbd: node.cfg.nbd.to_string(),
             control: node.cfg.control.to_string(),
             rdma: node.rdma_addr(),

@@ -56,6 +56,12 @@ struct NodeArgs {
     /// Replication listen address.
     #[arg(long)]
     listen: String,
+    /// The replication address peers are told to connect to (default: the --listen
+    /// address as bound): for a node behind NAT or a proxy, or on a replication network
+    /// whose addresses differ from the one bound here. TCP engine only; RDMA placement
+    /// uses the bound address.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Control API address.
     #[arg(long)]
     control: String,
@@ -301,6 +307,12 @@ fn run_node(a: NodeArgs) -> Result<()> {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
     };
+    if let Some(adv) = &a.advertise {
+        let port = adv.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+            bail!("--advertise {adv:?}: expected HOST:PORT with a port other than 0");
+        }
+    }
     let replication = TcpListener::bind(&a.listen).with_context(|| format!("bind replication address {}", a.listen))?;
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
     let tls = node_tls(&a)?;
@@ -330,6 +342,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         secret: secret.clone(),
         tls,
         require_signed_ctl: a.require_signed_ctl,
+        advertise: a.advertise.clone(),
     })?;
     let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));
@@ -339,11 +352,12 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
     println!(
-        "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}",
+        "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}{}",
         node.cfg.control,
         node.cfg.replication,
         node.cfg.nbd,
-        node.status().nvram
+        node.status().nvram,
+        node.cfg.advertise.as_ref().map(|a| format!(" advertised={a}")).unwrap_or_default()
     );
     std::io::stdout().flush()?;
     nvmirror_control::events::spawn_sampler(&node);

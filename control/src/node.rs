@@ -102,12 +102,20 @@ pub struct NodeConfig {
     /// `--require-signed-ctl`: admin calls (POSTs) must be signed with the secret (`ctl
     /// --secret-file`); reads stay open. Needs a secret.
     pub require_signed_ctl: bool,
+    /// `--advertise`: the replication address peers are told to connect to, where it is
+    /// not the one bound (NAT, a proxy, a replication network with names of its own).
+    pub advertise: Option<String>,
 }
 
 impl NodeConfig {
     /// How this node's replication connections are secured, both ways.
     pub fn link_security(&self) -> nvmirror_dataplane::transport::LinkSecurity {
         nvmirror_dataplane::transport::LinkSecurity { secret: self.secret.clone(), tls: self.tls.clone() }
+    }
+
+    /// The TCP replication address peers connect to: `--advertise`, or the bound one.
+    pub fn advertised_replication(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.replication.to_string())
     }
 }
 
@@ -812,7 +820,7 @@ impl Node {
             .sort_by(|a, b| (&a.mirror.volume, &a.mirror.source_node).cmp(&(&b.mirror.volume, &b.mirror.source_node)));
         NodeStatus {
             node: self.cfg.name.clone(),
-            replication: self.cfg.replication.to_string(),
+            replication: self.cfg.advertised_replication(),
             nbd: self.cfg.nbd.to_string(),
             control: self.cfg.control.to_string(),
             nvram: format!("{}:{}", self.cfg.nvram.mode.as_str(), self.cfg.nvram.dir.display()),
@@ -1137,7 +1145,7 @@ impl Node {
                 &crate::api::TakeoverRequest {
                     from: self.cfg.name.clone(),
                     control: self.cfg.control.to_string(),
-                    replication: self.cfg.replication.to_string(),
+                    replication: self.cfg.advertised_replication(),
                     cp,
                     next_seq,
                     policy: rec.policy.as_str().into(),

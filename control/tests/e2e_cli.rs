@@ -165,6 +165,36 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     assert_eq!(s["volumes"][0]["state"], "not-mirrored");
 }
 
+#[test]
+fn node_advertises_the_replication_address_it_is_given_and_refuses_a_bad_one() {
+    let dir = tempfile::Builder::new().prefix("nvmirror-e2e-advertise-").tempdir().expect("tempdir");
+    for bad in ["nope", "host:0", ":7000", "host:99999", "host:port"] {
+        let out = std::process::Command::new(bin())
+            .arg("node")
+            .arg("--data-dir")
+            .arg(dir.path().join("bad"))
+            .args(["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--advertise", bad])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run nvmirror node");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a node started with --advertise {bad:?}");
+        assert!(err.contains("--advertise") && err.contains("HOST:PORT"), "--advertise {bad:?}: {err}");
+    }
+    let node = nvmirror_control::cluster::NodeProc::start(
+        &bin(),
+        "adv",
+        &dir.path().join("adv"),
+        &["--advertise", "replication.example:7789"],
+    )
+    .expect("start a node with --advertise");
+    let info: Value = nvmirror_control::api::Client::new(&node.control).get("/v1/node").expect("GET /v1/node");
+    assert_eq!(info["replication"], "replication.example:7789", "{info}");
+    let status: Value = nvmirror_control::api::Client::new(&node.control).get("/v1/status").expect("GET /v1/status");
+    assert_eq!(status["replication"], "replication.example:7789", "{status}");
+    assert_ne!(node.replication, "replication.example:7789", "the ready line names the bound address");
+}
+
 /// GET /metrics of a node, as (name, labels, value) samples, checking the exposition's
 /// shape on the way: every sample's name was described (HELP and TYPE) before it.
 fn metrics(control: &str) -> Vec<(String, String, f64)> {

@@ -3,13 +3,19 @@
 //! 1 to 8) and, at a random moment, one of:
 //!
 //! - **kill-source**: SIGKILL the primary, fail over on the mirror, verify every
-//!   acknowledged write on the promoted volume, then pair it with a fresh node (a new data
-//!   dir: a failed-over source cannot be resynced in this build) and go on writing there;
+//!   acknowledged write on the promoted volume, write there, then either pair it with a
+//!   fresh node (a new data dir) or fail back: restart the old primary on its data dir,
+//!   which must find itself fenced and refuse a write, and make it the new primary's
+//!   mirror again by `resync` (a delta copy of what either side changed); go on writing;
 //! - **kill-destination**: SIGKILL the mirror, let writes fail for a while (policy strict),
 //!   restart it on the same data dir; the source must resume;
 //! - **cut-link**: the replication link runs through a TCP proxy this test owns, which
 //!   either resets every connection and refuses new ones, or stalls them (holds the bytes,
 //!   sometimes past the transport's 10 s I/O timeout), for a while, then lets them through.
+//!
+//! Every node has such a proxy in front of its replication port and tells its peers to
+//! connect there (`nvmirror node --advertise`), so that whichever node is the mirror, after
+//! any number of failovers and failbacks, the link into it runs through its proxy.
 //!
 //! After the destination's return or the link's, writes must be acknowledged again within
 //! a generous bound, and a forced CP must leave the mirror equal to the primary byte for
@@ -27,12 +33,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use nvmirror_control::api::{Client, MirrorRequest};
+use nvmirror_control::api::{Client, MirrorRequest, ResyncRequest};
 use nvmirror_control::cluster::NodeProc;
 use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
@@ -62,7 +68,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The link: a TCP proxy between the source and the destination's replication port.
+// The link: a TCP proxy in front of a node's replication port.
 
 const LINK_UP: u8 = 0;
 /// Every connection is shut down; new ones are accepted and closed at once.
@@ -73,21 +79,25 @@ const LINK_STALL: u8 = 2;
 
 struct LinkProxy {
     addr: String,
+    /// Where connections go: the node's replication address, once it runs.
+    upstream: Arc<Mutex<String>>,
     state: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
 
 impl LinkProxy {
-    /// Listens on a loopback port and forwards every connection to `upstream`. Every
+    /// Listens on a loopback port and forwards every connection to the upstream set with
+    /// [`LinkProxy::set_upstream`] (until then, connections are closed at once). Every
     /// thread of it ends by `until` at the latest.
-    fn start(upstream: &str, until: Instant) -> LinkProxy {
+    fn start(until: Instant) -> LinkProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the link proxy");
         listener.set_nonblocking(true).expect("nonblocking listener");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(AtomicU8::new(LINK_UP));
         let stop = Arc::new(AtomicBool::new(false));
-        let (state2, stop2, upstream) = (state.clone(), stop.clone(), upstream.to_string());
+        let upstream = Arc::new(Mutex::new(String::new()));
+        let (state2, stop2, upstream2) = (state.clone(), stop.clone(), upstream.clone());
         let accept = thread::spawn(move || {
             while !stop2.load(Ordering::SeqCst) && Instant::now() < until {
                 let client = match listener.accept() {
@@ -102,7 +112,8 @@ impl LinkProxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = upstream
+                let to = upstream2.lock().expect("upstream lock").clone();
+                let Ok(server) = to
                     .parse()
                     .map_err(|_| ())
                     .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).map_err(|_| ()))
@@ -122,7 +133,11 @@ impl LinkProxy {
                 }
             }
         });
-        LinkProxy { addr, state, stop, accept: Some(accept) }
+        LinkProxy { addr, upstream, state, stop, accept: Some(accept) }
+    }
+
+    fn set_upstream(&self, addr: &str) {
+        *self.upstream.lock().expect("upstream lock") = addr.to_string();
     }
 
     fn set(&self, state: u8) {
@@ -177,45 +192,23 @@ fn pump(
     let _ = to.shutdown(Shutdown::Both);
 }
 
-/// The destination as the source sees it when pairing: a control endpoint answering
-/// `GET /v1/node` with the destination's own answer, its replication address replaced by
-/// the link proxy's, so that the source replicates through the proxy.
-struct ProxiedPeer {
-    addr: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// A node and the proxy in front of its replication port, which it advertises.
+struct Site {
+    node: NodeProc,
+    link: LinkProxy,
 }
 
-impl ProxiedPeer {
-    fn start(destination_control: &str, link: &str, until: Instant) -> ProxiedPeer {
-        let mut info: Value = Client::new(destination_control).get("/v1/node").expect("the destination's node info");
-        info["replication"] = Value::String(link.to_string());
-        let body = info.to_string();
-        let server = tiny_http::Server::http("127.0.0.1:0").expect("bind the peer endpoint");
-        let addr = server.server_addr().to_ip().expect("an IP address").to_string();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < until {
-                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else { continue };
-                let response = if request.url() == "/v1/node" {
-                    tiny_http::Response::from_string(body.clone()).with_status_code(200)
-                } else {
-                    tiny_http::Response::from_string(r#"{"error":"only /v1/node here"}"#).with_status_code(404)
-                };
-                let _ = request.respond(response);
-            }
-        });
-        ProxiedPeer { addr, stop, thread: Some(thread) }
+impl Site {
+    fn start(root: &std::path::Path, name: &str, until: Instant) -> Site {
+        let link = LinkProxy::start(until);
+        let node = NodeProc::start(&bin(), name, &root.join(name), &["--advertise", &link.addr])
+            .unwrap_or_else(|e| panic!("start {name}: {e:#}"));
+        link.set_upstream(&node.replication);
+        Site { node, link }
     }
-}
 
-impl Drop for ProxiedPeer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    fn api(&self) -> Client {
+        Client::new(&self.node.control)
     }
 }
 
@@ -299,15 +292,23 @@ impl Writer {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
-    KillSource,
-    KillDestination { down_ms: u64 },
-    CutLink { stall: bool, ms: u64 },
+    /// `failback`: the old primary comes back as the mirror (resync), not a fresh node.
+    KillSource {
+        failback: bool,
+    },
+    KillDestination {
+        down_ms: u64,
+    },
+    CutLink {
+        stall: bool,
+        ms: u64,
+    },
 }
 
 impl Fault {
     fn kind(self) -> usize {
         match self {
-            Fault::KillSource => 0,
+            Fault::KillSource { .. } => 0,
             Fault::KillDestination { .. } => 1,
             Fault::CutLink { .. } => 2,
         }
@@ -319,6 +320,10 @@ const KINDS: [&str; 3] = ["kill-source", "kill-destination", "cut-link"];
 #[derive(Default)]
 struct Totals {
     rounds: [u64; 3],
+    /// Kill-source rounds that failed back (resync) rather than pairing a fresh node.
+    failbacks: u64,
+    /// Bytes the failbacks' resyncs copied, and what a full copy would have.
+    failback_bytes: u64,
     /// Link cuts that stalled rather than reset.
     stalls: u64,
     /// Verifications of the whole record, on a primary or a mirror.
@@ -332,10 +337,8 @@ struct Soak {
     root: PathBuf,
     _dir: Option<tempfile::TempDir>,
     until: Instant,
-    primary: NodeProc,
-    mirror: NodeProc,
-    link: LinkProxy,
-    _peer: ProxiedPeer,
+    primary: Site,
+    mirror: Site,
     next_node: u32,
     /// Epoch of the volume: raised by every failover.
     epoch: u64,
@@ -347,18 +350,16 @@ impl Soak {
     fn start(seed: u64, until: Instant) -> Soak {
         let dir = tempfile::Builder::new().prefix("nvmirror-soak-").tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        let primary = NodeProc::start(&bin(), "node-0", &root.join("node-0"), &[]).expect("start node-0");
-        let mirror = NodeProc::start(&bin(), "node-1", &root.join("node-1"), &[]).expect("start node-1");
-        create_volume(&Client::new(&primary.control), VOL, VOLUME_BYTES, Some(LOG_BYTES_MIN)).expect("create volume");
-        let (link, peer) = pair(&primary, &mirror, until);
+        let primary = Site::start(&root, "node-0", until);
+        let mirror = Site::start(&root, "node-1", until);
+        create_volume(&primary.api(), VOL, VOLUME_BYTES, Some(LOG_BYTES_MIN)).expect("create volume");
+        pair(&primary, &mirror);
         Soak {
             root,
             _dir: Some(dir),
             until,
             primary,
             mirror,
-            link,
-            _peer: peer,
             next_node: 2,
             epoch: 1,
             w: Some(Workload::new(0, BLOCKS, seed)),
@@ -367,11 +368,11 @@ impl Soak {
     }
 
     fn src_api(&self) -> Client {
-        Client::new(&self.primary.control)
+        self.primary.api()
     }
 
     fn dst_api(&self) -> Client {
-        Client::new(&self.mirror.control)
+        self.mirror.api()
     }
 
     /// Runs one round: the writer, the fault at a random moment, recovery, verification.
@@ -381,7 +382,7 @@ impl Soak {
         let delay_ms = rng.range(0, 600);
         let with_cp = rng.range(0, 2) == 0;
         let before = self.w.as_ref().map(|w| (w.writes, w.acks, w.errors)).expect("the record");
-        let writer = Writer::start(&self.primary.nbd, self.w.take().expect("the record"), qd, self.until);
+        let writer = Writer::start(&self.primary.node.nbd, self.w.take().expect("the record"), qd, self.until);
         let acks_before = writer.acks();
         wait_for("the writer to get 20 acknowledgements", Duration::from_secs(60), || {
             Ok((writer.acks() >= acks_before + 20).then_some(()))
@@ -397,20 +398,20 @@ impl Soak {
             thread::sleep(Duration::from_millis(rng.range(0, 20)));
         }
         let what = match fault {
-            Fault::KillSource => self.kill_source(writer),
+            Fault::KillSource { failback } => self.kill_source(writer, failback),
             Fault::KillDestination { down_ms } => {
-                sigkill(self.mirror.pid().expect("the mirror runs"));
-                self.mirror.kill();
+                sigkill(self.mirror.node.pid().expect("the mirror runs"));
+                self.mirror.node.kill();
                 thread::sleep(Duration::from_millis(down_ms));
                 let failed = writer.errors() - before.2;
-                self.mirror.restart().expect("restart the mirror");
+                self.mirror.node.restart().expect("restart the mirror");
                 let resumed = self.resume(writer);
                 format!("mirror down {down_ms} ms ({failed} writes failed meanwhile); {resumed}")
             }
             Fault::CutLink { stall, ms } => {
-                self.link.set(if stall { LINK_STALL } else { LINK_RESET });
+                self.mirror.link.set(if stall { LINK_STALL } else { LINK_RESET });
                 thread::sleep(Duration::from_millis(ms));
-                self.link.set(LINK_UP);
+                self.mirror.link.set(LINK_UP);
                 let resumed = self.resume(writer);
                 format!("link {} for {ms} ms; {resumed}", if stall { "stalled" } else { "reset" })
             }
@@ -429,55 +430,105 @@ impl Soak {
     }
 
     /// SIGKILL of the primary with the writer running, failover, verification on the
-    /// promoted volume, a fresh mirror for it.
-    fn kill_source(&mut self, writer: Writer) -> String {
-        sigkill(self.primary.pid().expect("the primary runs"));
+    /// promoted volume and writes on it alone; then a mirror for it: a fresh node, or
+    /// (`failback`) the old primary, fenced on its return, brought back by a delta resync.
+    fn kill_source(&mut self, writer: Writer, failback: bool) -> String {
+        sigkill(self.primary.node.pid().expect("the primary runs"));
         let (w, lost) = writer.join();
         assert!(lost, "the writer did not notice that the primary died");
-        self.primary.kill();
+        self.primary.node.kill();
         let t = Instant::now();
         let report =
-            failover(&self.dst_api(), VOL).unwrap_or_else(|e| panic!("failover on {}: {e:#}", self.mirror.name));
+            failover(&self.dst_api(), VOL).unwrap_or_else(|e| panic!("failover on {}: {e:#}", self.mirror.node.name));
         let failover_ms = t.elapsed().as_secs_f64() * 1000.0;
         self.epoch += 1;
         assert_eq!(report["epoch"], self.epoch, "failover report {report}");
-        let v = verify(&w, &self.mirror.nbd, VOL).expect("read the promoted volume");
-        assert_verified(&v, &format!("promoted volume on {} after the primary was killed", self.mirror.name));
+        let v = verify(&w, &self.mirror.node.nbd, VOL).expect("read the promoted volume");
+        assert_verified(&v, &format!("promoted volume on {} after the primary was killed", self.mirror.node.name));
         self.count(&v);
         self.totals.failover_ms_max = self.totals.failover_ms_max.max(failover_ms);
-        // The promoted mirror is the primary; a fresh node becomes its mirror.
-        let name = format!("node-{}", self.next_node);
-        self.next_node += 1;
-        let fresh = NodeProc::start(&bin(), &name, &self.root.join(&name), &[]).expect("start a fresh node");
-        let promoted = std::mem::replace(&mut self.mirror, fresh);
-        let old = std::mem::replace(&mut self.primary, promoted);
-        let old_dir = old.data_dir.clone();
-        drop(old);
-        // The dead source's data is of no further use (it cannot be resynced in this
-        // build); its log stays beside the data dirs.
-        let _ = std::fs::remove_dir_all(&old_dir);
-        let t = Instant::now();
-        let (link, peer) = pair(&self.primary, &self.mirror, self.until);
-        self.link = link;
-        self._peer = peer;
-        let pair_s = t.elapsed().as_secs_f64();
-        // Writes resume on the new primary.
+        // The promoted mirror is the primary, and takes writes alone.
         let mut w = w;
-        let mut c = NbdClient::connect(self.primary.nbd.as_str(), VOL).expect("NBD connect to the new primary");
+        {
+            let mut c =
+                NbdClient::connect(self.mirror.node.nbd.as_str(), VOL).expect("NBD connect to the promoted volume");
+            let (acks, errors) = (w.acks, w.errors);
+            w.run(&mut c, 4, 64, |_| {}).expect("writes on the promoted volume");
+            assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes on the promoted volume failed");
+        }
+        let t = Instant::now();
+        let how = if failback {
+            // The roles turn: the promoted node is the primary, the old primary (dead)
+            // the mirror to be. It returns on its data dir and learns that it was failed
+            // over.
+            std::mem::swap(&mut self.primary, &mut self.mirror);
+            self.mirror.node.restart().expect("restart the old primary");
+            wait_state(&self.dst_api(), VOL, "fenced", Duration::from_secs(60));
+            {
+                let mut c =
+                    NbdClient::connect(self.mirror.node.nbd.as_str(), VOL).expect("NBD connect to the old primary");
+                assert!(c.write(0, &vec![0xee; 4096]).is_err(), "the fenced old primary took a write");
+            }
+            let started: Value = self
+                .dst_api()
+                .post(&format!("/v1/volumes/{VOL}/resync"), &ResyncRequest { from: self.primary.node.control.clone() })
+                .unwrap_or_else(|e| panic!("resync {VOL} on {}: {e:#}", self.mirror.node.name));
+            assert_eq!(started["delta"], true, "the failback is not a delta resync: {started}");
+            let s = wait_state(&self.src_api(), VOL, "in-sync", Duration::from_secs(120));
+            assert_eq!(s["last_copy_kind"], "resync", "the failback copied the whole volume: {s}");
+            let copied = s["last_copy_bytes"].as_u64().unwrap_or(u64::MAX);
+            // The writer covers the first BLOCKS blocks only: a delta never copies more.
+            assert!(
+                copied <= BLOCKS * 4096,
+                "the failback copied {copied} bytes; the writer changed at most the first {} of {VOLUME_BYTES}",
+                BLOCKS * 4096
+            );
+            wait_for("the resynced mirror to be consistent", Duration::from_secs(60), || {
+                Ok(mirror_status(&self.dst_api(), VOL)?["consistent"].as_bool().filter(|c| *c))
+            });
+            self.totals.failbacks += 1;
+            self.totals.failback_bytes += copied;
+            format!("old primary fenced, refused a write, failed back by a delta resync of {} KiB", copied >> 10)
+        } else {
+            let name = format!("node-{}", self.next_node);
+            self.next_node += 1;
+            let fresh = Site::start(&self.root, &name, self.until);
+            let promoted = std::mem::replace(&mut self.mirror, fresh);
+            let old = std::mem::replace(&mut self.primary, promoted);
+            let old_dir = old.node.data_dir.clone();
+            drop(old);
+            // The dead source's data is of no further use here; its log stays beside the
+            // data dirs.
+            let _ = std::fs::remove_dir_all(&old_dir);
+            pair(&self.primary, &self.mirror);
+            "a fresh mirror paired".to_string()
+        };
+        let pair_s = t.elapsed().as_secs_f64();
+        // Writes resume on the new primary, mirrored.
+        let mut c = NbdClient::connect(self.primary.node.nbd.as_str(), VOL).expect("NBD connect to the new primary");
         let (acks, errors) = (w.acks, w.errors);
         w.run(&mut c, 4, 64, |_| {}).expect("writes on the new primary");
         assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes on the new primary failed");
+        drop(c);
+        // Whichever mirror it has now holds every acknowledged write after a CP.
+        let n = cp(&self.src_api(), VOL).expect("a CP on the new primary");
+        wait_for("the mirror to apply the CP", Duration::from_secs(60), || {
+            Ok((mirror_status(&self.dst_api(), VOL)?["applied_cp"].as_u64().unwrap_or(0) >= n).then_some(()))
+        });
+        let vm = verify(&w, &self.mirror.node.nbd, VOL).expect("verify the new mirror");
+        assert_verified(&vm, &format!("the new mirror {} after CP {n}", self.mirror.node.name));
+        self.count(&vm);
         self.w = Some(w);
         format!(
             "failover to {} epoch {} in {failover_ms:.0} ms ({} entries replayed); verified {} blocks ({} acked data, {} newer); \
-             new mirror {} in sync {pair_s:.1} s later",
-            self.primary.name,
+             {how}: {} in sync {pair_s:.1} s later, holds every acknowledged write after CP {n}",
+            self.primary.node.name,
             report["epoch"],
             report["entries_replayed"],
             v.blocks_checked,
             v.blocks_with_acked_data,
             v.newer_than_acked,
-            self.mirror.name
+            self.mirror.node.name
         )
     }
 
@@ -496,7 +547,7 @@ impl Soak {
         let (mut w, lost) = writer.finish();
         assert!(!lost, "the writer's connection to the primary ended, but the primary was not touched");
         // In sync: every write is acknowledged.
-        let mut c = NbdClient::connect(self.primary.nbd.as_str(), VOL).expect("NBD connect to the primary");
+        let mut c = NbdClient::connect(self.primary.node.nbd.as_str(), VOL).expect("NBD connect to the primary");
         let (acks, errors) = (w.acks, w.errors);
         w.run(&mut c, 4, 64, |_| {}).expect("writes after the return");
         assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes failed with the mirror in sync again");
@@ -505,14 +556,14 @@ impl Soak {
         wait_for("the mirror to apply the CP", Duration::from_secs(60), || {
             Ok((mirror_status(&self.dst_api(), VOL)?["applied_cp"].as_u64().unwrap_or(0) >= n).then_some(()))
         });
-        let primary = read_volume(&self.primary.nbd, VOL).expect("read the primary");
-        let copy = read_volume(&self.mirror.nbd, VOL).expect("read the mirror");
+        let primary = read_volume(&self.primary.node.nbd, VOL).expect("read the primary");
+        let copy = read_volume(&self.mirror.node.nbd, VOL).expect("read the mirror");
         if let Some(at) = first_difference(&primary, &copy) {
             panic!("after CP {n} the mirror differs from the primary at byte {at} (block {})", at / 4096);
         }
-        let vp = verify(&w, &self.primary.nbd, VOL).expect("verify the primary");
+        let vp = verify(&w, &self.primary.node.nbd, VOL).expect("verify the primary");
         assert_verified(&vp, "the primary after the mirror or the link came back");
-        let vm = verify(&w, &self.mirror.nbd, VOL).expect("verify the mirror");
+        let vm = verify(&w, &self.mirror.node.nbd, VOL).expect("verify the mirror");
         assert_verified(&vm, "the mirror after it or the link came back");
         self.count(&vp);
         self.count(&vm);
@@ -533,7 +584,7 @@ impl Soak {
 impl Drop for Soak {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for n in [&self.primary, &self.mirror] {
+            for n in [&self.primary.node, &self.mirror.node] {
                 dump_log(n);
             }
             if std::env::var_os("NVMIRROR_E2E_KEEP").is_some() {
@@ -545,29 +596,26 @@ impl Drop for Soak {
     }
 }
 
-/// Pairs the volume on `primary` with `mirror` through a new link proxy; returns once in
-/// sync and the mirror is consistent.
-fn pair(primary: &NodeProc, mirror: &NodeProc, until: Instant) -> (LinkProxy, ProxiedPeer) {
-    let link = LinkProxy::start(&mirror.replication, until);
-    let peer = ProxiedPeer::start(&mirror.control, &link.addr, until);
-    let api = Client::new(&primary.control);
+/// Pairs the volume on `primary` with `mirror` (through the mirror's link proxy, which it
+/// advertises); returns once in sync and the mirror is consistent.
+fn pair(primary: &Site, mirror: &Site) {
+    let api = primary.api();
     let _: Value = api
         .post(
             &format!("/v1/volumes/{VOL}/mirror"),
             &MirrorRequest {
-                to: peer.addr.clone(),
+                to: mirror.node.control.clone(),
                 transport: "tcp".into(),
                 policy: "strict".into(),
                 resync_ranges: Vec::new(),
                 rate: None,
             },
         )
-        .unwrap_or_else(|e| panic!("mirror {VOL} from {} to {}: {e:#}", primary.name, mirror.name));
+        .unwrap_or_else(|e| panic!("mirror {VOL} from {} to {}: {e:#}", primary.node.name, mirror.node.name));
     wait_state(&api, VOL, "in-sync", Duration::from_secs(120));
     wait_for("the new mirror to be consistent", Duration::from_secs(60), || {
-        Ok(mirror_status(&Client::new(&mirror.control), VOL)?["consistent"].as_bool().filter(|c| *c))
+        Ok(mirror_status(&mirror.api(), VOL)?["consistent"].as_bool().filter(|c| *c))
     });
-    (link, peer)
 }
 
 #[test]
@@ -592,8 +640,8 @@ fn soak_kills_and_link_cuts() {
     println!(
         "soak: {VOL} ({} MiB) on {} mirrored to {} through a link proxy",
         VOLUME_BYTES >> 20,
-        soak.primary.name,
-        soak.mirror.name
+        soak.primary.node.name,
+        soak.mirror.node.name
     );
     // The kinds come in shuffled threes, so that a short soak has each a few times.
     let mut plan: Vec<usize> = Vec::new();
@@ -607,7 +655,7 @@ fn soak_kills_and_link_cuts() {
             }
         }
         let fault = match plan.pop().expect("refilled") {
-            0 => Fault::KillSource,
+            0 => Fault::KillSource { failback: rng.range(0, 1) == 0 },
             1 => Fault::KillDestination { down_ms: rng.range(50, 2000) },
             _ => {
                 let stall = rng.range(0, 1) == 0;
@@ -625,11 +673,14 @@ fn soak_kills_and_link_cuts() {
     let w = soak.w.as_ref().expect("the record");
     let t = &soak.totals;
     println!(
-        "soak: seed {seed:#x}: {index} rounds in {:.1} s ({} kill-source, {} kill-destination, {} cut-link of which {} stalled); \
+        "soak: seed {seed:#x}: {index} rounds in {:.1} s ({} kill-source of which {} failed back by resync, copying {} KiB in all, \
+         {} kill-destination, {} cut-link of which {} stalled); \
          {} writes, {} acknowledged, {} failed; {} verifications of the record ({} blocks), none lost; \
          longest failover {:.0} ms, longest return to acknowledged writes {:.0} ms",
         started.elapsed().as_secs_f64(),
         t.rounds[0],
+        t.failbacks,
+        t.failback_bytes >> 10,
         t.rounds[1],
         t.rounds[2],
         t.stalls,
