@@ -449,13 +449,7 @@ impl Soak {
         self.totals.failover_ms_max = self.totals.failover_ms_max.max(failover_ms);
         // The promoted mirror is the primary, and takes writes alone.
         let mut w = w;
-        {
-            let mut c =
-                NbdClient::connect(self.mirror.node.nbd.as_str(), VOL).expect("NBD connect to the promoted volume");
-            let (acks, errors) = (w.acks, w.errors);
-            w.run(&mut c, 4, 64, |_| {}).expect("writes on the promoted volume");
-            assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes on the promoted volume failed");
-        }
+        write_all_acked(&mut w, &self.mirror.node.nbd, "the promoted volume");
         let t = Instant::now();
         let how = if failback {
             // The roles turn: the promoted node is the primary, the old primary (dead)
@@ -505,16 +499,9 @@ impl Soak {
         };
         let pair_s = t.elapsed().as_secs_f64();
         // Writes resume on the new primary, mirrored.
-        let mut c = NbdClient::connect(self.primary.node.nbd.as_str(), VOL).expect("NBD connect to the new primary");
-        let (acks, errors) = (w.acks, w.errors);
-        w.run(&mut c, 4, 64, |_| {}).expect("writes on the new primary");
-        assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes on the new primary failed");
-        drop(c);
+        write_all_acked(&mut w, &self.primary.node.nbd, "the new primary");
         // Whichever mirror it has now holds every acknowledged write after a CP.
-        let n = cp(&self.src_api(), VOL).expect("a CP on the new primary");
-        wait_for("the mirror to apply the CP", Duration::from_secs(60), || {
-            Ok((mirror_status(&self.dst_api(), VOL)?["applied_cp"].as_u64().unwrap_or(0) >= n).then_some(()))
-        });
+        let n = self.cp_applied("a CP on the new primary");
         let vm = verify(&w, &self.mirror.node.nbd, VOL).expect("verify the new mirror");
         assert_verified(&vm, &format!("the new mirror {} after CP {n}", self.mirror.node.name));
         self.count(&vm);
@@ -547,15 +534,8 @@ impl Soak {
         let (mut w, lost) = writer.finish();
         assert!(!lost, "the writer's connection to the primary ended, but the primary was not touched");
         // In sync: every write is acknowledged.
-        let mut c = NbdClient::connect(self.primary.node.nbd.as_str(), VOL).expect("NBD connect to the primary");
-        let (acks, errors) = (w.acks, w.errors);
-        w.run(&mut c, 4, 64, |_| {}).expect("writes after the return");
-        assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes failed with the mirror in sync again");
-        drop(c);
-        let n = cp(&self.src_api(), VOL).expect("a CP after the return");
-        wait_for("the mirror to apply the CP", Duration::from_secs(60), || {
-            Ok((mirror_status(&self.dst_api(), VOL)?["applied_cp"].as_u64().unwrap_or(0) >= n).then_some(()))
-        });
+        write_all_acked(&mut w, &self.primary.node.nbd, "the primary with the mirror in sync again");
+        let n = self.cp_applied("a CP after the return");
         let primary = read_volume(&self.primary.node.nbd, VOL).expect("read the primary");
         let copy = read_volume(&self.mirror.node.nbd, VOL).expect("read the mirror");
         if let Some(at) = first_difference(&primary, &copy) {
@@ -573,6 +553,15 @@ impl Soak {
              {} blocks verified on each ({} acked data)",
             vp.blocks_checked, vp.blocks_with_acked_data
         )
+    }
+
+    /// Forces a CP on the primary and waits until the mirror applied it; returns its number.
+    fn cp_applied(&self, what: &str) -> u64 {
+        let n = cp(&self.src_api(), VOL).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        wait_for("the mirror to apply the CP", Duration::from_secs(60), || {
+            Ok((mirror_status(&self.dst_api(), VOL)?["applied_cp"].as_u64().unwrap_or(0) >= n).then_some(()))
+        });
+        n
     }
 
     fn count(&mut self, v: &nvmirror_control::workload::Verified) {
@@ -594,6 +583,14 @@ impl Drop for Soak {
             }
         }
     }
+}
+
+/// 64 writes on a new NBD connection to `nbd`, queue depth 4: every one must be acknowledged.
+fn write_all_acked(w: &mut Workload, nbd: &str, what: &str) {
+    let mut c = NbdClient::connect(nbd, VOL).unwrap_or_else(|e| panic!("NBD connect to {what}: {e:#}"));
+    let (acks, errors) = (w.acks, w.errors);
+    w.run(&mut c, 4, 64, |_| {}).unwrap_or_else(|e| panic!("writes on {what}: {e:#}"));
+    assert_eq!((w.acks - acks, w.errors - errors), (64, 0), "writes on {what} failed");
 }
 
 /// Pairs the volume on `primary` with `mirror` (through the mirror's link proxy, which it

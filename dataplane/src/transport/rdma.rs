@@ -529,9 +529,10 @@ impl RdmaLink {
             self.reap();
             self.check()?;
         }
+        let len = u32::try_from(bytes.len()).expect("below the ring");
         let direct = if from_source { self.source.as_ref().and_then(|s| s.covers(bytes)) } else { None };
         let (local, staged_end) = match direct {
-            Some((addr, lkey)) => (Sge { addr, len: u32::try_from(bytes.len()).expect("below the ring"), lkey }, None),
+            Some((addr, lkey)) => (Sge { addr, len, lkey }, None),
             None => {
                 let at = loop {
                     if let Some(at) = self.reserve(bytes.len()) {
@@ -544,7 +545,6 @@ impl RdmaLink {
                 };
                 self.staging[at..at + bytes.len()].copy_from_slice(bytes);
                 let addr = self.staging.as_ptr() as u64 + at as u64;
-                let len = u32::try_from(bytes.len()).expect("below the ring");
                 (Sge { addr, len, lkey: self.staging_mr.lkey() }, Some(at + bytes.len()))
             }
         };
