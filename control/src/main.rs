@@ -307,6 +307,13 @@ fn run_node(a: NodeArgs) -> Result<()> {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
     };
+    // The volumes need be no more durable than the log: under file: NVRAM (a killed
+    // process loses nothing, a power cut may) a CP's write-out is done once the kernel has
+    // it; under the power-safe modes it waits for the device.
+    nvmirror_dataplane::storage::set_flush_reach(match nvram.mode {
+        nvmirror_dataplane::nvram::NvramMode::File => nvmirror_dataplane::storage::FlushReach::Kernel,
+        _ => nvmirror_dataplane::storage::FlushReach::Device,
+    });
     if let Some(adv) = &a.advertise {
         let port = adv.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
         if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {

@@ -14,12 +14,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::Arc;
 
 use crate::format::{EntryHeader, EntryKind, BLOCK_BYTES};
 use crate::storage::{BlockDevice, WriteOp};
 
 pub type Vbn = u64;
-type BlockBuf = Box<[u8; BLOCK_BYTES]>;
+/// A cached block. Shared with a CP's [`CpImage`] while the CP writes it out (the image
+/// takes a reference, not a copy); a write to a shared block goes to a fresh buffer, so
+/// the image keeps the contents the CP began with (copy on write).
+type BlockBuf = Arc<[u8; BLOCK_BYTES]>;
 
 #[derive(Debug)]
 enum Contents {
@@ -38,6 +42,7 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct Overlay {
     blocks: HashMap<Vbn, Slot>,
+    /// Buffers of released blocks, for reuse; each is referenced from here alone.
     free: Vec<BlockBuf>,
 }
 
@@ -65,7 +70,15 @@ impl Overlay {
     }
 
     fn buf(&mut self) -> BlockBuf {
-        self.free.pop().unwrap_or_else(|| Box::new([0u8; BLOCK_BYTES]))
+        self.free.pop().unwrap_or_else(|| Arc::new([0u8; BLOCK_BYTES]))
+    }
+
+    /// Keeps a buffer the overlay no longer uses for reuse, unless a CP image still holds
+    /// it (then the image's drop frees it).
+    fn recycle(&mut self, b: BlockBuf) {
+        if Arc::strong_count(&b) == 1 {
+            self.free.push(b);
+        }
     }
 
     /// The block's current bytes, loaded from `base` if the overlay does not hold it, as a
@@ -74,19 +87,20 @@ impl Overlay {
         let needs_load = !self.blocks.contains_key(&vbn);
         if needs_load {
             let mut b = self.buf();
-            base.read_at(&mut b[..], vbn * BLOCK_BYTES as u64)?;
+            base.read_at(&mut Arc::get_mut(&mut b).expect("a fresh buffer is unshared")[..], vbn * BLOCK_BYTES as u64)?;
             self.blocks.insert(vbn, Slot { contents: Contents::Data(b), partition });
         }
         let zero_to_data = matches!(self.blocks.get(&vbn).map(|s| &s.contents), Some(Contents::Zero));
         if zero_to_data {
             let mut b = self.buf();
-            b.fill(0);
+            Arc::get_mut(&mut b).expect("a fresh buffer is unshared").fill(0);
             self.blocks.get_mut(&vbn).expect("present").contents = Contents::Data(b);
         }
         let slot = self.blocks.get_mut(&vbn).expect("present");
         slot.partition = partition;
         match &mut slot.contents {
-            Contents::Data(b) => Ok(b),
+            // A block a CP image shares is copied before it changes.
+            Contents::Data(b) => Ok(Arc::make_mut(b)),
             Contents::Zero => unreachable!("converted above"),
         }
     }
@@ -95,7 +109,7 @@ impl Overlay {
         if let Some(Slot { contents: Contents::Data(b), .. }) =
             self.blocks.insert(vbn, Slot { contents: Contents::Zero, partition })
         {
-            self.free.push(b);
+            self.recycle(b);
         }
     }
 
@@ -120,11 +134,13 @@ impl Overlay {
                     let src_at = crate::usize_of(vbn * BLOCK_BYTES as u64 + s as u64 - offset);
                     let src = &data[src_at..src_at + (e - s)];
                     if whole {
+                        // The whole block is replaced: a buffer a CP image shares is left
+                        // to it, and the new contents go to another.
                         let mut b = match self.blocks.remove(&vbn) {
-                            Some(Slot { contents: Contents::Data(b), .. }) => b,
+                            Some(Slot { contents: Contents::Data(b), .. }) if Arc::strong_count(&b) == 1 => b,
                             _ => self.buf(),
                         };
-                        b.copy_from_slice(src);
+                        Arc::get_mut(&mut b).expect("unshared").copy_from_slice(src);
                         self.blocks.insert(vbn, Slot { contents: Contents::Data(b), partition: header.partition });
                     } else {
                         self.block_mut(vbn, header.partition, base)?[s..e].copy_from_slice(src);
@@ -212,8 +228,9 @@ impl Overlay {
         dev.write_many(&ops)
     }
 
-    /// Copies of the given blocks' current contents (`None`: zeroes), in block order: what a
-    /// CP writes while the cache goes on taking writes.
+    /// The given blocks' current contents (`None`: zeroes), in block order: what a CP
+    /// writes while the cache goes on taking writes. The image shares the buffers; a
+    /// later write to one of them copies it first.
     pub fn snapshot(&self, blocks: &HashSet<Vbn>) -> CpImage {
         let mut sorted: Vec<Vbn> = blocks.iter().copied().filter(|v| self.blocks.contains_key(v)).collect();
         sorted.sort_unstable();
@@ -221,7 +238,7 @@ impl Overlay {
             .into_iter()
             .map(|vbn| {
                 let copy = match &self.blocks[&vbn].contents {
-                    Contents::Data(b) => Some(b.clone()),
+                    Contents::Data(b) => Some(Arc::clone(b)),
                     Contents::Zero => None,
                 };
                 (vbn, copy)
@@ -236,16 +253,17 @@ impl Overlay {
         for vbn in blocks {
             if self.blocks.get(vbn).is_some_and(|s| s.partition == partition) {
                 if let Some(Slot { contents: Contents::Data(b), .. }) = self.blocks.remove(vbn) {
-                    self.free.push(b);
+                    self.recycle(b);
                 }
             }
         }
     }
 
     pub fn clear(&mut self) {
-        for (_, slot) in self.blocks.drain() {
+        let drained: Vec<Slot> = self.blocks.drain().map(|(_, s)| s).collect();
+        for slot in drained {
             if let Contents::Data(b) = slot.contents {
-                self.free.push(b);
+                self.recycle(b);
             }
         }
     }

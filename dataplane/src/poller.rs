@@ -1,12 +1,21 @@
-//! Per-core pollers: pinning and the adaptive back-off.
+//! Per-core pollers: pinning, the adaptive back-off, and the readiness set a poller
+//! sleeps on.
 //!
-//! A poller busy-polls its inputs while there is work, so that a request or an ack is
-//! picked up within nanoseconds of arriving. When idle it backs off in three steps: spin
-//! (a short window, for the next request of a busy client), yield (give the core to other
-//! threads but stay runnable), then park in a blocking wait on its channels with a timeout,
-//! so that an idle node does not burn its cores.
+//! A poller runs to completion: it polls every input it owns (client sockets, its
+//! replication link, its control queue, its CP writer's answers) in passes, and a pass
+//! that found work is followed by another at once. When a pass finds nothing it may spin
+//! for a short window (where cores can be spared, for the next request of a busy client),
+//! then sleeps in the kernel in [`Readiness::wait`] (epoll, through mio) until a socket it
+//! owns is ready, a thread that queued work for it wakes it, or a timer is due. Only a
+//! link without a file descriptor to sleep on (RDMA completions are polled) still yields
+//! between passes while it owes replies.
 
+use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 
 /// How long an idle poller spins before yielding, and yields before parking.
 #[derive(Debug, Clone, Copy)]
@@ -57,20 +66,102 @@ impl Backoff {
         self.idle_since = None;
     }
 
-    /// There was no work: what to do next.
-    pub fn idle(&mut self) -> Idle {
+    /// There was no work: what to do next. `may_yield`: the poller has an input it cannot
+    /// sleep on and must poll (see the module documentation); without one it goes from
+    /// spinning straight to parking.
+    pub fn idle(&mut self, may_yield: bool) -> Idle {
         let since = *self.idle_since.get_or_insert_with(Instant::now);
         let idle = since.elapsed();
         if idle < self.cfg.spin {
             std::hint::spin_loop();
             Idle::Spin
-        } else if idle < self.cfg.spin + self.cfg.yield_for {
+        } else if may_yield && idle < self.cfg.spin + self.cfg.yield_for {
             std::thread::yield_now();
             Idle::Yield
         } else {
             self.parks += 1;
             Idle::Park
         }
+    }
+}
+
+/// Wakes a poller sleeping in [`Readiness::wait`]: whoever queues work for it (a control
+/// request, a submitted request, a finished connect or CP write-out) calls
+/// [`PollerWaker::wake`] after queueing.
+#[derive(Clone)]
+pub struct PollerWaker(Arc<Waker>);
+
+impl PollerWaker {
+    pub fn wake(&self) {
+        // Fails only if the eventfd's counter is at its maximum, which means the poller
+        // has a wake-up pending anyway.
+        let _ = self.0.wake();
+    }
+}
+
+impl std::fmt::Debug for PollerWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PollerWaker")
+    }
+}
+
+/// A poller's readiness set: the sockets it owns, registered edge-triggered, and a waker.
+///
+/// Edge-triggered registration asks one thing of the poller: it sleeps only after a pass
+/// in which every registered socket was read until it would block (or could not be read
+/// for a reason that another event ends: a bound on requests in flight, which an ack or a
+/// finished write-out lifts). The pass structure gives that, since a pass that did work is
+/// followed by another.
+pub struct Readiness {
+    poll: Poll,
+    events: Events,
+    waker: PollerWaker,
+}
+
+const WAKE_TOKEN: Token = Token(usize::MAX);
+
+/// Events taken per wait; more stay queued in the kernel for the next wait.
+const EVENTS_MAX: usize = 256;
+
+impl Readiness {
+    pub fn new() -> std::io::Result<Readiness> {
+        let poll = Poll::new()?;
+        let waker = PollerWaker(Arc::new(Waker::new(poll.registry(), WAKE_TOKEN)?));
+        Ok(Readiness { poll, events: Events::with_capacity(EVENTS_MAX), waker })
+    }
+
+    pub fn waker(&self) -> PollerWaker {
+        self.waker.clone()
+    }
+
+    /// Adds a socket, for reading and writing. `token` names it (the poller polls every
+    /// input after a wake-up, so tokens only need to be distinct).
+    pub fn register(&self, fd: RawFd, token: usize) -> std::io::Result<()> {
+        self.poll.registry().register(&mut SourceFd(&fd), Token(token), Interest::READABLE | Interest::WRITABLE)
+    }
+
+    /// Removes a socket; called before it is closed, so that a descriptor number reused by
+    /// a later socket is never mistaken for it.
+    pub fn deregister(&self, fd: RawFd) {
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
+
+    /// Sleeps until a registered socket is ready, the waker is woken, or `timeout` passes.
+    pub fn wait(&mut self, timeout: Duration) {
+        if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                // Nothing the poller can do about it but poll again: it still makes
+                // progress on its timeout, and says so once per failure.
+                eprintln!("poller: waiting for readiness failed: {e}");
+                std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readiness")
     }
 }
 
@@ -92,13 +183,43 @@ mod tests {
     #[test]
     fn backoff_goes_spin_yield_park_and_resets() {
         let mut b = Backoff::new(BackoffConfig { spin: Duration::from_millis(2), yield_for: Duration::from_millis(2) });
-        assert_eq!(b.idle(), Idle::Spin);
+        assert_eq!(b.idle(true), Idle::Spin);
         std::thread::sleep(Duration::from_millis(3));
-        assert_eq!(b.idle(), Idle::Yield);
+        assert_eq!(b.idle(true), Idle::Yield);
+        assert_eq!(b.idle(false), Idle::Park, "without an input to poll, no yielding");
         std::thread::sleep(Duration::from_millis(3));
-        assert_eq!(b.idle(), Idle::Park);
-        assert_eq!(b.parks, 1);
+        assert_eq!(b.idle(true), Idle::Park);
+        assert_eq!(b.parks, 2);
         b.reset();
-        assert_eq!(b.idle(), Idle::Spin);
+        assert_eq!(b.idle(true), Idle::Spin);
+    }
+
+    #[test]
+    fn readiness_wakes_on_the_waker_and_on_a_socket() {
+        use std::io::Write;
+        let mut r = Readiness::new().expect("epoll");
+        let started = Instant::now();
+        r.wait(Duration::from_millis(20));
+        assert!(started.elapsed() >= Duration::from_millis(15), "nothing ready: sleeps for the timeout");
+
+        let waker = r.waker();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            waker.wake();
+        });
+        let started = Instant::now();
+        r.wait(Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(5), "woken by the waker");
+
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        use std::os::fd::AsRawFd;
+        r.register(a.as_raw_fd(), 1).expect("register");
+        // The first wait reports it writable.
+        r.wait(Duration::from_millis(10));
+        b.write_all(b"x").expect("write");
+        let started = Instant::now();
+        r.wait(Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(5), "woken by the socket");
+        r.deregister(a.as_raw_fd());
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, Receiver, Select, Sender, TryRecvError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 use serde::Serialize;
 
 use crate::clock::Clock;
@@ -33,14 +33,23 @@ use crate::format::{EntryHeader, EntryKind, PartitionHeader, BLOCK_BYTES, ENTRY_
 use crate::frontend::{Completer, Export, IoRequest};
 use crate::log::{ChangeBase, ChangeMap, Checkpoint, NvLog, Recovered, PARTITIONS, PARTITION_IDS};
 use crate::nvram::Nvram;
-use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle};
+use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle, PollerWaker, Readiness};
 use crate::storage::{BlockDevice, RedoGuard};
 use crate::transport::wire::{BlockPurpose, BODY_MAX, ENTRIES_PREFIX_BYTES, FRAME_HEADER_BYTES};
 use crate::transport::{ConnectError, Connector, Hello, Intent, Link, LinkEvent, Message, RefuseCode, Reply, Welcome};
 use crate::usize_of;
 
+mod clients;
+
+use clients::{Clients, ReplyTo};
+
 /// Requests queued from front ends to a poller.
 pub const IO_QUEUE_MAX: usize = 1024;
+/// Control messages (and connections to adopt) queued to a poller.
+const CONTROL_QUEUE_MAX: usize = 64;
+/// The link's token in the poller's readiness set (clients use theirs from
+/// `clients::CLIENT_TOKEN_BASE`).
+const LINK_TOKEN: usize = 1;
 /// Requests taken per poller iteration: the most entries one group commit carries.
 pub const BATCH_MAX: usize = 64;
 /// Bytes of baseline data per frame.
@@ -178,6 +187,8 @@ pub enum Control {
     Resume,
     /// Changes the policy (`ctl mirror --policy`).
     SetPolicy(Policy),
+    /// An NBD client connection that named this volume: the poller serves it from now on.
+    Adopt(crate::frontend::nbd::Adopted),
     /// Stop taking writes: another node may be the primary now (fleet mode lost its lease,
     /// or found the volume held elsewhere).
     Fence(String),
@@ -244,6 +255,10 @@ pub struct SourceStatus {
     pub resync_total_bytes: u64,
     pub core: Option<usize>,
     pub parks: u64,
+    /// Times writes had to wait for NVLog space (both partitions held by CPs), and for how
+    /// long in all: a CP that cannot keep up with the write rate shows here.
+    pub log_full_waits: u64,
+    pub log_full_wait_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,23 +344,15 @@ struct Copying {
 /// A write not yet completed: `progress` bytes of it are logged so far.
 struct Waiting {
     request: IoRequest,
-    done: Option<Completer>,
+    done: Option<ReplyTo>,
     progress: u64,
-}
-
-impl Waiting {
-    fn complete(&mut self, r: crate::frontend::IoResult) {
-        if let Some(d) = self.done.take() {
-            d.complete(r);
-        }
-    }
 }
 
 struct Pending {
     last_seq: u64,
     /// Clock time (ns) it was sent (or logged, while unmirrored).
     sent_ns: u64,
-    done: Completer,
+    done: ReplyTo,
 }
 
 type ConnectResult<L> = Result<(L, Welcome), ConnectError>;
@@ -360,11 +367,22 @@ pub struct SourceHandle {
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
     /// After a switchover: where requests go instead of the stopped poller.
     forward: parking_lot::RwLock<Option<Arc<dyn Export>>>,
+    /// Wakes the poller after a request or a control message is queued (none for a
+    /// stepped poller, whose owner steps it).
+    waker: Option<PollerWaker>,
 }
 
 impl SourceHandle {
     pub fn control(&self, c: Control) -> Result<(), String> {
-        self.ctl.send(c).map_err(|_| "volume poller has stopped".to_string())
+        self.ctl.send(c).map_err(|_| "volume poller has stopped".to_string())?;
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &self.waker {
+            w.wake();
+        }
     }
 
     pub fn status(&self) -> Result<SourceStatus, String> {
@@ -410,6 +428,24 @@ impl Export for SourceHandle {
         if let Err(e) = self.io.send((request, done)) {
             let (_, done) = e.into_inner();
             done.complete(Err(io::Error::other("volume is stopped")));
+            return;
+        }
+        self.wake();
+    }
+    fn adopt(&self, conn: crate::frontend::nbd::Adopted) -> Result<(), crate::frontend::nbd::Adopted> {
+        // A volume that moved is served through its forward, on threads of the front end.
+        if self.forward.read().is_some() {
+            return Err(conn);
+        }
+        match self.ctl.send(Control::Adopt(conn)) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(e) => match e.into_inner() {
+                Control::Adopt(conn) => Err(conn),
+                _ => unreachable!("the message sent is the one given back"),
+            },
         }
     }
 }
@@ -509,7 +545,7 @@ where
     }
     let size = device.size();
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
-    let (ctl_tx, ctl_rx) = bounded(16);
+    let (ctl_tx, ctl_rx) = bounded(CONTROL_QUEUE_MAX);
     let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, changes, io_rx, ctl_rx, inline)?;
     let handle = SourceHandle {
         io: io_tx,
@@ -517,6 +553,7 @@ where
         size,
         thread: parking_lot::Mutex::new(None),
         forward: parking_lot::RwLock::new(None),
+        waker: poller.readiness.as_ref().map(Readiness::waker),
     };
     Ok((poller, handle))
 }
@@ -559,6 +596,8 @@ struct Poller<C: Connector> {
     cp_done: Receiver<CpLocalDone>,
     /// The local CP being written: its partition, generation and blocks.
     local_cp_inflight: Option<(u8, u64, HashSet<Vbn>)>,
+    /// Clock time (ns) since which writes have waited for log space.
+    log_full_since: Option<u64>,
     /// Stepped (no threads): the CP writer's queue, run by the poller itself, and the
     /// step a job was queued at (it runs on a later one).
     inline: Option<(Receiver<CpJob>, Sender<CpLocalDone>)>,
@@ -589,6 +628,12 @@ struct Poller<C: Connector> {
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.
     confirmed: bool,
+    /// The NBD sessions this poller serves itself.
+    clients: Clients,
+    /// What the poller sleeps on (none when stepped: its owner steps it).
+    readiness: Option<Readiness>,
+    /// The link's descriptor while it is registered in `readiness`.
+    link_fd: Option<std::os::fd::RawFd>,
 }
 
 /// A local CP for the writer thread: a copy of a closed partition's blocks.
@@ -608,9 +653,15 @@ struct CpLocalDone {
 /// The CP writer: writes each job's blocks to the volume and flushes it, off the poller
 /// thread, so that a CP's write-out and `fdatasync` do not stop client writes. Ends when
 /// the poller drops its sender.
-fn cp_writer(device: Arc<dyn BlockDevice>, jobs: Receiver<CpJob>, done: Sender<CpLocalDone>) {
+fn cp_writer(device: Arc<dyn BlockDevice>, jobs: Receiver<CpJob>, done: Sender<CpLocalDone>, waker: PollerWaker) {
     for job in jobs {
-        if done.send(write_cp_job(device.as_ref(), &job)).is_err() {
+        let result = write_cp_job(device.as_ref(), &job);
+        // The image goes before the answer: the poller then finds the cached blocks it
+        // releases unshared, and reuses their buffers.
+        drop(job);
+        let sent = done.send(result);
+        waker.wake();
+        if sent.is_err() {
             return;
         }
     }
@@ -697,17 +748,20 @@ where
             resync_total_bytes: 0,
             core: None,
             parks: 0,
+            log_full_waits: 0,
+            log_full_wait_us: 0,
         };
         let (cp_jobs, cp_jobs_rx) = bounded::<CpJob>(1);
         let (cp_done_tx, cp_done) = bounded::<CpLocalDone>(1);
-        let inline = if inline {
-            Some((cp_jobs_rx, cp_done_tx))
+        let (inline, readiness) = if inline {
+            (Some((cp_jobs_rx, cp_done_tx)), None)
         } else {
-            let device = device.clone();
+            let readiness = Readiness::new()?;
+            let (device, waker) = (device.clone(), readiness.waker());
             thread::Builder::new()
                 .name(format!("nvm-cp-{}", cfg.volume))
-                .spawn(move || cp_writer(device, cp_jobs_rx, cp_done_tx))?;
-            None
+                .spawn(move || cp_writer(device, cp_jobs_rx, cp_done_tx, waker))?;
+            (None, Some(readiness))
         };
         let mut p = Poller {
             cfg,
@@ -753,6 +807,10 @@ where
             local_only_seq: 0,
             copy_rate: None,
             confirmed: false,
+            clients: Clients::default(),
+            log_full_since: None,
+            readiness,
+            link_fd: None,
         };
         p.recover(&recovered)?;
         Ok(p)
@@ -856,7 +914,7 @@ where
             let Ok(worked) = self.poll_once() else { return };
             if worked {
                 backoff.reset();
-            } else if backoff.idle() == Idle::Park {
+            } else if backoff.idle(self.must_poll_link()) == Idle::Park {
                 self.park();
             }
             self.stats.parks = backoff.parks;
@@ -866,38 +924,76 @@ where
     /// One pass over every input; whether any had work. `Err` once stopped.
     fn poll_once(&mut self) -> Result<bool, ()> {
         self.steps += 1;
+        self.account_log_wait();
         let mut worked = self.poll_control()?;
         worked |= self.poll_link();
         worked |= self.poll_io();
+        worked |= self.poll_clients();
         worked |= self.flush_batch();
         worked |= self.copy_step();
         worked |= self.poll_local_cp(false);
         self.timers();
+        // Every reply this pass produced, one write per connection.
+        worked |= self.flush_clients();
         Ok(worked)
     }
 
-    /// Blocks until an input is ready or a timer is due.
-    fn park(&self) {
-        let mut sel = Select::new();
-        sel.recv(&self.ctl_rx);
-        if self.waiting.is_empty() && !self.quiesced {
-            sel.recv(&self.io_rx);
-        }
-        if let Some(rx) = &self.connect_rx {
-            sel.recv(rx);
-        }
-        if self.local_cp_inflight.is_some() {
-            sel.recv(&self.cp_done);
-        }
-        // The link is polled, not waited on: wake soon while a reply is owed (writes or a
-        // CP in flight, a baseline running), rarely otherwise (an unsolicited refusal or a
-        // closed connection is noticed within the longer timeout).
-        let owed = matches!(self.link, LinkState::Up { .. })
+    /// Whether a reply is owed on the link: writes or a CP in flight, or a copy running.
+    fn link_owes(&self) -> bool {
+        matches!(self.link, LinkState::Up { .. })
             && (!self.pending.is_empty()
                 || self.parts.iter().any(|p| matches!(p, Part::Closing { .. }))
-                || matches!(self.link, LinkState::Up { copy: Some(_), .. }));
-        let timeout = if owed { Duration::from_micros(500) } else { Duration::from_millis(50) };
-        let _ = sel.ready_timeout(timeout);
+                || matches!(self.link, LinkState::Up { copy: Some(_), .. }))
+    }
+
+    /// Whether the link owes replies but offers no descriptor to sleep on (RDMA): then the
+    /// poller polls it between short sleeps.
+    fn must_poll_link(&self) -> bool {
+        self.link_fd.is_none() && self.link_owes()
+    }
+
+    /// Sleeps until an input is ready or a timer is due: a client socket or the link
+    /// becomes readable, or a thread that queued work (control, submitted requests, a
+    /// connect, a CP write-out) wakes the poller.
+    fn park(&mut self) {
+        self.watch_link();
+        // Timers (ack and CP timeouts, the CP interval, reconnecting) are looked at on
+        // every pass; sleeping at most this long keeps them within it of their due time.
+        let timeout = if self.must_poll_link() { Duration::from_micros(500) } else { Duration::from_millis(50) };
+        match &mut self.readiness {
+            Some(r) => r.wait(timeout),
+            None => thread::sleep(timeout),
+        }
+    }
+
+    /// Keeps the link's descriptor (where it has one) in the readiness set.
+    fn watch_link(&mut self) {
+        let fd = match &self.link {
+            LinkState::Up { link, .. } => link.readiness_fd(),
+            _ => None,
+        };
+        if fd == self.link_fd {
+            return;
+        }
+        let Some(r) = &self.readiness else { return };
+        if let Some(old) = self.link_fd.take() {
+            r.deregister(old);
+        }
+        if let Some(fd) = fd {
+            match r.register(fd, LINK_TOKEN) {
+                Ok(()) => self.link_fd = Some(fd),
+                Err(e) => eprintln!("volume {}: cannot watch the link: {e}; polling it", self.cfg.volume),
+            }
+        }
+    }
+
+    /// Replaces the link state; a link leaving is taken out of the readiness set before it
+    /// is dropped (its descriptor number may be reused at once).
+    fn set_link(&mut self, next: LinkState<C::Link>) {
+        if let (Some(fd), Some(r)) = (self.link_fd.take(), &self.readiness) {
+            r.deregister(fd);
+        }
+        self.link = next;
     }
 
     fn timers(&mut self) {
@@ -993,6 +1089,7 @@ where
                         let _ = tx.send(Err("switchover cancelled".into()));
                     }
                 }
+                Ok(Control::Adopt(conn)) => self.adopt(conn),
                 Ok(Control::Handover(tx)) => {
                     let mut queued = Vec::new();
                     while let Ok(r) = self.io_rx.try_recv() {
@@ -1021,14 +1118,26 @@ where
         let _ = self.flush_batch();
         // A local CP being written finishes first: the volume is left flushed.
         self.poll_local_cp(true);
-        for mut w in self.waiting.drain(..) {
-            w.complete(Err(eio(why.to_string())));
+        let waiting: Vec<Waiting> = self.waiting.drain(..).collect();
+        for w in waiting {
+            if let Some(to) = w.done {
+                self.answer(to, Err(eio(why.to_string())));
+            }
         }
-        for p in self.pending.drain(..) {
-            p.done.complete(Err(eio(why.to_string())));
+        let pending: Vec<Pending> = self.pending.drain(..).collect();
+        for p in pending {
+            self.answer(p.done, Err(eio(why.to_string())));
         }
         while let Ok((_, done)) = self.io_rx.try_recv() {
             done.complete(Err(eio(why.to_string())));
+        }
+        // Connections that were handed over (a switchover) or outlive the volume go on
+        // through its handle, which forwards them or refuses their requests.
+        self.release_clients(why);
+        while let Ok(c) = self.ctl_rx.try_recv() {
+            if let Control::Adopt(conn) = c {
+                conn.serve_on_threads();
+            }
         }
         if let LinkState::Up { link, .. } = &mut self.link {
             link.close();
@@ -1142,12 +1251,12 @@ where
         // A resume first: a peer that already holds a consistent copy (a returning old
         // primary, made a mirror) is then brought level by a delta resync if the change map
         // allows, and by a baseline otherwise.
-        self.link = LinkState::Down {
+        self.set_link(LinkState::Down {
             reason: "attaching".into(),
             next_try: self.clock.now_ns(),
             connecting: false,
             copy: None,
-        };
+        });
         Ok(())
     }
 
@@ -1183,8 +1292,12 @@ where
         }
         let (tx, rx) = bounded(1);
         let connector = self.connector.clone();
+        let waker = self.readiness.as_ref().map(Readiness::waker);
         let spawned = thread::Builder::new().name("nvm-connect".into()).spawn(move || {
             let _ = tx.send(connector.connect(&target, &hello));
+            if let Some(w) = waker {
+                w.wake();
+            }
         });
         match spawned {
             Ok(_) => {
@@ -1333,7 +1446,7 @@ where
         if let LinkState::Up { link, .. } = &mut self.link {
             link.close();
         }
-        self.link = LinkState::Fenced(msg.clone());
+        self.set_link(LinkState::Fenced(msg.clone()));
         self.fail_pending(&msg);
         for (_, tx) in self.cp_waiters.drain(..) {
             let _ = tx.send(Err(msg.clone()));
@@ -1353,7 +1466,7 @@ where
             _ => None,
         };
         eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
-        self.link = LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, copy };
+        self.set_link(LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, copy });
         if self.tracks_changes() {
             // Policy sync: what was sent and not acknowledged completes once persistent
             // here (the next batch flush), and a resume or a resync brings it over later.
@@ -1366,9 +1479,10 @@ where
     }
 
     fn fail_pending(&mut self, why: &str) {
-        for p in self.pending.drain(..) {
+        let pending: Vec<Pending> = self.pending.drain(..).collect();
+        for p in pending {
             self.stats.write_errors += 1;
-            p.done.complete(Err(eio(why.to_string())));
+            self.answer(p.done, Err(eio(why.to_string())));
         }
     }
 
@@ -1384,12 +1498,12 @@ where
                 if copy != Some(CopyKind::Baseline) =>
             {
                 eprintln!("volume {}: {reason}; starting a baseline", self.cfg.volume);
-                self.link = LinkState::Down {
+                self.set_link(LinkState::Down {
                     reason,
                     next_try: self.clock.now_ns(),
                     connecting: false,
                     copy: Some(CopyKind::Baseline),
-                };
+                });
                 return;
             }
             Err(e) => {
@@ -1436,7 +1550,7 @@ where
             let base_cp_gen = header.cp_gen;
             let base_seq = header.first_seq;
             self.confirmed = true;
-            self.link = LinkState::Up {
+            self.set_link(LinkState::Up {
                 link,
                 copy: Some(Copying {
                     kind,
@@ -1451,14 +1565,14 @@ where
                     base_seq,
                     started_ns: self.clock.now_ns(),
                 }),
-            };
+            });
             return;
         }
         match self.resume(&mut link, &welcome) {
             Ok(()) => {
                 eprintln!("volume {}: mirror link resumed", self.cfg.volume);
                 self.confirmed = true;
-                self.link = LinkState::Up { link, copy: None };
+                self.set_link(LinkState::Up { link, copy: None });
             }
             Err(why) => {
                 link.close();
@@ -1772,7 +1886,9 @@ where
         while let Some(mut w) = self.waiting.pop_front() {
             if let Some(e) = self.write_refusal() {
                 self.stats.write_errors += 1;
-                w.complete(Err(e));
+                if let Some(to) = w.done.take() {
+                    self.answer(to, Err(e));
+                }
                 worked = true;
                 continue;
             }
@@ -1786,7 +1902,9 @@ where
                 }
                 Err(e) => {
                     self.stats.write_errors += 1;
-                    w.complete(Err(e));
+                    if let Some(to) = w.done.take() {
+                        self.answer(to, Err(e));
+                    }
                     worked = true;
                 }
             }
@@ -1803,6 +1921,22 @@ where
             }
         }
         worked
+    }
+
+    /// Counts the time writes wait for log space: from when the first of them had to wait
+    /// to when none waits.
+    fn account_log_wait(&mut self) {
+        match (self.waiting.is_empty(), self.log_full_since) {
+            (false, None) => {
+                self.log_full_since = Some(self.clock.now_ns());
+                self.stats.log_full_waits += 1;
+            }
+            (true, Some(since)) => {
+                self.log_full_since = None;
+                self.stats.log_full_wait_us += self.clock.now_ns().saturating_sub(since) / 1000;
+            }
+            _ => {}
+        }
     }
 
     fn write_refusal(&self) -> Option<io::Error> {
@@ -1823,6 +1957,7 @@ where
         }
     }
 
+    /// Serves a request submitted through the handle.
     fn handle(&mut self, request: IoRequest, done: Completer) {
         match request {
             IoRequest::Read { offset, len } => {
@@ -1832,48 +1967,54 @@ where
             }
             // Every acknowledged write is already persistent on both sites.
             IoRequest::Flush => done.complete(Ok(None)),
-            request => {
-                if let Some(e) = self.write_refusal() {
-                    self.stats.write_errors += 1;
-                    return done.complete(Err(e));
-                }
-                let mut w = Waiting { request, done: Some(done), progress: 0 };
-                if !self.waiting.is_empty() {
-                    return self.waiting.push_back(w);
-                }
-                match self.log_write(&mut w) {
-                    Ok(true) => {}
-                    Ok(false) => self.waiting.push_back(w),
-                    Err(e) => {
-                        self.stats.write_errors += 1;
-                        w.complete(Err(e));
-                    }
-                }
+            IoRequest::Write { offset, data, .. } => {
+                self.mutate(EntryKind::Write, offset, data.len() as u64, &data, ReplyTo::Submitter(done));
+            }
+            IoRequest::Trim { offset, len } => {
+                self.mutate(EntryKind::Trim, offset, u64::from(len), &[], ReplyTo::Submitter(done));
+            }
+            IoRequest::WriteZeroes { offset, len, .. } => {
+                self.mutate(EntryKind::WriteZeroes, offset, u64::from(len), &[], ReplyTo::Submitter(done));
             }
         }
     }
 
-    /// Logs as much of a mutation as fits. `Ok(true)`: all of it is logged and its
+    /// Logs as much of a waiting mutation as fits. `Ok(true)`: all of it is logged and its
     /// completion is pending; `Ok(false)`: it waits for log space.
     fn log_write(&mut self, w: &mut Waiting) -> io::Result<bool> {
-        let (kind, offset, len) = match &w.request {
-            IoRequest::Write { offset, data, .. } => (EntryKind::Write, *offset, data.len() as u64),
-            IoRequest::Trim { offset, len } => (EntryKind::Trim, *offset, u64::from(*len)),
-            IoRequest::WriteZeroes { offset, len, .. } => (EntryKind::WriteZeroes, *offset, u64::from(*len)),
+        let (kind, offset, len, data): (_, _, _, &[u8]) = match &w.request {
+            IoRequest::Write { offset, data, .. } => (EntryKind::Write, *offset, data.len() as u64, data),
+            IoRequest::Trim { offset, len } => (EntryKind::Trim, *offset, u64::from(*len), &[]),
+            IoRequest::WriteZeroes { offset, len, .. } => (EntryKind::WriteZeroes, *offset, u64::from(*len), &[]),
             _ => unreachable!("only mutations are logged"),
         };
-        crate::storage::check_range(self.device.size(), offset, len)?;
-        if len == 0 {
-            w.complete(Ok(None));
-            return Ok(true);
+        if !self.log_pieces(kind, offset, len, data, &mut w.progress)? {
+            return Ok(false);
         }
-        while w.progress < len {
-            let at = offset + w.progress;
+        let to = w.done.take().expect("a logged write is completed once");
+        self.logged(len, to);
+        Ok(true)
+    }
+
+    /// Appends the entries of a mutation from `*progress` on, as far as log space goes.
+    /// `data` is a write's payload (empty for the other kinds). `Ok(true)`: all of it is
+    /// logged.
+    fn log_pieces(
+        &mut self,
+        kind: EntryKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        progress: &mut u64,
+    ) -> io::Result<bool> {
+        crate::storage::check_range(self.device.size(), offset, len)?;
+        while *progress < len {
+            let at = offset + *progress;
             let piece = if kind == EntryKind::Write {
                 let boundary = (at / ENTRY_DATA_MAX as u64 + 1) * ENTRY_DATA_MAX as u64;
                 boundary.min(offset + len) - at
             } else {
-                len - w.progress
+                len - *progress
             };
             let data_len = if kind == EntryKind::Write { usize_of(piece) } else { 0 };
             if !self.nvlog.fits(self.active, data_len) {
@@ -1893,12 +2034,11 @@ where
                 length: u32::try_from(piece).expect("pieces are below 4 GiB"),
                 data_len: u32::try_from(data_len).expect("entry data below 1 MiB"),
             };
-            let data: &[u8] = match &w.request {
-                IoRequest::Write { data, .. } => {
-                    let s = usize_of(w.progress);
-                    &data[s..s + data_len]
-                }
-                _ => &[],
+            let data: &[u8] = if kind == EntryKind::Write {
+                let s = usize_of(*progress);
+                &data[s..s + data_len]
+            } else {
+                &[]
             };
             self.nvlog.append(&header, data).map_err(|e| eio(e.to_string()))?;
             let active = self.active as usize;
@@ -1907,16 +2047,23 @@ where
             let last = (header.offset + u64::from(header.length)).div_ceil(BLOCK_BYTES as u64);
             self.part_blocks[active].extend(first..last);
             self.next_seq += 1;
-            w.progress += piece;
+            *progress += piece;
+        }
+        Ok(true)
+    }
+
+    /// A mutation of `len` bytes is logged whole: its answer waits for the ack covering
+    /// its last entry (an empty one is answered at once).
+    fn logged(&mut self, len: u64, to: ReplyTo) {
+        if len == 0 {
+            return self.answer(to, Ok(()));
         }
         self.stats.writes += 1;
         self.stats.bytes_written += len;
         if self.overlay.len() > self.cfg.cache_blocks_max {
             self.cp_wanted = true;
         }
-        let done = w.done.take().expect("a logged write is completed once");
-        self.pending.push_back(Pending { last_seq: self.next_seq - 1, sent_ns: self.clock.now_ns(), done });
-        Ok(true)
+        self.pending.push_back(Pending { last_seq: self.next_seq - 1, sent_ns: self.clock.now_ns(), done: to });
     }
 
     /// Persists and sends what the last requests logged, then completes what is durable.
@@ -1982,7 +2129,7 @@ where
             let b = ACK_LATENCY_BOUNDS_US.iter().position(|&le| us <= le).unwrap_or(ACK_LATENCY_BOUNDS_US.len());
             self.ack_buckets[b] += 1;
             self.ack_sum_us = self.ack_sum_us.saturating_add(us);
-            p.done.complete(Ok(None));
+            self.answer(p.done, Ok(()));
         }
     }
 

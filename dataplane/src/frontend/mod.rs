@@ -87,6 +87,13 @@ pub trait Export: Send + Sync {
     fn read_only(&self) -> bool;
     /// Hands a request over; `done` is completed later, possibly from another thread.
     fn submit(&self, request: IoRequest, done: Completer);
+    /// Takes an NBD client connection whole, once its handshake named this export: an
+    /// export with a reactor of its own reads, serves and answers its requests there, with
+    /// no thread between the socket and the volume. An export without one gives it back,
+    /// and the front end serves it through [`Export::submit`].
+    fn adopt(&self, conn: nbd::Adopted) -> Result<(), nbd::Adopted> {
+        Err(conn)
+    }
 }
 
 /// The set of volumes a front end may serve, looked up by export name.

@@ -22,6 +22,7 @@ pub use uring::{UringDevice, URING_BUFFERS, URING_BUFFER_BYTES};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::format::BLOCK_BYTES;
@@ -103,6 +104,68 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
 }
 
+/// What a flush of a volume's disks must reach. A node chooses once, at start, from its
+/// NVRAM mode: the volumes need be no more durable than the log they are written from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReach {
+    /// The device's stable storage (`fdatasync`, an NVMe flush): what survives power loss.
+    /// The default, and what every power-safe NVRAM mode needs.
+    Device,
+    /// What the process has handed to the kernel: a flush has nothing to wait for. It is
+    /// what the `file:` NVRAM mode promises (a killed process loses nothing; a power cut
+    /// may lose what the page cache held, the log's last entries included), so CPs under
+    /// it cost no device round trip.
+    Kernel,
+}
+
+static FLUSH_TO_KERNEL_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Sets what flushes of disks opened from now on must reach (see [`FlushReach`]).
+pub fn set_flush_reach(reach: FlushReach) {
+    FLUSH_TO_KERNEL_ONLY.store(reach == FlushReach::Kernel, Ordering::SeqCst);
+}
+
+/// What flushes of newly opened disks reach.
+pub fn flush_reach() -> FlushReach {
+    if FLUSH_TO_KERNEL_ONLY.load(Ordering::SeqCst) {
+        FlushReach::Kernel
+    } else {
+        FlushReach::Device
+    }
+}
+
+/// A disk whose flushes reach the kernel only ([`FlushReach::Kernel`]): every write and
+/// read goes to the engine beneath, a flush checks nothing more is owed and returns.
+struct KernelFlush(Arc<dyn BlockDevice>);
+
+impl BlockDevice for KernelFlush {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        // Every write returned only once the engine completed it: the kernel has it.
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
+        self.0.write_many(ops)
+    }
+    fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
+        self.0.read_many(ops)
+    }
+    fn set_redo(&self, on: bool) {
+        self.0.set_redo(on)
+    }
+}
+
 /// Marks a redo on a device for as long as it lives (see [`BlockDevice::set_redo`]).
 pub struct RedoGuard<'a>(&'a dyn BlockDevice);
 
@@ -179,18 +242,24 @@ impl DiskSpec {
 
     /// Opens the disk, creating a regular file of `size` bytes where none exists (never for
     /// NVMe). `size: None` opens an existing disk at its own size.
+    /// Opens (or, given a size, creates) the disk with its engine; its flushes reach what
+    /// [`flush_reach`] says.
     pub fn open(&self, size: Option<u64>) -> io::Result<Arc<dyn BlockDevice>> {
-        match self.engine {
-            Engine::Pread => Ok(Arc::new(match size {
+        let dev: Arc<dyn BlockDevice> = match self.engine {
+            Engine::Pread => Arc::new(match size {
                 Some(size) => FileDevice::create(&self.path, size)?,
                 None => FileDevice::open(&self.path)?,
-            })),
-            Engine::Uring => Ok(Arc::new(match size {
+            }),
+            Engine::Uring => Arc::new(match size {
                 Some(size) => UringDevice::create(&self.path, size)?,
                 None => UringDevice::open(&self.path)?,
-            })),
-            Engine::Nvme => Ok(Arc::new(NvmeDevice::open(&self.path, size)?)),
-        }
+            }),
+            Engine::Nvme => Arc::new(NvmeDevice::open(&self.path, size)?),
+        };
+        Ok(match flush_reach() {
+            FlushReach::Device => dev,
+            FlushReach::Kernel => Arc::new(KernelFlush(dev)),
+        })
     }
 }
 

@@ -83,6 +83,12 @@ pub trait Link: Send {
     fn poll(&mut self) -> Option<LinkEvent>;
     /// Closes the link; later sends fail.
     fn close(&mut self);
+    /// The descriptor that becomes readable when a reply may have arrived, for the poller
+    /// to sleep on (see `crate::poller::Readiness`). `None`: the link must be polled
+    /// (its completions arrive without a descriptor, as RDMA's do).
+    fn readiness_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Tells the link where the bytes of later [`Link::send_entries`] calls live (the
     /// NVLog's memory), so that an engine able to send straight from memory (RDMA)
     /// registers it once instead of copying every batch. Engines that copy or stream the
@@ -159,6 +165,9 @@ impl<L: Link + ?Sized> Link for Box<L> {
     }
     fn close(&mut self) {
         (**self).close()
+    }
+    fn readiness_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).readiness_fd()
     }
     unsafe fn offer_source_memory(&mut self, memory: &[u8]) {
         // SAFETY: the caller's guarantee, passed on.

@@ -411,6 +411,11 @@ impl Link for TcpLink {
     fn close(&mut self) {
         self.close_with("closed by the source".into());
     }
+    fn readiness_fd(&self) -> Option<std::os::fd::RawFd> {
+        // `poll` reads until the socket would block (and drains what rustls holds), so an
+        // edge on this descriptor is all a sleeping poller needs.
+        Some(self.stream.as_raw_fd())
+    }
 }
 
 impl Drop for TcpLink {

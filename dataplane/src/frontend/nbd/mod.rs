@@ -74,6 +74,10 @@ use thiserror::Error;
 
 use super::{Completer, Export, ExportRegistry, IoReply, IoRequest};
 
+pub mod session;
+
+pub use session::{Adopted, Command, Session, SessionError};
+
 /// The IANA-assigned NBD port.
 pub const PORT_DEFAULT: u16 = 10809;
 /// Largest READ or WRITE payload, advertised as the maximum block size.
@@ -103,6 +107,9 @@ const ACCEPT_POLL_MS: i32 = 100;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Request bytes the reader buffers: many pipelined headers per read system call.
 const READ_BUFFER_BYTES: usize = 128 << 10;
+/// Request bytes a reactor's [`Session`] reads at once, headers and write payloads
+/// together (it grows to hold one larger write).
+const ADOPTED_READ_BYTES: usize = 256 << 10;
 /// Reply bytes the writer gathers before a write system call.
 const REPLY_BUFFER_BYTES: usize = 256 << 10;
 /// Read data up to this size is copied into the reply buffer; larger data is written
@@ -219,7 +226,7 @@ enum ConnectionError {
 }
 
 /// Formats an error with its chain of sources on one line.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -408,8 +415,11 @@ fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Result<bool> {
 
 fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) {
     let closer = stream.try_clone().ok();
-    if let Err(err) = run_connection(stream, peer, registry) {
-        eprintln!("nbd: {peer}: {}", ErrorChain(&err));
+    match run_connection(stream, peer, registry) {
+        // The export's reactor owns the socket now.
+        Ok(Served::Adopted) => return,
+        Ok(Served::Here) => {}
+        Err(err) => eprintln!("nbd: {peer}: {}", ErrorChain(&err)),
     }
     // The accept loop holds a handle on the socket until it reaps this thread: shut it
     // down now, so that the client sees the connection end at once (a refused handshake
@@ -419,7 +429,15 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRe
     }
 }
 
-fn run_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) -> Result<(), ConnectionError> {
+/// Where a connection's transmission phase ran.
+enum Served {
+    /// On this thread (and its writer), to the end.
+    Here,
+    /// Handed to the export's reactor, which serves it from now on.
+    Adopted,
+}
+
+fn run_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) -> Result<Served, ConnectionError> {
     stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
     stream.set_nodelay(true).map_err(ConnectionError::Socket)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnectionError::Socket)?;
@@ -429,13 +447,55 @@ fn run_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegi
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone().map_err(ConnectionError::Socket)?);
     let export = match negotiate(&mut reader, &stream, registry)? {
         Negotiated::Transmit(export) => export,
-        Negotiated::Closed => return Ok(()),
+        Negotiated::Closed => return Ok(Served::Here),
     };
     // Idle clients are normal once transmission starts.
     stream.set_read_timeout(None).map_err(ConnectionError::Socket)?;
+    // The export's reactor takes the connection whole where it has one: its requests are
+    // then read, served and answered on that one thread.
+    let adopted = Adopted { stream, peer, read_ahead: reader.buffer().to_vec(), export: Arc::downgrade(&export) };
+    drop(reader);
+    let adopted = match export.adopt(adopted) {
+        Ok(()) => return Ok(Served::Adopted),
+        Err(back) => back,
+    };
+    let Adopted { stream, read_ahead, .. } = adopted;
+    let mut reader = BufReader::with_capacity(
+        READ_BUFFER_BYTES,
+        io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
+    );
     let result = transmit(&mut reader, &stream, export.as_ref(), peer);
     let _ = stream.shutdown(Shutdown::Both);
-    result
+    result.map(|()| Served::Here)
+}
+
+/// Serves a connection a reactor gave back on threads of its own (see
+/// [`Adopted::serve_on_threads`]).
+fn serve_adopted_on_threads(adopted: Adopted) {
+    let Adopted { stream, peer, read_ahead, export } = adopted;
+    let Some(export) = export.upgrade() else {
+        eprintln!("nbd: {peer}: the export it was served from is gone; closing");
+        let _ = stream.shutdown(Shutdown::Both);
+        return;
+    };
+    let spawned = thread::Builder::new().name(format!("nbd-{peer}")).spawn(move || {
+        let run = || -> Result<(), ConnectionError> {
+            stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
+            stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
+            let mut reader = BufReader::with_capacity(
+                READ_BUFFER_BYTES,
+                io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
+            );
+            transmit(&mut reader, &stream, export.as_ref(), peer)
+        };
+        if let Err(err) = run() {
+            eprintln!("nbd: {peer}: {}", ErrorChain(&err));
+        }
+        let _ = stream.shutdown(Shutdown::Both);
+    });
+    if let Err(err) = spawned {
+        eprintln!("nbd: {peer}: cannot start a connection thread: {err}");
+    }
 }
 
 enum Negotiated {

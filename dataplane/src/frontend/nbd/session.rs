@@ -1,0 +1,385 @@
+//! A client connection in its transmission phase, owned by the reactor of the volume it
+//! named: a non-blocking socket, the request bytes read from it, and the replies gathered
+//! for it.
+//!
+//! The reactor drives a [`Session`] in passes: [`Session::fill`] reads whatever the socket
+//! holds, [`Session::next`] decodes one whole request at a time (answering the ones it
+//! refuses itself), the reactor serves each and answers through [`Session::reply`] or
+//! [`Session::reply_read`], and [`Session::flush`] writes every reply gathered in the
+//! pass with one system call. A write's payload is handed out as a range of the read
+//! buffer, so the reactor logs it from there without another buffer in between.
+//!
+//! Bounds, as for the threaded connections of `super`: at most [`IN_FLIGHT_MAX`] requests
+//! taken and unanswered, no new request while more than [`REPLY_BUFFER_BYTES`] of replies
+//! wait for the socket, and a read buffer that grows past its starting size only to hold
+//! one write of up to [`PAYLOAD_BYTES_MAX`].
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Weak;
+
+use super::{
+    nbd_errno, Request, ADOPTED_READ_BYTES, CMD_DISC, CMD_FLAGS_KNOWN, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES, REQUEST_BYTES,
+    SIMPLE_REPLY_BYTES, SIMPLE_REPLY_MAGIC,
+};
+use crate::frontend::Export;
+
+/// A connection whose handshake named an export, handed to that export whole (see
+/// [`Export::adopt`]). `read_ahead` holds the bytes the handshake read past its end: the
+/// first requests.
+pub struct Adopted {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) read_ahead: Vec<u8>,
+    /// The export the handshake found, for serving the connection on threads of its own
+    /// again if its reactor gives it back (a switchover hands the volume on). Weak: a
+    /// reactor owns its sessions, and must not keep its own handle alive through them.
+    pub(super) export: Weak<dyn Export>,
+}
+
+impl Adopted {
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Serves the connection the way connections of exports without a reactor are served
+    /// (a reader and a writer thread, through [`Export::submit`]), against the export the
+    /// handshake found. A connection whose export is gone is closed.
+    pub fn serve_on_threads(self) {
+        super::serve_adopted_on_threads(self);
+    }
+}
+
+impl std::fmt::Debug for Adopted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adopted").field("peer", &self.peer).field("read_ahead", &self.read_ahead.len()).finish()
+    }
+}
+
+/// One request, decoded and checked against the export; the reactor serves it and answers
+/// it exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Read { cookie: u64, offset: u64, len: u32 },
+    /// `data` is a range of the session's read buffer (see [`Session::data`]), valid until
+    /// the next [`Session::fill`].
+    Write { cookie: u64, offset: u64, data: Range<usize>, fua: bool },
+    Flush { cookie: u64 },
+    Trim { cookie: u64, offset: u64, len: u32 },
+    WriteZeroes { cookie: u64, offset: u64, len: u32, fua: bool },
+}
+
+/// Why a session ended early. Logged as one line naming the peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("reading a request failed")]
+    Read(#[source] io::Error),
+    #[error("writing replies failed")]
+    Write(#[source] io::Error),
+    #[error("bad request magic {0:#010x}")]
+    RequestMagic(u32),
+    #[error("write of {0} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte maximum")]
+    WriteTooLong(u32),
+    #[error("the client closed the connection in the middle of a request")]
+    Truncated,
+}
+
+/// See the module documentation.
+pub struct Session {
+    stream: TcpStream,
+    peer: SocketAddr,
+    export: Weak<dyn Export>,
+    size: u64,
+    read_only: bool,
+    /// Bytes read and not yet decoded: `rbuf[start..end]`.
+    rbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Replies gathered and not yet written: `out[sent..]`.
+    out: Vec<u8>,
+    sent: usize,
+    /// Requests handed to the reactor and not yet answered.
+    in_flight: usize,
+    /// The client sent `NBD_CMD_DISC` or closed its end: nothing more is read, and the
+    /// session ends once every reply is written.
+    draining: bool,
+    failed: Option<SessionError>,
+}
+
+impl Session {
+    /// Takes over an adopted connection for an export of `size` bytes.
+    pub fn new(adopted: Adopted, size: u64, read_only: bool) -> io::Result<Session> {
+        adopted.stream.set_nonblocking(true)?;
+        adopted.stream.set_nodelay(true)?;
+        let mut rbuf = vec![0u8; ADOPTED_READ_BYTES.max(adopted.read_ahead.len())];
+        let end = adopted.read_ahead.len();
+        rbuf[..end].copy_from_slice(&adopted.read_ahead);
+        Ok(Session {
+            stream: adopted.stream,
+            peer: adopted.peer,
+            export: adopted.export,
+            size,
+            read_only,
+            rbuf,
+            start: 0,
+            end,
+            out: Vec::with_capacity(REPLY_BUFFER_BYTES),
+            sent: 0,
+            in_flight: 0,
+            draining: false,
+            failed: None,
+        })
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The socket, for the reactor's readiness set.
+    pub fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Requests taken and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Reads what the socket holds, without waiting, until it has nothing more or the
+    /// buffer is full. Whether anything was read (or the end of the stream seen).
+    pub fn fill(&mut self) -> bool {
+        if self.draining || self.failed.is_some() {
+            return false;
+        }
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.start > 0 && self.end == self.rbuf.len() {
+            self.rbuf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let mut worked = false;
+        while self.end < self.rbuf.len() {
+            match self.stream.read(&mut self.rbuf[self.end..]) {
+                Ok(0) => {
+                    if self.start != self.end {
+                        self.failed = Some(SessionError::Truncated);
+                    }
+                    self.draining = true;
+                    return true;
+                }
+                Ok(n) => {
+                    self.end += n;
+                    worked = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.failed = Some(SessionError::Read(e));
+                    return true;
+                }
+            }
+        }
+        worked
+    }
+
+    /// The next whole request in the buffer, checked; `None` when none is whole yet, when
+    /// the session is at its bounds, or when it is ending. Requests it refuses (bad flags,
+    /// out of bounds, read-only) are answered here and skipped.
+    pub fn next(&mut self) -> Option<Command> {
+        loop {
+            if self.draining || self.failed.is_some() {
+                return None;
+            }
+            if self.in_flight >= IN_FLIGHT_MAX || self.out.len() - self.sent > REPLY_BUFFER_BYTES {
+                return None;
+            }
+            let have = self.end - self.start;
+            if have < REQUEST_BYTES {
+                return None;
+            }
+            let header: &[u8; REQUEST_BYTES] =
+                self.rbuf[self.start..self.start + REQUEST_BYTES].try_into().expect("a whole header");
+            let request = match Request::decode(header) {
+                Ok(r) => r,
+                Err(magic) => {
+                    self.failed = Some(SessionError::RequestMagic(magic));
+                    return None;
+                }
+            };
+            let payload = if request.command == CMD_WRITE {
+                if request.len > PAYLOAD_BYTES_MAX {
+                    // The payload cannot be skipped safely: a garbled length would make the
+                    // server take what may be further requests for data.
+                    self.failed = Some(SessionError::WriteTooLong(request.len));
+                    return None;
+                }
+                request.len as usize
+            } else {
+                0
+            };
+            let whole = REQUEST_BYTES + payload;
+            if have < whole {
+                if self.rbuf.len() < whole {
+                    // One large write: room for it alone, once.
+                    self.rbuf.copy_within(self.start..self.end, 0);
+                    (self.start, self.end) = (0, have);
+                    self.rbuf.resize(whole, 0);
+                }
+                return None;
+            }
+            let data = self.start + REQUEST_BYTES..self.start + whole;
+            self.start += whole;
+            let cookie = request.cookie;
+            let refusal = match request.command {
+                CMD_READ if request.flags & !CMD_FLAGS_KNOWN != 0 => Some(NBD_EINVAL),
+                CMD_READ if request.len > PAYLOAD_BYTES_MAX || !request.in_bounds(self.size) => Some(NBD_EINVAL),
+                CMD_FLUSH if request.flags & !CMD_FLAGS_KNOWN != 0 => Some(NBD_EINVAL),
+                CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.mutation_refusal(&request),
+                CMD_READ | CMD_FLUSH => None,
+                CMD_DISC => {
+                    self.draining = true;
+                    return None;
+                }
+                _ => Some(NBD_EINVAL),
+            };
+            if let Some(errno) = refusal {
+                self.push_reply(cookie, errno);
+                continue;
+            }
+            self.in_flight += 1;
+            let (offset, len, fua) = (request.offset, request.len, request.fua());
+            return Some(match request.command {
+                CMD_READ => Command::Read { cookie, offset, len },
+                CMD_WRITE => Command::Write { cookie, offset, data, fua },
+                CMD_FLUSH => Command::Flush { cookie },
+                CMD_TRIM => Command::Trim { cookie, offset, len },
+                _ => Command::WriteZeroes { cookie, offset, len, fua },
+            });
+        }
+    }
+
+    fn mutation_refusal(&self, request: &Request) -> Option<u32> {
+        if request.flags & !CMD_FLAGS_KNOWN != 0 {
+            Some(NBD_EINVAL)
+        } else if self.read_only {
+            Some(NBD_EPERM)
+        } else if !request.in_bounds(self.size) {
+            Some(NBD_EINVAL)
+        } else {
+            None
+        }
+    }
+
+    /// A write's payload, by the range its [`Command::Write`] carries.
+    pub fn data(&self, range: Range<usize>) -> &[u8] {
+        &self.rbuf[range]
+    }
+
+    /// Answers a request taken with [`Session::next`]: success, or the error's NBD errno.
+    pub fn reply(&mut self, cookie: u64, result: io::Result<()>) {
+        self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
+        let errno = match result {
+            Ok(()) => 0,
+            Err(e) => nbd_errno(&e),
+        };
+        self.push_reply(cookie, errno);
+    }
+
+    /// Answers a read: `fill` writes the `len` bytes of data straight into the reply
+    /// buffer; if it fails, the reply carries its error and no data.
+    pub fn reply_read(&mut self, cookie: u64, len: u32, fill: impl FnOnce(&mut [u8]) -> io::Result<()>) {
+        self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
+        let at = self.out.len();
+        self.push_reply(cookie, 0);
+        self.out.resize(at + SIMPLE_REPLY_BYTES + len as usize, 0);
+        if let Err(e) = fill(&mut self.out[at + SIMPLE_REPLY_BYTES..]) {
+            self.out.truncate(at);
+            self.push_reply(cookie, nbd_errno(&e));
+        }
+    }
+
+    fn push_reply(&mut self, cookie: u64, errno: u32) {
+        self.out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&errno.to_be_bytes());
+        self.out.extend_from_slice(&cookie.to_be_bytes());
+    }
+
+    /// Writes the gathered replies, without waiting; what the socket does not take stays
+    /// for the next flush. Whether anything was written.
+    pub fn flush(&mut self) -> bool {
+        if self.sent == self.out.len() {
+            return false;
+        }
+        let mut worked = false;
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => {
+                    self.failed = Some(SessionError::Write(io::ErrorKind::WriteZero.into()));
+                    break;
+                }
+                Ok(n) => {
+                    self.sent += n;
+                    worked = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.failed = Some(SessionError::Write(e));
+                    break;
+                }
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        worked
+    }
+
+    /// Whether the session is over: it failed, or the client is done and every reply it
+    /// is owed is written. Requests still in flight on a failed session are answered into
+    /// the void.
+    pub fn finished(&self) -> bool {
+        self.failed.is_some() || (self.draining && self.in_flight == 0 && self.out.is_empty())
+    }
+
+    /// Why it failed, if it did.
+    pub fn error(&self) -> Option<&SessionError> {
+        self.failed.as_ref()
+    }
+
+    /// Gives the connection back, for serving elsewhere: with the bytes it read and did
+    /// not decode. Only a session with nothing in flight and nothing unwritten can be
+    /// given back.
+    pub fn release(mut self) -> Result<Adopted, Session> {
+        if self.in_flight != 0 || !self.out.is_empty() || self.failed.is_some() {
+            return Err(self);
+        }
+        if let Err(e) = self.stream.set_nonblocking(false) {
+            self.failed = Some(SessionError::Read(e));
+            return Err(self);
+        }
+        let Session { stream, peer, export, rbuf, start, end, .. } = self;
+        Ok(Adopted { stream, peer, read_ahead: rbuf[start..end].to_vec(), export })
+    }
+
+    /// Closes the connection now.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("in_flight", &self.in_flight)
+            .field("buffered", &(self.end - self.start))
+            .field("unwritten", &(self.out.len() - self.sent))
+            .finish()
+    }
+}

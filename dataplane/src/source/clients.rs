@@ -1,0 +1,248 @@
+//! The poller's own client connections: NBD sessions it reads, serves and answers on its
+//! thread (run to completion, see `crate::poller`).
+//!
+//! A connection reaches the poller once, when its handshake names the volume
+//! ([`crate::frontend::Export::adopt`]). From then on each pass reads what its socket
+//! holds, decodes whole requests, logs writes straight from the session's read buffer
+//! into the NVLog, serves reads from the cache and the volume into the reply buffer, and
+//! at the end of the pass writes every reply gathered with one system call per
+//! connection. A write's reply waits (as a [`ReplyTo::Client`] in `pending`) until the
+//! destination's ack covers it, exactly as a submitted request's [`Completer`] does.
+
+use std::io;
+
+use super::Poller;
+use crate::format::EntryKind;
+use crate::frontend::nbd::{Adopted, Command, Session};
+use crate::frontend::Completer;
+use crate::transport::Connector;
+
+/// Who is owed the answer to a mutation.
+pub(super) enum ReplyTo {
+    /// A request submitted through [`crate::frontend::Export::submit`].
+    Submitter(Completer),
+    /// A request of one of the poller's own sessions: its slot, the slot's generation
+    /// when the request was taken (a reused slot is another connection), and the cookie.
+    Client { slot: usize, gen: u64, cookie: u64 },
+}
+
+/// A session in its slot.
+struct Client {
+    session: Session,
+    gen: u64,
+}
+
+/// The poller's sessions, in slots that keep their index for as long as the connection
+/// lives (requests in flight name it).
+#[derive(Default)]
+pub(super) struct Clients {
+    slots: Vec<Option<Client>>,
+    next_gen: u64,
+    /// The slot whose session is out of its slot being served, and answers for it that
+    /// arrived meanwhile (delivered when it goes back).
+    serving: Option<(usize, u64)>,
+    deferred: Vec<(u64, io::Result<()>)>,
+}
+
+/// Sessions one poller serves at once; further connections are refused at adoption.
+pub const SESSIONS_MAX: usize = 256;
+
+impl Clients {
+    fn answer(&mut self, slot: usize, gen: u64, cookie: u64, result: io::Result<()>) {
+        if self.serving == Some((slot, gen)) {
+            self.deferred.push((cookie, result));
+            return;
+        }
+        if let Some(Some(c)) = self.slots.get_mut(slot) {
+            if c.gen == gen {
+                c.session.reply(cookie, result);
+            }
+        }
+        // Otherwise the connection is gone, and nobody is owed an answer.
+    }
+
+    fn take(&mut self, slot: usize) -> Option<Client> {
+        let c = self.slots.get_mut(slot)?.take()?;
+        self.serving = Some((slot, c.gen));
+        Some(c)
+    }
+
+    fn put(&mut self, slot: usize, mut c: Client) {
+        self.serving = None;
+        for (cookie, result) in self.deferred.drain(..) {
+            c.session.reply(cookie, result);
+        }
+        self.slots[slot] = Some(c);
+    }
+}
+
+impl<C> Poller<C>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    /// Answers a mutation (or a request that failed before it was logged).
+    pub(super) fn answer(&mut self, to: ReplyTo, result: io::Result<()>) {
+        match to {
+            ReplyTo::Submitter(done) => done.complete(result.map(|()| None)),
+            ReplyTo::Client { slot, gen, cookie } => self.clients.answer(slot, gen, cookie, result),
+        }
+    }
+
+    /// Takes a connection whose handshake named this volume.
+    pub(super) fn adopt(&mut self, adopted: Adopted) {
+        let peer = adopted.peer();
+        let session = match Session::new(adopted, self.device.size(), false) {
+            Ok(s) => s,
+            Err(e) => return eprintln!("nbd: {peer}: volume {}: cannot take the connection: {e}", self.cfg.volume),
+        };
+        let slot = match self.clients.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.clients.slots.len() < SESSIONS_MAX => {
+                self.clients.slots.push(None);
+                self.clients.slots.len() - 1
+            }
+            None => {
+                eprintln!("nbd: {peer}: volume {} already serves {SESSIONS_MAX} connections; closed", self.cfg.volume);
+                return session.close();
+            }
+        };
+        if let Some(r) = &self.readiness {
+            if let Err(e) = r.register(session.fd(), CLIENT_TOKEN_BASE + slot) {
+                eprintln!("nbd: {peer}: volume {}: cannot watch the connection: {e}; closed", self.cfg.volume);
+                return session.close();
+            }
+        }
+        self.clients.next_gen += 1;
+        self.clients.slots[slot] = Some(Client { session, gen: self.clients.next_gen });
+    }
+
+    /// Reads and serves what every session has; whether there was anything.
+    pub(super) fn poll_clients(&mut self) -> bool {
+        let mut worked = false;
+        for slot in 0..self.clients.slots.len() {
+            let Some(mut c) = self.clients.take(slot) else { continue };
+            worked |= c.session.fill();
+            // Writes waiting for log space go first, in order: while any waits, no new
+            // request is taken; during a switchover's drain none is.
+            while self.waiting.is_empty() && !self.quiesced {
+                let Some(command) = c.session.next() else { break };
+                worked = true;
+                self.serve(&mut c.session, slot, c.gen, command);
+            }
+            self.clients.put(slot, c);
+        }
+        worked
+    }
+
+    fn serve(&mut self, session: &mut Session, slot: usize, gen: u64, command: Command) {
+        match command {
+            Command::Read { cookie, offset, len } => {
+                let (overlay, device) = (&self.overlay, self.device.as_ref());
+                session.reply_read(cookie, len, |buf| overlay.read(buf, offset, device));
+            }
+            // Every acknowledged write is already persistent on both sites (or, under
+            // policy sync with the mirror away, here): a flush has nothing left to do, on
+            // this connection or any other of the volume (NBD_FLAG_CAN_MULTI_CONN).
+            Command::Flush { cookie } => session.reply(cookie, Ok(())),
+            Command::Write { cookie, offset, data, .. } => {
+                let len = data.len() as u64;
+                self.mutate(EntryKind::Write, offset, len, session.data(data), ReplyTo::Client { slot, gen, cookie });
+            }
+            Command::Trim { cookie, offset, len } => {
+                self.mutate(EntryKind::Trim, offset, u64::from(len), &[], ReplyTo::Client { slot, gen, cookie });
+            }
+            Command::WriteZeroes { cookie, offset, len, .. } => {
+                let to = ReplyTo::Client { slot, gen, cookie };
+                self.mutate(EntryKind::WriteZeroes, offset, u64::from(len), &[], to);
+            }
+        }
+    }
+
+    /// Writes every session's gathered replies, and ends the sessions that are over.
+    pub(super) fn flush_clients(&mut self) -> bool {
+        let mut worked = false;
+        for slot in 0..self.clients.slots.len() {
+            let Some(c) = &mut self.clients.slots[slot] else { continue };
+            worked |= c.session.flush();
+            if c.session.finished() {
+                let c = self.clients.slots[slot].take().expect("the slot was just looked at");
+                if let Some(e) = c.session.error() {
+                    eprintln!(
+                        "nbd: {}: volume {}: {}",
+                        c.session.peer(),
+                        self.cfg.volume,
+                        crate::frontend::nbd::ErrorChain(e)
+                    );
+                }
+                if let Some(r) = &self.readiness {
+                    r.deregister(c.session.fd());
+                }
+                c.session.close();
+                worked = true;
+            }
+        }
+        worked
+    }
+
+    /// Hands every session on to threads of its own, serving through the volume's handle
+    /// (which forwards, after a switchover, or refuses, once stopped): the poller stops.
+    /// Sessions with requests in flight were answered by the caller first.
+    pub(super) fn release_clients(&mut self, why: &str) {
+        for slot in 0..self.clients.slots.len() {
+            let Some(c) = self.clients.slots[slot].take() else { continue };
+            let mut session = c.session;
+            session.flush();
+            if let Some(r) = &self.readiness {
+                r.deregister(session.fd());
+            }
+            match session.release() {
+                Ok(adopted) => adopted.serve_on_threads(),
+                Err(session) => {
+                    eprintln!("nbd: {}: volume {}: {why}; connection closed", session.peer(), self.cfg.volume);
+                    session.close();
+                }
+            }
+        }
+    }
+
+    /// Logs a mutation whose data (for a write) is `data`, and leaves its answer pending
+    /// until the write is persistent on both sites; or queues it for log space.
+    pub(super) fn mutate(&mut self, kind: EntryKind, offset: u64, len: u64, data: &[u8], to: ReplyTo) {
+        if let Some(e) = self.write_refusal() {
+            self.stats.write_errors += 1;
+            return self.answer(to, Err(e));
+        }
+        if !self.waiting.is_empty() {
+            let request = owned_request(kind, offset, len, data);
+            return self.waiting.push_back(super::Waiting { request, done: Some(to), progress: 0 });
+        }
+        let mut progress = 0;
+        match self.log_pieces(kind, offset, len, data, &mut progress) {
+            Ok(true) => self.logged(len, to),
+            Ok(false) => {
+                let request = owned_request(kind, offset, len, data);
+                self.waiting.push_back(super::Waiting { request, done: Some(to), progress });
+            }
+            Err(e) => {
+                self.stats.write_errors += 1;
+                self.answer(to, Err(e));
+            }
+        }
+    }
+}
+
+/// Token numbers of client sockets in the poller's readiness set start here.
+pub(super) const CLIENT_TOKEN_BASE: usize = 16;
+
+/// A mutation as an owned request, for the queue of those waiting for log space (the only
+/// place a session's write payload is copied before it is logged).
+fn owned_request(kind: EntryKind, offset: u64, len: u64, data: &[u8]) -> crate::frontend::IoRequest {
+    use crate::frontend::IoRequest;
+    let len32 = || u32::try_from(len).unwrap_or(u32::MAX);
+    match kind {
+        EntryKind::Write => IoRequest::Write { offset, data: data.to_vec(), fua: false },
+        EntryKind::Trim => IoRequest::Trim { offset, len: len32() },
+        _ => IoRequest::WriteZeroes { offset, len: len32(), fua: false },
+    }
+}
