@@ -25,7 +25,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::cp::apply_entries;
-use crate::format::{EntryHeader, PartitionScan, BLOCK_BYTES, ENTRY_DATA_MAX};
+use crate::format::{EntryHeader, PartitionScan, ScannedEntry, BLOCK_BYTES, ENTRY_DATA_MAX, ENTRY_HEADER_BYTES};
 use crate::log::{LogFile, PARTITIONS};
 use crate::nvram::Nvram;
 use crate::storage::{BlockDevice, RedoGuard};
@@ -548,11 +548,16 @@ impl Mirror {
             let _exclusive = self.apply.write();
             match blocks {
                 None => {
-                    let scan = self.check_cp_log(cp, partition, upto_seq)?;
-                    let log = self.logs[partition as usize].lock();
+                    // Checked again under the log's lock, which is held while the entries
+                    // are applied: what the scan validated is what is applied.
+                    let mut log = self.logs[partition as usize].lock();
+                    let scan = check_cp_log(&mut log, cp, partition, upto_seq)?;
                     let bytes = log.bytes();
-                    let entries =
-                        scan.entries.iter().filter(|e| e.header.seq <= upto_seq).map(|e| entry_data(bytes, e.at));
+                    let entries = scan
+                        .entries
+                        .iter()
+                        .filter(|e| e.header.seq <= upto_seq)
+                        .map(|e| (e.header, scanned_data(bytes, e)));
                     apply_entries(entries, self.device.as_ref()).map_err(|e| format!("CP {cp}: apply: {e}"))?;
                 }
                 Some(blocks) => {
@@ -579,22 +584,7 @@ impl Mirror {
 
     /// Checks that log `partition` holds CP `cp` up to `upto_seq`, and returns its scan.
     fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<PartitionScan, String> {
-        let mut log = self.logs[partition as usize].lock();
-        // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
-        log.rescan().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
-        let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
-        if h.cp_gen != cp {
-            return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
-        }
-        let scan = log.scan();
-        let last = scan.entries.last().map(|e| e.header.seq);
-        if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
-            return Err(format!(
-                "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
-                scan.stop
-            ));
-        }
-        Ok(scan)
+        check_cp_log(&mut self.logs[partition as usize].lock(), cp, partition, upto_seq)
     }
 
     fn release_log(&self, partition: u8, cp: u64) -> Result<(), String> {
@@ -782,6 +772,37 @@ impl Mirror {
 }
 
 /// Header and data of the (already validated) entry at `at` of a log.
+/// Checks that `log` (partition `partition`) holds CP `cp` up to `upto_seq`, and returns its
+/// scan: every entry in it validated (header and data checksum).
+fn check_cp_log(
+    log: &mut LogFile<Box<dyn Nvram>>,
+    cp: u64,
+    partition: u8,
+    upto_seq: u64,
+) -> Result<PartitionScan, String> {
+    // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
+    // The rescan's own scan is the log as it now stands: one pass over its entries.
+    let scan = log.rescan().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
+    let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
+    if h.cp_gen != cp {
+        return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
+    }
+    let last = scan.entries.last().map(|e| e.header.seq);
+    if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
+        return Err(format!(
+            "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
+            scan.stop
+        ));
+    }
+    Ok(scan)
+}
+
+/// The data of an entry a scan validated.
+fn scanned_data<'a>(bytes: &'a [u8], e: &ScannedEntry) -> &'a [u8] {
+    let at = e.at + ENTRY_HEADER_BYTES;
+    &bytes[at..at + e.header.data_len as usize]
+}
+
 fn entry_data(bytes: &[u8], at: usize) -> (EntryHeader, &[u8]) {
     EntryHeader::decode(&bytes[at..]).expect("entry validated by the scan")
 }

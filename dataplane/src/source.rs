@@ -1466,7 +1466,12 @@ where
             _ => None,
         };
         eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
-        self.set_link(LinkState::Down { reason: reason.clone(), next_try: self.reconnect_at(), connecting: false, copy });
+        self.set_link(LinkState::Down {
+            reason: reason.clone(),
+            next_try: self.reconnect_at(),
+            connecting: false,
+            copy,
+        });
         if self.tracks_changes() {
             // Policy sync: what was sent and not acknowledged completes once persistent
             // here (the next batch flush), and a resume or a resync brings it over later.

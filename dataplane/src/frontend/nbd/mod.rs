@@ -437,7 +437,11 @@ enum Served {
     Adopted,
 }
 
-fn run_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) -> Result<Served, ConnectionError> {
+fn run_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: &dyn ExportRegistry,
+) -> Result<Served, ConnectionError> {
     stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
     stream.set_nodelay(true).map_err(ConnectionError::Socket)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnectionError::Socket)?;

@@ -63,13 +63,33 @@ impl std::fmt::Debug for Adopted {
 /// it exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Read { cookie: u64, offset: u64, len: u32 },
+    Read {
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    },
     /// `data` is a range of the session's read buffer (see [`Session::data`]), valid until
     /// the next [`Session::fill`].
-    Write { cookie: u64, offset: u64, data: Range<usize>, fua: bool },
-    Flush { cookie: u64 },
-    Trim { cookie: u64, offset: u64, len: u32 },
-    WriteZeroes { cookie: u64, offset: u64, len: u32, fua: bool },
+    Write {
+        cookie: u64,
+        offset: u64,
+        data: Range<usize>,
+        fua: bool,
+    },
+    Flush {
+        cookie: u64,
+    },
+    Trim {
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
 }
 
 /// Why a session ended early. Logged as one line naming the peer.
