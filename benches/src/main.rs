@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Scenarios (by name, or `all`): `hop` (one replication hop against a TCP ping-pong),
-//! `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
+//! `nbd-peers` (fio's nbd engine against nbdkit, qemu-nbd and nvmirror, unmirrored and
+//! mirrored, at queue depths 32 and 1; six ratios), `nbd-qd1` and `nbd-qd32` (end to end through NBD on two node processes, mirrored
 //! against unmirrored), `qd-sweep` (queue depths 1 to 64), `nbd-open` (open loop at `--rate` writes/s,
 //! coordinated omission corrected), `raid-write` (full-stripe RAID-4
 //! writes against the same bytes written raw), `xor-cache`, `xor-memory` and `xor-portable`
@@ -30,6 +31,7 @@ mod guest;
 mod hop;
 mod measure;
 mod nbd;
+mod peers;
 mod plot;
 mod raid;
 mod report;
@@ -45,8 +47,9 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "hop",
+    "nbd-peers",
     "nbd-qd1",
     "nbd-qd32",
     "qd-sweep",
@@ -61,7 +64,7 @@ const SCENARIOS: [&str; 11] = [
 /// Scenarios run only when named: they boot QEMU guests (minutes).
 const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 5] = ["nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
+const NODE_SCENARIOS: [&str; 6] = ["nbd-peers", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -79,7 +82,7 @@ struct Cli {
     /// Writes per second of the open-loop scenario (nbd-open).
     #[arg(long, default_value_t = 5000)]
     rate: u64,
-    /// Scenarios to run: hop, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
+    /// Scenarios to run: hop, nbd-peers, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
     /// xor-portable, uring-fio, or all; and, only when named, rdma-guest and drbd-guest.
     #[arg(required = true)]
     scenarios: Vec<String>,
@@ -122,6 +125,12 @@ fn main() -> Result<()> {
         eprintln!("[harness] scenario {name}{}", if cli.quick { " (quick)" } else { "" });
         let t = Instant::now();
         let bin = || bin.as_deref().context("node binary");
+        if name == "nbd-peers" {
+            let results = peers::run(bin()?, cli.quick).context("scenario nbd-peers")?;
+            eprintln!("[harness] scenario {name} done in {:.1} s", t.elapsed().as_secs_f64());
+            scenarios.extend(results);
+            continue;
+        }
         let result = match name.as_str() {
             "hop" => hop::run(cli.quick),
             "nbd-qd1" => nbd::qd1(bin()?, cli.quick),

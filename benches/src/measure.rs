@@ -31,7 +31,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Highest latency the histograms hold (one minute); slower operations saturate.
-const LATENCY_NS_MAX: u64 = 60_000_000_000;
+pub const LATENCY_NS_MAX: u64 = 60_000_000_000;
 
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3).expect("valid histogram bounds")
@@ -273,7 +273,7 @@ fn self_cpu_ns() -> Result<u64> {
 }
 
 /// On-CPU nanoseconds of every live thread of `pid`.
-fn process_cpu_ns(pid: u32) -> Result<u64> {
+pub fn process_cpu_ns(pid: u32) -> Result<u64> {
     let mut total = 0u64;
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).context("list threads")?;
     for task in tasks {

@@ -139,7 +139,13 @@ where
         match command {
             Command::Read { cookie, offset, len } => {
                 let (overlay, device) = (&self.overlay, self.device.as_ref());
-                session.reply_read(cookie, len, |buf| overlay.read(buf, offset, device));
+                session.reply_read(cookie, offset, len, |buf| overlay.read(buf, offset, device));
+            }
+            // Answered from the volume's contents: the zero blocks of the range.
+            Command::BlockStatus { cookie, offset, len, req_one } => {
+                let mut data = vec![0u8; len as usize];
+                let read = self.overlay.read(&mut data, offset, self.device.as_ref());
+                session.reply_block_status(cookie, offset, req_one, read.map(|()| &data[..]));
             }
             // Every acknowledged write is already persistent on both sites (or, under
             // policy sync with the mirror away, here): a flush has nothing left to do, on

@@ -22,7 +22,9 @@
 //! | `ABORT` (2)         | `REP_ACK`, then close                                          |
 //! | `LIST` (3)          | one `REP_SERVER` per export name, then `REP_ACK`               |
 //! | `INFO` (6), `GO` (7)| `REP_INFO` `INFO_EXPORT`, `INFO_BLOCK_SIZE` (1, 4096, 32 MiB), `INFO_NAME` if asked, then `REP_ACK`; `GO` then enters transmission. An unknown name gets `REP_ERR_UNKNOWN` |
-//! | anything else       | `REP_ERR_UNSUP` (this includes `STRUCTURED_REPLY` and `EXTENDED_HEADERS`) |
+//! | `STRUCTURED_REPLY` (8) | `REP_ACK` (data: `REP_ERR_INVALID`): reads are answered with structured replies from then on |
+//! | `LIST_META_CONTEXT` (9), `SET_META_CONTEXT` (10) | one `REP_META_CONTEXT` for `base:allocation` where no query or a `base:` one asks for it (id 1 when set), then `REP_ACK`; without structured replies `REP_ERR_INVALID`; an unknown export `REP_ERR_UNKNOWN` |
+//! | anything else       | `REP_ERR_UNSUP` (this includes `EXTENDED_HEADERS`) |
 //!
 //! # Transmission
 //!
@@ -39,7 +41,16 @@
 //! | `FLUSH` (3)         | none                                                         |
 //! | `TRIM` (4)          | writable (`EPERM`), 0 < length, in bounds (`EINVAL`)          |
 //! | `WRITE_ZEROES` (6)  | writable (`EPERM`), 0 < length, in bounds (`EINVAL`); `NO_HOLE` accepted |
+//! | `BLOCK_STATUS` (7)  | `base:allocation` selected, 0 < length, in bounds, flags `REQ_ONE` at most (else `EINVAL`) |
 //! | anything else       | `EINVAL`                                                     |
+//!
+//! With structured replies negotiated, a read is answered with one `OFFSET_DATA` chunk (or
+//! an `ERROR` chunk), flagged `DONE`; the other commands keep simple replies (they carry
+//! no data). `BLOCK_STATUS` answers one `BLOCK_STATUS` chunk for context 1: the extents of
+//! at most [`BLOCK_STATUS_SCAN_BYTES`] from the offset asked, by 4 KiB block, `ZERO` where
+//! the block reads as zeroes and 0 (allocated, contents unknown) elsewhere, so that
+//! `qemu-img convert` and `nbdcopy` skip what is zero. Knowing nothing of allocation below
+//! the volume, it never reports `HOLE`.
 //!
 //! Command flags other than `FUA` and `NO_HOLE` are answered with `EINVAL`. A request magic
 //! other than `0x25609513` closes the connection: the stream cannot be trusted after it.
@@ -151,11 +162,15 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option reply types.
 pub(crate) const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
@@ -172,10 +187,29 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Structured replies.
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const STRUCTURED_REPLY_BYTES: usize = 20;
+const REPLY_FLAG_DONE: u16 = 1 << 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// The one metadata context served, and the id it gets when selected.
+const META_BASE_ALLOCATION: &str = "base:allocation";
+const META_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` flags.
+const STATE_ZERO: u32 = 1 << 1;
+/// Bytes of the volume one `BLOCK_STATUS` reply describes at most: the server reads them
+/// to find the zero blocks, so a client asking about a whole disk gets the first part and
+/// asks again from where it ends (which the protocol allows).
+pub const BLOCK_STATUS_SCAN_BYTES: u32 = 8 << 20;
 
 // Command flags.
 const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 const CMD_FLAGS_KNOWN: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE;
 
 // Error values on the wire. They are the Linux errno numbers, named here so that the wire
@@ -449,15 +483,16 @@ fn run_connection(
     // One buffered reader for both phases: bytes it read ahead must not be lost when
     // transmission starts.
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone().map_err(ConnectionError::Socket)?);
-    let export = match negotiate(&mut reader, &stream, registry)? {
-        Negotiated::Transmit(export) => export,
+    let (export, options) = match negotiate(&mut reader, &stream, registry)? {
+        Negotiated::Transmit(export, options) => (export, options),
         Negotiated::Closed => return Ok(Served::Here),
     };
     // Idle clients are normal once transmission starts.
     stream.set_read_timeout(None).map_err(ConnectionError::Socket)?;
     // The export's reactor takes the connection whole where it has one: its requests are
     // then read, served and answered on that one thread.
-    let adopted = Adopted { stream, peer, read_ahead: reader.buffer().to_vec(), export: Arc::downgrade(&export) };
+    let adopted =
+        Adopted { stream, peer, read_ahead: reader.buffer().to_vec(), export: Arc::downgrade(&export), options };
     drop(reader);
     let adopted = match export.adopt(adopted) {
         Ok(()) => return Ok(Served::Adopted),
@@ -468,7 +503,7 @@ fn run_connection(
         READ_BUFFER_BYTES,
         io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
     );
-    let result = transmit(&mut reader, &stream, export.as_ref(), peer);
+    let result = transmit(&mut reader, &stream, export.as_ref(), peer, options);
     let _ = stream.shutdown(Shutdown::Both);
     result.map(|()| Served::Here)
 }
@@ -476,7 +511,7 @@ fn run_connection(
 /// Serves a connection a reactor gave back on threads of its own (see
 /// [`Adopted::serve_on_threads`]).
 fn serve_adopted_on_threads(adopted: Adopted) {
-    let Adopted { stream, peer, read_ahead, export } = adopted;
+    let Adopted { stream, peer, read_ahead, export, options } = adopted;
     let Some(export) = export.upgrade() else {
         eprintln!("nbd: {peer}: the export it was served from is gone; closing");
         let _ = stream.shutdown(Shutdown::Both);
@@ -490,7 +525,7 @@ fn serve_adopted_on_threads(adopted: Adopted) {
                 READ_BUFFER_BYTES,
                 io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
             );
-            transmit(&mut reader, &stream, export.as_ref(), peer)
+            transmit(&mut reader, &stream, export.as_ref(), peer, options)
         };
         if let Err(err) = run() {
             eprintln!("nbd: {peer}: {}", ErrorChain(&err));
@@ -502,8 +537,17 @@ fn serve_adopted_on_threads(adopted: Adopted) {
     }
 }
 
+/// What the handshake settled for the transmission phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Reads are answered with structured replies.
+    pub structured: bool,
+    /// `base:allocation` was selected for the export: `BLOCK_STATUS` is allowed.
+    pub allocation: bool,
+}
+
 enum Negotiated {
-    Transmit(Arc<dyn Export>),
+    Transmit(Arc<dyn Export>, Options),
     /// The client aborted or left; no transmission follows.
     Closed,
 }
@@ -537,6 +581,9 @@ fn negotiate(
         return Err(ConnectionError::ClientFlags(client_flags));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // The export `SET_META_CONTEXT` last selected `base:allocation` for.
+    let mut allocation_for: Option<Vec<u8>> = None;
 
     for _ in 0..OPTIONS_MAX {
         let mut header = [0u8; 16];
@@ -567,7 +614,8 @@ fn negotiate(
                     reply.resize(reply.len() + EXPORT_NAME_ZEROES_BYTES, 0);
                 }
                 writer.write_all(&reply).map_err(ConnectionError::WriteHandshake)?;
-                return Ok(Negotiated::Transmit(export));
+                let allocation = allocation_for.as_deref() == Some(&data[..]);
+                return Ok(Negotiated::Transmit(export, Options { structured, allocation }));
             }
             OPT_ABORT => {
                 // The client may already have gone; the acknowledgement is a courtesy.
@@ -578,9 +626,50 @@ fn negotiate(
             OPT_INFO | OPT_GO => {
                 if let Some(export) = export_info(writer, registry, option, &data)? {
                     if option == OPT_GO {
-                        return Ok(Negotiated::Transmit(export));
+                        let name = InfoRequest::parse(&data).map(|r| r.name);
+                        let allocation = name.is_some_and(|n| allocation_for.as_deref() == Some(n));
+                        return Ok(Negotiated::Transmit(export, Options { structured, allocation }));
                     }
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    send_option_reply(writer, option, REP_ACK, &[])?;
+                } else {
+                    send_option_reply(writer, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // Every SET replaces what an earlier one selected, failed ones too.
+                    allocation_for = None;
+                }
+                if !structured {
+                    send_option_reply(writer, option, REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")?;
+                    continue;
+                }
+                let Some(query) = MetaQuery::parse(&data) else {
+                    send_option_reply(writer, option, REP_ERR_INVALID, b"malformed metadata context request")?;
+                    continue;
+                };
+                let known = std::str::from_utf8(query.export).ok().is_some_and(|n| registry.lookup(n).is_some());
+                if !known {
+                    send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                }
+                if query.selects_allocation(set) {
+                    let id = if set { META_ALLOCATION_ID } else { 0 };
+                    let mut reply = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
+                    reply.extend_from_slice(&id.to_be_bytes());
+                    reply.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    send_option_reply(writer, option, REP_META_CONTEXT, &reply)?;
+                    if set {
+                        allocation_for = Some(query.export.to_vec());
+                    }
+                }
+                send_option_reply(writer, option, REP_ACK, &[])?;
             }
             _ => send_option_reply(writer, option, REP_ERR_UNSUP, b"option not supported")?,
         }
@@ -701,6 +790,108 @@ impl<'a> InfoRequest<'a> {
     }
 }
 
+/// The data of an NBD_OPT_LIST_META_CONTEXT or NBD_OPT_SET_META_CONTEXT option.
+struct MetaQuery<'a> {
+    export: &'a [u8],
+    queries: Vec<&'a [u8]>,
+}
+
+/// Queries one option may carry; more is a malformed request here.
+const META_QUERIES_MAX: usize = 64;
+
+impl<'a> MetaQuery<'a> {
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        let (len, rest) = data.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        let (export, rest) = rest.split_at(len);
+        let (count, mut rest) = rest.split_first_chunk::<4>()?;
+        let count = usize::try_from(u32::from_be_bytes(*count)).ok()?;
+        if count > META_QUERIES_MAX {
+            return None;
+        }
+        let mut queries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (len, r) = rest.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+            if r.len() < len {
+                return None;
+            }
+            let (q, r) = r.split_at(len);
+            queries.push(q);
+            rest = r;
+        }
+        rest.is_empty().then_some(Self { export, queries })
+    }
+
+    /// Whether `base:allocation` answers the queries: to a LIST, no query or a `base:`
+    /// wildcard or the name itself; to a SET, the name itself only.
+    fn selects_allocation(&self, set: bool) -> bool {
+        let name = META_BASE_ALLOCATION.as_bytes();
+        if self.queries.is_empty() {
+            return !set;
+        }
+        self.queries.iter().any(|q| *q == name || (!set && *q == b"base:"))
+    }
+}
+
+/// Appends a structured reply chunk header.
+fn push_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Appends the head of a read's one `OFFSET_DATA` chunk; its `len` bytes of data follow.
+fn push_read_head(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
+    push_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len + 8);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends a final `ERROR` chunk (no message).
+fn push_error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32) {
+    push_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
+    out.extend_from_slice(&errno.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+}
+
+/// Appends the `BLOCK_STATUS` chunk for `data`, the bytes of the volume from `offset`:
+/// runs of 4 KiB blocks (the first up to the next block boundary) that read as zeroes, and
+/// of those that do not. With `req_one`, the first run alone.
+fn push_block_status(out: &mut Vec<u8>, cookie: u64, offset: u64, data: &[u8], req_one: bool) {
+    let block = u64::from(BLOCK_BYTES_PREFERRED);
+    let mut extents: Vec<(u32, u32)> = Vec::new();
+    let mut at = 0usize;
+    while at < data.len() {
+        let to_boundary = block - (offset + at as u64) % block;
+        let end = data.len().min(at + usize::try_from(to_boundary).expect("below one block"));
+        let piece = &data[at..end];
+        let state = if piece.iter().all(|&b| b == 0) { STATE_ZERO } else { 0 };
+        let len = u32::try_from(end - at).expect("a piece is at most one block");
+        match extents.last_mut() {
+            Some((l, s)) if *s == state => *l += len,
+            _ => {
+                if req_one && !extents.is_empty() {
+                    break;
+                }
+                extents.push((len, state));
+            }
+        }
+        at = end;
+    }
+    let len = u32::try_from(4 + 8 * extents.len()).expect("at most 2048 extents");
+    push_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len);
+    out.extend_from_slice(&META_ALLOCATION_ID.to_be_bytes());
+    for (l, state) in extents {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&state.to_be_bytes());
+    }
+}
+
 /// One decoded request header.
 #[derive(Debug, Clone, Copy)]
 struct Request {
@@ -758,6 +949,18 @@ struct Pending {
     read_len: Option<u32>,
     /// Payload bytes counted against [`IN_FLIGHT_BYTES_MAX`].
     payload_bytes: u64,
+    /// What the reply is for, where a structured reply differs from a simple one.
+    kind: ReplyKind,
+    offset: u64,
+}
+
+/// The commands whose replies are structured once structured replies are negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyKind {
+    Simple,
+    Read,
+    /// A block status query, answered from a read of the range; `req_one` as asked.
+    BlockStatus { req_one: bool },
 }
 
 /// The requests of one connection that are submitted or answered but not yet written.
@@ -827,6 +1030,7 @@ fn transmit(
     stream: &TcpStream,
     export: &dyn Export,
     peer: SocketAddr,
+    options: Options,
 ) -> Result<(), ConnectionError> {
     let in_flight = Arc::new(InFlight::new());
     // Never full: there is at most one reply per occupied slot.
@@ -836,11 +1040,11 @@ fn transmit(
         .name(format!("nbd-replies-{peer}"))
         .spawn({
             let in_flight = Arc::clone(&in_flight);
-            move || write_replies(&writer_stream, &reply_rx, &in_flight, peer)
+            move || write_replies(&writer_stream, &reply_rx, &in_flight, peer, options)
         })
         .map_err(ConnectionError::SpawnWriter)?;
 
-    let read_result = read_requests(reader, export, &in_flight, &reply_tx);
+    let read_result = read_requests(reader, export, &in_flight, &reply_tx, options);
     // The writer stops once every sender is gone: this one, and the one in each Completer
     // still held by the export. So joining it waits for every in-flight reply to be
     // written (or found unwritable), which is what NBD_CMD_DISC asks for.
@@ -855,20 +1059,32 @@ fn read_requests(
     export: &dyn Export,
     in_flight: &InFlight,
     reply_tx: &Sender<IoReply>,
+    options: Options,
 ) -> Result<(), ConnectionError> {
+    let kind_of = |request: &Request| match request.command {
+        CMD_READ => ReplyKind::Read,
+        CMD_BLOCK_STATUS => ReplyKind::BlockStatus { req_one: request.flags & CMD_FLAG_REQ_ONE != 0 },
+        _ => ReplyKind::Simple,
+    };
     let submit = |request: &Request, read_len: Option<u32>, io: IoRequest| {
         let payload_bytes = match &io {
             IoRequest::Read { len, .. } => u64::from(*len),
             IoRequest::Write { data, .. } => data.len() as u64,
             _ => 0,
         };
-        let slot = in_flight.acquire(Pending { cookie: request.cookie, read_len, payload_bytes });
+        let pending =
+            Pending { cookie: request.cookie, read_len, payload_bytes, kind: kind_of(request), offset: request.offset };
+        let slot = in_flight.acquire(pending);
         export.submit(io, Completer::new(slot, reply_tx.clone()));
     };
     // Refusals travel the same path as completions, so that replies stay bounded and a
     // DISC still waits for them.
     let refuse = |request: &Request, errno: i32| {
-        let pending = Pending { cookie: request.cookie, read_len: None, payload_bytes: 0 };
+        let kind = match kind_of(request) {
+            ReplyKind::BlockStatus { .. } => ReplyKind::Read,
+            k => k,
+        };
+        let pending = Pending { cookie: request.cookie, read_len: None, payload_bytes: 0, kind, offset: 0 };
         let slot = in_flight.acquire(pending);
         Completer::new(slot, reply_tx.clone()).complete(Err(io::Error::from_raw_os_error(errno)));
     };
@@ -932,6 +1148,17 @@ fn read_requests(
                     submit(&request, None, io);
                 }
             },
+            CMD_BLOCK_STATUS => {
+                if !options.allocation
+                    || request.flags & !CMD_FLAG_REQ_ONE != 0
+                    || !request.in_bounds(export.size())
+                {
+                    refuse(&request, libc::EINVAL);
+                } else {
+                    let len = request.len.min(BLOCK_STATUS_SCAN_BYTES);
+                    submit(&request, Some(len), IoRequest::Read { offset: request.offset, len });
+                }
+            }
             CMD_DISC => return Ok(()),
             _ => refuse(&request, libc::EINVAL),
         }
@@ -977,8 +1204,10 @@ fn write_replies(
     replies: &Receiver<IoReply>,
     in_flight: &InFlight,
     peer: SocketAddr,
+    options: Options,
 ) -> Result<(), ConnectionError> {
-    let mut out = ReplyStream { stream, buffer: Vec::with_capacity(REPLY_BUFFER_BYTES), failed: None };
+    let mut out =
+        ReplyStream { stream, buffer: Vec::with_capacity(REPLY_BUFFER_BYTES), failed: None, structured: options.structured };
     while let Ok(first) = replies.recv() {
         let mut next = Some(first);
         while let Some(reply) = next {
@@ -1000,6 +1229,8 @@ struct ReplyStream<'a> {
     /// The first write error. Once set, replies are dropped (their slots still freed) so
     /// that the reader and the export can finish.
     failed: Option<io::Error>,
+    /// Reads (and block status queries) are answered with structured replies.
+    structured: bool,
 }
 
 impl ReplyStream<'_> {
@@ -1023,15 +1254,36 @@ impl ReplyStream<'_> {
         if self.failed.is_some() {
             return;
         }
-
+        if let ReplyKind::BlockStatus { req_one } = pending.kind {
+            if self.buffer.len() + STRUCTURED_REPLY_BYTES + 4 + 8 * 2050 > REPLY_BUFFER_BYTES {
+                self.flush();
+            }
+            if error == 0 {
+                push_block_status(&mut self.buffer, pending.cookie, pending.offset, &data, req_one);
+            } else {
+                push_error_chunk(&mut self.buffer, pending.cookie, error);
+            }
+            return;
+        }
+        let structured = self.structured && pending.kind == ReplyKind::Read;
         let inline = data.len() <= REPLY_INLINE_BYTES_MAX;
-        let buffered = SIMPLE_REPLY_BYTES + if inline { data.len() } else { 0 };
+        let head = if structured { STRUCTURED_REPLY_BYTES + 8 } else { SIMPLE_REPLY_BYTES };
+        let buffered = head + if inline { data.len() } else { 0 };
         if self.buffer.len() + buffered > REPLY_BUFFER_BYTES {
             self.flush();
         }
-        self.buffer.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        self.buffer.extend_from_slice(&error.to_be_bytes());
-        self.buffer.extend_from_slice(&pending.cookie.to_be_bytes());
+        if structured && error != 0 {
+            push_error_chunk(&mut self.buffer, pending.cookie, error);
+            return;
+        }
+        if structured {
+            let len = u32::try_from(data.len()).expect("reads are at most 32 MiB");
+            push_read_head(&mut self.buffer, pending.cookie, pending.offset, len);
+        } else {
+            self.buffer.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            self.buffer.extend_from_slice(&error.to_be_bytes());
+            self.buffer.extend_from_slice(&pending.cookie.to_be_bytes());
+        }
         if inline {
             self.buffer.extend_from_slice(&data);
         } else {
@@ -1151,7 +1403,9 @@ mod tests {
     fn in_flight_bounds_slots_and_bytes() {
         let in_flight = InFlight::new();
         let slots: Vec<u64> = (0..IN_FLIGHT_MAX as u64)
-            .map(|cookie| in_flight.acquire(Pending { cookie, read_len: None, payload_bytes: 1 }))
+            .map(|cookie| {
+                in_flight.acquire(Pending { cookie, read_len: None, payload_bytes: 1, kind: ReplyKind::Simple, offset: 0 })
+            })
             .collect();
         assert!(in_flight.slots.lock().free.is_empty());
         for (cookie, slot) in slots.iter().enumerate() {

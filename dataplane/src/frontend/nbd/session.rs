@@ -21,9 +21,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Weak;
 
 use super::{
-    nbd_errno, Request, ADOPTED_READ_BYTES, CMD_DISC, CMD_FLAGS_KNOWN, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
-    CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES, REQUEST_BYTES,
-    SIMPLE_REPLY_BYTES, SIMPLE_REPLY_MAGIC,
+    nbd_errno, push_block_status, push_error_chunk, push_read_head, Options, Request, ADOPTED_READ_BYTES,
+    BLOCK_STATUS_SCAN_BYTES, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAGS_KNOWN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX,
+    REPLY_BUFFER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
 };
 use crate::frontend::Export;
 
@@ -38,6 +39,8 @@ pub struct Adopted {
     /// again if its reactor gives it back (a switchover hands the volume on). Weak: a
     /// reactor owns its sessions, and must not keep its own handle alive through them.
     pub(super) export: Weak<dyn Export>,
+    /// What the handshake negotiated (structured replies, block status).
+    pub(super) options: Options,
 }
 
 impl Adopted {
@@ -90,6 +93,14 @@ pub enum Command {
         len: u32,
         fua: bool,
     },
+    /// `base:allocation` of `len` bytes (at most [`BLOCK_STATUS_SCAN_BYTES`]) from
+    /// `offset`: answered with [`Session::reply_block_status`] from their contents.
+    BlockStatus {
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// Why a session ended early. Logged as one line naming the peer.
@@ -115,6 +126,7 @@ pub struct Session {
     export: Weak<dyn Export>,
     size: u64,
     read_only: bool,
+    options: Options,
     /// Bytes read and not yet decoded: `rbuf[start..end]`.
     rbuf: Vec<u8>,
     start: usize,
@@ -144,6 +156,7 @@ impl Session {
             export: adopted.export,
             size,
             read_only,
+            options: adopted.options,
             rbuf,
             start: 0,
             end,
@@ -259,7 +272,14 @@ impl Session {
                 CMD_READ if request.len > PAYLOAD_BYTES_MAX || !request.in_bounds(self.size) => Some(NBD_EINVAL),
                 CMD_FLUSH if request.flags & !CMD_FLAGS_KNOWN != 0 => Some(NBD_EINVAL),
                 CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.mutation_refusal(&request),
-                CMD_READ | CMD_FLUSH => None,
+                CMD_BLOCK_STATUS
+                    if !self.options.allocation
+                        || request.flags & !CMD_FLAG_REQ_ONE != 0
+                        || !request.in_bounds(self.size) =>
+                {
+                    Some(NBD_EINVAL)
+                }
+                CMD_READ | CMD_FLUSH | CMD_BLOCK_STATUS => None,
                 CMD_DISC => {
                     self.draining = true;
                     return None;
@@ -267,7 +287,13 @@ impl Session {
                 _ => Some(NBD_EINVAL),
             };
             if let Some(errno) = refusal {
-                self.push_reply(cookie, errno);
+                // A read is never answered with a simple reply once structured replies
+                // are negotiated, not even a refusal.
+                if self.options.structured && matches!(request.command, CMD_READ | CMD_BLOCK_STATUS) {
+                    push_error_chunk(&mut self.out, cookie, errno);
+                } else {
+                    self.push_reply(cookie, errno);
+                }
                 continue;
             }
             self.in_flight += 1;
@@ -277,6 +303,12 @@ impl Session {
                 CMD_WRITE => Command::Write { cookie, offset, data, fua },
                 CMD_FLUSH => Command::Flush { cookie },
                 CMD_TRIM => Command::Trim { cookie, offset, len },
+                CMD_BLOCK_STATUS => Command::BlockStatus {
+                    cookie,
+                    offset,
+                    len: len.min(BLOCK_STATUS_SCAN_BYTES),
+                    req_one: request.flags & CMD_FLAG_REQ_ONE != 0,
+                },
                 _ => Command::WriteZeroes { cookie, offset, len, fua },
             });
         }
@@ -309,16 +341,43 @@ impl Session {
         self.push_reply(cookie, errno);
     }
 
-    /// Answers a read: `fill` writes the `len` bytes of data straight into the reply
-    /// buffer; if it fails, the reply carries its error and no data.
-    pub fn reply_read(&mut self, cookie: u64, len: u32, fill: impl FnOnce(&mut [u8]) -> io::Result<()>) {
+    /// Answers a read of `len` bytes at `offset`: `fill` writes the data straight into the
+    /// reply buffer; if it fails, the reply carries its error and no data. The reply is
+    /// one `OFFSET_DATA` chunk where structured replies were negotiated, a simple reply
+    /// otherwise.
+    pub fn reply_read(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) {
         self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
         let at = self.out.len();
-        self.push_reply(cookie, 0);
-        self.out.resize(at + SIMPLE_REPLY_BYTES + len as usize, 0);
-        if let Err(e) = fill(&mut self.out[at + SIMPLE_REPLY_BYTES..]) {
+        if self.options.structured {
+            push_read_head(&mut self.out, cookie, offset, len);
+        } else {
+            self.push_reply(cookie, 0);
+        }
+        let data_at = self.out.len();
+        self.out.resize(data_at + len as usize, 0);
+        if let Err(e) = fill(&mut self.out[data_at..]) {
             self.out.truncate(at);
-            self.push_reply(cookie, nbd_errno(&e));
+            if self.options.structured {
+                push_error_chunk(&mut self.out, cookie, nbd_errno(&e));
+            } else {
+                self.push_reply(cookie, nbd_errno(&e));
+            }
+        }
+    }
+
+    /// Answers a [`Command::BlockStatus`]: `data` holds the contents of the range it asked
+    /// about (or the read of them failed).
+    pub fn reply_block_status(&mut self, cookie: u64, offset: u64, req_one: bool, data: io::Result<&[u8]>) {
+        self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
+        match data {
+            Ok(data) => push_block_status(&mut self.out, cookie, offset, data, req_one),
+            Err(e) => push_error_chunk(&mut self.out, cookie, nbd_errno(&e)),
         }
     }
 
@@ -383,8 +442,8 @@ impl Session {
             self.failed = Some(SessionError::Read(e));
             return Err(self);
         }
-        let Session { stream, peer, export, rbuf, start, end, .. } = self;
-        Ok(Adopted { stream, peer, read_ahead: rbuf[start..end].to_vec(), export })
+        let Session { stream, peer, export, rbuf, start, end, options, .. } = self;
+        Ok(Adopted { stream, peer, read_ahead: rbuf[start..end].to_vec(), export, options })
     }
 
     /// Closes the connection now.

@@ -1,0 +1,514 @@
+//! `nbd-peers`: nvmirror's NBD front end against the NBD servers users compare it with,
+//! with one client for all: fio's `nbd` engine (libnbd), 4 KiB random writes.
+//!
+//! Arms, each a 256 MiB volume or file on this machine's filesystem, on loopback:
+//!
+//! - `nbdkit`: nbdkit's `file` plugin on a raw file (its default thread pool);
+//! - `qemu-nbd`: qemu-nbd on a raw file (`-f raw`, writeback cache, its default);
+//! - `plain`: an unmirrored nvmirror volume on one disk file (`--disk FILE`);
+//! - `mirrored`: the same, mirrored (strict, TCP) to a second node on this host, whose
+//!   mirror has that node's default geometry (RAID-4, 3+1 files in its data dir).
+//!
+//! Both nodes use `file:` NVRAM, the embedded default. Neither peer syncs its file, and
+//! neither does nvmirror under `file:` (a killed process loses nothing; a power cut at
+//! one site is covered by the other site only when mirrored).
+//!
+//! Method. Round by round, at queue depth 32 then 1, every arm in turn gets one fio run of
+//! a fixed time (`--time_based`, the same for all); the arms thus see the same machine
+//! state, interleaved. From each run the harness takes fio's own IOPS and its completion
+//! latency histogram (`--output-format=json+`, exact bins), which it merges over the
+//! measured rounds, and the CPU time its server processes used during the run (all their
+//! threads, `/proc/PID/task/*/schedstat`). A loopback TCP ping-pong of a 4 KiB
+//! replication hop ([`PingPong`], the `hop` floor) runs in each round too.
+//!
+//! Targets (issue: run to completion): at QD32 plain IOPS at least 1.0x nbdkit's and p99
+//! at most 1.5x; at QD1 plain p50 at most nbdkit's and p99 at most 1.5x; mirrored IOPS at
+//! QD32 at least 0.7x plain; mirrored p50 at QD1 at most plain's plus 1.2x a ping-pong.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use nvmirror_control::api::{Client, CreateVolume, MirrorRequest};
+use nvmirror_control::cluster::NodeProc;
+use serde_json::{json, Value};
+
+use crate::floor::PingPong;
+use crate::measure::{new_histogram, process_cpu_ns, ArmResult, Latency, Spread, CURVE_PERCENTILES, LATENCY_NS_MAX};
+use crate::report::{Check, ScenarioResult};
+
+const VOLUME_BYTES: u64 = 256 << 20;
+const DEPTHS: [usize; 2] = [32, 1];
+const ARMS: [&str; 4] = ["nbdkit", "qemu-nbd", "plain", "mirrored"];
+
+struct Params {
+    secs: f64,
+    rounds: usize,
+    warmup_rounds: usize,
+    ping_pongs: u64,
+}
+
+/// A server under test: the NBD URI fio connects to and the processes whose CPU counts.
+struct Target {
+    uri: String,
+    pids: Vec<u32>,
+}
+
+/// One fio run's figures.
+struct FioRun {
+    iops: f64,
+    ops: u64,
+    runtime_s: f64,
+    /// Completion latency histogram bins: (ns, count).
+    bins: Vec<(u64, u64)>,
+}
+
+/// One arm at one depth, over the measured rounds.
+struct Figures {
+    hist: Histogram<u64>,
+    ops: u64,
+    runtime_s: f64,
+    cpu_ns: u64,
+    round_iops: Vec<f64>,
+    round_p50_us: Vec<f64>,
+}
+
+impl Figures {
+    fn new() -> Self {
+        Figures {
+            hist: new_histogram(),
+            ops: 0,
+            runtime_s: 0.0,
+            cpu_ns: 0,
+            round_iops: Vec::new(),
+            round_p50_us: Vec::new(),
+        }
+    }
+
+    fn iops(&self) -> f64 {
+        if self.runtime_s > 0.0 {
+            self.ops as f64 / self.runtime_s
+        } else {
+            0.0
+        }
+    }
+
+    fn us_at(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn result(&self, name: &str, depth: usize) -> ArmResult {
+        let h = &self.hist;
+        ArmResult {
+            name: name.to_string(),
+            queue_depth: Some(depth),
+            ops: self.ops,
+            wall_s: self.runtime_s,
+            latency_us: Latency {
+                p50: self.us_at(0.5),
+                p90: self.us_at(0.9),
+                p99: self.us_at(0.99),
+                p99_9: self.us_at(0.999),
+                max: h.max() as f64 / 1000.0,
+                mean: h.mean() / 1000.0,
+            },
+            throughput_ops_s: self.iops(),
+            cpu_us_per_op: self.cpu_ns as f64 / 1000.0 / self.ops.max(1) as f64,
+            round_p50_us: self.round_p50_us.clone(),
+            round_throughput_ops_s: self.round_iops.clone(),
+            curve: CURVE_PERCENTILES
+                .iter()
+                .map(|&p| (p, self.us_at(p / 100.0)))
+                .chain(std::iter::once((100.0, h.max() as f64 / 1000.0)))
+                .collect(),
+        }
+    }
+}
+
+fn tool(name: &str, version_arg: &str, package: &str) -> Result<()> {
+    match Command::new(name).arg(version_arg).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("{name} is not installed (apt-get install {package}); nbd-peers needs it"),
+    }
+}
+
+fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
+    let out = Command::new("fio")
+        .args([
+            "--name=nbd-peers",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={depth}"),
+            &format!("--size={VOLUME_BYTES}"),
+            &format!("--runtime={secs}"),
+            "--time_based",
+            "--randrepeat=0",
+            "--norandommap",
+            "--output-format=json+",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("run fio")?;
+    if !out.status.success() {
+        bail!("fio against {uri} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    // fio's nbd engine prints a line of its own before the JSON.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json_at = text.find('{').ok_or_else(|| anyhow!("fio printed no JSON report: {text}"))?;
+    let v: Value = serde_json::from_str(&text[json_at..]).context("fio's JSON report")?;
+    let job = &v["jobs"][0];
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio against {uri} reported error {}", job["error"]);
+    }
+    let w = &job["write"];
+    let bins = w["clat_ns"]["bins"]
+        .as_object()
+        .ok_or_else(|| anyhow!("fio's report has no latency bins"))?
+        .iter()
+        .filter_map(|(k, c)| Some((k.parse::<u64>().ok()?, c.as_u64()?)))
+        .collect();
+    Ok(FioRun {
+        iops: w["iops"].as_f64().context("fio reported no IOPS")?,
+        ops: w["total_ios"].as_u64().context("fio reported no I/O count")?,
+        runtime_s: w["runtime"].as_f64().context("fio reported no runtime")? / 1000.0,
+        bins,
+    })
+}
+
+fn cpu_of(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&p| process_cpu_ns(p)).sum()
+}
+
+/// A peer server process, killed when dropped.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{what} did not listen on port {port} within 20 s")
+}
+
+fn raw_file(path: &Path) -> Result<()> {
+    let f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.set_len(VOLUME_BYTES)?;
+    Ok(())
+}
+
+fn start_nbdkit(dir: &Path) -> Result<(Peer, Target)> {
+    let file = dir.join("nbdkit.raw");
+    raw_file(&file)?;
+    let port = free_port()?;
+    let child = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string(), "file"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start nbdkit")?;
+    let pid = child.id();
+    let peer = Peer(child);
+    wait_port(port, "nbdkit")?;
+    Ok((peer, Target { uri: format!("nbd://127.0.0.1:{port}/"), pids: vec![pid] }))
+}
+
+fn start_qemu_nbd(dir: &Path) -> Result<(Peer, Target)> {
+    let file = dir.join("qemu-nbd.raw");
+    raw_file(&file)?;
+    let port = free_port()?;
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-t", "-b", "127.0.0.1", "-p", &port.to_string()])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start qemu-nbd")?;
+    let pid = child.id();
+    let peer = Peer(child);
+    wait_port(port, "qemu-nbd")?;
+    Ok((peer, Target { uri: format!("nbd://127.0.0.1:{port}/"), pids: vec![pid] }))
+}
+
+/// Nodes A (volumes `plain` and `mirrored`, each on one disk file) and B (the mirror).
+fn start_nodes(bin: &Path, dir: &Path) -> Result<(NodeProc, NodeProc)> {
+    let a = NodeProc::start(bin, "peers-a", &dir.join("a"), &[]).context("start node A")?;
+    let b = NodeProc::start(bin, "peers-b", &dir.join("b"), &[]).context("start node B")?;
+    let ca = Client::new(&a.control);
+    for name in ["plain", "mirrored"] {
+        let disk = dir.join(format!("{name}.img"));
+        let _: Value = ca
+            .post(
+                "/v1/volumes",
+                &CreateVolume {
+                    name: name.into(),
+                    size: VOLUME_BYTES,
+                    disks: vec![disk.display().to_string()],
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("create volume {name}"))?;
+    }
+    let _: Value = ca
+        .post(
+            "/v1/volumes/mirrored/mirror",
+            &MirrorRequest {
+                to: b.control.clone(),
+                transport: "tcp".into(),
+                policy: "strict".into(),
+                resync_ranges: Vec::new(),
+                rate: None,
+            },
+        )
+        .context("mirror the volume")?;
+    let started = Instant::now();
+    loop {
+        let s: Value = ca.get("/v1/status")?;
+        let state = s["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["volume"] == "mirrored"))
+            .and_then(|v| v["state"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        if state == "in-sync" {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("volume mirrored did not reach in-sync within 300 s (state {state})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((a, b))
+}
+
+pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
+    tool("fio", "--version", "fio")?;
+    tool("nbdkit", "--version", "nbdkit")?;
+    tool("qemu-nbd", "--version", "qemu-utils")?;
+    let p = if quick {
+        Params { secs: 0.3, rounds: 1, warmup_rounds: 0, ping_pongs: 200 }
+    } else {
+        Params { secs: 4.0, rounds: 5, warmup_rounds: 1, ping_pongs: 20_000 }
+    };
+    let dir = tempfile::Builder::new().prefix("nvmirror-bench-peers-").tempdir()?;
+    let (_nbdkit, nbdkit) = start_nbdkit(dir.path())?;
+    let (_qemu, qemu) = start_qemu_nbd(dir.path())?;
+    let (a, b) = start_nodes(bin, dir.path())?;
+    let (pa, pb) = (a.pid().context("node A is not running")?, b.pid().context("node B is not running")?);
+    let targets = [
+        nbdkit,
+        qemu,
+        Target { uri: format!("nbd://{}/plain", a.nbd), pids: vec![pa] },
+        Target { uri: format!("nbd://{}/mirrored", a.nbd), pids: vec![pa, pb] },
+    ];
+    let mut figures: Vec<Vec<Figures>> = DEPTHS.iter().map(|_| ARMS.iter().map(|_| Figures::new()).collect()).collect();
+    let mut ping = PingPong::start()?;
+    let mut ping_hist = new_histogram();
+    let mut seq = 0u64;
+    let total_rounds = p.warmup_rounds + p.rounds;
+    for round in 0..total_rounds {
+        let measured = round >= p.warmup_rounds;
+        for (d, &depth) in DEPTHS.iter().enumerate() {
+            for (i, t) in targets.iter().enumerate() {
+                eprintln!(
+                    "[nbd-peers] round {}/{total_rounds}{}: {} at queue depth {depth}",
+                    round + 1,
+                    if measured { "" } else { " (warm-up)" },
+                    ARMS[i]
+                );
+                let cpu0 = cpu_of(&t.pids)?;
+                let r = fio(&t.uri, depth, p.secs).with_context(|| format!("arm {}", ARMS[i]))?;
+                let cpu = cpu_of(&t.pids)?.saturating_sub(cpu0);
+                if !measured {
+                    continue;
+                }
+                let f = &mut figures[d][i];
+                let mut round_hist = new_histogram();
+                for &(ns, count) in &r.bins {
+                    let v = ns.clamp(1, LATENCY_NS_MAX);
+                    f.hist.record_n(v, count).context("record a latency")?;
+                    round_hist.record_n(v, count).context("record a latency")?;
+                }
+                f.ops += r.ops;
+                f.runtime_s += r.runtime_s;
+                f.cpu_ns += cpu;
+                f.round_iops.push(r.iops);
+                f.round_p50_us.push(round_hist.value_at_quantile(0.5) as f64 / 1000.0);
+            }
+        }
+        for _ in 0..p.ping_pongs {
+            seq += 1;
+            let rt = ping.round_trip(seq)?;
+            if measured {
+                ping_hist.record(u64::try_from(rt.as_nanos()).unwrap_or(u64::MAX).clamp(1, LATENCY_NS_MAX))?;
+            }
+        }
+    }
+    drop(a);
+    drop(b);
+
+    let at = |depth: usize, arm: &str| -> &Figures {
+        let d = DEPTHS.iter().position(|&x| x == depth).expect("a measured depth");
+        let i = ARMS.iter().position(|&x| x == arm).expect("an arm");
+        &figures[d][i]
+    };
+    let ping_p50_us = ping_hist.value_at_quantile(0.5) as f64 / 1000.0;
+    let per_round = |depth: usize, num: &str, den: &str, f: fn(&Figures, usize) -> f64| {
+        let (n, m) = (at(depth, num), at(depth, den));
+        Spread::of(n.round_iops.len().min(m.round_iops.len()), |r| f(n, r) / f(m, r).max(f64::MIN_POSITIVE))
+    };
+    let iops_of = |f: &Figures, r: usize| f.round_iops[r];
+    let p50_of = |f: &Figures, r: usize| f.round_p50_us[r];
+    let arms_at = |depth: usize, names: &[&str]| -> Vec<ArmResult> {
+        names.iter().map(|n| at(depth, n).result(n, depth)).collect()
+    };
+    let cpu_note = |depth: usize| {
+        ARMS.iter()
+            .map(|n| format!("{n} {:.1} us", at(depth, n).cpu_ns as f64 / 1000.0 / at(depth, n).ops.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let params = json!({
+        "volume_bytes": VOLUME_BYTES,
+        "secs_per_run": p.secs,
+        "rounds": p.rounds,
+        "warmup_rounds": p.warmup_rounds,
+        "client": "fio --ioengine=nbd --rw=randwrite --bs=4k --time_based",
+        "ping_pong_p50_us": ping_p50_us,
+    });
+    let cpu_counted = "the server processes of each arm, all threads (/proc/PID/task/*/schedstat): nbdkit; qemu-nbd; \
+                       node A; nodes A and B (fio's own CPU is not counted)"
+        .to_string();
+    let result = |name: &str, description: String, arms: Vec<ArmResult>, check: Check, notes: Vec<String>| {
+        ScenarioResult {
+            name: name.into(),
+            description,
+            params: params.clone(),
+            cpu_counted: cpu_counted.clone(),
+            arms,
+            check: Some(check),
+            notes,
+        }
+    };
+    let (plain32, kit32, plain1, kit1) = (at(32, "plain"), at(32, "nbdkit"), at(1, "plain"), at(1, "nbdkit"));
+    let mirrored32 = at(32, "mirrored");
+    let mirrored1 = at(1, "mirrored");
+    let qd32_note = format!(
+        "QD32 IOPS: nbdkit {:.0}, qemu-nbd {:.0}, plain {:.0}, mirrored {:.0}; CPU per write: {}",
+        kit32.iops(),
+        at(32, "qemu-nbd").iops(),
+        plain32.iops(),
+        mirrored32.iops(),
+        cpu_note(32)
+    );
+    let qd1_note = format!(
+        "QD1 p50/p99 us: nbdkit {:.1}/{:.1}, qemu-nbd {:.1}/{:.1}, plain {:.1}/{:.1}, mirrored {:.1}/{:.1}; ping-pong \
+         p50 {ping_p50_us:.1}; CPU per write: {}",
+        kit1.us_at(0.5),
+        kit1.us_at(0.99),
+        at(1, "qemu-nbd").us_at(0.5),
+        at(1, "qemu-nbd").us_at(0.99),
+        plain1.us_at(0.5),
+        plain1.us_at(0.99),
+        mirrored1.us_at(0.5),
+        mirrored1.us_at(0.99),
+        cpu_note(1)
+    );
+    Ok(vec![
+        result(
+            "nbd-peers-qd32",
+            "4 KiB random writes at QD32 through fio's nbd engine: unmirrored nvmirror volume on one disk against \
+             nbdkit's file plugin (and qemu-nbd), interleaved"
+                .into(),
+            arms_at(32, &ARMS),
+            Check::at_least(
+                "IOPS(plain) / IOPS(nbdkit), QD32",
+                plain32.iops() / kit32.iops().max(f64::MIN_POSITIVE),
+                1.0,
+                per_round(32, "plain", "nbdkit", iops_of),
+            ),
+            vec![qd32_note.clone()],
+        ),
+        result(
+            "nbd-peers-qd32-p99",
+            "the same runs: tail latency".into(),
+            arms_at(32, &["nbdkit", "plain"]),
+            Check::at_most(
+                "p99(plain) / p99(nbdkit), QD32",
+                plain32.us_at(0.99) / kit32.us_at(0.99).max(f64::MIN_POSITIVE),
+                1.5,
+                None,
+            ),
+            vec![],
+        ),
+        result(
+            "nbd-peers-qd1",
+            "4 KiB random writes at QD1 through fio's nbd engine: unmirrored nvmirror volume against nbdkit".into(),
+            arms_at(1, &ARMS),
+            Check::at_most(
+                "p50(plain) / p50(nbdkit), QD1",
+                plain1.us_at(0.5) / kit1.us_at(0.5).max(f64::MIN_POSITIVE),
+                1.0,
+                per_round(1, "plain", "nbdkit", p50_of),
+            ),
+            vec![qd1_note.clone()],
+        ),
+        result(
+            "nbd-peers-qd1-p99",
+            "the same runs: tail latency".into(),
+            arms_at(1, &["nbdkit", "plain"]),
+            Check::at_most(
+                "p99(plain) / p99(nbdkit), QD1",
+                plain1.us_at(0.99) / kit1.us_at(0.99).max(f64::MIN_POSITIVE),
+                1.5,
+                None,
+            ),
+            vec![],
+        ),
+        result(
+            "nbd-peers-mirrored-qd32",
+            "QD32: the volume mirrored to a second node on this host against the unmirrored one".into(),
+            arms_at(32, &["plain", "mirrored"]),
+            Check::at_least(
+                "IOPS(mirrored) / IOPS(plain), QD32",
+                mirrored32.iops() / plain32.iops().max(f64::MIN_POSITIVE),
+                0.7,
+                per_round(32, "mirrored", "plain", iops_of),
+            ),
+            vec![qd32_note],
+        ),
+        result(
+            "nbd-peers-mirrored-qd1",
+            "QD1: mirrored against unmirrored plus a replication round trip (loopback TCP ping-pong)".into(),
+            arms_at(1, &["plain", "mirrored"]),
+            Check::at_most(
+                "p50(mirrored) / (p50(plain) + 1.2 x p50(ping-pong)), QD1",
+                mirrored1.us_at(0.5) / (plain1.us_at(0.5) + 1.2 * ping_p50_us).max(f64::MIN_POSITIVE),
+                1.0,
+                None,
+            ),
+            vec![qd1_note],
+        ),
+    ])
+}
