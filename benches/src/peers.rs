@@ -400,8 +400,8 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     let cpu_counted = "the server processes of each arm, all threads (/proc/PID/task/*/schedstat): nbdkit; qemu-nbd; \
                        node A; nodes A and B (fio's own CPU is not counted)"
         .to_string();
-    let result = |name: &str, description: String, arms: Vec<ArmResult>, check: Check, notes: Vec<String>| {
-        ScenarioResult {
+    let result =
+        |name: &str, description: String, arms: Vec<ArmResult>, check: Check, notes: Vec<String>| ScenarioResult {
             name: name.into(),
             description,
             params: params.clone(),
@@ -409,8 +409,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
             arms,
             check: Some(check),
             notes,
-        }
-    };
+        };
     let (plain32, kit32, plain1, kit1) = (at(32, "plain"), at(32, "nbdkit"), at(1, "plain"), at(1, "nbdkit"));
     let mirrored32 = at(32, "mirrored");
     let mirrored1 = at(1, "mirrored");

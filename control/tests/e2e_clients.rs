@@ -270,3 +270,65 @@ fn nbd_port_garbage_does_not_disturb_a_writer() {
     let v = verify(&w, &pair.dst.nbd, VOL).expect("verify the mirror");
     assert_verified(&v, "mirror after NBD garbage and a CP");
 }
+
+/// The extents `nbdinfo --map --json` reports for `uri`: (offset, length, type).
+fn nbd_map(nbdinfo: &Path, uri: &str) -> Vec<(u64, u64, u64)> {
+    let text = ok(nbdinfo, &["--map", "--json", uri]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("nbdinfo --map: {e}: {text}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("nbdinfo --map printed no list: {text}"))
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Whether the map calls every byte of `[from, to)` zero (`want_zero`) or data.
+fn map_says(map: &[(u64, u64, u64)], from: u64, to: u64, want_zero: bool) -> bool {
+    map.iter().filter(|(o, l, _)| *o < to && o + l > from).all(|(_, _, t)| (t & 2 != 0) == want_zero)
+}
+
+/// Block status (`base:allocation`) through structured replies, on the primary (served by
+/// its poller) and on the mirror (served on threads): `nbdinfo --map` sees the data and the
+/// zeroes where they are, the extents cover the export end to end, and `nbdcopy
+/// --destination-is-zero` skips the zero extents, leaving its output sparse.
+#[test]
+fn block_status_reports_zero_extents_and_copies_skip_them() {
+    let nbdinfo = tool("nbdinfo", "libnbd-bin");
+    let nbdcopy = tool("nbdcopy", "libnbd-bin");
+    let qemu_io = tool("qemu-io", "qemu-utils");
+    let pair = Pair::start("blockstatus");
+    pair.create_mirrored(VOL, SIZE, LOG_BYTES_MIN);
+    let primary = format!("nbd://{}/{VOL}", pair.src.nbd);
+    let mirror_uri = format!("nbd://{}/{VOL}", pair.dst.nbd);
+    // Data at [1 MiB, 2 MiB) and one block at 20 MiB + 8 KiB; zeroes elsewhere.
+    ok(&qemu_io, &["-f", "raw", "-c", "write -P 0x5a 1M 1M", "-c", "write -P 0x33 20488k 4k", &primary]);
+    cp(&pair.src_api(), VOL).expect("CP");
+    for uri in [&primary, &mirror_uri] {
+        let map = nbd_map(&nbdinfo, uri);
+        let mut end = 0;
+        for (o, l, _) in &map {
+            assert_eq!(*o, end, "{uri}: extents leave a gap or overlap at {end}: {map:?}");
+            end = o + l;
+        }
+        assert_eq!(end, SIZE, "{uri}: the extents do not cover the export: {map:?}");
+        assert!(map_says(&map, 0, MIB, true), "{uri}: [0, 1M) is zero: {map:?}");
+        assert!(map_says(&map, MIB, 2 * MIB, false), "{uri}: [1M, 2M) holds data: {map:?}");
+        assert!(map_says(&map, 2 * MIB, 20 * MIB + 8192, true), "{uri}: [2M, 20M+8K) is zero: {map:?}");
+        assert!(map_says(&map, 20 * MIB + 8192, 20 * MIB + 12288, false), "{uri}: the block at 20M+8K: {map:?}");
+        assert!(map_says(&map, 20 * MIB + 12288, SIZE, true), "{uri}: the rest is zero: {map:?}");
+    }
+    // A copy that trusts the map writes the data extents only.
+    let out = pair.root.join("sparse-copy.img");
+    std::fs::File::create(&out).expect("create").set_len(SIZE).expect("size");
+    ok(&nbdcopy, &["--destination-is-zero", &primary, out.to_str().expect("utf-8")]);
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&out).expect("stat").blocks() * 512;
+    assert!(
+        allocated <= 2 * MIB,
+        "nbdcopy wrote {allocated} bytes of a {SIZE}-byte copy holding 1 MiB + 4 KiB of data"
+    );
+    let back = std::fs::read(&out).expect("read the copy");
+    assert!(back[usize_of(MIB)..usize_of(2 * MIB)].iter().all(|&b| b == 0x5a), "the data extent was not copied");
+    assert!(back[usize_of(20 * MIB + 8192)..usize_of(20 * MIB + 12288)].iter().all(|&b| b == 0x33));
+    assert!(back[..usize_of(MIB)].iter().all(|&b| b == 0), "zeroes where the volume has zeroes");
+}

@@ -126,7 +126,7 @@ where
             // Writes waiting for log space go first, in order: while any waits, no new
             // request is taken; during a switchover's drain none is.
             while self.waiting.is_empty() && !self.quiesced {
-                let Some(command) = c.session.next() else { break };
+                let Some(command) = c.session.next_command() else { break };
                 worked = true;
                 self.serve(&mut c.session, slot, c.gen, command);
             }

@@ -2,8 +2,9 @@
 //! clients (the Linux kernel's `nbd-client`, QEMU, libnbd's `nbdcopy` and `nbdinfo`).
 //!
 //! The protocol is the one in `doc/proto.md` of the NetworkBlockDevice/nbd repository.
-//! This server speaks its fixed newstyle handshake and simple replies only; every integer
-//! on the wire is big-endian (network byte order).
+//! This server speaks its fixed newstyle handshake, simple replies and, where the client
+//! asks for them, structured replies and `base:allocation` block status; every integer on
+//! the wire is big-endian (network byte order). Extended headers are not offered.
 //!
 //! # Handshake
 //!
@@ -57,10 +58,14 @@
 //!
 //! # Threads and bounds
 //!
-//! One thread accepts connections (at most [`CONNECTIONS_MAX`]). Each connection has a
-//! reader thread, which negotiates, then decodes requests and hands them to
-//! [`Export::submit`], and a writer thread, which receives the [`IoReply`]s and writes the
-//! simple replies, buffered and flushed whenever no further reply is waiting. At most
+//! One thread accepts connections (at most [`CONNECTIONS_MAX`]), and a thread per
+//! connection negotiates. Once the handshake names an export, the connection is offered to
+//! it whole ([`Export::adopt`]): a primary volume takes it onto its poller, which reads,
+//! serves and answers its requests on that one thread ([`session`]). An export without a
+//! poller of its own (a mirror, a volume that moved) gives it back, and the connection is
+//! served here: a reader thread decodes requests and hands them to [`Export::submit`], and
+//! a writer thread receives the [`IoReply`]s and writes the replies, buffered and flushed
+//! whenever no further reply is waiting. At most
 //! [`IN_FLIGHT_MAX`] requests and [`IN_FLIGHT_BYTES_MAX`] bytes of payload are in flight
 //! per connection; the reader waits for replies to be written before it takes more. Replies
 //! may leave in any order: the client's cookie is echoed untouched, and the
@@ -960,7 +965,9 @@ enum ReplyKind {
     Simple,
     Read,
     /// A block status query, answered from a read of the range; `req_one` as asked.
-    BlockStatus { req_one: bool },
+    BlockStatus {
+        req_one: bool,
+    },
 }
 
 /// The requests of one connection that are submitted or answered but not yet written.
@@ -1149,10 +1156,7 @@ fn read_requests(
                 }
             },
             CMD_BLOCK_STATUS => {
-                if !options.allocation
-                    || request.flags & !CMD_FLAG_REQ_ONE != 0
-                    || !request.in_bounds(export.size())
-                {
+                if !options.allocation || request.flags & !CMD_FLAG_REQ_ONE != 0 || !request.in_bounds(export.size()) {
                     refuse(&request, libc::EINVAL);
                 } else {
                     let len = request.len.min(BLOCK_STATUS_SCAN_BYTES);
@@ -1206,8 +1210,12 @@ fn write_replies(
     peer: SocketAddr,
     options: Options,
 ) -> Result<(), ConnectionError> {
-    let mut out =
-        ReplyStream { stream, buffer: Vec::with_capacity(REPLY_BUFFER_BYTES), failed: None, structured: options.structured };
+    let mut out = ReplyStream {
+        stream,
+        buffer: Vec::with_capacity(REPLY_BUFFER_BYTES),
+        failed: None,
+        structured: options.structured,
+    };
     while let Ok(first) = replies.recv() {
         let mut next = Some(first);
         while let Some(reply) = next {
@@ -1404,7 +1412,13 @@ mod tests {
         let in_flight = InFlight::new();
         let slots: Vec<u64> = (0..IN_FLIGHT_MAX as u64)
             .map(|cookie| {
-                in_flight.acquire(Pending { cookie, read_len: None, payload_bytes: 1, kind: ReplyKind::Simple, offset: 0 })
+                in_flight.acquire(Pending {
+                    cookie,
+                    read_len: None,
+                    payload_bytes: 1,
+                    kind: ReplyKind::Simple,
+                    offset: 0,
+                })
             })
             .collect();
         assert!(in_flight.slots.lock().free.is_empty());

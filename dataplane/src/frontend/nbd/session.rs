@@ -3,7 +3,7 @@
 //! for it.
 //!
 //! The reactor drives a [`Session`] in passes: [`Session::fill`] reads whatever the socket
-//! holds, [`Session::next`] decodes one whole request at a time (answering the ones it
+//! holds, [`Session::next_command`] decodes one whole request at a time (answering the ones it
 //! refuses itself), the reactor serves each and answers through [`Session::reply`] or
 //! [`Session::reply_read`], and [`Session::flush`] writes every reply gathered in the
 //! pass with one system call. A write's payload is handed out as a range of the read
@@ -23,8 +23,8 @@ use std::sync::Weak;
 use super::{
     nbd_errno, push_block_status, push_error_chunk, push_read_head, Options, Request, ADOPTED_READ_BYTES,
     BLOCK_STATUS_SCAN_BYTES, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAGS_KNOWN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
-    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX,
-    REPLY_BUFFER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES,
+    REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
 };
 use crate::frontend::Export;
 
@@ -222,7 +222,7 @@ impl Session {
     /// The next whole request in the buffer, checked; `None` when none is whole yet, when
     /// the session is at its bounds, or when it is ending. Requests it refuses (bad flags,
     /// out of bounds, read-only) are answered here and skipped.
-    pub fn next(&mut self) -> Option<Command> {
+    pub fn next_command(&mut self) -> Option<Command> {
         loop {
             if self.draining || self.failed.is_some() {
                 return None;
@@ -331,7 +331,7 @@ impl Session {
         &self.rbuf[range]
     }
 
-    /// Answers a request taken with [`Session::next`]: success, or the error's NBD errno.
+    /// Answers a request taken with [`Session::next_command`]: success, or the error's NBD errno.
     pub fn reply(&mut self, cookie: u64, result: io::Result<()>) {
         self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
         let errno = match result {
@@ -345,13 +345,7 @@ impl Session {
     /// reply buffer; if it fails, the reply carries its error and no data. The reply is
     /// one `OFFSET_DATA` chunk where structured replies were negotiated, a simple reply
     /// otherwise.
-    pub fn reply_read(
-        &mut self,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
-    ) {
+    pub fn reply_read(&mut self, cookie: u64, offset: u64, len: u32, fill: impl FnOnce(&mut [u8]) -> io::Result<()>) {
         self.in_flight = self.in_flight.checked_sub(1).expect("a reply answers a request taken");
         let at = self.out.len();
         if self.options.structured {
@@ -434,13 +428,13 @@ impl Session {
     /// Gives the connection back, for serving elsewhere: with the bytes it read and did
     /// not decode. Only a session with nothing in flight and nothing unwritten can be
     /// given back.
-    pub fn release(mut self) -> Result<Adopted, Session> {
+    pub fn release(mut self) -> Result<Adopted, Box<Session>> {
         if self.in_flight != 0 || !self.out.is_empty() || self.failed.is_some() {
-            return Err(self);
+            return Err(Box::new(self));
         }
         if let Err(e) = self.stream.set_nonblocking(false) {
             self.failed = Some(SessionError::Read(e));
-            return Err(self);
+            return Err(Box::new(self));
         }
         let Session { stream, peer, export, rbuf, start, end, options, .. } = self;
         Ok(Adopted { stream, peer, read_ahead: rbuf[start..end].to_vec(), export, options })
