@@ -28,6 +28,9 @@ use super::{
 };
 use crate::frontend::Export;
 
+/// How long giving a session back may wait for its client to take the replies owed.
+const RELEASE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connection whose handshake named an export, handed to that export whole (see
 /// [`Export::adopt`]). `read_ahead` holds the bytes the handshake read past its end: the
 /// first requests.
@@ -426,14 +429,20 @@ impl Session {
     }
 
     /// Gives the connection back, for serving elsewhere: with the bytes it read and did
-    /// not decode. Only a session with nothing in flight and nothing unwritten can be
-    /// given back.
+    /// not decode, once the replies it owes are written. Only a session with nothing in
+    /// flight can be given back.
     pub fn release(mut self) -> Result<Adopted, Box<Session>> {
-        if self.in_flight != 0 || !self.out.is_empty() || self.failed.is_some() {
+        if self.in_flight != 0 || self.failed.is_some() {
             return Err(Box::new(self));
         }
-        if let Err(e) = self.stream.set_nonblocking(false) {
-            self.failed = Some(SessionError::Read(e));
+        // Replies the socket did not take yet go first, waiting for it (bounded).
+        let blocking = self
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| self.stream.set_write_timeout(Some(RELEASE_WRITE_TIMEOUT)))
+            .and_then(|()| (&self.stream).write_all(&self.out[self.sent..]));
+        if let Err(e) = blocking {
+            self.failed = Some(SessionError::Write(e));
             return Err(Box::new(self));
         }
         let Session { stream, peer, export, rbuf, start, end, options, .. } = self;
@@ -454,5 +463,225 @@ impl std::fmt::Debug for Session {
             .field("buffered", &(self.end - self.start))
             .field("unwritten", &(self.out.len() - self.sent))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::{Completer, IoRequest};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    struct NoExport;
+    impl Export for NoExport {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn submit(&self, _: IoRequest, _: Completer) {}
+    }
+
+    const SIZE: u64 = 1 << 20;
+
+    /// A session on one end of a loopback connection, and the client's end.
+    fn session(options: Options) -> (Session, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, peer) = l.accept().unwrap();
+        let export: Weak<dyn Export> = Weak::<NoExport>::new();
+        let adopted = Adopted { stream: server, peer, read_ahead: Vec::new(), export, options };
+        (Session::new(adopted, SIZE, false).unwrap(), client)
+    }
+
+    fn request(command: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut r = Vec::new();
+        r.extend_from_slice(&super::super::REQUEST_MAGIC.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&command.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    /// Fills until `f` says the session has what it waits for (bounded in time).
+    fn fill_until(s: &mut Session, mut f: impl FnMut(&mut Session) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f(s) {
+            assert!(Instant::now() < deadline, "the session never got there: {s:?}");
+            s.fill();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn read_exact(c: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.read_exact(&mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn pipelined_requests_are_decoded_served_and_answered_in_one_write() {
+        let (mut s, mut c) = session(Options::default());
+        let mut bytes = request(CMD_WRITE, 0, 7, 4096, 4096);
+        bytes.extend(std::iter::repeat_n(0xab, 4096));
+        bytes.extend(request(CMD_READ, 0, 8, 0, 512));
+        bytes.extend(request(CMD_FLUSH, 0, 9, 0, 0));
+        // Out of bounds: refused by the session itself, never handed out.
+        bytes.extend(request(CMD_READ, 0, 10, SIZE, 512));
+        c.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        fill_until(&mut s, |s| {
+            while let Some(cmd) = s.next_command() {
+                got.push(cmd);
+            }
+            got.len() == 3
+        });
+        let Command::Write { cookie: 7, offset: 4096, data, .. } = got[0].clone() else { panic!("{got:?}") };
+        assert!(s.data(data).iter().all(|&b| b == 0xab));
+        assert_eq!(got[1], Command::Read { cookie: 8, offset: 0, len: 512 });
+        assert_eq!(got[2], Command::Flush { cookie: 9 });
+        assert_eq!(s.in_flight(), 3);
+        s.reply(7, Ok(()));
+        s.reply_read(8, 0, 512, |b| {
+            b.fill(0x11);
+            Ok(())
+        });
+        s.reply(9, Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.flush());
+        let r = read_exact(&mut c, 16 * 4 + 512);
+        let reply = |at: usize| (u32::from_be_bytes(r[at + 4..at + 8].try_into().unwrap()), &r[at + 8..at + 16]);
+        // The refusal went out first, then the answers in the order given.
+        assert_eq!(reply(0), (NBD_EINVAL, &10u64.to_be_bytes()[..]));
+        assert_eq!(reply(16), (0, &7u64.to_be_bytes()[..]));
+        assert_eq!(reply(32), (0, &8u64.to_be_bytes()[..]));
+        assert!(r[48..48 + 512].iter().all(|&b| b == 0x11));
+        assert_eq!(reply(560), (5, &9u64.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn hostile_input_ends_the_session_with_a_reason() {
+        // A bad magic.
+        let (mut s, mut c) = session(Options::default());
+        let mut r = request(CMD_READ, 0, 1, 0, 512);
+        r[0] ^= 0xff;
+        c.write_all(&r).unwrap();
+        fill_until(&mut s, |s| s.next_command().is_none() && s.finished());
+        assert!(matches!(s.error(), Some(SessionError::RequestMagic(_))), "{:?}", s.error());
+
+        // A write longer than any payload: nothing is allocated for it.
+        let (mut s, mut c) = session(Options::default());
+        c.write_all(&request(CMD_WRITE, 0, 1, 0, u32::MAX)).unwrap();
+        fill_until(&mut s, |s| s.next_command().is_none() && s.finished());
+        assert!(matches!(s.error(), Some(SessionError::WriteTooLong(u32::MAX))), "{:?}", s.error());
+        assert!(s.rbuf.len() <= ADOPTED_READ_BYTES, "the read buffer grew for a refused length");
+
+        // A client that goes away in the middle of a write.
+        let (mut s, mut c) = session(Options::default());
+        let mut r = request(CMD_WRITE, 0, 1, 0, 8192);
+        r.extend([0u8; 100]);
+        c.write_all(&r).unwrap();
+        drop(c);
+        fill_until(&mut s, |s| s.next_command().is_none() && s.finished());
+        assert!(matches!(s.error(), Some(SessionError::Truncated)), "{:?}", s.error());
+    }
+
+    #[test]
+    fn disc_drains_and_bounds_hold_back_requests() {
+        let (mut s, mut c) = session(Options::default());
+        let mut bytes = Vec::new();
+        for cookie in 0..(IN_FLIGHT_MAX as u64 + 5) {
+            bytes.extend(request(CMD_FLUSH, 0, cookie, 0, 0));
+        }
+        bytes.extend(request(CMD_DISC, 0, 0, 0, 0));
+        c.write_all(&bytes).unwrap();
+        let mut taken = 0;
+        fill_until(&mut s, |s| {
+            while s.next_command().is_some() {
+                taken += 1;
+            }
+            taken == IN_FLIGHT_MAX
+        });
+        // At the bound nothing more is taken until a reply goes.
+        assert!(s.next_command().is_none());
+        s.reply(0, Ok(()));
+        assert!(s.next_command().is_some(), "a reply makes room for one more");
+        taken += 1;
+        for cookie in 1..=IN_FLIGHT_MAX as u64 {
+            s.reply(cookie, Ok(()));
+        }
+        while s.next_command().is_some() {
+            taken += 1;
+        }
+        assert_eq!(taken, IN_FLIGHT_MAX + 5);
+        for cookie in IN_FLIGHT_MAX as u64 + 1..IN_FLIGHT_MAX as u64 + 5 {
+            s.reply(cookie, Ok(()));
+        }
+        assert!(!s.finished(), "replies are still unwritten");
+        s.flush();
+        assert!(s.finished(), "after DISC and every reply written, the session is over");
+        assert!(s.error().is_none());
+    }
+
+    #[test]
+    fn structured_reads_and_block_status() {
+        let options = Options { structured: true, allocation: true };
+        let (mut s, mut c) = session(options);
+        let mut bytes = request(CMD_READ, 0, 1, 8192, 16);
+        bytes.extend(request(CMD_BLOCK_STATUS, 0, 2, 4096, 3 * 4096));
+        bytes.extend(request(CMD_READ, 1 << 7, 3, 0, 16)); // an unknown flag
+        c.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        fill_until(&mut s, |s| {
+            while let Some(cmd) = s.next_command() {
+                got.push(cmd);
+            }
+            got.len() == 2
+        });
+        assert_eq!(got[1], Command::BlockStatus { cookie: 2, offset: 4096, len: 3 * 4096, req_one: false });
+        s.reply_read(1, 8192, 16, |b| {
+            b.fill(7);
+            Ok(())
+        });
+        let mut data = vec![0u8; 3 * 4096];
+        data[4096 + 100] = 1;
+        s.reply_block_status(2, 4096, false, Ok(&data));
+        s.flush();
+        let chunk = |c: &mut TcpStream| {
+            let h = read_exact(c, 20);
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), super::super::STRUCTURED_REPLY_MAGIC);
+            assert_eq!(u16::from_be_bytes(h[4..6].try_into().unwrap()), super::super::REPLY_FLAG_DONE);
+            (cookie, kind, read_exact(c, len))
+        };
+        // The refused read: an error chunk, never a simple reply.
+        let (cookie, kind, p) = chunk(&mut c);
+        assert_eq!((cookie, kind), (3, super::super::REPLY_TYPE_ERROR));
+        assert_eq!(u32::from_be_bytes(p[0..4].try_into().unwrap()), NBD_EINVAL);
+        let (cookie, kind, p) = chunk(&mut c);
+        assert_eq!((cookie, kind), (1, super::super::REPLY_TYPE_OFFSET_DATA));
+        assert_eq!(u64::from_be_bytes(p[0..8].try_into().unwrap()), 8192);
+        assert_eq!(&p[8..], &[7u8; 16]);
+        let (cookie, kind, p) = chunk(&mut c);
+        assert_eq!((cookie, kind), (2, super::super::REPLY_TYPE_BLOCK_STATUS));
+        let words: Vec<u32> = p.chunks_exact(4).map(|w| u32::from_be_bytes(w.try_into().unwrap())).collect();
+        // Context 1: a zero block, a data block, a zero block.
+        assert_eq!(words, vec![1, 4096, 2, 4096, 0, 4096, 2]);
+    }
+
+    #[test]
+    fn block_status_needs_the_context_selected() {
+        let (mut s, mut c) = session(Options { structured: true, allocation: false });
+        c.write_all(&request(CMD_BLOCK_STATUS, 0, 4, 0, 4096)).unwrap();
+        s.fill();
+        fill_until(&mut s, |s| s.next_command().is_none() && !s.out.is_empty());
+        assert_eq!(s.in_flight(), 0, "refused, not handed out");
     }
 }
