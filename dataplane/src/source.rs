@@ -394,7 +394,7 @@ impl SourceHandle {
     /// Stops the poller and waits for it.
     pub fn stop(&self) {
         let (tx, rx) = bounded(1);
-        if self.ctl.send(Control::Stop(tx)).is_ok() {
+        if self.control(Control::Stop(tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(30));
         }
         if let Some(t) = self.thread.lock().take() {
@@ -410,7 +410,7 @@ impl SourceHandle {
     /// Asks a stepped poller to stop, without waiting: its next step stops it.
     pub fn stop_stepped(&self) {
         let (tx, _rx) = bounded(1);
-        let _ = self.ctl.send(Control::Stop(tx));
+        let _ = self.control(Control::Stop(tx));
     }
 }
 
@@ -434,7 +434,10 @@ impl Export for SourceHandle {
     }
     fn adopt(&self, conn: crate::frontend::nbd::Adopted) -> Result<(), crate::frontend::nbd::Adopted> {
         // A volume that moved is served through its forward, on threads of the front end.
-        if self.forward.read().is_some() {
+        // The guard is held across the send: a switchover sets the forward before it asks
+        // the poller to hand over, so a connection queued here reaches the poller first.
+        let forward = self.forward.read();
+        if forward.is_some() {
             return Err(conn);
         }
         match self.ctl.send(Control::Adopt(conn)) {
@@ -634,6 +637,19 @@ struct Poller<C: Connector> {
     readiness: Option<Readiness>,
     /// The link's descriptor while it is registered in `readiness`.
     link_fd: Option<std::os::fd::RawFd>,
+}
+
+impl<C: Connector> Drop for Poller<C> {
+    /// Connections queued for adoption after the poller stopped taking control messages
+    /// are served on threads instead (through the handle, which refuses or forwards them),
+    /// never dropped on the floor.
+    fn drop(&mut self) {
+        while let Ok(c) = self.ctl_rx.try_recv() {
+            if let Control::Adopt(conn) = c {
+                conn.serve_on_threads();
+            }
+        }
+    }
 }
 
 /// A local CP for the writer thread: a copy of a closed partition's blocks.
@@ -932,7 +948,7 @@ where
         worked |= self.flush_batch();
         worked |= self.copy_step();
         worked |= self.poll_local_cp(false);
-        self.timers();
+        worked |= self.timers();
         // Every reply this pass produced, one write per connection.
         worked |= self.flush_clients();
         Ok(worked)
@@ -996,7 +1012,10 @@ where
         self.link = next;
     }
 
-    fn timers(&mut self) {
+    /// Acts on what is due by the clock; whether it did anything (a CP started, the link
+    /// declared down, a connection attempt started, a switchover's drain moved on).
+    fn timers(&mut self) -> bool {
+        let mut worked = false;
         let now = self.clock.now_ns();
         let active = self.active;
         let has_entries = self.nvlog.tail(active) > PARTITION_HEADER_BYTES;
@@ -1005,7 +1024,9 @@ where
             self.cp_wanted = true;
         }
         if self.cp_wanted {
+            let before = self.parts;
             self.try_start_cp();
+            worked |= self.parts != before;
         }
         if let LinkState::Up { copy, .. } = &self.link {
             let late = |since: u64, limit: Duration| now.saturating_sub(since) > nanos(limit);
@@ -1022,15 +1043,19 @@ where
             };
             if let Some(why) = why {
                 self.link_down(why);
+                worked = true;
             }
         }
         if let LinkState::Down { next_try, connecting: false, copy, .. } = &self.link {
             if now >= *next_try {
                 let copy = *copy;
                 self.start_connect(copy);
+                worked = true;
             }
         }
+        let (wanted, quiescing) = (self.cp_wanted, self.quiesce.is_some());
         self.poll_quiesce();
+        worked | (!wanted && self.cp_wanted) | (quiescing && self.quiesce.is_none())
     }
 
     // ---- control ----

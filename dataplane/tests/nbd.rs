@@ -55,6 +55,11 @@ const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
+const REP_META_CONTEXT: u32 = 4;
+const REP_ERR_UNKNOWN_EXPORT: u32 = (1 << 31) | 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
@@ -533,6 +538,19 @@ fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32, payload
 }
 
 /// The data of NBD_OPT_INFO and NBD_OPT_GO.
+/// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
 fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
     let mut data = Vec::new();
     data.extend_from_slice(&u32::try_from(name.len()).expect("short name").to_be_bytes());
@@ -775,9 +793,12 @@ fn handshake_options() {
     // Without NO_ZEROES, so that EXPORT_NAME's 124 zero bytes are checked below.
     let mut raw = Raw::negotiating(fixture.addr, FLAG_C_FIXED_NEWSTYLE);
 
-    raw.send_option(OPT_STRUCTURED_REPLY, &[]);
+    // Structured replies take no data; metadata contexts need structured replies first.
+    raw.send_option(OPT_STRUCTURED_REPLY, &[1]);
     let reply = raw.read_option_reply();
-    assert_eq!((reply.option, reply.reply_type), (OPT_STRUCTURED_REPLY, REP_ERR_UNSUP));
+    assert_eq!((reply.option, reply.reply_type), (OPT_STRUCTURED_REPLY, REP_ERR_INVALID));
+    raw.send_option(OPT_SET_META_CONTEXT, &meta_data(DISK, &["base:allocation"]));
+    assert_eq!(raw.read_option_reply().reply_type, REP_ERR_INVALID);
     raw.send_option(0x4242, &[7; 100]);
     let reply = raw.read_option_reply();
     assert_eq!((reply.option, reply.reply_type), (0x4242, REP_ERR_UNSUP));
@@ -842,6 +863,82 @@ fn handshake_options() {
     let reply = raw.read_option_reply();
     assert_eq!((reply.option, reply.reply_type), (OPT_ABORT, REP_ACK));
     raw.expect_closed();
+}
+
+/// Structured replies and `base:allocation` over the wire, on a connection served on
+/// threads (an export without a poller of its own): the option replies, a read answered
+/// with one `OFFSET_DATA` chunk, a refused read with an `ERROR` chunk, block status with
+/// the zero and data extents, and block status refused without the context.
+#[test]
+fn structured_replies_and_block_status() {
+    let fixture = Fixture::start();
+    let mut raw = Raw::negotiating(fixture.addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    raw.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(raw.read_option_reply().reply_type, REP_ACK);
+    // LIST with no query lists the one context; a query of another namespace finds none.
+    raw.send_option(OPT_LIST_META_CONTEXT, &meta_data(DISK, &[]));
+    let reply = raw.read_option_reply();
+    assert_eq!(reply.reply_type, REP_META_CONTEXT);
+    assert_eq!(&reply.data[4..], b"base:allocation");
+    assert_eq!(raw.read_option_reply().reply_type, REP_ACK);
+    raw.send_option(OPT_LIST_META_CONTEXT, &meta_data(DISK, &["qemu:dirty-bitmap:x"]));
+    assert_eq!(raw.read_option_reply().reply_type, REP_ACK);
+    raw.send_option(OPT_SET_META_CONTEXT, &meta_data("nope", &["base:allocation"]));
+    assert_eq!(raw.read_option_reply().reply_type, REP_ERR_UNKNOWN_EXPORT);
+    // A count of queries the data does not hold.
+    let mut bad = meta_data(DISK, &["base:allocation"]);
+    let at = 4 + DISK.len();
+    bad[at..at + 4].copy_from_slice(&2u32.to_be_bytes());
+    raw.send_option(OPT_SET_META_CONTEXT, &bad);
+    assert_eq!(raw.read_option_reply().reply_type, REP_ERR_INVALID);
+    raw.send_option(OPT_SET_META_CONTEXT, &meta_data(DISK, &["base:allocation"]));
+    let reply = raw.read_option_reply();
+    assert_eq!(reply.reply_type, REP_META_CONTEXT);
+    let id = be_u32(&reply.data);
+    assert_ne!(id, 0);
+    assert_eq!(raw.read_option_reply().reply_type, REP_ACK);
+    raw.send_option(OPT_GO, &info_data(DISK, &[]));
+    raw.read_info_replies(OPT_GO);
+
+    let chunk = |raw: &mut Raw| {
+        let h = raw.read_exact(20);
+        assert_eq!(be_u32(&h), 0x668e_33ef, "a structured reply chunk");
+        assert_eq!(be_u16(&h[4..]), 1, "the DONE flag");
+        let len = be_u32(&h[16..]) as usize;
+        (be_u16(&h[6..]), be_u64(&h[8..]), raw.read_exact(len))
+    };
+    // A write of one block at 64 KiB, then a read of it: one OFFSET_DATA chunk.
+    raw.send_request(0, CMD_WRITE, 1, 65536, 4096);
+    raw.send(&[0x5a; 4096]);
+    assert_eq!(raw.read_reply(), (0, 1));
+    raw.send_request(0, CMD_READ, 2, 65536, 4096);
+    let (kind, cookie, data) = chunk(&mut raw);
+    assert_eq!((kind, cookie), (1, 2));
+    assert_eq!(be_u64(&data), 65536);
+    assert!(data[8..].iter().all(|&b| b == 0x5a) && data.len() == 8 + 4096);
+    // A read past the end: an ERROR chunk (EINVAL), never a simple reply.
+    raw.send_request(0, CMD_READ, 3, DISK_BYTES, 512);
+    let (kind, cookie, data) = chunk(&mut raw);
+    assert_eq!((kind, cookie), ((1 << 15) + 1, 3));
+    assert_eq!(be_u32(&data), 22);
+    // Block status of [0, 128 KiB): zero, the written block, zero.
+    raw.send_request(0, CMD_BLOCK_STATUS, 4, 0, 131072);
+    let (kind, cookie, data) = chunk(&mut raw);
+    assert_eq!((kind, cookie), (5, 4));
+    let words: Vec<u32> = data.chunks_exact(4).map(be_u32).collect();
+    assert_eq!(words, vec![id, 65536, 2, 4096, 0, 131072 - 65536 - 4096, 2]);
+    // REQ_ONE: the first extent alone.
+    raw.send_request(1 << 3, CMD_BLOCK_STATUS, 5, 0, 131072);
+    let (_, _, data) = chunk(&mut raw);
+    assert_eq!(data.chunks_exact(4).map(be_u32).collect::<Vec<_>>(), vec![id, 65536, 2]);
+    raw.disconnect();
+
+    // Without SET_META_CONTEXT, block status is refused.
+    let (mut raw, _, _) = Raw::go(fixture.addr, DISK);
+    raw.send_request(0, CMD_BLOCK_STATUS, 6, 0, 4096);
+    assert_eq!(raw.read_reply(), (22, 6));
+    raw.disconnect();
+    assert_serves(fixture.addr);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -316,7 +316,8 @@ impl NbdServer {
         self.local_addr
     }
 
-    /// Stops accepting, closes every connection and waits for their threads, which first
+    /// Stops accepting, closes every connection it serves on threads and waits for them
+    /// (connections a volume's poller adopted live and end with that volume), which first
     /// wait for the requests they submitted to complete. Returns the accept loop's error,
     /// if it stopped on one.
     pub fn shutdown(mut self) -> io::Result<()> {
@@ -347,14 +348,16 @@ impl std::fmt::Debug for NbdServer {
 }
 
 /// Serves `registry` on `listener` from the calling thread until `shutdown` is set, then
-/// closes every connection and waits for their threads. A thread serves each connection.
+/// closes every connection and waits for their threads. A thread negotiates each
+/// connection, then serves it unless the export adopted it (see [`Export::adopt`]).
 ///
 /// Errors from one connection are logged and end that connection only. The function
 /// returns an error only when the listener itself fails.
 pub fn serve(listener: TcpListener, registry: Arc<dyn ExportRegistry>, shutdown: Arc<AtomicBool>) -> io::Result<()> {
     let mut connections = Vec::new();
     let result = accept_loop(&listener, &registry, &shutdown, &mut connections);
-    // Whether the loop ended on request or on error, no connection outlives the server.
+    // Whether the loop ended on request or on error, no connection served on threads
+    // outlives the server.
     for connection in &connections {
         let _ = connection.stream.shutdown(Shutdown::Both);
     }

@@ -139,9 +139,15 @@ pub struct Session {
     sent: usize,
     /// Requests handed to the reactor and not yet answered.
     in_flight: usize,
-    /// The client sent `NBD_CMD_DISC` or closed its end: nothing more is read, and the
-    /// session ends once every reply is written.
+    /// The client sent `NBD_CMD_DISC`: nothing more is read or decoded, and the session
+    /// ends once every reply is written.
     draining: bool,
+    /// The client closed its end: the whole requests it sent before are still served, and
+    /// the session ends once they are answered (a partial one left is an error).
+    eof: bool,
+    /// Bytes from `start` that the request being received needs whole (its header and
+    /// write payload): the read buffer grows to hold them, once.
+    want: usize,
     failed: Option<SessionError>,
 }
 
@@ -167,6 +173,8 @@ impl Session {
             sent: 0,
             in_flight: 0,
             draining: false,
+            eof: false,
+            want: 0,
             failed: None,
         })
     }
@@ -188,23 +196,29 @@ impl Session {
     /// Reads what the socket holds, without waiting, until it has nothing more or the
     /// buffer is full. Whether anything was read (or the end of the stream seen).
     pub fn fill(&mut self) -> bool {
-        if self.draining || self.failed.is_some() {
+        if self.draining || self.eof || self.failed.is_some() {
             return false;
         }
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
-        } else if self.start > 0 && self.end == self.rbuf.len() {
+            // The room one large write took goes back once it is consumed.
+            if self.rbuf.len() > ADOPTED_READ_BYTES {
+                self.rbuf.truncate(ADOPTED_READ_BYTES);
+                self.rbuf.shrink_to_fit();
+            }
+        } else if self.start > 0 && (self.end == self.rbuf.len() || self.start + self.want > self.rbuf.len()) {
             self.rbuf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.want > self.rbuf.len() {
+            // One large write: room for it alone (at most a header and the largest payload).
+            self.rbuf.resize(self.want, 0);
         }
         let mut worked = false;
         while self.end < self.rbuf.len() {
             match self.stream.read(&mut self.rbuf[self.end..]) {
                 Ok(0) => {
-                    if self.start != self.end {
-                        self.failed = Some(SessionError::Truncated);
-                    }
-                    self.draining = true;
+                    self.eof = true;
                     return true;
                 }
                 Ok(n) => {
@@ -235,6 +249,10 @@ impl Session {
             }
             let have = self.end - self.start;
             if have < REQUEST_BYTES {
+                self.want = REQUEST_BYTES;
+                if self.eof && have > 0 {
+                    self.failed = Some(SessionError::Truncated);
+                }
                 return None;
             }
             let header: &[u8; REQUEST_BYTES] =
@@ -259,14 +277,14 @@ impl Session {
             };
             let whole = REQUEST_BYTES + payload;
             if have < whole {
-                if self.rbuf.len() < whole {
-                    // One large write: room for it alone, once.
-                    self.rbuf.copy_within(self.start..self.end, 0);
-                    (self.start, self.end) = (0, have);
-                    self.rbuf.resize(whole, 0);
+                // `fill` makes the room (the next pass: this one counted its read as work).
+                self.want = whole;
+                if self.eof {
+                    self.failed = Some(SessionError::Truncated);
                 }
                 return None;
             }
+            self.want = 0;
             let data = self.start + REQUEST_BYTES..self.start + whole;
             self.start += whole;
             let cookie = request.cookie;
@@ -412,6 +430,10 @@ impl Session {
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
+            // The room one large read reply took goes back.
+            if self.out.capacity() > 4 * REPLY_BUFFER_BYTES {
+                self.out.shrink_to(REPLY_BUFFER_BYTES);
+            }
         }
         worked
     }
@@ -420,7 +442,8 @@ impl Session {
     /// is owed is written. Requests still in flight on a failed session are answered into
     /// the void.
     pub fn finished(&self) -> bool {
-        self.failed.is_some() || (self.draining && self.in_flight == 0 && self.out.is_empty())
+        let done_reading = self.draining || (self.eof && self.start == self.end);
+        self.failed.is_some() || (done_reading && self.in_flight == 0 && self.out.is_empty())
     }
 
     /// Why it failed, if it did.
@@ -432,7 +455,8 @@ impl Session {
     /// not decode, once the replies it owes are written. Only a session with nothing in
     /// flight can be given back.
     pub fn release(mut self) -> Result<Adopted, Box<Session>> {
-        if self.in_flight != 0 || self.failed.is_some() {
+        // A client that sent DISC or closed waits for the server to close, not for more.
+        if self.in_flight != 0 || self.failed.is_some() || self.draining || self.eof {
             return Err(Box::new(self));
         }
         // Replies the socket did not take yet go first, waiting for it (bounded).
