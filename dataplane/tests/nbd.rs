@@ -541,11 +541,11 @@ fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32, payload
 /// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
 fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
     let mut d = Vec::new();
-    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    d.extend_from_slice(&u32::try_from(export.len()).unwrap().to_be_bytes());
     d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    d.extend_from_slice(&u32::try_from(queries.len()).unwrap().to_be_bytes());
     for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(&u32::try_from(q.len()).unwrap().to_be_bytes());
         d.extend_from_slice(q.as_bytes());
     }
     d
