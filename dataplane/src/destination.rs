@@ -551,10 +551,10 @@ impl Mirror {
                     // Checked again under the log's lock, which is held while the entries
                     // are applied: what the scan validated is what is applied.
                     let mut log = self.logs[partition as usize].lock();
-                    let scan = check_cp_log(&mut log, cp, partition, upto_seq)?;
+                    check_cp_log(&mut log, cp, partition, upto_seq)?;
                     let bytes = log.bytes();
-                    let entries = scan
-                        .entries
+                    let entries = log
+                        .entries()
                         .iter()
                         .filter(|e| e.header.seq <= upto_seq)
                         .map(|e| (e.header, scanned_data(bytes, e)));
@@ -582,8 +582,8 @@ impl Mirror {
         self.release_log(partition, cp)
     }
 
-    /// Checks that log `partition` holds CP `cp` up to `upto_seq`, and returns its scan.
-    fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<PartitionScan, String> {
+    /// Checks that log `partition` holds CP `cp` up to `upto_seq`.
+    fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<(), String> {
         check_cp_log(&mut self.logs[partition as usize].lock(), cp, partition, upto_seq)
     }
 
@@ -772,29 +772,25 @@ impl Mirror {
 }
 
 /// Header and data of the (already validated) entry at `at` of a log.
-/// Checks that `log` (partition `partition`) holds CP `cp` up to `upto_seq`, and returns its
-/// scan: every entry in it validated (header and data checksum).
-fn check_cp_log(
-    log: &mut LogFile<Box<dyn Nvram>>,
-    cp: u64,
-    partition: u8,
-    upto_seq: u64,
-) -> Result<PartitionScan, String> {
-    // Entries may have been placed by RDMA, unseen by this side's bookkeeping.
-    // The rescan's own scan is the log as it now stands: one pass over its entries.
-    let scan = log.rescan().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
+/// Checks that `log` (partition `partition`) holds CP `cp` up to `upto_seq`; its
+/// [`LogFile::entries`] are then the CP's entries (and any after), each validated (header
+/// and data checksum) when it was placed or scanned.
+fn check_cp_log(log: &mut LogFile<Box<dyn Nvram>>, cp: u64, partition: u8, upto_seq: u64) -> Result<(), String> {
+    // Entries may have been placed by RDMA, unseen by this side's bookkeeping: catching up
+    // scans the log then, and persists whatever was placed and not yet persisted.
+    log.catch_up().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
     let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
     if h.cp_gen != cp {
         return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
     }
-    let last = scan.entries.last().map(|e| e.header.seq);
+    let last = log.entries().last().map(|e| e.header.seq);
     if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
         return Err(format!(
             "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
-            scan.stop
+            log.scan().stop
         ));
     }
-    Ok(scan)
+    Ok(())
 }
 
 /// The data of an entry a scan validated.

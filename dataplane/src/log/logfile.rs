@@ -11,7 +11,7 @@ use std::io;
 use thiserror::Error;
 
 use crate::format::{
-    scan_partition, DecodeError, EntryHeader, PartitionHeader, PartitionScan, ENTRY_HEADER_BYTES,
+    scan_partition, DecodeError, EntryHeader, PartitionHeader, PartitionScan, ScannedEntry, ENTRY_HEADER_BYTES,
     PARTITION_HEADER_BYTES,
 };
 use crate::nvram::Nvram;
@@ -44,6 +44,9 @@ pub struct LogFile<N: Nvram> {
     /// Sequence number of the next entry; `persisted_seq` is the last one persisted.
     next_seq: u64,
     persisted_next_seq: u64,
+    /// Every entry the log holds up to `tail`, as [`LogFile::place`] validated it or a scan
+    /// found it: a CP applies from this without reading the log's checksums again.
+    index: Vec<ScannedEntry>,
 }
 
 impl<N: Nvram> LogFile<N> {
@@ -58,6 +61,7 @@ impl<N: Nvram> LogFile<N> {
             persisted: scan.tail,
             next_seq,
             persisted_next_seq: next_seq,
+            index: scan.entries.clone(),
             nvram,
         };
         (log, scan)
@@ -97,6 +101,7 @@ impl<N: Nvram> LogFile<N> {
         self.persisted = self.tail;
         self.next_seq = h.first_seq;
         self.persisted_next_seq = h.first_seq;
+        self.index.clear();
         Ok(h)
     }
 
@@ -115,10 +120,16 @@ impl<N: Nvram> LogFile<N> {
         let mut at = 0usize;
         let mut seq = self.next_seq;
         let mut count = 0;
+        let indexed = self.index.len();
         while at < entries.len() {
             let abs = self.tail + at;
-            let (eh, _) =
-                EntryHeader::decode(&entries[at..]).map_err(|source| LogFileError::BadEntry { at: abs, source })?;
+            let (eh, _) = match EntryHeader::decode(&entries[at..]) {
+                Ok(x) => x,
+                Err(source) => {
+                    self.index.truncate(indexed);
+                    return Err(LogFileError::BadEntry { at: abs, source });
+                }
+            };
             let what = if eh.seq != seq {
                 Some(format!("sequence {} where {} was expected", eh.seq, seq))
             } else if eh.volume_id != h.volume_id {
@@ -133,8 +144,10 @@ impl<N: Nvram> LogFile<N> {
                 None
             };
             if let Some(what) = what {
+                self.index.truncate(indexed);
                 return Err(LogFileError::Mismatch { at: abs, what });
             }
+            self.index.push(ScannedEntry { at: abs, header: eh });
             at += eh.footprint();
             seq += 1;
             count += 1;
@@ -180,7 +193,32 @@ impl<N: Nvram> LogFile<N> {
         self.persisted = scan.tail;
         self.next_seq = scan.next_seq().unwrap_or(0);
         self.persisted_next_seq = self.next_seq;
+        self.index.clone_from(&scan.entries);
         Ok(scan)
+    }
+
+    /// As [`LogFile::rescan`], scanning only where it must: when an entry was placed past
+    /// the tail this side knows of (by RDMA, without this side's CPU), the log is scanned;
+    /// otherwise its index is already whole, and only what was placed and not persisted is
+    /// persisted. Afterwards [`LogFile::entries`] lists every entry the log holds.
+    pub fn catch_up(&mut self) -> Result<(), LogFileError> {
+        let placed_elsewhere = self.header.is_some()
+            && EntryHeader::decode(&self.nvram.bytes()[self.tail..])
+                .is_ok_and(|(h, _)| h.seq == self.next_seq && h.partition == self.partition);
+        if placed_elsewhere {
+            return self.rescan().map(|_| ());
+        }
+        if self.tail > self.persisted {
+            self.nvram.persist(self.persisted, self.tail - self.persisted).map_err(LogFileError::Persist)?;
+            self.persisted = self.tail;
+            self.persisted_next_seq = self.next_seq;
+        }
+        Ok(())
+    }
+
+    /// The entries the log holds, in order (see [`LogFile::catch_up`]).
+    pub fn entries(&self) -> &[ScannedEntry] {
+        &self.index
     }
 
     /// The log's memory, for registration with an RDMA engine. Valid while the log lives.
@@ -198,6 +236,7 @@ impl<N: Nvram> LogFile<N> {
         self.persisted = 0;
         self.next_seq = 0;
         self.persisted_next_seq = 0;
+        self.index.clear();
         Ok(())
     }
 }
@@ -253,5 +292,39 @@ mod tests {
         lf.open_partition(&ph.encode()).unwrap();
         assert_eq!(lf.scan().entries.len(), 0);
         assert_eq!(lf.next_seq(), 100);
+    }
+
+    /// The index a CP applies from equals what a full scan finds, whether the entries came
+    /// through `place` (no scan needed), by a write this side did not see (as RDMA places
+    /// them: catching up scans), or after refused batches (which index nothing).
+    #[test]
+    fn catch_up_index_matches_a_scan() {
+        let (mut lf, _) = LogFile::open(MemNvram::new(64 * 1024), 1);
+        let ph = PartitionHeader { partition: 1, volume_id: 5, cp_gen: 2, first_seq: 100, epoch: 3 };
+        lf.open_partition(&ph.encode()).unwrap();
+        lf.place(64, &[entry(100, 3), entry(101, 3)].concat(), 3).unwrap();
+        let tail = lf.tail() as u64;
+        let mut bad = entry(102, 3);
+        bad[70] ^= 1;
+        assert!(lf.place(tail, &[entry(102, 3), bad].concat(), 3).is_err());
+        lf.catch_up().unwrap();
+        assert_eq!(lf.entries(), &lf.scan().entries[..]);
+        assert_eq!(lf.entries().len(), 2);
+        assert_eq!(lf.last_persisted_seq(), Some(101), "catching up persists what was placed");
+        // Entries written into the log's memory behind its back, as RDMA does.
+        let at = lf.tail();
+        let more = [entry(102, 3), entry(103, 3)].concat();
+        lf.nvram.bytes_mut()[at..at + more.len()].copy_from_slice(&more);
+        assert_eq!(lf.entries().len(), 2, "not seen yet");
+        lf.catch_up().unwrap();
+        assert_eq!(lf.entries(), &lf.scan().entries[..]);
+        assert_eq!(lf.entries().len(), 4);
+        assert_eq!(lf.next_seq(), 104);
+        // A stale entry of an earlier use past the tail is not taken for a new one.
+        lf.open_partition(&PartitionHeader { first_seq: 200, cp_gen: 3, ..ph }.encode()).unwrap();
+        lf.place(64, &entry(200, 3), 3).unwrap();
+        lf.catch_up().unwrap();
+        assert_eq!(lf.entries(), &lf.scan().entries[..]);
+        assert_eq!(lf.entries().len(), 1);
     }
 }
