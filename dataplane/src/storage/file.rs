@@ -40,7 +40,18 @@ impl FileDevice {
                 format!("{} is {len} bytes, expected {size}", path.display()),
             ));
         }
-        Ok(Self { file, path: path.to_path_buf(), size, failed: AtomicBool::new(false) })
+        Ok(Self::with_random_access(file, path, size))
+    }
+
+    /// Volumes are read and written at random 4 KiB blocks: readahead would only pull
+    /// whole large folios into the page cache, and every later 4 KiB write into a large
+    /// folio costs the kernel a walk of all its buffers (measured: the CP write-out of a
+    /// mirrored volume, whose baseline had read it end to end, took 3x the CPU per block of
+    /// an unmirrored one). The hint is advisory; where it fails nothing else changes.
+    fn with_random_access(file: File, path: &Path, size: u64) -> Self {
+        // SAFETY: fadvise takes a valid descriptor (the open `file`) and plain integers.
+        let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        Self { file, path: path.to_path_buf(), size, failed: AtomicBool::new(false) }
     }
 
     /// Opens an existing file or block device with its current size.
@@ -54,7 +65,7 @@ impl FileDevice {
         } else {
             size
         };
-        Ok(Self { file, path: path.to_path_buf(), size, failed: AtomicBool::new(false) })
+        Ok(Self::with_random_access(file, path, size))
     }
 
     pub fn path(&self) -> &Path {
