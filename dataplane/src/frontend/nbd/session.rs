@@ -65,6 +65,21 @@ impl std::fmt::Debug for Adopted {
     }
 }
 
+/// The export of a session made with [`Session::over`]: none.
+struct Detached;
+
+impl Export for Detached {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn submit(&self, _: crate::frontend::IoRequest, done: crate::frontend::Completer) {
+        done.complete(Err(io::Error::other("a detached session serves nothing")));
+    }
+}
+
 /// One request, decoded and checked against the export; the reactor serves it and answers
 /// it exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +192,15 @@ impl Session {
             want: 0,
             failed: None,
         })
+    }
+
+    /// A session over a connected socket already in transmission, with the options its
+    /// handshake settled (for tests and fuzzing; a node's sessions come from
+    /// [`Export::adopt`]). A session made this way cannot be given back to threads.
+    pub fn over(stream: TcpStream, size: u64, read_only: bool, options: Options) -> io::Result<Session> {
+        let peer = stream.peer_addr()?;
+        let export: Weak<dyn Export> = Weak::<Detached>::new();
+        Session::new(Adopted { stream, peer, read_ahead: Vec::new(), export, options }, size, read_only)
     }
 
     pub fn peer(&self) -> SocketAddr {
