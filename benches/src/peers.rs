@@ -74,6 +74,7 @@ struct Figures {
     cpu_ns: u64,
     round_iops: Vec<f64>,
     round_p50_us: Vec<f64>,
+    round_p99_us: Vec<f64>,
 }
 
 impl Figures {
@@ -85,6 +86,7 @@ impl Figures {
             cpu_ns: 0,
             round_iops: Vec::new(),
             round_p50_us: Vec::new(),
+            round_p99_us: Vec::new(),
         }
     }
 
@@ -355,6 +357,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                 f.cpu_ns += cpu;
                 f.round_iops.push(r.iops);
                 f.round_p50_us.push(round_hist.value_at_quantile(0.5) as f64 / 1000.0);
+                f.round_p99_us.push(round_hist.value_at_quantile(0.99) as f64 / 1000.0);
             }
         }
         for _ in 0..p.ping_pongs {
@@ -380,6 +383,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     };
     let iops_of = |f: &Figures, r: usize| f.round_iops[r];
     let p50_of = |f: &Figures, r: usize| f.round_p50_us[r];
+    let p99_of = |f: &Figures, r: usize| f.round_p99_us[r];
     let arms_at = |depth: usize, names: &[&str]| -> Vec<ArmResult> {
         names.iter().map(|n| at(depth, n).result(n, depth)).collect()
     };
@@ -457,7 +461,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                 "p99(plain) / p99(nbdkit), QD32",
                 plain32.us_at(0.99) / kit32.us_at(0.99).max(f64::MIN_POSITIVE),
                 1.5,
-                None,
+                per_round(32, "plain", "nbdkit", p99_of),
             ),
             vec![],
         ),
@@ -481,7 +485,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                 "p99(plain) / p99(nbdkit), QD1",
                 plain1.us_at(0.99) / kit1.us_at(0.99).max(f64::MIN_POSITIVE),
                 1.5,
-                None,
+                per_round(1, "plain", "nbdkit", p99_of),
             ),
             vec![],
         ),
@@ -505,7 +509,9 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                 "p50(mirrored) / (p50(plain) + 1.2 x p50(ping-pong)), QD1",
                 mirrored1.us_at(0.5) / (plain1.us_at(0.5) + 1.2 * ping_p50_us).max(f64::MIN_POSITIVE),
                 1.0,
-                None,
+                Spread::of(mirrored1.round_p50_us.len().min(plain1.round_p50_us.len()), |r| {
+                    mirrored1.round_p50_us[r] / (plain1.round_p50_us[r] + 1.2 * ping_p50_us).max(f64::MIN_POSITIVE)
+                }),
             ),
             vec![qd1_note],
         ),

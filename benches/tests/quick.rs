@@ -11,8 +11,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 17] = [
     "hop",
+    "nbd-peers-qd32",
+    "nbd-peers-qd32-p99",
+    "nbd-peers-qd1",
+    "nbd-peers-qd1-p99",
+    "nbd-peers-mirrored-qd32",
+    "nbd-peers-mirrored-qd1",
     "nbd-qd1",
     "nbd-qd32",
     "qd-sweep",
