@@ -1,11 +1,14 @@
 //! The source: a primary volume and its pinned poller.
 //!
-//! One poller thread owns everything of a volume: its NVLog, its block cache (the
-//! [`Overlay`] of blocks dirtied since the last CP), its volume device and its replication
-//! [`Link`]. Front ends hand it requests through a bounded queue. Per batch of requests it
-//! appends one entry per write to the active NVLog partition, persists the batch once, sends
-//! it to the destination as one frame, and completes each write when the destination's ack
-//! covers it: a write is acknowledged only once persistent on both sites.
+//! One poller thread owns everything of a volume, run to completion: its NBD client
+//! connections (adopted once their handshake names the volume, see `clients`), its NVLog,
+//! its block cache (the [`Overlay`] of blocks dirtied since the last CP), its volume device
+//! and its replication [`Link`]. Other submitters (a forward after a switchover, tests, the
+//! simulator) hand it requests through a bounded queue and wake it. Per pass it appends one
+//! entry per write to the active NVLog partition, persists the batch once, sends it to the
+//! destination as one frame, and answers each write when the destination's ack covers it:
+//! a write is acknowledged only once persistent on both sites. Replies leave once per pass.
+//! With nothing to do it sleeps in epoll on its sockets and a waker (`crate::poller`).
 //!
 //! Consistency points: when the active partition fills, a timer fires, the cache grows past
 //! its bound, or an administrator asks, the poller switches writes to the other partition,
