@@ -202,9 +202,12 @@ impl<N: Nvram> LogFile<N> {
     /// otherwise its index is already whole, and only what was placed and not persisted is
     /// persisted. Afterwards [`LogFile::entries`] lists every entry the log holds.
     pub fn catch_up(&mut self) -> Result<(), LogFileError> {
-        let placed_elsewhere = self.header.is_some()
-            && EntryHeader::decode(&self.nvram.bytes()[self.tail..])
-                .is_ok_and(|(h, _)| h.seq == self.next_seq && h.partition == self.partition);
+        // RDMA places partition headers too: one this side did not write is news as well.
+        let header_now = PartitionHeader::decode(self.nvram.bytes()).ok().flatten();
+        let placed_elsewhere = header_now != self.header
+            || (self.header.is_some()
+                && EntryHeader::decode(&self.nvram.bytes()[self.tail..])
+                    .is_ok_and(|(h, _)| h.seq == self.next_seq && h.partition == self.partition));
         if placed_elsewhere {
             return self.rescan().map(|_| ());
         }
@@ -320,6 +323,15 @@ mod tests {
         assert_eq!(lf.entries(), &lf.scan().entries[..]);
         assert_eq!(lf.entries().len(), 4);
         assert_eq!(lf.next_seq(), 104);
+        // A partition opened behind this side's back (RDMA places partition headers too).
+        lf.nvram.bytes_mut()[..PARTITION_HEADER_BYTES]
+            .copy_from_slice(&PartitionHeader { first_seq: 150, cp_gen: 9, ..ph }.encode());
+        let first = entry(150, 3);
+        lf.nvram.bytes_mut()[64..64 + first.len()].copy_from_slice(&first);
+        lf.catch_up().unwrap();
+        assert_eq!(lf.header().map(|h| h.cp_gen), Some(9));
+        assert_eq!(lf.entries(), &lf.scan().entries[..]);
+        assert_eq!(lf.entries().len(), 1);
         // A stale entry of an earlier use past the tail is not taken for a new one.
         lf.open_partition(&PartitionHeader { first_seq: 200, cp_gen: 3, ..ph }.encode()).unwrap();
         lf.place(64, &entry(200, 3), 3).unwrap();
