@@ -289,7 +289,7 @@ pub fn process_cpu_ns(pid: u32) -> Result<u64> {
 }
 
 /// utime + stime of `/proc/PID/stat`, in nanoseconds (clock-tick resolution).
-fn stat_cpu_ns(pid: u32) -> Result<u64> {
+pub fn stat_cpu_ns(pid: u32) -> Result<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");

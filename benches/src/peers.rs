@@ -18,7 +18,7 @@
 //! state, interleaved. From each run the harness takes fio's own IOPS and its completion
 //! latency histogram (`--output-format=json+`, exact bins), which it merges over the
 //! measured rounds, and the CPU time its server processes used during the run (all their
-//! threads, `/proc/PID/task/*/schedstat`). A loopback TCP ping-pong of a 4 KiB
+//! threads, ended ones included: `/proc/PID/stat`). A loopback TCP ping-pong of a 4 KiB
 //! replication hop ([`PingPong`], the `hop` floor) runs in each round too.
 //!
 //! Targets (issue: run to completion): at QD32 plain IOPS at least 1.0x nbdkit's and p99
@@ -37,7 +37,7 @@ use nvmirror_control::cluster::NodeProc;
 use serde_json::{json, Value};
 
 use crate::floor::PingPong;
-use crate::measure::{new_histogram, process_cpu_ns, ArmResult, Latency, Spread, CURVE_PERCENTILES, LATENCY_NS_MAX};
+use crate::measure::{new_histogram, stat_cpu_ns, ArmResult, Latency, Spread, CURVE_PERCENTILES, LATENCY_NS_MAX};
 use crate::report::{Check, ScenarioResult};
 
 const VOLUME_BYTES: u64 = 256 << 20;
@@ -182,8 +182,11 @@ fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
     })
 }
 
+/// The CPU time of the processes, threads that ended included: nbdkit and qemu-nbd serve
+/// a connection on threads that end with it, so a sum over the live threads would miss
+/// them (`/proc/PID/stat`, clock-tick resolution, plenty for runs of seconds).
 fn cpu_of(pids: &[u32]) -> Result<u64> {
-    pids.iter().map(|&p| process_cpu_ns(p)).sum()
+    pids.iter().map(|&p| stat_cpu_ns(p)).sum()
 }
 
 /// A peer server process, killed when dropped.
@@ -401,8 +404,8 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         "client": "fio --ioengine=nbd --rw=randwrite --bs=4k --time_based",
         "ping_pong_p50_us": ping_p50_us,
     });
-    let cpu_counted = "the server processes of each arm, all threads (/proc/PID/task/*/schedstat): nbdkit; qemu-nbd; \
-                       node A; nodes A and B (fio's own CPU is not counted)"
+    let cpu_counted = "the server processes of each arm, all threads, ended ones included (/proc/PID/stat): nbdkit; \
+                       qemu-nbd; node A; nodes A and B (fio's own CPU is not counted)"
         .to_string();
     let result =
         |name: &str, description: String, arms: Vec<ArmResult>, check: Check, notes: Vec<String>| ScenarioResult {
