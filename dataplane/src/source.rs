@@ -643,7 +643,7 @@ struct Poller<C: Connector> {
 }
 
 impl<C: Connector> Drop for Poller<C> {
-    /// Connections queued for adoption after the poller stopped taking control messages
+    /// Connections queued for adoption that the poller did not take before it stopped
     /// are served on threads instead (through the handle, which refuses or forwards them),
     /// never dropped on the floor.
     fn drop(&mut self) {
@@ -1161,12 +1161,9 @@ where
         }
         // Connections that were handed over (a switchover) or outlive the volume go on
         // through its handle, which forwards them or refuses their requests.
+        // (Connections still queued for adoption are served on threads when the poller is
+        // dropped.)
         self.release_clients(why);
-        while let Ok(c) = self.ctl_rx.try_recv() {
-            if let Control::Adopt(conn) = c {
-                conn.serve_on_threads();
-            }
-        }
         if let LinkState::Up { link, .. } = &mut self.link {
             link.close();
         }

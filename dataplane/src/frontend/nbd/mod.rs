@@ -935,17 +935,26 @@ impl Request {
         self.flags & CMD_FLAG_FUA != 0
     }
 
-    /// Why a request that changes the volume must be refused, as a (libc) errno.
-    fn mutation_refusal(&self, export: &dyn Export) -> Option<i32> {
-        if self.flags & !CMD_FLAGS_KNOWN != 0 {
-            Some(libc::EINVAL)
-        } else if export.read_only() {
-            Some(libc::EPERM)
-        } else if !self.in_bounds(export.size()) {
-            Some(libc::EINVAL)
-        } else {
-            None
-        }
+    /// Why the request must be answered with an error without being served, as a (libc)
+    /// errno, on an export of `size` bytes with the options the handshake settled: the
+    /// checks of the module's command table, for every command but `DISC` (which ends
+    /// the connection and is never refused). Both the threaded connections and the
+    /// poller's sessions decide with it.
+    fn refusal(&self, read_only: bool, size: u64, options: Options) -> Option<i32> {
+        let flags_ok = |known: u16| self.flags & !known == 0;
+        let bad = match self.command {
+            CMD_READ => !flags_ok(CMD_FLAGS_KNOWN) || self.len > PAYLOAD_BYTES_MAX || !self.in_bounds(size),
+            CMD_FLUSH => !flags_ok(CMD_FLAGS_KNOWN),
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
+                if flags_ok(CMD_FLAGS_KNOWN) && read_only {
+                    return Some(libc::EPERM);
+                }
+                !flags_ok(CMD_FLAGS_KNOWN) || !self.in_bounds(size)
+            }
+            CMD_BLOCK_STATUS => !options.allocation || !flags_ok(CMD_FLAG_REQ_ONE) || !self.in_bounds(size),
+            _ => true,
+        };
+        bad.then_some(libc::EINVAL)
     }
 }
 
@@ -1105,69 +1114,41 @@ fn read_requests(
             return Ok(()); // The client closed between requests.
         }
         let request = Request::decode(&header).map_err(ConnectionError::RequestMagic)?;
+        if request.command == CMD_DISC {
+            return Ok(());
+        }
+        if request.command == CMD_WRITE && request.len > PAYLOAD_BYTES_MAX {
+            // The payload cannot be skipped safely: a garbled length would make the
+            // server read gigabytes of what may be further requests.
+            return Err(ConnectionError::WriteTooLong(request.len));
+        }
+        if let Some(errno) = request.refusal(export.read_only(), export.size(), options) {
+            if request.command == CMD_WRITE {
+                discard(reader, request.len).map_err(ConnectionError::ReadRequest)?;
+            }
+            refuse(&request, errno);
+            continue;
+        }
+        let (offset, len) = (request.offset, request.len);
         match request.command {
-            CMD_READ => {
-                if request.flags & !CMD_FLAGS_KNOWN != 0
-                    || request.len > PAYLOAD_BYTES_MAX
-                    || !request.in_bounds(export.size())
-                {
-                    refuse(&request, libc::EINVAL);
-                } else {
-                    let io = IoRequest::Read { offset: request.offset, len: request.len };
-                    submit(&request, Some(request.len), io);
-                }
-            }
+            CMD_READ => submit(&request, Some(len), IoRequest::Read { offset, len }),
             CMD_WRITE => {
-                if request.len > PAYLOAD_BYTES_MAX {
-                    // The payload cannot be skipped safely: a garbled length would make
-                    // the server read gigabytes of what may be further requests.
-                    return Err(ConnectionError::WriteTooLong(request.len));
+                let mut data = vec![0u8; len as usize];
+                if !read_full(reader, &mut data).map_err(ConnectionError::ReadRequest)? {
+                    let truncated =
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "write payload truncated after 0 bytes");
+                    return Err(ConnectionError::ReadRequest(truncated));
                 }
-                if let Some(errno) = request.mutation_refusal(export) {
-                    discard(reader, request.len).map_err(ConnectionError::ReadRequest)?;
-                    refuse(&request, errno);
-                } else {
-                    let mut data = vec![0u8; request.len as usize];
-                    if !read_full(reader, &mut data).map_err(ConnectionError::ReadRequest)? {
-                        let truncated =
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "write payload truncated after 0 bytes");
-                        return Err(ConnectionError::ReadRequest(truncated));
-                    }
-                    let io = IoRequest::Write { offset: request.offset, data, fua: request.fua() };
-                    submit(&request, None, io);
-                }
+                submit(&request, None, IoRequest::Write { offset, data, fua: request.fua() });
             }
-            CMD_FLUSH => {
-                if request.flags & !CMD_FLAGS_KNOWN != 0 {
-                    refuse(&request, libc::EINVAL);
-                } else {
-                    submit(&request, None, IoRequest::Flush);
-                }
-            }
-            CMD_TRIM => match request.mutation_refusal(export) {
-                Some(errno) => refuse(&request, errno),
-                None => {
-                    let io = IoRequest::Trim { offset: request.offset, len: request.len };
-                    submit(&request, None, io);
-                }
-            },
-            CMD_WRITE_ZEROES => match request.mutation_refusal(export) {
-                Some(errno) => refuse(&request, errno),
-                None => {
-                    let io = IoRequest::WriteZeroes { offset: request.offset, len: request.len, fua: request.fua() };
-                    submit(&request, None, io);
-                }
-            },
+            CMD_FLUSH => submit(&request, None, IoRequest::Flush),
+            CMD_TRIM => submit(&request, None, IoRequest::Trim { offset, len }),
+            CMD_WRITE_ZEROES => submit(&request, None, IoRequest::WriteZeroes { offset, len, fua: request.fua() }),
             CMD_BLOCK_STATUS => {
-                if !options.allocation || request.flags & !CMD_FLAG_REQ_ONE != 0 || !request.in_bounds(export.size()) {
-                    refuse(&request, libc::EINVAL);
-                } else {
-                    let len = request.len.min(BLOCK_STATUS_SCAN_BYTES);
-                    submit(&request, Some(len), IoRequest::Read { offset: request.offset, len });
-                }
+                let len = len.min(BLOCK_STATUS_SCAN_BYTES);
+                submit(&request, Some(len), IoRequest::Read { offset, len });
             }
-            CMD_DISC => return Ok(()),
-            _ => refuse(&request, libc::EINVAL),
+            other => unreachable!("command {other} passed the refusal checks"),
         }
     }
 }

@@ -22,9 +22,8 @@ use std::sync::Weak;
 
 use super::{
     nbd_errno, push_block_status, push_error_chunk, push_read_head, Options, Request, ADOPTED_READ_BYTES,
-    BLOCK_STATUS_SCAN_BYTES, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAGS_KNOWN, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
-    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, IN_FLIGHT_MAX, NBD_EINVAL, NBD_EPERM, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES,
-    REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
+    BLOCK_STATUS_SCAN_BYTES, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    IN_FLIGHT_MAX, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
 };
 use crate::frontend::Export;
 
@@ -312,25 +311,13 @@ impl Session {
             let data = self.start + REQUEST_BYTES..self.start + whole;
             self.start += whole;
             let cookie = request.cookie;
-            let refusal = match request.command {
-                CMD_READ if request.flags & !CMD_FLAGS_KNOWN != 0 => Some(NBD_EINVAL),
-                CMD_READ if request.len > PAYLOAD_BYTES_MAX || !request.in_bounds(self.size) => Some(NBD_EINVAL),
-                CMD_FLUSH if request.flags & !CMD_FLAGS_KNOWN != 0 => Some(NBD_EINVAL),
-                CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => self.mutation_refusal(&request),
-                CMD_BLOCK_STATUS
-                    if !self.options.allocation
-                        || request.flags & !CMD_FLAG_REQ_ONE != 0
-                        || !request.in_bounds(self.size) =>
-                {
-                    Some(NBD_EINVAL)
-                }
-                CMD_READ | CMD_FLUSH | CMD_BLOCK_STATUS => None,
-                CMD_DISC => {
-                    self.draining = true;
-                    return None;
-                }
-                _ => Some(NBD_EINVAL),
-            };
+            if request.command == CMD_DISC {
+                self.draining = true;
+                return None;
+            }
+            let refusal = request
+                .refusal(self.read_only, self.size, self.options)
+                .map(|errno| nbd_errno(&io::Error::from_raw_os_error(errno)));
             if let Some(errno) = refusal {
                 // A read is never answered with a simple reply once structured replies
                 // are negotiated, not even a refusal.
@@ -356,18 +343,6 @@ impl Session {
                 },
                 _ => Command::WriteZeroes { cookie, offset, len, fua },
             });
-        }
-    }
-
-    fn mutation_refusal(&self, request: &Request) -> Option<u32> {
-        if request.flags & !CMD_FLAGS_KNOWN != 0 {
-            Some(NBD_EINVAL)
-        } else if self.read_only {
-            Some(NBD_EPERM)
-        } else if !request.in_bounds(self.size) {
-            Some(NBD_EINVAL)
-        } else {
-            None
         }
     }
 
@@ -516,6 +491,7 @@ impl std::fmt::Debug for Session {
 
 #[cfg(test)]
 mod tests {
+    use super::super::NBD_EINVAL;
     use super::*;
     use crate::frontend::{Completer, IoRequest};
     use std::net::TcpListener;
