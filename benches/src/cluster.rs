@@ -92,6 +92,47 @@ pub fn node_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Mirrors `volume` of the node `ca` speaks to onto the node whose control address is
+/// `to` (TCP, policy strict, as every node scenario does) and waits until the pair is in
+/// sync, calling `waiting` with the volume's status between looks.
+pub fn mirror_in_sync(
+    ca: &Client,
+    volume: &str,
+    to: &str,
+    max: Duration,
+    mut waiting: impl FnMut(&Value),
+) -> Result<()> {
+    let _: Value = ca
+        .post(
+            &format!("/v1/volumes/{volume}/mirror"),
+            &MirrorRequest {
+                to: to.to_string(),
+                transport: "tcp".into(),
+                policy: "strict".into(),
+                resync_ranges: Vec::new(),
+                rate: None,
+            },
+        )
+        .with_context(|| format!("mirror volume {volume}"))?;
+    let started = Instant::now();
+    loop {
+        let s: Value = ca.get("/v1/status")?;
+        let v = s["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["volume"] == volume))
+            .cloned()
+            .ok_or_else(|| anyhow!("volume {volume} missing from the status"))?;
+        if v["state"] == "in-sync" {
+            return Ok(());
+        }
+        if started.elapsed() > max {
+            bail!("volume {volume} did not reach in-sync within {max:?}: {v}");
+        }
+        waiting(&v);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sizes of the volumes a scenario writes to.
 #[derive(Debug, Clone, Copy)]
 pub struct Geometry {
@@ -160,41 +201,16 @@ impl Cluster {
                 .with_context(|| format!("create volume {name}"))?;
         }
         let started = Instant::now();
-        let _: Value = ca
-            .post(
-                &format!("/v1/volumes/{MIRRORED}/mirror"),
-                &MirrorRequest {
-                    to: self.b.control.clone(),
-                    transport: "tcp".into(),
-                    policy: "strict".into(),
-                    resync_ranges: Vec::new(),
-                    rate: None,
-                },
-            )
-            .context("mirror the volume")?;
-        loop {
-            let s: Value = ca.get("/v1/status")?;
-            let v = s["volumes"]
-                .as_array()
-                .and_then(|vs| vs.iter().find(|v| v["volume"] == MIRRORED))
-                .cloned()
-                .ok_or_else(|| anyhow!("volume {MIRRORED} missing from the status"))?;
-            let state = v["state"].as_str().unwrap_or("?").to_string();
-            if state == "in-sync" {
-                break;
-            }
-            if started.elapsed() > IN_SYNC_MAX {
-                bail!("volume {MIRRORED} did not reach in-sync within {IN_SYNC_MAX:?}: {v}");
-            }
+        mirror_in_sync(&ca, MIRRORED, &self.b.control, IN_SYNC_MAX, |v| {
             progress.say(false, || {
                 format!(
-                    "mirroring {MIRRORED}: state {state}, baseline {} of {} MiB",
+                    "mirroring {MIRRORED}: state {}, baseline {} of {} MiB",
+                    v["state"].as_str().unwrap_or("?"),
                     v["baseline_done_bytes"].as_u64().unwrap_or(0) >> 20,
                     self.geometry.volume_bytes >> 20
                 )
             });
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })?;
         self.baseline_s = started.elapsed().as_secs_f64();
         progress.say(true, || format!("{MIRRORED} in sync after {:.1} s", self.baseline_s));
         Ok(())

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nvmirror_control::api::{Client, CreateVolume, MirrorRequest};
+use nvmirror_control::api::{Client, CreateVolume};
 use nvmirror_control::cluster::NodeProc;
 use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
@@ -48,24 +48,6 @@ fn record(a: &mut ArmStats, d: Duration) {
     a.rounds.push(RoundFigures { p50_ns: crate::measure::ns(d), ops: 1, wall: d });
 }
 
-fn wait_in_sync(c: &Client, deadline: Duration) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        let s: Value = c.get("/v1/status")?;
-        if s["volumes"]
-            .as_array()
-            .and_then(|v| v.iter().find(|v| v["volume"] == VOL))
-            .is_some_and(|v| v["state"] == "in-sync")
-        {
-            return Ok(());
-        }
-        if started.elapsed() > deadline {
-            bail!("volume {VOL} not in sync after {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 pub fn run(bin: &std::path::Path, quick: bool) -> Result<ScenarioResult> {
     let p = if quick {
         Params { volume_bytes: 16 << 20, log_bytes: 4 << 20, rounds: 1 }
@@ -90,17 +72,7 @@ pub fn run(bin: &std::path::Path, quick: bool) -> Result<ScenarioResult> {
                 ..Default::default()
             },
         )?;
-        let _: Value = ca.post(
-            &format!("/v1/volumes/{VOL}/mirror"),
-            &MirrorRequest {
-                to: b.control.clone(),
-                transport: "tcp".into(),
-                policy: "strict".into(),
-                resync_ranges: Vec::new(),
-                rate: None,
-            },
-        )?;
-        wait_in_sync(&ca, Duration::from_secs(600))?;
+        crate::cluster::mirror_in_sync(&ca, VOL, &b.control, Duration::from_secs(600), |_| {})?;
         // Wait out the CP that follows the baseline, so the writes start a partition.
         std::thread::sleep(Duration::from_millis(500));
         // Nearly a whole partition of entries, none applied on the mirror yet.

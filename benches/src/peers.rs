@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use nvmirror_control::api::{Client, CreateVolume, MirrorRequest};
+use nvmirror_control::api::{Client, CreateVolume};
 use nvmirror_control::cluster::NodeProc;
 use serde_json::{json, Value};
 
@@ -275,35 +275,7 @@ fn start_nodes(bin: &Path, dir: &Path) -> Result<(NodeProc, NodeProc)> {
             )
             .with_context(|| format!("create volume {name}"))?;
     }
-    let _: Value = ca
-        .post(
-            "/v1/volumes/mirrored/mirror",
-            &MirrorRequest {
-                to: b.control.clone(),
-                transport: "tcp".into(),
-                policy: "strict".into(),
-                resync_ranges: Vec::new(),
-                rate: None,
-            },
-        )
-        .context("mirror the volume")?;
-    let started = Instant::now();
-    loop {
-        let s: Value = ca.get("/v1/status")?;
-        let state = s["volumes"]
-            .as_array()
-            .and_then(|vs| vs.iter().find(|v| v["volume"] == "mirrored"))
-            .and_then(|v| v["state"].as_str())
-            .unwrap_or("?")
-            .to_string();
-        if state == "in-sync" {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("volume mirrored did not reach in-sync within 300 s (state {state})");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::cluster::mirror_in_sync(&ca, "mirrored", &b.control, Duration::from_secs(300), |_| {})?;
     Ok((a, b))
 }
 
