@@ -329,8 +329,10 @@ impl Node {
         self.cfg.nvram.dir.join(format!("{name}.changes"))
     }
 
-    /// The volume's change map. One that cannot be read is replaced by a map with no base
-    /// (the next mirror is a full baseline): what it knew is lost, never trusted wrongly.
+    /// The volume's change map. One a crash damaged opens conservatively (and says so);
+    /// one of another shape (an older format, another size) is replaced by a map with no
+    /// base (the next mirror is a full baseline): what it knew is lost, never trusted
+    /// wrongly.
     fn open_changes(&self, name: &str, size: u64) -> Result<ChangeMap> {
         let path = self.changes_path(name);
         let len = ChangeMap::region_bytes(size);
@@ -339,7 +341,12 @@ impl Node {
             Ok(ChangeMap::open(Box::new(r), size)?)
         };
         match open() {
-            Ok(m) => Ok(m),
+            Ok(m) => {
+                if let Some(what) = m.repaired() {
+                    eprintln!("node {}: volume {name}: change map {}: {what}", self.cfg.name, path.display());
+                }
+                Ok(m)
+            }
             Err(e) => {
                 eprintln!(
                     "node {}: volume {name}: change map {}: {e:#}; starting a new one (the next mirror copy is whole)",

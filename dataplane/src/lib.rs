@@ -21,6 +21,8 @@ pub mod raid;
 pub mod sim;
 pub mod source;
 pub mod storage;
+#[cfg(test)]
+mod tear;
 pub mod transport;
 
 // nvmirror maps whole logs and volumes' offsets into memory sizes: it is built for 64-bit

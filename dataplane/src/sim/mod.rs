@@ -684,6 +684,9 @@ impl World {
             ChangeMap::open(Box::new(SimNvram::open(r, power)), BLOCKS * BLOCK_BYTES as u64)
                 .map_err(io::Error::other)?
         };
+        if let Some(what) = changes.repaired() {
+            self.event(format!("node {node}: change map repaired: {what}"));
+        }
         let mut cfg = self.source_config(node, rec.epoch);
         cfg.peer = rec.mirror.clone();
         let (stepped, handle) = source::stepped(
