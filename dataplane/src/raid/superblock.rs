@@ -18,7 +18,15 @@
 //! | 112    | 4     | crc32c of bytes 0..112                                    |
 //!
 //! All integers little-endian. The member with the highest `events` holds the truth about
-//! the others; a member whose own `events` is lower missed changes and is stale.
+//! the others; a member whose own `events` is two or more lower missed changes and is
+//! stale.
+//!
+//! Crash atomicity: the superblock lies whole in the first 512-byte sector of block 0 and
+//! is written by one aligned write and a flush per member, so each member's copy is old or
+//! new after a cut (disks write a sector whole). A round is written member by member: a
+//! cut in between leaves members one event apart, which [`super::Raid4::open`] tells from
+//! a member that missed changes (two rounds at least: its failure and its return) and
+//! finishes at the same event.
 
 use thiserror::Error;
 
