@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! nvmirror-sim --seeds 2000 [--from SEED] [--budget-secs S] [--jobs N] [--json FILE]
+//! nvmirror-sim --regressions dataplane/sim-regressions.txt --seeds 3000 --from 0x5eed
 //! nvmirror-sim --seed 0x1234 [--trace]        # replay one seed exactly
 //! ```
+//!
+//! `--regressions FILE` runs every seed the file lists (one per line, hex or decimal, `#`
+//! starts a comment) before the range.
 //!
 //! Exits non-zero on the first failing seed, after printing it, the events that led to it,
 //! and the one-line command that replays it; or when the budget ran out before `--seeds`
@@ -25,6 +29,7 @@ struct Args {
     budget: Option<Duration>,
     jobs: usize,
     json: Option<String>,
+    regressions: Vec<u64>,
     opts: SimOptions,
     quiet_stderr: bool,
 }
@@ -42,6 +47,7 @@ fn parse() -> Result<Args, String> {
         budget: None,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
         json: None,
+        regressions: Vec::new(),
         opts: SimOptions::default(),
         quiet_stderr: true,
     };
@@ -55,6 +61,7 @@ fn parse() -> Result<Args, String> {
             "--budget-secs" => a.budget = Some(Duration::from_secs(parse_u64(&val()?)?)),
             "--jobs" => a.jobs = usize::try_from(parse_u64(&val()?)?.max(1)).map_err(|e| e.to_string())?,
             "--json" => a.json = Some(val()?),
+            "--regressions" => a.regressions.extend(read_seed_list(&val()?)?),
             "--phases" => a.opts.phases = u32::try_from(parse_u64(&val()?)?).map_err(|e| e.to_string())?,
             "--phase-ms" => a.opts.phase_ns = parse_u64(&val()?)? * 1_000_000,
             "--no-faults" => a.opts.faults = false,
@@ -70,7 +77,7 @@ fn parse() -> Result<Args, String> {
             "--verbose" => a.quiet_stderr = false,
             "-h" | "--help" => {
                 println!(
-                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist"
+                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --regressions F  also run every seed file F lists (one per line, # comments)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist"
                 );
                 std::process::exit(0);
             }
@@ -78,6 +85,20 @@ fn parse() -> Result<Args, String> {
         }
     }
     Ok(a)
+}
+
+/// The seeds of a regression list: one per line, hex (`0x`) or decimal, `#` to the end of
+/// a line is a comment.
+fn read_seed_list(path: &str) -> Result<Vec<u64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut seeds = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let s = line.split('#').next().unwrap_or("").trim();
+        if !s.is_empty() {
+            seeds.push(parse_u64(s).map_err(|e| format!("{path}:{}: {e}", n + 1))?);
+        }
+    }
+    Ok(seeds)
 }
 
 /// The data plane reports on stderr what an operator should see (links down, recovery);
@@ -183,24 +204,29 @@ fn main() -> ExitCode {
         silence_stderr();
     }
     let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(args.from));
+    let end = args.from.saturating_add(args.seeds);
+    let list: Arc<Vec<u64>> = Arc::new(args.regressions.iter().copied().chain(args.from..end).collect());
+    let want = list.len() as u64;
+    if !args.regressions.is_empty() {
+        println!("{} regression seeds, then seeds {:#x}..{end:#x}", args.regressions.len(), args.from);
+    }
+    let next = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(Mutex::new(Totals::default()));
     let failure = Arc::new(Mutex::new(None));
-    let end = args.from.saturating_add(args.seeds);
     let threads: Vec<_> = (0..args.jobs)
         .map(|_| {
-            let (next, stop, totals, failure, opts) =
-                (next.clone(), stop.clone(), totals.clone(), failure.clone(), args.opts.clone());
+            let (next, stop, totals, failure, opts, list) =
+                (next.clone(), stop.clone(), totals.clone(), failure.clone(), args.opts.clone(), list.clone());
             let budget = args.budget;
             std::thread::spawn(move || loop {
                 if stop.load(Ordering::SeqCst) || budget.is_some_and(|b| started.elapsed() > b) {
                     return;
                 }
-                let seed = next.fetch_add(1, Ordering::SeqCst);
-                if seed >= end {
+                let Some(&seed) = usize::try_from(next.fetch_add(1, Ordering::SeqCst)).ok().and_then(|i| list.get(i))
+                else {
                     return;
-                }
+                };
                 // A panic in a seed is that seed's failure, reported like any other.
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim::run(seed, &opts)))
                     .unwrap_or_else(|p| {
@@ -285,11 +311,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if t.seeds < args.seeds {
+    if t.seeds < want {
         println!(
             "only {} of {} seeds ran within the budget of {:?}",
             t.seeds,
-            args.seeds,
+            want,
             args.budget.unwrap_or_default()
         );
         return ExitCode::FAILURE;
