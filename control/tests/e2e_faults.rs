@@ -516,7 +516,10 @@ fn corrupted_nvlog_superblock_keeps_the_volume_down_with_a_clear_error() {
     pair.src.kill();
     let path = pair.src_nvlog(VOL, 1);
     let mut bytes = std::fs::read(&path).expect("read the NVLog");
-    bytes[20] ^= 0x01; // partition_bytes field: caught by the superblock crc
+    // The partition_bytes field of both superblock copies (at 0 and 192): caught by their
+    // crcs. (One damaged copy is no error: the other serves.)
+    bytes[20] ^= 0x01;
+    bytes[192 + 20] ^= 0x01;
     std::fs::write(&path, &bytes).expect("write the NVLog");
     // The node comes up (its other volumes and mirrors are not held hostage), the volume
     // does not: it is reported failed, with what is wrong and where.

@@ -312,12 +312,7 @@ fn main() -> ExitCode {
         }
     }
     if t.seeds < want {
-        println!(
-            "only {} of {} seeds ran within the budget of {:?}",
-            t.seeds,
-            want,
-            args.budget.unwrap_or_default()
-        );
+        println!("only {} of {} seeds ran within the budget of {:?}", t.seeds, want, args.budget.unwrap_or_default());
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -251,7 +251,9 @@ impl<N: Nvram> NvLog<N> {
         }
         let pb = u64::from_le_bytes(sb[16..24].try_into().expect("8"));
         if pb != partition_bytes as u64 {
-            return Err(NvLogError::BadSuperblock(format!("partition size {pb} on disk, {partition_bytes} configured")));
+            return Err(NvLogError::BadSuperblock(format!(
+                "partition size {pb} on disk, {partition_bytes} configured"
+            )));
         }
         let (checkpoint, checkpoint_gen) = match read_checkpoint(nvram.bytes()) {
             // A format cut short before its superblock may have torn its record too: the

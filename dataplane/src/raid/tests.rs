@@ -371,8 +371,10 @@ fn a_superblock_round_cut_at_any_member_and_sector_opens_whole() {
             assert_eq!(read_all(&r), model);
             drop(r);
             // The open finished the round: every member at one event.
-            let events: Vec<u64> =
-                mems.iter().map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap().events).collect();
+            let events: Vec<u64> = mems
+                .iter()
+                .map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap().events)
+                .collect();
             assert!(events.windows(2).all(|w| w[0] == w[1]), "{events:?}");
             opened += 1;
         }
