@@ -37,7 +37,7 @@ pub fn block_data(block: u64, version: u64) -> Vec<u8> {
     d[0..8].copy_from_slice(&MAGIC.to_le_bytes());
     d[8..16].copy_from_slice(&block.to_le_bytes());
     d[16..24].copy_from_slice(&version.to_le_bytes());
-    let crc = crc32c::crc32c(&d[32..]);
+    let crc = nvmirror_dataplane::checksum::crc32c(&d[32..]);
     d[24..28].copy_from_slice(&crc.to_le_bytes());
     d
 }

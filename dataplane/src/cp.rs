@@ -26,22 +26,27 @@ pub type Vbn = u64;
 type BlockBuf = Arc<[u8; BLOCK_BYTES]>;
 
 #[derive(Debug)]
-enum Contents {
+enum Contents<'a> {
     Data(BlockBuf),
+    /// A whole block of a log entry's data, where the entries outlive the overlay (a CP
+    /// applied from a log file, a replay): written out from there, never copied.
+    Borrowed(&'a [u8]),
     Zero,
 }
 
 #[derive(Debug)]
-struct Slot {
-    contents: Contents,
+struct Slot<'a> {
+    contents: Contents<'a>,
     /// The NVLog partition of the newest entry that touched the block.
     partition: u8,
 }
 
-/// Newest contents of the blocks changed since the last CP.
+/// Newest contents of the blocks changed since the last CP. `'a`: the entries whose data
+/// [`Overlay::apply_borrowed`] refers to (the source's cache copies everything and is an
+/// `Overlay<'static>`).
 #[derive(Debug, Default)]
-pub struct Overlay {
-    blocks: HashMap<Vbn, Slot>,
+pub struct Overlay<'a> {
+    blocks: HashMap<Vbn, Slot<'a>>,
     /// Buffers of released blocks, for reuse; each is referenced from here alone.
     free: Vec<BlockBuf>,
 }
@@ -56,7 +61,7 @@ fn cover(vbn: Vbn, offset: u64, len: u64) -> (usize, usize) {
     (crate::usize_of(start), crate::usize_of(end))
 }
 
-impl Overlay {
+impl<'a> Overlay<'a> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -90,18 +95,25 @@ impl Overlay {
             base.read_at(&mut Arc::get_mut(&mut b).expect("a fresh buffer is unshared")[..], vbn * BLOCK_BYTES as u64)?;
             self.blocks.insert(vbn, Slot { contents: Contents::Data(b), partition });
         }
-        let zero_to_data = matches!(self.blocks.get(&vbn).map(|s| &s.contents), Some(Contents::Zero));
-        if zero_to_data {
-            let mut b = self.buf();
-            Arc::get_mut(&mut b).expect("a fresh buffer is unshared").fill(0);
-            self.blocks.get_mut(&vbn).expect("present").contents = Contents::Data(b);
+        match self.blocks.get(&vbn).map(|s| &s.contents) {
+            Some(Contents::Zero) => {
+                let mut b = self.buf();
+                Arc::get_mut(&mut b).expect("a fresh buffer is unshared").fill(0);
+                self.blocks.get_mut(&vbn).expect("present").contents = Contents::Data(b);
+            }
+            Some(&Contents::Borrowed(src)) => {
+                let mut b = self.buf();
+                Arc::get_mut(&mut b).expect("a fresh buffer is unshared").copy_from_slice(src);
+                self.blocks.get_mut(&vbn).expect("present").contents = Contents::Data(b);
+            }
+            _ => {}
         }
         let slot = self.blocks.get_mut(&vbn).expect("present");
         slot.partition = partition;
         match &mut slot.contents {
             // A block a CP image shares is copied before it changes.
             Contents::Data(b) => Ok(Arc::make_mut(b)),
-            Contents::Zero => unreachable!("converted above"),
+            Contents::Zero | Contents::Borrowed(_) => unreachable!("converted above"),
         }
     }
 
@@ -121,6 +133,49 @@ impl Overlay {
         base: &dyn BlockDevice,
         touched: &mut HashSet<Vbn>,
     ) -> io::Result<()> {
+        self.apply_with(header, data, base, touched, |o, vbn, partition, src| {
+            // The whole block is replaced: a buffer a CP image shares is left to it, and
+            // the new contents go to another.
+            let mut b = match o.blocks.remove(&vbn) {
+                Some(Slot { contents: Contents::Data(b), .. }) if Arc::strong_count(&b) == 1 => b,
+                _ => o.buf(),
+            };
+            Arc::get_mut(&mut b).expect("unshared").copy_from_slice(src);
+            o.blocks.insert(vbn, Slot { contents: Contents::Data(b), partition });
+        })
+    }
+
+    /// [`Self::apply`], with whole blocks of `data` referred to instead of copied: for
+    /// entries that outlive the overlay (a CP applied from a log file, a replay), where a
+    /// copy per block was most of the cost of building the CP's image.
+    pub fn apply_borrowed(
+        &mut self,
+        header: &EntryHeader,
+        data: &'a [u8],
+        base: &dyn BlockDevice,
+        touched: &mut HashSet<Vbn>,
+    ) -> io::Result<()> {
+        self.apply_with(header, data, base, touched, |o, vbn, partition, _| {
+            let at = crate::usize_of(vbn * BLOCK_BYTES as u64 - header.offset);
+            let src: &'a [u8] = &data[at..at + BLOCK_BYTES];
+            if let Some(Slot { contents: Contents::Data(b), .. }) =
+                o.blocks.insert(vbn, Slot { contents: Contents::Borrowed(src), partition })
+            {
+                o.recycle(b);
+            }
+        })
+    }
+
+    /// The rules of [`Self::apply`]; `whole` stores a write that covers block `vbn` whole
+    /// (given its bytes).
+    fn apply_with(
+        &mut self,
+        header: &EntryHeader,
+        data: &[u8],
+        base: &dyn BlockDevice,
+        touched: &mut HashSet<Vbn>,
+        mut whole_write: impl FnMut(&mut Self, Vbn, u8, &[u8]),
+    ) -> io::Result<()> {
         let offset = header.offset;
         let len = u64::from(header.length);
         crate::storage::check_range(base.size(), offset, len)?;
@@ -134,14 +189,7 @@ impl Overlay {
                     let src_at = crate::usize_of(vbn * BLOCK_BYTES as u64 + s as u64 - offset);
                     let src = &data[src_at..src_at + (e - s)];
                     if whole {
-                        // The whole block is replaced: a buffer a CP image shares is left
-                        // to it, and the new contents go to another.
-                        let mut b = match self.blocks.remove(&vbn) {
-                            Some(Slot { contents: Contents::Data(b), .. }) if Arc::strong_count(&b) == 1 => b,
-                            _ => self.buf(),
-                        };
-                        Arc::get_mut(&mut b).expect("unshared").copy_from_slice(src);
-                        self.blocks.insert(vbn, Slot { contents: Contents::Data(b), partition: header.partition });
+                        whole_write(self, vbn, header.partition, src);
                     } else {
                         self.block_mut(vbn, header.partition, base)?[s..e].copy_from_slice(src);
                     }
@@ -198,6 +246,7 @@ impl Overlay {
                     let at = crate::usize_of(vbn * BLOCK_BYTES as u64 + s as u64 - offset);
                     match &slot.contents {
                         Contents::Data(b) => buf[at..at + (e - s)].copy_from_slice(&b[s..e]),
+                        Contents::Borrowed(b) => buf[at..at + (e - s)].copy_from_slice(&b[s..e]),
                         Contents::Zero => buf[at..at + (e - s)].fill(0),
                     }
                 }
@@ -221,6 +270,7 @@ impl Overlay {
                 offset: vbn * BLOCK_BYTES as u64,
                 buf: match &self.blocks[vbn].contents {
                     Contents::Data(b) => &b[..],
+                    Contents::Borrowed(b) => b,
                     Contents::Zero => &ZERO[..],
                 },
             })
@@ -239,6 +289,11 @@ impl Overlay {
             .map(|vbn| {
                 let copy = match &self.blocks[&vbn].contents {
                     Contents::Data(b) => Some(Arc::clone(b)),
+                    Contents::Borrowed(b) => {
+                        let mut copy = Arc::new([0u8; BLOCK_BYTES]);
+                        Arc::get_mut(&mut copy).expect("fresh").copy_from_slice(b);
+                        Some(copy)
+                    }
                     Contents::Zero => None,
                 };
                 (vbn, copy)
@@ -260,7 +315,7 @@ impl Overlay {
     }
 
     pub fn clear(&mut self) {
-        let drained: Vec<Slot> = self.blocks.drain().map(|(_, s)| s).collect();
+        let drained: Vec<Slot<'a>> = self.blocks.drain().map(|(_, s)| s).collect();
         for slot in drained {
             if let Contents::Data(b) = slot.contents {
                 self.recycle(b);
@@ -313,7 +368,7 @@ pub fn apply_entries<'a>(
         // Replay order is an invariant of every caller; check it here too.
         assert!(last_seq.is_none_or(|s| h.seq > s), "entries applied out of sequence order");
         last_seq = Some(h.seq);
-        overlay.apply(&h, data, dev, &mut touched)?;
+        overlay.apply_borrowed(&h, data, dev, &mut touched)?;
         n += 1;
     }
     overlay.write_blocks(&touched, dev)?;

@@ -38,9 +38,7 @@ const _: () = assert!(ENTRY_HEADER_BYTES.is_multiple_of(ENTRY_ALIGN));
 const _: () = assert!(PARTITION_HEADER_BYTES.is_multiple_of(ENTRY_ALIGN));
 const _: () = assert!(ENTRY_DATA_MAX.is_multiple_of(BLOCK_BYTES));
 
-pub fn crc32c(parts: &[&[u8]]) -> u32 {
-    parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p))
-}
+pub use crate::checksum::crc32c_parts as crc32c;
 
 /// Rounds `n` up to the entry alignment.
 pub const fn align_up(n: usize) -> usize {

@@ -8,6 +8,7 @@
 //! volumes behind the [`storage`] trait on each side.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod checksum;
 pub mod clock;
 pub mod cp;
 pub mod destination;

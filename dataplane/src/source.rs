@@ -585,7 +585,7 @@ struct Poller<C: Connector> {
     acked_seq: u64,
     /// Per partition: entries from this offset on are not yet sent.
     unsent: [usize; PARTITIONS],
-    overlay: Overlay,
+    overlay: Overlay<'static>,
     dirty: [HashSet<Vbn>; PARTITIONS],
     waiting: VecDeque<Waiting>,
     pending: VecDeque<Pending>,

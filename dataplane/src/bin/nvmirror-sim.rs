@@ -11,7 +11,9 @@
 //!
 //! Exits non-zero on the first failing seed, after printing it, the events that led to it,
 //! and the one-line command that replays it; or when the budget ran out before `--seeds`
-//! were run.
+//! were run. With `--keep-going` (long exploratory runs) every seed runs, each failure is
+//! printed as it is found (message and replay command), and the run exits non-zero at the
+//! end if any failed.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -32,6 +34,7 @@ struct Args {
     regressions: Vec<u64>,
     opts: SimOptions,
     quiet_stderr: bool,
+    keep_going: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -50,6 +53,7 @@ fn parse() -> Result<Args, String> {
         regressions: Vec::new(),
         opts: SimOptions::default(),
         quiet_stderr: true,
+        keep_going: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -75,9 +79,10 @@ fn parse() -> Result<Args, String> {
                 a.quiet_stderr = false;
             }
             "--verbose" => a.quiet_stderr = false,
+            "--keep-going" => a.keep_going = true,
             "-h" | "--help" => {
                 println!(
-                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --regressions F  also run every seed file F lists (one per line, # comments)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist"
+                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --regressions F  also run every seed file F lists (one per line, # comments)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --keep-going     run every seed; list each failure as found, fail at the end\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist"
                 );
                 std::process::exit(0);
             }
@@ -214,11 +219,19 @@ fn main() -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(Mutex::new(Totals::default()));
     let failure = Arc::new(Mutex::new(None));
+    let failed_seeds = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..args.jobs)
         .map(|_| {
-            let (next, stop, totals, failure, opts, list) =
-                (next.clone(), stop.clone(), totals.clone(), failure.clone(), args.opts.clone(), list.clone());
-            let budget = args.budget;
+            let (next, stop, totals, failure, opts, list, failed_seeds) = (
+                next.clone(),
+                stop.clone(),
+                totals.clone(),
+                failure.clone(),
+                args.opts.clone(),
+                list.clone(),
+                failed_seeds.clone(),
+            );
+            let (budget, keep_going) = (args.budget, args.keep_going);
             std::thread::spawn(move || loop {
                 if stop.load(Ordering::SeqCst) || budget.is_some_and(|b| started.elapsed() > b) {
                     return;
@@ -251,6 +264,11 @@ fn main() -> ExitCode {
                             print!("\r{} seeds passed, {:.0} s", t.seeds, started.elapsed().as_secs_f64());
                             let _ = std::io::stdout().flush();
                         }
+                    }
+                    Err(f) if keep_going => {
+                        println!("\nseed {seed:#x} FAILED: {}", f.message);
+                        println!("replay: {}", sim::replay_command(f.seed, &opts));
+                        failed_seeds.lock().expect("failed seeds").push(seed);
                     }
                     Err(f) => {
                         stop.store(true, Ordering::SeqCst);
@@ -310,6 +328,12 @@ fn main() -> ExitCode {
             println!("cannot write {path}: {e}");
             return ExitCode::FAILURE;
         }
+    }
+    let failed = std::mem::take(&mut *failed_seeds.lock().expect("failed seeds"));
+    if !failed.is_empty() {
+        let list: Vec<String> = failed.iter().map(|s| format!("{s:#x}")).collect();
+        println!("{} seeds failed: {}", failed.len(), list.join(" "));
+        return ExitCode::FAILURE;
     }
     if t.seeds < want {
         println!("only {} of {} seeds ran within the budget of {:?}", t.seeds, want, args.budget.unwrap_or_default());

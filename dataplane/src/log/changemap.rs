@@ -78,8 +78,9 @@ fn widen(d: Dirty, byte: usize) -> Dirty {
 
 /// The check word of a line of marks: zero for a blank line.
 fn line_check(bits: &[u8]) -> u32 {
-    static BLANK: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| crc32c::crc32c(&[0; LINE_BITS_BYTES]));
-    crc32c::crc32c(bits) ^ *BLANK
+    static BLANK: std::sync::LazyLock<u32> =
+        std::sync::LazyLock::new(|| crate::checksum::crc32c(&[0; LINE_BITS_BYTES]));
+    crate::checksum::crc32c(bits) ^ *BLANK
 }
 
 /// One decoded header copy.
@@ -134,7 +135,7 @@ impl ChangeMap {
             return Err(Ok(format!("copy {i}: magic {magic:#x}")));
         }
         let crc = u32::from_le_bytes(h[CRC_AT..].try_into().expect("4"));
-        if crc != crc32c::crc32c(&h[..CRC_AT]) {
+        if crc != crate::checksum::crc32c(&h[..CRC_AT]) {
             return Err(Ok(format!("copy {i}: checksum mismatch")));
         }
         let version = u16::from_le_bytes(h[4..6].try_into().expect("2"));
@@ -384,7 +385,7 @@ impl ChangeMap {
                 h[42..42 + b.peer.len()].copy_from_slice(b.peer.as_bytes());
             }
             h[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_le_bytes());
-            let crc = crc32c::crc32c(&h[..CRC_AT]);
+            let crc = crate::checksum::crc32c(&h[..CRC_AT]);
             h[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
             let at = crate::usize_of(seq % 2) * SLOT_BYTES;
             self.nvram.bytes_mut()[at..at + SLOT_BYTES].copy_from_slice(&h);

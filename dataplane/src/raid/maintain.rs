@@ -170,7 +170,7 @@ impl Raid4 {
                 report.blocks_checked += got.len() as u64;
                 let at = crate::usize_of(r * B);
                 let blocks: Vec<(usize, &[u8])> = got.iter().map(|(m, b)| (*m, &b[at..at + BLOCK_BYTES])).collect();
-                let crcs_ok = blocks.iter().all(|(m, b)| crc32c::crc32c(b) == self.csum_of(*m, row));
+                let crcs_ok = blocks.iter().all(|(m, b)| crate::checksum::crc32c(b) == self.csum_of(*m, row));
                 let parity_ok = degraded || {
                     let srcs: Vec<&[u8]> = blocks.iter().map(|(_, b)| *b).collect();
                     let mut acc = [0u8; BLOCK_BYTES];
@@ -345,7 +345,7 @@ impl Raid4 {
                 let at = crate::usize_of(r * B);
                 let blocks: Vec<(usize, &[u8])> = got.iter().map(|(m, b)| (*m, &b[at..at + BLOCK_BYTES])).collect();
                 let dst = &mut out[at..at + BLOCK_BYTES];
-                if blocks.iter().all(|(m, b)| crc32c::crc32c(b) == self.csum_of(*m, row)) {
+                if blocks.iter().all(|(m, b)| crate::checksum::crc32c(b) == self.csum_of(*m, row)) {
                     let srcs: Vec<&[u8]> = blocks.iter().map(|(_, b)| *b).collect();
                     xor::xor_gen(&srcs, dst);
                 } else {
@@ -355,7 +355,7 @@ impl Raid4 {
                         Err(RowError::Retry) => return Err(io::Error::other("a member failed during the rebuild")),
                     }
                 }
-                crcs.push((member, row, crc32c::crc32c(dst)));
+                crcs.push((member, row, crate::checksum::crc32c(dst)));
             }
             let dev = view.devs_of(member);
             if let Err(e) = dev.write_at(&out, g.data_offset() + first * B) {

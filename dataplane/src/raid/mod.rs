@@ -11,6 +11,7 @@
 
 pub mod layout;
 pub mod maintain;
+mod scratch;
 pub mod superblock;
 pub mod volume;
 pub mod xor;

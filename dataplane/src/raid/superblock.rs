@@ -124,7 +124,7 @@ impl Superblock {
         }
         b[96..104].copy_from_slice(&self.rebuild_cursor.to_le_bytes());
         b[104..112].copy_from_slice(&self.created_unix_ms.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        let crc = crate::checksum::crc32c(&b[..CRC_AT]);
         b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -137,7 +137,7 @@ impl Superblock {
             return Err(SuperblockError::BadMagic);
         }
         let stored = u32_at(b, CRC_AT);
-        let computed = crc32c::crc32c(&b[..CRC_AT]);
+        let computed = crate::checksum::crc32c(&b[..CRC_AT]);
         if stored != computed {
             return Err(SuperblockError::Checksum { stored, computed });
         }
@@ -201,7 +201,7 @@ mod tests {
         // A well-formed superblock with impossible contents: re-sealed after the change.
         let reseal = |mut b: [u8; SUPERBLOCK_BYTES], at: usize, v: u8| {
             b[at] = v;
-            let crc = crc32c::crc32c(&b[..CRC_AT]);
+            let crc = crate::checksum::crc32c(&b[..CRC_AT]);
             b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
             b
         };

@@ -16,7 +16,8 @@
 //! the parity of each row it touches from the data (reconstruct-write), never from the
 //! parity on disk, which the crash may have left out of step with the data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -28,18 +29,24 @@ use serde::Serialize;
 
 use super::layout::{Geometry, CSUMS_PER_BLOCK};
 use super::superblock::{MemberState, Superblock, SUPERBLOCK_BYTES};
-use super::xor;
+use super::{scratch, xor};
 use crate::format::BLOCK_BYTES;
 use crate::storage::{check_range, BlockDevice, DiskSpec, ReadOp, WriteOp};
 
 const B: u64 = BLOCK_BYTES as u64;
 /// Stripe locks: a stripe's lock is `locks[stripe % STRIPE_LOCKS]`.
 const STRIPE_LOCKS: usize = 1024;
-/// The most bytes one planned batch covers; larger batches are cut.
-const BATCH_BYTES_MAX: u64 = 16 << 20;
+/// The bytes one planned write batch aims at (larger writes are cut, at stripe boundaries,
+/// into batches of about this size, and never smaller than a stripe), and the most one
+/// read batch covers. Small enough that a batch's old blocks, parity and new data stay in
+/// the CPU's caches between the read, the checks, the XOR and the write: measured on a
+/// mirror's CP of random 4 KiB blocks (RAID-4 3+1), 16 MiB batches spent 6% of the
+/// machine's CPU in crc32c and reached 74-78k writes/s at queue depth 32; 256 KiB batches
+/// spent 1.3% and reached 98-103k.
+const BATCH_BYTES_MAX: u64 = 256 << 10;
 
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
-static ZERO_CRC: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&ZERO_BLOCK));
+static ZERO_CRC: LazyLock<u32> = LazyLock::new(|| crate::checksum::crc32c(&ZERO_BLOCK));
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -791,8 +798,9 @@ impl Raid4 {
             blocks[m] = Some(b);
         }
         let missing: Vec<usize> = (0..n).filter(|&m| blocks[m].is_none()).collect();
-        let bad: Vec<usize> =
-            (0..n).filter(|&m| blocks[m].as_ref().is_some_and(|b| crc32c::crc32c(b) != self.csum(m, row))).collect();
+        let bad: Vec<usize> = (0..n)
+            .filter(|&m| blocks[m].as_ref().is_some_and(|b| crate::checksum::crc32c(b) != self.csum(m, row)))
+            .collect();
         let mut scrub = scrub;
         if !bad.is_empty() {
             self.counters.checksum_errors.fetch_add(bad.len() as u64, Ordering::Relaxed);
@@ -807,7 +815,7 @@ impl Raid4 {
             // blocks in a row whose XOR still holds are not trusted outside a redo: two
             // equal corruptions cancel out in parity.
             let fixes: Vec<(usize, u64, u32)> =
-                bad.iter().map(|&m| (m, row, crc32c::crc32c(blocks[m].as_ref().expect("present")))).collect();
+                bad.iter().map(|&m| (m, row, crate::checksum::crc32c(blocks[m].as_ref().expect("present")))).collect();
             self.set_csums(&fixes);
             self.counters.checksums_corrected.fetch_add(fixes.len() as u64, Ordering::Relaxed);
             if let Some(s) = scrub.as_deref_mut() {
@@ -842,7 +850,7 @@ impl Raid4 {
                 if missing.contains(&one) {
                     self.counters.degraded_reads.fetch_add(1, Ordering::Relaxed);
                     blocks[one] = Some(rebuilt);
-                } else if crc32c::crc32c(&rebuilt) == self.csum(one, row) {
+                } else if crate::checksum::crc32c(&rebuilt) == self.csum(one, row) {
                     self.rewrite_block(view, one, row, &rebuilt).map_err(|Retry| RowError::Retry)?;
                     self.counters.blocks_repaired.fetch_add(1, Ordering::Relaxed);
                     if let Some(s) = scrub.as_deref_mut() {
@@ -901,7 +909,7 @@ impl Raid4 {
             self.fail_member(member, &e);
             return Err(Retry);
         }
-        self.set_csums(&[(member, row, crc32c::crc32c(data))]);
+        self.set_csums(&[(member, row, crate::checksum::crc32c(data))]);
         Ok(())
     }
 
@@ -965,7 +973,7 @@ impl Raid4 {
             for &(row, at, n) in runs {
                 for i in 0..n {
                     let b = &buf[at + i * BLOCK_BYTES..at + (i + 1) * BLOCK_BYTES];
-                    if crc32c::crc32c(b) != self.csum(*m, row + i as u64) {
+                    if crate::checksum::crc32c(b) != self.csum(*m, row + i as u64) {
                         let vbn = first_vbn + (at / BLOCK_BYTES + i) as u64;
                         rebuild.push((vbn, *m, row + i as u64));
                     }
@@ -1041,7 +1049,8 @@ impl Raid4 {
             NoParity,
         }
         let mut plan: Vec<(u64, Mode)> = Vec::with_capacity(rows.len());
-        let mut need: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+        // Per member, the rows to read, in increasing order (rows are planned in order).
+        let mut need: Vec<Vec<u64>> = vec![Vec::new(); n + 1];
         for (&row, new) in &rows {
             let down: Vec<usize> = (0..=n).filter(|&m| !view.alive(m, row)).collect();
             if down.len() > 1 {
@@ -1071,13 +1080,13 @@ impl Raid4 {
             match mode {
                 Mode::Rmw => {
                     for m in (0..n).filter(|&m| new[m].is_some()) {
-                        need.entry(m).or_default().insert(row);
+                        need[m].push(row);
                     }
-                    need.entry(p).or_default().insert(row);
+                    need[p].push(row);
                 }
                 Mode::Rcw => {
                     for m in (0..n).filter(|&m| new[m].is_none()) {
-                        need.entry(m).or_default().insert(row);
+                        need[m].push(row);
                     }
                 }
                 Mode::Full | Mode::NoParity => {}
@@ -1085,32 +1094,38 @@ impl Raid4 {
             plan.push((row, mode));
         }
 
-        // Read what the plan needs, one op per run of rows on a member, and check it.
-        let mut old: BTreeMap<(usize, u64), Vec<u8>> = BTreeMap::new();
-        for (&m, want) in &need {
-            let want: Vec<u64> = want.iter().copied().collect();
+        // Read what the plan needs: per member one buffer, its runs of rows back to back,
+        // one op per run; the old blocks are views into those buffers (no copy per block).
+        let mut reads: Vec<(usize, Vec<(u64, u64)>, Vec<u8>)> = Vec::new();
+        for (m, want) in need.iter().enumerate().filter(|(_, w)| !w.is_empty()) {
             let mut runs: Vec<(u64, u64)> = Vec::new();
-            for &r in &want {
+            for &r in want {
                 match runs.last_mut() {
                     Some((s, len)) if *s + *len == r => *len += 1,
                     _ => runs.push((r, 1)),
                 }
             }
-            let mut bufs: Vec<Vec<u8>> = runs.iter().map(|&(_, len)| vec![0u8; crate::usize_of(len * B)]).collect();
-            let mut rops: Vec<ReadOp<'_>> = runs
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(&(s, _), b)| ReadOp { offset: g.data_offset() + s * B, buf: b })
-                .collect();
+            let mut buf = scratch::take(want.len() * BLOCK_BYTES);
+            let mut rops: Vec<ReadOp<'_>> = Vec::with_capacity(runs.len());
+            let mut rest = &mut buf[..];
+            for &(s, len) in &runs {
+                let (head, tail) = rest.split_at_mut(crate::usize_of(len * B));
+                rops.push(ReadOp { offset: g.data_offset() + s * B, buf: head });
+                rest = tail;
+            }
             if let Err(e) = view.dev(m).read_many(&mut rops) {
                 self.fail_member(m, &e);
                 return Err(RowError::Retry);
             }
             drop(rops);
-            for ((s, len), b) in runs.into_iter().zip(bufs) {
-                for i in 0..len {
-                    let at = crate::usize_of(i * B);
-                    old.insert((m, s + i), b[at..at + BLOCK_BYTES].to_vec());
+            reads.push((m, runs, buf));
+        }
+        let mut old: HashMap<(usize, u64), Cow<'_, [u8]>> = HashMap::new();
+        for (m, runs, buf) in &reads {
+            let mut blocks = buf.chunks_exact(BLOCK_BYTES);
+            for &(s, len) in runs {
+                for row in s..s + len {
+                    old.insert((*m, row), Cow::Borrowed(blocks.next().expect("a block per row read")));
                 }
             }
         }
@@ -1119,7 +1134,8 @@ impl Raid4 {
         // its check, or be rebuilt from the row.
         let mut verified: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
         for (row, mode) in &mut plan {
-            let bad = (0..=n).any(|m| old.get(&(m, *row)).is_some_and(|b| crc32c::crc32c(b) != self.csum(m, *row)));
+            let bad =
+                (0..=n).any(|m| old.get(&(m, *row)).is_some_and(|b| crate::checksum::crc32c(b) != self.csum(m, *row)));
             if !bad {
                 continue;
             }
@@ -1128,12 +1144,12 @@ impl Raid4 {
                 *mode = Mode::Rcw;
                 let untouched = (0..n).filter(|&m| new[m].is_none() && !old.contains_key(&(m, *row)));
                 for (m, b) in self.read_rows(&view, *row, 1, untouched).map_err(|Retry| RowError::Retry)? {
-                    old.insert((m, *row), b);
+                    old.insert((m, *row), Cow::Owned(b));
                 }
             }
             let stays_good = (0..n)
                 .filter(|&m| new[m].is_none())
-                .all(|m| old.get(&(m, *row)).is_some_and(|b| crc32c::crc32c(b) == self.csum(m, *row)));
+                .all(|m| old.get(&(m, *row)).is_some_and(|b| crate::checksum::crc32c(b) == self.csum(m, *row)));
             if !stays_good {
                 verified.insert(*row, self.verified_row(&view, *row, None)?);
             }
@@ -1141,7 +1157,7 @@ impl Raid4 {
 
         // Parity, into one buffer in row order.
         let parity_rows: Vec<(u64, Mode)> = plan.iter().copied().filter(|(_, m)| *m != Mode::NoParity).collect();
-        let mut parity = vec![0u8; parity_rows.len() * BLOCK_BYTES];
+        let mut parity = scratch::take(parity_rows.len() * BLOCK_BYTES);
         for ((row, mode), out) in parity_rows.iter().zip(parity.chunks_exact_mut(BLOCK_BYTES)) {
             let new = &rows[row];
             let mut srcs: Vec<&[u8]> = Vec::with_capacity(2 * n + 1);
@@ -1173,12 +1189,12 @@ impl Raid4 {
         for (&row, new) in &rows {
             for (m, b) in new.iter().enumerate() {
                 if let Some(b) = b {
-                    crcs.push((m, row, crc32c::crc32c(b)));
+                    crcs.push((m, row, crate::checksum::crc32c(b)));
                 }
             }
         }
         for ((row, _), b) in parity_rows.iter().zip(parity.chunks_exact(BLOCK_BYTES)) {
-            crcs.push((p, *row, crc32c::crc32c(b)));
+            crcs.push((p, *row, crate::checksum::crc32c(b)));
         }
 
         // Write: each member's ops in one batch, the members side by side.
@@ -1235,6 +1251,11 @@ impl Raid4 {
                 self.fail_member(m, &e);
             }
         }
+        drop((per_member, old));
+        for (_, _, buf) in reads {
+            scratch::give(buf);
+        }
+        scratch::give(parity);
         self.check_survivable().map_err(RowError::Lost)
     }
 
@@ -1264,17 +1285,29 @@ impl Raid4 {
         if spans.windows(2).any(|w| w[1].0 < w[0].1) {
             return ops.iter().try_for_each(|op| self.write_ops(std::slice::from_ref(op)));
         }
+        // Batches hold whole stripes (a full stripe's parity needs no reads), about
+        // BATCH_BYTES_MAX each: every op is cut at stripe boundaries, and a batch is closed
+        // only where the next piece starts another stripe.
+        let stripe_bytes = self.geo.stripe_data_blocks() * B;
+        let target = BATCH_BYTES_MAX.max(stripe_bytes);
         let mut batch: Vec<WriteOp<'_>> = Vec::new();
         let mut batch_bytes = 0u64;
+        let mut last_stripe: Option<u64> = None;
         for op in ops {
-            for (i, chunk) in op.buf.chunks(crate::usize_of(BATCH_BYTES_MAX)).enumerate() {
-                if batch_bytes + chunk.len() as u64 > BATCH_BYTES_MAX && !batch.is_empty() {
+            let mut at = 0usize;
+            while at < op.buf.len() {
+                let offset = op.offset + at as u64;
+                let stripe = offset / stripe_bytes;
+                let piece = crate::usize_of(((stripe + 1) * stripe_bytes - offset).min((op.buf.len() - at) as u64));
+                if batch_bytes + piece as u64 > target && last_stripe != Some(stripe) && !batch.is_empty() {
                     self.write_aligned(&batch)?;
                     batch.clear();
                     batch_bytes = 0;
                 }
-                batch.push(WriteOp { offset: op.offset + i as u64 * BATCH_BYTES_MAX, buf: chunk });
-                batch_bytes += chunk.len() as u64;
+                batch.push(WriteOp { offset, buf: &op.buf[at..at + piece] });
+                batch_bytes += piece as u64;
+                last_stripe = Some(stripe);
+                at += piece;
             }
         }
         if !batch.is_empty() {
@@ -1382,6 +1415,12 @@ impl BlockDevice for Raid4 {
             }
         }
         self.check_survivable()
+    }
+    fn release_cache(&self) {
+        let view = self.view();
+        for dev in view.devs.iter().flatten() {
+            dev.release_cache();
+        }
     }
     fn set_redo(&self, on: bool) {
         self.redo.store(on, Ordering::SeqCst);

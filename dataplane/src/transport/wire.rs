@@ -313,11 +313,12 @@ pub fn frame_header(kind: u8, body_len: usize, crc: u32) -> [u8; FRAME_HEADER_BY
 /// crc32c over the first 12 header bytes and the body parts.
 pub fn frame_crc(kind: u8, body_len: usize, body: &[&[u8]]) -> u32 {
     let h = frame_header(kind, body_len, 0);
-    let mut crc = crc32c(&[&h[..12]]);
+    let mut crc = crate::checksum::Crc32cStream::new();
+    crc.update(&h[..12]);
     for part in body {
-        crc = crc32c::crc32c_append(crc, part);
+        crc.update(part);
     }
-    crc
+    crc.finish()
 }
 
 /// The header and body prefix of an `Entries` frame; the entry bytes follow it on the
@@ -485,7 +486,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message<'_>, usize)>, WireError> {
     }
     let body = &buf[FRAME_HEADER_BYTES..total];
     let stored = u32::from_le_bytes(header[12..16].try_into().expect("4"));
-    if stored != crc32c::crc32c_append(crc32c(&[&header[..12]]), body) {
+    if stored != crc32c(&[&header[..12], body]) {
         return Err(WireError::BadChecksum);
     }
     Ok(Some((decode_body(kind, body)?, total)))
