@@ -857,15 +857,6 @@ fn run_job(m: &Mirror, job: Job) {
             match r {
                 Ok(()) => {
                     let _ = sink.send(&Message::BaselineAck);
-                    // The copy's large writes are cached in large folios; the CPs that
-                    // follow write 4 KiB blocks, cheaper into small ones.
-                    let started = Instant::now();
-                    m.device.release_cache();
-                    eprintln!(
-                        "mirror {}: copy complete; its page cache written back and dropped in {} ms",
-                        m.name(),
-                        started.elapsed().as_millis()
-                    );
                 }
                 Err(e) => {
                     let _ = sink.send(&Message::Error { reason: e });

@@ -43,7 +43,9 @@ impl Default for BackoffConfig {
 /// 48 and 49 us; queue depth 32 was the same within noise with and without (145-158k IOPS
 /// unmirrored, 66-75k mirrored). The window must cover the client's turnaround (about
 /// 20 us here); past it, spinning buys nothing. An idle poller does not spin: the window
-/// starts at its last work.
+/// starts at its last work. Nor does a poller with many writes in flight (see
+/// `source::SPIN_PENDING_MAX`): there the next event comes anyway, and the spin takes a
+/// core from the threads that produce it.
 pub const SPIN_WINDOW: Duration = Duration::from_micros(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +78,12 @@ impl Backoff {
 
     /// There was no work: what to do next. `may_yield`: the poller has an input it cannot
     /// sleep on and must poll (see the module documentation); without one it goes from
-    /// spinning straight to parking.
-    pub fn idle(&mut self, may_yield: bool) -> Idle {
+    /// spinning straight to parking. `may_spin`: spinning can pay now (few requests in
+    /// flight); without it the poller goes on to yield or park at once.
+    pub fn idle(&mut self, may_yield: bool, may_spin: bool) -> Idle {
         let since = *self.idle_since.get_or_insert_with(Instant::now);
         let idle = since.elapsed();
-        if idle < self.cfg.spin {
+        if may_spin && idle < self.cfg.spin {
             std::hint::spin_loop();
             Idle::Spin
         } else if may_yield && idle < self.cfg.spin + self.cfg.yield_for {
@@ -191,15 +194,19 @@ mod tests {
     #[test]
     fn backoff_goes_spin_yield_park_and_resets() {
         let mut b = Backoff::new(BackoffConfig { spin: Duration::from_millis(2), yield_for: Duration::from_millis(2) });
-        assert_eq!(b.idle(true), Idle::Spin);
+        assert_eq!(b.idle(true, true), Idle::Spin);
         std::thread::sleep(Duration::from_millis(3));
-        assert_eq!(b.idle(true), Idle::Yield);
-        assert_eq!(b.idle(false), Idle::Park, "without an input to poll, no yielding");
+        assert_eq!(b.idle(true, true), Idle::Yield);
+        assert_eq!(b.idle(false, true), Idle::Park, "without an input to poll, no yielding");
         std::thread::sleep(Duration::from_millis(3));
-        assert_eq!(b.idle(true), Idle::Park);
+        assert_eq!(b.idle(true, true), Idle::Park);
         assert_eq!(b.parks, 2);
         b.reset();
-        assert_eq!(b.idle(true), Idle::Spin);
+        assert_eq!(b.idle(true, true), Idle::Spin);
+        b.reset();
+        assert_eq!(b.idle(false, false), Idle::Park, "not allowed to spin: parks at once");
+        b.reset();
+        assert_eq!(b.idle(true, false), Idle::Yield, "not allowed to spin, must poll: yields");
     }
 
     #[test]

@@ -55,6 +55,15 @@ const CONTROL_QUEUE_MAX: usize = 64;
 const LINK_TOKEN: usize = 1;
 /// Requests taken per poller iteration: the most entries one group commit carries.
 pub const BATCH_MAX: usize = 64;
+/// The mean entries logged per working pass (in sixteenths, an exponential average over
+/// about eight passes) above which an idle poller sleeps at once instead of spinning
+/// (`poller::SPIN_WINDOW`). Batches that large mean many requests in flight: the next
+/// one comes soon anyway and its wake-up is shared by a batch, while a spinning poller
+/// takes CPU from the threads that produce the next events (the mirror's receiver and CP).
+/// Measured on this project's 2-core machine, fio's nbd engine at queue depth 32 to a
+/// mirrored volume: 72-76k writes/s spinning, 82-86k sleeping; at queue depth 1, where the
+/// spin pays (20 us against 63 at the median), every pass logs one entry.
+pub const SPIN_BATCH_MAX_16THS: u32 = 2 * 16;
 /// Bytes of baseline data per frame.
 const BASELINE_CHUNK: usize = 1 << 20;
 /// Entry bytes per frame.
@@ -608,6 +617,10 @@ struct Poller<C: Connector> {
     /// step a job was queued at (it runs on a later one).
     inline: Option<(Receiver<CpJob>, Sender<CpLocalDone>)>,
     steps: u64,
+    /// Entries logged in this pass, and their mean per working pass in sixteenths (see
+    /// [`SPIN_BATCH_MAX_16THS`]).
+    pass_entries: u32,
+    batch_16ths: u32,
     inline_job_step: u64,
     /// Clock time (ns) the last CP message was sent: the destination owes its `CpDone`.
     cp_sent_ns: u64,
@@ -814,6 +827,8 @@ where
             local_cp_inflight: None,
             inline,
             steps: 0,
+            pass_entries: 0,
+            batch_16ths: 16,
             inline_job_step: 0,
             cp_sent_ns: 0,
             changes,
@@ -933,7 +948,7 @@ where
             let Ok(worked) = self.poll_once() else { return };
             if worked {
                 backoff.reset();
-            } else if backoff.idle(self.must_poll_link()) == Idle::Park {
+            } else if backoff.idle(self.must_poll_link(), self.batch_16ths <= SPIN_BATCH_MAX_16THS) == Idle::Park {
                 self.park();
             }
             self.stats.parks = backoff.parks;
@@ -943,6 +958,11 @@ where
     /// One pass over every input; whether any had work. `Err` once stopped.
     fn poll_once(&mut self) -> Result<bool, ()> {
         self.steps += 1;
+        if self.pass_entries > 0 {
+            let n = self.pass_entries.min(u32::try_from(BATCH_MAX).unwrap_or(u32::MAX)) * 16;
+            self.batch_16ths = (self.batch_16ths * 7 + n) / 8;
+            self.pass_entries = 0;
+        }
         self.account_log_wait();
         let mut worked = self.poll_control()?;
         worked |= self.poll_link();
@@ -2071,6 +2091,7 @@ where
                 &[]
             };
             self.nvlog.append(&header, data).map_err(|e| eio(e.to_string()))?;
+            self.pass_entries += 1;
             let active = self.active as usize;
             self.overlay.apply(&header, data, self.device.as_ref(), &mut self.dirty[active])?;
             let first = header.offset / BLOCK_BYTES as u64;

@@ -52,7 +52,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buffers_come_back_at_least_as_long_and_the_pool_stays_bounded() {
+    fn buffers_come_at_the_asked_length_and_the_pool_stays_bounded() {
         let mut a = take(3 * 4096);
         assert_eq!(a.len(), 3 * 4096);
         a.fill(7);

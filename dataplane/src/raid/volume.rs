@@ -1096,7 +1096,13 @@ impl Raid4 {
 
         // Read what the plan needs: per member one buffer, its runs of rows back to back,
         // one op per run; the old blocks are views into those buffers (no copy per block).
-        let mut reads: Vec<(usize, Vec<(u64, u64)>, Vec<u8>)> = Vec::new();
+        /// One member's reads: its runs of rows (first, count) and their blocks back to back.
+        struct MemberReads {
+            member: usize,
+            runs: Vec<(u64, u64)>,
+            buf: Vec<u8>,
+        }
+        let mut reads: Vec<MemberReads> = Vec::new();
         for (m, want) in need.iter().enumerate().filter(|(_, w)| !w.is_empty()) {
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for &r in want {
@@ -1118,14 +1124,14 @@ impl Raid4 {
                 return Err(RowError::Retry);
             }
             drop(rops);
-            reads.push((m, runs, buf));
+            reads.push(MemberReads { member: m, runs, buf });
         }
         let mut old: HashMap<(usize, u64), Cow<'_, [u8]>> = HashMap::new();
-        for (m, runs, buf) in &reads {
-            let mut blocks = buf.chunks_exact(BLOCK_BYTES);
-            for &(s, len) in runs {
+        for r in &reads {
+            let mut blocks = r.buf.chunks_exact(BLOCK_BYTES);
+            for &(s, len) in &r.runs {
                 for row in s..s + len {
-                    old.insert((*m, row), Cow::Borrowed(blocks.next().expect("a block per row read")));
+                    old.insert((r.member, row), Cow::Borrowed(blocks.next().expect("a block per row read")));
                 }
             }
         }
@@ -1252,8 +1258,8 @@ impl Raid4 {
             }
         }
         drop((per_member, old));
-        for (_, _, buf) in reads {
-            scratch::give(buf);
+        for r in reads {
+            scratch::give(r.buf);
         }
         scratch::give(parity);
         self.check_survivable().map_err(RowError::Lost)
@@ -1415,12 +1421,6 @@ impl BlockDevice for Raid4 {
             }
         }
         self.check_survivable()
-    }
-    fn release_cache(&self) {
-        let view = self.view();
-        for dev in view.devs.iter().flatten() {
-            dev.release_cache();
-        }
     }
     fn set_redo(&self, on: bool) {
         self.redo.store(on, Ordering::SeqCst);

@@ -99,7 +99,4 @@ impl BlockDevice for FaultDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         ops.iter_mut().try_for_each(|op| self.read_at(op.buf, op.offset))
     }
-    fn release_cache(&self) {
-        self.inner.release_cache()
-    }
 }

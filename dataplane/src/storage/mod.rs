@@ -75,12 +75,6 @@ pub trait BlockDevice: Send + Sync {
     fn set_redo(&self, on: bool) {
         let _ = on;
     }
-    /// Writes back what this device holds in the kernel's page cache and drops it: after a
-    /// bulk copy (a mirror's baseline or resync), whose large writes leave large folios in
-    /// the cache, into which every later 4 KiB write costs the kernel a walk of the whole
-    /// folio's buffers (ext4: about a third of a mirror's CP write-out at queue depth 32).
-    /// Advisory and best effort: engines without a page cache have nothing to do.
-    fn release_cache(&self) {}
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -107,9 +101,6 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn set_redo(&self, on: bool) {
         (**self).set_redo(on)
-    }
-    fn release_cache(&self) {
-        (**self).release_cache()
     }
 }
 
@@ -172,9 +163,6 @@ impl BlockDevice for KernelFlush {
     }
     fn set_redo(&self, on: bool) {
         self.0.set_redo(on)
-    }
-    fn release_cache(&self) {
-        self.0.release_cache()
     }
 }
 
