@@ -127,9 +127,13 @@ pub struct Readiness {
     poll: Poll,
     events: Events,
     waker: PollerWaker,
+    /// A timer for waits shorter than epoll's millisecond resolution (the write
+    /// throttle's), made at the first such wait.
+    timer: Option<std::os::fd::OwnedFd>,
 }
 
 const WAKE_TOKEN: Token = Token(usize::MAX);
+const TIMER_TOKEN: Token = Token(usize::MAX - 1);
 
 /// Events taken per wait; more stay queued in the kernel for the next wait.
 const EVENTS_MAX: usize = 256;
@@ -138,7 +142,7 @@ impl Readiness {
     pub fn new() -> std::io::Result<Readiness> {
         let poll = Poll::new()?;
         let waker = PollerWaker(Arc::new(Waker::new(poll.registry(), WAKE_TOKEN)?));
-        Ok(Readiness { poll, events: Events::with_capacity(EVENTS_MAX), waker })
+        Ok(Readiness { poll, events: Events::with_capacity(EVENTS_MAX), waker, timer: None })
     }
 
     pub fn waker(&self) -> PollerWaker {
@@ -158,7 +162,14 @@ impl Readiness {
     }
 
     /// Sleeps until a registered socket is ready, the waker is woken, or `timeout` passes.
+    /// epoll counts in milliseconds (and rounds up): a timeout with a part below one is
+    /// kept by a timer in the set.
     pub fn wait(&mut self, timeout: Duration) {
+        if !timeout.subsec_nanos().is_multiple_of(1_000_000) {
+            if let Err(e) = self.arm_timer(timeout) {
+                eprintln!("poller: no timer for a wait of {timeout:?} ({e}); it may last up to 1 ms longer");
+            }
+        }
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 // Nothing the poller can do about it but poll again: it still makes
@@ -167,6 +178,42 @@ impl Readiness {
                 std::thread::sleep(timeout.min(Duration::from_millis(1)));
             }
         }
+    }
+}
+
+impl Readiness {
+    /// Arms the timer (one shot) to fire after `after`, making it first where need be.
+    fn arm_timer(&mut self, after: Duration) -> std::io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        if self.timer.is_none() {
+            // SAFETY: timerfd_create takes plain integers and returns a new descriptor or -1.
+            let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a descriptor just returned to us, owned by nothing else.
+            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            self.poll.registry().register(&mut SourceFd(&owned.as_raw_fd()), TIMER_TOKEN, Interest::READABLE)?;
+            self.timer = Some(owned);
+        }
+        let fd = self.timer.as_ref().expect("made above").as_raw_fd();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+                // Below 10^9: fits every c_long.
+                tv_nsec: libc::c_long::from(i32::try_from(after.subsec_nanos()).expect("below 10^9")).max(1),
+            },
+        };
+        // Edge-triggered: an expiry that was never read would not signal again. Drain it.
+        let mut expirations = [0u8; 8];
+        // SAFETY: reading 8 bytes into an 8-byte buffer from our own timerfd (non-blocking).
+        let _ = unsafe { libc::read(fd, expirations.as_mut_ptr().cast(), expirations.len()) };
+        // SAFETY: `fd` is our timerfd; `spec` is a valid itimerspec; a null old value is allowed.
+        if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
@@ -207,6 +254,29 @@ mod tests {
         assert_eq!(b.idle(false, false), Idle::Park, "not allowed to spin: parks at once");
         b.reset();
         assert_eq!(b.idle(true, false), Idle::Yield, "not allowed to spin, must poll: yields");
+    }
+
+    #[test]
+    fn a_wait_below_a_millisecond_is_kept_by_the_timer() {
+        let mut r = Readiness::new().expect("epoll");
+        let mut slowest = Duration::ZERO;
+        for _ in 0..20 {
+            let started = Instant::now();
+            r.wait(Duration::from_micros(100));
+            let took = started.elapsed();
+            assert!(took >= Duration::from_micros(90), "woke early: {took:?}");
+            slowest = slowest.max(took);
+        }
+        // epoll alone would round every one of them up to a whole millisecond.
+        let mut fast = 0;
+        for _ in 0..20 {
+            let started = Instant::now();
+            r.wait(Duration::from_micros(100));
+            if started.elapsed() < Duration::from_micros(900) {
+                fast += 1;
+            }
+        }
+        assert!(fast >= 10, "only {fast} of 20 waits of 100 us took less than 900 us (slowest {slowest:?})");
     }
 
     #[test]
