@@ -29,7 +29,7 @@ use crate::format::{EntryHeader, PartitionScan, ScannedEntry, BLOCK_BYTES, ENTRY
 use crate::log::{LogFile, PARTITIONS};
 use crate::nvram::Nvram;
 use crate::storage::{BlockDevice, RedoGuard};
-use crate::transport::wire::BlockPurpose;
+use crate::transport::wire::{BlockPurpose, LOG_BYTES_CHUNK};
 use crate::transport::{FrameHandler, Hello, Intent, LogTail, Message, RefuseCode, ReplySink, Welcome};
 
 /// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
@@ -132,6 +132,9 @@ pub struct MirrorStatus {
     pub connected: bool,
     pub entries_received: u64,
     pub bytes_received: u64,
+    /// CPs stopped by a log entry that failed its checksum when read back (the log was cut
+    /// there and the source sent the entries again).
+    pub log_repairs: u64,
     /// Group commits: persists of the log files, each answered by one ack.
     pub commits: u64,
     pub log_bytes_used: u64,
@@ -187,6 +190,7 @@ pub struct Mirror {
     /// whatever waits for it.
     stepped_jobs: Option<Receiver<Job>>,
     entries_received: AtomicU64,
+    log_repairs: AtomicU64,
     bytes_received: AtomicU64,
     commits: AtomicU64,
     baseline_bytes: AtomicU64,
@@ -256,6 +260,7 @@ impl Mirror {
             jobs: tx,
             stepped_jobs: stepped.then(|| rx.clone()),
             entries_received: AtomicU64::new(0),
+            log_repairs: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             baseline_bytes: AtomicU64::new(0),
@@ -268,7 +273,7 @@ impl Mirror {
             eprintln!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
             // The interrupted CP may have half-written the volume: a redo (no write hole).
             let _redo = RedoGuard::new(mirror.device.as_ref());
-            mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(io::Error::other)?;
+            mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(|e| io::Error::other(e.to_string()))?;
         }
         if !stepped {
             let weak = Arc::downgrade(&mirror);
@@ -525,13 +530,13 @@ impl Mirror {
         partition: u8,
         upto_seq: u64,
         blocks: Option<Vec<(u64, Vec<u8>)>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CpError> {
         let started = Instant::now();
         {
             let mut meta = self.meta.lock();
             if cp <= meta.applied_cp && meta.pending_cp.is_none_or(|p| p.cp != cp) {
                 drop(meta);
-                return self.release_log(partition, cp);
+                return Ok(self.release_log(partition, cp)?);
             }
             // A CP is recorded as pending (to be redone after a crash) only once its log
             // holds everything it needs: one that names entries that never arrived (a lost
@@ -552,6 +557,22 @@ impl Mirror {
                     // are applied: what the scan validated is what is applied.
                     let mut log = self.logs[partition as usize].lock();
                     check_cp_log(&mut log, cp, partition, upto_seq)?;
+                    // Every entry was checked when it was placed; the memory under it may
+                    // have changed since (NVRAM does flip bits). Checked again as it is
+                    // read for the CP, whose image is final: a damaged entry stops the CP
+                    // before anything is written, and the source, which holds the same
+                    // entries, sends them again.
+                    if let Some((at, seq, why)) = first_damaged_entry(&log, upto_seq) {
+                        log.truncate_at(at);
+                        drop(log);
+                        let mut meta = self.meta.lock();
+                        meta.pending_cp = None;
+                        self.save(&meta)?;
+                        return Err(CpError::LogDamaged(format!(
+                            "CP {cp}: the entry of sequence {seq} at offset {at} of log {partition} fails its \
+                             checksum ({why}); the log is cut there and the source will send it again"
+                        )));
+                    }
                     let bytes = log.bytes();
                     let entries = log
                         .entries()
@@ -579,7 +600,7 @@ impl Mirror {
             self.save(&meta)?;
             drop(meta);
         }
-        self.release_log(partition, cp)
+        Ok(self.release_log(partition, cp)?)
     }
 
     /// Checks that log `partition` holds CP `cp` up to `upto_seq`.
@@ -750,6 +771,7 @@ impl Mirror {
             promoted: meta.promoted,
             connected: self.session.lock().is_some(),
             entries_received: self.entries_received.load(Ordering::Relaxed),
+            log_repairs: self.log_repairs.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),
             log_bytes_used: used,
@@ -793,6 +815,43 @@ fn check_cp_log(log: &mut LogFile<Box<dyn Nvram>>, cp: u64, partition: u8, upto_
     Ok(())
 }
 
+/// Why a CP could not be applied.
+#[derive(Debug)]
+enum CpError {
+    /// An entry of the log failed its checksum when read back for the CP: the log was cut
+    /// before it, and the source sends the rest again when it reconnects.
+    LogDamaged(String),
+    /// Anything else: the mirror is failed.
+    Other(String),
+}
+
+impl From<String> for CpError {
+    fn from(e: String) -> Self {
+        CpError::Other(e)
+    }
+}
+
+impl std::fmt::Display for CpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpError::LogDamaged(e) | CpError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The first entry of `log` up to `upto_seq` whose bytes no longer pass their checksum:
+/// its offset, sequence number and what is wrong.
+fn first_damaged_entry(log: &LogFile<Box<dyn Nvram>>, upto_seq: u64) -> Option<(usize, u64, String)> {
+    let bytes = log.bytes();
+    log.entries().iter().take_while(|e| e.header.seq <= upto_seq).find_map(|e| {
+        match EntryHeader::decode(&bytes[e.at..]) {
+            Ok((h, _)) if h == e.header => None,
+            Ok(_) => Some((e.at, e.header.seq, "its header changed".to_string())),
+            Err(why) => Some((e.at, e.header.seq, why.to_string())),
+        }
+    })
+}
+
 /// The data of an entry a scan validated.
 fn scanned_data<'a>(bytes: &'a [u8], e: &ScannedEntry) -> &'a [u8] {
     let at = e.at + ENTRY_HEADER_BYTES;
@@ -823,7 +882,15 @@ fn run_job(m: &Mirror, job: Job) {
                 Ok(()) => {
                     let _ = sink.send(&Message::CpDone { cp });
                 }
-                Err(e) => {
+                Err(CpError::LogDamaged(e)) => {
+                    // Not the mirror's failure: the connection ends, and the source's
+                    // resume sends the entries from the cut on, then the CP again.
+                    eprintln!("mirror {}: {e}", m.name());
+                    m.log_repairs.fetch_add(1, Ordering::Relaxed);
+                    let _ = sink.send(&Message::Error { reason: e });
+                    sink.close();
+                }
+                Err(CpError::Other(e)) => {
                     m.fail(&e);
                     let _ = sink.send(&Message::Error { reason: e });
                     sink.close();
@@ -1030,6 +1097,36 @@ impl FrameHandler for Session {
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
             }
+            Message::LogFetch { partition, offset } => {
+                // The source restarted with less of this partition than this side holds:
+                // what is here past its tail was persistent here, and perhaps acknowledged.
+                let p = Session::partition(partition)?;
+                let mut log = self.mirror.logs[p].lock();
+                log.catch_up().map_err(|e| format!("log fetch: rescan log {p}: {e}"))?;
+                let tail = log.persisted_tail();
+                let from = usize::try_from(offset).map_err(|_| "log fetch offset out of range".to_string())?;
+                let on_boundary = from == tail || log.entries().iter().any(|e| e.at == from);
+                if log.header().is_none() || !on_boundary {
+                    return Err(format!(
+                        "log fetch at offset {offset} of log {p}, which is not an entry boundary there"
+                    ));
+                }
+                let mut at = from;
+                while at < tail {
+                    let end = (at + LOG_BYTES_CHUNK).min(tail);
+                    let msg = Message::LogBytes { partition, offset: at as u64, bytes: &log.bytes()[at..end] };
+                    self.sink.send(&msg).map_err(|e| format!("send log bytes: {e}"))?;
+                    at = end;
+                }
+                drop(log);
+                eprintln!(
+                    "mirror {}: sent log {p} from offset {from} to {tail} to the source, which restarted without it",
+                    self.mirror.name()
+                );
+                self.sink
+                    .send(&Message::LogFetchEnd { partition, tail: tail as u64 })
+                    .map_err(|e| format!("send log fetch end: {e}"))
+            }
             Message::RdmaSetup => {
                 let Some(rdma) = &self.rdma else {
                     return Err("this node has no RDMA engine (no device, or not built with it); use tcp".into());
@@ -1042,13 +1139,19 @@ impl FrameHandler for Session {
     }
 
     fn commit(&mut self) -> Result<(), String> {
-        let mut high = None;
+        let mut persisted_any = false;
         for p in 0..PARTITIONS {
             if std::mem::take(&mut self.dirty[p]) {
-                let s = self.mirror.logs[p].lock().persist().map_err(|e| e.to_string())?;
-                high = high.max(s);
+                self.mirror.logs[p].lock().persist().map_err(|e| e.to_string())?;
+                persisted_any = true;
             }
         }
+        // An ack says every entry up to it is persistent here: the highest sequence number
+        // below which the logs hold everything, not the highest any log holds. Entries of
+        // the newer partition may arrive while the older one still lacks some (a frame
+        // lost on a link that then carried on); acking those would acknowledge writes
+        // whose predecessors this side never had.
+        let high = if persisted_any { self.contiguous_persisted_seq() } else { None };
         if let Some(seq) = high {
             self.mirror.commits.fetch_add(1, Ordering::Relaxed);
             if self.last_acked.is_none_or(|a| seq > a) {
@@ -1057,6 +1160,39 @@ impl FrameHandler for Session {
             }
         }
         Ok(())
+    }
+}
+
+impl Session {
+    /// The highest sequence number up to which the open logs, oldest CP generation first,
+    /// hold every entry persistently (see `commit`).
+    fn contiguous_persisted_seq(&self) -> Option<u64> {
+        let mut logs: Vec<(u64, u64, Option<u64>)> = (0..PARTITIONS)
+            .filter_map(|p| {
+                let l = self.mirror.logs[p].lock();
+                l.header().map(|h| (h.cp_gen, h.first_seq, l.last_persisted_seq()))
+            })
+            .collect();
+        logs.sort_unstable();
+        let mut high: Option<u64> = None;
+        for (_, first_seq, last) in logs {
+            if let Some(h) = high {
+                if first_seq > h + 1 {
+                    // A gap before this log: nothing of it counts.
+                    break;
+                }
+            }
+            match last {
+                Some(l) => high = Some(high.map_or(l, |h| h.max(l))),
+                // An empty log: whatever follows starts no earlier than its first entry.
+                None => {
+                    if high.is_some_and(|h| first_seq > h + 1) {
+                        break;
+                    }
+                }
+            }
+        }
+        high
     }
 }
 

@@ -289,6 +289,11 @@ pub struct SourceStatus {
     /// (see `THROTTLE_START_FILL`): a CP falling behind shows here first.
     pub throttled_writes: u64,
     pub throttle_us: u64,
+    /// Log entries this node's log lacked after a restart (cut short, or damaged) that
+    /// the mirror's copy gave back.
+    pub log_entries_fetched: u64,
+    /// Requests wait for the mirror's copy of the log (see `held_for_mirror_log`).
+    pub awaiting_mirror_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +381,31 @@ struct Waiting {
     request: IoRequest,
     done: Option<ReplyTo>,
     progress: u64,
+}
+
+/// Log bytes being fetched back from the mirror after a restart (`Message::LogFetch`):
+/// this node's log of `partition` ends at `from`, the mirror's goes on.
+struct CatchUp {
+    partition: u8,
+    from: usize,
+    bytes: Vec<u8>,
+    /// The welcome the resume goes on with once the bytes are in.
+    welcome: Welcome,
+    /// Clock time (ns) the fetch was asked for: unanswered past the CP timeout, the link
+    /// is declared down (and the fetch asked for again on the next connection).
+    started_ns: u64,
+}
+
+/// What a resume did.
+enum Resumed {
+    /// The mirror has everything this node's log holds (sent now where it lacked it).
+    Done,
+    /// The mirror holds more of a partition than this node's log, which a restart cut
+    /// short: those bytes are being fetched first (see [`CatchUp`]).
+    CatchingUp,
+    /// The mirror applied a CP whose entries this node's log lost: the volume is the
+    /// mirror's now (failover), never to be copied over from here. Why, for the operator.
+    Lost(String),
 }
 
 struct Pending {
@@ -668,6 +698,11 @@ struct Poller<C: Connector> {
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.
     confirmed: bool,
+    /// Per partition: the sequence number at which recovery found the log damaged (an entry
+    /// that failed to decode: torn by a power cut, or its memory changed since), if it did.
+    damaged_at: [Option<u64>; PARTITIONS],
+    /// Log bytes being fetched back from the mirror; no request is taken meanwhile.
+    catch_up: Option<CatchUp>,
     /// The NBD sessions this poller serves itself.
     clients: Clients,
     /// What the poller sleeps on (none when stepped: its owner steps it).
@@ -805,6 +840,8 @@ where
             log_full_wait_us: 0,
             throttled_writes: 0,
             throttle_us: 0,
+            log_entries_fetched: 0,
+            awaiting_mirror_log: false,
         };
         let (cp_jobs, cp_jobs_rx) = bounded::<CpJob>(1);
         let (cp_done_tx, cp_done) = bounded::<CpLocalDone>(1);
@@ -865,6 +902,8 @@ where
             local_only_seq: 0,
             copy_rate: None,
             confirmed: false,
+            damaged_at: [None; PARTITIONS],
+            catch_up: None,
             clients: Clients::default(),
             log_full_since: None,
             readiness,
@@ -892,6 +931,9 @@ where
         let mut next_gen = rec.checkpoint.released_cp + 1;
         for (p, h) in &held {
             let scan = &rec.scans[*p as usize];
+            if matches!(scan.stop, crate::format::ScanStop::Invalid { .. }) {
+                self.damaged_at[*p as usize] = Some(scan.next_seq().unwrap_or(h.first_seq));
+            }
             next_seq = next_seq.max(h.first_seq);
             for e in &scan.entries {
                 let bytes = self.nvlog.partition(*p);
@@ -905,6 +947,10 @@ where
         }
         self.next_seq = next_seq;
         self.acked_seq = next_seq - 1;
+        // Whatever the log holds may have been acknowledged here alone (policy sync with the
+        // mirror away, before the restart): the mirror is not current until it has
+        // acknowledged all of it.
+        self.local_only_seq = next_seq - 1;
         match held.as_slice() {
             [] => {
                 self.open_partition(0, next_gen)?;
@@ -1082,9 +1128,12 @@ where
         }
         if let LinkState::Up { copy, .. } = &self.link {
             let late = |since: u64, limit: Duration| now.saturating_sub(since) > nanos(limit);
-            let why = if self.pending.front().is_some_and(|p| late(p.sent_ns, self.cfg.ack_timeout)) {
+            let why = if self.catch_up.as_ref().is_some_and(|c| late(c.started_ns, self.cfg.cp_timeout)) {
+                Some(format!("the mirror did not send its log back within {:?}", self.cfg.cp_timeout))
+            } else if self.pending.front().is_some_and(|p| late(p.sent_ns, self.cfg.ack_timeout)) {
                 Some(format!("no acknowledgement from the destination within {:?}", self.cfg.ack_timeout))
-            } else if self.parts.iter().any(|p| matches!(p, Part::Closing { remote_done: false, .. }))
+            } else if self.catch_up.is_none()
+                && self.parts.iter().any(|p| matches!(p, Part::Closing { remote_done: false, .. }))
                 && late(self.cp_sent_ns, self.cfg.cp_timeout)
             {
                 Some(format!("the destination did not finish a CP within {:?}", self.cfg.cp_timeout))
@@ -1220,6 +1269,7 @@ where
 
     fn status(&mut self) -> SourceStatus {
         let mut s = self.stats.clone();
+        s.awaiting_mirror_log = self.held_for_mirror_log();
         let (state, reason) = match &self.link {
             LinkState::Unmirrored => ("not-mirrored", None),
             // Connecting: to a mirror not joined yet (a copy to come, or none confirmed since
@@ -1234,6 +1284,9 @@ where
             }
             LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Resync => ("resyncing", None),
             LinkState::Up { copy: Some(_), .. } => ("baseline", None),
+            LinkState::Up { copy: None, .. } if self.catch_up.is_some() => {
+                ("connecting", Some("fetching the log back from the mirror".to_string()))
+            }
             LinkState::Up { copy: None, .. } => ("in-sync", None),
             LinkState::Fenced(r) => ("fenced", Some(r.clone())),
         };
@@ -1505,6 +1558,10 @@ where
                     self.link_down(format!("destination: {reason}"));
                 }
                 LinkEvent::Closed { reason } => self.link_down(reason),
+                LinkEvent::Reply(Reply::LogBytes { partition, offset, bytes }) => {
+                    self.on_log_bytes(partition, offset, bytes);
+                }
+                LinkEvent::Reply(Reply::LogFetchEnd { partition, tail }) => self.on_log_fetch_end(partition, tail),
                 // Set-up replies are consumed by the RDMA engine's connect.
                 LinkEvent::Reply(other @ (Reply::RdmaListen { .. } | Reply::RdmaRegions { .. })) => {
                     self.link_down(format!("unexpected reply after set-up: {other:?}"));
@@ -1528,6 +1585,8 @@ where
     }
 
     fn link_down(&mut self, reason: String) {
+        // A log fetch under way starts over on the next connection.
+        self.catch_up = None;
         if matches!(self.link, LinkState::Fenced(_) | LinkState::Unmirrored) {
             return;
         }
@@ -1629,6 +1688,8 @@ where
             let base_cp_gen = header.cp_gen;
             let base_seq = header.first_seq;
             self.confirmed = true;
+            // The mirror is rebuilt from this volume: no copy of it can fill in the log.
+            self.damaged_at = [None; PARTITIONS];
             self.set_link(LinkState::Up {
                 link,
                 copy: Some(Copying {
@@ -1648,8 +1709,14 @@ where
             return;
         }
         match self.resume(&mut link, &welcome) {
-            Ok(()) => {
-                eprintln!("volume {}: mirror link resumed", self.cfg.volume);
+            Ok(Resumed::Lost(why)) => {
+                link.close();
+                self.lost_to_mirror(why);
+            }
+            Ok(how) => {
+                if matches!(how, Resumed::Done) {
+                    eprintln!("volume {}: mirror link resumed", self.cfg.volume);
+                }
                 self.confirmed = true;
                 self.set_link(LinkState::Up { link, copy: None });
             }
@@ -1666,22 +1733,65 @@ where
 
     /// Brings the destination's logs level with ours after a reconnect: resends what it
     /// lacks, re-opens logs that diverged, re-sends an unfinished CP.
-    fn resume(&mut self, link: &mut C::Link, w: &Welcome) -> Result<(), String> {
+    fn resume(&mut self, link: &mut C::Link, w: &Welcome) -> Result<Resumed, String> {
         if !w.consistent {
             return Err("mirror has no complete baseline".into());
         }
         let mut held: Vec<(u8, u64)> =
             PARTITION_IDS.into_iter().filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
         held.sort_by_key(|h| h.1);
+        // First, before anything is sent or copied: where the mirror holds more of a
+        // partition than this node's log (a restart found the log cut short: a torn last
+        // batch, or an entry that no longer passes its checksum), what the mirror holds
+        // was persistent there, and may have been acknowledged. It is fetched back.
+        for &(p, gen) in &held {
+            let ours = self.nvlog.header(p).expect("held partition has a header");
+            let theirs = w.logs[p as usize];
+            let tail = self.nvlog.tail(p);
+            if theirs.open && theirs.cp_gen == gen && theirs.first_seq == ours.first_seq && usize_of(theirs.tail) > tail
+            {
+                eprintln!(
+                    "volume {}: NVLog partition {p} ends at offset {tail} here, the mirror's at {}: fetching the \
+                     rest from the mirror",
+                    self.cfg.volume, theirs.tail
+                );
+                let send_err = |e: crate::transport::LinkError| e.to_string();
+                link.send(&Message::LogFetch { partition: p, offset: tail as u64 }).map_err(send_err)?;
+                link.flush().map_err(send_err)?;
+                self.catch_up = Some(CatchUp {
+                    partition: p,
+                    from: tail,
+                    bytes: Vec::new(),
+                    welcome: w.clone(),
+                    started_ns: self.clock.now_ns(),
+                });
+                return Ok(Resumed::CatchingUp);
+            }
+        }
         let oldest = held.first().map(|h| h.1).unwrap_or(w.applied_cp + 1);
         if w.applied_cp + 1 < oldest {
             return Err(format!("destination applied CP {}, but our log starts at CP {oldest}", w.applied_cp));
         }
         self.remote_acked_seq = self.remote_acked_seq.max(w.applied_seq);
         let send_err = |e: crate::transport::LinkError| e.to_string();
+        // Whether the mirror holds every entry of the partitions looked at so far: what it
+        // holds of a later one counts as acknowledged only then (an entry frame of the
+        // older one may have been lost on a link that carried on).
+        let mut whole_so_far = true;
         for (p, gen) in held {
             if let Part::Closing { remote_done: false, .. } = self.parts[p as usize] {
                 if w.applied_cp >= gen {
+                    if let Some(seq) = self.damaged_at[p as usize].filter(|&s| s <= w.applied_seq) {
+                        // The mirror applied this partition's CP, entries this node could
+                        // not read back included: they are on the mirror only now.
+                        return Ok(Resumed::Lost(format!(
+                            "NVLog partition {p} is damaged from sequence {seq} on (see the recovery message), and \
+                             the mirror applied its CP up to {}: writes acknowledged past {} are on the mirror only. \
+                             Fail over to the mirror, then resync this node from it",
+                            w.applied_seq,
+                            seq.saturating_sub(1)
+                        )));
+                    }
                     self.mark_remote_done(p);
                     continue;
                 }
@@ -1697,13 +1807,19 @@ where
                 && self.nvlog_seq_at(p, usize_of(theirs.tail)) == Some(theirs.next_seq)
             {
                 // What the destination holds of this log is persistent there (it persists
-                // what it finds before it welcomes): acknowledged, in effect.
-                self.remote_acked_seq = self.remote_acked_seq.max(theirs.next_seq.saturating_sub(1));
+                // what it finds before it welcomes): acknowledged, in effect, where it
+                // holds everything before it too.
+                if whole_so_far {
+                    self.remote_acked_seq = self.remote_acked_seq.max(theirs.next_seq.saturating_sub(1));
+                }
                 usize_of(theirs.tail)
             } else {
                 link.send(&Message::PartitionOpen { header: ours.encode() }).map_err(send_err)?;
                 PARTITION_HEADER_BYTES
             };
+            if from < tail {
+                whole_so_far = false;
+            }
             self.unsent[p as usize] = from;
             send_range(&self.nvlog, &mut self.unsent[p as usize], p, link)?;
             if let Part::Closing { upto_seq, remote_done: false, .. } = self.parts[p as usize] {
@@ -1712,6 +1828,172 @@ where
             }
         }
         link.flush().map_err(send_err)?;
+        // The log is whole again, wherever recovery found it cut.
+        self.damaged_at = [None; PARTITIONS];
+        Ok(Resumed::Done)
+    }
+
+    /// Takes log bytes the mirror sent back (see [`CatchUp`]).
+    fn on_log_bytes(&mut self, partition: u8, offset: u64, bytes: Vec<u8>) {
+        let ok = self.catch_up.as_mut().is_some_and(|c| {
+            let expected = c.from + c.bytes.len();
+            let fits = expected + bytes.len() <= self.cfg.partition_bytes;
+            if c.partition == partition && offset == expected as u64 && fits {
+                c.bytes.extend_from_slice(&bytes);
+                true
+            } else {
+                false
+            }
+        });
+        if !ok {
+            self.catch_up = None;
+            self.link_down(format!("log bytes of partition {partition} at offset {offset} that were not asked for"));
+        }
+    }
+
+    /// The mirror sent all it holds of the partition: checks the bytes entry by entry,
+    /// appends them to this node's log as its own, and goes on with the resume.
+    fn on_log_fetch_end(&mut self, partition: u8, tail: u64) {
+        let Some(c) = self.catch_up.take() else {
+            return self.link_down("the end of a log fetch nobody asked for".into());
+        };
+        if c.partition != partition || tail != (c.from + c.bytes.len()) as u64 {
+            return self.link_down(format!(
+                "log fetch of partition {partition} ended at {tail}, after {} bytes from {}",
+                c.bytes.len(),
+                c.from
+            ));
+        }
+        if let Err(why) = self.append_fetched(&c) {
+            // Bytes that do not continue this node's log: nothing is taken from them, and
+            // nothing is sent over the mirror's log either.
+            if let LinkState::Up { link, .. } = &mut self.link {
+                link.close();
+            }
+            return self.lost_to_mirror(format!(
+                "the mirror's log of partition {partition} from offset {} does not continue this node's ({why}); \
+                 its entries may hold acknowledged writes: fail over to the mirror, then resync this node from it",
+                c.from
+            ));
+        }
+        let LinkState::Up { mut link, copy } = std::mem::replace(&mut self.link, LinkState::Unmirrored) else {
+            unreachable!("a log fetch is answered on a link that is up")
+        };
+        let r = self.resume(&mut link, &c.welcome);
+        // Put back as it was (still registered for readiness): not through `set_link`.
+        self.link = LinkState::Up { link, copy };
+        match r {
+            Ok(Resumed::Done) => eprintln!("volume {}: mirror link resumed", self.cfg.volume),
+            Ok(Resumed::CatchingUp) => {}
+            Ok(Resumed::Lost(why)) => {
+                if let LinkState::Up { link, .. } = &mut self.link {
+                    link.close();
+                }
+                self.lost_to_mirror(why);
+            }
+            Err(why) => self.link_down(format!("resume after a log fetch: {why}")),
+        }
+    }
+
+    /// The mirror holds acknowledged writes this node lost: the volume takes no more writes
+    /// and no longer connects (a copy from here would overwrite them); failover is the way
+    /// on, as after a fence.
+    fn lost_to_mirror(&mut self, why: String) {
+        self.fail_stop(why.clone());
+        self.set_link(LinkState::Fenced(why));
+    }
+
+    /// Appends entries fetched from the mirror to partition `c.partition` after checking
+    /// each (checksum, volume, partition, epoch, consecutive sequence numbers from where
+    /// this node's log ends), and applies them to the cache as recovery would have.
+    fn append_fetched(&mut self, c: &CatchUp) -> Result<(), String> {
+        let p = c.partition;
+        let ph = self.nvlog.header(p).ok_or("the partition is not held here")?;
+        let mut seq = self.nvlog_seq_at(p, c.from).ok_or("where this log ends is not an entry boundary")?;
+        let first = seq;
+        let mut entries: Vec<(EntryHeader, usize)> = Vec::new();
+        let mut at = 0usize;
+        while at < c.bytes.len() {
+            let (h, _) = EntryHeader::decode(&c.bytes[at..]).map_err(|e| format!("at offset {}: {e}", c.from + at))?;
+            let what = if h.seq != seq {
+                Some(format!("sequence {} where {seq} was expected", h.seq))
+            } else if h.volume_id != self.cfg.volume_id || h.partition != p || h.epoch != ph.epoch {
+                Some("an entry of another volume, partition or epoch".to_string())
+            } else if at + h.footprint() > c.bytes.len() {
+                Some("a truncated entry".to_string())
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(format!("at offset {}: {what}", c.from + at));
+            }
+            entries.push((h, at));
+            at += h.footprint();
+            seq += 1;
+        }
+        for (h, at) in &entries {
+            let data = &c.bytes[at + crate::format::ENTRY_HEADER_BYTES..at + h.footprint()][..h.data_len as usize];
+            if !self.nvlog.fits(p, data.len()) {
+                return Err("more than the partition holds".into());
+            }
+            self.nvlog.append(h, data).map_err(|e| e.to_string())?;
+        }
+        self.nvlog.persist(p).map_err(|e| e.to_string())?;
+        // What this node's log held past the damaged entry (never on the mirror, so never
+        // acknowledged) must not read as following the fetched entries after a crash.
+        self.nvlog.end_at_tail(p).map_err(|e| e.to_string())?;
+        let last = seq - 1;
+        self.next_seq = self.next_seq.max(seq);
+        // Persistent on both sites: acknowledged, in effect.
+        self.acked_seq = self.acked_seq.max(last);
+        self.remote_acked_seq = self.remote_acked_seq.max(last);
+        self.unsent[p as usize] = self.nvlog.tail(p);
+        if let Part::Closing { gen, .. } = self.parts[p as usize] {
+            self.parts[p as usize] = Part::Closing { gen, upto_seq: last, remote_done: false, local_done: false };
+        }
+        // The cache was built from the entries recovery could read; entries of the newer
+        // partition were applied on blocks that lacked these (a partial write keeps the
+        // rest of its block). Built again from the whole log, in sequence order, as
+        // recovery builds it, and the closing partition's local CP written again.
+        self.rebuild_cache_from_log().map_err(|e| format!("rebuild the cache: {e}"))?;
+        self.stats.log_entries_fetched += entries.len() as u64;
+        eprintln!(
+            "volume {}: the mirror's copy served {} entries of NVLog partition {p} (sequence {first} to {last}) that \
+             this node's log lacked after its restart",
+            self.cfg.volume,
+            entries.len()
+        );
+        Ok(())
+    }
+
+    /// Builds the cache (overlay, dirty and logged blocks per partition) again from the
+    /// held partitions' entries in sequence order, and writes a closing partition's local
+    /// CP again: after entries were added behind a later partition's back (a log fetch).
+    fn rebuild_cache_from_log(&mut self) -> io::Result<()> {
+        let device = self.device.clone();
+        let _redo = RedoGuard::new(device.as_ref());
+        self.overlay.clear();
+        let mut held: Vec<(u8, u64)> =
+            PARTITION_IDS.into_iter().filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
+        held.sort_by_key(|h| h.1);
+        for &(p, _) in &held {
+            self.dirty[p as usize].clear();
+            // Only up to the log's tail: past it may lie entries of the timeline a restart
+            // cut short (persisted here, never on the mirror, so never acknowledged).
+            let tail = self.nvlog.tail(p);
+            let scan = crate::format::scan_partition(self.nvlog.partition(p), p);
+            for e in scan.entries.iter().filter(|e| e.at < tail) {
+                let bytes = self.nvlog.partition(p);
+                let (eh, data) = EntryHeader::decode(&bytes[e.at..]).map_err(|e| eio(e.to_string()))?;
+                self.overlay.apply(&eh, data, device.as_ref(), &mut self.dirty[p as usize])?;
+            }
+            self.part_blocks[p as usize] = self.dirty[p as usize].clone();
+        }
+        for &(p, _) in &held {
+            if matches!(self.parts[p as usize], Part::Closing { .. }) {
+                self.local_cp(p)?;
+            }
+        }
         Ok(())
     }
 
@@ -1732,6 +2014,11 @@ where
     // ---- CPs ----
 
     fn try_start_cp(&mut self) {
+        // The log stays as recovery found it until the mirror has said how far it holds
+        // it (a CP would close a partition the mirror may have to fill in).
+        if self.held_for_mirror_log() {
+            return;
+        }
         let other = 1 - self.active;
         if self.parts[other as usize] != Part::Free {
             return;
@@ -1898,7 +2185,7 @@ where
         // Unmirrored, or policy sync with the mirror away: the partition goes on the local
         // half alone, its blocks marked in the change map.
         let alone = matches!(self.link, LinkState::Unmirrored)
-            || (self.tracks_changes() && !matches!(self.link, LinkState::Up { .. }));
+            || (self.tracks_changes() && !matches!(self.link, LinkState::Up { .. }) && !self.held_for_mirror_log());
         if let Part::Closing { local_done: true, remote_done, .. } = self.parts[p as usize] {
             if remote_done || alone {
                 if let Err(e) = self.release(p) {
@@ -1989,7 +2276,9 @@ where
             }
         }
         for _ in 0..BATCH_MAX {
-            if self.quiesced {
+            // Nothing new during a switchover's drain, nor while the log waits for the
+            // mirror's copy (see `held_for_mirror_log`).
+            if self.quiesced || self.held_for_mirror_log() {
                 break;
             }
             let Ok((request, done)) = self.io_rx.try_recv() else { break };
@@ -2170,6 +2459,16 @@ where
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let us = us.min(THROTTLE_DELAY_MAX_US as f64) as u64;
         us
+    }
+
+    /// Whether requests wait for the mirror's copy of the log: recovery found a partition
+    /// cut short (a torn last batch, or an entry whose memory changed), and until the
+    /// mirror has said how far it holds that partition, a read could miss a write it
+    /// acknowledged. Until the first resume; while a log fetch runs.
+    pub(super) fn held_for_mirror_log(&self) -> bool {
+        self.catch_up.is_some()
+            || (self.damaged_at.iter().any(Option::is_some)
+                && !matches!(self.link, LinkState::Unmirrored | LinkState::Fenced(_)))
     }
 
     /// Whether the write throttle holds new client requests back now.

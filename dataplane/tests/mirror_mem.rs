@@ -202,3 +202,96 @@ fn cps_by_value_make_the_mirror_equal_the_source() {
     assert_eq!(dir.device.lock().as_ref().unwrap().snapshot(), src_dev.snapshot());
     h.stop();
 }
+
+/// A mirror whose log files are mapped files, which the test can damage behind its back.
+struct FileLogMirror {
+    dir: tempfile::TempDir,
+    inner: OneMirror,
+}
+
+impl MirrorDirectory for FileLogMirror {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+        let mut m = self.inner.mirror.lock();
+        if m.is_none() {
+            use nvmirror_dataplane::nvram::{MappedNvram, NvramMode};
+            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
+            *self.inner.device.lock() = Some(dev.clone());
+            let log = |p: usize| -> Box<dyn Nvram> {
+                Box::new(MappedNvram::open(&self.dir.path().join(format!("log{p}")), PART, NvramMode::File).unwrap())
+            };
+            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::new(NoStore), [log(0), log(1)], dev).unwrap());
+        }
+        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
+        Ok((Box::new(s), w))
+    }
+}
+
+#[test]
+fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_again() {
+    let dir = Arc::new(FileLogMirror { dir: tempfile::tempdir().unwrap(), inner: OneMirror::default() });
+    let src_dev = Arc::new(MemDevice::new(VOL));
+    let mut cfg = SourceConfig::new("src", "vol", 42, PART);
+    cfg.cp_interval = Duration::from_secs(3600);
+    cfg.reconnect_interval = Duration::from_millis(20);
+    let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
+    let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
+    let h = source::spawn(
+        cfg,
+        log,
+        rec,
+        src_dev.clone(),
+        Arc::new(MemConnector { directory: dir.clone() }),
+        Arc::new(SystemClock::default()),
+        None,
+        None,
+    )
+    .unwrap();
+    attach(&h);
+    for i in 0..8u64 {
+        write(&h, i * 4096, pattern(10 + i, 4096)).unwrap();
+    }
+    // The active partition's log file on the mirror holds the 8 entries: flip a bit in the
+    // data of the third (each entry is its 64-byte header and 4 KiB of data, after the
+    // 64-byte partition header).
+    let mirror = dir.inner.mirror.lock().clone().unwrap();
+    let damaged = (0..2).find_map(|p| {
+        let path = dir.dir.path().join(format!("log{p}"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        // An open log with entries: its first entry's magic is "NVLE".
+        (bytes[64..68] == *b"NVLE").then(|| {
+            let at = 64 + 2 * (64 + 4096) + 64 + 100;
+            bytes[at] ^= 0x10;
+            // The log file is mapped shared: writing the file changes the mirror's memory.
+            std::fs::write(&path, &bytes).unwrap();
+            p
+        })
+    });
+    assert!(damaged.is_some(), "no log file holds the entries");
+    // The CP finds the damaged entry, the mirror cuts its log there and ends the
+    // connection; the source reconnects, sends the entries again from the cut, then the CP.
+    let _ = h.control(Control::Cp(bounded(1).0));
+    let mut st = mirror.status();
+    for _ in 0..500 {
+        st = mirror.status();
+        if st.log_repairs >= 1 && st.applied_cp >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(st.log_repairs, 1, "{st:?}");
+    assert!(st.applied_cp >= 2 && st.consistent && !st.promoted, "the mirror applied the CP and is not failed: {st:?}");
+    assert!(mirror.status().error.is_none(), "{:?}", mirror.status());
+    // What it applied is what the source wrote, damaged entry included.
+    let dev = dir.inner.device.lock().clone().unwrap();
+    let mut got = vec![0u8; 8 * 4096];
+    dev.read_at(&mut got, 0).unwrap();
+    for i in 0..8u64 {
+        let at = (i * 4096) as usize;
+        assert!(got[at..at + 4096] == pattern(10 + i, 4096)[..], "block {i} on the mirror differs");
+    }
+    h.stop();
+}

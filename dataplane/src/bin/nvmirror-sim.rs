@@ -137,6 +137,7 @@ struct Totals {
     frames_reordered: u64,
     clock_jumps: u64,
     disk_faults: u64,
+    nvram_bit_flips: u64,
     disks_replaced: u64,
     switchovers: u64,
     failbacks_delta: u64,
@@ -167,6 +168,7 @@ impl Totals {
         self.frames_reordered += r.net.frames_reordered;
         self.clock_jumps += r.faults.clock_jumps;
         self.disk_faults += r.faults.disk_bit_flips + r.faults.disk_read_errors + r.faults.disks_lost;
+        self.nvram_bit_flips += r.faults.nvram_bit_flips;
         self.disks_replaced += r.faults.disks_replaced;
         self.switchovers += r.faults.switchovers;
         self.failbacks_delta += r.faults.failbacks_delta;
@@ -297,7 +299,7 @@ fn main() -> ExitCode {
     println!(
         "{} seeds passed in {:.1} s ({:.0} simulated s): {} writes acknowledged and verified over {} volume checks; \
          {} power cuts, {} failovers, {} writes to stale primaries refused, {} link cuts, {} frames dropped, {} duplicated, \
-         {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} switchovers, {} failbacks by delta resync and \
+         {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} bits flipped in acknowledged NVLog entries, {} switchovers, {} failbacks by delta resync and \
          {} by baseline, {} seeds under policy sync; crashes lost or tore {} NVRAM lines and {} disk blocks; {} durable \
          operations",
         t.seeds,
@@ -315,6 +317,7 @@ fn main() -> ExitCode {
         t.clock_jumps,
         t.disk_faults,
         t.disks_replaced,
+        t.nvram_bit_flips,
         t.switchovers,
         t.failbacks_delta,
         t.failbacks_baseline,

@@ -219,6 +219,25 @@ impl<N: Nvram> LogFile<N> {
         Ok(())
     }
 
+    /// Where the persisted part of the log ends: what the destination may give back to a
+    /// source that lost its own copy (`Message::LogFetch`).
+    pub fn persisted_tail(&self) -> usize {
+        self.persisted
+    }
+
+    /// Drops the entry at `at` and every one after it from the log's bookkeeping: an entry
+    /// that failed its checksum when read back (the memory under it changed after it was
+    /// validated). The source sends them again from its own log.
+    pub fn truncate_at(&mut self, at: usize) {
+        let Some(i) = self.index.iter().position(|e| e.at == at) else { return };
+        let seq = self.index[i].header.seq;
+        self.index.truncate(i);
+        self.tail = at;
+        self.persisted = self.persisted.min(at);
+        self.next_seq = seq;
+        self.persisted_next_seq = self.persisted_next_seq.min(seq);
+    }
+
     /// The entries the log holds, in order (see [`LogFile::catch_up`]).
     pub fn entries(&self) -> &[ScannedEntry] {
         &self.index

@@ -289,6 +289,11 @@ impl<N: Nvram> NvLog<N> {
         SUPERBLOCK_BYTES + p as usize * partition_bytes
     }
 
+    /// Where partition `p` starts in the log's region (for tools that read a log's image).
+    pub fn partition_base(p: u8, partition_bytes: usize) -> usize {
+        Self::base(p, partition_bytes)
+    }
+
     /// The whole log's memory (superblock, checkpoint and both partitions): what a link
     /// may register to send entries from.
     pub fn memory(&self) -> &[u8] {
@@ -387,6 +392,18 @@ impl<N: Nvram> NvLog<N> {
         header.encode(data, &mut bytes[at..at + ENTRY_HEADER_BYTES]);
         self.parts[p as usize].tail = end;
         Ok(at)
+    }
+
+    /// Zeroes the entry slot at partition `p`'s tail and persists it, so that a scan ends
+    /// there whatever an earlier use of the space left behind (see `open_partition`).
+    pub fn end_at_tail(&mut self, p: u8) -> Result<(), NvLogError> {
+        let tail = self.parts[p as usize].tail;
+        if tail + ENTRY_HEADER_BYTES > self.partition_bytes {
+            return Ok(());
+        }
+        let at = Self::base(p, self.partition_bytes) + tail;
+        self.nvram.bytes_mut()[at..at + ENTRY_HEADER_BYTES].fill(0);
+        self.nvram.persist(at, ENTRY_HEADER_BYTES).map_err(NvLogError::Persist)
     }
 
     /// Offset of the first entry at or after `from` whose end lies beyond `from + max`:

@@ -135,6 +135,16 @@ impl NvramMedia {
         Arc::new(Mutex::new(Self { durable: vec![0; len], left: None }))
     }
 
+    /// What survives a power cut, as it stands.
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
+    /// Flips a bit of what was persisted (the memory changed under a written entry).
+    pub fn flip_bit(&mut self, offset: usize, bit: u8) {
+        self.durable[offset] ^= 1 << (bit % 8);
+    }
+
     /// The node crashed: resolves what was in memory and not persisted.
     pub fn crash(&mut self, rng: &mut StdRng, damage: &mut CrashDamage) {
         let Some(left) = self.left.take() else { return };

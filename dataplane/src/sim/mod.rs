@@ -123,6 +123,8 @@ pub struct FaultCounts {
     pub clock_jumps: u64,
     pub disk_read_errors: u64,
     pub disk_bit_flips: u64,
+    /// Bits flipped in acknowledged NVLog entries of the primary (then its power cut).
+    pub nvram_bit_flips: u64,
     pub disks_lost: u64,
     pub disks_replaced: u64,
     pub switchovers: u64,
@@ -963,7 +965,9 @@ impl World {
     /// Every acknowledged write must be on the primary.
     fn check_primary(&mut self, when: &str) -> Result<(), String> {
         let primary = self.primary.clone();
-        if self.live_source(&primary).is_none() {
+        // Not running, or waiting for its mirror's copy of a log it found cut short (it
+        // serves nothing meanwhile): checked once it runs again.
+        if self.live_source(&primary).is_none_or(|s| s.stepped.status().awaiting_mirror_log) {
             return Ok(());
         }
         let image = self.read_volume(&primary)?;
@@ -1185,6 +1189,17 @@ impl World {
             return Ok(());
         }
         let old = self.primary.clone();
+        // The administrator decided while the primary was down and its mirror current. If
+        // the primary came back meanwhile and its mirror is no longer current (policy sync
+        // went on alone), failing over now would drop writes it acknowledged since: the
+        // administrator looks at the status first, and restarts the primary instead.
+        if !self.primary_current && self.retry_failover.as_deref() != Some(node) {
+            self.event(format!("failover on {node} called off: the mirror is no longer current for {old}"));
+            if !self.is_live(&old) {
+                self.schedule(MS, Action::Restart(old));
+            }
+            return Ok(());
+        }
         let live = self.nodes[node].live.as_ref().expect("live");
         let Some((mirror, raid)) = live.directory.mirrors.lock().get(&old).cloned() else { return Ok(()) };
         let report = match mirror.promote() {
@@ -1545,7 +1560,8 @@ impl World {
                 self.clock.advance(j);
                 self.event(format!("clock jumped {} ms forward", j / MS));
             }
-            64..100 => self.disk_fault()?,
+            64..67 => self.nvram_flip()?,
+            67..100 => self.disk_fault()?,
             _ => unreachable!(),
         }
         Ok(())
@@ -1571,6 +1587,77 @@ impl World {
             drop(d);
             self.event(format!("node {node}: power to be cut at its {ops}th durable operation from now"));
         }
+    }
+
+    /// Flips a bit of an acknowledged entry in the primary's NVLog, one the mirror holds as
+    /// well, as the primary's power is cut: recovery must find the entry damaged and say
+    /// so, and the mirror's copy must serve (no acknowledged write may be missing once the
+    /// pair has resumed). The entry is in the active partition: the mirror applies nothing
+    /// of it before the source's CP.
+    fn nvram_flip(&mut self) -> Result<(), String> {
+        let primary = self.primary.clone();
+        let Some(mirror) = self.mirror.clone() else { return Ok(()) };
+        if !self.is_live(&primary) || !self.is_live(&mirror) {
+            return Ok(());
+        }
+        {
+            let n = &self.nodes[&primary];
+            if n.disk_damage > 0 || n.durable.lock().power.armed() {
+                return Ok(());
+            }
+        }
+        let Some(src) = self.live_source(&primary) else { return Ok(()) };
+        let epoch = src.epoch;
+        let st = src.stepped.status();
+        // Persistent on both sites (and so possibly acknowledged).
+        // Recovery reads a log up to its first damaged entry and never past it: every
+        // acknowledged entry after the flipped one must be on the mirror too. Under policy
+        // sync with the mirror away, writes acknowledged alone have one copy by the
+        // policy's own terms, and a flip before them is a double fault.
+        // Nor can a mirror in the middle of a copy serve (it is not consistent yet).
+        if st.acked_seq > st.mirror_acked_seq || st.state != "in-sync" {
+            return Ok(());
+        }
+        let safe = st.acked_seq.min(st.mirror_acked_seq);
+        let link_state = st.state.clone();
+        self.faults.power_cuts += 1;
+        self.nodes[&primary].durable.lock().power.cut_now();
+        self.crash(&primary)?;
+        let media = self.nodes[&primary].durable.lock().nvram.get(&format!("{VOLUME}.{epoch}.nvlog")).cloned();
+        let target = media.as_ref().and_then(|m| {
+            let image = m.lock().durable().to_vec();
+            let scans: Vec<(usize, crate::format::PartitionScan)> = [0u8, 1]
+                .into_iter()
+                .map(|p| {
+                    let base = NvLog::<SimNvram>::partition_base(p, PARTITION_BYTES);
+                    (base, crate::format::scan_partition(&image[base..base + PARTITION_BYTES], p))
+                })
+                .collect();
+            let (base, scan) = scans
+                .into_iter()
+                .filter(|(_, s)| s.header.is_some())
+                .max_by_key(|(_, s)| s.header.map(|h| h.cp_gen))?;
+            let candidates: Vec<_> = scan.entries.iter().filter(|e| e.header.seq <= safe).copied().collect();
+            Some((base, candidates))
+        });
+        match (media, target) {
+            (Some(m), Some((base, candidates))) if !candidates.is_empty() => {
+                let e = candidates[self.rng.gen_range(0..candidates.len())];
+                let span = crate::format::ENTRY_HEADER_BYTES + e.header.data_len as usize;
+                let at = base + e.at + self.rng.gen_range(0..span);
+                let bit = self.rng.gen_range(0..8);
+                m.lock().flip_bit(at, bit);
+                self.faults.nvram_bit_flips += 1;
+                self.event(format!(
+                    "node {primary}: power cut, and bit {bit} of NVLog entry {} (acknowledged, on the mirror too: \
+                     {link_state}, mirror acknowledged up to {safe}) flipped at region offset {at}",
+                    e.header.seq
+                ));
+            }
+            _ => self.event(format!("node {primary}: power cut (no acknowledged entry in the log to flip)")),
+        }
+        self.after_crash(&primary);
+        Ok(())
     }
 
     /// The RAID volume a disk fault may hit: the primary's, or the mirror's on its node.

@@ -124,9 +124,9 @@ where
             let Some(mut c) = self.clients.take(slot) else { continue };
             worked |= c.session.fill();
             // Writes waiting for log space go first, in order: while any waits, no new
-            // request is taken; during a switchover's drain none is, nor while the write
-            // throttle holds requests back.
-            while self.waiting.is_empty() && !self.quiesced && !self.throttled() {
+            // request is taken; nor is one during a switchover's drain, while the write
+            // throttle holds requests back, or while the log waits for the mirror's copy.
+            while self.waiting.is_empty() && !self.quiesced && !self.throttled() && !self.held_for_mirror_log() {
                 let Some(command) = c.session.next_command() else { break };
                 worked = true;
                 self.serve(&mut c.session, slot, c.gen, command);

@@ -523,16 +523,7 @@ fn dead_handler() -> Box<dyn FrameHandler> {
 }
 
 fn reply_of(msg: &Message<'_>) -> io::Result<Reply> {
-    Ok(match msg {
-        Message::Ack { seq } => Reply::Ack { seq: *seq },
-        Message::CpDone { cp } => Reply::CpDone { cp: *cp },
-        Message::BaselineAck => Reply::BaselineAck,
-        Message::Refuse { code, reason } => Reply::Refuse { code: *code, reason: reason.clone() },
-        Message::Error { reason } => Reply::Error { reason: reason.clone() },
-        Message::RdmaListen { addr, token } => Reply::RdmaListen { addr: addr.clone(), token: *token },
-        Message::RdmaRegions { regions } => Reply::RdmaRegions { regions: *regions },
-        other => return Err(io::Error::other(format!("unexpected reply {other:?}"))),
-    })
+    Reply::from_message(msg).ok_or_else(|| io::Error::other(format!("unexpected reply {msg:?}")))
 }
 
 /// The destination's end. It holds the network weakly: the network holds the handler

@@ -35,6 +35,29 @@ pub enum Reply {
     Error { reason: String },
     RdmaListen { addr: String, token: u64 },
     RdmaRegions { regions: [wire::RdmaRegion; 2] },
+    LogBytes { partition: u8, offset: u64, bytes: Vec<u8> },
+    LogFetchEnd { partition: u8, tail: u64 },
+}
+
+impl Reply {
+    /// The reply a frame from the destination carries; `None` for a frame a destination
+    /// never sends.
+    pub fn from_message(msg: &Message<'_>) -> Option<Reply> {
+        Some(match msg {
+            Message::Ack { seq } => Reply::Ack { seq: *seq },
+            Message::CpDone { cp } => Reply::CpDone { cp: *cp },
+            Message::BaselineAck => Reply::BaselineAck,
+            Message::Refuse { code, reason } => Reply::Refuse { code: *code, reason: reason.clone() },
+            Message::Error { reason } => Reply::Error { reason: reason.clone() },
+            Message::RdmaListen { addr, token } => Reply::RdmaListen { addr: addr.clone(), token: *token },
+            Message::RdmaRegions { regions } => Reply::RdmaRegions { regions: *regions },
+            Message::LogBytes { partition, offset, bytes } => {
+                Reply::LogBytes { partition: *partition, offset: *offset, bytes: bytes.to_vec() }
+            }
+            Message::LogFetchEnd { partition, tail } => Reply::LogFetchEnd { partition: *partition, tail: *tail },
+            _ => return None,
+        })
+    }
 }
 
 /// An event on a link, in arrival order.

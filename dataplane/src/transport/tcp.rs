@@ -253,16 +253,8 @@ impl TcpLink {
             Ok(None) => return None,
             Err(e) => return Some(Err(format!("bad frame from destination: {e}"))),
             Ok(Some((msg, used))) => {
-                let reply = match msg {
-                    Message::Ack { seq } => Ok(Reply::Ack { seq }),
-                    Message::CpDone { cp } => Ok(Reply::CpDone { cp }),
-                    Message::BaselineAck => Ok(Reply::BaselineAck),
-                    Message::Refuse { code, reason } => Ok(Reply::Refuse { code, reason }),
-                    Message::Error { reason } => Ok(Reply::Error { reason }),
-                    Message::RdmaListen { addr, token } => Ok(Reply::RdmaListen { addr, token }),
-                    Message::RdmaRegions { regions } => Ok(Reply::RdmaRegions { regions }),
-                    other => Err(format!("unexpected frame from destination: {other:?}")),
-                };
+                let reply =
+                    Reply::from_message(&msg).ok_or_else(|| format!("unexpected frame from destination: {msg:?}"));
                 (reply, used)
             }
         };

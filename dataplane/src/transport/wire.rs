@@ -18,6 +18,9 @@ pub const FRAME_VERSION: u8 = 1;
 pub const FRAME_HEADER_BYTES: usize = 16;
 /// The largest body a peer may send: a batch of entries or a block of baseline data.
 pub const BODY_MAX: usize = 8 << 20;
+/// The most log bytes one `LogBytes` frame carries: small enough for the source's reply
+/// buffer, which it reads without waiting.
+pub const LOG_BYTES_CHUNK: usize = 32 << 10;
 pub const STRING_MAX: usize = 255;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -179,6 +182,27 @@ pub enum Message<'a> {
     RdmaRegions {
         regions: [RdmaRegion; 2],
     },
+    /// The source asks for the destination's log bytes of `partition` from `offset` to
+    /// the destination's tail: after a crash, the source's own log may end earlier (a torn
+    /// last batch, or an entry that fails its checksum), and what the destination holds
+    /// past that point was persistent there, acknowledged to clients perhaps: the mirror's
+    /// copy serves (see `LogBytes`, `LogFetchEnd`).
+    LogFetch {
+        partition: u8,
+        offset: u64,
+    },
+    /// Log bytes of `partition` at `offset`, in answer to `LogFetch` (as many frames as it
+    /// takes, in order, each at most `LOG_BYTES_CHUNK` bytes).
+    LogBytes {
+        partition: u8,
+        offset: u64,
+        bytes: &'a [u8],
+    },
+    /// The last answer to `LogFetch`: the destination's log of `partition` ends at `tail`.
+    LogFetchEnd {
+        partition: u8,
+        tail: u64,
+    },
     /// The source asks to authenticate, with its nonce: its first frame where it holds a
     /// secret.
     AuthRequest {
@@ -219,6 +243,9 @@ const K_RDMA_SETUP: u8 = 14;
 const K_RDMA_LISTEN: u8 = 15;
 const K_RDMA_REGIONS: u8 = 16;
 const K_RESYNC_DONE: u8 = 17;
+const K_LOG_FETCH: u8 = 18;
+const K_LOG_BYTES: u8 = 19;
+const K_LOG_FETCH_END: u8 = 20;
 // The handshake's authentication frames, apart from the data path's kinds.
 const K_AUTH_REQUEST: u8 = 32;
 const K_AUTH_CHALLENGE: u8 = 33;
@@ -432,6 +459,23 @@ impl Message<'_> {
                 }
                 K_RDMA_REGIONS
             }
+            Message::LogFetch { partition, offset } => {
+                w.u8(*partition);
+                w.u64(*offset);
+                K_LOG_FETCH
+            }
+            Message::LogBytes { partition, offset, bytes } => {
+                w.u8(*partition);
+                w.0.extend_from_slice(&[0; 3]);
+                w.u64(*offset);
+                w.0.extend_from_slice(bytes);
+                K_LOG_BYTES
+            }
+            Message::LogFetchEnd { partition, tail } => {
+                w.u8(*partition);
+                w.u64(*tail);
+                K_LOG_FETCH_END
+            }
             Message::AuthRequest { nonce } => {
                 w.0.extend_from_slice(nonce);
                 K_AUTH_REQUEST
@@ -510,6 +554,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_RDMA_LISTEN => "rdma-listen",
         K_RDMA_REGIONS => "rdma-regions",
         K_RESYNC_DONE => "resync-done",
+        K_LOG_FETCH => "log-fetch",
+        K_LOG_BYTES => "log-bytes",
+        K_LOG_FETCH_END => "log-fetch-end",
         K_AUTH_REQUEST => "auth-request",
         K_AUTH_CHALLENGE => "auth-challenge",
         K_AUTH_PROOF => "auth-proof",
@@ -622,6 +669,18 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             }
             Message::RdmaRegions { regions }
         }
+        K_LOG_FETCH => Message::LogFetch { partition: r.u8()?, offset: r.u64()? },
+        K_LOG_BYTES => {
+            let partition = r.u8()?;
+            r.take(3)?;
+            let offset = r.u64()?;
+            let bytes = r.rest();
+            if bytes.is_empty() || bytes.len() > LOG_BYTES_CHUNK {
+                return Err(WireError::BadField(name, "empty, or above the chunk size"));
+            }
+            Message::LogBytes { partition, offset, bytes }
+        }
+        K_LOG_FETCH_END => Message::LogFetchEnd { partition: r.u8()?, tail: r.u64()? },
         K_AUTH_REQUEST => Message::AuthRequest { nonce: r.take(NONCE_BYTES)?.try_into().expect("32") },
         K_AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.take(NONCE_BYTES)?.try_into().expect("32") },
         K_AUTH_PROOF => Message::AuthProof { proof: r.take(MAC_BYTES)?.try_into().expect("32") },
@@ -643,6 +702,8 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::RdmaSetup
             | Message::RdmaListen { .. }
             | Message::RdmaRegions { .. }
+            | Message::LogFetch { .. }
+            | Message::LogFetchEnd { .. }
             | Message::AuthRequest { .. }
             | Message::AuthChallenge { .. }
             | Message::AuthProof { .. }
@@ -707,6 +768,9 @@ mod tests {
                 regions: [RdmaRegion { addr: 1, rkey: 2, len: 3 }, RdmaRegion { addr: 4, rkey: 5, len: 6 }],
             },
             Message::Refuse { code: RefuseCode::Unauthenticated, reason: "who are you".into() },
+            Message::LogFetch { partition: 1, offset: 4160 },
+            Message::LogBytes { partition: 0, offset: 8256, bytes: &[7u8; 300] },
+            Message::LogFetchEnd { partition: 1, tail: 12345 },
             Message::AuthRequest { nonce: [1; 32] },
             Message::AuthChallenge { nonce: [2; 32] },
             Message::AuthProof { proof: [3; 32] },
