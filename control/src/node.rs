@@ -453,7 +453,7 @@ impl Node {
         Ok(())
     }
 
-    fn open_mirror(&self, meta: MirrorMeta) -> Result<Arc<Mirror>> {
+    fn open_mirror(&self, mut meta: MirrorMeta) -> Result<Arc<Mirror>> {
         let dir = self.mirror_dir(&meta.source_node, &meta.volume);
         fs::create_dir_all(&dir)?;
         let logdir = self.mirror_log_path(&meta.source_node, &meta.volume, 0);
@@ -470,7 +470,25 @@ impl Node {
         let (storage, opened) = if storage_path.exists() {
             let storage: VolumeStorage = serde_json::from_slice(&fs::read(&storage_path)?)
                 .with_context(|| format!("{} is not a valid storage description", storage_path.display()))?;
-            let opened = self.open_volumes.open(&meta.volume, &storage)?;
+            // A mirror's storage found dirty and degraded (a crash during a CP with a member
+            // gone) opens all the same, taken as inconsistent: the source copies it over
+            // whole. A promoted mirror is a volume's storage: refused, as a volume's is.
+            let opened = if meta.promoted {
+                self.open_volumes.open(&meta.volume, &storage)?
+            } else {
+                self.open_volumes.open_for_copy(&meta.volume, &storage)?
+            };
+            if opened.raid.as_ref().is_some_and(|r| r.write_hole_found())
+                && (meta.consistent || meta.pending_cp.is_some())
+            {
+                eprintln!(
+                    "mirror {}/{}: its storage was left dirty and degraded by a crash; it takes a baseline copy",
+                    meta.source_node, meta.volume
+                );
+                meta.consistent = false;
+                meta.resyncing = false;
+                meta.pending_cp = None;
+            }
             (storage, opened)
         } else {
             // A new mirror, in this node's own geometry. Member files left by a creation

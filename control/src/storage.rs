@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nvmirror_dataplane::raid::{Geometry, Raid4, RaidStatus};
+use nvmirror_dataplane::raid::{Geometry, Raid4, RaidStatus, WriteHole};
 use nvmirror_dataplane::storage::{BlockDevice, DiskSpec, Engine};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -134,6 +134,17 @@ impl OpenVolumes {
 
     /// Opens the storage of an existing volume.
     pub fn open(&self, name: &str, storage: &VolumeStorage) -> Result<Opened> {
+        self.open_with(name, storage, WriteHole::Refuse)
+    }
+
+    /// As [`OpenVolumes::open`], for storage about to be copied over whole (a mirror that
+    /// takes a baseline): a RAID-4 volume found dirty and degraded opens all the same
+    /// (`Raid4::write_hole_found` says so).
+    pub fn open_for_copy(&self, name: &str, storage: &VolumeStorage) -> Result<Opened> {
+        self.open_with(name, storage, WriteHole::Accept)
+    }
+
+    fn open_with(&self, name: &str, storage: &VolumeStorage, write_hole: WriteHole) -> Result<Opened> {
         match storage {
             VolumeStorage::Single { disk } => {
                 Ok(Opened { device: disk.open(None).with_context(|| format!("open {disk}"))?, raid: None })
@@ -143,7 +154,10 @@ impl OpenVolumes {
                 if let Some(raid) = open.get(&disks[0].path).and_then(Weak::upgrade) {
                     return Ok(Opened { device: raid.clone(), raid: Some(raid) });
                 }
-                let raid = Arc::new(Raid4::open(name, disks)?);
+                let raid = Arc::new(match write_hole {
+                    WriteHole::Refuse => Raid4::open(name, disks)?,
+                    WriteHole::Accept => Raid4::open_for_copy(name, disks)?,
+                });
                 open.insert(disks[0].path.clone(), Arc::downgrade(&raid));
                 Ok(Opened { device: raid.clone(), raid: Some(raid) })
             }

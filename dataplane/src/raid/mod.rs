@@ -22,4 +22,4 @@ mod tests;
 pub use layout::Geometry;
 pub use maintain::{Progress, ScrubReport};
 pub use superblock::MemberState;
-pub use volume::{Raid4, RaidError, RaidStatus};
+pub use volume::{Raid4, RaidError, RaidStatus, WriteHole};

@@ -4,7 +4,7 @@
 //! |--------|-------|-----------------------------------------------------------|
 //! | 0      | 8     | magic `NVMRAID4`                                          |
 //! | 8      | 4     | version (1)                                               |
-//! | 12     | 4     | reserved, zero                                            |
+//! | 12     | 4     | flags: bit 0 dirty (writes may be in flight since the last flush) |
 //! | 16     | 16    | volume uuid (the same on every member)                    |
 //! | 32     | 4     | this member's index (data 0..N-1, parity N)               |
 //! | 36     | 4     | data disks N                                              |
@@ -27,6 +27,13 @@
 //! cut in between leaves members one event apart, which [`super::Raid4::open`] tells from
 //! a member that missed changes (two rounds at least: its failure and its return) and
 //! finishes at the same event.
+//!
+//! The dirty flag (no change of `events`): set on every member before the first write
+//! after a flush reaches any member, cleared after a flush. A volume found dirty had writes
+//! in flight when it stopped, whose rows may hold data and parity out of step (the redo
+//! of the log that fed them puts them right); found dirty and degraded, a missing member's
+//! blocks in those rows cannot be told from parity (the RAID-4 write hole), and the volume
+//! does not start.
 
 use thiserror::Error;
 
@@ -79,6 +86,8 @@ pub struct Superblock {
     pub members: Vec<MemberState>,
     pub rebuild_cursor: u64,
     pub created_unix_ms: u64,
+    /// Writes may have been in flight since the last flush (see the module docs).
+    pub dirty: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -98,7 +107,11 @@ pub enum SuperblockError {
     Index { index: u32, members: usize },
     #[error("superblock member table holds an unknown state {0}")]
     State(u8),
+    #[error("superblock flags {0:#x} hold bits this build does not know")]
+    Flags(u32),
 }
+
+const FLAG_DIRTY: u32 = 1;
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -113,6 +126,8 @@ impl Superblock {
         let mut b = [0u8; SUPERBLOCK_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let flags = if self.dirty { FLAG_DIRTY } else { 0 };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..32].copy_from_slice(&self.uuid);
         b[32..36].copy_from_slice(&self.member_index.to_le_bytes());
         b[36..40].copy_from_slice(&self.geometry.data_disks.to_le_bytes());
@@ -145,6 +160,10 @@ impl Superblock {
         if version != VERSION {
             return Err(SuperblockError::Version(version));
         }
+        let flags = u32_at(b, 12);
+        if flags & !FLAG_DIRTY != 0 {
+            return Err(SuperblockError::Flags(flags));
+        }
         let geometry = Geometry::new(u32_at(b, 36), u32_at(b, 40), u64_at(b, 48)).map_err(SuperblockError::Geometry)?;
         let n = geometry.members();
         let member_index = u32_at(b, 32);
@@ -163,6 +182,7 @@ impl Superblock {
             members,
             rebuild_cursor: u64_at(b, 96),
             created_unix_ms: u64_at(b, 104),
+            dirty: flags & FLAG_DIRTY != 0,
         })
     }
 }
@@ -181,6 +201,7 @@ mod tests {
             members: vec![MemberState::InSync, MemberState::Failed, MemberState::InSync, MemberState::Rebuilding],
             rebuild_cursor: 123,
             created_unix_ms: 1_700_000_000_000,
+            dirty: true,
         }
     }
 
@@ -209,6 +230,7 @@ mod tests {
         assert!(matches!(Superblock::decode(&reseal(s, 36, 1)), Err(SuperblockError::Geometry(_))));
         assert_eq!(Superblock::decode(&reseal(s, 32, 9)), Err(SuperblockError::Index { index: 9, members: 4 }));
         assert_eq!(Superblock::decode(&reseal(s, 65, 7)), Err(SuperblockError::State(7)));
+        assert_eq!(Superblock::decode(&reseal(s, 12, 3)), Err(SuperblockError::Flags(3)));
     }
 
     proptest! {

@@ -150,6 +150,15 @@ pub struct RaidStatus {
     pub last_scrub: Option<super::maintain::ScrubReport>,
 }
 
+/// What an open does with a volume found dirty and degraded (the RAID-4 write hole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteHole {
+    /// Refuses to open it ([`RaidError::DirtyDegraded`]): the default.
+    Refuse,
+    /// Opens it: for a volume that is to be copied over whole.
+    Accept,
+}
+
 /// Why a volume could not be created or opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -169,6 +178,16 @@ pub enum RaidError {
     TooManyFailed { volume: String, failed: Vec<String> },
     #[error("RAID-4 volume {volume}: no member holds a valid superblock: {}", .problems.join("; "))]
     NoSuperblock { volume: String, problems: Vec<String> },
+    /// Writes were in flight when the volume stopped (its superblocks say dirty) and a
+    /// member is missing: rows those writes touched may hold data and parity out of step,
+    /// and the missing member's blocks in them cannot be told (the RAID-4 write hole).
+    #[error(
+        "RAID-4 volume {volume}: stopped with writes in flight while {missing}; the rows they touched may \
+         hold data and parity out of step, and the missing member's blocks in them cannot be rebuilt (the \
+         RAID-4 write hole): the volume does not start. Its mirror holds it: fail over to the mirror, then \
+         resync this node from it"
+    )]
+    DirtyDegraded { volume: String, missing: String },
 }
 
 pub struct Raid4 {
@@ -180,6 +199,11 @@ pub struct Raid4 {
     /// superblock before the change is used.
     members: RwLock<Vec<Member>>,
     meta: Mutex<Meta>,
+    /// Held while the dirty flag is written to the superblocks: a write waits for the
+    /// round that sets it, and none starts during the round that clears it.
+    dirty_round: Mutex<()>,
+    /// The open found the volume dirty and degraded (see [`Raid4::open_for_copy`]).
+    write_hole_found: bool,
     dirty_csums: Mutex<BTreeSet<(usize, u64)>>,
     locks: Box<[Mutex<()>]>,
     redo: AtomicBool,
@@ -194,6 +218,11 @@ struct Meta {
     events: u64,
     /// The rebuild cursor as persisted in the superblocks.
     rebuild_cursor: u64,
+    /// The superblocks say dirty: writes may be in flight since the last flush.
+    dirty: bool,
+    /// Write batches under way, and started since the volume opened (see `begin_write`).
+    writes_in_flight: u64,
+    writes_started: u64,
 }
 
 impl fmt::Debug for Raid4 {
@@ -304,10 +333,33 @@ impl Raid4 {
         Self::open_devices(name, opened)
     }
 
+    /// As [`Raid4::open`], for a volume about to be overwritten whole (a mirror that will
+    /// take a baseline copy): one found dirty and degraded ([`RaidError::DirtyDegraded`])
+    /// opens all the same, and [`Raid4::write_hole_found`] says so.
+    pub fn open_for_copy(name: &str, disks: &[DiskSpec]) -> Result<Self, RaidError> {
+        let opened = disks.iter().map(|d| (d.clone(), d.open(None))).collect();
+        Self::open_devices_with(name, opened, WriteHole::Accept)
+    }
+
     /// As [`Raid4::open`], with the disks already opened (or failed to open).
     pub fn open_devices(
         name: &str,
         disks: Vec<(DiskSpec, io::Result<Arc<dyn BlockDevice>>)>,
+    ) -> Result<Self, RaidError> {
+        Self::open_devices_with(name, disks, WriteHole::Refuse)
+    }
+
+    /// Whether the open found the volume dirty and degraded (see [`Raid4::open_for_copy`]):
+    /// some blocks of the missing member may read as garbage until everything is rewritten.
+    pub fn write_hole_found(&self) -> bool {
+        self.write_hole_found
+    }
+
+    /// As [`Raid4::open_devices`], saying what a volume found dirty and degraded does.
+    pub fn open_devices_with(
+        name: &str,
+        disks: Vec<(DiskSpec, io::Result<Arc<dyn BlockDevice>>)>,
+        write_hole: WriteHole,
     ) -> Result<Self, RaidError> {
         let mut found: Vec<Found> = Vec::new();
         for (_, dev) in &disks {
@@ -347,6 +399,7 @@ impl Raid4 {
         // of sync is recorded in the table of the others before anything more is written,
         // so a member that missed data is marked so, or missed two rounds (its failure and
         // its return).
+        let mut found_dirty = false;
         let mut lagging = Vec::new();
         let mut members = Vec::new();
         for (i, ((spec, _), f)) in disks.into_iter().zip(found).enumerate() {
@@ -376,6 +429,10 @@ impl Raid4 {
                     if problem.is_none() && sb.events < auth.events {
                         lagging.push(i);
                     }
+                    // The members that count (a failed member's superblock is as old as
+                    // its failure): dirty where any of them says so, a round that set the
+                    // flag may have been cut short.
+                    found_dirty |= problem.is_none() && sb.dirty;
                     match problem {
                         Some(p) => {
                             reason = Some(p);
@@ -401,7 +458,18 @@ impl Raid4 {
         }
         let cursor = if members.iter().any(|m| m.state == MemberState::Rebuilding) { auth.rebuild_cursor } else { 0 };
         let changed = members.iter().zip(&auth.members).any(|(m, s)| m.state != *s);
-        let raid = Self::assemble(name, geo, auth.uuid, auth.created_unix_ms, members, auth.events, cursor);
+        let dirty = found_dirty;
+        let hole = dirty && !not_in_sync.is_empty();
+        if hole {
+            let e = RaidError::DirtyDegraded { volume: name.into(), missing: not_in_sync.join("; ") };
+            if write_hole == WriteHole::Refuse {
+                return Err(e);
+            }
+            eprintln!("{e} (opened all the same: it is to be copied over whole)");
+        }
+        let mut raid = Self::assemble(name, geo, auth.uuid, auth.created_unix_ms, members, auth.events, cursor);
+        raid.meta.get_mut().dirty = dirty;
+        raid.write_hole_found = hole;
         raid.load_csums().map_err(|source| RaidError::Disk {
             volume: name.into(),
             disk: "(checksum area)".into(),
@@ -456,7 +524,9 @@ impl Raid4 {
             uuid,
             created_unix_ms,
             members: RwLock::new(members),
-            meta: Mutex::new(Meta { events, rebuild_cursor }),
+            meta: Mutex::new(Meta { events, rebuild_cursor, dirty: false, writes_in_flight: 0, writes_started: 0 }),
+            dirty_round: Mutex::new(()),
+            write_hole_found: false,
             dirty_csums: Mutex::new(BTreeSet::new()),
             locks: (0..STRIPE_LOCKS).map(|_| Mutex::new(())).collect(),
             redo: AtomicBool::new(false),
@@ -623,6 +693,7 @@ impl Raid4 {
                 members: table.clone(),
                 rebuild_cursor: meta.rebuild_cursor,
                 created_unix_ms: self.created_unix_ms,
+                dirty: meta.dirty,
             };
             let mut block = vec![0u8; BLOCK_BYTES];
             block[..SUPERBLOCK_BYTES].copy_from_slice(&sb.encode());
@@ -639,6 +710,43 @@ impl Raid4 {
             self.fail_member(i, &e);
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Starts a write batch: the superblocks say dirty before any of it reaches a member
+    /// (see the superblock's module docs). Pair with [`Self::end_write`].
+    fn begin_write(&self) -> io::Result<()> {
+        let _round = self.dirty_round.lock();
+        let mut meta = self.meta.lock();
+        meta.writes_in_flight += 1;
+        meta.writes_started += 1;
+        if meta.dirty {
+            return Ok(());
+        }
+        meta.dirty = true;
+        drop(meta);
+        // A member whose superblock cannot be written is failed (and left out): the flag
+        // is on every member that counts, if the volume survives it.
+        self.write_superblocks().or_else(|_| self.check_survivable()).inspect_err(|_| {
+            let mut meta = self.meta.lock();
+            meta.writes_in_flight -= 1;
+        })
+    }
+
+    fn end_write(&self) {
+        self.meta.lock().writes_in_flight -= 1;
+    }
+
+    /// After a flush that began once `started` write batches had started: the superblocks
+    /// say clean again, if no batch is under way or began since.
+    fn mark_clean(&self, started: u64) -> io::Result<()> {
+        let _round = self.dirty_round.lock();
+        let mut meta = self.meta.lock();
+        if !meta.dirty || meta.writes_in_flight > 0 || meta.writes_started != started {
+            return Ok(());
+        }
+        meta.dirty = false;
+        drop(meta);
+        self.write_superblocks().or_else(|_| self.check_survivable())
     }
 
     pub(super) fn set_rebuild_cursor_persisted(&self, cursor: u64) {
@@ -905,7 +1013,12 @@ impl Raid4 {
 
     /// Rewrites one block (repaired) and its checksum.
     fn rewrite_block(&self, view: &View, member: usize, row: u64, data: &[u8]) -> Result<(), Retry> {
-        if let Err(e) = view.dev(member).write_at(data, self.geo.data_offset() + row * B) {
+        if self.begin_write().is_err() {
+            return Err(Retry);
+        }
+        let r = view.dev(member).write_at(data, self.geo.data_offset() + row * B);
+        self.end_write();
+        if let Err(e) = r {
             self.fail_member(member, &e);
             return Err(Retry);
         }
@@ -992,6 +1105,13 @@ impl Raid4 {
 
     /// Writes block-aligned ops that do not overlap one another.
     fn write_aligned(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
+        self.begin_write()?;
+        let r = self.write_aligned_dirty(ops);
+        self.end_write();
+        r
+    }
+
+    fn write_aligned_dirty(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         for attempt in 0..=self.geo.members() {
             let rows = ops.iter().flat_map(|op| {
                 let first = op.offset / B;
@@ -1390,8 +1510,21 @@ impl BlockDevice for Raid4 {
         }
         self.write_ops(&ops)
     }
-    /// Writes the checksum blocks, then flushes every member (side by side).
+    /// Writes the checksum blocks, flushes every member (side by side), then marks the
+    /// volume clean where no write came in meanwhile.
     fn flush(&self) -> io::Result<()> {
+        let started = self.meta.lock().writes_started;
+        self.flush_members()?;
+        self.mark_clean(started)
+    }
+    fn set_redo(&self, on: bool) {
+        self.redo.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Raid4 {
+    /// The checksum blocks, then every member's flush.
+    fn flush_members(&self) -> io::Result<()> {
         self.write_csums()?;
         let view = self.view();
         // Members flushed side by side, each on a thread, where a flush waits on a device;
@@ -1425,8 +1558,5 @@ impl BlockDevice for Raid4 {
             }
         }
         self.check_survivable()
-    }
-    fn set_redo(&self, on: bool) {
-        self.redo.store(on, Ordering::SeqCst);
     }
 }

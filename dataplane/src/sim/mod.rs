@@ -276,7 +276,12 @@ fn disk_spec(key: &str) -> DiskSpec {
     DiskSpec { engine: Engine::Pread, path: format!("sim:{key}").into() }
 }
 
-fn open_raid(durable: &Shared<Durable>, keys: &[String], create: bool) -> io::Result<Arc<Raid4>> {
+fn open_raid(
+    durable: &Shared<Durable>,
+    keys: &[String],
+    create: bool,
+    write_hole: crate::raid::WriteHole,
+) -> io::Result<Arc<Raid4>> {
     let mut d = durable.lock();
     let geo = d.geometry();
     let power = d.power.clone();
@@ -288,7 +293,7 @@ fn open_raid(durable: &Shared<Durable>, keys: &[String], create: bool) -> io::Re
     let raid = if create {
         Raid4::create_devices(VOLUME, devs, geo)
     } else {
-        Raid4::open_devices(VOLUME, devs.into_iter().map(|(s, d)| (s, Ok(d))).collect())
+        Raid4::open_devices_with(VOLUME, devs.into_iter().map(|(s, d)| (s, Ok(d))).collect(), write_hole)
     }
     .map_err(io::Error::other)?;
     raid.set_serial_io(true);
@@ -352,7 +357,22 @@ impl Directory {
             let cell = d.metas.entry(src.clone()).or_insert_with(|| Arc::new(Mutex::new(None))).clone();
             (keys, cell, power, logs)
         };
-        let raid = open_raid(&self.durable, &keys, create)?;
+        // A mirror's storage found dirty and degraded (the node crashed during a CP with a
+        // member gone) is opened all the same and taken as inconsistent: the source then
+        // copies it over whole. A promoted mirror is a primary's volume: refused instead.
+        let write_hole = if meta.promoted { crate::raid::WriteHole::Refuse } else { crate::raid::WriteHole::Accept };
+        let raid = open_raid(&self.durable, &keys, create, write_hole)?;
+        let mut meta = meta;
+        if raid.write_hole_found() && (meta.consistent || meta.pending_cp.is_some()) {
+            // Nothing to redo on it either: the copy rewrites everything.
+            meta.consistent = false;
+            meta.resyncing = false;
+            meta.pending_cp = None;
+            crate::destination::MetaStore::save(
+                &SimMetaStore { durable: store_cell.clone(), power: power.clone() },
+                &meta,
+            )?;
+        }
         if create && power.admit() {
             self.durable.lock().mirror_disks.insert(src.clone(), keys);
         }
@@ -656,7 +676,7 @@ impl World {
         let n = &self.nodes[node];
         let members = n.durable.lock().geometry().members();
         let keys = member_keys(&format!("volumes/{VOLUME}"), members);
-        let raid = open_raid(&n.durable, &keys, true)?;
+        let raid = open_raid(&n.durable, &keys, true, crate::raid::WriteHole::Refuse)?;
         drop(raid);
         n.durable.lock().volume = Some(VolumeRecord { epoch: 1, disks: keys, mirror: None, promoted_from: None });
         self.start_source(node, None)?;
@@ -672,7 +692,7 @@ impl World {
         let Some(rec) = durable.lock().volume.clone() else { return Ok(()) };
         let raid = match raid {
             Some(r) => r,
-            None => open_raid(&durable, &rec.disks, false)?,
+            None => open_raid(&durable, &rec.disks, false, crate::raid::WriteHole::Refuse)?,
         };
         let (region, power) = {
             let mut d = durable.lock();
