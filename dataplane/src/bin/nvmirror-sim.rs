@@ -138,6 +138,9 @@ struct Totals {
     clock_jumps: u64,
     disk_faults: u64,
     nvram_bit_flips: u64,
+    degraded_crashes: u64,
+    write_holes_refused: u64,
+    write_holes_copied_over: u64,
     disks_replaced: u64,
     switchovers: u64,
     failbacks_delta: u64,
@@ -169,6 +172,9 @@ impl Totals {
         self.clock_jumps += r.faults.clock_jumps;
         self.disk_faults += r.faults.disk_bit_flips + r.faults.disk_read_errors + r.faults.disks_lost;
         self.nvram_bit_flips += r.faults.nvram_bit_flips;
+        self.degraded_crashes += r.faults.degraded_crashes;
+        self.write_holes_refused += r.faults.write_holes_refused;
+        self.write_holes_copied_over += r.faults.write_holes_copied_over;
         self.disks_replaced += r.faults.disks_replaced;
         self.switchovers += r.faults.switchovers;
         self.failbacks_delta += r.faults.failbacks_delta;
@@ -299,7 +305,8 @@ fn main() -> ExitCode {
     println!(
         "{} seeds passed in {:.1} s ({:.0} simulated s): {} writes acknowledged and verified over {} volume checks; \
          {} power cuts, {} failovers, {} writes to stale primaries refused, {} link cuts, {} frames dropped, {} duplicated, \
-         {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} bits flipped in acknowledged NVLog entries, {} switchovers, {} failbacks by delta resync and \
+         {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} bits flipped in acknowledged NVLog entries, \
+         {} power cuts on degraded RAID-4 volumes ({} refused to start, {} copied over), {} switchovers, {} failbacks by delta resync and \
          {} by baseline, {} seeds under policy sync; crashes lost or tore {} NVRAM lines and {} disk blocks; {} durable \
          operations",
         t.seeds,
@@ -318,6 +325,9 @@ fn main() -> ExitCode {
         t.disk_faults,
         t.disks_replaced,
         t.nvram_bit_flips,
+        t.degraded_crashes,
+        t.write_holes_refused,
+        t.write_holes_copied_over,
         t.switchovers,
         t.failbacks_delta,
         t.failbacks_baseline,

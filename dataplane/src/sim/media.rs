@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use rand::rngs::StdRng;
 use rand::Rng;
+use rand_chacha::ChaCha12Rng as SimRng;
 
 use crate::clock::Clock;
 use crate::destination::{MetaStore, MirrorMeta};
@@ -146,7 +146,7 @@ impl NvramMedia {
     }
 
     /// The node crashed: resolves what was in memory and not persisted.
-    pub fn crash(&mut self, rng: &mut StdRng, damage: &mut CrashDamage) {
+    pub fn crash(&mut self, rng: &mut SimRng, damage: &mut CrashDamage) {
         let Some(left) = self.left.take() else { return };
         for (line, (d, l)) in self.durable.chunks_mut(LINE).zip(left.chunks(LINE)).enumerate() {
             if d == l {
@@ -250,7 +250,7 @@ impl DiskMedia {
     }
 
     /// The node crashed: resolves the write cache.
-    pub fn crash(&mut self, rng: &mut StdRng, damage: &mut CrashDamage) {
+    pub fn crash(&mut self, rng: &mut SimRng, damage: &mut CrashDamage) {
         for b in std::mem::take(&mut self.dirty) {
             let at = crate::usize_of(b) * BLOCK_BYTES;
             let range = at..at + BLOCK_BYTES;

@@ -30,9 +30,11 @@
 //!   acknowledged within a bounded simulated time.
 //!
 //! Faults are kept within what the design claims to survive: one failed disk per RAID-4
-//! volume at a time, and a node's power is not cut while one of its volumes is degraded
-//! or holds a flipped bit (a crash on top of a degraded array is the RAID write hole's
-//! double fault, which no RAID-4 survives without a parity log).
+//! volume at a time, and a node's power is cut while one of its volumes is degraded only
+//! where the other site holds every acknowledged write. That crash is the RAID write
+//! hole's double fault, which no RAID-4 survives alone without a parity log: the volume
+//! must refuse to start with a clear error (a primary's; the administrator then fails over)
+//! or be copied over whole (a mirror's), and every check must still hold.
 
 pub mod media;
 pub mod model;
@@ -45,9 +47,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::Mutex;
-use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng as SimRng;
 use serde::Serialize;
 
 use crate::clock::Clock;
@@ -125,6 +127,13 @@ pub struct FaultCounts {
     pub disk_bit_flips: u64,
     /// Bits flipped in acknowledged NVLog entries of the primary (then its power cut).
     pub nvram_bit_flips: u64,
+    /// Power cut on a node whose RAID-4 volume (the primary's, or a mirror's) was degraded.
+    pub degraded_crashes: u64,
+    /// Of those, restarts that found the volume dirty and degraded (the write hole): a
+    /// primary refused to start (a clear error, then a failover), a mirror opened for a
+    /// copy over it.
+    pub write_holes_refused: u64,
+    pub write_holes_copied_over: u64,
     pub disks_lost: u64,
     pub disks_replaced: u64,
     pub switchovers: u64,
@@ -326,6 +335,13 @@ fn mirror_meta(source: &str, epoch: u64) -> MirrorMeta {
     })
 }
 
+/// A RAID-4 volume that stopped with writes in flight while degraded: refused to start.
+fn is_write_hole(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<crate::raid::RaidError>())
+        .is_some_and(|r| matches!(r, crate::raid::RaidError::DirtyDegraded { .. }))
+}
+
 fn member_keys(prefix: &str, members: usize) -> Vec<String> {
     (0..members).map(|m| format!("{prefix}/d{m}")).collect()
 }
@@ -480,7 +496,7 @@ enum Action {
 struct World {
     seed: u64,
     opts: SimOptions,
-    rng: StdRng,
+    rng: SimRng,
     clock: Arc<SimClock>,
     net: MemNet,
     nodes: BTreeMap<String, Node>,
@@ -512,6 +528,11 @@ struct World {
     watched: BTreeMap<String, u64>,
     /// A failover its node's crash interrupted: run again once it is back.
     retry_failover: Option<String>,
+    /// Nodes whose volume refused to start (dirty and degraded: the RAID-4 write hole).
+    refused: std::collections::BTreeSet<String>,
+    /// Nodes whose power was cut while a RAID-4 volume of theirs was degraded: a disk
+    /// replacement that finds one down waits for it.
+    degraded_crashed: std::collections::BTreeSet<String>,
     ticks: u64,
     trace: VecDeque<String>,
     digest: std::collections::hash_map::DefaultHasher,
@@ -534,7 +555,7 @@ const TRACE_KEEP: usize = 400;
 impl World {
     fn new(seed: u64, opts: SimOptions) -> Self {
         let clock = Arc::new(SimClock::default());
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SimRng::seed_from_u64(seed);
         let net = MemNet::new(clock.clone(), rng.gen(), (20_000, 400_000));
         let (replies_tx, replies_rx) = unbounded();
         let mut w = World {
@@ -563,6 +584,8 @@ impl World {
             action_seq: 0,
             attach_rx: None,
             retry_failover: None,
+            refused: Default::default(),
+            degraded_crashed: Default::default(),
             watched: BTreeMap::new(),
             ticks: 0,
             trace: VecDeque::new(),
@@ -814,9 +837,21 @@ impl World {
             if !has_storage {
                 continue;
             }
-            let (m, raid) = directory
-                .open_mirror(meta.clone(), false)
-                .map_err(|e| format!("node {node}: open mirror of {src}: {e}"))?;
+            let (m, raid) = match directory.open_mirror(meta.clone(), false) {
+                Ok(x) => x,
+                Err(e) if meta.promoted && is_write_hole(&e) => {
+                    // A promoted mirror is this node's volume: the volume refuses below.
+                    self.event(format!("node {node}: promoted mirror of {src} not opened: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(format!("node {node}: open mirror of {src}: {e}")),
+            };
+            if raid.write_hole_found() {
+                self.faults.write_holes_copied_over += 1;
+                self.event(format!(
+                    "node {node}: mirror of {src} found dirty and degraded (the write hole): opened for a copy over it"
+                ));
+            }
             // Opening finishes a failover that raised the epoch before the crash.
             if m.meta().promoted && durable.lock().volume.is_none() {
                 // Failed over, and the crash came before the volume record was saved: the
@@ -844,7 +879,24 @@ impl World {
             let r = live.directory.mirrors.lock().get(&src).map(|(_, r)| r.clone());
             r
         });
-        self.start_source(node, shared).map_err(|e| format!("node {node}: start volume: {e}"))?;
+        match self.start_source(node, shared) {
+            Ok(()) => {
+                self.refused.remove(node);
+            }
+            Err(e) if is_write_hole(&e) && self.degraded_crashed.contains(node) => {
+                self.faults.write_holes_refused += 1;
+                self.refused.insert(node.to_string());
+                self.event(format!("node {node}: volume refused to start: {e}"));
+                if node == self.primary {
+                    // What the error says to do: fail over to the mirror.
+                    let Some(m) = self.mirror.clone() else {
+                        return Err(format!("node {node}: the volume refused to start and it has no mirror: {e}"));
+                    };
+                    self.schedule(MS, Action::Failover(m));
+                }
+            }
+            Err(e) => return Err(format!("node {node}: start volume: {e}")),
+        }
         self.event(format!("node {node} restarted"));
         if self.retry_failover.as_deref() == Some(node) {
             self.retry_failover = None;
@@ -1205,15 +1257,23 @@ impl World {
     }
 
     fn failover(&mut self, node: &str) -> Result<(), String> {
-        if !self.is_live(node) || self.mirror.as_deref() != Some(node) {
+        if self.mirror.as_deref() != Some(node) {
             return Ok(());
         }
         let old = self.primary.clone();
+        let old_refused = self.refused.contains(&old);
+        if !self.is_live(node) {
+            if old_refused {
+                // The primary cannot serve: the failover waits for the mirror's node.
+                self.schedule(50 * MS, Action::Failover(node.to_string()));
+            }
+            return Ok(());
+        }
         // The administrator decided while the primary was down and its mirror current. If
         // the primary came back meanwhile and its mirror is no longer current (policy sync
         // went on alone), failing over now would drop writes it acknowledged since: the
         // administrator looks at the status first, and restarts the primary instead.
-        if !self.primary_current && self.retry_failover.as_deref() != Some(node) {
+        if !self.primary_current && self.retry_failover.as_deref() != Some(node) && !old_refused {
             self.event(format!("failover on {node} called off: the mirror is no longer current for {old}"));
             if !self.is_live(&old) {
                 self.schedule(MS, Action::Restart(old));
@@ -1224,6 +1284,11 @@ impl World {
         let Some((mirror, raid)) = live.directory.mirrors.lock().get(&old).cloned() else { return Ok(()) };
         let report = match mirror.promote() {
             Ok(r) => r,
+            Err(e) if old_refused => {
+                return Err(format!(
+                    "the volume on {old} refused to start (the write hole) and its mirror on {node} refused the failover: {e}"
+                ));
+            }
             Err(e) => {
                 self.faults.failovers_refused += 1;
                 self.event(format!("failover on {node} refused: {e}"));
@@ -1308,6 +1373,9 @@ impl World {
         if self.mirror.is_some() {
             return Ok(());
         }
+        if self.refused.contains(old) && self.is_live(old) && self.live_source(&primary).is_some() {
+            return self.failback_refused(old);
+        }
         if self.live_source(&primary).is_none() || self.live_source(old).is_none() {
             self.schedule(50 * MS, Action::Failback(old.to_string()));
             return Ok(());
@@ -1352,6 +1420,36 @@ impl World {
         } else {
             self.faults.failbacks_baseline += 1;
         }
+        self.mirror = Some(old.to_string());
+        self.attach(old);
+        Ok(())
+    }
+
+    /// The old primary's volume refused to start (the write hole): it becomes the new
+    /// primary's mirror all the same, its storage opened for a copy and inconsistent, and
+    /// the new primary copies it over whole (a baseline). Its own changes since the last
+    /// common CP cannot be read, and need not be: the failover replayed every
+    /// acknowledged one.
+    fn failback_refused(&mut self, old: &str) -> Result<(), String> {
+        let primary = self.primary.clone();
+        let epoch = self.live_source(&primary).expect("checked").epoch;
+        let keys = self.nodes[old].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume record")?;
+        let raid = open_raid(&self.nodes[old].durable, &keys, false, crate::raid::WriteHole::Accept)
+            .map_err(|e| format!("open the refused volume on {old} for a copy: {e}"))?;
+        let meta = mirror_meta(&primary, epoch);
+        let failed = raid.status().members.iter().position(|m| m.state != "in-sync");
+        let prefix = volume_prefix(&raid);
+        self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
+        self.nodes[old].durable.lock().volume = None;
+        self.stale.remove(old);
+        self.refused.remove(old);
+        if let Some(member) = failed {
+            // The failed disk is replaced too, once the copy has rewritten every row.
+            self.nodes.get_mut(old).expect("node").disk_damage += 1;
+            self.schedule(100 * MS, Action::ReplaceDisk { node: old.to_string(), member, volume: prefix });
+        }
+        self.faults.failbacks_baseline += 1;
+        self.event(format!("failback: {old}, whose volume refused to start, is the mirror of {primary}: a baseline"));
         self.mirror = Some(old.to_string());
         self.attach(old);
         Ok(())
@@ -1539,10 +1637,10 @@ impl World {
         let primary = self.primary.clone();
         let mirror = self.mirror.clone();
         match self.rng.gen_range(0..100) {
-            0..14 => self.cut_power(&primary),
+            0..14 => self.cut_power(&primary)?,
             14..26 => {
                 if let Some(m) = mirror {
-                    self.cut_power(&m);
+                    self.cut_power(&m)?;
                 }
             }
             26..44 => {
@@ -1587,14 +1685,20 @@ impl World {
         Ok(())
     }
 
-    fn cut_power(&mut self, node: &str) {
-        let Some(n) = self.nodes.get(node) else { return };
-        if n.live.is_none() || n.disk_damage > 0 {
-            return;
+    fn cut_power(&mut self, node: &str) -> Result<(), String> {
+        let Some(n) = self.nodes.get(node) else { return Ok(()) };
+        if n.live.is_none() {
+            return Ok(());
+        }
+        if n.disk_damage > 0 {
+            return self.cut_power_degraded(node);
+        }
+        if self.degraded_cut_pending() {
+            return Ok(());
         }
         let d = n.durable.lock();
         if d.power.armed() {
-            return;
+            return Ok(());
         }
         self.faults.power_cuts += 1;
         if self.rng.gen_bool(0.3) {
@@ -1607,6 +1711,78 @@ impl World {
             drop(d);
             self.event(format!("node {node}: power to be cut at its {ops}th durable operation from now"));
         }
+        Ok(())
+    }
+
+    /// Cuts the power of a node whose RAID-4 volume is degraded (a member lost or failing,
+    /// not yet replaced), now: if writes were in flight, the volume is dirty and degraded
+    /// at restart, the RAID write hole. A primary's volume must then refuse to start with
+    /// a clear error, and the administrator fails over to the mirror, which holds every
+    /// acknowledged write; a mirror's storage is opened for a copy over it, inconsistent.
+    /// Never garbage: every check of the run holds. Only where the other site holds every
+    /// acknowledged write, so that the crash is the second fault and not the third.
+    fn cut_power_degraded(&mut self, node: &str) -> Result<(), String> {
+        let primary_side = node == self.primary;
+        if !primary_side && self.mirror.as_deref() != Some(node) {
+            return Ok(());
+        }
+        // One site at a time: the other is up, and no cut is coming to it.
+        let others_whole =
+            self.nodes.iter().all(|(k, n)| k == node || (n.live.is_some() && !n.durable.lock().power.armed()));
+        if !others_whole || self.nodes[node].durable.lock().power.armed() {
+            return Ok(());
+        }
+        let Some(raid) = self.raid_of(node, !primary_side) else { return Ok(()) };
+        if !raid.status().degraded {
+            return Ok(());
+        }
+        if primary_side {
+            let Some(mirror) = self.mirror.clone() else { return Ok(()) };
+            let can_fail_over = self.primary_current
+                && self.nodes.len() < NODES_MAX
+                && self.is_live(&mirror)
+                && self.mirror_consistent(&mirror);
+            let Some(st) = self.live_source(node).map(|s| s.stepped.status()) else { return Ok(()) };
+            let mirror_whole = self.nodes[&mirror].disk_damage == 0;
+            if !can_fail_over || !mirror_whole || st.state != "in-sync" || st.acked_seq > st.mirror_acked_seq {
+                return Ok(());
+            }
+        } else {
+            // The primary holds every acknowledged write, whole.
+            let p = self.primary.clone();
+            let healthy = self.nodes[&p].disk_damage == 0 && self.live_source(&p).is_some();
+            if !healthy {
+                return Ok(());
+            }
+        }
+        self.faults.power_cuts += 1;
+        self.faults.degraded_crashes += 1;
+        self.degraded_crashed.insert(node.to_string());
+        let side = if primary_side { "its volume" } else { "its mirror" };
+        // The write hole opens only with writes in flight: mostly the cut comes at one of
+        // the next durable operations (a CP's write-out or application, likely), where
+        // the other site holds every acknowledged write however long that takes: a
+        // mirror's cut (the primary holds them), or a primary's under policy strict (it
+        // acknowledges nothing its mirror does not hold). Otherwise now.
+        if (!primary_side || self.policy == Policy::Strict) && self.rng.gen_bool(0.75) {
+            let ops = self.rng.gen_range(1..64);
+            self.nodes[node].durable.lock().power.cut_after(ops);
+            self.event(format!(
+                "node {node}: power to be cut at its {ops}th durable operation from now, while {side} is degraded"
+            ));
+            return Ok(());
+        }
+        self.nodes[node].durable.lock().power.cut_now();
+        self.event(format!("node {node}: power cut while {side} is degraded"));
+        self.crash(node)?;
+        self.after_crash(node);
+        Ok(())
+    }
+
+    /// A node's power is to be cut at a coming durable operation while one of its volumes
+    /// is degraded: no other site may fail meanwhile (that is the third fault).
+    fn degraded_cut_pending(&self) -> bool {
+        self.degraded_crashed.iter().any(|k| self.nodes.get(k).is_some_and(|n| n.durable.lock().power.armed()))
     }
 
     /// Flips a bit of an acknowledged entry in the primary's NVLog, one the mirror holds as
@@ -1617,7 +1793,7 @@ impl World {
     fn nvram_flip(&mut self) -> Result<(), String> {
         let primary = self.primary.clone();
         let Some(mirror) = self.mirror.clone() else { return Ok(()) };
-        if !self.is_live(&primary) || !self.is_live(&mirror) {
+        if !self.is_live(&primary) || !self.is_live(&mirror) || self.degraded_cut_pending() {
             return Ok(());
         }
         {
@@ -1751,6 +1927,17 @@ impl World {
     /// The disk fault is dealt with: read errors end; a member that failed (or fails under
     /// a scrub) is replaced and rebuilt; then the volume must scrub clean.
     fn replace_disk(&mut self, node: &str, member: usize, volume: &str) -> Result<(), String> {
+        if self.nodes.get(node).is_some_and(|n| n.durable.lock().power.armed()) {
+            // Its power is to be cut at a coming durable operation (a degraded crash): the
+            // administrator is not that quick.
+            self.schedule(100 * MS, Action::ReplaceDisk { node: node.to_string(), member, volume: volume.to_string() });
+            return Ok(());
+        }
+        if !self.is_live(node) && self.degraded_crashed.contains(node) {
+            // Crashed with the member still failed: it is replaced once the node is back.
+            self.schedule(100 * MS, Action::ReplaceDisk { node: node.to_string(), member, volume: volume.to_string() });
+            return Ok(());
+        }
         let Some(raid) = self.raid_by_prefix(node, volume) else {
             // The volume moved (failover) or its node is down: the damage went with it.
             if let Some(n) = self.nodes.get_mut(node) {
@@ -1758,6 +1945,12 @@ impl World {
             }
             return Ok(());
         };
+        if raid.write_hole_found() && raid.status().degraded && !self.copied_over(node, &raid) {
+            // Rows the write hole left out of step cannot be rebuilt (the rebuild says so):
+            // the disk is replaced once the copy over them has rewritten every row.
+            self.schedule(100 * MS, Action::ReplaceDisk { node: node.to_string(), member, volume: volume.to_string() });
+            return Ok(());
+        }
         if let Some(media) = self.nodes[node].durable.lock().disks.get(&disk_key(&raid, member)) {
             media.lock().read_errors = 0;
         }
@@ -1792,7 +1985,21 @@ impl World {
         }
         let n = self.nodes.get_mut(node).expect("node");
         n.disk_damage = n.disk_damage.saturating_sub(1);
+        if raid.write_hole_found() {
+            // Rows the write hole left out of step are rewritten by the copy under way:
+            // the scrub waits for it (the settle scrubs once the mirror is consistent).
+            self.event(format!("node {node}: scrub deferred until the copy over the write hole completes"));
+            return Ok(());
+        }
         self.scrub_clean(node, &raid, "after a disk fault")
+    }
+
+    /// Whether the mirror on `node` driving `raid` is consistent again (a copy over it
+    /// completed).
+    fn copied_over(&self, node: &str, raid: &Arc<Raid4>) -> bool {
+        let Some(live) = self.nodes.get(node).and_then(|n| n.live.as_ref()) else { return false };
+        let mirrors = live.directory.mirrors.lock();
+        mirrors.values().any(|(m, r)| Arc::ptr_eq(r, raid) && m.meta().consistent)
     }
 
     /// Scrubs a RAID volume: it may repair what the simulator damaged; a second scrub must
@@ -1927,7 +2134,10 @@ impl World {
         for (node, side) in [(primary.clone(), false), (mirror.clone(), true)] {
             if let Some(raid) = self.raid_of(&node, side) {
                 self.scrub_clean(&node, &raid, when)?;
-                self.nodes.get_mut(&node).expect("node").disk_damage = 0;
+                if !raid.status().degraded {
+                    // (A member waiting for its replacement keeps the node's damage.)
+                    self.nodes.get_mut(&node).expect("node").disk_damage = 0;
+                }
             }
         }
         // Liveness: new writes are acknowledged.

@@ -173,7 +173,7 @@ struct NetNode {
 
 struct NetState {
     clock: Arc<dyn crate::clock::Clock>,
-    rng: rand::rngs::StdRng,
+    rng: rand_chacha::ChaCha12Rng,
     delay_ns: (u64, u64),
     faults: FrameFaults,
     nodes: std::collections::BTreeMap<String, NetNode>,
@@ -282,7 +282,7 @@ impl MemNet {
         use rand::SeedableRng;
         let state = NetState {
             clock,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            rng: rand_chacha::ChaCha12Rng::seed_from_u64(seed),
             delay_ns,
             faults: FrameFaults::default(),
             nodes: Default::default(),
