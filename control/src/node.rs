@@ -1025,10 +1025,26 @@ impl Node {
     /// `ctl resync VOL --from PRIMARY`, on a node that lost `name` to a failover: the
     /// volume becomes the new primary's mirror in place, and the new primary brings it
     /// level with a delta resync of what either side changed since their last common CP
-    /// (a baseline, where its change map is not relative to this node).
+    /// (a baseline, where its change map is not relative to this node). A volume that could
+    /// not start here (its storage dirty and degraded after a crash: the RAID-4 write hole)
+    /// becomes the mirror all the same, its storage opened for the copy, by a baseline.
     pub fn resync_from(&self, name: &str, primary_control: &str) -> Result<ResyncStarted> {
-        let handle = self.volume(name)?;
-        let ours = handle.status().map_err(|e| anyhow!(e))?;
+        let rec = self.volume_record(name)?;
+        let handle = match self.volume(name) {
+            Ok(h) => Some(h),
+            Err(e) if self.unstarted.lock().iter().any(|(v, _)| v == name) => {
+                eprintln!("node {}: volume {name} is not running ({e:#}): it takes a baseline copy", self.cfg.name);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let (volume_id, epoch) = match &handle {
+            Some(h) => {
+                let st = h.status().map_err(|e| anyhow!(e))?;
+                (st.volume_id, st.epoch)
+            }
+            None => (rec.volume_id, rec.epoch),
+        };
         let client = crate::api::Client::new(primary_control);
         let secret = self.cfg.secret.as_ref();
         let peer = client.peer_info(secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
@@ -1047,16 +1063,15 @@ impl Node {
                 anyhow!("{} holds no primary volume {name}: resync needs the node that took it over", peer.name)
             })?
             .clone();
-        if theirs["volume_id"].as_u64() != Some(ours.volume_id) {
+        if theirs["volume_id"].as_u64() != Some(volume_id) {
             bail!("{}'s volume {name} is another volume (a different id)", peer.name);
         }
         let their_epoch = theirs["epoch"].as_u64().unwrap_or(0);
-        if their_epoch <= ours.epoch {
+        if their_epoch <= epoch {
             bail!(
-                "{} holds {name} at epoch {their_epoch}, this node at {}: it did not take the volume over from here \
-                 (for a planned change of roles, use switchover)",
-                peer.name,
-                ours.epoch
+                "{} holds {name} at epoch {their_epoch}, this node at {epoch}: it did not take the volume over from \
+                 here (for a planned change of roles, use switchover)",
+                peer.name
             );
         }
         if theirs["state"] == "fenced" {
@@ -1064,14 +1079,21 @@ impl Node {
         }
         let policy: Policy = serde_json::from_value(theirs["policy"].clone()).unwrap_or_default();
         let base = theirs["changes_since"].clone();
-        let delta = base["peer"] == self.cfg.name.as_str();
+        // A volume that did not start cannot say what it changed: everything is copied.
+        let delta = handle.is_some() && base["peer"] == self.cfg.name.as_str();
         let base_cp = base["cp"].as_u64().unwrap_or(0);
         // What this node holds that the new primary may not.
-        let (tx, rx) = bounded(1);
-        handle.control(Control::ChangedRegions(tx)).map_err(|e| anyhow!(e))?;
-        let regions = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?;
-        let rec = self.volume_record(name)?;
-        handle.stop();
+        let regions = match &handle {
+            Some(handle) => {
+                let (tx, rx) = bounded(1);
+                handle.control(Control::ChangedRegions(tx)).map_err(|e| anyhow!(e))?;
+                let regions =
+                    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?;
+                handle.stop();
+                regions
+            }
+            None => Vec::new(),
+        };
         self.volumes.write().remove(name);
         let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
         let mut meta = MirrorMeta::new(&Hello {
@@ -1090,6 +1112,7 @@ impl Node {
             meta.resyncing = true;
         }
         self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch)?;
+        self.unstarted.lock().retain(|(v, _)| v != name);
         eprintln!(
             "node {}: volume {name} is now the mirror of {} ({} regions of its own to copy back; {})",
             self.cfg.name,

@@ -190,3 +190,64 @@ fn damaged_members_are_repaired_scrubbed_and_rebuilt_and_two_losses_are_refused(
     let (ok, out) = ctl(&pair.src.control, &["cp", VOL]);
     assert!(!ok && out.contains("could not start"), "{out}");
 }
+
+/// The RAID-4 write hole under real processes: a primary stops with writes in flight (its
+/// superblocks say dirty) and then loses a member. It must not start (a clear error naming
+/// the write hole, never garbage served); its mirror takes over with every acknowledged
+/// write; `ctl resync --from` on the old primary makes its storage the new primary's
+/// mirror by a baseline copy, and the two are then equal.
+#[test]
+fn a_primary_left_dirty_and_degraded_does_not_start_and_comes_back_as_a_mirror() {
+    use nvmirror_dataplane::raid::Raid4;
+    use nvmirror_dataplane::storage::{BlockDevice, DiskSpec};
+
+    let seed = base_seed("raid_write_hole");
+    let mut pair = Pair::start("raid-hole");
+    let size = 16 * MIB;
+    pair.create_mirrored(VOL, size, LOG_BYTES_MIN);
+    let mut w = Workload::new(0, size / 4096, seed);
+    write(&mut w, &pair.src.nbd, 2000);
+    let disks: Vec<DiskSpec> = volume_status(&pair.src_api(), VOL).unwrap()["storage"]["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| DiskSpec::parse(m["disk"].as_str().expect("disk")).expect("disk spec"))
+        .collect();
+    assert_eq!(disks.len(), 4, "a 3+1 volume: {disks:?}");
+
+    // Killed with writes in flight: a write batch began (superblocks dirty) and no flush
+    // followed. The block written is the one already there: the test knows every byte.
+    pair.src.kill();
+    {
+        let raid = Raid4::open(VOL, &disks).expect("open the stopped volume's members");
+        let mut block = vec![0u8; 4096];
+        raid.read_at(&mut block, 0).expect("read block 0");
+        raid.write_at(&block, 0).expect("write block 0 again");
+    }
+    fs::remove_file(&disks[1].path).expect("remove a data member");
+    pair.src.restart().expect("the node starts with one volume it cannot serve");
+    let s = status(&pair.src_api()).unwrap();
+    let why = s["unstarted"][0]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("write hole") && why.contains("fail over to the mirror"), "{s}");
+    assert!(NbdClient::connect(&pair.src.nbd, VOL).is_err(), "the volume is served");
+
+    // The mirror takes over with every acknowledged write.
+    failover(&pair.dst_api(), VOL).expect("failover");
+    assert_verified(&verify(&w, &pair.dst.nbd, VOL).unwrap(), "after the failover, on the mirror's site");
+    write(&mut w, &pair.dst.nbd, 500);
+
+    // The old primary's storage becomes the mirror, copied over whole.
+    let (ok, out) = ctl(&pair.src.control, &["resync", VOL, "--from", &pair.dst.control]);
+    assert!(ok && out.contains("baseline"), "{out}");
+    let st = wait_state(&pair.dst_api(), VOL, "in-sync", Duration::from_secs(120));
+    assert_eq!(st["last_copy_kind"], "baseline", "{st}");
+    cp(&pair.dst_api(), VOL).expect("CP on the new primary");
+    let m = mirror_status(&pair.src_api(), VOL).unwrap();
+    assert_eq!(m["consistent"], true, "{m}");
+    let a = read_volume(&pair.dst.nbd, VOL).expect("read the primary");
+    let b = read_volume(&pair.src.nbd, VOL).expect("read the mirror (degraded)");
+    assert!(first_difference(&a, &b).is_none(), "the copied-over mirror differs from the primary");
+    assert_verified(&verify(&w, &pair.src.nbd, VOL).unwrap(), "on the old primary, a mirror now");
+    let s = status(&pair.src_api()).unwrap();
+    assert!(s["unstarted"].as_array().is_none_or(Vec::is_empty), "still reported as unstarted: {s}");
+}

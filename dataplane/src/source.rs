@@ -1787,7 +1787,7 @@ where
                         return Ok(Resumed::Lost(format!(
                             "NVLog partition {p} is damaged from sequence {seq} on (see the recovery message), and \
                              the mirror applied its CP up to {}: writes acknowledged past {} are on the mirror only. \
-                             Fail over to the mirror, then resync this node from it",
+                             Fail over to the mirror, then resync this node from it (`nvmirror ctl resync VOLUME --from NEW_PRIMARY`, run here)",
                             w.applied_seq,
                             seq.saturating_sub(1)
                         )));
@@ -1872,7 +1872,7 @@ where
             }
             return self.lost_to_mirror(format!(
                 "the mirror's log of partition {partition} from offset {} does not continue this node's ({why}); \
-                 its entries may hold acknowledged writes: fail over to the mirror, then resync this node from it",
+                 its entries may hold acknowledged writes: fail over to the mirror, then resync this node from it (`nvmirror ctl resync VOLUME --from NEW_PRIMARY`, run here)",
                 c.from
             ));
         }

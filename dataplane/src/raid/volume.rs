@@ -185,7 +185,7 @@ pub enum RaidError {
         "RAID-4 volume {volume}: stopped with writes in flight while {missing}; the rows they touched may \
          hold data and parity out of step, and the missing member's blocks in them cannot be rebuilt (the \
          RAID-4 write hole): the volume does not start. Its mirror holds it: fail over to the mirror, then \
-         resync this node from it"
+         resync this node from it (`nvmirror ctl resync VOLUME --from NEW_PRIMARY`, run here: its storage is copied over whole)"
     )]
     DirtyDegraded { volume: String, missing: String },
 }
