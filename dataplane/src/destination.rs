@@ -1174,22 +1174,19 @@ impl Session {
             })
             .collect();
         logs.sort_unstable();
+        // Everything up to the last applied CP's sequence number is on the mirror's volume:
+        // the first log must continue from there, and each later log from what the logs
+        // before it hold. A log that holds nothing extends nothing: the next one must
+        // continue what precedes it (its own predecessors never arrived).
+        let applied = self.mirror.meta.lock().applied_seq;
         let mut high: Option<u64> = None;
         for (_, first_seq, last) in logs {
-            if let Some(h) = high {
-                if first_seq > h + 1 {
-                    // A gap before this log: nothing of it counts.
-                    break;
-                }
+            if first_seq > high.unwrap_or(applied) + 1 {
+                // A gap before this log: nothing of it counts.
+                break;
             }
-            match last {
-                Some(l) => high = Some(high.map_or(l, |h| h.max(l))),
-                // An empty log: whatever follows starts no earlier than its first entry.
-                None => {
-                    if high.is_some_and(|h| first_seq > h + 1) {
-                        break;
-                    }
-                }
+            if let Some(l) = last {
+                high = Some(high.map_or(l, |h| h.max(l)));
             }
         }
         high

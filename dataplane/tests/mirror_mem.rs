@@ -295,3 +295,83 @@ fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_
     }
     h.stop();
 }
+
+/// Records the frames a destination sends back.
+#[derive(Default)]
+struct Acks(Mutex<Vec<u64>>);
+impl ReplySink for Acks {
+    fn send(&self, msg: &nvmirror_dataplane::transport::Message<'_>) -> io::Result<()> {
+        if let nvmirror_dataplane::transport::Message::Ack { seq } = msg {
+            self.0.lock().push(*seq);
+        }
+        Ok(())
+    }
+    fn close(&self) {}
+}
+
+/// An ack says every entry up to it is persistent on the mirror. When the older
+/// partition's entries never arrived (frames lost on a link that carried on) and it holds
+/// none at all, entries of the newer partition must not be acknowledged: the mirror lacks
+/// their predecessors. Nor may a log that starts past what the mirror applied be counted.
+#[test]
+fn an_ack_never_passes_entries_the_mirror_never_had() {
+    use nvmirror_dataplane::format::{EntryHeader, EntryKind, PartitionHeader};
+    use nvmirror_dataplane::transport::{Intent, Message};
+
+    let hello = Hello {
+        source_node: "src".into(),
+        volume: "vol".into(),
+        volume_id: 42,
+        epoch: 1,
+        volume_bytes: VOL,
+        partition_bytes: PART as u64,
+        intent: Intent::Baseline,
+        base_seq: 1,
+        base_cp_gen: 1,
+    };
+    let open = |p: u8, cp_gen: u64, first_seq: u64| Message::PartitionOpen {
+        header: PartitionHeader { partition: p, volume_id: 42, cp_gen, first_seq, epoch: 1 }.encode(),
+    };
+    let entries = |p: u8, seqs: std::ops::Range<u64>| {
+        let mut out = Vec::new();
+        for seq in seqs {
+            let data = pattern(seq, 4096);
+            let h = EntryHeader {
+                kind: EntryKind::Write,
+                partition: p,
+                volume_id: 42,
+                epoch: 1,
+                seq,
+                offset: seq * 4096,
+                length: 4096,
+                data_len: 4096,
+            };
+            let at = out.len();
+            out.resize(at + h.footprint(), 0);
+            out[at + 64..at + 64 + data.len()].copy_from_slice(&data);
+            h.encode(&data, &mut out[at..]);
+        }
+        out
+    };
+    for older_has_some in [false, true] {
+        let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
+        let dev = Arc::new(MemDevice::new(VOL));
+        let mirror = Mirror::open(MirrorMeta::new(&hello), Box::new(NoStore), logs, dev).unwrap();
+        let acks = Arc::new(Acks::default());
+        let (mut s, _) = mirror.attach(&hello, acks.clone(), None).unwrap();
+        // Older partition: CP 1, sequence 1 on; of its 20 entries only the first 5 arrive,
+        // or none. Newer: CP 2, sequence 21 on, all of 21..30 arrive.
+        s.on_message(open(0, 1, 1)).unwrap();
+        let older = entries(0, 1..6);
+        if older_has_some {
+            s.on_message(Message::Entries { partition: 0, offset: 64, bytes: &older }).unwrap();
+        }
+        s.on_message(open(1, 2, 21)).unwrap();
+        let newer = entries(1, 21..31);
+        s.on_message(Message::Entries { partition: 1, offset: 64, bytes: &newer }).unwrap();
+        s.commit().unwrap();
+        let got = acks.0.lock().clone();
+        let want: Vec<u64> = if older_has_some { vec![5] } else { Vec::new() };
+        assert_eq!(got, want, "older partition holding {}: acks {got:?}", if older_has_some { 5 } else { 0 });
+    }
+}
