@@ -178,6 +178,10 @@ pub struct Mirror {
     meta: Mutex<MirrorMeta>,
     store: Box<dyn MetaStore>,
     logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
+    /// While a CP applies entries from a log (holding its lock for the whole write-out):
+    /// that log and what it holds, which cannot change meanwhile, so that acknowledging
+    /// newer entries does not wait for the write-out (`Session::contiguous_persisted_seq`).
+    applying: Mutex<Option<(usize, LogView)>>,
     device: Arc<dyn BlockDevice>,
     apply: RwLock<()>,
     /// Held for the whole of a failover.
@@ -197,6 +201,14 @@ pub struct Mirror {
     cps_applied: AtomicU64,
     cps_applied_by_value: AtomicU64,
     error: Mutex<Option<String>>,
+}
+
+/// What an open log holds, for acknowledgements: its CP generation, first sequence
+/// number and last persisted one.
+type LogView = (u64, u64, Option<u64>);
+
+fn log_view(log: &LogFile<Box<dyn Nvram>>) -> Option<LogView> {
+    log.header().map(|h| (h.cp_gen, h.first_seq, log.last_persisted_seq()))
 }
 
 fn unix_ms() -> u64 {
@@ -251,6 +263,7 @@ impl Mirror {
             meta: Mutex::new(meta),
             store,
             logs: [Mutex::new(log0), Mutex::new(log1)],
+            applying: Mutex::new(None),
             device,
             apply: RwLock::new(()),
             promoting: Mutex::new(()),
@@ -555,8 +568,19 @@ impl Mirror {
                 None => {
                     // Checked again under the log's lock, which is held while the entries
                     // are applied: what the scan validated is what is applied.
-                    let mut log = self.logs[partition as usize].lock();
-                    check_cp_log(&mut log, cp, partition, upto_seq)?;
+                    let p = partition as usize;
+                    let mut log = self.logs[p].lock();
+                    // What it holds, published for acknowledgements while the lock is
+                    // held (it only grows under `check_cp_log`'s catch-up; an entry found
+                    // damaged below was persistent when it was placed, and the view is
+                    // withdrawn as the log is cut there).
+                    *self.applying.lock() = log_view(&log).map(|v| (p, v));
+                    let checked = check_cp_log(&mut log, cp, partition, upto_seq);
+                    *self.applying.lock() = log_view(&log).map(|v| (p, v));
+                    if let Err(e) = checked {
+                        *self.applying.lock() = None;
+                        return Err(e.into());
+                    }
                     // Every entry was checked when it was placed; the memory under it may
                     // have changed since (NVRAM does flip bits). Checked again as it is
                     // read for the CP, whose image is final: a damaged entry stops the CP
@@ -564,6 +588,7 @@ impl Mirror {
                     // entries, sends them again.
                     if let Some((at, seq, why)) = first_damaged_entry(&log, upto_seq) {
                         log.truncate_at(at);
+                        *self.applying.lock() = None;
                         drop(log);
                         let mut meta = self.meta.lock();
                         meta.pending_cp = None;
@@ -579,7 +604,10 @@ impl Mirror {
                         .iter()
                         .filter(|e| e.header.seq <= upto_seq)
                         .map(|e| (e.header, scanned_data(bytes, e)));
-                    apply_entries(entries, self.device.as_ref()).map_err(|e| format!("CP {cp}: apply: {e}"))?;
+                    let applied = apply_entries(entries, self.device.as_ref());
+                    *self.applying.lock() = None;
+                    drop(log);
+                    applied.map_err(|e| format!("CP {cp}: apply: {e}"))?;
                 }
                 Some(blocks) => {
                     self.cps_applied_by_value.fetch_add(1, Ordering::Relaxed);
@@ -1167,10 +1195,15 @@ impl Session {
     /// The highest sequence number up to which the open logs, oldest CP generation first,
     /// hold every entry persistently (see `commit`).
     fn contiguous_persisted_seq(&self) -> Option<u64> {
-        let mut logs: Vec<(u64, u64, Option<u64>)> = (0..PARTITIONS)
+        let mut logs: Vec<LogView> = (0..PARTITIONS)
             .filter_map(|p| {
-                let l = self.mirror.logs[p].lock();
-                l.header().map(|h| (h.cp_gen, h.first_seq, l.last_persisted_seq()))
+                if let Some(l) = self.mirror.logs[p].try_lock() {
+                    return log_view(&l);
+                }
+                // Held: by a CP applying it, for its whole write-out, with what it holds
+                // published and fixed meanwhile; else briefly (placement, a free).
+                let applying = self.mirror.applying.lock().filter(|(q, _)| *q == p).map(|(_, v)| v);
+                applying.or_else(|| log_view(&self.mirror.logs[p].lock()))
             })
             .collect();
         logs.sort_unstable();
