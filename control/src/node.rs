@@ -1029,7 +1029,6 @@ impl Node {
     /// not start here (its storage dirty and degraded after a crash: the RAID-4 write hole)
     /// becomes the mirror all the same, its storage opened for the copy, by a baseline.
     pub fn resync_from(&self, name: &str, primary_control: &str) -> Result<ResyncStarted> {
-        let rec = self.volume_record(name)?;
         let handle = match self.volume(name) {
             Ok(h) => Some(h),
             Err(e) if self.unstarted.lock().iter().any(|(v, _)| v == name) => {
@@ -1038,6 +1037,7 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
+        let rec = self.volume_record(name)?;
         let (volume_id, epoch) = match &handle {
             Some(h) => {
                 let st = h.status().map_err(|e| anyhow!(e))?;
