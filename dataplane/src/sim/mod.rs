@@ -1280,6 +1280,16 @@ impl World {
             }
             return Ok(());
         }
+        // Under policy sync a primary that is back and serving goes on alone when its link
+        // drops: failing over under it would leave two primaries until it hears of the new
+        // epoch. The administrator, who decided while it was down, sees it serving and
+        // leaves it be (under strict it can acknowledge nothing alone, and the failover
+        // goes ahead: the stale primary must refuse writes).
+        let serving = self.live_source(&old).is_some_and(|s| s.stepped.status().state != "fenced");
+        if self.policy == Policy::Sync && serving && self.retry_failover.as_deref() != Some(node) && !old_refused {
+            self.event(format!("failover on {node} called off: {old} is back and serving (policy sync)"));
+            return Ok(());
+        }
         let live = self.nodes[node].live.as_ref().expect("live");
         let Some((mirror, raid)) = live.directory.mirrors.lock().get(&old).cloned() else { return Ok(()) };
         let report = match mirror.promote() {
@@ -1793,7 +1803,14 @@ impl World {
     fn nvram_flip(&mut self) -> Result<(), String> {
         let primary = self.primary.clone();
         let Some(mirror) = self.mirror.clone() else { return Ok(()) };
-        if !self.is_live(&primary) || !self.is_live(&mirror) || self.degraded_cut_pending() {
+        // The mirror's copy serves only from a mirror that is up and consistent: one a
+        // crash left over a write hole takes a copy over it first, its logs given up
+        // (a flip then is the third fault).
+        if !self.is_live(&primary)
+            || !self.is_live(&mirror)
+            || !self.mirror_consistent(&mirror)
+            || self.degraded_cut_pending()
+        {
             return Ok(());
         }
         {
