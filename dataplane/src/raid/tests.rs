@@ -531,6 +531,22 @@ fn rebuild_runs_beside_writes_and_reports_progress() {
     assert_eq!(read_all(&Raid4::open("v", &without).unwrap()), model);
 }
 
+/// `base` with every write of `batch` (offset, bytes) applied.
+fn after_batch(base: &[u8], batch: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for (off, d) in batch {
+        out[crate::usize_of(*off)..crate::usize_of(*off) + d.len()].copy_from_slice(d);
+    }
+    out
+}
+
+/// Writes `batch` as one `write_many`, then flushes.
+fn write_batch_flushed(dev: &dyn BlockDevice, batch: &[(u64, Vec<u8>)]) -> io::Result<()> {
+    let ops: Vec<WriteOp<'_>> = batch.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
+    dev.write_many(&ops)?;
+    dev.flush()
+}
+
 /// A batch cut at every possible write by a crash, reopened and redone from the "log":
 /// every row's parity is right afterwards (no write hole), whatever the cut.
 #[test]
@@ -545,15 +561,8 @@ fn a_redo_after_a_crash_at_any_write_leaves_no_write_hole() {
         (20 * B, (0..BLOCK_BYTES).map(|_| rng.gen()).collect()),
         (31 * B, (0..14 * BLOCK_BYTES).map(|_| rng.gen()).collect()),
     ];
-    let mut expect = base.clone();
-    for (off, d) in &batch {
-        expect[crate::usize_of(*off)..crate::usize_of(*off) + d.len()].copy_from_slice(d);
-    }
-    let write_batch = |dev: &dyn BlockDevice| {
-        let ops: Vec<WriteOp<'_>> = batch.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
-        dev.write_many(&ops)?;
-        dev.flush()
-    };
+    let expect = after_batch(&base, &batch);
+    let write_batch = |dev: &dyn BlockDevice| write_batch_flushed(dev, &batch);
     // Count the member writes of the batch once.
     let total = {
         let t = mem_raid(3, 8192, 60);
@@ -617,15 +626,8 @@ fn a_crash_with_writes_in_flight_on_a_degraded_volume_is_a_clear_error_never_gar
         (20 * B, (0..BLOCK_BYTES).map(|_| rng.gen()).collect()),
         (33 * B, (0..5 * BLOCK_BYTES).map(|_| rng.gen()).collect()),
     ];
-    let mut expect = base.clone();
-    for (off, d) in &batch {
-        expect[crate::usize_of(*off)..crate::usize_of(*off) + d.len()].copy_from_slice(d);
-    }
-    let write_batch = |dev: &dyn BlockDevice| {
-        let ops: Vec<WriteOp<'_>> = batch.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
-        dev.write_many(&ops)?;
-        dev.flush()
-    };
+    let expect = after_batch(&base, &batch);
+    let write_batch = |dev: &dyn BlockDevice| write_batch_flushed(dev, &batch);
     // A volume with member 1 gone, its base on the others, closed clean.
     let fresh = || {
         let mems: Vec<Arc<MemDevice>> = (0..4).map(|_| Arc::new(MemDevice::new(geo.member_bytes()))).collect();
