@@ -273,6 +273,14 @@ impl Writer {
         self.u16(u16::try_from(s.len()).expect("bounded by STRING_MAX"));
         self.0.extend_from_slice(s);
     }
+    /// The layout of `Entries`, `BlockData` and `LogBytes`: a byte, three of padding, an
+    /// offset, then the bytes to the end of the body.
+    fn bulk(&mut self, small: u8, offset: u64, bytes: &[u8]) {
+        self.u8(small);
+        self.0.extend_from_slice(&[0; 3]);
+        self.u64(offset);
+        self.0.extend_from_slice(bytes);
+    }
 }
 
 struct Reader<'a> {
@@ -315,6 +323,13 @@ impl<'a> Reader<'a> {
     }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.b)
+    }
+    /// The layout [`Writer::bulk`] writes: the byte, the offset and the bytes.
+    fn bulk(&mut self) -> Result<(u8, u64, &'a [u8]), WireError> {
+        let small = self.u8()?;
+        self.take(3)?;
+        let offset = self.u64()?;
+        Ok((small, offset, self.rest()))
     }
     fn end(self) -> Result<(), WireError> {
         if self.b.is_empty() {
@@ -403,10 +418,7 @@ impl Message<'_> {
                 K_PARTITION_OPEN
             }
             Message::Entries { partition, offset, bytes } => {
-                w.u8(*partition);
-                w.0.extend_from_slice(&[0; 3]);
-                w.u64(*offset);
-                w.0.extend_from_slice(bytes);
+                w.bulk(*partition, *offset, bytes);
                 K_ENTRIES
             }
             Message::Cp { cp, partition, upto_seq, by_value } => {
@@ -417,10 +429,7 @@ impl Message<'_> {
                 K_CP
             }
             Message::BlockData { purpose, offset, data } => {
-                w.u8(*purpose as u8);
-                w.0.extend_from_slice(&[0; 3]);
-                w.u64(*offset);
-                w.0.extend_from_slice(data);
+                w.bulk(*purpose as u8, *offset, data);
                 K_BLOCK_DATA
             }
             Message::BaselineDone { volume_bytes } => {
@@ -465,10 +474,7 @@ impl Message<'_> {
                 K_LOG_FETCH
             }
             Message::LogBytes { partition, offset, bytes } => {
-                w.u8(*partition);
-                w.0.extend_from_slice(&[0; 3]);
-                w.u64(*offset);
-                w.0.extend_from_slice(bytes);
+                w.bulk(*partition, *offset, bytes);
                 K_LOG_BYTES
             }
             Message::LogFetchEnd { partition, tail } => {
@@ -627,10 +633,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             Message::PartitionOpen { header }
         }
         K_ENTRIES => {
-            let partition = r.u8()?;
-            r.take(3)?;
-            let offset = r.u64()?;
-            let bytes = r.rest();
+            let (partition, offset, bytes) = r.bulk()?;
             if bytes.is_empty() {
                 return Err(WireError::BadField(name, "no entries"));
             }
@@ -671,10 +674,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         }
         K_LOG_FETCH => Message::LogFetch { partition: r.u8()?, offset: r.u64()? },
         K_LOG_BYTES => {
-            let partition = r.u8()?;
-            r.take(3)?;
-            let offset = r.u64()?;
-            let bytes = r.rest();
+            let (partition, offset, bytes) = r.bulk()?;
             if bytes.is_empty() || bytes.len() > LOG_BYTES_CHUNK {
                 return Err(WireError::BadField(name, "empty, or above the chunk size"));
             }
