@@ -1748,13 +1748,9 @@ impl World {
         }
         if primary_side {
             let Some(mirror) = self.mirror.clone() else { return Ok(()) };
-            let can_fail_over = self.primary_current
-                && self.nodes.len() < NODES_MAX
-                && self.is_live(&mirror)
-                && self.mirror_consistent(&mirror);
-            let Some(st) = self.live_source(node).map(|s| s.stepped.status()) else { return Ok(()) };
             let mirror_whole = self.nodes[&mirror].disk_damage == 0;
-            if !can_fail_over || !mirror_whole || st.state != "in-sync" || st.acked_seq > st.mirror_acked_seq {
+            let can_fail_over = self.primary_current && self.nodes.len() < NODES_MAX && mirror_whole;
+            if !can_fail_over || self.mirror_holds_every_ack().is_none() {
                 return Ok(());
             }
         } else {
@@ -1789,6 +1785,19 @@ impl World {
         Ok(())
     }
 
+    /// Whether the primary's mirror is up and consistent (able to take over, or to serve
+    /// its logs) and holds every write the primary acknowledged, the pair in sync: the
+    /// sequence number acknowledged up to, if so.
+    fn mirror_holds_every_ack(&mut self) -> Option<u64> {
+        let primary = self.primary.clone();
+        let mirror = self.mirror.clone()?;
+        if !self.is_live(&mirror) || !self.mirror_consistent(&mirror) {
+            return None;
+        }
+        let st = self.live_source(&primary)?.stepped.status();
+        (st.state == "in-sync" && st.acked_seq <= st.mirror_acked_seq).then_some(st.acked_seq)
+    }
+
     /// A node's power is to be cut at a coming durable operation while one of its volumes
     /// is degraded: no other site may fail meanwhile (that is the third fault).
     fn degraded_cut_pending(&self) -> bool {
@@ -1802,15 +1811,7 @@ impl World {
     /// of it before the source's CP.
     fn nvram_flip(&mut self) -> Result<(), String> {
         let primary = self.primary.clone();
-        let Some(mirror) = self.mirror.clone() else { return Ok(()) };
-        // The mirror's copy serves only from a mirror that is up and consistent: one a
-        // crash left over a write hole takes a copy over it first, its logs given up
-        // (a flip then is the third fault).
-        if !self.is_live(&primary)
-            || !self.is_live(&mirror)
-            || !self.mirror_consistent(&mirror)
-            || self.degraded_cut_pending()
-        {
+        if !self.is_live(&primary) || self.degraded_cut_pending() {
             return Ok(());
         }
         {
@@ -1819,20 +1820,13 @@ impl World {
                 return Ok(());
             }
         }
-        let Some(src) = self.live_source(&primary) else { return Ok(()) };
-        let epoch = src.epoch;
-        let st = src.stepped.status();
-        // Persistent on both sites (and so possibly acknowledged).
         // Recovery reads a log up to its first damaged entry and never past it: every
-        // acknowledged entry after the flipped one must be on the mirror too. Under policy
-        // sync with the mirror away, writes acknowledged alone have one copy by the
-        // policy's own terms, and a flip before them is a double fault.
-        // Nor can a mirror in the middle of a copy serve (it is not consistent yet).
-        if st.acked_seq > st.mirror_acked_seq || st.state != "in-sync" {
-            return Ok(());
-        }
-        let safe = st.acked_seq.min(st.mirror_acked_seq);
-        let link_state = st.state.clone();
+        // acknowledged entry after the flipped one must be on the mirror too, and the
+        // mirror able to serve it. Under policy sync with the mirror away, writes
+        // acknowledged alone have one copy by the policy's own terms, and a flip before
+        // them is a double fault.
+        let Some(safe) = self.mirror_holds_every_ack() else { return Ok(()) };
+        let Some(epoch) = self.live_source(&primary).map(|s| s.epoch) else { return Ok(()) };
         self.faults.power_cuts += 1;
         self.nodes[&primary].durable.lock().power.cut_now();
         self.crash(&primary)?;
@@ -1863,7 +1857,7 @@ impl World {
                 self.faults.nvram_bit_flips += 1;
                 self.event(format!(
                     "node {primary}: power cut, and bit {bit} of NVLog entry {} (acknowledged, on the mirror too: \
-                     {link_state}, mirror acknowledged up to {safe}) flipped at region offset {at}",
+                     in-sync, mirror acknowledged up to {safe}) flipped at region offset {at}",
                     e.header.seq
                 ));
             }
