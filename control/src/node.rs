@@ -28,7 +28,8 @@ use nvmirror_dataplane::clock::SystemClock;
 use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport, RdmaPlacement};
 use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
-use nvmirror_dataplane::log::{ChangeBase, ChangeMap, Checkpoint, NvLog, PARTITIONS};
+use nvmirror_dataplane::log::{ChangeMap, NvLog, PARTITIONS};
+use nvmirror_dataplane::node::{self as core, NodeEnv, Promoted};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{
@@ -262,13 +263,15 @@ impl Node {
             .collect();
         for (v, m) in orphans {
             eprintln!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
-            if let Err(e) = node.take_up_promoted(&v, &m, None, None) {
+            if let Err(e) = core::take_up_promoted(&mut FileEnv::new(&node, None), &m, None, false) {
                 let why = format!("{e:#}");
                 eprintln!("node {}: volume {v} cannot start: {why}", node.cfg.name);
                 node.unstarted.lock().push((v, why));
             }
         }
-        for v in &state.volumes {
+        // The records saved so far, those of volumes just taken up included.
+        let volumes = node.state.lock().volumes.clone();
+        for v in &volumes {
             // One volume that cannot start (its disks are gone) does not keep the node, and
             // the others, down: it is reported, with why, in the status.
             if let Err(e) = node.start_volume(v) {
@@ -286,7 +289,7 @@ impl Node {
     }
 
     fn nvlog_path(&self, name: &str, epoch: u64) -> PathBuf {
-        self.cfg.nvram.dir.join(format!("{name}.{epoch}.nvlog"))
+        self.cfg.nvram.dir.join(core::nvlog_name(name, epoch))
     }
 
     fn start_volume(&self, v: &VolumeRecord) -> Result<()> {
@@ -326,7 +329,7 @@ impl Node {
     }
 
     fn changes_path(&self, name: &str) -> PathBuf {
-        self.cfg.nvram.dir.join(format!("{name}.changes"))
+        self.cfg.nvram.dir.join(core::changes_name(name))
     }
 
     /// The volume's change map. One a crash damaged opens conservatively (and says so);
@@ -360,51 +363,6 @@ impl Node {
                 Ok(m)
             }
         }
-    }
-
-    /// Formats volume `name`'s NVLog for `epoch` (numbering from `start`) and a new change
-    /// map relative to `base`, with `changed` marked (everything where unknown). Done
-    /// before the record that names them is saved: a crash in between leaves nothing that
-    /// a restart would trust.
-    #[allow(clippy::too_many_arguments)]
-    fn prepare_logs(
-        &self,
-        name: &str,
-        volume_id: u64,
-        size: u64,
-        partition_bytes: usize,
-        epoch: u64,
-        start: Checkpoint,
-        base: Option<ChangeBase>,
-        changed: Option<&[(u64, u64)]>,
-    ) -> Result<()> {
-        let path = self.nvlog_path(name, epoch);
-        if path.exists() {
-            fs::remove_file(&path)?;
-        }
-        let region =
-            MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(partition_bytes), self.cfg.nvram.mode)?;
-        NvLog::format(region, volume_id, partition_bytes, start)
-            .with_context(|| format!("format {}", path.display()))?;
-        let cpath = self.changes_path(name);
-        if cpath.exists() {
-            fs::remove_file(&cpath)?;
-        }
-        let mut map = ChangeMap::open(
-            Box::new(MappedNvram::open(&cpath, ChangeMap::region_bytes(size), self.cfg.nvram.mode)?),
-            size,
-        )?;
-        match changed {
-            Some(ranges) => {
-                for &(o, l) in ranges {
-                    map.mark(o, l);
-                }
-            }
-            None => map.mark_all(),
-        }
-        map.set_base(base);
-        map.persist()?;
-        Ok(())
     }
 
     /// Records that this node has known volume `volume_id` at `epoch`.
@@ -738,72 +696,13 @@ impl Node {
                 _ => bail!("mirrors of several volumes named {name} live here"),
             }
         };
-        let report = mirror.promote_to(epoch).map_err(|e| anyhow!(e))?;
-        self.take_up_promoted(name, &mirror, Some(&report), None)?;
+        let report = core::failover(&mut FileEnv::new(self, None), &mirror, epoch)?;
         self.events.push(
             "failover",
             Some(name),
             serde_json::json!({ "epoch": report.epoch, "entries_replayed": report.entries_replayed, "stops": report.stops }),
         );
         Ok(report)
-    }
-
-    /// Makes a promoted mirror this node's primary volume: a record in the node state and
-    /// a fresh NVLog for the new epoch, then its poller. Also run at start for a mirror a
-    /// crash left promoted without its record (the failover's last step did not happen).
-    fn take_up_promoted(
-        &self,
-        name: &str,
-        mirror: &Mirror,
-        report: Option<&PromoteReport>,
-        then_mirror: Option<(MirrorTarget, Policy)>,
-    ) -> Result<()> {
-        let meta = mirror.meta();
-        let record = VolumeRecord {
-            name: name.to_string(),
-            volume_id: meta.volume_id,
-            size: meta.volume_bytes,
-            partition_bytes: usize::try_from(meta.partition_bytes)?,
-            epoch: meta.epoch,
-            storage: self
-                .storage
-                .read()
-                .get(&StorageOwner::Mirror(meta.source_node.clone(), meta.volume.clone()))
-                .map(|(s, _)| s.clone())
-                .ok_or_else(|| anyhow!("the mirror of {name} has no open storage"))?,
-            cp_interval_ms: 10_000,
-            mirror: then_mirror.as_ref().map(|(t, _)| t.clone()),
-            cp_by_value: false,
-            policy: then_mirror.as_ref().map_or(Policy::Strict, |(_, p)| *p),
-        };
-        // A fresh NVLog for the new epoch, its numbering continuing the mirror's, and a
-        // change map relative to the old source's last CP here (what the replay wrote is
-        // marked; everything, where the replay is not known): a returning old primary is
-        // brought back by a delta resync.
-        let (start, changed) = match report {
-            Some(r) => (Checkpoint { released_cp: r.applied_cp, next_seq: r.last_seq + 1 }, Some(&r.replayed[..])),
-            None => (Checkpoint { released_cp: meta.applied_cp, next_seq: meta.applied_seq + 1 }, None),
-        };
-        let base = ChangeBase { peer: meta.source_node.clone(), cp: meta.applied_cp };
-        self.prepare_logs(
-            name,
-            record.volume_id,
-            record.size,
-            record.partition_bytes,
-            record.epoch,
-            start,
-            Some(base),
-            changed,
-        )?;
-        {
-            let mut state = self.state.lock();
-            state.volumes.push(record.clone());
-            // Saved under the state lock: saves are ordered with the changes they record.
-            self.save_state(&state)?;
-            drop(state);
-        }
-        self.start_volume(&record)?;
-        Ok(())
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -1291,27 +1190,13 @@ impl Node {
             .get(&(req.from.clone(), name.to_string()))
             .cloned()
             .ok_or_else(|| anyhow!("no mirror of {name} from {} on this node", req.from))?;
-        let meta = mirror.meta();
-        if meta.promoted || !meta.consistent || meta.applied_cp != req.cp || meta.applied_seq + 1 != req.next_seq {
-            bail!(
-                "the mirror holds CP {} up to sequence {} (consistent: {}, promoted: {}); the primary drained at CP {} \
-                 before sequence {}: not level, no switchover",
-                meta.applied_cp,
-                meta.applied_seq,
-                meta.consistent,
-                meta.promoted,
-                req.cp,
-                req.next_seq
-            );
-        }
         let policy: Policy = serde_json::from_value(serde_json::Value::String(req.policy.clone())).unwrap_or_default();
-        let report = mirror.promote().map_err(|e| anyhow!(e))?;
         let target = MirrorTarget {
             peer_name: req.from.clone(),
             peer_control: req.control.clone(),
             replication: req.replication.clone(),
         };
-        self.take_up_promoted(name, &mirror, Some(&report), Some((target, policy)))?;
+        let report = core::takeover(&mut FileEnv::new(self, Some((target, policy))), &mirror, req.cp, req.next_seq)?;
         self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));
         // The pair resumes the other way round before the old primary forwards its
         // clients' requests here: until then a write would find the mirror link down.
@@ -1367,6 +1252,68 @@ pub struct SwitchoverReport {
     pub cp: u64,
     pub requests_handed_over: u64,
     pub duration_ms: u64,
+}
+
+/// The node core's environment here: NVRAM regions are files in the NVRAM dir, records
+/// go to `node.json`, and a primary starts with its poller.
+struct FileEnv<'a> {
+    node: &'a Node,
+    /// A takeover: the volume goes on mirrored to the old primary, with this policy.
+    then_mirror: Option<(MirrorTarget, Policy)>,
+    record: Option<VolumeRecord>,
+}
+
+impl<'a> FileEnv<'a> {
+    fn new(node: &'a Node, then_mirror: Option<(MirrorTarget, Policy)>) -> Self {
+        FileEnv { node, then_mirror, record: None }
+    }
+}
+
+impl NodeEnv for FileEnv<'_> {
+    fn fresh_region(&mut self, name: &str, bytes: usize) -> io::Result<Box<dyn Nvram>> {
+        let path = self.node.cfg.nvram.dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path)?;
+        }
+        let region = MappedNvram::open(&path, bytes, self.node.cfg.nvram.mode)
+            .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+        Ok(Box::new(region))
+    }
+
+    fn record_primary(&mut self, v: &Promoted) -> io::Result<()> {
+        let storage = self
+            .node
+            .storage
+            .read()
+            .get(&StorageOwner::Mirror(v.from.clone(), v.volume.clone()))
+            .map(|(s, _)| s.clone())
+            .ok_or_else(|| io::Error::other(format!("the mirror of {} has no open storage", v.volume)))?;
+        let record = VolumeRecord {
+            name: v.volume.clone(),
+            volume_id: v.volume_id,
+            size: v.size,
+            partition_bytes: v.partition_bytes,
+            epoch: v.epoch,
+            storage,
+            cp_interval_ms: 10_000,
+            mirror: self.then_mirror.as_ref().map(|(t, _)| t.clone()),
+            cp_by_value: false,
+            policy: self.then_mirror.as_ref().map_or(Policy::Strict, |(_, p)| *p),
+        };
+        let mut state = self.node.state.lock();
+        state.volumes.push(record.clone());
+        // Saved under the state lock: saves are ordered with the changes they record.
+        self.node.save_state(&state).map_err(|e| io::Error::other(format!("{e:#}")))?;
+        drop(state);
+        self.record = Some(record);
+        Ok(())
+    }
+
+    fn start_primary(&mut self, v: &Promoted) -> io::Result<()> {
+        let record = self.record.as_ref().filter(|r| r.name == v.volume);
+        let record = record.ok_or_else(|| io::Error::other(format!("volume {} has no record", v.volume)))?;
+        self.node.start_volume(record).map_err(|e| io::Error::other(format!("{e:#}")))
+    }
 }
 
 /// Regions as `(first, count)` runs, at most [`crate::api::RESYNC_RANGES_MAX`] of them

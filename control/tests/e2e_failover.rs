@@ -475,3 +475,47 @@ fn concurrent_failover_requests_promote_once() {
     let v = verify(&w, &pair.dst.nbd, VOL).expect("read the promoted volume after a restart");
     assert_verified(&v, "promoted volume after a restart");
 }
+
+/// A failover that a crash of the mirror's node cut short, once the raised epoch was saved
+/// and before the replay, the new NVLog or the volume's record: the node, restarted,
+/// finishes the promotion (the replay) and takes the mirror up as its primary volume
+/// (the node core's take-up, the one the simulator runs), with every write the old
+/// primary acknowledged.
+#[test]
+fn a_failover_cut_short_by_a_crash_is_finished_when_the_node_restarts() {
+    let seed = base_seed("a_failover_cut_short_by_a_crash_is_finished_when_the_node_restarts");
+    let mut pair = Pair::start("cut-short");
+    pair.create_mirrored(VOL, VOLUME_BYTES, LOG_BYTES_MIN);
+    // A partition and a half: a CP has applied the first, and the log holds the rest.
+    let mut w = Workload::new(0, VOLUME_BYTES / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect");
+    w.run(&mut c, 8, E + E / 2, |_| {}).expect("writes");
+    assert_eq!(w.errors, 0);
+    drop(c);
+    pair.src.kill();
+    pair.dst.kill();
+    let applied_seq = {
+        // The crash came right after the promotion saved its raised epoch.
+        let path = pair.dst.data_dir.join("mirrors").join(&pair.src.name).join(VOL).join("meta.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read the mirror's meta")).expect("meta is JSON");
+        assert_eq!(meta["epoch"], 1);
+        meta["epoch"] = 2.into();
+        meta["promoting"] = true.into();
+        std::fs::write(&path, serde_json::to_vec_pretty(&meta).expect("JSON")).expect("write meta");
+        meta["applied_seq"].as_u64().expect("applied_seq")
+    };
+    assert!(applied_seq < w.acks, "every write applied by a CP: nothing left for the replay to do");
+    pair.dst.restart().expect("restart the mirror's node");
+    let st = wait_state(&pair.dst_api(), VOL, "not-mirrored", Duration::from_secs(30));
+    assert_eq!(st["epoch"], 2, "{st}");
+    assert!(
+        log_text(&pair.dst.log_path()).contains("was failed over here before a restart; taking it up"),
+        "the restart did not take the promoted mirror up"
+    );
+    let v = verify(&w, &pair.dst.nbd, VOL).expect("read the new primary");
+    assert_verified(&v, "a failover finished at the restart");
+    // It takes writes, in its own epoch.
+    let mut np = NbdClient::connect(pair.dst.nbd.as_str(), VOL).expect("NBD connect to the new primary");
+    np.write(0, &block_data(0, 1_000_000)).expect("write to the new primary");
+}

@@ -45,6 +45,18 @@ pub trait MetaStore: Send + Sync {
     fn save(&self, meta: &MirrorMeta) -> io::Result<()>;
 }
 
+/// A [`MetaStore`] in memory: the last metadata saved, for tests and tools whose mirror
+/// need not survive the process.
+#[derive(Debug, Default, Clone)]
+pub struct MemMetaStore(pub Arc<Mutex<Option<MirrorMeta>>>);
+
+impl MetaStore for MemMetaStore {
+    fn save(&self, meta: &MirrorMeta) -> io::Result<()> {
+        *self.0.lock() = Some(meta.clone());
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingCp {
     pub cp: u64,
@@ -300,7 +312,7 @@ impl Mirror {
             eprintln!("mirror {}: finishing the failover a restart interrupted (epoch {epoch})", mirror.name());
             let _one = mirror.promoting.lock();
             mirror.fenced.store(true, Ordering::SeqCst);
-            mirror.finish_promotion(epoch).map_err(io::Error::other)?;
+            mirror.finish_promotion(epoch, true).map_err(io::Error::other)?;
         }
         Ok(mirror)
     }
@@ -660,6 +672,17 @@ impl Mirror {
     /// As [`Mirror::promote`], with the new epoch at least `epoch` (an external fencing
     /// token, such as an etcd revision) rather than one more than the mirror's.
     pub fn promote_to(&self, epoch: Option<u64>) -> Result<PromoteReport, String> {
+        self.promote_with(epoch, true)
+    }
+
+    /// The planted defect `failover-skips-replay`: a promotion that replays nothing past
+    /// the last applied CP (the simulator must catch it).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn promote_skipping_replay(&self, epoch: Option<u64>) -> Result<PromoteReport, String> {
+        self.promote_with(epoch, false)
+    }
+
+    fn promote_with(&self, epoch: Option<u64>, replay: bool) -> Result<PromoteReport, String> {
         // One failover at a time; a second request finds the volume promoted.
         let _one = self.promoting.lock();
         {
@@ -683,12 +706,12 @@ impl Mirror {
             self.save(&meta)?;
             meta.epoch
         };
-        self.finish_promotion(epoch)
+        self.finish_promotion(epoch, replay)
     }
 
     /// The promotion after the epoch is raised: the old session dropped, every logged entry
     /// past the last applied CP replayed (as a redo), the mirror marked promoted.
-    fn finish_promotion(&self, epoch: u64) -> Result<PromoteReport, String> {
+    fn finish_promotion(&self, epoch: u64, replay: bool) -> Result<PromoteReport, String> {
         if let Some(sink) = self.session.lock().take() {
             let _ = sink.send(&Message::Refuse {
                 code: RefuseCode::StaleEpoch,
@@ -729,6 +752,9 @@ impl Mirror {
                 stops.push(format!(
                     "sequence gap: {seq} found where {expect} was expected; nothing past it is replayed"
                 ));
+                break;
+            }
+            if !replay {
                 break;
             }
             run.push((p, at));

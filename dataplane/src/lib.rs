@@ -15,6 +15,7 @@ pub mod destination;
 pub mod format;
 pub mod frontend;
 pub mod log;
+pub mod node;
 pub mod nvram;
 pub mod poller;
 pub mod raid;

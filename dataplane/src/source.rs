@@ -148,6 +148,8 @@ pub enum PlantedBug {
     /// Complete a write once it is persistent in the local NVLog, without waiting for the
     /// destination's acknowledgement.
     AckBeforeRemotePersist,
+    /// Fail over without replaying the mirror's log past its last applied CP.
+    FailoverSkipsReplay,
 }
 
 impl SourceConfig {

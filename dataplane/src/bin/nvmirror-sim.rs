@@ -71,6 +71,7 @@ fn parse() -> Result<Args, String> {
             "--no-faults" => a.opts.faults = false,
             "--planted-bug" => match val()?.as_str() {
                 "ack-before-remote-persist" => a.opts.planted_bug = Some(PlantedBug::AckBeforeRemotePersist),
+                "failover-skips-replay" => a.opts.planted_bug = Some(PlantedBug::FailoverSkipsReplay),
                 other => return Err(format!("unknown planted bug {other}")),
             },
             "--watch-block" => a.opts.watch_block = Some(parse_u64(&val()?)?),
@@ -82,7 +83,7 @@ fn parse() -> Result<Args, String> {
             "--keep-going" => a.keep_going = true,
             "-h" | "--help" => {
                 println!(
-                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --regressions F  also run every seed file F lists (one per line, # comments)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --keep-going     run every seed; list each failure as found, fail at the end\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist"
+                    "nvmirror-sim: the deterministic simulator\n\n  --seeds N        seeds to run (default 100)\n  --from SEED      first seed (default 0)\n  --budget-secs S  stop after S seconds; fail if fewer than --seeds ran\n  --jobs N         seeds run side by side (default: the cores)\n  --regressions F  also run every seed file F lists (one per line, # comments)\n  --seed SEED      replay one seed\n  --trace          print its events (with --seed)\n  --verbose        keep the data plane's own messages\n  --json FILE      write the summary as JSON\n  --keep-going     run every seed; list each failure as found, fail at the end\n  --phases N, --phase-ms MS, --no-faults, --planted-bug ack-before-remote-persist|failover-skips-replay"
                 );
                 std::process::exit(0);
             }

@@ -56,8 +56,9 @@ use crate::clock::Clock;
 use crate::destination::{Mirror, MirrorMeta};
 use crate::format::BLOCK_BYTES;
 use crate::frontend::{Completer, Export, IoReply, IoRequest};
-use crate::log::{ChangeBase, ChangeMap, Checkpoint};
+use crate::log::ChangeMap;
 use crate::log::{NvLog, PARTITIONS};
+use crate::node::{NodeEnv, NodeError, Promoted};
 use crate::nvram::Nvram;
 use crate::raid::{Geometry, Raid4};
 use crate::source::{
@@ -203,8 +204,10 @@ pub fn replay_command(seed: u64, opts: &SimOptions) -> String {
     if !opts.faults {
         cmd += " --no-faults";
     }
-    if opts.planted_bug.is_some() {
-        cmd += " --planted-bug ack-before-remote-persist";
+    match opts.planted_bug {
+        Some(PlantedBug::AckBeforeRemotePersist) => cmd += " --planted-bug ack-before-remote-persist",
+        Some(PlantedBug::FailoverSkipsReplay) => cmd += " --planted-bug failover-skips-replay",
+        None => {}
     }
     cmd + " --trace"
 }
@@ -441,6 +444,57 @@ impl MirrorDirectory for Directory {
         };
         let (session, welcome) = mirror.attach(hello, sink, None)?;
         Ok((Box::new(session), welcome))
+    }
+}
+
+/// The node core's environment in the simulator: one node's simulated NVRAM, its record
+/// and its stepped source. Power cut, it refuses every durable step.
+struct SimEnv<'w> {
+    world: &'w mut World,
+    node: String,
+}
+
+impl SimEnv<'_> {
+    fn durable(&self) -> io::Result<Shared<Durable>> {
+        let durable = self.world.nodes[&self.node].durable.clone();
+        if durable.lock().power.is_cut() {
+            return Err(io::Error::other(format!("node {}: power cut", self.node)));
+        }
+        Ok(durable)
+    }
+}
+
+impl NodeEnv for SimEnv<'_> {
+    fn fresh_region(&mut self, name: &str, bytes: usize) -> io::Result<Box<dyn Nvram>> {
+        let durable = self.durable()?;
+        let mut d = durable.lock();
+        d.nvram.remove(name);
+        let region = d.region(name, bytes);
+        Ok(Box::new(SimNvram::open(region, d.power.clone())))
+    }
+
+    fn record_primary(&mut self, v: &Promoted) -> io::Result<()> {
+        let durable = self.durable()?;
+        let mut d = durable.lock();
+        let disks =
+            d.mirror_disks.get(&v.from).cloned().ok_or_else(|| io::Error::other("promoted mirror without storage"))?;
+        d.volume = Some(VolumeRecord {
+            epoch: v.epoch,
+            disks,
+            mirror: v.mirrored_to_from.then(|| v.from.clone()),
+            promoted_from: Some(v.from.clone()),
+        });
+        Ok(())
+    }
+
+    fn start_primary(&mut self, v: &Promoted) -> io::Result<()> {
+        let live = self.world.nodes[&self.node].live.as_ref().ok_or_else(|| io::Error::other("down"))?;
+        let raid = live.directory.mirrors.lock().get(&v.from).map(|(_, r)| r.clone());
+        self.world.start_source(&self.node, raid)
+    }
+
+    fn planted_bug(&self) -> Option<PlantedBug> {
+        self.world.opts.planted_bug
     }
 }
 
@@ -855,18 +909,9 @@ impl World {
             // Opening finishes a failover that raised the epoch before the crash.
             if m.meta().promoted && durable.lock().volume.is_none() {
                 // Failed over, and the crash came before the volume record was saved: the
-                // promoted mirror is this node's volume now.
-                let keys = durable.lock().mirror_disks[&src].clone();
-                let mm = m.meta();
-                let start = Checkpoint { released_cp: mm.applied_cp, next_seq: mm.applied_seq + 1 };
-                self.prepare_logs(node, mm.epoch, start, ChangeBase { peer: src.clone(), cp: mm.applied_cp }, None)
-                    .map_err(|e| format!("node {node}: prepare the promoted volume's logs: {e}"))?;
-                durable.lock().volume = Some(VolumeRecord {
-                    epoch: meta.epoch,
-                    disks: keys,
-                    mirror: None,
-                    promoted_from: Some(src.clone()),
-                });
+                // promoted mirror is this node's volume now (the shipped code that does so).
+                crate::node::take_up_promoted(&mut SimEnv { world: self, node: node.to_string() }, &m, None, false)
+                    .map_err(|e| format!("node {node}: take up the promoted mirror of {src}: {e}"))?;
                 self.event(format!("node {node}: promoted mirror of {src} taken up as the volume"));
             }
             directory.mirrors.lock().insert(src, (m, raid));
@@ -1291,22 +1336,36 @@ impl World {
             return Ok(());
         }
         let live = self.nodes[node].live.as_ref().expect("live");
-        let Some((mirror, raid)) = live.directory.mirrors.lock().get(&old).cloned() else { return Ok(()) };
-        let report = match mirror.promote() {
+        let Some((mirror, _)) = live.directory.mirrors.lock().get(&old).cloned() else { return Ok(()) };
+        // The shipped failover: promote (replay), the new epoch's logs, the record, start.
+        let result = crate::node::failover(&mut SimEnv { world: self, node: node.to_string() }, &mirror, None);
+        let promoted = mirror.meta().promoted;
+        drop(mirror);
+        let report = match result {
             Ok(r) => r,
-            Err(e) if old_refused => {
+            Err(e) if self.nodes[node].durable.lock().power.is_cut() => {
+                // It died during the failover: the administrator runs it again once the
+                // node is back (it may find the mirror promoted already, or not).
+                self.event(format!("failover on {node} cut short by a power cut (promoted: {promoted}): {e}"));
+                if promoted {
+                    self.faults.failovers += 1;
+                }
+                self.retry_failover = Some(node.to_string());
+                return Ok(());
+            }
+            Err(NodeError::Refused(e)) if old_refused => {
                 return Err(format!(
                     "the volume on {old} refused to start (the write hole) and its mirror on {node} refused the failover: {e}"
                 ));
             }
-            Err(e) => {
+            Err(NodeError::Refused(e)) => {
                 self.faults.failovers_refused += 1;
                 self.event(format!("failover on {node} refused: {e}"));
                 self.schedule(MS, Action::Restart(old));
                 return Ok(());
             }
+            Err(e) => return Err(format!("failover on {node}: {e}")),
         };
-        drop(mirror);
         self.faults.failovers += 1;
         self.event(format!(
             "failover on {node}: epoch {}, {} entries replayed up to seq {}{}",
@@ -1315,64 +1374,7 @@ impl World {
             report.last_seq,
             if report.stops.is_empty() { String::new() } else { format!(" (stops: {})", report.stops.join("; ")) }
         ));
-        let durable = self.nodes[node].durable.clone();
-        if durable.lock().power.is_cut() {
-            // It died during the failover: the administrator runs it again once the node
-            // is back (it may find the mirror promoted already, or not).
-            self.retry_failover = Some(node.to_string());
-            return Ok(());
-        }
-        let keys = durable.lock().mirror_disks.get(&old).cloned().ok_or("promoted mirror without storage")?;
-        // The new epoch's NVLog (its numbering continuing the mirror's) and change map
-        // (relative to the old primary's last common CP, the replay marked) come before
-        // the record that names them.
-        let start = Checkpoint { released_cp: report.applied_cp, next_seq: report.last_seq + 1 };
-        let base = ChangeBase { peer: old.clone(), cp: report.applied_cp };
-        self.prepare_logs(node, report.epoch, start, base, Some(&report.replayed))
-            .map_err(|e| format!("prepare the promoted volume's logs on {node}: {e}"))?;
-        if durable.lock().power.is_cut() {
-            self.retry_failover = Some(node.to_string());
-            return Ok(());
-        }
-        durable.lock().volume =
-            Some(VolumeRecord { epoch: report.epoch, disks: keys, mirror: None, promoted_from: Some(old.clone()) });
-        self.start_source(node, Some(raid)).map_err(|e| format!("start the promoted volume on {node}: {e}"))?;
         self.took_over(node)
-    }
-
-    /// Formats a new primary's NVLog for `epoch`, starting at `start`, and its change map,
-    /// relative to `base`, with `replayed` marked (all of the volume where unknown).
-    fn prepare_logs(
-        &mut self,
-        node: &str,
-        epoch: u64,
-        start: Checkpoint,
-        base: ChangeBase,
-        replayed: Option<&[(u64, u64)]>,
-    ) -> io::Result<()> {
-        let durable = self.nodes[node].durable.clone();
-        let mut d = durable.lock();
-        let power = d.power.clone();
-        let key = format!("{VOLUME}.{epoch}.nvlog");
-        d.nvram.remove(&key);
-        d.nvram.remove(CHANGES);
-        let region = d.region(&key, NvLog::<SimNvram>::region_bytes(PARTITION_BYTES));
-        let changes = d.region(CHANGES, ChangeMap::region_bytes(BLOCKS * BLOCK_BYTES as u64));
-        drop(d);
-        NvLog::format(SimNvram::open(region, power.clone()), VOLUME_ID, PARTITION_BYTES, start)
-            .map_err(io::Error::other)?;
-        let mut map = ChangeMap::open(Box::new(SimNvram::open(changes, power)), BLOCKS * BLOCK_BYTES as u64)
-            .map_err(io::Error::other)?;
-        match replayed {
-            Some(ranges) => {
-                for &(o, l) in ranges {
-                    map.mark(o, l);
-                }
-            }
-            None => map.mark_all(),
-        }
-        map.set_base(Some(base));
-        map.persist().map_err(io::Error::other)
     }
 
     /// The fenced old primary comes back as the new primary's mirror: its own changes
@@ -1549,10 +1551,21 @@ impl World {
         let src = self.nodes.get_mut(&a).and_then(|n| n.live.as_mut()).and_then(|l| l.source.take()).expect("live");
         let raid_a = src.raid.clone();
         drop(src);
-        // The mirror takes over: nothing to replay.
-        let (mirror, raid_b) =
-            self.nodes[&b].live.as_ref().expect("live").directory.mirrors.lock().get(&a).cloned().ok_or("mirror")?;
-        let report = mirror.promote().map_err(|e| format!("switchover: promote on {b}: {e}"))?;
+        // The old primary becomes the mirror, then the mirror takes over (the shipped
+        // takeover: nothing to replay), in the order the daemon's switchover runs them.
+        let mirror = self.nodes[&b].live.as_ref().expect("live").directory.mirrors.lock().get(&a).cloned();
+        let (mirror, _) = mirror.ok_or("mirror")?;
+        let keys_a = self.nodes[&a].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume")?;
+        let meta_a = MirrorMeta {
+            applied_cp: cp,
+            applied_seq: next_seq - 1,
+            consistent: true,
+            ..mirror_meta(&b, meta.epoch + 1)
+        };
+        self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
+        self.nodes[&a].durable.lock().volume = None;
+        let report = crate::node::takeover(&mut SimEnv { world: self, node: b.clone() }, &mirror, cp, next_seq)
+            .map_err(|e| format!("switchover: take over on {b}: {e}"))?;
         drop(mirror);
         if report.entries_replayed != 0 {
             return Err(format!(
@@ -1560,22 +1573,6 @@ impl World {
                 report.entries_replayed
             ));
         }
-        let keys_a = self.nodes[&a].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume")?;
-        let meta_a =
-            MirrorMeta { applied_cp: cp, applied_seq: next_seq - 1, consistent: true, ..mirror_meta(&b, report.epoch) };
-        self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
-        self.nodes[&a].durable.lock().volume = None;
-        let start = Checkpoint { released_cp: cp, next_seq };
-        self.prepare_logs(&b, report.epoch, start, ChangeBase { peer: a.clone(), cp }, Some(&[]))
-            .map_err(|e| format!("switchover: logs on {b}: {e}"))?;
-        let keys_b = self.nodes[&b].durable.lock().mirror_disks.get(&a).cloned().ok_or("no mirror disks")?;
-        self.nodes[&b].durable.lock().volume = Some(VolumeRecord {
-            epoch: report.epoch,
-            disks: keys_b,
-            mirror: Some(a.clone()),
-            promoted_from: Some(a.clone()),
-        });
-        self.start_source(&b, Some(raid_b)).map_err(|e| format!("switchover: start the volume on {b}: {e}"))?;
         self.primary = b.clone();
         self.mirror = Some(a.clone());
         // The requests that waited on the old primary are answered by the new one.

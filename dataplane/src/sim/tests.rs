@@ -57,6 +57,21 @@ fn the_simulator_catches_an_ack_before_the_remote_persist() {
     );
 }
 
+/// The simulator runs the node core's failover, the one the daemon ships: a defect
+/// planted there (a promotion that replays nothing past the mirror's last applied CP)
+/// loses the acknowledged writes of the last CP interval, and the seeds find it.
+#[test]
+fn the_simulator_catches_a_failover_that_skips_the_replay() {
+    let opts = SimOptions { planted_bug: Some(PlantedBug::FailoverSkipsReplay), ..SimOptions::default() };
+    let caught = (0..50).find_map(|seed| run(seed, &opts).err());
+    let f = caught.expect("50 seeds ran with the planted bug and none failed");
+    assert!(
+        f.message.contains("after the failover")
+            && (f.message.contains("lost acknowledged write") || f.message.contains("reads as zeroes")),
+        "caught, but not as a write lost by the failover: {f}"
+    );
+}
+
 /// A power cut on a degraded RAID-4 volume with writes in flight (the write hole): a
 /// primary's volume refuses to start and the mirror takes over, a mirror's storage is
 /// copied over whole; every check of the run holds (no acknowledged write lost, scrubs
