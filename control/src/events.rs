@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -49,16 +49,17 @@ pub struct EventLog {
     followers: AtomicUsize,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
-}
-
 impl EventLog {
     pub fn push(&self, kind: &str, volume: Option<&str>, detail: Value) {
         let mut r = self.ring.lock();
         r.next_id += 1;
-        let e =
-            Event { id: r.next_id, unix_ms: unix_ms(), kind: kind.into(), volume: volume.map(str::to_string), detail };
+        let e = Event {
+            id: r.next_id,
+            unix_ms: nvmirror_dataplane::clock::unix_ms(),
+            kind: kind.into(),
+            volume: volume.map(str::to_string),
+            detail,
+        };
         r.events.push_back(e);
         while r.events.len() > KEPT {
             r.events.pop_front();

@@ -33,7 +33,7 @@ use nvmirror_dataplane::node::{self as core, NodeEnv, Promoted};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{
-    self, Control, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
+    self, Control, PairState, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
 };
 use nvmirror_dataplane::storage::{DiskSpec, Engine};
 use nvmirror_dataplane::transport::auth::PeerSecret;
@@ -1050,7 +1050,7 @@ impl Node {
         let rec = self.volume_record(name)?;
         let target = rec.mirror.clone().ok_or_else(|| anyhow!("volume {name} is not mirrored"))?;
         let st = handle.status().map_err(|e| anyhow!(e))?;
-        if st.state != "in-sync" || !st.mirror_current {
+        if st.state != PairState::InSync || !st.mirror_current {
             bail!(
                 "volume {name} is {} (mirror current: {}): a switchover needs the pair in sync",
                 st.state,
@@ -1203,7 +1203,7 @@ impl Node {
         let handle = self.volume(name)?;
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
-            if handle.status().is_ok_and(|s| s.state == "in-sync") {
+            if handle.status().is_ok_and(|s| s.state == PairState::InSync) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));

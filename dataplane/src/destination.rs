@@ -18,7 +18,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
@@ -221,10 +221,6 @@ type LogView = (u64, u64, Option<u64>);
 
 fn log_view(log: &LogFile<Box<dyn Nvram>>) -> Option<LogView> {
     log.header().map(|h| (h.cp_gen, h.first_seq, log.last_persisted_seq()))
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
 }
 
 impl Mirror {
@@ -634,7 +630,7 @@ impl Mirror {
             meta.applied_cp = cp;
             meta.applied_seq = meta.applied_seq.max(upto_seq);
             meta.pending_cp = None;
-            meta.last_cp_unix_ms = unix_ms();
+            meta.last_cp_unix_ms = crate::clock::unix_ms();
             meta.last_cp_duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             // Saved under the meta lock: saves are ordered with the changes they record.
             self.save(&meta)?;

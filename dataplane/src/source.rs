@@ -25,10 +25,10 @@ use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::cp::{apply_entries, CpImage, Overlay, Vbn};
@@ -228,14 +228,67 @@ pub enum Control {
     ChangedRegions(Sender<Vec<u64>>),
 }
 
+/// Where a primary volume and its mirror stand: the `state` of its status, serialised as
+/// the strings the status has always shown (`in-sync`, `out-of-sync`...).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairState {
+    /// No mirror configured: writes are acknowledged once persistent here.
+    #[default]
+    NotMirrored,
+    /// Reaching a mirror not joined yet, or fetching the log back from it.
+    Connecting,
+    /// The pair was in sync and the link is down.
+    OutOfSync,
+    /// A delta resync to the mirror is under way.
+    Resyncing,
+    /// A full copy to the mirror is under way.
+    Baseline,
+    /// Every write goes to both sites before it is acknowledged.
+    InSync,
+    /// Another node holds the volume at a newer epoch: nothing is acknowledged here.
+    Fenced,
+    /// The volume stopped on an error (see the reason).
+    Failed,
+    /// Drained for a switchover.
+    Quiescing,
+}
+
+impl PairState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairState::NotMirrored => "not-mirrored",
+            PairState::Connecting => "connecting",
+            PairState::OutOfSync => "out-of-sync",
+            PairState::Resyncing => "resyncing",
+            PairState::Baseline => "baseline",
+            PairState::InSync => "in-sync",
+            PairState::Fenced => "fenced",
+            PairState::Failed => "failed",
+            PairState::Quiescing => "quiescing",
+        }
+    }
+}
+
+impl std::fmt::Display for PairState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for PairState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceStatus {
     pub volume: String,
     pub volume_id: u64,
     pub epoch: u64,
     pub size_bytes: u64,
-    /// not-mirrored, connecting, baseline, in-sync, out-of-sync, fenced
-    pub state: String,
+    pub state: PairState,
     pub peer: Option<String>,
     pub reason: Option<String>,
     pub next_seq: u64,
@@ -764,10 +817,6 @@ fn write_cp_job(device: &dyn BlockDevice, job: &CpJob) -> CpLocalDone {
     CpLocalDone { partition: job.partition, gen: job.gen, result, micros }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
-}
-
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -805,7 +854,7 @@ where
             volume_id: cfg.volume_id,
             epoch: cfg.epoch,
             size_bytes: device.size(),
-            state: String::new(),
+            state: PairState::default(),
             peer: mirror.clone(),
             reason: None,
             next_seq: 0,
@@ -1273,29 +1322,29 @@ where
         let mut s = self.stats.clone();
         s.awaiting_mirror_log = self.held_for_mirror_log();
         let (state, reason) = match &self.link {
-            LinkState::Unmirrored => ("not-mirrored", None),
+            LinkState::Unmirrored => (PairState::NotMirrored, None),
             // Connecting: to a mirror not joined yet (a copy to come, or none confirmed since
             // the start). A pair that was in sync stays out of sync through its reconnect
             // attempts, whichever moment the status is taken.
             LinkState::Down { reason, connecting, copy, .. } => {
                 if copy.is_some() || (*connecting && !self.confirmed) {
-                    ("connecting", Some(reason.clone()))
+                    (PairState::Connecting, Some(reason.clone()))
                 } else {
-                    ("out-of-sync", Some(reason.clone()))
+                    (PairState::OutOfSync, Some(reason.clone()))
                 }
             }
-            LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Resync => ("resyncing", None),
-            LinkState::Up { copy: Some(_), .. } => ("baseline", None),
+            LinkState::Up { copy: Some(c), .. } if c.kind == CopyKind::Resync => (PairState::Resyncing, None),
+            LinkState::Up { copy: Some(_), .. } => (PairState::Baseline, None),
             LinkState::Up { copy: None, .. } if self.catch_up.is_some() => {
-                ("connecting", Some("fetching the log back from the mirror".to_string()))
+                (PairState::Connecting, Some("fetching the log back from the mirror".to_string()))
             }
-            LinkState::Up { copy: None, .. } => ("in-sync", None),
-            LinkState::Fenced(r) => ("fenced", Some(r.clone())),
+            LinkState::Up { copy: None, .. } => (PairState::InSync, None),
+            LinkState::Fenced(r) => (PairState::Fenced, Some(r.clone())),
         };
-        s.state = state.to_string();
+        s.state = state;
         s.reason = reason;
         if let Some(r) = &self.failed {
-            s.state = "failed".into();
+            s.state = PairState::Failed;
             s.reason = Some(r.clone());
         }
         s.peer = self.target.clone();
@@ -1324,7 +1373,7 @@ where
             s.changes_since = m.base().cloned();
         }
         if self.quiesced {
-            s.state = "quiescing".into();
+            s.state = PairState::Quiescing;
         }
         s.mirror_current = self.mirror_current();
         s.mirror_acked_seq = self.remote_acked_seq;
@@ -2227,7 +2276,7 @@ where
         self.parts[p as usize] = Part::Free;
         self.stats.cps += 1;
         self.stats.last_cp = gen;
-        self.stats.last_cp_unix_ms = unix_ms();
+        self.stats.last_cp_unix_ms = self.clock.unix_ms();
         self.stats.last_cp_duration_us = self.clock.now_ns().saturating_sub(self.cp_started_ns) / 1000;
         self.notify_cp_waiters(gen, Ok(gen));
         Ok(())
@@ -2716,3 +2765,30 @@ pub fn replay_nvlog(
 }
 
 const _: () = assert!(BASELINE_CHUNK.is_multiple_of(BLOCK_BYTES));
+
+#[cfg(test)]
+mod pair_state_tests {
+    use super::PairState;
+
+    /// The status JSON shows the pair state as the strings it always has.
+    #[test]
+    fn the_pair_state_serialises_to_the_status_strings() {
+        let all = [
+            (PairState::NotMirrored, "not-mirrored"),
+            (PairState::Connecting, "connecting"),
+            (PairState::OutOfSync, "out-of-sync"),
+            (PairState::Resyncing, "resyncing"),
+            (PairState::Baseline, "baseline"),
+            (PairState::InSync, "in-sync"),
+            (PairState::Fenced, "fenced"),
+            (PairState::Failed, "failed"),
+            (PairState::Quiescing, "quiescing"),
+        ];
+        for (state, text) in all {
+            assert_eq!(serde_json::to_value(state).expect("serialise"), serde_json::Value::String(text.into()));
+            assert_eq!(state.as_str(), text);
+            assert_eq!(state.to_string(), text);
+            assert_eq!(serde_json::from_value::<PairState>(text.into()).expect("deserialise"), state);
+        }
+    }
+}

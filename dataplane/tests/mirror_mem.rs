@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
 use nvmirror_dataplane::clock::SystemClock;
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta};
+use nvmirror_dataplane::destination::{MemMetaStore, Mirror, MirrorMeta};
 use nvmirror_dataplane::frontend::{Completer, Export, IoReply, IoRequest};
 use nvmirror_dataplane::log::NvLog;
 use nvmirror_dataplane::nvram::{MemNvram, Nvram};
@@ -20,13 +20,6 @@ use parking_lot::Mutex;
 
 const VOL: u64 = 8 << 20;
 const PART: usize = 4 << 20;
-
-struct NoStore;
-impl MetaStore for NoStore {
-    fn save(&self, _: &MirrorMeta) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 #[derive(Default)]
 struct OneMirror {
@@ -45,7 +38,7 @@ impl MirrorDirectory for OneMirror {
             let dev = Arc::new(MemDevice::new(hello.volume_bytes));
             *self.device.lock() = Some(dev.clone());
             let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
-            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::new(NoStore), logs, dev).unwrap());
+            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
         }
         let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
         Ok((Box::new(s), w))
@@ -223,7 +216,9 @@ impl MirrorDirectory for FileLogMirror {
             let log = |p: usize| -> Box<dyn Nvram> {
                 Box::new(MappedNvram::open(&self.dir.path().join(format!("log{p}")), PART, NvramMode::File).unwrap())
             };
-            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::new(NoStore), [log(0), log(1)], dev).unwrap());
+            *m = Some(
+                Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), [log(0), log(1)], dev).unwrap(),
+            );
         }
         let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
         Ok((Box::new(s), w))
@@ -365,7 +360,7 @@ fn an_ack_never_passes_entries_the_mirror_never_had() {
     for older_has_some in [false, true] {
         let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
         let dev = Arc::new(MemDevice::new(VOL));
-        let mirror = Mirror::open(MirrorMeta::new(&hello_from_1()), Box::new(NoStore), logs, dev).unwrap();
+        let mirror = Mirror::open(MirrorMeta::new(&hello_from_1()), Box::<MemMetaStore>::default(), logs, dev).unwrap();
         let acks = Arc::new(Acks::default());
         let (mut s, _) = mirror.attach(&hello_from_1(), acks.clone(), None).unwrap();
         // Older partition: CP 1, sequence 1 on; of its 20 entries only the first 5 arrive,
@@ -428,7 +423,8 @@ fn acks_of_newer_entries_do_not_wait_for_a_cp_write_out() {
         waiting: Default::default(),
         cv: parking_lot::Condvar::new(),
     });
-    let mirror = Mirror::open(MirrorMeta::new(&hello_from_1()), Box::new(NoStore), logs, dev.clone()).unwrap();
+    let mirror =
+        Mirror::open(MirrorMeta::new(&hello_from_1()), Box::<MemMetaStore>::default(), logs, dev.clone()).unwrap();
     let acks = Arc::new(Acks::default());
     let (mut s, _) = mirror.attach(&hello_from_1(), acks.clone(), None).unwrap();
     s.on_message(partition_open(0, 1, 1)).unwrap();

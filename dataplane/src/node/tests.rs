@@ -107,7 +107,7 @@ fn mirrored(before: u64, after: u64) -> (Arc<Mirror>, u64) {
     let (tx, rx) = bounded(1);
     h.control(Control::Attach { target: "mem".into(), peer: None, reply: tx }).expect("attach");
     rx.recv().expect("reply").expect("attached");
-    while h.status().expect("status").state != "in-sync" {
+    while h.status().expect("status").state != source::PairState::InSync {
         std::thread::sleep(Duration::from_millis(5));
     }
     for b in 0..before {

@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -24,10 +24,6 @@ use crate::storage::{BlockDevice, DiskSpec};
 const B: u64 = BLOCK_BYTES as u64;
 /// How often a rebuild records its cursor.
 const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(2);
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// A running scrub or rebuild.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,10 +138,10 @@ impl Raid4 {
             member: None,
             done_bytes: 0,
             total_bytes: total,
-            started_unix_ms: unix_ms(),
+            started_unix_ms: crate::clock::unix_ms(),
             rate_bytes_per_s: rate,
         })?;
-        let mut report = ScrubReport { started_unix_ms: unix_ms(), ..ScrubReport::default() };
+        let mut report = ScrubReport { started_unix_ms: crate::clock::unix_ms(), ..ScrubReport::default() };
         let pace = Pace { rate, started: Instant::now() };
         let mut aborted = None;
         'stripes: for stripe in 0..g.stripes() {
@@ -206,7 +202,7 @@ impl Raid4 {
             pace.wait(done);
         }
         self.flush()?;
-        report.finished_unix_ms = unix_ms();
+        report.finished_unix_ms = crate::clock::unix_ms();
         report.result = match aborted {
             Some(why) => format!("aborted: {why}"),
             None if report.unrecoverable > 0 => "errors".into(),
@@ -316,7 +312,7 @@ impl Raid4 {
             member: Some(member),
             done_bytes: start_row * B,
             total_bytes: total,
-            started_unix_ms: unix_ms(),
+            started_unix_ms: crate::clock::unix_ms(),
             rate_bytes_per_s: rate,
         })?;
         let pace = Pace { rate, started: Instant::now() };

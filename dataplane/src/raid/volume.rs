@@ -22,7 +22,6 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use serde::Serialize;
@@ -47,10 +46,6 @@ const BATCH_BYTES_MAX: u64 = 256 << 10;
 
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 static ZERO_CRC: LazyLock<u32> = LazyLock::new(|| crate::checksum::crc32c(&ZERO_BLOCK));
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -310,7 +305,7 @@ impl Raid4 {
                 csums: new_csums(geo.rows(), *ZERO_CRC),
             })
             .collect();
-        let raid = Self::assemble(name, geo, uuid, unix_ms(), members, 1, 0);
+        let raid = Self::assemble(name, geo, uuid, crate::clock::unix_ms(), members, 1, 0);
         // Every checksum block, then the superblocks, then a flush: a member with a valid
         // superblock has a valid checksum area.
         {

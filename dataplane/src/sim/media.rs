@@ -36,6 +36,10 @@ impl Clock for SimClock {
     fn now_ns(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
     }
+    /// The simulated run starts at 2026-01-01T00:00:00Z.
+    fn unix_ms(&self) -> u64 {
+        1_767_225_600_000 + self.now_ns() / 1_000_000
+    }
 }
 
 /// A node's power. Every durable operation of the node's media (an NVRAM persist, a disk

@@ -62,7 +62,7 @@ use crate::node::{NodeEnv, NodeError, Promoted};
 use crate::nvram::Nvram;
 use crate::raid::{Geometry, Raid4};
 use crate::source::{
-    self, Control, PlantedBug, Policy, SourceConfig, SourceHandle, SteppedSource, PARTITION_BYTES_MIN,
+    self, Control, PairState, PlantedBug, Policy, SourceConfig, SourceHandle, SteppedSource, PARTITION_BYTES_MIN,
 };
 use crate::storage::{BlockDevice, DiskSpec, Engine};
 use crate::transport::mem::{Cut, FrameFaults, MemNet, NetCounters};
@@ -1330,7 +1330,7 @@ impl World {
         // epoch. The administrator, who decided while it was down, sees it serving and
         // leaves it be (under strict it can acknowledge nothing alone, and the failover
         // goes ahead: the stale primary must refuse writes).
-        let serving = self.live_source(&old).is_some_and(|s| s.stepped.status().state != "fenced");
+        let serving = self.live_source(&old).is_some_and(|s| s.stepped.status().state != PairState::Fenced);
         if self.policy == Policy::Sync && serving && self.retry_failover.as_deref() != Some(node) && !old_refused {
             self.event(format!("failover on {node} called off: {old} is back and serving (policy sync)"));
             return Ok(());
@@ -1792,7 +1792,7 @@ impl World {
             return None;
         }
         let st = self.live_source(&primary)?.stepped.status();
-        (st.state == "in-sync" && st.acked_seq <= st.mirror_acked_seq).then_some(st.acked_seq)
+        (st.state == PairState::InSync && st.acked_seq <= st.mirror_acked_seq).then_some(st.acked_seq)
     }
 
     /// A node's power is to be cut at a coming durable operation while one of its volumes
@@ -2096,19 +2096,19 @@ impl World {
         let mirror = self.mirror.clone().expect("paired");
         let cp = loop {
             self.wait(deadline, "the pair to get back in sync", |w| {
-                w.primary_state().as_deref() == Some("in-sync") && w.primary_current
+                w.primary_state() == Some(PairState::InSync) && w.primary_current
             })?;
             self.wait(deadline, "the writes in flight to complete", |w| w.inflight.is_empty())?;
             let cp = self.force_cp(deadline)?;
             self.wait(deadline, "the mirror to apply the forced CP", |w| {
-                let left = w.primary_state().as_deref() != Some("in-sync");
+                let left = w.primary_state() != Some(PairState::InSync);
                 left || (w.mirror_meta(&mirror).is_some_and(|m| m.applied_cp >= cp && m.consistent)
                     && w.nodes[&mirror]
                         .live
                         .as_ref()
                         .is_some_and(|l| l.directory.mirrors.lock().values().all(|(m, _)| m.jobs_queued() == 0)))
             })?;
-            if self.primary_state().as_deref() == Some("in-sync") && self.primary_current {
+            if self.primary_state() == Some(PairState::InSync) && self.primary_current {
                 break cp;
             }
             self.event(format!("{when}: the pair left sync during the forced CP {cp}; again"));
@@ -2165,7 +2165,7 @@ impl World {
         Ok(())
     }
 
-    fn primary_state(&mut self) -> Option<String> {
+    fn primary_state(&mut self) -> Option<PairState> {
         let p = self.primary.clone();
         Some(self.live_source(&p)?.stepped.status().state)
     }

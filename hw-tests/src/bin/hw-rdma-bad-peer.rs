@@ -8,14 +8,13 @@
 //!
 //! Usage: hw-rdma-bad-peer --addr IP --port FIRST_PORT --dir DIR
 
-use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, SingleMirror};
+use nvmirror_dataplane::destination::{MemMetaStore, Mirror, MirrorMeta, SingleMirror};
 use nvmirror_dataplane::log::PARTITIONS;
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramMode};
 use nvmirror_dataplane::storage::MemDevice;
@@ -25,13 +24,6 @@ use nvmirror_dataplane::transport::{tcp, Connector, Hello, Intent, MirrorDirecto
 
 const VOLUME_ID: u64 = 0x6877_6261_6470_0001;
 const PARTITION_BYTES: usize = 4 << 20;
-
-struct NoMeta;
-impl MetaStore for NoMeta {
-    fn save(&self, _: &MirrorMeta) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -83,7 +75,7 @@ fn case(
     let mut meta = MirrorMeta::new(&hello(mirror_epoch));
     meta.epoch = mirror_epoch;
     let device = Arc::new(MemDevice::new(16 << 20));
-    let mirror = Mirror::open(meta, Box::new(NoMeta), logs, device)?;
+    let mirror = Mirror::open(meta, Box::<MemMetaStore>::default(), logs, device)?;
     let rdma = RdmaService::start_with(addr, tamper).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });

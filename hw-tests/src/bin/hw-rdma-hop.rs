@@ -18,7 +18,6 @@
 //!
 //! Usage: hw-rdma-hop --addr IP:PORT --dir DIR --ops N [--qd N] [--staging]
 
-use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -27,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, SingleMirror};
+use nvmirror_dataplane::destination::{MemMetaStore, Mirror, MirrorMeta, SingleMirror};
 use nvmirror_dataplane::format::{EntryHeader, EntryKind, PartitionHeader};
 use nvmirror_dataplane::log::NvLog;
 use nvmirror_dataplane::nvram::{MappedNvram, MemNvram, Nvram, NvramMode};
@@ -41,13 +40,6 @@ const PARTITION_BYTES: usize = 32 << 20;
 const ENTRY_BYTES: usize = 4096;
 const ENTRY_BYTES_U32: u32 = 4096;
 const _: () = assert!(ENTRY_BYTES_U32 as usize == ENTRY_BYTES);
-
-struct NoMeta;
-impl MetaStore for NoMeta {
-    fn save(&self, _: &MirrorMeta) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -81,7 +73,7 @@ fn main() -> Result<()> {
             as Box<dyn Nvram>
     });
     let device = Arc::new(FileDevice::create(&dir.join("volume.img"), hello.volume_bytes)?);
-    let mirror = Mirror::open(MirrorMeta::new(&hello), Box::new(NoMeta), logs, device)?;
+    let mirror = Mirror::open(MirrorMeta::new(&hello), Box::<MemMetaStore>::default(), logs, device)?;
     let rdma = RdmaService::start(addr).map_err(|e| anyhow!(e))?;
     let listener = TcpListener::bind(addr).context("control listener")?;
     let directory: Arc<dyn MirrorDirectory> = Arc::new(SingleMirror { mirror: mirror.clone(), rdma: Some(rdma) });
