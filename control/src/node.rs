@@ -29,7 +29,7 @@ use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatu
 use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::log::{ChangeMap, NvLog, PARTITIONS};
-use nvmirror_dataplane::node::{self as core, NodeEnv, Promoted};
+use nvmirror_dataplane::node::{self as core, MirrorEnv, NodeEnv, Promoted};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{
@@ -387,7 +387,7 @@ impl Node {
     }
 
     fn mirror_log_path(&self, source: &str, volume: &str, p: usize) -> PathBuf {
-        self.cfg.nvram.dir.join("mirrors").join(source).join(volume).join(format!("log.{p}"))
+        self.cfg.nvram.dir.join(core::mirror_log_name(source, volume, p))
     }
 
     fn load_mirrors(&self) -> Result<()> {
@@ -411,19 +411,33 @@ impl Node {
         Ok(())
     }
 
-    fn open_mirror(&self, mut meta: MirrorMeta) -> Result<Arc<Mirror>> {
+    fn open_mirror(&self, meta: MirrorMeta) -> Result<Arc<Mirror>> {
+        self.open_mirror_with(meta, None)
+    }
+
+    /// Opens the mirror `meta` describes, with its log files (opened here where `None`).
+    fn open_mirror_with(
+        &self,
+        mut meta: MirrorMeta,
+        logs: Option<[Box<dyn Nvram>; PARTITIONS]>,
+    ) -> Result<Arc<Mirror>> {
         let dir = self.mirror_dir(&meta.source_node, &meta.volume);
         fs::create_dir_all(&dir)?;
-        let logdir = self.mirror_log_path(&meta.source_node, &meta.volume, 0);
-        fs::create_dir_all(logdir.parent().expect("log path has a parent"))?;
-        let pb = usize::try_from(meta.partition_bytes).context("partition size")?;
-        let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
-            .map(|p| {
-                let path = self.mirror_log_path(&meta.source_node, &meta.volume, p);
-                MappedNvram::open(&path, pb, self.cfg.nvram.mode).map(|r| Box::new(r) as Box<dyn Nvram>)
-            })
-            .collect::<Result<_, _>>()?;
-        let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| anyhow!("two logs"))?;
+        let logs = match logs {
+            Some(logs) => logs,
+            None => {
+                let logdir = self.mirror_log_path(&meta.source_node, &meta.volume, 0);
+                fs::create_dir_all(logdir.parent().expect("log path has a parent"))?;
+                let pb = usize::try_from(meta.partition_bytes).context("partition size")?;
+                let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
+                    .map(|p| {
+                        let path = self.mirror_log_path(&meta.source_node, &meta.volume, p);
+                        MappedNvram::open(&path, pb, self.cfg.nvram.mode).map(|r| Box::new(r) as Box<dyn Nvram>)
+                    })
+                    .collect::<Result<_, _>>()?;
+                logs.try_into().map_err(|_| anyhow!("two logs"))?
+            }
+        };
         let storage_path = dir.join("storage.json");
         let (storage, opened) = if storage_path.exists() {
             let storage: VolumeStorage = serde_json::from_slice(&fs::read(&storage_path)?)
@@ -862,52 +876,10 @@ impl Node {
     /// describes, in place on its storage, with fresh log files. The volume record goes;
     /// so do promoted mirrors of earlier failovers on the same storage (one RAID volume
     /// drives a set of disks); the epochs they knew stay as fences.
-    fn adopt_as_mirror(&self, name: &str, storage: &VolumeStorage, meta: MirrorMeta, fence_epoch: u64) -> Result<()> {
-        let retired: Vec<((String, String), Arc<Mirror>)> = self
-            .mirrors
-            .read()
-            .iter()
-            .filter(|((_, v), _)| v == name)
-            .filter(|(k, _)| {
-                self.storage
-                    .read()
-                    .get(&StorageOwner::Mirror(k.0.clone(), k.1.clone()))
-                    .is_some_and(|(s, _)| s == storage)
-                    || k.0 == meta.source_node
-            })
-            .map(|(k, m)| (k.clone(), m.clone()))
-            .collect();
-        {
-            let mut state = self.state.lock();
-            state.volumes.retain(|v| v.name != name);
-            Self::fence(&mut state, meta.volume_id, fence_epoch);
-            for (_, m) in &retired {
-                let mm = m.meta();
-                Self::fence(&mut state, mm.volume_id, mm.epoch);
-            }
-            // Saved under the state lock: saves are ordered with the changes they record.
-            self.save_state(&state)?;
-        }
-        for ((src, v), _) in &retired {
-            self.mirrors.write().remove(&(src.clone(), v.clone()));
-            self.storage.write().remove(&StorageOwner::Mirror(src.clone(), v.clone()));
-            let dir = self.mirror_dir(src, v);
-            let _ = fs::remove_file(dir.join("meta.json"));
-            let _ = fs::remove_file(dir.join("storage.json"));
-        }
-        self.storage.write().remove(&StorageOwner::Volume(name.to_string()));
-        let dir = self.mirror_dir(&meta.source_node, name);
-        fs::create_dir_all(&dir)?;
-        write_atomic(&dir.join("storage.json"), &serde_json::to_vec_pretty(storage)?)?;
-        for p in 0..PARTITIONS {
-            let log = self.mirror_log_path(&meta.source_node, name, p);
-            if log.exists() {
-                fs::remove_file(&log)?;
-            }
-        }
-        let key = (meta.source_node.clone(), meta.volume.clone());
-        let m = self.open_mirror(meta)?;
-        self.mirrors.write().insert(key, m);
+    /// Makes `storage`, primary volume `name` here until now, the mirror `meta` describes
+    /// (the node core's adoption, the one the simulator runs).
+    fn adopt_as_mirror(&self, storage: &VolumeStorage, meta: MirrorMeta, fence_epoch: u64) -> Result<()> {
+        core::adopt_as_mirror(&mut FileEnv::new(self, None), meta, storage.clone(), fence_epoch)?;
         Ok(())
     }
 
@@ -1010,7 +982,7 @@ impl Node {
             meta.applied_cp = base_cp;
             meta.resyncing = true;
         }
-        self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch)?;
+        self.adopt_as_mirror(&rec.storage, meta, rec.epoch)?;
         self.unstarted.lock().retain(|(v, _)| v != name);
         eprintln!(
             "node {}: volume {name} is now the mirror of {} ({} regions of its own to copy back; {})",
@@ -1095,7 +1067,7 @@ impl Node {
                 base_cp_gen: 0,
             })
         };
-        let takeover = self.adopt_as_mirror(name, &rec.storage, meta, rec.epoch).and_then(|()| {
+        let takeover = self.adopt_as_mirror(&rec.storage, meta, rec.epoch).and_then(|()| {
             client.post_signed::<_, serde_json::Value>(
                 self.cfg.secret.as_ref(),
                 &format!("/v1/volumes/{name}/takeover"),
@@ -1275,6 +1247,9 @@ impl NodeEnv for FileEnv<'_> {
         if path.exists() {
             fs::remove_file(&path)?;
         }
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
         let region = MappedNvram::open(&path, bytes, self.node.cfg.nvram.mode)
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         Ok(Box::new(region))
@@ -1313,6 +1288,68 @@ impl NodeEnv for FileEnv<'_> {
         let record = self.record.as_ref().filter(|r| r.name == v.volume);
         let record = record.ok_or_else(|| io::Error::other(format!("volume {} has no record", v.volume)))?;
         self.node.start_volume(record).map_err(|e| io::Error::other(format!("{e:#}")))
+    }
+}
+
+impl MirrorEnv for FileEnv<'_> {
+    type Storage = VolumeStorage;
+
+    fn retire_for_mirror(&mut self, meta: &MirrorMeta, storage: &VolumeStorage, fence_epoch: u64) -> io::Result<()> {
+        let node = self.node;
+        let name = &meta.volume;
+        let retired: Vec<((String, String), Arc<Mirror>)> = node
+            .mirrors
+            .read()
+            .iter()
+            .filter(|((_, v), _)| v == name)
+            .filter(|(k, _)| {
+                node.storage
+                    .read()
+                    .get(&StorageOwner::Mirror(k.0.clone(), k.1.clone()))
+                    .is_some_and(|(s, _)| s == storage)
+                    || k.0 == meta.source_node
+            })
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        {
+            let mut state = node.state.lock();
+            state.volumes.retain(|v| v.name != *name);
+            Node::fence(&mut state, meta.volume_id, fence_epoch);
+            for (_, m) in &retired {
+                let mm = m.meta();
+                Node::fence(&mut state, mm.volume_id, mm.epoch);
+            }
+            // Saved under the state lock: saves are ordered with the changes they record.
+            node.save_state(&state).map_err(|e| io::Error::other(format!("{e:#}")))?;
+        }
+        for ((src, v), _) in &retired {
+            node.mirrors.write().remove(&(src.clone(), v.clone()));
+            node.storage.write().remove(&StorageOwner::Mirror(src.clone(), v.clone()));
+            let dir = node.mirror_dir(src, v);
+            let _ = fs::remove_file(dir.join("meta.json"));
+            let _ = fs::remove_file(dir.join("storage.json"));
+        }
+        node.storage.write().remove(&StorageOwner::Volume(name.clone()));
+        Ok(())
+    }
+
+    fn record_mirror_storage(&mut self, meta: &MirrorMeta, storage: &VolumeStorage) -> io::Result<()> {
+        let dir = self.node.mirror_dir(&meta.source_node, &meta.volume);
+        fs::create_dir_all(&dir)?;
+        write_atomic(&dir.join("storage.json"), &serde_json::to_vec_pretty(storage).map_err(io::Error::other)?)
+    }
+
+    fn open_mirror(
+        &mut self,
+        meta: MirrorMeta,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        _storage: VolumeStorage,
+    ) -> io::Result<Arc<Mirror>> {
+        // The storage is opened from the record just written, as at every start.
+        let key = (meta.source_node.clone(), meta.volume.clone());
+        let m = self.node.open_mirror_with(meta, Some(logs)).map_err(|e| io::Error::other(format!("{e:#}")))?;
+        self.node.mirrors.write().insert(key, m.clone());
+        Ok(m)
     }
 }
 

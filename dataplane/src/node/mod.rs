@@ -23,9 +23,10 @@
 //! regions and records live, and how a primary volume is started.
 
 use std::io;
+use std::sync::Arc;
 
-use crate::destination::{Mirror, PromoteReport};
-use crate::log::{ChangeBase, ChangeMap, ChangeMapError, Checkpoint, NvLog, NvLogError};
+use crate::destination::{Mirror, MirrorMeta, PromoteReport};
+use crate::log::{ChangeBase, ChangeMap, ChangeMapError, Checkpoint, NvLog, NvLogError, PARTITIONS};
 use crate::nvram::Nvram;
 #[cfg(any(test, feature = "sim"))]
 use crate::source::PlantedBug;
@@ -64,6 +65,28 @@ pub trait NodeEnv {
     }
 }
 
+/// What hosting a mirror on storage that was a primary volume needs of where it runs. The
+/// storage is the environment's own (files and RAID volumes for the daemon, simulated
+/// disks for the simulator).
+pub trait MirrorEnv: NodeEnv {
+    /// A volume's storage, as the environment describes it.
+    type Storage;
+    /// One durable step: the primary record of `meta.volume` goes, with the mirrors this
+    /// node hosts of `meta.source_node`'s volume or on `storage` (a promoted mirror of an
+    /// earlier era), and the node keeps `fence_epoch` (and those mirrors' epochs) as the
+    /// epochs it has known the volume at: no hello from an older one is taken.
+    fn retire_for_mirror(&mut self, meta: &MirrorMeta, storage: &Self::Storage, fence_epoch: u64) -> io::Result<()>;
+    /// Records `storage` as where the mirror `meta` describes lives.
+    fn record_mirror_storage(&mut self, meta: &MirrorMeta, storage: &Self::Storage) -> io::Result<()>;
+    /// Saves `meta`, then opens and registers the mirror over `storage` with its `logs`.
+    fn open_mirror(
+        &mut self,
+        meta: MirrorMeta,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        storage: Self::Storage,
+    ) -> io::Result<Arc<Mirror>>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The mirror refused the promotion (already promoted, inconsistent, not level with
@@ -98,6 +121,11 @@ pub fn nvlog_name(volume: &str, epoch: u64) -> String {
 /// The NVRAM region of `volume`'s change map.
 pub fn changes_name(volume: &str) -> String {
     format!("{volume}.changes")
+}
+
+/// The NVRAM region of the log file a mirror keeps for its source's partition `p`.
+pub fn mirror_log_name(source: &str, volume: &str, p: usize) -> String {
+    format!("mirrors/{source}/{volume}/log.{p}")
 }
 
 /// The logs of a new primary: its NVLog at `epoch`, numbering from `start`, and a change
@@ -227,4 +255,34 @@ fn promote(env: &mut impl NodeEnv, mirror: &Mirror, epoch: Option<u64>) -> Resul
     }
     let _ = &env;
     mirror.promote_to(epoch).map_err(NodeError::Refused)
+}
+
+/// Makes `storage`, this node's primary volume until now, the mirror `meta` describes: a
+/// switchover's old primary (level with the new one), or a failed-over one coming back
+/// (a delta resync where `meta.resyncing`, else a baseline). In this order, so that a
+/// crash between two steps never leaves the storage both a primary and a mirror: the
+/// primary record goes (and the epochs it knew are kept as fences), the storage is
+/// recorded as the mirror's, its log files are made empty, its metadata saved, and it
+/// opens.
+pub fn adopt_as_mirror<E: MirrorEnv>(
+    env: &mut E,
+    meta: MirrorMeta,
+    storage: E::Storage,
+    fence_epoch: u64,
+) -> Result<Arc<Mirror>, NodeError> {
+    let what = |step: &str| format!("make {} the mirror of {}: {step}", meta.volume, meta.source_node);
+    env.retire_for_mirror(&meta, &storage, fence_epoch)
+        .map_err(|source| NodeError::Io { what: what("retire the primary"), source })?;
+    env.record_mirror_storage(&meta, &storage)
+        .map_err(|source| NodeError::Io { what: what("record its storage"), source })?;
+    let bytes = crate::usize_of(meta.partition_bytes);
+    let mut logs = Vec::with_capacity(PARTITIONS);
+    for p in 0..PARTITIONS {
+        let name = mirror_log_name(&meta.source_node, &meta.volume, p);
+        let log = env.fresh_region(&name, bytes).map_err(|source| NodeError::Io { what: what(&name), source })?;
+        logs.push(log);
+    }
+    let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| NodeError::Refused("two logs".into()))?;
+    let what = what("open");
+    env.open_mirror(meta, logs, storage).map_err(|source| NodeError::Io { what, source })
 }

@@ -58,7 +58,7 @@ use crate::format::BLOCK_BYTES;
 use crate::frontend::{Completer, Export, IoReply, IoRequest};
 use crate::log::ChangeMap;
 use crate::log::{NvLog, PARTITIONS};
-use crate::node::{NodeEnv, NodeError, Promoted};
+use crate::node::{MirrorEnv, NodeEnv, NodeError, Promoted};
 use crate::nvram::Nvram;
 use crate::raid::{Geometry, Raid4};
 use crate::source::{
@@ -495,6 +495,63 @@ impl NodeEnv for SimEnv<'_> {
 
     fn planted_bug(&self) -> Option<PlantedBug> {
         self.world.opts.planted_bug
+    }
+}
+
+impl MirrorEnv for SimEnv<'_> {
+    /// The RAID volume and its disks' keys.
+    type Storage = (Arc<Raid4>, Vec<String>);
+
+    fn retire_for_mirror(&mut self, meta: &MirrorMeta, storage: &Self::Storage, fence_epoch: u64) -> io::Result<()> {
+        let durable = self.durable()?;
+        let live = self.world.nodes[&self.node].live.as_ref().ok_or_else(|| io::Error::other("down"))?;
+        let directory = live.directory.clone();
+        let src = &meta.source_node;
+        let mut d = durable.lock();
+        d.volume = None;
+        d.fence_epoch = d.fence_epoch.max(fence_epoch);
+        // Promoted mirrors of earlier eras on these disks (of this source or another) go:
+        // the disks are this mirror's now, and only one RAID volume may drive them.
+        let sharing: Vec<String> =
+            d.mirror_disks.iter().filter(|(s, k)| *s == src || **k == storage.1).map(|(s, _)| s.clone()).collect();
+        for s in sharing {
+            directory.mirrors.lock().remove(&s);
+            d.mirror_disks.remove(&s);
+            if let Some(m) = d.metas.remove(&s) {
+                let e = m.lock().as_ref().map_or(0, |m| m.epoch);
+                d.fence_epoch = d.fence_epoch.max(e);
+            }
+        }
+        directory.mirrors.lock().remove(src);
+        Ok(())
+    }
+
+    fn record_mirror_storage(&mut self, meta: &MirrorMeta, storage: &Self::Storage) -> io::Result<()> {
+        self.durable()?.lock().mirror_disks.insert(meta.source_node.clone(), storage.1.clone());
+        Ok(())
+    }
+
+    fn open_mirror(
+        &mut self,
+        meta: MirrorMeta,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        storage: Self::Storage,
+    ) -> io::Result<Arc<Mirror>> {
+        let durable = self.durable()?;
+        let src = meta.source_node.clone();
+        let (cell, power) = {
+            let mut d = durable.lock();
+            let cell = Arc::new(Mutex::new(None));
+            d.metas.insert(src.clone(), cell.clone());
+            (cell, d.power.clone())
+        };
+        let store = SimMetaStore { durable: cell, power };
+        crate::destination::MetaStore::save(&store, &meta)?;
+        let (raid, _) = storage;
+        let mirror = Mirror::open_stepped(meta, Box::new(store), logs, raid.clone())?;
+        let live = self.world.nodes[&self.node].live.as_ref().ok_or_else(|| io::Error::other("down"))?;
+        live.directory.mirrors.lock().insert(src, (mirror.clone(), raid));
+        Ok(mirror)
     }
 }
 
@@ -1414,7 +1471,6 @@ impl World {
             meta.resyncing = true;
         }
         self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
-        self.nodes[old].durable.lock().volume = None;
         self.stale.remove(old);
         // 4. The new primary marks those regions and pairs with it.
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -1452,7 +1508,6 @@ impl World {
         let failed = raid.status().members.iter().position(|m| m.state != "in-sync");
         let prefix = volume_prefix(&raid);
         self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
-        self.nodes[old].durable.lock().volume = None;
         self.stale.remove(old);
         self.refused.remove(old);
         if let Some(member) = failed {
@@ -1467,51 +1522,13 @@ impl World {
         Ok(())
     }
 
-    /// Makes `raid` (with its disks `keys`) on `node` the mirror that `meta` describes,
-    /// with fresh logs: an old primary's volume, or a switchover's.
+    /// Makes `raid` (with its disks `keys`) on `node`, its primary volume until now, the
+    /// mirror that `meta` describes (the shipped code that does so).
     fn adopt_mirror(&mut self, node: &str, meta: MirrorMeta, raid: Arc<Raid4>, keys: Vec<String>) -> io::Result<()> {
-        let src = meta.source_node.clone();
-        let live = self.nodes[node].live.as_ref().ok_or_else(|| io::Error::other("down"))?;
-        let directory = live.directory.clone();
-        let durable = self.nodes[node].durable.clone();
-        // Promoted mirrors of earlier eras on these disks (of this source or another) go:
-        // the disks are this mirror's now, and only one RAID volume may drive them.
-        let sharing: Vec<String> = {
-            let d = durable.lock();
-            d.mirror_disks.iter().filter(|(s, k)| **s == src || **k == keys).map(|(s, _)| s.clone()).collect()
-        };
-        for s in sharing {
-            directory.mirrors.lock().remove(&s);
-            let mut d = durable.lock();
-            d.mirror_disks.remove(&s);
-            if let Some(m) = d.metas.remove(&s) {
-                let e = m.lock().as_ref().map_or(0, |m| m.epoch);
-                d.fence_epoch = d.fence_epoch.max(e);
-            }
-        }
-        directory.mirrors.lock().remove(&src);
-        let (store_cell, power, logs) = {
-            let mut d = durable.lock();
-            let prefix = format!("mirrors/{src}/{VOLUME}");
-            let power = d.power.clone();
-            let mut logs: Vec<Box<dyn Nvram>> = Vec::new();
-            for p in 0..PARTITIONS {
-                let k = format!("{prefix}/log.{p}");
-                d.nvram.remove(&k);
-                let r = d.region(&k, PARTITION_BYTES);
-                logs.push(Box::new(SimNvram::open(r, power.clone())));
-            }
-            d.mirror_disks.insert(src.clone(), keys);
-            let cell = Arc::new(Mutex::new(None));
-            d.metas.insert(src.clone(), cell.clone());
-            (cell, power, logs)
-        };
-        let store = SimMetaStore { durable: store_cell, power };
-        crate::destination::MetaStore::save(&store, &meta)?;
-        let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| io::Error::other("two logs"))?;
-        let mirror = Mirror::open_stepped(meta, Box::new(store), logs, raid.clone())?;
-        directory.mirrors.lock().insert(src, (mirror, raid));
-        Ok(())
+        let fence = self.nodes[node].durable.lock().volume.as_ref().map_or(0, |v| v.epoch);
+        crate::node::adopt_as_mirror(&mut SimEnv { world: self, node: node.to_string() }, meta, (raid, keys), fence)
+            .map(drop)
+            .map_err(io::Error::other)
     }
 
     /// A planned switchover from the primary to its mirror, under load: the primary drains
@@ -1563,7 +1580,6 @@ impl World {
             ..mirror_meta(&b, meta.epoch + 1)
         };
         self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
-        self.nodes[&a].durable.lock().volume = None;
         let report = crate::node::takeover(&mut SimEnv { world: self, node: b.clone() }, &mirror, cp, next_seq)
             .map_err(|e| format!("switchover: take over on {b}: {e}"))?;
         drop(mirror);
