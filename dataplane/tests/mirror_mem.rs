@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
 use nvmirror_dataplane::clock::SystemClock;
-use nvmirror_dataplane::destination::{MemMetaStore, Mirror, MirrorMeta};
+use nvmirror_dataplane::destination::{MemMetaStore, MemMirrorDirectory, Mirror, MirrorMeta};
 use nvmirror_dataplane::frontend::{Completer, Export, IoReply, IoRequest};
 use nvmirror_dataplane::log::NvLog;
 use nvmirror_dataplane::nvram::{MemNvram, Nvram};
@@ -21,35 +21,11 @@ use parking_lot::Mutex;
 const VOL: u64 = 8 << 20;
 const PART: usize = 4 << 20;
 
-#[derive(Default)]
-struct OneMirror {
-    mirror: Mutex<Option<Arc<Mirror>>>,
-    device: Mutex<Option<Arc<MemDevice>>>,
-}
-
-impl MirrorDirectory for OneMirror {
-    fn attach(
-        &self,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let mut m = self.mirror.lock();
-        if m.is_none() {
-            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
-            *self.device.lock() = Some(dev.clone());
-            let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
-            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
-        }
-        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
-        Ok((Box::new(s), w))
-    }
-}
-
-fn start(dir: Arc<OneMirror>, device: Arc<MemDevice>) -> SourceHandle {
+fn start(dir: Arc<MemMirrorDirectory>, device: Arc<MemDevice>) -> SourceHandle {
     start_with(dir, device, false)
 }
 
-fn start_with(dir: Arc<OneMirror>, device: Arc<MemDevice>, cp_by_value: bool) -> SourceHandle {
+fn start_with(dir: Arc<MemMirrorDirectory>, device: Arc<MemDevice>, cp_by_value: bool) -> SourceHandle {
     let mut cfg = SourceConfig::new("src", "vol", 42, PART);
     cfg.cp_by_value = cp_by_value;
     cfg.cp_interval = Duration::from_secs(3600);
@@ -111,7 +87,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn writes_are_mirrored_cps_apply_and_failover_replays_the_log() {
-    let dir = Arc::new(OneMirror::default());
+    let dir = Arc::new(MemMirrorDirectory::default());
     let src_dev = Arc::new(MemDevice::new(VOL));
     // Data on the volume before mirroring starts: the baseline must carry it.
     src_dev.write_at(&pattern(999, 65536), 65536 * 3).unwrap();
@@ -148,7 +124,7 @@ fn writes_are_mirrored_cps_apply_and_failover_replays_the_log() {
 
 #[test]
 fn partition_fill_triggers_cps_and_writes_continue() {
-    let dir = Arc::new(OneMirror::default());
+    let dir = Arc::new(MemMirrorDirectory::default());
     let src_dev = Arc::new(MemDevice::new(VOL));
     let h = start(dir.clone(), src_dev.clone());
     attach(&h);
@@ -169,7 +145,7 @@ fn partition_fill_triggers_cps_and_writes_continue() {
 
 #[test]
 fn unmirrored_volume_acks_locally_and_refuses_out_of_range() {
-    let dir = Arc::new(OneMirror::default());
+    let dir = Arc::new(MemMirrorDirectory::default());
     let h = start(dir, Arc::new(MemDevice::new(VOL)));
     write(&h, 0, vec![1; 4096]).unwrap();
     assert_eq!(read(&h, 0, 4096), vec![1; 4096]);
@@ -179,7 +155,7 @@ fn unmirrored_volume_acks_locally_and_refuses_out_of_range() {
 
 #[test]
 fn cps_by_value_make_the_mirror_equal_the_source() {
-    let dir = Arc::new(OneMirror::default());
+    let dir = Arc::new(MemMirrorDirectory::default());
     let src_dev = Arc::new(MemDevice::new(VOL));
     let h = start_with(dir.clone(), src_dev.clone(), true);
     attach(&h);
@@ -199,7 +175,7 @@ fn cps_by_value_make_the_mirror_equal_the_source() {
 /// A mirror whose log files are mapped files, which the test can damage behind its back.
 struct FileLogMirror {
     dir: tempfile::TempDir,
-    inner: OneMirror,
+    inner: MemMirrorDirectory,
 }
 
 impl MirrorDirectory for FileLogMirror {
@@ -227,7 +203,7 @@ impl MirrorDirectory for FileLogMirror {
 
 #[test]
 fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_again() {
-    let dir = Arc::new(FileLogMirror { dir: tempfile::tempdir().unwrap(), inner: OneMirror::default() });
+    let dir = Arc::new(FileLogMirror { dir: tempfile::tempdir().unwrap(), inner: MemMirrorDirectory::default() });
     let src_dev = Arc::new(MemDevice::new(VOL));
     let mut cfg = SourceConfig::new("src", "vol", 42, PART);
     cfg.cp_interval = Duration::from_secs(3600);

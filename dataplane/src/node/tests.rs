@@ -8,43 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::bounded;
-use parking_lot::Mutex;
 
 use super::*;
 use crate::clock::SystemClock;
-use crate::destination::{MemMetaStore, MirrorMeta};
+use crate::destination::MemMirrorDirectory;
 use crate::frontend::{Completer, Export, IoRequest};
 use crate::nvram::{MappedNvram, MemNvram, NvramMode};
 use crate::source::{self, Control, SourceConfig, SourceHandle};
 use crate::storage::MemDevice;
 use crate::transport::mem::MemConnector;
-use crate::transport::{FrameHandler, Hello, MirrorDirectory, RefuseCode, ReplySink, Welcome};
 
 const VOL: u64 = 8 << 20;
 const PART: usize = crate::source::PARTITION_BYTES_MIN;
-
-#[derive(Default)]
-struct OneMirror {
-    mirror: Mutex<Option<Arc<Mirror>>>,
-}
-
-impl MirrorDirectory for OneMirror {
-    fn attach(
-        &self,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let mut m = self.mirror.lock();
-        if m.is_none() {
-            let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
-            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
-            let store = Box::new(MemMetaStore::default());
-            *m = Some(Mirror::open(MirrorMeta::new(hello), store, logs, dev).expect("open mirror"));
-        }
-        let (s, w) = m.as_ref().expect("opened").attach(hello, sink, None)?;
-        Ok((Box::new(s), w))
-    }
-}
 
 /// Regions are files in a temporary dir; every step is written down.
 struct FileEnv {
@@ -88,7 +63,7 @@ impl NodeEnv for FileEnv {
 /// A mirrored source with `before` blocks written and applied by a CP, then `after`
 /// blocks that only the mirror's log holds; the source is stopped.
 fn mirrored(before: u64, after: u64) -> (Arc<Mirror>, u64) {
-    let dir = Arc::new(OneMirror::default());
+    let dir = Arc::new(MemMirrorDirectory::default());
     let mut cfg = SourceConfig::new("src", "vol", 42, PART);
     cfg.cp_interval = Duration::from_secs(3600);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
