@@ -3,10 +3,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{check_range, BlockDevice, ReadOp, WriteOp};
-use crate::format::BLOCK_BYTES;
 
 /// A regular file or a block device, through `pread`/`pwrite`.
 ///
@@ -17,29 +15,13 @@ pub struct FileDevice {
     file: File,
     path: PathBuf,
     size: u64,
-    failed: AtomicBool,
+    failed: super::FailStop,
 }
 
 impl FileDevice {
     /// Creates (or opens) a file of exactly `size` bytes.
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
-        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("volume size {size} is not a positive multiple of {BLOCK_BYTES}"),
-            ));
-        }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let len = file.metadata()?.len();
-        if len == 0 {
-            file.set_len(size)?;
-            file.sync_all()?;
-        } else if len != size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is {len} bytes, expected {size}", path.display()),
-            ));
-        }
+        let file = super::create_sized_file(path, size)?;
         Ok(Self::with_random_access(file, path, size))
     }
 
@@ -51,7 +33,7 @@ impl FileDevice {
     fn with_random_access(file: File, path: &Path, size: u64) -> Self {
         // SAFETY: fadvise takes a valid descriptor (the open `file`) and plain integers.
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        Self { file, path: path.to_path_buf(), size, failed: AtomicBool::new(false) }
+        Self { file, path: path.to_path_buf(), size, failed: super::FailStop::default() }
     }
 
     /// Opens an existing file or block device with its current size.
@@ -72,19 +54,7 @@ impl FileDevice {
         &self.path
     }
 
-    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        r
-    }
 
-    fn check_alive(&self) -> io::Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(io::Error::other(format!("{}: refusing I/O after an earlier I/O error", self.path.display())));
-        }
-        Ok(())
-    }
 }
 
 impl BlockDevice for FileDevice {
@@ -92,36 +62,36 @@ impl BlockDevice for FileDevice {
         self.size
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         check_range(self.size, offset, buf.len() as u64)?;
-        self.guard(self.file.read_exact_at(buf, offset))
+        self.failed.guard(self.file.read_exact_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         check_range(self.size, offset, buf.len() as u64)?;
         let r = self.pwritev_all(&mut [IoSlice::new(buf)], offset);
-        self.guard(r)
+        self.failed.guard(r)
     }
     fn flush(&self) -> io::Result<()> {
-        self.check_alive()?;
-        self.guard(self.file.sync_data())
+        self.failed.check(&self.path)?;
+        self.failed.guard(self.file.sync_data())
     }
     /// Adjacent writes go out in one `pwritev`.
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         for op in ops {
             check_range(self.size, op.offset, op.buf.len() as u64)?;
         }
         for run in runs(ops.iter().map(|op| (op.offset, op.buf.len()))) {
             let mut iov: Vec<IoSlice<'_>> = ops[run.clone()].iter().map(|op| IoSlice::new(op.buf)).collect();
             let r = self.pwritev_all(&mut iov, ops[run.start].offset);
-            self.guard(r)?;
+            self.failed.guard(r)?;
         }
         Ok(())
     }
     /// Adjacent reads come in with one `preadv`.
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         for op in ops.iter() {
             check_range(self.size, op.offset, op.buf.len() as u64)?;
         }
@@ -129,7 +99,7 @@ impl BlockDevice for FileDevice {
             let offset = ops[run.start].offset;
             let mut iov: Vec<IoSliceMut<'_>> = ops[run].iter_mut().map(|op| IoSliceMut::new(op.buf)).collect();
             let r = self.preadv_all(&mut iov, offset);
-            self.guard(r)?;
+            self.failed.guard(r)?;
         }
         Ok(())
     }

@@ -27,6 +27,54 @@ use std::sync::Arc;
 
 use crate::format::BLOCK_BYTES;
 
+/// A storage engine's fail-stop guard: once an I/O it started fails, the device refuses
+/// every later one, so that nothing reads back what a failed write left behind (RAID-4
+/// then takes the member as failed). Requests refused before any I/O (misaligned, out of
+/// range) do not pass through it and leave the device usable.
+#[derive(Debug, Default)]
+pub(crate) struct FailStop(AtomicBool);
+
+impl FailStop {
+    /// Refuses, naming the device at `path`, once an earlier I/O failed.
+    pub(crate) fn check(&self, path: &Path) -> io::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(io::Error::other(format!("{}: refusing I/O after an earlier I/O error", path.display())));
+        }
+        Ok(())
+    }
+
+    /// Passes `r` on, failing the device if it is an error.
+    pub(crate) fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+/// Creates (or opens) a regular file of exactly `size` bytes, a positive multiple of the
+/// block size: a new file is sized and synced, an existing one of another size refused.
+pub(crate) fn create_sized_file(path: &Path, size: u64) -> io::Result<std::fs::File> {
+    if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("volume size {size} is not a positive multiple of {BLOCK_BYTES}"),
+        ));
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        file.set_len(size)?;
+        file.sync_all()?;
+    } else if len != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is {len} bytes, expected {size}", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
 /// One write of a batch: `buf` goes to `offset`.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteOp<'a> {

@@ -14,7 +14,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nvmirror_bindings::nvme::{
@@ -22,7 +21,7 @@ use nvmirror_bindings::nvme::{
 };
 use parking_lot::Mutex;
 
-use super::uring::{submit_and_wait, AlignedBuf};
+use super::uring::{submit_and_wait, AlignedBuf, RingBufs};
 use super::{check_range, BlockDevice, ReadOp, WriteOp};
 use crate::format::BLOCK_BYTES;
 
@@ -36,25 +35,7 @@ const TRANSFER_BYTES_MAX: usize = 256 << 10;
 
 type Ring = IoUring<squeue::Entry128, cqueue::Entry32>;
 
-struct State {
-    ring: Ring,
-    /// Declared after the ring: dropped after it.
-    bufs: Vec<AlignedBuf>,
-    /// Commands pushed whose completions have not been reaped: zero between calls unless
-    /// the ring itself failed (see `Drop`).
-    inflight: usize,
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        // The kernel tears a ring down asynchronously: a command still in flight when the
-        // fd closes may DMA into its buffer afterwards, so such buffers are leaked rather
-        // than handed back to the allocator (only after the ring itself failed).
-        if self.inflight != 0 {
-            std::mem::forget(std::mem::take(&mut self.bufs));
-        }
-    }
-}
+type State = RingBufs<Ring>;
 
 pub struct NvmeDevice {
     path: PathBuf,
@@ -67,7 +48,7 @@ pub struct NvmeDevice {
     capacity: u64,
     transfer_bytes: usize,
     state: Mutex<State>,
-    failed: AtomicBool,
+    failed: super::FailStop,
 }
 
 fn sysfs_u64(path: &Path) -> io::Result<u64> {
@@ -149,7 +130,7 @@ impl NvmeDevice {
             capacity,
             transfer_bytes,
             state: Mutex::new(State { ring, bufs, inflight: 0 }),
-            failed: AtomicBool::new(false),
+            failed: super::FailStop::default(),
         })
     }
 
@@ -163,21 +144,7 @@ impl NvmeDevice {
         self.capacity
     }
 
-    fn check_alive(&self) -> io::Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(io::Error::other(format!("{}: refusing I/O after an earlier I/O error", self.path.display())));
-        }
-        Ok(())
-    }
 
-    /// Fails the device on any error of a command that was sent. Requests refused before
-    /// any command (misaligned, out of range) do not pass through here.
-    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        r
-    }
 
     fn chunks(&self, spans: impl Iterator<Item = (u64, usize)>) -> io::Result<Vec<Chunk>> {
         let mut out = Vec::new();
@@ -296,23 +263,23 @@ impl BlockDevice for NvmeDevice {
         self.write_many(&[WriteOp { offset, buf }])
     }
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         let chunks = self.chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.rw(true, &chunks, |c, dst| dst.copy_from_slice(&ops[c.op].buf[c.at..c.at + c.len]), |_, _| {});
-        self.guard(r)
+        self.failed.guard(r)
     }
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         let chunks = self.chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.rw(false, &chunks, |_, _| {}, |c, src| ops[c.op].buf[c.at..c.at + c.len].copy_from_slice(src));
-        self.guard(r)
+        self.failed.guard(r)
     }
     /// An NVMe Flush: the namespace's volatile write cache to media.
     fn flush(&self) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         let cmd = NvmeUringCmd { opcode: NVME_CMD_FLUSH, nsid: self.nsid, ..Default::default() };
         let r = self.submit(&mut self.state.lock(), &[(0, cmd)], "flush");
-        self.guard(r)
+        self.failed.guard(r)
     }
 }
 

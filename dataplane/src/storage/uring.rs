@@ -20,7 +20,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{opcode, types, IoUring};
 use parking_lot::Mutex;
@@ -82,25 +81,29 @@ impl Drop for AlignedBuf {
     }
 }
 
-struct Ring {
-    ring: IoUring,
+/// A ring and the buffers registered with it.
+pub(super) struct RingBufs<R> {
+    pub(super) ring: R,
     /// Declared after the ring: dropped after it, so never while registered.
-    bufs: Vec<AlignedBuf>,
+    pub(super) bufs: Vec<AlignedBuf>,
     /// Entries pushed whose completions have not been reaped. Zero between calls unless a
     /// call failed in the ring itself (not in an I/O); see `Drop`.
-    inflight: usize,
+    pub(super) inflight: usize,
 }
 
-impl Drop for Ring {
+impl<R> Drop for RingBufs<R> {
     fn drop(&mut self) {
         // The kernel tears a ring down asynchronously: I/O still in flight when the fd
-        // closes may write into its buffers afterwards. Such buffers are leaked, never
-        // handed back to the allocator (this happens only after the ring itself failed).
+        // closes may write (or DMA) into its buffers afterwards. Such buffers are leaked,
+        // never handed back to the allocator (this happens only after the ring itself
+        // failed).
         if self.inflight != 0 {
             std::mem::forget(std::mem::take(&mut self.bufs));
         }
     }
 }
+
+type Ring = RingBufs<IoUring>;
 
 /// `io_uring_enter` submitting what is queued and waiting for `want` completions, again
 /// when a signal interrupts the wait (the entries stay queued until the kernel takes them,
@@ -122,7 +125,7 @@ pub struct UringDevice {
     /// Kept open for the ring's fd.
     file: File,
     ring: Mutex<Ring>,
-    failed: AtomicBool,
+    failed: super::FailStop,
 }
 
 /// One piece of a batch, at most one buffer long.
@@ -165,25 +168,7 @@ fn chunks(spans: impl Iterator<Item = (u64, usize)>) -> io::Result<Vec<Chunk>> {
 impl UringDevice {
     /// Creates (or opens) a regular file of exactly `size` bytes.
     pub fn create(path: &Path, size: u64) -> io::Result<Self> {
-        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("volume size {size} is not a positive multiple of {BLOCK_BYTES}"),
-            ));
-        }
-        {
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-            let len = f.metadata()?.len();
-            if len == 0 {
-                f.set_len(size)?;
-                f.sync_all()?;
-            } else if len != size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is {len} bytes, expected {size}", path.display()),
-                ));
-            }
-        }
+        drop(super::create_sized_file(path, size)?);
         Self::open(path)
     }
 
@@ -226,7 +211,7 @@ impl UringDevice {
             size,
             file,
             ring: Mutex::new(Ring { ring, bufs, inflight: 0 }),
-            failed: AtomicBool::new(false),
+            failed: super::FailStop::default(),
         })
     }
 
@@ -234,21 +219,7 @@ impl UringDevice {
         &self.path
     }
 
-    fn check_alive(&self) -> io::Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(io::Error::other(format!("{}: refusing I/O after an earlier I/O error", self.path.display())));
-        }
-        Ok(())
-    }
 
-    /// Fails the device on any error of an I/O that was started. Requests refused before
-    /// any I/O (misaligned, out of range) do not pass through here and leave it usable.
-    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        r
-    }
 
     fn fd(&self) -> types::Fd {
         types::Fd(self.file.as_raw_fd())
@@ -371,7 +342,7 @@ impl UringDevice {
         mut next_offset: impl FnMut() -> u64,
         mut done: impl FnMut(u64),
     ) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         if data.len() > URING_BUFFER_BYTES || !data.len().is_multiple_of(ALIGN) || data.is_empty() {
             return Err(misaligned("length", data.len() as u64));
         }
@@ -458,7 +429,7 @@ impl UringDevice {
         if refused && drained {
             return result;
         }
-        self.guard(result)
+        self.failed.guard(result)
     }
 }
 
@@ -473,25 +444,25 @@ impl BlockDevice for UringDevice {
         self.write_many(&[WriteOp { offset, buf }])
     }
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         for op in ops {
             check_range(self.size, op.offset, op.buf.len() as u64)?;
         }
         let chunks = chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.run(true, &chunks, |c, dst| dst.copy_from_slice(&ops[c.op].buf[c.at..c.at + c.len]), |_, _| {});
-        self.guard(r)
+        self.failed.guard(r)
     }
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         for op in ops.iter() {
             check_range(self.size, op.offset, op.buf.len() as u64)?;
         }
         let chunks = chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.run(false, &chunks, |_, _| {}, |c, src| ops[c.op].buf[c.at..c.at + c.len].copy_from_slice(src));
-        self.guard(r)
+        self.failed.guard(r)
     }
     fn flush(&self) -> io::Result<()> {
-        self.check_alive()?;
+        self.failed.check(&self.path)?;
         let r = (|| {
             let mut r = self.ring.lock();
             let Ring { ring, inflight, .. } = &mut *r;
@@ -511,7 +482,7 @@ impl BlockDevice for UringDevice {
                 return Ok(());
             }
         })();
-        self.guard(r)
+        self.failed.guard(r)
     }
 }
 
