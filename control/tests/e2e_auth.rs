@@ -11,7 +11,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -26,39 +26,6 @@ use serde_json::Value;
 
 const VOL: &str = "vol";
 const T: Duration = Duration::from_secs(60);
-
-/// Writes a secret file (mode 600) and returns its path.
-fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, format!("{secret}\n")).expect("write secret file");
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod secret file");
-    p
-}
-
-fn ctl(node: &str, args: &[&str]) -> (bool, String, String) {
-    let mut all = vec!["ctl", "--node", node];
-    all.extend_from_slice(args);
-    let out = run_bin(&all, T);
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    println!(
-        "$ nvmirror {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-        all.join(" "),
-        out.status.code(),
-        stdout.trim(),
-        stderr.trim()
-    );
-    (out.status.success(), stdout, stderr)
-}
-
-/// `ctl ARGS` fails with one line on stderr that contains `want`.
-fn ctl_fails(node: &str, args: &[&str], want: &str) {
-    let (ok, stdout, stderr) = ctl(node, args);
-    assert!(!ok, "nvmirror ctl {} succeeded: {stdout}", args.join(" "));
-    let lines: Vec<&str> = stderr.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
-    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
-}
 
 /// The source's volume status through `ctl status --json`.
 fn ctl_volume_status(node: &str, vol: &str) -> Value {

@@ -3,53 +3,14 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
 use serde_json::Value;
 
-const T: Duration = Duration::from_secs(120);
-
-/// Runs `nvmirror ctl --node NODE ARGS...`; returns (success, stdout, stderr).
-fn ctl(node: &str, args: &[&str]) -> (bool, String, String) {
-    let mut all = vec!["ctl", "--node", node];
-    all.extend_from_slice(args);
-    let out = run_bin(&all, T);
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    println!(
-        "$ nvmirror {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-        all.join(" "),
-        out.status.code(),
-        stdout.trim(),
-        stderr.trim()
-    );
-    (out.status.success(), stdout, stderr)
-}
-
-fn ctl_ok(node: &str, args: &[&str]) -> String {
-    let (ok, stdout, stderr) = ctl(node, args);
-    assert!(ok, "nvmirror ctl {} failed: {stderr}", args.join(" "));
-    stdout
-}
-
 fn ctl_json(node: &str) -> Value {
     let out = ctl_ok(node, &["status", "--json"]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
-}
-
-/// A failing command: non-zero exit, nothing on stdout, one line on stderr that names the
-/// problem.
-fn ctl_fails(node: &str, args: &[&str], want: &str) {
-    let (ok, stdout, stderr) = ctl(node, args);
-    assert!(!ok, "nvmirror ctl {} succeeded: {stdout}", args.join(" "));
-    assert!(stdout.trim().is_empty(), "a failing ctl printed on stdout: {stdout}");
-    let lines: Vec<&str> = stderr.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
-    assert!(lines[0].starts_with("nvmirror: "), "reason: {}", lines[0]);
-    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
 }
 
 #[test]

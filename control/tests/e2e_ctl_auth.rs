@@ -6,38 +6,8 @@
 
 mod common;
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use common::*;
 use nvmirror_control::cluster::NodeProc;
-
-const T: Duration = Duration::from_secs(60);
-
-fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, format!("{secret}\n")).expect("write secret file");
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod secret file");
-    p
-}
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = run_bin(args, T);
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    println!("$ nvmirror {}\n  exit {:?}\n  stderr: {}", args.join(" "), out.status.code(), stderr.trim());
-    (out.status.success(), stdout, stderr)
-}
-
-fn fails_with(args: &[&str], want: &str) {
-    let (ok, stdout, stderr) = run(args);
-    assert!(!ok, "nvmirror {} succeeded: {stdout}", args.join(" "));
-    let lines: Vec<&str> = stderr.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
-    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
-}
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -62,20 +32,20 @@ fn a_node_that_requires_signed_ctl_takes_only_signed_admin_calls() {
     };
 
     // Reads stay open; unsigned admin calls, and calls signed with another secret, do not.
-    let (ok, _, stderr) = run(&["ctl", "--node", &node, "status", "--json"]);
+    let (ok, _, stderr) = nvmirror(&["ctl", "--node", &node, "status", "--json"]);
     assert!(ok, "an unsigned read was refused: {stderr}");
     fails_with(&strs(&create(&[], "v1")), "requires signed admin calls");
     fails_with(&strs(&create(&["--secret-file", wrong], "v1")), "does not verify");
     let log = log_text(&n.log_path());
     assert!(log.contains("control: refused POST /v1/volumes from 127.0.0.1:"), "no refusal logged:\n{log}");
-    let (ok, stdout, _) = run(&["ctl", "--node", &node, "status", "--json"]);
+    let (ok, stdout, _) = nvmirror(&["ctl", "--node", &node, "status", "--json"]);
     assert!(ok);
     assert!(!stdout.contains("\"v1\""), "a refused call created a volume: {stdout}");
 
     // Signed with the pair's secret: done, and so are the commands that POST after it.
-    let (ok, _, stderr) = run(&strs(&create(&["--secret-file", good], "v1")));
+    let (ok, _, stderr) = nvmirror(&strs(&create(&["--secret-file", good], "v1")));
     assert!(ok, "a signed admin call was refused: {stderr}");
-    let (ok, _, stderr) = run(&["ctl", "--node", &node, "--secret-file", good, "scrub", "v1"]);
+    let (ok, _, stderr) = nvmirror(&["ctl", "--node", &node, "--secret-file", good, "scrub", "v1"]);
     assert!(ok, "a signed scrub was refused: {stderr}");
     n.kill();
 
@@ -86,7 +56,7 @@ fn a_node_that_requires_signed_ctl_takes_only_signed_admin_calls() {
         let mut a = vec!["ctl", "--node", node.as_str()];
         a.extend(extra);
         a.extend(["volume", "create", vol, "--size", "4M"]);
-        let (ok, _, stderr) = run(&a);
+        let (ok, _, stderr) = nvmirror(&a);
         assert!(ok, "{a:?}: {stderr}");
     }
     open.kill();
@@ -94,7 +64,7 @@ fn a_node_that_requires_signed_ctl_takes_only_signed_admin_calls() {
     // The flag needs a secret.
     let d = dir.path().join("x");
     let d = d.to_str().unwrap();
-    let (ok, _, stderr) = run(&[
+    let (ok, _, stderr) = nvmirror(&[
         "node",
         "--data-dir",
         d,

@@ -52,23 +52,6 @@ fn certs(dir: &Path, tag: &str) -> Certs {
     c
 }
 
-fn ctl(args: &[&str]) -> (bool, String, String) {
-    let out = run_bin(args, T);
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    println!("$ nvmirror {}\n  exit {:?}\n  stderr: {}", args.join(" "), out.status.code(), stderr.trim());
-    (out.status.success(), stdout, stderr)
-}
-
-/// `nvmirror ARGS` fails with one line on stderr that contains `want`.
-fn fails_with(args: &[&str], want: &str) {
-    let (ok, stdout, stderr) = ctl(args);
-    assert!(!ok, "nvmirror {} succeeded: {stdout}", args.join(" "));
-    let lines: Vec<&str> = stderr.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
-    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
-}
-
 #[test]
 fn a_pair_over_tls_mirrors_writes_and_fails_over_and_ctl_needs_the_ca() {
     let seed = base_seed("a_pair_over_tls_mirrors_writes_and_fails_over_and_ctl_needs_the_ca");
@@ -88,7 +71,7 @@ fn a_pair_over_tls_mirrors_writes_and_fails_over_and_ctl_needs_the_ca() {
     let mut pair = Pair::start_with("tls", &args, &args);
 
     // ctl over https: with the CA it works; without it, or with another CA, one clear line.
-    let (ok, stdout, stderr) = ctl(&["ctl", "--node", &pair.src.control, "--tls-ca", ca, "status", "--json"]);
+    let (ok, stdout, stderr) = nvmirror(&["ctl", "--node", &pair.src.control, "--tls-ca", ca, "status", "--json"]);
     assert!(ok, "ctl over https with the CA failed: {stderr}");
     let _: Value = serde_json::from_str(&stdout).expect("status --json is JSON");
     fails_with(&["ctl", "--node", &pair.src.control, "status"], "speaks TLS only");
@@ -158,6 +141,6 @@ fn tls_flags_that_cannot_be_used_stop_the_node() {
     // A key without a certificate is a usage error (clap's own message).
     let args = with(&["--tls-key", c.key.to_str().unwrap()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, _, stderr) = ctl(&args);
+    let (ok, _, stderr) = nvmirror(&args);
     assert!(!ok && stderr.contains("--tls-cert"), "{stderr}");
 }

@@ -342,6 +342,67 @@ pub fn run_bin(args: &[&str], timeout: Duration) -> Output {
     try_run_bin(args, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// How long one `nvmirror` command of a test may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `nvmirror ARGS...` and prints the command, its exit status and its output;
+/// returns (success, stdout, stderr).
+pub fn nvmirror(args: &[&str]) -> (bool, String, String) {
+    let out = run_bin(args, COMMAND_TIMEOUT);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    println!(
+        "$ nvmirror {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        args.join(" "),
+        out.status.code(),
+        stdout.trim(),
+        stderr.trim()
+    );
+    (out.status.success(), stdout, stderr)
+}
+
+/// Runs `nvmirror ctl --node NODE ARGS...`, as [`nvmirror`].
+pub fn ctl(node: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["ctl", "--node", node];
+    all.extend_from_slice(args);
+    nvmirror(&all)
+}
+
+/// `nvmirror ctl --node NODE ARGS...` succeeds; its stdout.
+pub fn ctl_ok(node: &str, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = ctl(node, args);
+    assert!(ok, "nvmirror ctl {} failed: {stderr}", args.join(" "));
+    stdout
+}
+
+/// `nvmirror ARGS...` fails with nothing on stdout and one line on stderr, `nvmirror:
+/// REASON`, where the reason contains `want`.
+pub fn fails_with(args: &[&str], want: &str) {
+    let (ok, stdout, stderr) = nvmirror(args);
+    assert!(!ok, "nvmirror {} succeeded: {stdout}", args.join(" "));
+    assert!(stdout.trim().is_empty(), "a failing command printed on stdout: {stdout}");
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
+    assert!(lines[0].starts_with("nvmirror: "), "reason: {}", lines[0]);
+    assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
+}
+
+/// `nvmirror ctl --node NODE ARGS...` fails, as [`fails_with`].
+pub fn ctl_fails(node: &str, args: &[&str], want: &str) {
+    let mut all = vec!["ctl", "--node", node];
+    all.extend_from_slice(args);
+    fails_with(&all, want);
+}
+
+/// Writes a secret file (mode 600) and returns its path.
+pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    fs::write(&p, format!("{secret}\n")).expect("write secret file");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod secret file");
+    p
+}
+
 /// [`run_bin`] that returns a run past `timeout` (killed) as an error.
 pub fn try_run_bin(args: &[&str], timeout: Duration) -> Result<Output, String> {
     let child = Command::new(bin())

@@ -53,8 +53,6 @@ impl FileDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-
 }
 
 impl BlockDevice for FileDevice {

@@ -144,8 +144,6 @@ impl NvmeDevice {
         self.capacity
     }
 
-
-
     fn chunks(&self, spans: impl Iterator<Item = (u64, usize)>) -> io::Result<Vec<Chunk>> {
         let mut out = Vec::new();
         for (op, (offset, len)) in spans.enumerate() {

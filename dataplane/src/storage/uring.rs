@@ -219,8 +219,6 @@ impl UringDevice {
         &self.path
     }
 
-
-
     fn fd(&self) -> types::Fd {
         types::Fd(self.file.as_raw_fd())
     }
