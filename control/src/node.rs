@@ -314,16 +314,16 @@ impl Node {
         cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
         cfg.cp_by_value = v.cp_by_value;
         cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
-        let handle = source::spawn(
+        let handle = source::spawn(source::SourceParts {
             cfg,
-            log,
+            nvlog: log,
             recovered,
             device,
-            self.connector.clone(),
-            Arc::new(SystemClock::default()),
-            v.mirror.as_ref().map(|m| m.replication.clone()),
-            Some(changes),
-        )?;
+            connector: self.connector.clone(),
+            clock: Arc::new(SystemClock::default()),
+            mirror: v.mirror.as_ref().map(|m| m.replication.clone()),
+            changes: Some(changes),
+        })?;
         self.volumes.write().insert(v.name.clone(), Arc::new(handle));
         Ok(())
     }

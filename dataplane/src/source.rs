@@ -568,25 +568,29 @@ impl Export for SourceHandle {
     }
 }
 
-/// Starts a source volume on its own poller thread. `recovered` is what opening the NVLog
-/// found: it is rebuilt into the cache, and a CP interrupted by a crash is redone.
-/// `mirror` is the destination's replication address when the volume is mirrored.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn<C>(
-    cfg: SourceConfig,
-    nvlog: NvLog<Box<dyn Nvram>>,
-    recovered: Recovered,
-    device: Arc<dyn BlockDevice>,
-    connector: Arc<C>,
-    clock: Arc<dyn Clock>,
-    mirror: Option<String>,
-    changes: Option<ChangeMap>,
-) -> io::Result<SourceHandle>
+/// What a source volume starts from.
+pub struct SourceParts<C> {
+    pub cfg: SourceConfig,
+    /// The volume's NVLog, and what opening it found: rebuilt into the cache, and a CP
+    /// interrupted by a crash redone.
+    pub nvlog: NvLog<Box<dyn Nvram>>,
+    pub recovered: Recovered,
+    pub device: Arc<dyn BlockDevice>,
+    pub connector: Arc<C>,
+    pub clock: Arc<dyn Clock>,
+    /// The destination's replication address when the volume is mirrored.
+    pub mirror: Option<String>,
+    /// The volume's change map, where it keeps one (what a delta resync copies).
+    pub changes: Option<ChangeMap>,
+}
+
+/// Starts a source volume on its own poller thread.
+pub fn spawn<C>(parts: SourceParts<C>) -> io::Result<SourceHandle>
 where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    let (mut poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, changes, false)?;
+    let (mut poller, handle) = build(parts, false)?;
     let name = format!("nvm-vol-{}", poller.cfg.volume);
     let thread = thread::Builder::new().name(name).spawn(move || poller.run())?;
     *handle.thread.lock() = Some(thread);
@@ -620,51 +624,31 @@ where
 }
 
 /// As [`spawn`], but the poller runs only when [`SteppedSource::step`] is called.
-#[allow(clippy::too_many_arguments)]
-pub fn stepped<C>(
-    cfg: SourceConfig,
-    nvlog: NvLog<Box<dyn Nvram>>,
-    recovered: Recovered,
-    device: Arc<dyn BlockDevice>,
-    connector: Arc<C>,
-    clock: Arc<dyn Clock>,
-    mirror: Option<String>,
-    changes: Option<ChangeMap>,
-) -> io::Result<(SteppedSource<C>, SourceHandle)>
+pub fn stepped<C>(parts: SourceParts<C>) -> io::Result<(SteppedSource<C>, SourceHandle)>
 where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    let (poller, handle) = build(cfg, nvlog, recovered, device, connector, clock, mirror, changes, true)?;
+    let (poller, handle) = build(parts, true)?;
     Ok((SteppedSource { poller }, handle))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build<C>(
-    cfg: SourceConfig,
-    nvlog: NvLog<Box<dyn Nvram>>,
-    recovered: Recovered,
-    device: Arc<dyn BlockDevice>,
-    connector: Arc<C>,
-    clock: Arc<dyn Clock>,
-    mirror: Option<String>,
-    changes: Option<ChangeMap>,
-    inline: bool,
-) -> io::Result<(Poller<C>, SourceHandle)>
+fn build<C>(parts: SourceParts<C>, inline: bool) -> io::Result<(Poller<C>, SourceHandle)>
 where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    if cfg.partition_bytes < PARTITION_BYTES_MIN {
+    let partition_bytes = parts.cfg.partition_bytes;
+    if partition_bytes < PARTITION_BYTES_MIN {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("NVLog partition of {} bytes is below the minimum {PARTITION_BYTES_MIN}", cfg.partition_bytes),
+            format!("NVLog partition of {partition_bytes} bytes is below the minimum {PARTITION_BYTES_MIN}"),
         ));
     }
-    let size = device.size();
+    let size = parts.device.size();
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(CONTROL_QUEUE_MAX);
-    let poller = Poller::new(cfg, nvlog, recovered, device, connector, clock, mirror, changes, io_rx, ctl_rx, inline)?;
+    let poller = Poller::new(parts, io_rx, ctl_rx, inline)?;
     let handle = SourceHandle {
         io: io_tx,
         ctl: ctl_tx,
@@ -830,20 +814,13 @@ where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    #[allow(clippy::too_many_arguments)]
     fn new(
-        cfg: SourceConfig,
-        nvlog: NvLog<Box<dyn Nvram>>,
-        recovered: Recovered,
-        device: Arc<dyn BlockDevice>,
-        connector: Arc<C>,
-        clock: Arc<dyn Clock>,
-        mirror: Option<String>,
-        changes: Option<ChangeMap>,
+        parts: SourceParts<C>,
         io_rx: Receiver<(IoRequest, Completer)>,
         ctl_rx: Receiver<Control>,
         inline: bool,
     ) -> io::Result<Self> {
+        let SourceParts { cfg, nvlog, recovered, device, connector, clock, mirror, changes } = parts;
         let now = clock.now_ns();
         let link = match &mirror {
             None => LinkState::Unmirrored,

@@ -31,16 +31,16 @@ fn start_with(dir: Arc<MemMirrorDirectory>, device: Arc<MemDevice>, cp_by_value:
     cfg.cp_interval = Duration::from_secs(3600);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
     let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
-    source::spawn(
+    source::spawn(source::SourceParts {
         cfg,
-        log,
-        rec,
+        nvlog: log,
+        recovered: rec,
         device,
-        Arc::new(MemConnector { directory: dir }),
-        Arc::new(SystemClock::default()),
-        None,
-        None,
-    )
+        connector: Arc::new(MemConnector { directory: dir }),
+        clock: Arc::new(SystemClock::default()),
+        mirror: None,
+        changes: None,
+    })
     .unwrap()
 }
 
@@ -210,16 +210,16 @@ fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_
     cfg.reconnect_interval = Duration::from_millis(20);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
     let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
-    let h = source::spawn(
+    let h = source::spawn(source::SourceParts {
         cfg,
-        log,
-        rec,
-        src_dev.clone(),
-        Arc::new(MemConnector { directory: dir.clone() }),
-        Arc::new(SystemClock::default()),
-        None,
-        None,
-    )
+        nvlog: log,
+        recovered: rec,
+        device: src_dev.clone(),
+        connector: Arc::new(MemConnector { directory: dir.clone() }),
+        clock: Arc::new(SystemClock::default()),
+        mirror: None,
+        changes: None,
+    })
     .unwrap();
     attach(&h);
     for i in 0..8u64 {

@@ -68,16 +68,16 @@ fn mirrored(before: u64, after: u64) -> (Arc<Mirror>, u64) {
     cfg.cp_interval = Duration::from_secs(3600);
     let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
     let (log, rec) = NvLog::open(nv, 42, PART).expect("NVLog");
-    let h = source::spawn(
+    let h = source::spawn(source::SourceParts {
         cfg,
-        log,
-        rec,
-        Arc::new(MemDevice::new(VOL)),
-        Arc::new(MemConnector { directory: dir.clone() }),
-        Arc::new(SystemClock::default()),
-        None,
-        None,
-    )
+        nvlog: log,
+        recovered: rec,
+        device: Arc::new(MemDevice::new(VOL)),
+        connector: Arc::new(MemConnector { directory: dir.clone() }),
+        clock: Arc::new(SystemClock::default()),
+        mirror: None,
+        changes: None,
+    })
     .expect("spawn");
     let (tx, rx) = bounded(1);
     h.control(Control::Attach { target: "mem".into(), peer: None, reply: tx }).expect("attach");

@@ -845,16 +845,16 @@ impl World {
         }
         let mut cfg = self.source_config(node, rec.epoch);
         cfg.peer = rec.mirror.clone();
-        let (stepped, handle) = source::stepped(
+        let (stepped, handle) = source::stepped(source::SourceParts {
             cfg,
-            log,
+            nvlog: log,
             recovered,
-            raid.clone(),
-            Arc::new(self.net.clone()),
-            self.clock.clone() as Arc<dyn Clock>,
-            rec.mirror.clone(),
-            Some(changes),
-        )?;
+            device: raid.clone(),
+            connector: Arc::new(self.net.clone()),
+            clock: self.clock.clone() as Arc<dyn Clock>,
+            mirror: rec.mirror.clone(),
+            changes: Some(changes),
+        })?;
         let n = self.nodes.get_mut(node).expect("node");
         if let Some(live) = &mut n.live {
             live.source = Some(LiveSource { stepped, handle, raid, epoch: rec.epoch });
