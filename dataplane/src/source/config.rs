@@ -1,0 +1,141 @@
+//! What a source volume is configured with, and what its owner can ask of its poller.
+
+use super::*;
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// This node's name, as destinations know it.
+    pub node: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub epoch: u64,
+    pub partition_bytes: usize,
+    pub cp_interval: Duration,
+    /// Cached dirty blocks above which a CP starts.
+    pub cache_blocks_max: usize,
+    pub backoff: BackoffConfig,
+    /// Core index to pin the poller to.
+    pub core: Option<usize>,
+    /// Delay between reconnection attempts.
+    pub reconnect_interval: Duration,
+    /// Send CPs by value (block number + data) instead of by reference to the
+    /// destination's log file.
+    pub cp_by_value: bool,
+    /// How long a sent write may wait for the destination's acknowledgement before the
+    /// link is declared down (the write then fails under policy strict and the source
+    /// reconnects). A peer that goes silent without closing the connection (a partition,
+    /// a hung node) is noticed within this time, not when the kernel gives up on TCP.
+    pub ack_timeout: Duration,
+    /// How long a CP or a baseline may wait for the destination's answer: longer than
+    /// [`Self::ack_timeout`], since applying a CP writes a whole partition's blocks.
+    pub cp_timeout: Duration,
+    /// What a write does when it cannot be mirrored (see [`Policy`]).
+    pub policy: Policy,
+    /// The mirror's node name: what the change map is relative to.
+    pub peer: Option<String>,
+    /// Deliberate defects, for the simulator's own test that it catches them.
+    #[cfg(any(test, feature = "sim"))]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// What a write does when the mirror cannot take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// The write fails with an I/O error: nothing is acknowledged that is not on both sites.
+    #[default]
+    Strict,
+    /// The write goes on locally and its region is marked in the change map; when the link
+    /// returns, a delta resync copies the marked regions. Needs a change map (without one
+    /// the volume behaves as `strict`).
+    Sync,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Sync => "sync",
+        }
+    }
+}
+
+/// A deliberate defect the simulator must catch (see `crate::sim`).
+#[cfg(any(test, feature = "sim"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Complete a write once it is persistent in the local NVLog, without waiting for the
+    /// destination's acknowledgement.
+    AckBeforeRemotePersist,
+    /// Fail over without replaying the mirror's log past its last applied CP.
+    FailoverSkipsReplay,
+}
+
+impl SourceConfig {
+    pub fn new(node: &str, volume: &str, volume_id: u64, partition_bytes: usize) -> Self {
+        SourceConfig {
+            node: node.to_string(),
+            volume: volume.to_string(),
+            volume_id,
+            epoch: 1,
+            partition_bytes,
+            cp_interval: Duration::from_secs(10),
+            cache_blocks_max: 1 << 20,
+            backoff: BackoffConfig::default(),
+            core: None,
+            reconnect_interval: Duration::from_millis(500),
+            cp_by_value: false,
+            ack_timeout: Duration::from_secs(6),
+            cp_timeout: Duration::from_secs(60),
+            policy: Policy::Strict,
+            peer: None,
+            #[cfg(any(test, feature = "sim"))]
+            planted_bug: None,
+        }
+    }
+}
+
+/// Control-plane requests to a poller.
+pub enum Control {
+    /// Force a CP; answered with its number once durable on both sites.
+    Cp(Sender<Result<u64, String>>),
+    /// Start mirroring to the replication address `target` of node `peer` (baseline or
+    /// delta resync, then in sync).
+    Attach {
+        target: String,
+        peer: Option<String>,
+        reply: Sender<Result<(), String>>,
+    },
+    Status(Sender<SourceStatus>),
+    /// Stop the poller; pending requests fail.
+    Stop(Sender<()>),
+    /// Marks regions in the change map (a returning peer's own changes, for its resync)
+    /// and makes them durable.
+    MarkRegions {
+        regions: Vec<u64>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Planned switchover, first half: stop taking new requests (they wait in the queue),
+    /// complete what was logged, and bring the mirror level with a CP. Answered with the
+    /// last CP and the next sequence number once both partitions are free and the mirror
+    /// applied everything.
+    Quiesce(Sender<Result<(u64, u64), String>>),
+    /// Planned switchover, second half: stop the poller and hand back the requests that
+    /// waited in the queue, unanswered, for whoever serves the volume next.
+    Handover(Sender<Vec<(IoRequest, Completer)>>),
+    /// Takes back a quiesce that did not lead to a handover.
+    Resume,
+    /// Changes the policy (`ctl mirror --policy`).
+    SetPolicy(Policy),
+    /// An NBD client connection that named this volume: the poller serves it from now on.
+    Adopt(crate::frontend::nbd::Adopted),
+    /// Stop taking writes: another node may be the primary now (fleet mode lost its lease,
+    /// or found the volume held elsewhere).
+    Fence(String),
+    /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
+    SetCopyRate(Option<u64>),
+    /// The regions this volume may hold that its mirror (or a new primary) does not: the
+    /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
+    /// old primary sends them to the new one for its failback resync.
+    ChangedRegions(Sender<Vec<u64>>),
+}

@@ -1,0 +1,150 @@
+//! Copies to the mirror (baseline and delta resync), the change map, and the drain a
+//! switchover waits for.
+
+use super::*;
+
+impl<C> Poller<C>
+where
+    C: Connector + 'static,
+    C::Link: 'static,
+{
+    /// Sends the next piece of the copy under way: a chunk of the volume (baseline), or
+    /// of the marked regions (resync), then the end of the copy.
+    pub(super) fn copy_step(&mut self) -> bool {
+        let size = self.device.size();
+        let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
+        if c.done_sent {
+            return false;
+        }
+        if let Some(rate) = self.copy_rate {
+            // Ahead of the rate: wait (a chunk's worth of credit up front).
+            let secs = self.clock.now_ns().saturating_sub(c.started_ns) as f64 / 1e9;
+            if c.bytes as f64 > rate as f64 * secs + BASELINE_CHUNK as f64 {
+                return false;
+            }
+        }
+        // The next run: `(offset, bytes)`, or `None` at the end.
+        let next = match c.kind {
+            CopyKind::Baseline => (c.cursor < size).then(|| (c.cursor, (size - c.cursor).min(BASELINE_CHUNK as u64))),
+            CopyKind::Resync => {
+                let marked = |r: u64| c.marks.get(usize_of(r / 8)).is_some_and(|b| b & (1 << (r % 8)) != 0);
+                let regions = size.div_ceil(crate::log::REGION_BYTES);
+                while c.cursor < regions && !marked(c.cursor) {
+                    c.cursor += 1;
+                }
+                (c.cursor < regions).then(|| {
+                    // Adjacent regions go in one frame, up to a chunk.
+                    let per = BASELINE_CHUNK as u64 / crate::log::REGION_BYTES;
+                    let first = c.cursor;
+                    let mut n = 1u64;
+                    while n < per && first + n < regions && marked(first + n) {
+                        n += 1;
+                    }
+                    let offset = first * crate::log::REGION_BYTES;
+                    (offset, (n * crate::log::REGION_BYTES).min(size - offset))
+                })
+            }
+        };
+        let r = match next {
+            Some((offset, len)) => {
+                let mut buf = vec![0u8; usize_of(len)];
+                // Through the cache: the newest contents as of this point of the stream. The
+                // volume itself may be behind (a CP being written by the CP writer, whose
+                // message went out already and is applied before this copy).
+                if let Err(e) = self.overlay.read(&mut buf, offset, self.device.as_ref()) {
+                    let msg = format!("copy read at {offset}: {e}");
+                    self.fail_stop(msg);
+                    return true;
+                }
+                let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
+                let r = link.send(&Message::BlockData { purpose, offset, data: &buf });
+                c.bytes += len;
+                c.chunks += 1;
+                c.cursor += match c.kind {
+                    CopyKind::Baseline => len,
+                    CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),
+                };
+                r
+            }
+            None => {
+                c.done_sent = true;
+                c.done_ns = self.clock.now_ns();
+                match c.kind {
+                    CopyKind::Baseline => link.send(&Message::BaselineDone { volume_bytes: size }),
+                    CopyKind::Resync => link.send(&Message::ResyncDone { bytes: c.bytes, chunks: c.chunks }),
+                }
+            }
+        };
+        let r = r.and_then(|()| link.flush());
+        if let Err(e) = r {
+            self.link_down(format!("copy send: {e}"));
+        }
+        true
+    }
+
+    pub(super) fn changed_regions(&self) -> Vec<u64> {
+        let mut regions: std::collections::BTreeSet<u64> =
+            self.changes.as_ref().map(ChangeMap::marked_regions).unwrap_or_default().into_iter().collect();
+        let per = crate::log::REGION_BYTES / BLOCK_BYTES as u64;
+        for b in self.part_blocks.iter().chain(self.dirty.iter()).flatten() {
+            regions.insert(b / per);
+        }
+        if let Some((_, _, blocks)) = &self.local_cp_inflight {
+            regions.extend(blocks.iter().map(|b| b / per));
+        }
+        regions.into_iter().collect()
+    }
+
+    pub(super) fn mirror_current(&self) -> bool {
+        matches!(self.link, LinkState::Up { copy: None, .. }) && self.remote_acked_seq >= self.local_only_seq
+    }
+
+    /// Policy sync, with a change map to track what the mirror lacks.
+    pub(super) fn tracks_changes(&self) -> bool {
+        self.cfg.policy == Policy::Sync && self.changes.is_some()
+    }
+
+    /// Whether a delta resync can bring the destination that sent `w` level: it holds a
+    /// copy the change map is relative to (this peer, at or past the map's CP).
+    pub(super) fn can_resync(&self, w: &Welcome) -> bool {
+        let Some(base) = self.changes.as_ref().and_then(ChangeMap::base) else { return false };
+        w.resyncable && self.cfg.peer.as_deref() == Some(base.peer.as_str()) && w.applied_cp >= base.cp
+    }
+
+    /// Marks `blocks` changed and makes the marks durable (before the partition that held
+    /// them is freed).
+    pub(super) fn mark_changed(&mut self, blocks: &[Vbn]) -> io::Result<()> {
+        let Some(m) = &mut self.changes else { return Ok(()) };
+        for &b in blocks {
+            m.mark(b * BLOCK_BYTES as u64, BLOCK_BYTES as u64);
+        }
+        m.persist().map_err(|e| eio(format!("change map: {e}")))
+    }
+
+    /// A planned switchover drains: once nothing is waiting or unacknowledged, a CP
+    /// brings the mirror level; once both partitions are free, the quiesce is answered.
+    pub(super) fn poll_quiesce(&mut self) {
+        if self.quiesce.is_none() {
+            return;
+        }
+        if !matches!(self.link, LinkState::Up { copy: None, .. }) || self.failed.is_some() {
+            self.quiesced = false;
+            if let Some(tx) = self.quiesce.take() {
+                let _ = tx.send(Err("the mirror left sync during the switchover".into()));
+            }
+            return;
+        }
+        if !self.pending.is_empty() || !self.waiting.is_empty() {
+            return;
+        }
+        let active_empty = self.nvlog.tail(self.active) <= PARTITION_HEADER_BYTES;
+        let other_free = self.parts[1 - self.active as usize] == Part::Free;
+        if !(active_empty && other_free) {
+            self.cp_wanted = true;
+            return;
+        }
+        if let Some(tx) = self.quiesce.take() {
+            let _ = tx.send(Ok((self.stats.last_cp, self.next_seq)));
+        }
+    }
+}
