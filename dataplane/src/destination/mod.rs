@@ -1,0 +1,467 @@
+//! The destination: mirrors of other nodes' volumes.
+//!
+//! A [`Mirror`] is one (source node, volume) pair hosted here: two log files (one per
+//! source NVLog partition, placed by the transport), the mirror volume behind
+//! [`BlockDevice`], and its metadata (epoch, last applied CP). A [`Session`] is one
+//! connection from the source. CP applications and baseline copies run on the mirror's own
+//! worker thread, in stream order, so that the connection keeps placing entries meanwhile.
+//!
+//! Invariants:
+//! - `applied_seq` never exceeds the highest sequence number persisted in the logs or the
+//!   volume; a log file is freed only after the CP that covers it is recorded as applied.
+//! - Nothing is accepted from an epoch older than the mirror's; failover raises the epoch
+//!   before it replays, so the old source is fenced from then on.
+//! - Mirror reads take the apply lock shared and CP application takes it exclusive: a
+//!   reader sees the mirror as of a completed CP, never half of one.
+//!
+//! Files: `attach` (a source's hello, admitted or refused), `session` (its frames, group
+//! commits and acks), `apply` (CP application on the worker), `promote` (failover),
+//! `directory` (one-mirror directories for tests and tools); the mirror itself here.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::cp::apply_entries;
+use crate::format::{EntryHeader, PartitionScan, ScannedEntry, BLOCK_BYTES, ENTRY_DATA_MAX, ENTRY_HEADER_BYTES};
+use crate::log::{LogFile, PARTITIONS};
+use crate::nvram::Nvram;
+use crate::storage::{BlockDevice, RedoGuard};
+use crate::transport::wire::{BlockPurpose, LOG_BYTES_CHUNK};
+use crate::transport::{FrameHandler, Hello, Intent, LogTail, Message, RefuseCode, ReplySink, Welcome};
+
+mod apply;
+mod attach;
+mod directory;
+mod promote;
+mod session;
+
+use apply::{run_job, worker};
+pub use directory::{MemMirrorDirectory, SingleMirror};
+use session::ResyncProgress;
+pub use session::Session;
+
+/// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
+/// for a mirror, registers the mirror's log files, and sends their keys on the session.
+pub trait RdmaPlacement: Send + Sync {
+    /// Expects a queue pair for `mirror` (session `gen`); returns the rdma_cm address to
+    /// connect to and the token the source presents.
+    fn expect(&self, mirror: Arc<Mirror>, sink: Arc<dyn ReplySink>, gen: u64) -> Result<(String, u64), String>;
+}
+
+/// Where a mirror's metadata is kept (a file replaced atomically, or memory).
+pub trait MetaStore: Send + Sync {
+    fn save(&self, meta: &MirrorMeta) -> io::Result<()>;
+}
+
+/// A [`MetaStore`] in memory: the last metadata saved, for tests and tools whose mirror
+/// need not survive the process.
+#[derive(Debug, Default, Clone)]
+pub struct MemMetaStore(pub Arc<Mutex<Option<MirrorMeta>>>);
+
+impl MetaStore for MemMetaStore {
+    fn save(&self, meta: &MirrorMeta) -> io::Result<()> {
+        *self.0.lock() = Some(meta.clone());
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCp {
+    pub cp: u64,
+    pub partition: u8,
+    pub upto_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorMeta {
+    pub source_node: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub volume_bytes: u64,
+    pub partition_bytes: u64,
+    pub epoch: u64,
+    /// The last CP applied to the mirror volume, and the last sequence number it covers.
+    pub applied_cp: u64,
+    pub applied_seq: u64,
+    /// A complete baseline is on the mirror volume (it may be failed over).
+    pub consistent: bool,
+    /// A CP being applied; redone from the log after a crash.
+    pub pending_cp: Option<PendingCp>,
+    /// Failed over: this node is the volume's primary now and the mirror is broken.
+    pub promoted: bool,
+    /// A failover raised the epoch and has not finished its replay: the old source is
+    /// fenced already, so the mirror can only go forward. Opening the mirror finishes it.
+    #[serde(default)]
+    pub promoting: bool,
+    /// A delta resync is under way: the mirror is inconsistent, but another delta resync
+    /// (not a full copy) can bring it level.
+    #[serde(default)]
+    pub resyncing: bool,
+    pub last_cp_unix_ms: u64,
+    pub last_cp_duration_us: u64,
+}
+
+impl MirrorMeta {
+    pub fn new(hello: &Hello) -> Self {
+        MirrorMeta {
+            source_node: hello.source_node.clone(),
+            volume: hello.volume.clone(),
+            volume_id: hello.volume_id,
+            volume_bytes: hello.volume_bytes,
+            partition_bytes: hello.partition_bytes,
+            epoch: hello.epoch,
+            applied_cp: 0,
+            applied_seq: 0,
+            consistent: false,
+            pending_cp: None,
+            promoted: false,
+            promoting: false,
+            resyncing: false,
+            last_cp_unix_ms: 0,
+            last_cp_duration_us: 0,
+        }
+    }
+}
+
+/// What a failover found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromoteReport {
+    pub epoch: u64,
+    pub entries_replayed: usize,
+    pub last_seq: u64,
+    /// Why the replay stopped where it did, where a log held more (torn or corrupt tail).
+    pub stops: Vec<String>,
+    /// The last CP the mirror had applied: what the old source and this volume have in
+    /// common (the new primary's change map is relative to it).
+    pub applied_cp: u64,
+    /// The byte ranges the replay wrote (offset, length): changed since `applied_cp`.
+    #[serde(skip)]
+    pub replayed: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorStatus {
+    pub source_node: String,
+    pub volume: String,
+    pub epoch: u64,
+    pub applied_cp: u64,
+    pub applied_seq: u64,
+    pub persisted_seq: u64,
+    pub consistent: bool,
+    pub promoted: bool,
+    pub connected: bool,
+    pub entries_received: u64,
+    pub bytes_received: u64,
+    /// CPs stopped by a log entry that failed its checksum when read back (the log was cut
+    /// there and the source sent the entries again).
+    pub log_repairs: u64,
+    /// Group commits: persists of the log files, each answered by one ack.
+    pub commits: u64,
+    pub log_bytes_used: u64,
+    pub log_bytes_max: u64,
+    pub last_cp_unix_ms: u64,
+    pub last_cp_duration_us: u64,
+    pub baseline_bytes: u64,
+    /// CPs applied since the node started, and how many of them by value.
+    pub cps_applied: u64,
+    pub cps_applied_by_value: u64,
+    pub error: Option<String>,
+}
+
+enum Job {
+    Cp {
+        cp: u64,
+        partition: u8,
+        upto_seq: u64,
+        by_value: Option<Vec<(u64, Vec<u8>)>>,
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    },
+    Baseline {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    BaselineDone {
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    },
+    Barrier(Sender<()>),
+}
+
+/// Jobs queued per mirror; the connection waits when the worker is this far behind.
+const JOBS_MAX: usize = 64;
+
+pub struct Mirror {
+    /// The RDMA engine's hold on the log files (queue pair and memory registrations).
+    /// Declared first so that it is dropped before the logs it registered.
+    rdma_attachment: Mutex<Option<(u64, Box<dyn std::any::Any + Send>)>>,
+    meta: Mutex<MirrorMeta>,
+    store: Box<dyn MetaStore>,
+    logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
+    /// While a CP applies entries from a log (holding its lock for the whole write-out):
+    /// that log and what it holds, which cannot change meanwhile, so that acknowledging
+    /// newer entries does not wait for the write-out (`Session::contiguous_persisted_seq`).
+    applying: Mutex<Option<(usize, LogView)>>,
+    device: Arc<dyn BlockDevice>,
+    apply: RwLock<()>,
+    /// Held for the whole of a failover.
+    promoting: Mutex<()>,
+    session: Mutex<Option<Arc<dyn ReplySink>>>,
+    session_gen: AtomicU64,
+    fenced: AtomicBool,
+    jobs: Sender<Job>,
+    /// Stepped (no worker thread): the job queue, run by [`Mirror::run_jobs`] and by
+    /// whatever waits for it.
+    stepped_jobs: Option<Receiver<Job>>,
+    entries_received: AtomicU64,
+    log_repairs: AtomicU64,
+    bytes_received: AtomicU64,
+    commits: AtomicU64,
+    baseline_bytes: AtomicU64,
+    cps_applied: AtomicU64,
+    cps_applied_by_value: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+/// What an open log holds, for acknowledgements: its CP generation, first sequence
+/// number and last persisted one.
+type LogView = (u64, u64, Option<u64>);
+
+fn log_view(log: &LogFile<Box<dyn Nvram>>) -> Option<LogView> {
+    log.header().map(|h| (h.cp_gen, h.first_seq, log.last_persisted_seq()))
+}
+
+impl Mirror {
+    /// Opens a mirror from its parts, redoing a CP that a crash interrupted, and starts its
+    /// worker thread.
+    pub fn open(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+    ) -> io::Result<Arc<Mirror>> {
+        Self::open_with(meta, store, logs, device, false)
+    }
+
+    /// As [`Mirror::open`], without a worker thread: CP applications and baseline writes
+    /// wait in the queue until [`Mirror::run_jobs`] runs them (the deterministic simulator
+    /// drives a mirror this way).
+    pub fn open_stepped(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+    ) -> io::Result<Arc<Mirror>> {
+        Self::open_with(meta, store, logs, device, true)
+    }
+
+    fn open_with(
+        meta: MirrorMeta,
+        store: Box<dyn MetaStore>,
+        logs: [Box<dyn Nvram>; PARTITIONS],
+        device: Arc<dyn BlockDevice>,
+        stepped: bool,
+    ) -> io::Result<Arc<Mirror>> {
+        let [l0, l1] = logs;
+        let (log0, scan0) = LogFile::open(l0, 0);
+        let (log1, scan1) = LogFile::open(l1, 1);
+        for (p, scan) in [(0, &scan0), (1, &scan1)] {
+            if let crate::format::ScanStop::Invalid { offset, reason } = &scan.stop {
+                eprintln!(
+                    "mirror {}/{}: log {p}: scan stopped at offset {offset}: {reason}; entries after it are not used",
+                    meta.source_node, meta.volume
+                );
+            }
+        }
+        let (tx, rx) = bounded(JOBS_MAX);
+        let mirror = Arc::new(Mirror {
+            rdma_attachment: Mutex::new(None),
+            meta: Mutex::new(meta),
+            store,
+            logs: [Mutex::new(log0), Mutex::new(log1)],
+            applying: Mutex::new(None),
+            device,
+            apply: RwLock::new(()),
+            promoting: Mutex::new(()),
+            session: Mutex::new(None),
+            session_gen: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
+            jobs: tx,
+            stepped_jobs: stepped.then(|| rx.clone()),
+            entries_received: AtomicU64::new(0),
+            log_repairs: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            baseline_bytes: AtomicU64::new(0),
+            cps_applied: AtomicU64::new(0),
+            cps_applied_by_value: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let pending = mirror.meta.lock().pending_cp;
+        if let Some(p) = pending {
+            eprintln!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
+            // The interrupted CP may have half-written the volume: a redo (no write hole).
+            let _redo = RedoGuard::new(mirror.device.as_ref());
+            mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        if !stepped {
+            let weak = Arc::downgrade(&mirror);
+            thread::Builder::new().name("nvm-mirror-cp".into()).spawn(move || worker(weak, rx))?;
+        }
+        let (promoting, epoch) = {
+            let m = mirror.meta.lock();
+            (m.promoting && !m.promoted, m.epoch)
+        };
+        if promoting {
+            eprintln!("mirror {}: finishing the failover a restart interrupted (epoch {epoch})", mirror.name());
+            let _one = mirror.promoting.lock();
+            mirror.fenced.store(true, Ordering::SeqCst);
+            mirror.finish_promotion(epoch, true).map_err(io::Error::other)?;
+        }
+        Ok(mirror)
+    }
+
+    /// Stepped mirrors: runs up to `max` queued jobs; how many ran.
+    pub fn run_jobs(&self, max: usize) -> usize {
+        let Some(rx) = &self.stepped_jobs else { return 0 };
+        let mut n = 0;
+        while n < max {
+            let Ok(job) = rx.try_recv() else { break };
+            run_job(self, job);
+            n += 1;
+        }
+        n
+    }
+
+    /// Jobs waiting (stepped mirrors).
+    pub fn jobs_queued(&self) -> usize {
+        self.stepped_jobs.as_ref().map_or(0, Receiver::len)
+    }
+
+    fn queue(&self, job: Job) -> Result<(), String> {
+        if self.stepped_jobs.is_some() {
+            // Nobody else runs the queue: make room by running the oldest job here.
+            let mut job = job;
+            loop {
+                match self.jobs.try_send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(crossbeam_channel::TrySendError::Full(j)) => {
+                        job = j;
+                        self.run_jobs(1);
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err("mirror worker stopped".into()),
+                }
+            }
+        }
+        self.jobs.send(job).map_err(|_| "mirror worker stopped".to_string())
+    }
+
+    pub fn name(&self) -> String {
+        let m = self.meta.lock();
+        format!("{}/{}", m.source_node, m.volume)
+    }
+
+    pub fn meta(&self) -> MirrorMeta {
+        self.meta.lock().clone()
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    fn save(&self, meta: &MirrorMeta) -> Result<(), String> {
+        self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))
+    }
+
+    fn fail(&self, reason: &str) {
+        eprintln!("mirror {}: {reason}", self.name());
+        *self.error.lock() = Some(reason.to_string());
+    }
+
+    /// The log files' memory, for an RDMA engine to register: valid while the mirror lives.
+    pub fn log_memory(&self) -> [(*mut u8, usize); PARTITIONS] {
+        [0, 1].map(|p| self.logs[p].lock().memory())
+    }
+
+    /// Keeps an RDMA engine's registrations for session `gen`, unless a newer session or a
+    /// failover came first.
+    pub fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
+        if self.fenced.load(Ordering::SeqCst) || self.session_gen.load(Ordering::SeqCst) != gen {
+            return Err("the session this queue pair was for is gone".into());
+        }
+        *self.rdma_attachment.lock() = Some((gen, attachment));
+        Ok(())
+    }
+
+    /// Drops the RDMA engine's registrations: from here on the source can place nothing.
+    fn drop_rdma_attachment(&self) {
+        let old = self.rdma_attachment.lock().take();
+        drop(old);
+    }
+
+    /// Reads the mirror as of the last completed CP.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _shared = self.apply.read();
+        self.device.read_at(buf, offset)
+    }
+
+    pub fn status(&self) -> MirrorStatus {
+        let meta = self.meta.lock().clone();
+        let mut used = 0u64;
+        let mut persisted_seq = meta.applied_seq;
+        // Entries placed by RDMA pass no bookkeeping on this side: read the logs themselves.
+        let placed_by_rdma = self.rdma_attachment.lock().is_some();
+        for log in &self.logs {
+            let mut l = log.lock();
+            if placed_by_rdma {
+                if let Err(e) = l.rescan() {
+                    eprintln!("mirror {}/{}: rescan log: {e}", meta.source_node, meta.volume);
+                }
+            }
+            used += l.tail() as u64;
+            if let Some(s) = l.last_persisted_seq() {
+                persisted_seq = persisted_seq.max(s);
+            }
+        }
+        MirrorStatus {
+            source_node: meta.source_node.clone(),
+            volume: meta.volume.clone(),
+            epoch: meta.epoch,
+            applied_cp: meta.applied_cp,
+            applied_seq: meta.applied_seq,
+            persisted_seq,
+            consistent: meta.consistent,
+            promoted: meta.promoted,
+            connected: self.session.lock().is_some(),
+            entries_received: self.entries_received.load(Ordering::Relaxed),
+            log_repairs: self.log_repairs.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            log_bytes_used: used,
+            log_bytes_max: meta.partition_bytes * PARTITIONS as u64,
+            last_cp_unix_ms: meta.last_cp_unix_ms,
+            last_cp_duration_us: meta.last_cp_duration_us,
+            baseline_bytes: self.baseline_bytes.load(Ordering::Relaxed),
+            cps_applied: self.cps_applied.load(Ordering::Relaxed),
+            cps_applied_by_value: self.cps_applied_by_value.load(Ordering::Relaxed),
+            error: self.error.lock().clone(),
+        }
+    }
+}
+
+/// The data of an entry a scan validated.
+fn scanned_data<'a>(bytes: &'a [u8], e: &ScannedEntry) -> &'a [u8] {
+    let at = e.at + ENTRY_HEADER_BYTES;
+    &bytes[at..at + e.header.data_len as usize]
+}
+
+fn entry_data(bytes: &[u8], at: usize) -> (EntryHeader, &[u8]) {
+    EntryHeader::decode(&bytes[at..]).expect("entry validated by the scan")
+}

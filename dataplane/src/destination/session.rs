@@ -1,0 +1,287 @@
+//! A connection from the source: its frames placed into the log files, persisted in
+//! group commits and acknowledged; CPs, copies and log fetches queued to the worker.
+
+use super::*;
+
+/// One connection from the source to a mirror.
+pub struct Session {
+    pub(super) mirror: Arc<Mirror>,
+    pub(super) gen: u64,
+    pub(super) sink: Arc<dyn ReplySink>,
+    pub(super) epoch: u64,
+    pub(super) volume_id: u64,
+    pub(super) dirty: [bool; PARTITIONS],
+    pub(super) by_value: Vec<(u64, Vec<u8>)>,
+    pub(super) by_value_bytes: usize,
+    pub(super) last_acked: Option<u64>,
+    pub(super) rdma: Option<Arc<dyn RdmaPlacement>>,
+    /// On a baseline session: the offset the next baseline data must start at. The copy
+    /// arrives in order, whole; `BaselineDone` is accepted only once it covers the volume.
+    pub(super) baseline_next: Option<u64>,
+    /// On a delta resync session: what arrived so far.
+    pub(super) resync: Option<ResyncProgress>,
+}
+
+/// A delta resync's data, as it arrives: regions in increasing order.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ResyncProgress {
+    /// The next region data may not start below this.
+    pub(super) next_min: u64,
+    pub(super) bytes: u64,
+    pub(super) chunks: u64,
+}
+
+impl Session {
+    fn check_current(&self) -> Result<(), String> {
+        if self.mirror.fenced.load(Ordering::SeqCst) {
+            let _ = self.sink.send(&Message::Refuse {
+                code: RefuseCode::StaleEpoch,
+                reason: "volume failed over to the destination; this source is stale".into(),
+            });
+            return Err("mirror was failed over; this source is fenced".into());
+        }
+        if self.mirror.session_gen.load(Ordering::SeqCst) != self.gen {
+            return Err("superseded by a newer connection".into());
+        }
+        Ok(())
+    }
+
+    fn partition(p: u8) -> Result<usize, String> {
+        if (p as usize) < PARTITIONS {
+            Ok(p as usize)
+        } else {
+            Err(format!("no partition {p}"))
+        }
+    }
+
+    fn queue(&self, job: Job) -> Result<(), String> {
+        self.mirror.queue(job)
+    }
+}
+
+impl FrameHandler for Session {
+    fn on_message(&mut self, msg: Message<'_>) -> Result<(), String> {
+        self.check_current()?;
+        match msg {
+            Message::PartitionOpen { header } => {
+                let p = Session::partition(header[6])?;
+                let mut log = self.mirror.logs[p].lock();
+                let h = log.open_partition(&header).map_err(|e| e.to_string())?;
+                if h.volume_id != self.volume_id || h.epoch != self.epoch {
+                    log.free().map_err(|e| e.to_string())?;
+                    return Err("partition header of another volume or epoch".into());
+                }
+                Ok(())
+            }
+            Message::Entries { partition, offset, bytes } => {
+                let p = Session::partition(partition)?;
+                let n = self.mirror.logs[p].lock().place(offset, bytes, self.epoch).map_err(|e| e.to_string())?;
+                self.dirty[p] = true;
+                self.mirror.entries_received.fetch_add(n as u64, Ordering::Relaxed);
+                self.mirror.bytes_received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Message::Cp { cp, partition, upto_seq, by_value } => {
+                Session::partition(partition)?;
+                // Entries of the CP must be durable before it is applied from them.
+                self.commit()?;
+                let blocks = if by_value {
+                    self.by_value_bytes = 0;
+                    Some(std::mem::take(&mut self.by_value))
+                } else {
+                    None
+                };
+                self.queue(Job::Cp {
+                    cp,
+                    partition,
+                    upto_seq,
+                    by_value: blocks,
+                    sink: self.sink.clone(),
+                    gen: self.gen,
+                })
+            }
+            Message::BlockData { purpose, offset, data } => {
+                let size = self.mirror.device.size();
+                if offset % BLOCK_BYTES as u64 != 0 || data.len() % BLOCK_BYTES != 0 || data.len() > ENTRY_DATA_MAX {
+                    return Err("block data not block-aligned or too large".into());
+                }
+                crate::storage::check_range(size, offset, data.len() as u64).map_err(|e| e.to_string())?;
+                match purpose {
+                    BlockPurpose::Baseline => {
+                        match self.baseline_next {
+                            Some(next) if next == offset => {}
+                            Some(next) => {
+                                return Err(format!("baseline data at offset {offset}, where {next} was expected"))
+                            }
+                            None => return Err("baseline data on a session that is not a baseline".into()),
+                        }
+                        self.baseline_next = Some(offset + data.len() as u64);
+                        self.queue(Job::Baseline { offset, data: data.to_vec() })
+                    }
+                    BlockPurpose::Resync => {
+                        let Some(r) = &mut self.resync else {
+                            return Err("resync data on a session that is not a resync".into());
+                        };
+                        if offset < r.next_min {
+                            return Err(format!("resync data at offset {offset}, below {} already sent", r.next_min));
+                        }
+                        r.next_min = offset + data.len() as u64;
+                        r.bytes += data.len() as u64;
+                        r.chunks += 1;
+                        self.queue(Job::Baseline { offset, data: data.to_vec() })
+                    }
+                    BlockPurpose::CpByValue => {
+                        // A CP by value carries at most what two partitions can dirty.
+                        let max = 2 * crate::usize_of(self.mirror.meta.lock().partition_bytes);
+                        if self.by_value_bytes + data.len() > max {
+                            return Err("CP by value larger than the log it replaces".into());
+                        }
+                        self.by_value_bytes += data.len();
+                        self.by_value.push((offset, data.to_vec()));
+                        Ok(())
+                    }
+                }
+            }
+            Message::BaselineDone { volume_bytes } => {
+                if volume_bytes != self.mirror.device.size() {
+                    return Err("baseline size mismatch".into());
+                }
+                if self.baseline_next != Some(volume_bytes) {
+                    return Err(format!(
+                        "baseline done after {} of {volume_bytes} bytes",
+                        self.baseline_next.map_or("none".into(), |n| n.to_string())
+                    ));
+                }
+                self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
+            }
+            Message::ResyncDone { bytes, chunks } => {
+                let Some(r) = self.resync else {
+                    return Err("resync done on a session that is not a resync".into());
+                };
+                if (r.bytes, r.chunks) != (bytes, chunks) {
+                    return Err(format!(
+                        "resync done after {} bytes in {} chunks, but the source sent {bytes} in {chunks}",
+                        r.bytes, r.chunks
+                    ));
+                }
+                self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
+            }
+            Message::LogFetch { partition, offset } => {
+                // The source restarted with less of this partition than this side holds:
+                // what is here past its tail was persistent here, and perhaps acknowledged.
+                let p = Session::partition(partition)?;
+                let mut log = self.mirror.logs[p].lock();
+                log.catch_up().map_err(|e| format!("log fetch: rescan log {p}: {e}"))?;
+                let tail = log.persisted_tail();
+                let from = usize::try_from(offset).map_err(|_| "log fetch offset out of range".to_string())?;
+                let on_boundary = from == tail || log.entries().iter().any(|e| e.at == from);
+                if log.header().is_none() || !on_boundary {
+                    return Err(format!(
+                        "log fetch at offset {offset} of log {p}, which is not an entry boundary there"
+                    ));
+                }
+                let mut at = from;
+                while at < tail {
+                    let end = (at + LOG_BYTES_CHUNK).min(tail);
+                    let msg = Message::LogBytes { partition, offset: at as u64, bytes: &log.bytes()[at..end] };
+                    self.sink.send(&msg).map_err(|e| format!("send log bytes: {e}"))?;
+                    at = end;
+                }
+                drop(log);
+                eprintln!(
+                    "mirror {}: sent log {p} from offset {from} to {tail} to the source, which restarted without it",
+                    self.mirror.name()
+                );
+                self.sink
+                    .send(&Message::LogFetchEnd { partition, tail: tail as u64 })
+                    .map_err(|e| format!("send log fetch end: {e}"))
+            }
+            Message::RdmaSetup => {
+                let Some(rdma) = &self.rdma else {
+                    return Err("this node has no RDMA engine (no device, or not built with it); use tcp".into());
+                };
+                let (addr, token) = rdma.expect(self.mirror.clone(), self.sink.clone(), self.gen)?;
+                self.sink.send(&Message::RdmaListen { addr, token }).map_err(|e| format!("send: {e}"))
+            }
+            other => Err(format!("unexpected message from source: {}", msg_name(&other))),
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        let mut persisted_any = false;
+        for p in 0..PARTITIONS {
+            if std::mem::take(&mut self.dirty[p]) {
+                self.mirror.logs[p].lock().persist().map_err(|e| e.to_string())?;
+                persisted_any = true;
+            }
+        }
+        // An ack says every entry up to it is persistent here: the highest sequence number
+        // below which the logs hold everything, not the highest any log holds. Entries of
+        // the newer partition may arrive while the older one still lacks some (a frame
+        // lost on a link that then carried on); acking those would acknowledge writes
+        // whose predecessors this side never had.
+        let high = if persisted_any { self.contiguous_persisted_seq() } else { None };
+        if let Some(seq) = high {
+            self.mirror.commits.fetch_add(1, Ordering::Relaxed);
+            if self.last_acked.is_none_or(|a| seq > a) {
+                self.last_acked = Some(seq);
+                self.sink.send(&Message::Ack { seq }).map_err(|e| format!("send ack: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Session {
+    /// The highest sequence number up to which the open logs, oldest CP generation first,
+    /// hold every entry persistently (see `commit`).
+    fn contiguous_persisted_seq(&self) -> Option<u64> {
+        let mut logs: Vec<LogView> = (0..PARTITIONS)
+            .filter_map(|p| {
+                if let Some(l) = self.mirror.logs[p].try_lock() {
+                    return log_view(&l);
+                }
+                // Held: by a CP applying it, for its whole write-out, with what it holds
+                // published and fixed meanwhile; else briefly (placement, a free).
+                let applying = self.mirror.applying.lock().filter(|(q, _)| *q == p).map(|(_, v)| v);
+                applying.or_else(|| log_view(&self.mirror.logs[p].lock()))
+            })
+            .collect();
+        logs.sort_unstable();
+        // Everything up to the last applied CP's sequence number is on the mirror's volume:
+        // the first log must continue from there, and each later log from what the logs
+        // before it hold. A log that holds nothing extends nothing: the next one must
+        // continue what precedes it (its own predecessors never arrived).
+        let applied = self.mirror.meta.lock().applied_seq;
+        let mut high: Option<u64> = None;
+        for (_, first_seq, last) in logs {
+            if first_seq > high.unwrap_or(applied) + 1 {
+                // A gap before this log: nothing of it counts.
+                break;
+            }
+            if let Some(l) = last {
+                high = Some(high.map_or(l, |h| h.max(l)));
+            }
+        }
+        high
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.mirror.detach(self.gen);
+    }
+}
+
+pub(super) fn msg_name(m: &Message<'_>) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Welcome(_) => "welcome",
+        Message::Refuse { .. } => "refuse",
+        Message::Ack { .. } => "ack",
+        Message::CpDone { .. } => "cp-done",
+        Message::BaselineAck => "baseline-ack",
+        Message::Error { .. } => "error",
+        _ => "data",
+    }
+}
