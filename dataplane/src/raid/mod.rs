@@ -3,7 +3,7 @@
 //! - [`layout`]: where blocks, parity and checksums live on the members;
 //! - [`superblock`]: block 0 of each member (geometry, member table, events);
 //! - [`xor`]: parity by SIMD XOR;
-//! - [`volume`]: [`Raid4`], the read and write paths, checksums, degraded mode;
+//! - [`volume`]: [`Raid4`], its assembly, checksums, read and write paths, degraded mode;
 //! - [`maintain`]: scrub and rebuild.
 //!
 //! The mirror's RAID layer is independent of the primary's: each node picks its own
