@@ -1,0 +1,171 @@
+//! The API client that `nvmirror ctl` and the node's calls to its peers use: plain or
+//! TLS, proven answers and signed calls.
+
+use super::*;
+
+/// A client of one node's control API.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+    /// Signs every POST ([`Client::post_signed`]) where set: an operator's `ctl
+    /// --secret-file` ([`crate::tls::sign_operator_calls`]).
+    secret: Option<PeerSecret>,
+}
+
+impl Client {
+    pub fn new(addr: &str) -> Client {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .tls_config(crate::tls::client_tls())
+            .build();
+        Client { base: crate::tls::base_url(addr), agent: config.into(), secret: crate::tls::operator_secret() }
+    }
+
+    fn decode<T: DeserializeOwned>(mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
+        let status = resp.status().as_u16();
+        let body: Value = resp.body_mut().read_json().context("response is not JSON")?;
+        if status != 200 {
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+            bail!("{msg}");
+        }
+        serde_json::from_value(body).context("unexpected response shape")
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        Self::decode(resp)
+    }
+
+    /// `GET /v1/node` of a peer to pair with (or hand a volume to, or take one from). With
+    /// `secret`, the peer must prove that it holds the same one; without, it must not
+    /// require one.
+    pub fn peer_info(&self, secret: Option<&PeerSecret>) -> Result<NodeInfo, PeerError> {
+        let info: NodeInfo = self.get_proven("/v1/node", secret)?;
+        if secret.is_none() && info.auth {
+            return Err(PeerError::Unauthenticated(format!(
+                "node {} requires authentication: start this node with the pair's --secret-file",
+                info.name
+            )));
+        }
+        Ok(info)
+    }
+
+    /// A GET whose answer, with `secret`, must carry the node's proof of it over the exact
+    /// body ([`CHALLENGE_HEADER`], [`PROOF_HEADER`]); without, a plain [`Client::get`].
+    pub fn get_proven<T: DeserializeOwned>(&self, path: &str, secret: Option<&PeerSecret>) -> Result<T, PeerError> {
+        let Some(secret) = secret else {
+            return self.get(path).map_err(PeerError::Unreachable);
+        };
+        let nonce = auth::fresh_nonce().map_err(|e| PeerError::Unreachable(anyhow!(e)))?;
+        let mut resp = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header(CHALLENGE_HEADER, auth::to_hex(&nonce))
+            .call()
+            .map_err(|e| PeerError::Unreachable(anyhow!("{}: {e}", self.base)))?;
+        let proof = resp.headers().get(PROOF_HEADER).and_then(|v| v.to_str().ok()).and_then(auth::from_hex32);
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(PROVEN_ANSWER_MAX)
+            .read_to_vec()
+            .map_err(|e| PeerError::Unreachable(anyhow!("{}: read the answer: {e}", self.base)))?;
+        if status != 200 {
+            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+            return Err(PeerError::Unreachable(anyhow!("{msg}")));
+        }
+        if !proof.is_some_and(|p| secret.verify_api(&nonce, &body, &p)) {
+            return Err(PeerError::Unauthenticated(
+                "it did not prove that it holds this node's secret (it runs without --secret-file, or with another secret)"
+                    .into(),
+            ));
+        }
+        serde_json::from_slice(&body).map_err(|e| PeerError::Unreachable(anyhow!("unexpected answer: {e}")))
+    }
+
+    /// A node-to-node POST: with `secret`, signed for a nonce the called node issues
+    /// (`GET /v1/call-challenge`, then [`CALL_HEADER`]); without, a plain [`Client::post`].
+    pub fn post_signed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        secret: Option<&PeerSecret>,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let Some(secret) = secret else { return self.post(path, body) };
+        let c: Value = self.get("/v1/call-challenge")?;
+        let nonce = c["nonce"]
+            .as_str()
+            .and_then(auth::from_hex32)
+            .ok_or_else(|| anyhow!("{}: a challenge without a nonce: {c}", self.base))?;
+        let bytes = serde_json::to_vec(body)?;
+        let proof = secret.call_proof(&nonce, "POST", path, &bytes);
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header(CALL_HEADER, format!("{} {}", auth::to_hex(&nonce), auth::to_hex(&proof)))
+            .header("Content-Type", "application/json")
+            .send(&bytes[..])
+            .map_err(|e| anyhow!("{}: {e}", self.base))?;
+        Self::decode(resp)
+    }
+
+    /// A GET whose answer is JSON lines: `line` is called with each non-empty line until
+    /// the answer ends. `follow`: no time limit past connecting (a followed event stream);
+    /// otherwise the client's usual one.
+    pub fn get_lines(&self, path: &str, follow: bool, mut line: impl FnMut(&str)) -> Result<()> {
+        use std::io::BufRead;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global((!follow).then_some(Duration::from_secs(300)))
+            .tls_config(crate::tls::client_tls())
+            .build()
+            .into();
+        let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        if resp.status().as_u16() != 200 {
+            return Self::decode::<Value>(resp).map(|_| ());
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for l in reader.lines() {
+            let l = l.with_context(|| format!("{}: reading the stream", self.base))?;
+            if !l.is_empty() {
+                line(&l);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        if let Some(secret) = &self.secret {
+            return self.post_signed(Some(secret), path, body);
+        }
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .send_json(body)
+            .map_err(|e| anyhow!("{}: {e}", self.base))?;
+        Self::decode(resp)
+    }
+}
+
+/// Why a peer's `GET /v1/node` did not yield a peer to pair with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    #[error("{0}")]
+    Unauthenticated(String),
+}
+
+/// Parses the address of a control API given on the command line.
+pub fn parse_addr(s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .with_context(|| format!("bad address {s:?}"))?
+        .next()
+        .ok_or_else(|| anyhow!("no address for {s:?}"))
+}
