@@ -1,0 +1,703 @@
+//! A node: its primary volumes (each with its poller), the mirrors it hosts for other
+//! nodes, and the state that survives a restart.
+//!
+//! Data dir layout:
+//! ```text
+//! node.json                      node state (volumes and their mirror targets), replaced atomically
+//! volumes/VOL/data0..N-1,parity a primary's RAID-4 members, unless created with --disk
+//! mirrors/SOURCE/VOL/meta.json   a mirror's metadata (epoch, last applied CP), replaced atomically
+//! mirrors/SOURCE/VOL/storage.json  the mirror volume's disks, replaced atomically
+//! mirrors/SOURCE/VOL/data0..,parity  the mirror volume's RAID-4 members (this node's geometry)
+//! NVRAM dir (--nvram, default file:DATA/nvram):
+//!   VOL.EPOCH.nvlog              a primary's NVLog (superblock + two partitions)
+//!   mirrors/SOURCE/VOL/log.P     a mirror's log file for source partition P
+//! ```
+//!
+//! Files: `mirrors` (hosted mirrors and pairing), `roles` (failover, switchover, takeover,
+//! resync), `env` (the node core's environment), `maintain` (scrub, rebuild); the node's
+//! state, volumes and status here.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::bounded;
+use nvmirror_dataplane::clock::SystemClock;
+use nvmirror_dataplane::destination::{MetaStore, Mirror, MirrorMeta, MirrorStatus, PromoteReport, RdmaPlacement};
+use nvmirror_dataplane::format::BLOCK_BYTES;
+use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
+use nvmirror_dataplane::log::{ChangeMap, NvLog, PARTITIONS};
+use nvmirror_dataplane::node::{self as core, MirrorEnv, NodeEnv, Promoted};
+use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
+use nvmirror_dataplane::raid::Raid4;
+use nvmirror_dataplane::source::{
+    self, Control, PairState, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
+};
+use nvmirror_dataplane::storage::{DiskSpec, Engine};
+use nvmirror_dataplane::transport::auth::PeerSecret;
+use nvmirror_dataplane::transport::AnyConnector;
+use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory, RefuseCode, ReplySink, Welcome};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
+
+mod env;
+mod maintain;
+mod mirrors;
+mod roles;
+
+use env::FileEnv;
+use maintain::spawn_rebuild;
+use mirrors::MirrorExport;
+pub use roles::{region_ranges, ResyncStarted, SwitchoverReport};
+
+/// Default NVLog partition size (two per volume).
+pub const PARTITION_BYTES_DEFAULT: usize = 16 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub volume_id: u64,
+    pub size: u64,
+    pub partition_bytes: usize,
+    pub epoch: u64,
+    /// Where the volume's blocks live.
+    pub storage: VolumeStorage,
+    pub cp_interval_ms: u64,
+    /// The mirror destination, once paired.
+    pub mirror: Option<MirrorTarget>,
+    /// CPs go to the mirror by value instead of by reference to its log files.
+    #[serde(default)]
+    pub cp_by_value: bool,
+    /// What a write does when the mirror cannot take it.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorTarget {
+    pub peer_name: String,
+    pub peer_control: String,
+    pub replication: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub volumes: Vec<VolumeRecord>,
+    /// The highest epoch this node has known each volume at (by volume id, in hex), kept
+    /// when the records that held it go (a promoted mirror whose disks became another
+    /// mirror, a primary turned mirror): a hello from an older epoch is refused as stale.
+    #[serde(default)]
+    pub fences: std::collections::BTreeMap<String, u64>,
+}
+
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub nvram: NvramSpec,
+    pub replication: SocketAddr,
+    pub nbd: SocketAddr,
+    pub control: SocketAddr,
+    /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
+    pub raid: RaidDefaults,
+    /// The pair's shared secret (`--secret-file`): replication connections and pairings
+    /// are authenticated with it, both ways. None: peers are not authenticated.
+    pub secret: Option<PeerSecret>,
+    /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`): the control API and the replication
+    /// engine serve TLS only, and this node speaks TLS to its peers. None: plain TCP.
+    pub tls: Option<nvmirror_dataplane::transport::tls::TlsConfig>,
+    /// `--require-signed-ctl`: admin calls (POSTs) must be signed with the secret (`ctl
+    /// --secret-file`); reads stay open. Needs a secret.
+    pub require_signed_ctl: bool,
+    /// `--advertise`: the replication address peers are told to connect to, where it is
+    /// not the one bound (NAT, a proxy, a replication network with names of its own).
+    pub advertise: Option<String>,
+}
+
+impl NodeConfig {
+    /// How this node's replication connections are secured, both ways.
+    pub fn link_security(&self) -> nvmirror_dataplane::transport::LinkSecurity {
+        nvmirror_dataplane::transport::LinkSecurity { secret: self.secret.clone(), tls: self.tls.clone() }
+    }
+
+    /// The TCP replication address peers connect to: `--advertise`, or the bound one.
+    pub fn advertised_replication(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.replication.to_string())
+    }
+}
+
+/// Whose storage: a primary volume, or the mirror of (source node, volume).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StorageOwner {
+    Volume(String),
+    Mirror(String, String),
+}
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    state: Mutex<NodeState>,
+    volumes: RwLock<HashMap<String, Arc<SourceHandle>>>,
+    mirrors: RwLock<HashMap<(String, String), Arc<Mirror>>>,
+    next_core: AtomicUsize,
+    failover_lock: Mutex<()>,
+    connector: Arc<AnyConnector>,
+    /// The RDMA engine, where the node has one.
+    rdma: Option<Arc<dyn RdmaPlacement>>,
+    open_volumes: OpenVolumes,
+    /// The storage of every open primary and mirror.
+    storage: RwLock<HashMap<StorageOwner, (VolumeStorage, Opened)>>,
+    /// Volumes that could not start, and why.
+    unstarted: Mutex<Vec<(String, String)>>,
+    /// What changed on this node, for `ctl events`.
+    pub events: Arc<crate::events::EventLog>,
+    /// Nonces issued for node-to-node requests to this node (`GET /v1/call-challenge`).
+    pub call_nonces: crate::api::CallNonces,
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory
+/// (the syncs only where flushes must reach the device).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+    // A name of its own per call: two saves never share a temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
+    // Under file: NVRAM nothing the node writes need outlast more than the process (see
+    // `storage::FlushReach`): the rename alone makes the update atomic against a kill, and
+    // a mirror's CP, which saves its metadata twice, costs no device round trip.
+    let durable = nvmirror_dataplane::storage::flush_reach() == nvmirror_dataplane::storage::FlushReach::Device;
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+    }
+    fs::rename(&tmp, path)?;
+    if durable {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if !ok {
+        bail!("invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+impl Node {
+    pub fn open(cfg: NodeConfig) -> Result<Arc<Node>> {
+        fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
+        fs::create_dir_all(&cfg.nvram.dir).with_context(|| format!("create {}", cfg.nvram.dir.display()))?;
+        let state_path = cfg.data_dir.join("node.json");
+        let mut state: NodeState = if state_path.exists() {
+            let bytes = fs::read(&state_path)?;
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not valid node state", state_path.display()))?
+        } else {
+            NodeState::default()
+        };
+        if state.name.is_empty() {
+            state.name = cfg.name.clone();
+        } else if state.name != cfg.name {
+            bail!("data dir {} belongs to node {:?}, not {:?}", cfg.data_dir.display(), state.name, cfg.name);
+        }
+        let rdma = start_rdma(&cfg);
+        let connector = Arc::new(AnyConnector::new(cfg.link_security()));
+        let node = Arc::new(Node {
+            cfg,
+            state: Mutex::new(state.clone()),
+            volumes: RwLock::new(HashMap::new()),
+            mirrors: RwLock::new(HashMap::new()),
+            next_core: AtomicUsize::new(0),
+            failover_lock: Mutex::new(()),
+            connector,
+            rdma,
+            open_volumes: OpenVolumes::default(),
+            storage: RwLock::new(HashMap::new()),
+            unstarted: Mutex::new(Vec::new()),
+            events: Arc::default(),
+            call_nonces: crate::api::CallNonces::default(),
+        });
+        node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
+        node.save_state(&state)?;
+        node.load_mirrors()?;
+        // A failover that a crash cut short between the promotion and the record: the
+        // promoted mirror is this node's volume, and it comes up as one.
+        let orphans: Vec<(String, Arc<Mirror>)> = node
+            .mirrors
+            .read()
+            .iter()
+            .filter(|((_, v), m)| m.meta().promoted && !state.volumes.iter().any(|r| r.name == *v))
+            .map(|((_, v), m)| (v.clone(), m.clone()))
+            .collect();
+        for (v, m) in orphans {
+            eprintln!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
+            if let Err(e) = core::take_up_promoted(&mut FileEnv::new(&node, None), &m, None, false) {
+                let why = format!("{e:#}");
+                eprintln!("node {}: volume {v} cannot start: {why}", node.cfg.name);
+                node.unstarted.lock().push((v, why));
+            }
+        }
+        // The records saved so far, those of volumes just taken up included.
+        let volumes = node.state.lock().volumes.clone();
+        for v in &volumes {
+            // One volume that cannot start (its disks are gone) does not keep the node, and
+            // the others, down: it is reported, with why, in the status.
+            if let Err(e) = node.start_volume(v) {
+                let why = format!("{e:#}");
+                eprintln!("node {}: volume {} cannot start: {why}", node.cfg.name, v.name);
+                node.unstarted.lock().push((v.name.clone(), why));
+            }
+        }
+        Ok(node)
+    }
+
+    fn save_state(&self, state: &NodeState) -> Result<()> {
+        write_atomic(&self.cfg.data_dir.join("node.json"), &serde_json::to_vec_pretty(state)?)
+            .context("save node state")
+    }
+
+    fn nvlog_path(&self, name: &str, epoch: u64) -> PathBuf {
+        self.cfg.nvram.dir.join(core::nvlog_name(name, epoch))
+    }
+
+    fn start_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let opened = self.open_volumes.open(&v.name, &v.storage)?;
+        let device = opened.device.clone();
+        if device.size() < v.size {
+            bail!("{} holds {} bytes, the volume needs {}", v.storage.describe(), device.size(), v.size);
+        }
+        self.resume_rebuild(&v.name, &opened);
+        self.storage.write().insert(StorageOwner::Volume(v.name.clone()), (v.storage.clone(), opened));
+        let path = self.nvlog_path(&v.name, v.epoch);
+        let region =
+            MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
+        let region: Box<dyn Nvram> = Box::new(region);
+        let (log, recovered) =
+            NvLog::open(region, v.volume_id, v.partition_bytes).with_context(|| format!("NVLog {}", path.display()))?;
+        let changes = self.open_changes(&v.name, v.size)?;
+        let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
+        cfg.epoch = v.epoch;
+        cfg.policy = v.policy;
+        cfg.peer = v.mirror.as_ref().map(|m| m.peer_name.clone());
+        cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
+        cfg.cp_by_value = v.cp_by_value;
+        cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
+        let handle = source::spawn(source::SourceParts {
+            cfg,
+            nvlog: log,
+            recovered,
+            device,
+            connector: self.connector.clone(),
+            clock: Arc::new(SystemClock::default()),
+            mirror: v.mirror.as_ref().map(|m| m.replication.clone()),
+            changes: Some(changes),
+        })?;
+        self.volumes.write().insert(v.name.clone(), Arc::new(handle));
+        Ok(())
+    }
+
+    fn changes_path(&self, name: &str) -> PathBuf {
+        self.cfg.nvram.dir.join(core::changes_name(name))
+    }
+
+    /// The volume's change map. One a crash damaged opens conservatively (and says so);
+    /// one of another shape (an older format, another size) is replaced by a map with no
+    /// base (the next mirror is a full baseline): what it knew is lost, never trusted
+    /// wrongly.
+    fn open_changes(&self, name: &str, size: u64) -> Result<ChangeMap> {
+        let path = self.changes_path(name);
+        let len = ChangeMap::region_bytes(size);
+        let open = || -> Result<ChangeMap> {
+            let r = MappedNvram::open(&path, len, self.cfg.nvram.mode)?;
+            Ok(ChangeMap::open(Box::new(r), size)?)
+        };
+        match open() {
+            Ok(m) => {
+                if let Some(what) = m.repaired() {
+                    eprintln!("node {}: volume {name}: change map {}: {what}", self.cfg.name, path.display());
+                }
+                Ok(m)
+            }
+            Err(e) => {
+                eprintln!(
+                    "node {}: volume {name}: change map {}: {e:#}; starting a new one (the next mirror copy is whole)",
+                    self.cfg.name,
+                    path.display()
+                );
+                let _ = fs::remove_file(&path);
+                let mut m = open()?;
+                m.mark_all();
+                m.persist()?;
+                Ok(m)
+            }
+        }
+    }
+
+    /// Records that this node has known volume `volume_id` at `epoch`.
+    fn fence(state: &mut NodeState, volume_id: u64, epoch: u64) {
+        let e = state.fences.entry(format!("{volume_id:016x}")).or_insert(0);
+        *e = (*e).max(epoch);
+    }
+
+    /// The highest epoch this node knows volume `volume_id` at.
+    fn known_epoch(&self, volume_id: u64) -> u64 {
+        let state = self.state.lock();
+        let fenced = state.fences.get(&format!("{volume_id:016x}")).copied().unwrap_or(0);
+        let own = state.volumes.iter().filter(|v| v.volume_id == volume_id).map(|v| v.epoch).max().unwrap_or(0);
+        drop(state);
+        let mirrors =
+            self.mirrors.read().values().map(|m| m.meta()).filter(|m| m.volume_id == volume_id).map(|m| m.epoch).max();
+        fenced.max(own).max(mirrors.unwrap_or(0))
+    }
+
+    fn mirror_dir(&self, source: &str, volume: &str) -> PathBuf {
+        self.cfg.data_dir.join("mirrors").join(source).join(volume)
+    }
+
+    fn mirror_log_path(&self, source: &str, volume: &str, p: usize) -> PathBuf {
+        self.cfg.nvram.dir.join(core::mirror_log_name(source, volume, p))
+    }
+
+    /// The RDMA engine's address, where this node offers one.
+    pub fn rdma_addr(&self) -> Option<String> {
+        self.rdma.as_ref().map(|_| self.cfg.replication.to_string())
+    }
+
+    // ---- administration ----
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        storage: Option<VolumeStorage>,
+        layout: CreateLayout,
+        partition_bytes: Option<usize>,
+        cp_by_value: bool,
+    ) -> Result<VolumeRecord> {
+        valid_name(name)?;
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
+            bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
+        }
+        let partition_bytes = partition_bytes.unwrap_or(PARTITION_BYTES_DEFAULT);
+        if partition_bytes < PARTITION_BYTES_MIN || !partition_bytes.is_multiple_of(BLOCK_BYTES) {
+            bail!("log partition size must be a multiple of {BLOCK_BYTES} and at least {PARTITION_BYTES_MIN} bytes");
+        }
+        let mut state = self.state.lock();
+        if state.volumes.iter().any(|v| v.name == name) || self.volumes.read().contains_key(name) {
+            bail!("volume {name} already exists on this node");
+        }
+        if self.mirrors.read().keys().any(|(_, v)| v == name) {
+            bail!("a mirror of a volume named {name} lives on this node; pick another name");
+        }
+        let storage = match storage {
+            Some(s) => {
+                if layout.data_disks.is_some() || layout.engine.is_some() {
+                    bail!("--data-disks and --engine are for volumes made of data-dir files; with --disk, name each disk (ENGINE:PATH)");
+                }
+                if matches!(s, VolumeStorage::Single { .. }) && layout.stripe_unit.is_some() {
+                    bail!("--stripe-unit needs RAID-4 (--disk at least twice, and --parity)");
+                }
+                s
+            }
+            None => {
+                let dir = self.cfg.data_dir.join("volumes").join(name);
+                if dir.exists() {
+                    bail!("{} exists from an earlier volume {name}; remove it first", dir.display());
+                }
+                fs::create_dir_all(&dir)?;
+                VolumeStorage::raid_in(
+                    &dir,
+                    layout.data_disks.unwrap_or(self.cfg.raid.data_disks),
+                    layout.engine.unwrap_or(self.cfg.raid.engine),
+                )
+            }
+        };
+        let opened = self
+            .open_volumes
+            .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit))
+            .with_context(|| format!("create volume {name} on {}", storage.describe()))?;
+        drop(opened);
+        let record = VolumeRecord {
+            name: name.to_string(),
+            volume_id: rand::random::<u64>() | 1,
+            size,
+            partition_bytes,
+            epoch: 1,
+            storage,
+            cp_interval_ms: 10_000,
+            mirror: None,
+            cp_by_value,
+            policy: Policy::Strict,
+        };
+        state.volumes.push(record.clone());
+        // Saved under the state lock: saves are ordered with the changes they record.
+        self.save_state(&state)?;
+        drop(state);
+        self.start_volume(&record)?;
+        self.events.push("volume-created", Some(name), serde_json::json!({ "size": size }));
+        Ok(record)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Arc<SourceHandle>> {
+        if let Some(v) = self.volumes.read().get(name) {
+            return Ok(v.clone());
+        }
+        if let Some((_, why)) = self.unstarted.lock().iter().find(|(v, _)| v == name) {
+            bail!("volume {name} could not start: {why}");
+        }
+        bail!("no volume {name} on this node")
+    }
+
+    pub fn cp(&self, name: &str, timeout: Duration) -> Result<u64> {
+        let handle = self.volume(name)?;
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Cp(tx)).map_err(|e| anyhow!(e))?;
+        let cp = rx
+            .recv_timeout(timeout)
+            .map_err(|_| anyhow!("CP did not complete within {timeout:?} (is the mirror link up?)"))?
+            .map_err(|e| anyhow!(e))?;
+        self.events.push("cp-forced", Some(name), serde_json::json!({ "cp": cp }));
+        Ok(cp)
+    }
+
+    /// Fences primary volume `name` here (fleet mode: another node holds it).
+    pub fn fence_volume(&self, name: &str, why: &str) {
+        if let Some(h) = self.volumes.read().get(name) {
+            if h.control(Control::Fence(why.to_string())).is_ok() {
+                eprintln!("node {}: volume {name} fenced: {why}", self.cfg.name);
+                self.events.push("fenced", Some(name), serde_json::json!({ "reason": why }));
+            }
+        }
+    }
+
+    /// Fences every primary volume here.
+    pub fn fence_primaries(&self, why: &str) {
+        let names: Vec<String> = self.volumes.read().keys().cloned().collect();
+        for n in names {
+            self.fence_volume(&n, why);
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let state = self.state.lock().clone();
+        let mut volumes = Vec::new();
+        let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (name, h) in handles {
+            let rec = state.volumes.iter().find(|v| v.name == name);
+            match h.status() {
+                Ok(s) => volumes.push(VolumeStatus {
+                    role: "primary",
+                    replication_lag_entries: if s.peer.is_some() {
+                        s.acked_seq.saturating_sub(s.mirror_acked_seq)
+                    } else {
+                        0
+                    },
+                    peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
+                    storage: self.storage_status(&StorageOwner::Volume(name.clone())),
+                    source: s,
+                }),
+                Err(e) => eprintln!("status of {name}: {e}"),
+            }
+        }
+        volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
+        let mut mirrors: Vec<MirrorEntry> = self
+            .mirrors
+            .read()
+            .values()
+            .map(|m| {
+                let mirror = m.status();
+                let storage =
+                    self.storage_status(&StorageOwner::Mirror(mirror.source_node.clone(), mirror.volume.clone()));
+                let meta = m.meta();
+                let state = if mirror.promoted {
+                    "broken"
+                } else if meta.resyncing {
+                    "resyncing"
+                } else if !mirror.consistent {
+                    "baseline"
+                } else if mirror.connected {
+                    "in-sync"
+                } else {
+                    "out-of-sync"
+                };
+                MirrorEntry { role: "mirror", state, mirror, storage }
+            })
+            .collect();
+        mirrors
+            .sort_by(|a, b| (&a.mirror.volume, &a.mirror.source_node).cmp(&(&b.mirror.volume, &b.mirror.source_node)));
+        NodeStatus {
+            node: self.cfg.name.clone(),
+            replication: self.cfg.advertised_replication(),
+            nbd: self.cfg.nbd.to_string(),
+            control: self.cfg.control.to_string(),
+            nvram: format!("{}:{}", self.cfg.nvram.mode.as_str(), self.cfg.nvram.dir.display()),
+            nvram_survives: self.cfg.nvram.mode.survives().to_string(),
+            volumes,
+            mirrors,
+            unstarted: self
+                .unstarted
+                .lock()
+                .iter()
+                .map(|(volume, reason)| UnstartedVolume {
+                    volume: volume.clone(),
+                    state: "failed",
+                    reason: reason.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn storage_status(&self, owner: &StorageOwner) -> Option<StorageStatus> {
+        self.storage.read().get(owner).map(|(s, o)| o.status(s))
+    }
+
+    fn volume_record(&self, name: &str) -> Result<VolumeRecord> {
+        self.state
+            .lock()
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no record of volume {name}"))
+    }
+
+    pub fn shutdown(&self) {
+        let handles: Vec<_> = self.volumes.write().drain().map(|(_, h)| h).collect();
+        for h in handles {
+            h.stop();
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeStatus {
+    /// Always `primary`.
+    pub role: &'static str,
+    /// Entries acknowledged to clients and not yet to the mirror.
+    pub replication_lag_entries: u64,
+    #[serde(flatten)]
+    pub source: SourceStatus,
+    pub peer: Option<String>,
+    pub storage: Option<StorageStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MirrorEntry {
+    /// Always `mirror`.
+    pub role: &'static str,
+    /// baseline, resyncing, in-sync, out-of-sync, or broken (failed over).
+    pub state: &'static str,
+    #[serde(flatten)]
+    pub mirror: MirrorStatus,
+    pub storage: Option<StorageStatus>,
+}
+
+/// How `volume create` lays out a volume made of data-dir files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateLayout {
+    pub data_disks: Option<u32>,
+    pub stripe_unit: Option<u32>,
+    pub engine: Option<Engine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub replication: String,
+    pub nbd: String,
+    pub control: String,
+    pub nvram: String,
+    pub nvram_survives: String,
+    pub volumes: Vec<VolumeStatus>,
+    pub mirrors: Vec<MirrorEntry>,
+    /// Volumes whose storage could not be opened at start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unstarted: Vec<UnstartedVolume>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UnstartedVolume {
+    pub volume: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+impl ExportRegistry for Node {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
+        if let Some(v) = self.volumes.read().get(name) {
+            return Some(v.clone() as Arc<dyn Export>);
+        }
+        let mirrors = self.mirrors.read();
+        let m = mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted)?;
+        Some(Arc::new(MirrorExport(m.1.clone())))
+    }
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();
+        for ((_, v), m) in self.mirrors.read().iter() {
+            if !m.meta().promoted && !names.contains(v) {
+                names.push(v.clone());
+            }
+        }
+        names.sort();
+        names
+    }
+}
+
+/// Starts the RDMA engine where this build has one, the host has a device, and the log
+/// files' NVRAM mode allows placement without this node's CPU.
+fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
+    #[cfg(feature = "rdma")]
+    {
+        use nvmirror_dataplane::transport::rdma;
+        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::FileSync {
+            eprintln!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
+            return None;
+        }
+        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Dax {
+            // Measured in the hw-tests guest: ibv_reg_mr of a file-DAX mapping fails with
+            // EOPNOTSUPP (the kernel does not let a device pin fsdax pages for long).
+            eprintln!(
+                "node {}: RDMA not offered: dax: log files are filesystem-DAX mappings, which the kernel does not let \
+                 an RDMA device pin (ibv_reg_mr fails with EOPNOTSUPP); mirrors hosted here take entries over TCP",
+                cfg.name
+            );
+            return None;
+        }
+        let devices = rdma::device_names();
+        if devices.is_empty() {
+            return None;
+        }
+        match rdma::RdmaService::start(cfg.replication) {
+            Ok(s) => {
+                eprintln!("node {}: RDMA placement on {} ({})", cfg.name, cfg.replication, devices.join(", "));
+                Some(s)
+            }
+            Err(e) => {
+                eprintln!("node {}: RDMA not offered: {e}", cfg.name);
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = cfg;
+        None
+    }
+}
