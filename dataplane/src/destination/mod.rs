@@ -47,13 +47,7 @@ pub use directory::{MemMirrorDirectory, SingleMirror};
 use session::ResyncProgress;
 pub use session::Session;
 
-/// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
-/// for a mirror, registers the mirror's log files, and sends their keys on the session.
-pub trait RdmaPlacement: Send + Sync {
-    /// Expects a queue pair for `mirror` (session `gen`); returns the rdma_cm address to
-    /// connect to and the token the source presents.
-    fn expect(&self, mirror: Arc<Mirror>, sink: Arc<dyn ReplySink>, gen: u64) -> Result<(String, u64), String>;
-}
+pub use crate::transport::RdmaPlacement;
 
 /// Where a mirror's metadata is kept (a file replaced atomically, or memory).
 pub trait MetaStore: Send + Sync {
@@ -464,4 +458,16 @@ fn scanned_data<'a>(bytes: &'a [u8], e: &ScannedEntry) -> &'a [u8] {
 
 fn entry_data(bytes: &[u8], at: usize) -> (EntryHeader, &[u8]) {
     EntryHeader::decode(&bytes[at..]).expect("entry validated by the scan")
+}
+
+impl crate::transport::PlacementTarget for Mirror {
+    fn name(&self) -> String {
+        Mirror::name(self)
+    }
+    fn log_memory(&self) -> [(*mut u8, usize); PARTITIONS] {
+        Mirror::log_memory(self)
+    }
+    fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
+        Mirror::set_rdma_attachment(self, gen, attachment)
+    }
 }

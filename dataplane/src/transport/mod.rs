@@ -149,6 +149,30 @@ pub trait FrameHandler: Send {
     fn commit(&mut self) -> Result<(), String>;
 }
 
+/// What the RDMA engine needs of a mirror: the memory of its log files to register, a name
+/// for its messages, and a place to keep the registration for as long as the session that
+/// asked for it lasts (dropped before the logs, and at failover).
+pub trait PlacementTarget: Send + Sync {
+    fn name(&self) -> String;
+    /// Each log file's mapping: (address, length), by partition.
+    fn log_memory(&self) -> [(*mut u8, usize); crate::log::PARTITIONS];
+    /// Keeps `attachment` for session `gen`; refused once a newer session or a failover came.
+    fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String>;
+}
+
+/// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
+/// for a mirror, registers the mirror's log files, and sends their keys on the session.
+pub trait RdmaPlacement: Send + Sync {
+    /// Expects a queue pair for `target` (session `gen`); returns the rdma_cm address to
+    /// connect to and the token the source presents.
+    fn expect(
+        &self,
+        target: Arc<dyn PlacementTarget>,
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    ) -> Result<(String, u64), String>;
+}
+
 /// The destination node's mirrors, as engines see them.
 pub trait MirrorDirectory: Send + Sync {
     fn attach(

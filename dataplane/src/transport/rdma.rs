@@ -48,8 +48,10 @@ use parking_lot::Mutex;
 
 use super::tcp::{TcpConnector, TcpLink};
 use super::wire::{Message, RdmaRegion};
-use super::{ConnectError, Connector, Hello, Link, LinkError, LinkEvent, Reply, ReplySink, Welcome};
-use crate::destination::{Mirror, RdmaPlacement};
+use super::{
+    ConnectError, Connector, Hello, Link, LinkError, LinkEvent, PlacementTarget, RdmaPlacement, Reply, ReplySink,
+    Welcome,
+};
 use crate::format::{EntryHeader, PARTITION_HEADER_BYTES};
 use crate::log::PARTITIONS;
 
@@ -67,7 +69,7 @@ const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 // ---- destination ----
 
 struct Expected {
-    mirror: Arc<Mirror>,
+    mirror: Arc<dyn PlacementTarget>,
     sink: Arc<dyn ReplySink>,
     gen: u64,
     tamper: Option<Tamper>,
@@ -177,7 +179,12 @@ fn register(exp: Expected, conn: Connection) -> Result<(), String> {
 }
 
 impl RdmaPlacement for RdmaService {
-    fn expect(&self, mirror: Arc<Mirror>, sink: Arc<dyn ReplySink>, gen: u64) -> Result<(String, u64), String> {
+    fn expect(
+        &self,
+        mirror: Arc<dyn PlacementTarget>,
+        sink: Arc<dyn ReplySink>,
+        gen: u64,
+    ) -> Result<(String, u64), String> {
         let token = self.next_token.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
         let mut expected = self.expected.lock();
         // Bounded: an expectation that never saw its queue pair is replaced by its mirror's
