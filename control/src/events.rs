@@ -9,14 +9,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use serde_json::Value;
-
-use crate::node::Node;
 
 /// Events kept for `?since=`.
 pub const KEPT: usize = 1024;
@@ -130,16 +128,14 @@ impl Drop for EventStream {
     }
 }
 
-/// Records the state changes of the node's volumes and mirrors, and their CPs, until the
-/// node is gone.
-pub fn spawn_sampler(node: &Arc<Node>) {
-    let weak: Weak<Node> = Arc::downgrade(node);
+/// Records into `log` the state changes of the volumes and mirrors in the node status that
+/// `status` gives (as JSON), and their CPs, until it gives none (the node is gone).
+pub fn spawn_sampler(log: Arc<EventLog>, status: impl Fn() -> Option<Value> + Send + 'static) {
     let _ = std::thread::Builder::new().name("nvm-events".into()).spawn(move || {
         let mut seen: HashMap<String, (String, Option<String>, u64)> = HashMap::new();
         loop {
             std::thread::sleep(Duration::from_millis(200));
-            let Some(node) = weak.upgrade() else { return };
-            let s = serde_json::to_value(node.status()).unwrap_or(Value::Null);
+            let Some(s) = status() else { return };
             let empty = Vec::new();
             let mut now: HashMap<String, (String, Option<String>, u64, Option<String>)> = HashMap::new();
             for v in s["volumes"].as_array().unwrap_or(&empty) {
@@ -172,21 +168,21 @@ pub fn spawn_sampler(node: &Arc<Node>) {
                 match seen.get(key) {
                     Some((s0, r0, cp0)) => {
                         if s0 != state || r0 != reason {
-                            node.events.push(
+                            log.push(
                                 "state",
                                 volume.as_deref(),
                                 serde_json::json!({ "role": role, "what": key, "state": state, "from": s0, "reason": reason }),
                             );
                         }
                         if cp > cp0 {
-                            node.events.push(
+                            log.push(
                                 "cp",
                                 volume.as_deref(),
                                 serde_json::json!({ "role": role, "what": key, "cp": cp }),
                             );
                         }
                     }
-                    None => node.events.push(
+                    None => log.push(
                         "state",
                         volume.as_deref(),
                         serde_json::json!({ "role": role, "what": key, "state": state, "from": Value::Null, "reason": reason }),
@@ -194,7 +190,7 @@ pub fn spawn_sampler(node: &Arc<Node>) {
                 }
             }
             for key in seen.keys().filter(|k| !now.contains_key(*k)) {
-                node.events.push("gone", None, serde_json::json!({ "what": key }));
+                log.push("gone", None, serde_json::json!({ "what": key }));
             }
             seen = now.into_iter().map(|(k, (s, r, c, _))| (k, (s, r, c))).collect();
         }

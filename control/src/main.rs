@@ -350,6 +350,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         tls,
         require_signed_ctl: a.require_signed_ctl,
         advertise: a.advertise.clone(),
+        peers: Arc::new(nvmirror_control::api::HttpPeers { secret: secret.clone() }),
     })?;
     let security = node.cfg.link_security();
     let stop = Arc::new(AtomicBool::new(false));
@@ -367,7 +368,10 @@ fn run_node(a: NodeArgs) -> Result<()> {
         node.cfg.advertise.as_ref().map(|a| format!(" advertised={a}")).unwrap_or_default()
     );
     std::io::stdout().flush()?;
-    nvmirror_control::events::spawn_sampler(&node);
+    let weak = Arc::downgrade(&node);
+    nvmirror_control::events::spawn_sampler(node.events.clone(), move || {
+        weak.upgrade().map(|n| serde_json::to_value(n.status()).unwrap_or(serde_json::Value::Null))
+    });
     if let Some(url) = &a.state {
         nvmirror_control::fleet::start(&node, url, Duration::from_secs(a.lease_ttl.max(1)))?;
     }

@@ -169,3 +169,25 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr> {
         .next()
         .ok_or_else(|| anyhow!("no address for {s:?}"))
 }
+
+/// A node's calls to its peers over their control API: answers proven, and node-to-node
+/// POSTs signed, with the pair's secret where there is one.
+pub struct HttpPeers {
+    pub secret: Option<PeerSecret>,
+}
+
+impl crate::node::PeerCalls for HttpPeers {
+    fn info(&self, control: &str) -> Result<NodeInfo> {
+        Client::new(control).peer_info(self.secret.as_ref()).map_err(|e| anyhow!("peer {control}: {e}"))
+    }
+    fn status(&self, control: &str) -> Result<Value> {
+        Client::new(control).get_proven("/v1/status", self.secret.as_ref()).map_err(|e| anyhow!("peer {control}: {e}"))
+    }
+    fn mirror(&self, control: &str, volume: &str, req: &MirrorRequest) -> Result<()> {
+        let _: Value = Client::new(control).post(&format!("/v1/volumes/{volume}/mirror"), req)?;
+        Ok(())
+    }
+    fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value> {
+        Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/takeover"), req)
+    }
+}

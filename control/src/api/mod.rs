@@ -69,7 +69,7 @@ mod client;
 mod server;
 mod types;
 
-pub use client::{parse_addr, Client, PeerError};
+pub use client::{parse_addr, Client, HttpPeers, PeerError};
 pub use server::{control_listener, serve, CLIENT_SEND_TIMEOUT};
 pub use types::*;
 

@@ -7,6 +7,7 @@ use super::*;
 /// issued, unused, and the proof covers this method, path and body.
 fn check_call(
     node: &Node,
+    nonces: &CallNonces,
     request: &tiny_http::Request,
     method: &str,
     path: &str,
@@ -19,7 +20,7 @@ fn check_call(
         Some(h) => match h.value.as_str().split_once(' ') {
             Some((n, p)) => match (auth::from_hex32(n), auth::from_hex32(p)) {
                 (Some(n), Some(p)) => {
-                    if !node.call_nonces.take(&n) {
+                    if !nonces.take(&n) {
                         Some("its nonce was not issued here, was used already, or is too old")
                     } else if !secret.verify_call(&n, method, path, body, &p) {
                         Some("its proof does not verify (the two nodes hold different secrets)")
@@ -102,9 +103,11 @@ pub fn control_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListen
 /// are bounded ([`crate::events::FOLLOWERS_MAX`]).
 pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
     let server = Arc::new(server);
+    // The nonces this node issues for node-to-node calls: the API's own state.
+    let nonces = Arc::new(CallNonces::default());
     for request in server.incoming_requests() {
-        let node = node.clone();
-        let _ = thread::Builder::new().name("nvm-api".into()).spawn(move || handle(request, &node));
+        let (node, nonces) = (node.clone(), nonces.clone());
+        let _ = thread::Builder::new().name("nvm-api".into()).spawn(move || handle(request, &node, &nonces));
     }
 }
 
@@ -204,13 +207,19 @@ fn read_raw_body(request: &mut Incoming<'_>) -> Result<Vec<u8>, ApiError> {
 /// Operator calls signed with the node's secret (`ctl --secret-file`), and the admin
 /// calls a node started with `--require-signed-ctl` refuses unsigned: every POST but the
 /// node-to-node `takeover`, which [`route`] checks itself. Reads stay open.
-fn authorize(node: &Node, request: &Incoming<'_>, method: &tiny_http::Method, url: &str) -> Result<(), ApiError> {
+fn authorize(
+    node: &Node,
+    nonces: &CallNonces,
+    request: &Incoming<'_>,
+    method: &tiny_http::Method,
+    url: &str,
+) -> Result<(), ApiError> {
     let path = url.split('?').next().unwrap_or("");
     if *method != tiny_http::Method::Post || path.ends_with("/takeover") {
         return Ok(());
     }
     if request.headers().iter().any(|h| h.field.equiv(CALL_HEADER)) {
-        return check_call(node, request, "POST", path, &request.body);
+        return check_call(node, nonces, request, "POST", path, &request.body);
     }
     if node.cfg.require_signed_ctl {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
@@ -243,7 +252,7 @@ fn read_http_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError>
     Ok(body)
 }
 
-fn handle(mut request: tiny_http::Request, node: &Node) {
+fn handle(mut request: tiny_http::Request, node: &Node, nonces: &CallNonces) {
     let method = request.method().clone();
     let url = request.url().to_string();
     if method == tiny_http::Method::Get && url.split('?').next() == Some("/metrics") {
@@ -261,8 +270,8 @@ fn handle(mut request: tiny_http::Request, node: &Node) {
         Err(e) => Err(bad_request(e.clone())),
         Ok(_) => read_http_body(&mut request).and_then(|body| {
             let mut incoming = Incoming { http: &mut request, body };
-            authorize(node, &incoming, &method, &url)?;
-            route(&mut incoming, node, &method, &url)
+            authorize(node, nonces, &incoming, &method, &url)?;
+            route(&mut incoming, node, nonces, &method, &url)
         }),
     };
     let (status, body) = match result {
@@ -291,7 +300,13 @@ fn challenge_of(request: &tiny_http::Request) -> Result<Option<auth::Nonce>, Str
         .ok_or_else(|| format!("{CHALLENGE_HEADER} must be {} hex digits", 2 * auth::NONCE_BYTES))
 }
 
-fn route(request: &mut Incoming<'_>, node: &Node, method: &tiny_http::Method, url: &str) -> Result<Value, ApiError> {
+fn route(
+    request: &mut Incoming<'_>,
+    node: &Node,
+    nonces: &CallNonces,
+    method: &tiny_http::Method,
+    url: &str,
+) -> Result<Value, ApiError> {
     use tiny_http::Method::{Get, Post};
     let path: Vec<&str> = url.split('?').next().unwrap_or("").trim_matches('/').split('/').collect();
     match (method, path.as_slice()) {
@@ -310,7 +325,7 @@ fn route(request: &mut Incoming<'_>, node: &Node, method: &tiny_http::Method, ur
                 message: "this node has no secret (--secret-file): node-to-node requests to it are not signed".into(),
             }),
             Some(_) => {
-                let n = node.call_nonces.issue().map_err(|e| ApiError { status: 500, message: e.to_string() })?;
+                let n = nonces.issue().map_err(|e| ApiError { status: 500, message: e.to_string() })?;
                 Ok(json!({ "nonce": auth::to_hex(&n) }))
             }
         },
@@ -402,7 +417,7 @@ fn route(request: &mut Incoming<'_>, node: &Node, method: &tiny_http::Method, ur
         }
         (Post, ["v1", "volumes", name, "takeover"]) => {
             let raw = read_raw_body(request)?;
-            check_call(node, request, "POST", &format!("/v1/volumes/{name}/takeover"), &raw)?;
+            check_call(node, nonces, request, "POST", &format!("/v1/volumes/{name}/takeover"), &raw)?;
             let body: TakeoverRequest = parse_body(&raw)?;
             let r = node.takeover(name, &body)?;
             Ok(serde_json::to_value(r).expect("serializable"))

@@ -49,63 +49,9 @@ pub struct ReplaceDisk {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MirrorRequest {
-    /// The peer's control address.
-    pub to: String,
-    #[serde(default = "default_transport")]
-    pub transport: String,
-    #[serde(default = "default_policy")]
-    pub policy: String,
-    /// Regions (first, count) the peer holds changed, to copy back with the volume's own
-    /// changes: a failback resync.
-    #[serde(default)]
-    pub resync_ranges: Vec<(u64, u64)>,
-    /// Bytes per second the baseline or resync sends at most.
-    #[serde(default)]
-    pub rate: Option<u64>,
-}
-
-/// Region runs a resync request may carry.
-pub const RESYNC_RANGES_MAX: usize = 2048;
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ResyncRequest {
     /// The control address of the node that holds the volume now.
     pub from: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TakeoverRequest {
-    /// The primary handing the volume over: its name, control and replication addresses.
-    pub from: String,
-    pub control: String,
-    pub replication: String,
-    /// The CP it drained at, and its next sequence number: the mirror must hold exactly that.
-    pub cp: u64,
-    pub next_seq: u64,
-    pub policy: String,
-}
-
-fn default_transport() -> String {
-    "tcp".into()
-}
-
-fn default_policy() -> String {
-    "strict".into()
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub replication: String,
-    pub nbd: String,
-    pub control: String,
-    /// The RDMA engine's rdma_cm address, where the node offers RDMA placement.
-    #[serde(default)]
-    pub rdma: Option<String>,
-    /// The node authenticates its peers (it runs with `--secret-file`).
-    #[serde(default)]
-    pub auth: bool,
-}
+pub use crate::node::{MirrorRequest, NodeInfo, TakeoverRequest, RESYNC_RANGES_MAX};

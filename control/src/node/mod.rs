@@ -51,11 +51,13 @@ use crate::storage::{OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeSto
 mod env;
 mod maintain;
 mod mirrors;
+mod peers;
 mod roles;
 
 use env::FileEnv;
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
+pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
 pub use roles::{region_ranges, ResyncStarted, SwitchoverReport};
 
 /// Default NVLog partition size (two per volume).
@@ -120,6 +122,8 @@ pub struct NodeConfig {
     /// `--advertise`: the replication address peers are told to connect to, where it is
     /// not the one bound (NAT, a proxy, a replication network with names of its own).
     pub advertise: Option<String>,
+    /// How this node calls its peers (their control API, in the daemon).
+    pub peers: Arc<dyn PeerCalls>,
 }
 
 impl NodeConfig {
@@ -158,8 +162,6 @@ pub struct Node {
     unstarted: Mutex<Vec<(String, String)>>,
     /// What changed on this node, for `ctl events`.
     pub events: Arc<crate::events::EventLog>,
-    /// Nonces issued for node-to-node requests to this node (`GET /v1/call-challenge`).
-    pub call_nonces: crate::api::CallNonces,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory
@@ -231,7 +233,6 @@ impl Node {
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
             events: Arc::default(),
-            call_nonces: crate::api::CallNonces::default(),
         });
         node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
         node.save_state(&state)?;

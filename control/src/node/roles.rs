@@ -39,7 +39,7 @@ pub struct SwitchoverReport {
     pub duration_ms: u64,
 }
 
-/// Regions as `(first, count)` runs, at most [`crate::api::RESYNC_RANGES_MAX`] of them
+/// Regions as `(first, count)` runs, at most [`RESYNC_RANGES_MAX`] of them
 /// (neighbouring runs merge, copying a little more, where there would be more).
 pub fn region_ranges(regions: &[u64]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -49,7 +49,7 @@ pub fn region_ranges(regions: &[u64]) -> Vec<(u64, u64)> {
             _ => runs.push((r, 1)),
         }
     }
-    while runs.len() > crate::api::RESYNC_RANGES_MAX {
+    while runs.len() > RESYNC_RANGES_MAX {
         // Merge the pair with the smallest gap.
         let i = (0..runs.len() - 1).min_by_key(|&i| runs[i + 1].0 - (runs[i].0 + runs[i].1)).expect("two runs");
         let (f, _) = runs[i];
@@ -125,14 +125,11 @@ impl Node {
             }
             None => (rec.volume_id, rec.epoch),
         };
-        let client = crate::api::Client::new(primary_control);
-        let secret = self.cfg.secret.as_ref();
-        let peer = client.peer_info(secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
+        let peer = self.cfg.peers.info(primary_control)?;
         if peer.name == self.cfg.name {
             bail!("{primary_control} is this node");
         }
-        let status: serde_json::Value =
-            client.get_proven("/v1/status", secret).map_err(|e| anyhow!("peer {primary_control}: {e}"))?;
+        let status = self.cfg.peers.status(primary_control)?;
         let empty = Vec::new();
         let theirs = status["volumes"]
             .as_array()
@@ -201,9 +198,10 @@ impl Node {
             if delta { "delta resync" } else { "the new primary's change map is not relative to this node: baseline" }
         );
         let ranges = region_ranges(&regions);
-        let _: serde_json::Value = client.post(
-            &format!("/v1/volumes/{name}/mirror"),
-            &crate::api::MirrorRequest {
+        self.cfg.peers.mirror(
+            primary_control,
+            name,
+            &MirrorRequest {
                 to: self.cfg.control.to_string(),
                 transport: "tcp".into(),
                 policy: policy.as_str().into(),
@@ -238,9 +236,8 @@ impl Node {
                 st.mirror_current
             );
         }
-        let client = crate::api::Client::new(&target.peer_control);
-        let peer =
-            client.peer_info(self.cfg.secret.as_ref()).map_err(|e| anyhow!("peer {}: {e}", target.peer_control))?;
+
+        let peer = self.cfg.peers.info(&target.peer_control)?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Quiesce(tx)).map_err(|e| anyhow!(e))?;
         let quiesced =
@@ -277,10 +274,10 @@ impl Node {
             })
         };
         let takeover = self.adopt_as_mirror(&rec.storage, meta, rec.epoch).and_then(|()| {
-            client.post_signed::<_, serde_json::Value>(
-                self.cfg.secret.as_ref(),
-                &format!("/v1/volumes/{name}/takeover"),
-                &crate::api::TakeoverRequest {
+            self.cfg.peers.takeover(
+                &target.peer_control,
+                name,
+                &TakeoverRequest {
                     from: self.cfg.name.clone(),
                     control: self.cfg.control.to_string(),
                     replication: self.cfg.advertised_replication(),
@@ -363,7 +360,7 @@ impl Node {
     /// The second half of a switchover, on the mirror: checks it holds everything the
     /// primary quiesced at, promotes with nothing to replay, and takes the volume up
     /// mirrored to the old primary (now its mirror, consistent as of that CP).
-    pub fn takeover(&self, name: &str, req: &crate::api::TakeoverRequest) -> Result<PromoteReport> {
+    pub fn takeover(&self, name: &str, req: &TakeoverRequest) -> Result<PromoteReport> {
         let _one = self.failover_lock.lock();
         let mirror = self
             .mirrors
