@@ -49,6 +49,21 @@ pub use session::Session;
 
 pub use crate::transport::RdmaPlacement;
 
+/// Why a mirror could not be failed over.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("volume {volume} is already failed over (epoch {epoch})")]
+    AlreadyPromoted { volume: String, epoch: u64 },
+    #[error("mirror of {volume} is inconsistent (its baseline copy or resync did not finish); refusing to fail over")]
+    Inconsistent { volume: String },
+    /// The raised epoch, the logs or the promoted state could not be made durable.
+    #[error("{0}")]
+    Persist(String),
+    /// The replay of the log onto the mirror's volume failed.
+    #[error("replay: {0}")]
+    Replay(#[source] io::Error),
+}
+
 /// Where a mirror's metadata is kept (a file replaced atomically, or memory).
 pub trait MetaStore: Send + Sync {
     fn save(&self, meta: &MirrorMeta) -> io::Result<()>;

@@ -7,36 +7,33 @@ impl Mirror {
     /// Breaks the mirror and makes its volume this node's primary: raises the epoch (the
     /// old source is refused from here on), then replays every logged entry past the last
     /// applied CP in sequence order.
-    pub fn promote(&self) -> Result<PromoteReport, String> {
+    pub fn promote(&self) -> Result<PromoteReport, MirrorError> {
         self.promote_to(None)
     }
 
     /// As [`Mirror::promote`], with the new epoch at least `epoch` (an external fencing
     /// token, such as an etcd revision) rather than one more than the mirror's.
-    pub fn promote_to(&self, epoch: Option<u64>) -> Result<PromoteReport, String> {
+    pub fn promote_to(&self, epoch: Option<u64>) -> Result<PromoteReport, MirrorError> {
         self.promote_with(epoch, true)
     }
 
     /// The planted defect `failover-skips-replay`: a promotion that replays nothing past
     /// the last applied CP (the simulator must catch it).
     #[cfg(any(test, feature = "sim"))]
-    pub fn promote_skipping_replay(&self, epoch: Option<u64>) -> Result<PromoteReport, String> {
+    pub fn promote_skipping_replay(&self, epoch: Option<u64>) -> Result<PromoteReport, MirrorError> {
         self.promote_with(epoch, false)
     }
 
-    pub(super) fn promote_with(&self, epoch: Option<u64>, replay: bool) -> Result<PromoteReport, String> {
+    pub(super) fn promote_with(&self, epoch: Option<u64>, replay: bool) -> Result<PromoteReport, MirrorError> {
         // One failover at a time; a second request finds the volume promoted.
         let _one = self.promoting.lock();
         {
             let meta = self.meta.lock();
             if meta.promoted {
-                return Err(format!("volume {} is already failed over (epoch {})", meta.volume, meta.epoch));
+                return Err(MirrorError::AlreadyPromoted { volume: meta.volume.clone(), epoch: meta.epoch });
             }
             if !meta.consistent {
-                return Err(format!(
-                    "mirror of {} is inconsistent (its baseline copy or resync did not finish); refusing to fail over",
-                    meta.volume
-                ));
+                return Err(MirrorError::Inconsistent { volume: meta.volume.clone() });
             }
         }
         self.fenced.store(true, Ordering::SeqCst);
@@ -45,7 +42,7 @@ impl Mirror {
             let mut meta = self.meta.lock();
             meta.epoch = (meta.epoch + 1).max(epoch.unwrap_or(0));
             meta.promoting = true;
-            self.save(&meta)?;
+            self.save(&meta).map_err(MirrorError::Persist)?;
             meta.epoch
         };
         self.finish_promotion(epoch, replay)
@@ -53,7 +50,7 @@ impl Mirror {
 
     /// The promotion after the epoch is raised: the old session dropped, every logged entry
     /// past the last applied CP replayed (as a redo), the mirror marked promoted.
-    pub(super) fn finish_promotion(&self, epoch: u64, replay: bool) -> Result<PromoteReport, String> {
+    pub(super) fn finish_promotion(&self, epoch: u64, replay: bool) -> Result<PromoteReport, MirrorError> {
         if let Some(sink) = self.session.lock().take() {
             let _ = sink.send(&Message::Refuse {
                 code: RefuseCode::StaleEpoch,
@@ -70,8 +67,10 @@ impl Mirror {
         // batch whose commit never came) would otherwise be written to the volume, then
         // lost with a crash before the promotion completes, and the redo of the next
         // attempt could not rewrite the blocks they touched.
-        let scans: Vec<PartitionScan> =
-            guards.iter_mut().map(|l| l.rescan().map_err(|e| format!("persist log: {e}"))).collect::<Result<_, _>>()?;
+        let scans: Vec<PartitionScan> = guards
+            .iter_mut()
+            .map(|l| l.rescan().map_err(|e| MirrorError::Persist(format!("persist log: {e}"))))
+            .collect::<Result<_, _>>()?;
         let mut stops = Vec::new();
         for (p, s) in scans.iter().enumerate() {
             if let crate::format::ScanStop::Invalid { offset, reason } = &s.stop {
@@ -113,7 +112,7 @@ impl Mirror {
         // A CP interrupted before the promotion may have half-written the volume.
         let replayed = {
             let _redo = RedoGuard::new(self.device.as_ref());
-            apply_entries(entries, self.device.as_ref()).map_err(|e| format!("replay: {e}"))?
+            apply_entries(entries, self.device.as_ref()).map_err(MirrorError::Replay)?
         };
         drop(guards);
         let mut meta = self.meta.lock();
@@ -123,10 +122,10 @@ impl Mirror {
         meta.pending_cp = None;
         let applied_cp = meta.applied_cp;
         // Saved under the meta lock: saves are ordered with the changes they record.
-        self.save(&meta)?;
+        self.save(&meta).map_err(MirrorError::Persist)?;
         drop(meta);
         for log in &self.logs {
-            log.lock().free().map_err(|e| e.to_string())?;
+            log.lock().free().map_err(|e| MirrorError::Persist(e.to_string()))?;
         }
         Ok(PromoteReport {
             epoch,

@@ -25,7 +25,7 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::destination::{Mirror, MirrorMeta, PromoteReport};
+use crate::destination::{Mirror, MirrorError, MirrorMeta, PromoteReport};
 use crate::log::{ChangeBase, ChangeMap, ChangeMapError, Checkpoint, NvLog, NvLogError, PARTITIONS};
 use crate::nvram::Nvram;
 #[cfg(any(test, feature = "sim"))]
@@ -89,10 +89,12 @@ pub trait MirrorEnv: NodeEnv {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The mirror refused the promotion (already promoted, inconsistent, not level with
-    /// the primary for a takeover): nothing changed.
+    /// The mirror is not level with the primary for a takeover: nothing changed.
     #[error("{0}")]
     Refused(String),
+    /// The promotion itself failed or was refused (already promoted, inconsistent).
+    #[error(transparent)]
+    Promote(#[from] MirrorError),
     #[error("format NVLog {name}: {source}")]
     NvLog {
         name: String,
@@ -251,10 +253,10 @@ fn start(env: &mut impl NodeEnv, v: &Promoted) -> Result<(), NodeError> {
 fn promote(env: &mut impl NodeEnv, mirror: &Mirror, epoch: Option<u64>) -> Result<PromoteReport, NodeError> {
     #[cfg(any(test, feature = "sim"))]
     if env.planted_bug() == Some(PlantedBug::FailoverSkipsReplay) {
-        return mirror.promote_skipping_replay(epoch).map_err(NodeError::Refused);
+        return mirror.promote_skipping_replay(epoch).map_err(NodeError::Promote);
     }
     let _ = &env;
-    mirror.promote_to(epoch).map_err(NodeError::Refused)
+    mirror.promote_to(epoch).map_err(NodeError::Promote)
 }
 
 /// Makes `storage`, this node's primary volume until now, the mirror `meta` describes: a

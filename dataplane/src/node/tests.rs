@@ -154,7 +154,10 @@ fn a_failover_cut_short_before_its_record_is_finished_by_taking_the_mirror_up() 
     assert!(mirror.meta().promoted, "the promotion itself completed");
     // A second failover finds the mirror promoted and refuses; the restart's take-up
     // finishes the change, its replay unknown: the whole volume is marked changed.
-    assert!(matches!(failover(&mut env, &mirror, None), Err(NodeError::Refused(_))));
+    assert!(matches!(
+        failover(&mut env, &mirror, None),
+        Err(NodeError::Promote(crate::destination::MirrorError::AlreadyPromoted { epoch: 2, .. }))
+    ));
     env.record_fails = false;
     env.steps.clear();
     let v = take_up_promoted(&mut env, &mirror, None, false).expect("take up");

@@ -56,12 +56,12 @@ impl World {
                 self.retry_failover = Some(node.to_string());
                 return Ok(());
             }
-            Err(NodeError::Refused(e)) if old_refused => {
+            Err(e @ (NodeError::Refused(_) | NodeError::Promote(_))) if old_refused => {
                 return Err(format!(
                     "the volume on {old} refused to start (the write hole) and its mirror on {node} refused the failover: {e}"
                 ));
             }
-            Err(NodeError::Refused(e)) => {
+            Err(e @ (NodeError::Refused(_) | NodeError::Promote(_))) => {
                 self.faults.failovers_refused += 1;
                 self.event(format!("failover on {node} refused: {e}"));
                 self.schedule(MS, Action::Restart(old));

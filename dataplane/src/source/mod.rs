@@ -248,8 +248,8 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
-    pub fn control(&self, c: Control) -> Result<(), String> {
-        self.ctl.send(c).map_err(|_| "volume poller has stopped".to_string())?;
+    pub fn control(&self, c: Control) -> Result<(), SourceError> {
+        self.ctl.send(c).map_err(|_| SourceError::Stopped)?;
         self.wake();
         Ok(())
     }
@@ -260,10 +260,10 @@ impl SourceHandle {
         }
     }
 
-    pub fn status(&self) -> Result<SourceStatus, String> {
+    pub fn status(&self) -> Result<SourceStatus, SourceError> {
         let (tx, rx) = bounded(1);
         self.control(Control::Status(tx))?;
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "volume poller did not answer".to_string())
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| SourceError::NoAnswer)
     }
 
     /// Stops the poller and waits for it.
@@ -325,6 +325,21 @@ impl Export for SourceHandle {
                 _ => unreachable!("the message sent is the one given back"),
             },
         }
+    }
+}
+
+/// Why a source volume's poller could not be asked something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("volume poller has stopped")]
+    Stopped,
+    #[error("volume poller did not answer")]
+    NoAnswer,
+}
+
+impl From<SourceError> for String {
+    fn from(e: SourceError) -> String {
+        e.to_string()
     }
 }
 
