@@ -293,19 +293,7 @@ fn secret_files_that_cannot_be_used_stop_the_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = |secret: &Path| {
         let d = dir.path().join("n");
-        let args = [
-            "node",
-            "--data-dir",
-            d.to_str().expect("path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--secret-file",
-            secret.to_str().expect("path"),
-        ];
+        let args = node_args(d.to_str().expect("path"), &["--secret-file", secret.to_str().expect("path")]);
         try_run_bin(&args, Duration::from_secs(3))
     };
     for (file, want) in [(empty.clone(), "is empty"), (keys.path().join("missing.key"), "No such file")] {

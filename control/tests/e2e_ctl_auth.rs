@@ -64,17 +64,6 @@ fn a_node_that_requires_signed_ctl_takes_only_signed_admin_calls() {
     // The flag needs a secret.
     let d = dir.path().join("x");
     let d = d.to_str().unwrap();
-    let (ok, _, stderr) = nvmirror(&[
-        "node",
-        "--data-dir",
-        d,
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        "127.0.0.1:0",
-        "--nbd",
-        "127.0.0.1:0",
-        "--require-signed-ctl",
-    ]);
+    let (ok, _, stderr) = nvmirror(&node_args(d, &["--require-signed-ctl"]));
     assert!(!ok && stderr.contains("--secret-file"), "{stderr}");
 }

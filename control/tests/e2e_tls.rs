@@ -126,8 +126,7 @@ fn tls_flags_that_cannot_be_used_stop_the_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("n");
     let data = data.to_str().unwrap();
-    let base =
-        ["node", "--data-dir", data, "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--nbd", "127.0.0.1:0"];
+    let base = node_args(data, &[]);
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
     let missing = keys.path().join("missing.pem");
     for (extra, want) in [

@@ -394,6 +394,24 @@ pub fn ctl_fails(node: &str, args: &[&str], want: &str) {
     fails_with(&all, want);
 }
 
+/// The arguments of `nvmirror node` on `data_dir`, every address an ephemeral loopback
+/// port, then `extra`: for the tests of nodes that must refuse to start.
+pub fn node_args<'a>(data_dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "node",
+        "--data-dir",
+        data_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+        "--nbd",
+        "127.0.0.1:0",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 /// Writes a secret file (mode 600) and returns its path.
 pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

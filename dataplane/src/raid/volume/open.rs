@@ -11,19 +11,20 @@ pub(super) fn is_device_node(path: &std::path::Path) -> bool {
 /// A member's device and superblock, or why it has none.
 pub(super) type Found = Result<(Arc<dyn BlockDevice>, Superblock), String>;
 
+/// A volume of geometry `geo` needs exactly its members: `given` disks are refused otherwise.
+fn check_disk_count(name: &str, geo: Geometry, given: usize) -> Result<(), RaidError> {
+    if given != geo.members() {
+        return Err(RaidError::DiskCount { volume: name.into(), expected: geo.members(), data: geo.data_disks, given });
+    }
+    Ok(())
+}
+
 impl Raid4 {
     /// Creates a volume over `disks` (data members first, parity last). Regular files are
     /// created at the size each member needs and must not exist with contents already;
     /// devices are zeroed over their data area.
     pub fn create(name: &str, disks: &[DiskSpec], geo: Geometry) -> Result<Self, RaidError> {
-        if disks.len() != geo.members() {
-            return Err(RaidError::DiskCount {
-                volume: name.into(),
-                expected: geo.members(),
-                data: geo.data_disks,
-                given: disks.len(),
-            });
-        }
+        check_disk_count(name, geo, disks.len())?;
         let need = geo.member_bytes();
         let mut devs = Vec::new();
         for d in disks {
@@ -53,14 +54,7 @@ impl Raid4 {
         disks: Vec<(DiskSpec, Arc<dyn BlockDevice>)>,
         geo: Geometry,
     ) -> Result<Self, RaidError> {
-        if disks.len() != geo.members() {
-            return Err(RaidError::DiskCount {
-                volume: name.into(),
-                expected: geo.members(),
-                data: geo.data_disks,
-                given: disks.len(),
-            });
-        }
+        check_disk_count(name, geo, disks.len())?;
         for (d, dev) in &disks {
             if dev.size() < geo.member_bytes() {
                 return Err(RaidError::Disk {
@@ -157,14 +151,7 @@ impl Raid4 {
             return Err(RaidError::NoSuperblock { volume: name.into(), problems });
         };
         let geo = auth.geometry;
-        if disks.len() != geo.members() {
-            return Err(RaidError::DiskCount {
-                volume: name.into(),
-                expected: geo.members(),
-                data: geo.data_disks,
-                given: disks.len(),
-            });
-        }
+        check_disk_count(name, geo, disks.len())?;
         // A member one event behind that the authority holds in sync missed only the last
         // superblock round, which a crash cut short: every change that takes a member out
         // of sync is recorded in the table of the others before anything more is written,
