@@ -155,10 +155,10 @@ impl Node {
             bail!("{}'s volume {name} is fenced itself: resync from the current primary", peer.name);
         }
         let policy: Policy = serde_json::from_value(theirs["policy"].clone()).unwrap_or_default();
-        let base = theirs["changes_since"].clone();
-        // A volume that did not start cannot say what it changed: everything is copied.
-        let delta = handle.is_some() && base["peer"] == self.cfg.name.as_str();
-        let base_cp = base["cp"].as_u64().unwrap_or(0);
+        // The new primary's change map is relative to a node's CP; a volume here that did not
+        // start cannot say what it changed: everything is copied.
+        let base: Option<nvmirror_dataplane::log::ChangeBase> =
+            serde_json::from_value(theirs["changes_since"].clone()).ok().flatten();
         // What this node holds that the new primary may not.
         let regions = match &handle {
             Some(handle) => {
@@ -173,7 +173,7 @@ impl Node {
         };
         self.volumes.write().remove(name);
         let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
-        let mut meta = MirrorMeta::new(&Hello {
+        let meta = MirrorMeta::new(&Hello {
             source_node: peer.name.clone(),
             volume: name.to_string(),
             volume_id: rec.volume_id,
@@ -184,10 +184,8 @@ impl Node {
             base_seq: 0,
             base_cp_gen: 0,
         });
-        if delta {
-            meta.applied_cp = base_cp;
-            meta.resyncing = true;
-        }
+        let meta = core::returning_mirror_meta(meta, &self.cfg.name, base.as_ref(), handle.is_some());
+        let delta = meta.resyncing;
         self.adopt_as_mirror(&rec.storage, meta, rec.epoch)?;
         self.unstarted.lock().retain(|(v, _)| v != name);
         eprintln!(

@@ -63,7 +63,7 @@ pub enum ChangeMapError {
 }
 
 /// A peer and CP the map is relative to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeBase {
     pub peer: String,
     pub cp: u64,

@@ -288,3 +288,22 @@ pub fn adopt_as_mirror<E: MirrorEnv>(
     let what = what("open");
     env.open_mirror(meta, logs, storage).map_err(|source| NodeError::Io { what, source })
 }
+
+/// The metadata with which a failed-over primary's storage comes back as the new
+/// primary's mirror (`meta`: its identity and the new primary's epoch, nothing applied).
+/// A delta resync, from the last CP the two have in common, where the new primary's change
+/// map is relative to this node (`me`; `new_primary_base`) and this node knows its own
+/// changes since (its volume ran: `own_changes_known`), the new primary then copying back
+/// both sides' changes; a baseline otherwise.
+pub fn returning_mirror_meta(
+    mut meta: MirrorMeta,
+    me: &str,
+    new_primary_base: Option<&ChangeBase>,
+    own_changes_known: bool,
+) -> MirrorMeta {
+    if let Some(base) = new_primary_base.filter(|b| own_changes_known && b.peer == me) {
+        meta.applied_cp = base.cp;
+        meta.resyncing = true;
+    }
+    meta
+}

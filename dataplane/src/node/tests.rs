@@ -220,3 +220,27 @@ fn the_planted_failover_skips_the_replay() {
     let report = failover(&mut Planted(FileEnv::new(tmp.path())), &mirror, None).expect("failover");
     assert_eq!(report.entries_replayed, 0);
 }
+
+#[test]
+fn a_returning_primary_is_resynced_by_delta_only_from_a_base_of_its_own_with_its_changes_known() {
+    let hello = crate::transport::Hello {
+        source_node: "b".into(),
+        volume: "vol".into(),
+        volume_id: 42,
+        epoch: 3,
+        volume_bytes: VOL,
+        partition_bytes: PART as u64,
+        intent: crate::transport::Intent::Resync,
+        base_seq: 0,
+        base_cp_gen: 0,
+    };
+    let fresh = || crate::destination::MirrorMeta::new(&hello);
+    let mine = ChangeBase { peer: "a".into(), cp: 7 };
+    let other = ChangeBase { peer: "c".into(), cp: 7 };
+    let delta = returning_mirror_meta(fresh(), "a", Some(&mine), true);
+    assert!(delta.resyncing && delta.applied_cp == 7 && !delta.consistent, "{delta:?}");
+    for (base, known) in [(Some(&mine), false), (Some(&other), true), (None, true)] {
+        let m = returning_mirror_meta(fresh(), "a", base, known);
+        assert!(!m.resyncing && m.applied_cp == 0, "a baseline for {base:?}, own changes known {known}: {m:?}");
+    }
+}

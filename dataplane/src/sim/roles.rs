@@ -111,11 +111,7 @@ impl World {
         drop(stepped);
         drop(handle);
         let keys = self.nodes[old].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume record")?;
-        let mut meta = mirror_meta(&primary, status.epoch);
-        if let Some(b) = &base {
-            meta.applied_cp = b.cp;
-            meta.resyncing = true;
-        }
+        let meta = crate::node::returning_mirror_meta(mirror_meta(&primary, status.epoch), old, base.as_ref(), true);
         self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
         self.stale.remove(old);
         // 4. The new primary marks those regions and pairs with it.
@@ -150,7 +146,8 @@ impl World {
         let keys = self.nodes[old].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume record")?;
         let raid = open_raid(&self.nodes[old].durable, &keys, false, crate::raid::WriteHole::Accept)
             .map_err(|e| format!("open the refused volume on {old} for a copy: {e}"))?;
-        let meta = mirror_meta(&primary, epoch);
+        // Its own changes cannot be read (the volume did not start): a baseline.
+        let meta = crate::node::returning_mirror_meta(mirror_meta(&primary, epoch), old, None, false);
         let failed = raid.status().members.iter().position(|m| m.state != "in-sync");
         let prefix = volume_prefix(&raid);
         self.adopt_mirror(old, meta, raid, keys).map_err(|e| format!("make {old} a mirror of {primary}: {e}"))?;
