@@ -254,12 +254,8 @@ impl Node {
         handle.control(Control::Handover(tx)).map_err(|e| anyhow!(e))?;
         let queued = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("the volume did not hand over"))?;
         self.volumes.write().remove(name);
-        let meta = MirrorMeta {
-            epoch: rec.epoch + 1,
-            applied_cp: cp,
-            applied_seq: next_seq - 1,
-            consistent: true,
-            ..MirrorMeta::new(&Hello {
+        let meta = core::switched_mirror_meta(
+            MirrorMeta::new(&Hello {
                 source_node: peer.name.clone(),
                 volume: name.to_string(),
                 volume_id: rec.volume_id,
@@ -269,8 +265,10 @@ impl Node {
                 intent: Intent::Resume,
                 base_seq: 0,
                 base_cp_gen: 0,
-            })
-        };
+            }),
+            cp,
+            next_seq,
+        );
         let takeover = self.adopt_as_mirror(&rec.storage, meta, rec.epoch).and_then(|()| {
             self.cfg.peers.takeover(
                 &target.peer_control,

@@ -222,12 +222,7 @@ impl World {
         let mirror = self.nodes[&b].live.as_ref().expect("live").directory.mirrors.lock().get(&a).cloned();
         let (mirror, _) = mirror.ok_or("mirror")?;
         let keys_a = self.nodes[&a].durable.lock().volume.as_ref().map(|v| v.disks.clone()).ok_or("no volume")?;
-        let meta_a = MirrorMeta {
-            applied_cp: cp,
-            applied_seq: next_seq - 1,
-            consistent: true,
-            ..mirror_meta(&b, meta.epoch + 1)
-        };
+        let meta_a = crate::node::switched_mirror_meta(mirror_meta(&b, meta.epoch + 1), cp, next_seq);
         self.adopt_mirror(&a, meta_a, raid_a, keys_a).map_err(|e| format!("switchover: make {a} the mirror: {e}"))?;
         let report = crate::node::takeover(&mut SimEnv { world: self, node: b.clone() }, &mirror, cp, next_seq)
             .map_err(|e| format!("switchover: take over on {b}: {e}"))?;
