@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. The end-to-end tests drive real NBD clients from
 # Debian (qemu-io and qemu-img from qemu-utils, nbdinfo and nbdcopy from libnbd-bin) and
-# a real etcd (etcd-server, for the fleet test), and fio and nbdkit for the benchmark
-# harness's quick run: this script installs them first when they are missing (as root, or
-# through sudo).
+# a real etcd (etcd-server, for the fleet test), promtool (prometheus, for the metrics
+# test), and fio and nbdkit for the benchmark harness's quick run: this script installs
+# them first when they are missing (as root, or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,6 +11,8 @@ need=()
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# The metrics test's checker (promtool, from Prometheus's own package).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The benchmark harness's quick run (benches/tests/quick.rs): fio's nbd engine against nbdkit.
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)

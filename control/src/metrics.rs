@@ -2,43 +2,85 @@
 //! control address: per primary volume, per mirror, and per RAID-4 layer.
 //!
 //! Names follow Prometheus conventions: `_total` for counters, base units (bytes,
-//! seconds). Volume, source node and state names are restricted to `[A-Za-z0-9._-]` by the
-//! node, so they need no escaping in label values.
+//! seconds). Every family is written once, its HELP and TYPE then all its samples (every
+//! volume's, every mirror's), as the text format requires; label values are escaped.
 
 use std::fmt::Write;
 
 use crate::node::NodeStatus;
 use crate::storage::StorageStatus;
 
+/// A label value as the text format wants it: backslash, double quote and line feed
+/// escaped.
+fn esc(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One metric family: its description, then its samples in the order they came.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: String,
+    samples: String,
+}
+
+#[derive(Default)]
 struct Out {
-    text: String,
-    described: Vec<&'static str>,
+    families: Vec<Family>,
 }
 
 impl Out {
-    fn metric(&mut self, name: &'static str, kind: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
-        if !self.described.contains(&name) {
-            self.described.push(name);
-            let _ = writeln!(self.text, "# HELP {name} {help}");
-            let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        }
-        let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+    fn family(&mut self, name: &'static str, kind: &'static str, help: &str) -> &mut String {
+        let i = match self.families.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                self.families.push(Family { name, kind, help: help.to_string(), samples: String::new() });
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].samples
     }
 
-    /// A histogram's `_bucket`, `_sum` and `_count` samples under one description of
-    /// `name`: cumulative counts at or below each bound (seconds), then `+Inf`.
+    fn metric(
+        &mut self,
+        name: &'static str,
+        kind: &'static str,
+        help: &str,
+        labels: &str,
+        value: impl std::fmt::Display,
+    ) {
+        let _ = writeln!(self.family(name, kind, help), "{name}{{{labels}}} {value}");
+    }
+
+    /// A histogram's `_bucket`, `_sum` and `_count` samples in the family `name`:
+    /// cumulative counts at or below each bound (seconds), then `+Inf`.
     fn histogram(&mut self, name: &'static str, help: &str, labels: &str, le: &[(f64, u64)], sum: f64, count: u64) {
-        if !self.described.contains(&name) {
-            self.described.push(name);
-            let _ = writeln!(self.text, "# HELP {name} {help}");
-            let _ = writeln!(self.text, "# TYPE {name} histogram");
-        }
+        let out = self.family(name, "histogram", help);
         for (bound, n) in le {
-            let _ = writeln!(self.text, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
         }
-        let _ = writeln!(self.text, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(self.text, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(self.text, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+
+    fn text(self) -> String {
+        let mut text = String::new();
+        for f in self.families {
+            let _ = writeln!(text, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(text, "# TYPE {} {}", f.name, f.kind);
+            text.push_str(&f.samples);
+        }
+        text
     }
 }
 
@@ -134,16 +176,16 @@ fn storage(out: &mut Out, labels: &str, s: &Option<StorageStatus>) {
 
 /// The exposition of `s`.
 pub fn render(s: &NodeStatus) -> String {
-    let mut out = Out { text: String::new(), described: Vec::new() };
-    let node = &s.node;
+    let mut out = Out::default();
+    let node = esc(&s.node);
     for v in &s.volumes {
         let src = &v.source;
-        let l = format!("node=\"{node}\",volume=\"{}\"", src.volume);
+        let l = format!("node=\"{node}\",volume=\"{}\"", esc(&src.volume));
         out.metric(
             "nvmirror_volume_info",
             "gauge",
             "A primary volume; its pair state in the label",
-            &format!("{l},state=\"{}\"", src.state),
+            &format!("{l},state=\"{}\"", esc(src.state.as_str())),
             1,
         );
         out.metric("nvmirror_volume_epoch", "gauge", "The volume's epoch (fencing token)", &l, src.epoch);
@@ -235,7 +277,7 @@ pub fn render(s: &NodeStatus) -> String {
     }
     for m in &s.mirrors {
         let st = &m.mirror;
-        let l = format!("node=\"{node}\",volume=\"{}\",source=\"{}\"", st.volume, st.source_node);
+        let l = format!("node=\"{node}\",volume=\"{}\",source=\"{}\"", esc(&st.volume), esc(&st.source_node));
         out.metric("nvmirror_mirror_connected", "gauge", "1 while the source is connected", &l, u8::from(st.connected));
         out.metric(
             "nvmirror_mirror_consistent",
@@ -277,9 +319,46 @@ pub fn render(s: &NodeStatus) -> String {
             "nvmirror_volume_unstarted",
             "gauge",
             "A volume whose storage could not be opened",
-            &format!("node=\"{node}\",volume=\"{}\"", u.volume),
+            &format!("node=\"{node}\",volume=\"{}\"", esc(&u.volume)),
             1,
         );
     }
-    out.text
+    out.text()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_family_is_written_once_with_all_its_samples() {
+        let mut out = Out::default();
+        for v in ["a", "b"] {
+            out.metric("x_total", "counter", "X", &format!("volume=\"{v}\""), 1);
+            out.histogram("lat_seconds", "L", &format!("volume=\"{v}\""), &[(0.001, 1)], 0.5, 2);
+            out.metric("y", "gauge", "Y", &format!("volume=\"{v}\""), 2);
+        }
+        let text = out.text();
+        for name in ["x_total", "lat_seconds", "y"] {
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{text}");
+        }
+        // A family's samples follow its TYPE line, before the next family's description.
+        let lines: Vec<&str> = text.lines().collect();
+        let mut current = "";
+        for l in &lines {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().expect("name");
+            } else if !l.starts_with('#') {
+                assert!(l.starts_with(current), "{l} outside its family {current}:\n{text}");
+            }
+        }
+        assert_eq!(lines.iter().filter(|l| l.starts_with("lat_seconds_count{")).count(), 2);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(esc("x\ny"), "x\\ny");
+        assert_eq!(esc("site-a.1_2"), "site-a.1_2");
+    }
 }

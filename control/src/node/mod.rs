@@ -203,6 +203,8 @@ fn valid_name(name: &str) -> Result<()> {
 
 impl Node {
     pub fn open(cfg: NodeConfig) -> Result<Arc<Node>> {
+        // Node names go into paths, peers' records and metric labels.
+        valid_name(&cfg.name).map_err(|e| anyhow!("--name: {e}"))?;
         fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
         fs::create_dir_all(&cfg.nvram.dir).with_context(|| format!("create {}", cfg.nvram.dir.display()))?;
         let state_path = cfg.data_dir.join("node.json");
