@@ -166,6 +166,10 @@ fn failover_failback_and_switchback_keep_every_acknowledged_write() {
     let a = wait_state(&pair.src_api(), VOL, "in-sync", Duration::from_secs(60));
     assert_eq!(a["role"], "primary");
     assert_eq!(a["mirror_current"], true, "{a}");
+    // One row per volume on the new primary: the mirror it took over from is its volume now.
+    let s = status(&pair.src_api()).expect("status of a");
+    let rows = s["mirrors"].as_array().map_or(0, |ms| ms.iter().filter(|m| m["volume"] == VOL).count());
+    assert_eq!(rows, 0, "the new primary still lists its promoted mirror: {s}");
     let m = mirror_status(&pair.dst_api(), VOL).expect("b's mirror");
     assert_eq!(m["state"], "in-sync", "{m}");
     // Every acknowledged write of both writers, on the primary again.

@@ -520,10 +520,18 @@ impl Node {
             }
         }
         volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
+        // A promoted mirror is a primary volume's storage now: the volume's row shows it
+        // (one row per volume), while it is there or could not start.
+        let primaries: Vec<String> = volumes
+            .iter()
+            .map(|v| v.source.volume.clone())
+            .chain(self.unstarted.lock().iter().map(|(v, _)| v.clone()))
+            .collect();
         let mut mirrors: Vec<MirrorEntry> = self
             .mirrors
             .read()
             .values()
+            .filter(|m| !(m.meta().promoted && primaries.contains(&m.meta().volume)))
             .map(|m| {
                 let mirror = m.status();
                 let storage =
