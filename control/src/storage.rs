@@ -99,6 +99,49 @@ fn is_device_node(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
 }
 
+/// Bytes an unprivileged writer may still allocate on the file system holding `path` (the
+/// nearest existing ancestor of it).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let at = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a statvfs buffer the call fills on success.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0: the buffer is filled.
+    let st = unsafe { st.assume_init() };
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// Refuses a volume whose new files (regular files not there yet, or empty) would not fit
+/// on their file systems: `need` bytes for each of `disks`.
+fn check_room(name: &str, disks: &[&DiskSpec], need: u64) -> Result<()> {
+    let mut by_dir: Vec<(std::path::PathBuf, u64)> = Vec::new();
+    for d in disks {
+        let new_file = !is_device_node(&d.path) && std::fs::metadata(&d.path).map_or(true, |m| m.len() == 0);
+        if !new_file {
+            continue;
+        }
+        let dir = d.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        match by_dir.iter_mut().find(|(p, _)| *p == dir) {
+            Some((_, n)) => *n += need,
+            None => by_dir.push((dir, need)),
+        }
+    }
+    for (dir, n) in by_dir {
+        let free = free_bytes(&dir).with_context(|| format!("free space under {}", dir.display()))?;
+        if n > free {
+            bail!(
+                "volume {name} needs {n} bytes of files under {}, and its file system has {free} bytes free",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The open RAID-4 volumes of a node, by their first disk: a volume is opened once, even
 /// where a promoted mirror and the primary it became both name it.
 #[derive(Default)]
@@ -109,6 +152,7 @@ impl OpenVolumes {
     pub fn create(&self, name: &str, storage: &VolumeStorage, size: u64, stripe_unit: u32) -> Result<Opened> {
         match storage {
             VolumeStorage::Single { disk } => {
+                check_room(name, &[disk], size)?;
                 let dev = disk
                     .open(if is_device_node(&disk.path) { None } else { Some(size) })
                     .with_context(|| format!("use {disk} as the volume"))?;
@@ -120,6 +164,7 @@ impl OpenVolumes {
             VolumeStorage::Raid4 { disks } => {
                 let data = u32::try_from(disks.len() - 1).context("disk count")?;
                 let geo = Geometry::new(data, stripe_unit, size).map_err(|e| anyhow!(e))?;
+                check_room(name, &disks.iter().collect::<Vec<_>>(), geo.member_bytes())?;
                 for d in disks {
                     if let Some(parent) = d.path.parent().filter(|p| !p.as_os_str().is_empty()) {
                         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;

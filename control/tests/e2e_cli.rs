@@ -100,6 +100,11 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     ctl_fails(&src, &["volume", "create", "v", "--size", "99999999999T"], "too large");
     ctl_fails(&src, &["volume", "create", "v", "--size", "5000"], "multiple of 4096");
     ctl_fails(&src, &["volume", "create", "v", "--size", "16M", "--log-size", "1M"], "log partition");
+    // Sizes the NVRAM dir or the data dir cannot hold are refused up front, and leave
+    // nothing that blocks a right-sized volume of the same name.
+    ctl_fails(&src, &["volume", "create", "v", "--size", "16M", "--log-size", "100T"], "bytes free");
+    ctl_fails(&src, &["volume", "create", "v", "--size", "900T"], "bytes free");
+    ctl_ok(&src, &["volume", "create", "v", "--size", "16M"]);
     ctl_fails(&src, &["volume", "create", "bad/name", "--size", "16M"], "invalid name");
     ctl_fails(&src, &["volume", "create", "dup", "--size", "16M"], "already exists");
     // Mirror requests that cannot be met.
@@ -119,11 +124,11 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     ctl_fails("127.0.0.1:1", &["volume", "create", "v", "--size", "16M"], "127.0.0.1:1");
     ctl_fails("no-such-host.invalid:80", &["status"], "no-such-host.invalid");
     ctl_fails(&pair.src.nbd, &["status"], &pair.src.nbd);
-    // None of the failures created anything.
+    // None of the failures created anything (v is the right-sized one made on purpose).
     let s = ctl_json(&src);
     let names: Vec<&str> =
         s["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["volume"].as_str()).collect();
-    assert_eq!(names, ["dup"], "failed commands left volumes behind");
+    assert_eq!(names, ["dup", "v"], "failed commands left volumes behind");
     assert_eq!(s["volumes"][0]["state"], "not-mirrored");
 }
 

@@ -402,6 +402,18 @@ impl Node {
         if partition_bytes < PARTITION_BYTES_MIN || !partition_bytes.is_multiple_of(BLOCK_BYTES) {
             bail!("log partition size must be a multiple of {BLOCK_BYTES} and at least {PARTITION_BYTES_MIN} bytes");
         }
+        // The NVLog (two partitions) and the change map live in the NVRAM dir.
+        let nvram_bytes =
+            NvLog::<MappedNvram>::region_bytes(partition_bytes) as u64 + ChangeMap::region_bytes(size) as u64;
+        let free = crate::storage::free_bytes(&self.cfg.nvram.dir)
+            .with_context(|| format!("free space under {}", self.cfg.nvram.dir.display()))?;
+        if nvram_bytes > free {
+            bail!(
+                "volume {name}'s log (two partitions of {partition_bytes} bytes) and change map need {nvram_bytes} bytes \
+                 of NVRAM under {}, which has {free} bytes free",
+                self.cfg.nvram.dir.display()
+            );
+        }
         let mut state = self.state.lock();
         if state.volumes.iter().any(|v| v.name == name) || self.volumes.read().contains_key(name) {
             bail!("volume {name} already exists on this node");
@@ -435,8 +447,13 @@ impl Node {
         let opened = self
             .open_volumes
             .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit))
-            .with_context(|| format!("create volume {name} on {}", storage.describe()))?;
-        drop(opened);
+            .with_context(|| format!("create volume {name} on {}", storage.describe()));
+        if opened.is_err() {
+            // A creation refused before any member was made leaves no directory behind
+            // that would block the next try (one that made members leaves them, to look at).
+            let _ = fs::remove_dir(self.cfg.data_dir.join("volumes").join(name));
+        }
+        drop(opened?);
         let record = VolumeRecord {
             name: name.to_string(),
             volume_id: rand::random::<u64>() | 1,
