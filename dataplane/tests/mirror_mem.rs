@@ -434,3 +434,78 @@ fn acks_of_newer_entries_do_not_wait_for_a_cp_write_out() {
     assert!(prompt, "the commit of newer entries waited for the CP's write-out");
     assert_eq!(acked, vec![5, 10], "acks while the CP wrote");
 }
+
+/// A mirror over storage that holds something already (a failed-over primary's volume
+/// coming back by baseline), with a device that counts the bytes written to it.
+struct StaleMirror {
+    inner: MemMirrorDirectory,
+}
+
+impl MirrorDirectory for StaleMirror {
+    fn attach(
+        &self,
+        hello: &Hello,
+        sink: Arc<dyn ReplySink>,
+    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+        let mut m = self.inner.mirror.lock();
+        if m.is_none() {
+            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
+            dev.write_at(&vec![0xee; hello.volume_bytes as usize], 0).unwrap();
+            *self.inner.device.lock() = Some(dev.clone());
+            let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
+            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
+        }
+        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
+        Ok((Box::new(s), w))
+    }
+}
+
+/// A baseline sends what reads as zeroes as ranges, not data: a new mirror is left as it
+/// is there (sparse), and a mirror over storage that held something else is zeroed there,
+/// so that both end equal to the source.
+#[test]
+fn a_baseline_sends_zeroes_as_ranges_and_the_mirror_ends_equal_either_way() {
+    for stale in [false, true] {
+        let dir: Arc<dyn MirrorDirectory>;
+        let device: Box<dyn Fn() -> Arc<MemDevice>>;
+        if stale {
+            let d = Arc::new(StaleMirror { inner: MemMirrorDirectory::default() });
+            dir = d.clone();
+            device = Box::new(move || d.inner.device.lock().clone().unwrap());
+        } else {
+            let d = Arc::new(MemMirrorDirectory::default());
+            dir = d.clone();
+            device = Box::new(move || d.device.lock().clone().unwrap());
+        }
+        let src_dev = Arc::new(MemDevice::new(VOL));
+        // Data in two places of the 8 MiB volume; the rest reads as zeroes.
+        src_dev.write_at(&pattern(1, 3 * 4096), 65536).unwrap();
+        src_dev.write_at(&pattern(2, 4096), VOL - 4096).unwrap();
+        let nv: Box<dyn Nvram> = Box::new(MemNvram::new(NvLog::<MemNvram>::region_bytes(PART)));
+        let (log, rec) = NvLog::open(nv, 42, PART).unwrap();
+        let mut cfg = SourceConfig::new("src", "vol", 42, PART);
+        cfg.cp_interval = Duration::from_secs(3600);
+        let h = source::spawn(source::SourceParts {
+            cfg,
+            nvlog: log,
+            recovered: rec,
+            device: src_dev.clone(),
+            connector: Arc::new(MemConnector { directory: dir }),
+            clock: Arc::new(SystemClock::default()),
+            mirror: None,
+            changes: None,
+        })
+        .unwrap();
+        attach(&h);
+        let st = h.status().unwrap();
+        assert_eq!(st.last_copy_kind.as_deref(), Some("baseline"));
+        assert_eq!(st.last_copy_bytes, VOL);
+        // Two 64 KiB pieces hold data; everything else went as zero ranges.
+        assert_eq!(st.last_copy_zero_bytes, VOL - 2 * 65536, "stale storage: {stale}");
+        assert!(
+            device().snapshot() == src_dev.snapshot(),
+            "the mirror differs from the source (stale storage: {stale})"
+        );
+        h.stop();
+    }
+}

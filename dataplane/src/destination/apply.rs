@@ -74,6 +74,9 @@ pub(super) fn worker(mirror: std::sync::Weak<Mirror>, rx: Receiver<Job>) {
     }
 }
 
+/// How much of a zero range the worker checks (reads) at a time.
+const ZERO_CHECK_BYTES: u64 = 1 << 20;
+
 pub(super) fn run_job(m: &Mirror, job: Job) {
     match job {
         Job::Barrier(done) => {
@@ -110,6 +113,27 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                 m.fail(&format!("baseline write at {offset}: {e}"));
             } else {
                 m.baseline_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Job::Zero { offset, len } => {
+            // Zeroes are written only where the mirror reads otherwise (storage that was a
+            // volume before, or damaged): a new mirror's storage reads as zeroes, and stays
+            // sparse.
+            let _redo = RedoGuard::new(m.device.as_ref());
+            let mut buf = vec![0u8; crate::usize_of(len.min(ZERO_CHECK_BYTES))];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(buf.len() as u64);
+                let piece = &mut buf[..crate::usize_of(n)];
+                let zero = m.device.read_at(piece, at).is_ok() && piece.iter().all(|&b| b == 0);
+                if !zero {
+                    if let Err(e) = m.device.write_zeroes(at, n) {
+                        m.fail(&format!("baseline zeroes at {at}: {e}"));
+                        return;
+                    }
+                }
+                m.baseline_bytes.fetch_add(n, Ordering::Relaxed);
+                at += n;
             }
         }
         Job::BaselineDone { sink, gen } => {

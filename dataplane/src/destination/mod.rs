@@ -197,6 +197,11 @@ enum Job {
         offset: u64,
         data: Vec<u8>,
     },
+    /// A range of a baseline or resync that reads as zeroes on the source.
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     BaselineDone {
         sink: Arc<dyn ReplySink>,
         gen: u64,

@@ -142,6 +142,38 @@ impl FrameHandler for Session {
                     }
                 }
             }
+            Message::ZeroRange { purpose, offset, len } => {
+                let size = self.mirror.device.size();
+                if offset % BLOCK_BYTES as u64 != 0 || len % BLOCK_BYTES as u64 != 0 {
+                    return Err("zero range not block-aligned".into());
+                }
+                crate::storage::check_range(size, offset, len).map_err(|e| e.to_string())?;
+                match purpose {
+                    BlockPurpose::Baseline => {
+                        match self.baseline_next {
+                            Some(next) if next == offset => {}
+                            Some(next) => {
+                                return Err(format!("baseline zeroes at offset {offset}, where {next} was expected"))
+                            }
+                            None => return Err("baseline zeroes on a session that is not a baseline".into()),
+                        }
+                        self.baseline_next = Some(offset + len);
+                    }
+                    BlockPurpose::Resync => {
+                        let Some(r) = &mut self.resync else {
+                            return Err("resync zeroes on a session that is not a resync".into());
+                        };
+                        if offset < r.next_min {
+                            return Err(format!("resync zeroes at offset {offset}, below {} already sent", r.next_min));
+                        }
+                        r.next_min = offset + len;
+                        r.bytes += len;
+                        r.chunks += 1;
+                    }
+                    BlockPurpose::CpByValue => return Err("zeroes for a CP by value".into()),
+                }
+                self.queue(Job::Zero { offset, len })
+            }
             Message::BaselineDone { volume_bytes } => {
                 if volume_bytes != self.mirror.device.size() {
                     return Err("baseline size mismatch".into());

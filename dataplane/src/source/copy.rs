@@ -57,9 +57,30 @@ where
                     return true;
                 }
                 let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
-                let r = link.send(&Message::BlockData { purpose, offset, data: &buf });
+                // Runs of pieces that read as zeroes go as ranges, not data: the wire carries
+                // nothing for them, and a new mirror stays sparse.
+                let mut r = Ok(());
+                let mut at = 0usize;
+                while at < buf.len() && r.is_ok() {
+                    let zero = |i: usize| buf[i..(i + ZERO_PIECE).min(buf.len())].iter().all(|&b| b == 0);
+                    let first_zero = zero(at);
+                    let mut end = (at + ZERO_PIECE).min(buf.len());
+                    while end < buf.len() && zero(end) == first_zero {
+                        end = (end + ZERO_PIECE).min(buf.len());
+                    }
+                    let o = offset + at as u64;
+                    r = if first_zero {
+                        link.send(&Message::ZeroRange { purpose, offset: o, len: (end - at) as u64 })
+                    } else {
+                        link.send(&Message::BlockData { purpose, offset: o, data: &buf[at..end] })
+                    };
+                    c.chunks += 1;
+                    if first_zero {
+                        c.zero_bytes += (end - at) as u64;
+                    }
+                    at = end;
+                }
                 c.bytes += len;
-                c.chunks += 1;
                 c.cursor += match c.kind {
                     CopyKind::Baseline => len,
                     CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),

@@ -181,9 +181,10 @@ where
                         self.stats.last_copy_kind =
                             Some(if c.kind == CopyKind::Resync { "resync" } else { "baseline" }.into());
                         self.stats.last_copy_bytes = c.bytes;
+                        self.stats.last_copy_zero_bytes = c.zero_bytes;
                         eprintln!(
-                            "volume {}: {what} done ({} bytes in {} chunks); mirror in sync",
-                            self.cfg.volume, c.bytes, c.chunks
+                            "volume {}: {what} done ({} bytes in {} frames, {} of them zeroes sent as ranges); mirror in sync",
+                            self.cfg.volume, c.bytes, c.chunks, c.zero_bytes
                         );
                         // The change map is relative to this peer's copy from now on.
                         if let (Some(m), Some(peer)) = (&mut self.changes, &self.cfg.peer) {
@@ -349,6 +350,7 @@ where
                     marks,
                     marked,
                     bytes: 0,
+                    zero_bytes: 0,
                     chunks: 0,
                     done_sent: false,
                     done_ns: 0,

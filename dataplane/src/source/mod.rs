@@ -101,6 +101,9 @@ const THROTTLE_SCALE_US: f64 = 10.0;
 const THROTTLE_DELAY_MAX_US: u64 = 2_000;
 /// Bytes of baseline data per frame.
 const BASELINE_CHUNK: usize = 1 << 20;
+/// A copy's chunk is looked at in pieces of this size: a run of pieces that read as zeroes
+/// goes as a zero range.
+const ZERO_PIECE: usize = 64 << 10;
 /// Entry bytes per frame.
 const SEND_MAX: usize = BODY_MAX - ENTRIES_PREFIX_BYTES - FRAME_HEADER_BYTES;
 
@@ -178,6 +181,8 @@ struct Copying {
     /// Regions a resync copies.
     marked: u64,
     bytes: u64,
+    /// Of `bytes`, those sent as zero ranges (no data on the wire).
+    zero_bytes: u64,
     chunks: u64,
     done_sent: bool,
     /// Clock time (ns) the end of the copy was sent.
@@ -547,3 +552,4 @@ fn eio(msg: String) -> io::Error {
 }
 
 const _: () = assert!(BASELINE_CHUNK.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(ZERO_PIECE.is_multiple_of(BLOCK_BYTES) && BASELINE_CHUNK.is_multiple_of(ZERO_PIECE));

@@ -51,6 +51,7 @@ where
             local_only_seq: 0,
             last_copy_kind: None,
             last_copy_bytes: 0,
+            last_copy_zero_bytes: 0,
             ack_latency_le_us: Vec::new(),
             ack_latency_sum_us: 0,
             ack_latency_count: 0,

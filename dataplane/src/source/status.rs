@@ -105,6 +105,8 @@ pub struct SourceStatus {
     /// The last copy to the mirror that completed: `baseline` or `resync`, and its bytes.
     pub last_copy_kind: Option<String>,
     pub last_copy_bytes: u64,
+    /// Of those, the bytes that read as zeroes and went as ranges, not data.
+    pub last_copy_zero_bytes: u64,
     /// A delta resync under way: bytes copied, of how many.
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,

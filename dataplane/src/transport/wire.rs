@@ -149,6 +149,14 @@ pub enum Message<'a> {
         offset: u64,
         data: &'a [u8],
     },
+    /// `len` bytes at `offset` that read as zeroes on the source, for a baseline or a
+    /// resync: sent as a range, not as data, and written as zeroes only where the mirror
+    /// does not read as zeroes already (it stays sparse).
+    ZeroRange {
+        purpose: BlockPurpose,
+        offset: u64,
+        len: u64,
+    },
     BaselineDone {
         volume_bytes: u64,
     },
@@ -246,6 +254,7 @@ const K_RESYNC_DONE: u8 = 17;
 const K_LOG_FETCH: u8 = 18;
 const K_LOG_BYTES: u8 = 19;
 const K_LOG_FETCH_END: u8 = 20;
+const K_ZERO_RANGE: u8 = 21;
 // The handshake's authentication frames, apart from the data path's kinds.
 const K_AUTH_REQUEST: u8 = 32;
 const K_AUTH_CHALLENGE: u8 = 33;
@@ -432,6 +441,12 @@ impl Message<'_> {
                 w.bulk(*purpose as u8, *offset, data);
                 K_BLOCK_DATA
             }
+            Message::ZeroRange { purpose, offset, len } => {
+                w.u8(*purpose as u8);
+                w.u64(*offset);
+                w.u64(*len);
+                K_ZERO_RANGE
+            }
             Message::BaselineDone { volume_bytes } => {
                 w.u64(*volume_bytes);
                 K_BASELINE_DONE
@@ -542,6 +557,15 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message<'_>, usize)>, WireError> {
     Ok(Some((decode_body(kind, body)?, total)))
 }
 
+fn purpose(b: u8) -> Option<BlockPurpose> {
+    match b {
+        1 => Some(BlockPurpose::CpByValue),
+        2 => Some(BlockPurpose::Baseline),
+        3 => Some(BlockPurpose::Resync),
+        _ => None,
+    }
+}
+
 fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
     let name = match kind {
         K_HELLO => "hello",
@@ -563,6 +587,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_LOG_FETCH => "log-fetch",
         K_LOG_BYTES => "log-bytes",
         K_LOG_FETCH_END => "log-fetch-end",
+        K_ZERO_RANGE => "zero-range",
         K_AUTH_REQUEST => "auth-request",
         K_AUTH_CHALLENGE => "auth-challenge",
         K_AUTH_PROOF => "auth-proof",
@@ -641,12 +666,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         }
         K_CP => Message::Cp { cp: r.u64()?, partition: r.u8()?, upto_seq: r.u64()?, by_value: r.bool()? },
         K_BLOCK_DATA => {
-            let purpose = match r.u8()? {
-                1 => BlockPurpose::CpByValue,
-                2 => BlockPurpose::Baseline,
-                3 => BlockPurpose::Resync,
-                _ => return Err(WireError::BadField(name, "unknown purpose")),
-            };
+            let purpose = purpose(r.u8()?).ok_or(WireError::BadField(name, "unknown purpose"))?;
             r.take(3)?;
             let offset = r.u64()?;
             let data = r.rest();
@@ -654,6 +674,17 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 return Err(WireError::BadField(name, "no data"));
             }
             Message::BlockData { purpose, offset, data }
+        }
+        K_ZERO_RANGE => {
+            let purpose = match purpose(r.u8()?) {
+                Some(p @ (BlockPurpose::Baseline | BlockPurpose::Resync)) => p,
+                _ => return Err(WireError::BadField(name, "purpose not baseline or resync")),
+            };
+            let (offset, len) = (r.u64()?, r.u64()?);
+            if len == 0 {
+                return Err(WireError::BadField(name, "empty range"));
+            }
+            Message::ZeroRange { purpose, offset, len }
         }
         K_BASELINE_DONE => Message::BaselineDone { volume_bytes: r.u64()? },
         K_RESYNC_DONE => Message::ResyncDone { bytes: r.u64()?, chunks: r.u64()? },
@@ -692,6 +723,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::Hello(_)
             | Message::Welcome(_)
             | Message::Cp { .. }
+            | Message::ZeroRange { .. }
             | Message::BaselineDone { .. }
             | Message::ResyncDone { .. }
             | Message::Ack { .. }
@@ -745,6 +777,8 @@ mod tests {
             Message::Cp { cp: 9, partition: 1, upto_seq: 77, by_value: true },
             Message::BlockData { purpose: BlockPurpose::Baseline, offset: 4096, data: &[9; 10] },
             Message::BaselineDone { volume_bytes: 1 << 30 },
+            Message::ZeroRange { purpose: BlockPurpose::Baseline, offset: 1 << 20, len: 3 << 20 },
+            Message::ZeroRange { purpose: BlockPurpose::Resync, offset: 0, len: 4096 },
             Message::ResyncDone { bytes: 1 << 20, chunks: 3 },
             Message::BlockData { purpose: BlockPurpose::Resync, offset: 1 << 16, data: &[1; 8] },
             Message::Hello(Hello {
