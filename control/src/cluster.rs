@@ -107,6 +107,27 @@ impl NodeProc {
         }
     }
 
+    /// SIGTERM, the way a service manager stops a node; waits up to `timeout` for it to
+    /// exit (then kills it, and says so).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("node {} is not running", self.name) };
+        let pid = i32::try_from(c.id()).context("pid")?;
+        // SAFETY: kill(2) on a child of this process, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("node {} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Restarts a killed node on the same addresses and data dir.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

@@ -15,7 +15,10 @@ use nvmirror_control::{quickstart, size};
 use nvmirror_dataplane::frontend::nbd::NbdServer;
 use nvmirror_dataplane::nvram::NvramSpec;
 use nvmirror_dataplane::transport::auth::PeerSecret;
+use sd_notify::NotifyState;
 use serde_json::Value;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
 #[command(name = "nvmirror", version, about = "Synchronous block-volume mirroring")]
@@ -375,9 +378,41 @@ fn run_node(a: NodeArgs) -> Result<()> {
     if let Some(url) = &a.state {
         nvmirror_control::fleet::start(&node, url, Duration::from_secs(a.lease_ttl.max(1)))?;
     }
-    api::serve(control, node);
+    // Under systemd (Type=notify): ready now, and alive while the watchdog asks.
+    let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("serving")]);
+    let mut watchdog_us = 0;
+    if sd_notify::watchdog_enabled(false, &mut watchdog_us) {
+        let every = Duration::from_micros(watchdog_us / 2);
+        std::thread::Builder::new().name("nvm-watchdog".into()).spawn(move || loop {
+            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+            std::thread::sleep(every);
+        })?;
+    }
+    let api_node = node.clone();
+    std::thread::Builder::new().name("nvm-api-accept".into()).spawn(move || api::serve(control, api_node))?;
+    // SIGTERM or SIGINT: a clean stop. No new NBD connections; every volume's writes in
+    // flight drained (a pair in sync takes a last CP); state is on disk as it changes.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let what = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+    eprintln!(
+        "node {name}: {what}: stopping (no new connections; draining writes in flight, {STOP_BOUND_SECS} s at most)"
+    );
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status("stopping: draining writes")]);
+    drop(_nbd);
+    for (volume, drained) in node.stop_cleanly(Duration::from_secs(STOP_BOUND_SECS)) {
+        if drained {
+            eprintln!("node {name}: volume {volume} stopped, every write in flight answered");
+        } else {
+            eprintln!("node {name}: volume {volume} stopped with writes unanswered after {STOP_BOUND_SECS} s (none acknowledged; clients see errors)");
+        }
+    }
+    eprintln!("node {name}: stopped");
     Ok(())
 }
+
+/// How long a clean stop may take before what is left in flight is failed.
+const STOP_BOUND_SECS: u64 = 30;
 
 fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
     let client = Client::new(addr);

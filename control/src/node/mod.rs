@@ -606,6 +606,44 @@ impl Node {
             .ok_or_else(|| anyhow!("no record of volume {name}"))
     }
 
+    /// Stops every primary volume cleanly, within `bound` in all: a pair in sync
+    /// quiesces (its in-flight writes acknowledged, new ones held, a last CP taken, so that
+    /// it restarts level with its mirror); any other volume gets until its in-flight
+    /// writes are done. Then the pollers stop; writes still held fail, none of them
+    /// acknowledged. Returns, per volume, whether it drained.
+    pub fn stop_cleanly(&self, bound: Duration) -> Vec<(String, bool)> {
+        let deadline = std::time::Instant::now() + bound;
+        let handles: Vec<(String, Arc<SourceHandle>)> =
+            self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut quiescing = Vec::new();
+        for (name, h) in &handles {
+            let (tx, rx) = bounded(1);
+            if h.control(Control::Quiesce(tx)).is_ok() {
+                quiescing.push((name.clone(), h.clone(), rx));
+            }
+        }
+        let mut report = Vec::new();
+        for (name, h, rx) in quiescing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let drained = match rx.recv_timeout(left) {
+                Ok(Ok(_)) => true,
+                // Not in sync (or unmirrored): wait for the writes in flight alone.
+                Ok(Err(_)) => loop {
+                    match h.status() {
+                        Ok(s) if s.pending_writes == 0 => break true,
+                        Ok(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                        _ => break false,
+                    }
+                },
+                Err(_) => false,
+            };
+            h.stop();
+            self.volumes.write().remove(&name);
+            report.push((name, drained));
+        }
+        report
+    }
+
     pub fn shutdown(&self) {
         let handles: Vec<_> = self.volumes.write().drain().map(|(_, h)| h).collect();
         for h in handles {
