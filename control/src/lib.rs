@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod config;
 pub mod etcd;
 pub mod events;
 pub mod fleet;

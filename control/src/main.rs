@@ -34,7 +34,7 @@ enum Cmd {
     /// Administer a running node through its control API.
     Ctl {
         /// The node's control address (HOST:PORT).
-        #[arg(long)]
+        #[arg(long, env = "NVMIRROR_NODE", default_value = "127.0.0.1:7200")]
         node: String,
         /// Speak https to the node, trusting these CA certificates (PEM) for its
         /// certificate (a node started with --tls-cert).
@@ -53,7 +53,12 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+#[command(args_override_self = true)]
 struct NodeArgs {
+    /// A TOML file of settings, each key a flag of this command (`data-dir = "/srv/a"`);
+    /// flags given here win over the file's.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long)]
     data_dir: PathBuf,
     /// Replication listen address.
@@ -252,7 +257,19 @@ enum VolumeCmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // `node --config FILE`: the file's settings go in as flags before the command line's.
+    let node_flags: Vec<(String, bool)> = <NodeArgs as clap::Args>::augment_args(clap::Command::new("node"))
+        .get_arguments()
+        .filter_map(|a| Some((a.get_long()?.to_string(), a.get_action().takes_values())))
+        .collect();
+    let args = match nvmirror_control::config::expand(std::env::args_os().collect(), &node_flags) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nvmirror: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
         Cmd::Ctl { node, tls_ca, secret_file, cmd } => {

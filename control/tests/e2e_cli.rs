@@ -328,3 +328,43 @@ fn a_node_name_that_cannot_be_a_path_or_a_label_is_refused() {
         fails_with(&node_args(d, &["--name", bad]), "--name");
     }
 }
+
+/// `node --config FILE`: every flag as a TOML key; a flag on the command line wins; an
+/// unknown key is refused with its line.
+#[test]
+fn a_config_file_sets_the_node_s_flags_and_the_command_line_wins() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("node.toml");
+    let data = dir.path().join("n");
+    std::fs::write(
+        &conf,
+        format!(
+            "# nvmirror node\ndata-dir = \"{}\"\nlisten = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nnbd = \"127.0.0.1:0\"\nname = \"from-file\"\nraid-data-disks = 2\n",
+            data.display()
+        ),
+    )
+    .expect("write config");
+    let mut child = std::process::Command::new(bin())
+        .args(["node", "--config", conf.to_str().expect("path"), "--name", "from-cli"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a node from its config file");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    let control = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("control="))
+        .unwrap_or_else(|| panic!("no control address in {line:?}"))
+        .to_string();
+    assert!(line.contains("node from-cli ready"), "{line}");
+    ctl_ok(&control, &["volume", "create", "v", "--size", "8M"]);
+    let s = ctl_json(&control);
+    assert_eq!(s["node"], "from-cli", "the command line's --name wins: {s}");
+    assert_eq!(s["volumes"][0]["storage"]["data_disks"], 2, "the file's raid-data-disks applies: {s}");
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::write(&conf, "data-dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\nrepl-secret = \"x\"\n").expect("write");
+    fails_with(&["node", "--config", conf.to_str().expect("path")], "node.toml:3: unknown key \"repl-secret\"");
+}

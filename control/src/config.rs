@@ -1,0 +1,139 @@
+//! `nvmirror node --config FILE`: a TOML file whose keys are the node's flags, by the same
+//! names (`data-dir = "/srv/a"`, `listen = "10.0.0.1:7100"`, `require-signed-ctl = true`).
+//! Its settings go before the command line's, so a flag given there wins; a key that is
+//! not a flag is an error naming the key and its line.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The arguments with the settings of any `node --config FILE` spliced in right after
+/// `node`, as the flags they stand for. `flags`: the node command's long flags, and
+/// whether each takes a value.
+pub fn expand(args: Vec<OsString>, flags: &[(String, bool)]) -> Result<Vec<OsString>> {
+    let Some(node_at) = args.iter().skip(1).position(|a| a == "node").map(|i| i + 1) else { return Ok(args) };
+    // The file named by --config FILE or --config=FILE (the last one, as flags go).
+    let mut file = None;
+    let mut i = node_at + 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--config" {
+            file = Some(args.get(i + 1).ok_or_else(|| anyhow!("--config needs a file"))?.clone());
+            i += 2;
+            continue;
+        }
+        if let Some(f) = a.strip_prefix("--config=") {
+            file = Some(OsString::from(f));
+        }
+        i += 1;
+    }
+    let Some(file) = file else { return Ok(args) };
+    let settings = read(Path::new(&file), flags)?;
+    let mut out: Vec<OsString> = args[..=node_at].to_vec();
+    out.extend(settings.into_iter().map(OsString::from));
+    out.extend(args[node_at + 1..].iter().cloned());
+    Ok(out)
+}
+
+/// The flags a config file stands for.
+fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    let line_of = |key: &str| {
+        text.lines()
+            .position(|l| {
+                let l = l.trim_start();
+                l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+                    || l.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map_or(0, |i| i + 1)
+    };
+    let mut out = Vec::new();
+    for (key, value) in &table {
+        let at = format!("{}:{}", path.display(), line_of(key));
+        if key == "config" {
+            bail!("{at}: a config file cannot name another (key \"config\")");
+        }
+        let Some((_, takes_value)) = flags.iter().find(|(name, _)| name == key) else {
+            let known: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).filter(|n| *n != "config").collect();
+            bail!("{at}: unknown key {key:?}: the keys are the node's flags ({})", known.join(", "));
+        };
+        match (value, takes_value) {
+            (toml::Value::Boolean(true), false) => out.push(format!("--{key}")),
+            (toml::Value::Boolean(false), false) => {}
+            (toml::Value::String(s), true) => out.push(format!("--{key}={s}")),
+            (toml::Value::Integer(n), true) => out.push(format!("--{key}={n}")),
+            (_, false) => bail!("{at}: {key} is a switch: true or false"),
+            (other, true) => bail!("{at}: {key} takes a string or a number, not {}", other.type_str()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> Vec<(String, bool)> {
+        [("data-dir", true), ("listen", true), ("lease-ttl", true), ("require-signed-ctl", false), ("config", true)]
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect()
+    }
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_file_s_settings_go_before_the_command_line_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("node.toml");
+        std::fs::write(&f, "# a node\ndata-dir = \"/srv/a\"\nlease-ttl = 5\nrequire-signed-ctl = true\n").unwrap();
+        let out =
+            expand(args(&["nvmirror", "node", "--config", f.to_str().unwrap(), "--lease-ttl", "9"]), &flags()).unwrap();
+        let out: Vec<String> = out.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let f = f.to_str().unwrap().to_string();
+        assert_eq!(
+            out,
+            [
+                "nvmirror",
+                "node",
+                "--data-dir=/srv/a",
+                "--lease-ttl=5",
+                "--require-signed-ctl",
+                "--config",
+                &f,
+                "--lease-ttl",
+                "9"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("node.toml");
+        let run = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            expand(args(&["nvmirror", "node", &format!("--config={}", f.display())]), &flags()).unwrap_err().to_string()
+        };
+        let e = run("data-dir = \"/a\"\n\nlistne = \"x\"\n");
+        assert!(e.contains("node.toml:3: unknown key \"listne\"") && e.contains("listen"), "{e}");
+        let e = run("require-signed-ctl = \"yes\"\n");
+        assert!(e.contains(":1: require-signed-ctl is a switch"), "{e}");
+        let e = run("listen = [1]\n");
+        assert!(e.contains("listen takes a string or a number"), "{e}");
+        let e = run("listen = \n");
+        assert!(e.contains("--config"), "{e}");
+    }
+
+    #[test]
+    fn other_commands_and_nodes_without_a_file_are_left_alone() {
+        let a = args(&["nvmirror", "ctl", "--node", "x:1", "status"]);
+        assert_eq!(expand(a.clone(), &flags()).unwrap(), a);
+        let a = args(&["nvmirror", "node", "--data-dir", "/d"]);
+        assert_eq!(expand(a.clone(), &flags()).unwrap(), a);
+    }
+}
