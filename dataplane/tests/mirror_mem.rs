@@ -172,6 +172,24 @@ fn cps_by_value_make_the_mirror_equal_the_source() {
     h.stop();
 }
 
+/// Attaches a session to `inner`'s mirror, made at the first hello over the device and
+/// log files `make` gives.
+fn attach_made(
+    inner: &MemMirrorDirectory,
+    hello: &Hello,
+    sink: Arc<dyn ReplySink>,
+    make: impl FnOnce() -> (Arc<MemDevice>, [Box<dyn Nvram>; 2]),
+) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
+    let mut m = inner.mirror.lock();
+    if m.is_none() {
+        let (dev, logs) = make();
+        *inner.device.lock() = Some(dev.clone());
+        *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
+    }
+    let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
+    Ok((Box::new(s), w))
+}
+
 /// A mirror whose log files are mapped files, which the test can damage behind its back.
 struct FileLogMirror {
     dir: tempfile::TempDir,
@@ -184,20 +202,13 @@ impl MirrorDirectory for FileLogMirror {
         hello: &Hello,
         sink: Arc<dyn ReplySink>,
     ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let mut m = self.inner.mirror.lock();
-        if m.is_none() {
+        attach_made(&self.inner, hello, sink, || {
             use nvmirror_dataplane::nvram::{MappedNvram, NvramMode};
-            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
-            *self.inner.device.lock() = Some(dev.clone());
             let log = |p: usize| -> Box<dyn Nvram> {
                 Box::new(MappedNvram::open(&self.dir.path().join(format!("log{p}")), PART, NvramMode::File).unwrap())
             };
-            *m = Some(
-                Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), [log(0), log(1)], dev).unwrap(),
-            );
-        }
-        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
-        Ok((Box::new(s), w))
+            (Arc::new(MemDevice::new(hello.volume_bytes)), [log(0), log(1)])
+        })
     }
 }
 
@@ -436,7 +447,7 @@ fn acks_of_newer_entries_do_not_wait_for_a_cp_write_out() {
 }
 
 /// A mirror over storage that holds something already (a failed-over primary's volume
-/// coming back by baseline), with a device that counts the bytes written to it.
+/// coming back by baseline).
 struct StaleMirror {
     inner: MemMirrorDirectory,
 }
@@ -447,16 +458,11 @@ impl MirrorDirectory for StaleMirror {
         hello: &Hello,
         sink: Arc<dyn ReplySink>,
     ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        let mut m = self.inner.mirror.lock();
-        if m.is_none() {
+        attach_made(&self.inner, hello, sink, || {
             let dev = Arc::new(MemDevice::new(hello.volume_bytes));
             dev.write_at(&vec![0xee; hello.volume_bytes as usize], 0).unwrap();
-            *self.inner.device.lock() = Some(dev.clone());
-            let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
-            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
-        }
-        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
-        Ok((Box::new(s), w))
+            (dev, [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))])
+        })
     }
 }
 
