@@ -109,14 +109,19 @@ pub struct RoundFigures {
     pub wall: Duration,
 }
 
+/// Operations per second over `wall` (0 over no time).
+fn per_second(ops: u64, wall: Duration) -> f64 {
+    let s = wall.as_secs_f64();
+    if s > 0.0 {
+        ops as f64 / s
+    } else {
+        0.0
+    }
+}
+
 impl RoundFigures {
     pub fn throughput(&self) -> f64 {
-        let s = self.wall.as_secs_f64();
-        if s > 0.0 {
-            self.ops as f64 / s
-        } else {
-            0.0
-        }
+        per_second(self.ops, self.wall)
     }
 }
 
@@ -185,12 +190,7 @@ impl ArmStats {
     }
 
     pub fn throughput(&self) -> f64 {
-        let s = self.wall.as_secs_f64();
-        if s > 0.0 {
-            self.ops as f64 / s
-        } else {
-            0.0
-        }
+        per_second(self.ops, self.wall)
     }
 
     pub fn result(&self) -> ArmResult {

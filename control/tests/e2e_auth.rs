@@ -21,7 +21,7 @@ use common::*;
 use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
 use nvmirror_dataplane::transport::wire::{self, FRAME_HEADER_BYTES};
-use nvmirror_dataplane::transport::{LogTail, Message, RefuseCode, Welcome};
+use nvmirror_dataplane::transport::{Message, RefuseCode, Welcome};
 use serde_json::Value;
 
 const VOL: &str = "vol";
@@ -213,15 +213,7 @@ fn impostor(addr: &str, stop: Arc<AtomicBool>, answer: fn(usize) -> Vec<u8>) -> 
 }
 
 fn impostor_answer(n: usize) -> Vec<u8> {
-    let welcome = Message::Welcome(Welcome {
-        epoch: 1,
-        applied_cp: 0,
-        applied_seq: 0,
-        consistent: false,
-        resyncable: false,
-        logs: [LogTail::default(); 2],
-    })
-    .encode();
+    let welcome = Message::Welcome(Welcome { epoch: 1, ..Welcome::default() }).encode();
     if n.is_multiple_of(2) {
         // A forged proof, then a welcome that would start a baseline into the impostor.
         let mut f = Message::AuthProof { proof: [0xa5; 32] }.encode();

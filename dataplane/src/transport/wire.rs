@@ -85,7 +85,7 @@ pub struct Hello {
     pub base_cp_gen: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Welcome {
     pub epoch: u64,
     pub applied_cp: u64,

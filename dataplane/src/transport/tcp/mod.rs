@@ -98,7 +98,7 @@ impl WriteAllVectored for TcpStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{FrameHandler, Intent, LogTail};
+    use crate::transport::{FrameHandler, Intent};
     use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
 
@@ -135,14 +135,7 @@ mod tests {
     }
 
     fn welcome() -> Welcome {
-        Welcome {
-            epoch: 1,
-            applied_cp: 0,
-            applied_seq: 0,
-            consistent: false,
-            resyncable: false,
-            logs: [LogTail::default(); 2],
-        }
+        Welcome { epoch: 1, ..Welcome::default() }
     }
 
     fn hello() -> Hello {
