@@ -548,7 +548,10 @@ impl Node {
             .mirrors
             .read()
             .values()
-            .filter(|m| !(m.meta().promoted && primaries.contains(&m.meta().volume)))
+            .filter(|m| {
+                let meta = m.meta();
+                !(meta.promoted && primaries.contains(&meta.volume))
+            })
             .map(|m| {
                 let mirror = m.status();
                 let storage =

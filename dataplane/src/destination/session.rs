@@ -54,6 +54,31 @@ impl Session {
         }
     }
 
+    /// Takes the next piece of a baseline or resync, `len` bytes at `offset` (`what`:
+    /// `data` or `zeroes`, for the errors): a baseline's must continue it exactly, a
+    /// resync's must not go back; a resync counts what it received.
+    fn take_copy_piece(&mut self, purpose: BlockPurpose, offset: u64, len: u64, what: &str) -> Result<(), String> {
+        if purpose == BlockPurpose::Baseline {
+            match self.baseline_next {
+                Some(next) if next == offset => {}
+                Some(next) => return Err(format!("baseline {what} at offset {offset}, where {next} was expected")),
+                None => return Err(format!("baseline {what} on a session that is not a baseline")),
+            }
+            self.baseline_next = Some(offset + len);
+            return Ok(());
+        }
+        let Some(r) = &mut self.resync else {
+            return Err(format!("resync {what} on a session that is not a resync"));
+        };
+        if offset < r.next_min {
+            return Err(format!("resync {what} at offset {offset}, below {} already sent", r.next_min));
+        }
+        r.next_min = offset + len;
+        r.bytes += len;
+        r.chunks += 1;
+        Ok(())
+    }
+
     fn queue(&self, job: Job) -> Result<(), String> {
         self.mirror.queue(job)
     }
@@ -107,27 +132,8 @@ impl FrameHandler for Session {
                 }
                 crate::storage::check_range(size, offset, data.len() as u64).map_err(|e| e.to_string())?;
                 match purpose {
-                    BlockPurpose::Baseline => {
-                        match self.baseline_next {
-                            Some(next) if next == offset => {}
-                            Some(next) => {
-                                return Err(format!("baseline data at offset {offset}, where {next} was expected"))
-                            }
-                            None => return Err("baseline data on a session that is not a baseline".into()),
-                        }
-                        self.baseline_next = Some(offset + data.len() as u64);
-                        self.queue(Job::Baseline { offset, data: data.to_vec() })
-                    }
-                    BlockPurpose::Resync => {
-                        let Some(r) = &mut self.resync else {
-                            return Err("resync data on a session that is not a resync".into());
-                        };
-                        if offset < r.next_min {
-                            return Err(format!("resync data at offset {offset}, below {} already sent", r.next_min));
-                        }
-                        r.next_min = offset + data.len() as u64;
-                        r.bytes += data.len() as u64;
-                        r.chunks += 1;
+                    BlockPurpose::Baseline | BlockPurpose::Resync => {
+                        self.take_copy_piece(purpose, offset, data.len() as u64, "data")?;
                         self.queue(Job::Baseline { offset, data: data.to_vec() })
                     }
                     BlockPurpose::CpByValue => {
@@ -148,30 +154,10 @@ impl FrameHandler for Session {
                     return Err("zero range not block-aligned".into());
                 }
                 crate::storage::check_range(size, offset, len).map_err(|e| e.to_string())?;
-                match purpose {
-                    BlockPurpose::Baseline => {
-                        match self.baseline_next {
-                            Some(next) if next == offset => {}
-                            Some(next) => {
-                                return Err(format!("baseline zeroes at offset {offset}, where {next} was expected"))
-                            }
-                            None => return Err("baseline zeroes on a session that is not a baseline".into()),
-                        }
-                        self.baseline_next = Some(offset + len);
-                    }
-                    BlockPurpose::Resync => {
-                        let Some(r) = &mut self.resync else {
-                            return Err("resync zeroes on a session that is not a resync".into());
-                        };
-                        if offset < r.next_min {
-                            return Err(format!("resync zeroes at offset {offset}, below {} already sent", r.next_min));
-                        }
-                        r.next_min = offset + len;
-                        r.bytes += len;
-                        r.chunks += 1;
-                    }
-                    BlockPurpose::CpByValue => return Err("zeroes for a CP by value".into()),
+                if purpose == BlockPurpose::CpByValue {
+                    return Err("zeroes for a CP by value".into());
                 }
+                self.take_copy_piece(purpose, offset, len, "zeroes")?;
                 self.queue(Job::Zero { offset, len })
             }
             Message::BaselineDone { volume_bytes } => {

@@ -59,26 +59,21 @@ where
                 let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
                 // Runs of pieces that read as zeroes go as ranges, not data: the wire carries
                 // nothing for them, and a new mirror stays sparse.
+                let zero: Vec<bool> = buf.chunks(ZERO_PIECE).map(|p| p.iter().all(|&b| b == 0)).collect();
                 let mut r = Ok(());
-                let mut at = 0usize;
-                while at < buf.len() && r.is_ok() {
-                    let zero = |i: usize| buf[i..(i + ZERO_PIECE).min(buf.len())].iter().all(|&b| b == 0);
-                    let first_zero = zero(at);
-                    let mut end = (at + ZERO_PIECE).min(buf.len());
-                    while end < buf.len() && zero(end) == first_zero {
-                        end = (end + ZERO_PIECE).min(buf.len());
-                    }
+                let mut first = 0;
+                while first < zero.len() && r.is_ok() {
+                    let n = zero[first..].iter().take_while(|&&z| z == zero[first]).count();
+                    let (at, end) = (first * ZERO_PIECE, ((first + n) * ZERO_PIECE).min(buf.len()));
                     let o = offset + at as u64;
-                    r = if first_zero {
+                    r = if zero[first] {
+                        c.zero_bytes += (end - at) as u64;
                         link.send(&Message::ZeroRange { purpose, offset: o, len: (end - at) as u64 })
                     } else {
                         link.send(&Message::BlockData { purpose, offset: o, data: &buf[at..end] })
                     };
                     c.chunks += 1;
-                    if first_zero {
-                        c.zero_bytes += (end - at) as u64;
-                    }
-                    at = end;
+                    first += n;
                 }
                 c.bytes += len;
                 c.cursor += match c.kind {
