@@ -6,8 +6,12 @@
 //! - `nbdkit`: nbdkit's `file` plugin on a raw file (its default thread pool);
 //! - `qemu-nbd`: qemu-nbd on a raw file (`-f raw`, writeback cache, its default);
 //! - `plain`: an unmirrored nvmirror volume on one disk file (`--disk FILE`);
-//! - `mirrored`: the same, mirrored (strict, TCP) to a second node on this host, whose
-//!   mirror has that node's default geometry (RAID-4, 3+1 files in its data dir).
+//! - `mirrored`: the same, mirrored (strict, TCP) to a second node on this host that keeps
+//!   its mirrors on one file each (`--mirror-layout single`): one disk on each site, as
+//!   `plain` and as DRBD's pair;
+//! - `mirrored-raid4`: the same, mirrored to a third node that keeps its mirrors in the
+//!   default geometry (RAID-4, 3+1 files in its data dir, parity and checksums computed as
+//!   each CP is applied).
 //!
 //! Both nodes use `file:` NVRAM, the embedded default. Neither peer syncs its file, and
 //! neither does nvmirror under `file:` (a killed process loses nothing; a power cut at
@@ -24,6 +28,7 @@
 //! Targets (issue: run to completion): at QD32 plain IOPS at least 1.0x nbdkit's and p99
 //! at most 1.5x; at QD1 plain p50 at most nbdkit's and p99 at most 1.5x; mirrored IOPS at
 //! QD32 at least 0.7x plain; mirrored p50 at QD1 at most plain's plus 1.2x a ping-pong.
+//! `mirrored-raid4` is held to the same throughput target, reported beside it.
 
 use std::fs;
 use std::path::Path;
@@ -42,7 +47,7 @@ use crate::report::{Check, ScenarioResult};
 
 const VOLUME_BYTES: u64 = 256 << 20;
 const DEPTHS: [usize; 2] = [32, 1];
-const ARMS: [&str; 4] = ["nbdkit", "qemu-nbd", "plain", "mirrored"];
+const ARMS: [&str; 5] = ["nbdkit", "qemu-nbd", "plain", "mirrored", "mirrored-raid4"];
 
 struct Params {
     secs: f64,
@@ -256,12 +261,14 @@ fn start_qemu_nbd(dir: &Path) -> Result<(Peer, Target)> {
     Ok((peer, Target { uri: format!("nbd://127.0.0.1:{port}/"), pids: vec![pid] }))
 }
 
-/// Nodes A (volumes `plain` and `mirrored`, each on one disk file) and B (the mirror).
-fn start_nodes(bin: &Path, dir: &Path) -> Result<(NodeProc, NodeProc)> {
+/// Nodes A (volumes `plain`, `mirrored` and `mirrored-raid4`, each on one disk file), B
+/// (the mirror of `mirrored`, on one file) and C (the mirror of `mirrored-raid4`, RAID-4).
+fn start_nodes(bin: &Path, dir: &Path) -> Result<[NodeProc; 3]> {
     let a = NodeProc::start(bin, "peers-a", &dir.join("a"), &[]).context("start node A")?;
-    let b = NodeProc::start(bin, "peers-b", &dir.join("b"), &[]).context("start node B")?;
+    let b = NodeProc::start(bin, "peers-b", &dir.join("b"), &["--mirror-layout", "single"]).context("start node B")?;
+    let c = NodeProc::start(bin, "peers-c", &dir.join("c"), &[]).context("start node C")?;
     let ca = Client::new(&a.control);
-    for name in ["plain", "mirrored"] {
+    for name in ["plain", "mirrored", "mirrored-raid4"] {
         let disk = dir.join(format!("{name}.img"));
         let _: Value = ca
             .post(
@@ -276,7 +283,8 @@ fn start_nodes(bin: &Path, dir: &Path) -> Result<(NodeProc, NodeProc)> {
             .with_context(|| format!("create volume {name}"))?;
     }
     crate::cluster::mirror_in_sync(&ca, "mirrored", &b.control, Duration::from_secs(300), |_| {})?;
-    Ok((a, b))
+    crate::cluster::mirror_in_sync(&ca, "mirrored-raid4", &c.control, Duration::from_secs(300), |_| {})?;
+    Ok([a, b, c])
 }
 
 pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
@@ -291,13 +299,20 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     let dir = tempfile::Builder::new().prefix("nvmirror-bench-peers-").tempdir()?;
     let (_nbdkit, nbdkit) = start_nbdkit(dir.path())?;
     let (_qemu, qemu) = start_qemu_nbd(dir.path())?;
-    let (a, b) = start_nodes(bin, dir.path())?;
-    let (pa, pb) = (a.pid().context("node A is not running")?, b.pid().context("node B is not running")?);
+    let nodes = start_nodes(bin, dir.path())?;
+    let [pa, pb, pc] = [0, 1, 2].map(|i| nodes[i].pid());
+    let (pa, pb, pc) = (
+        pa.context("node A is not running")?,
+        pb.context("node B is not running")?,
+        pc.context("node C is not running")?,
+    );
+    let nbd = &nodes[0].nbd;
     let targets = [
         nbdkit,
         qemu,
-        Target { uri: format!("nbd://{}/plain", a.nbd), pids: vec![pa] },
-        Target { uri: format!("nbd://{}/mirrored", a.nbd), pids: vec![pa, pb] },
+        Target { uri: format!("nbd://{nbd}/plain"), pids: vec![pa] },
+        Target { uri: format!("nbd://{nbd}/mirrored"), pids: vec![pa, pb] },
+        Target { uri: format!("nbd://{nbd}/mirrored-raid4"), pids: vec![pa, pc] },
     ];
     let mut figures: Vec<Vec<Figures>> = DEPTHS.iter().map(|_| ARMS.iter().map(|_| Figures::new()).collect()).collect();
     let mut ping = PingPong::start()?;
@@ -343,8 +358,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
             }
         }
     }
-    drop(a);
-    drop(b);
+    drop(nodes);
 
     let at = |depth: usize, arm: &str| -> &Figures {
         let d = DEPTHS.iter().position(|&x| x == depth).expect("a measured depth");
@@ -377,7 +391,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         "ping_pong_p50_us": ping_p50_us,
     });
     let cpu_counted = "the server processes of each arm, all threads, ended ones included (/proc/PID/stat): nbdkit; \
-                       qemu-nbd; node A; nodes A and B (fio's own CPU is not counted)"
+                       qemu-nbd; node A; nodes A and B; nodes A and C (fio's own CPU is not counted)"
         .to_string();
     let result =
         |name: &str, description: String, arms: Vec<ArmResult>, check: Check, notes: Vec<String>| ScenarioResult {
@@ -392,25 +406,18 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     let (plain32, kit32, plain1, kit1) = (at(32, "plain"), at(32, "nbdkit"), at(1, "plain"), at(1, "nbdkit"));
     let mirrored32 = at(32, "mirrored");
     let mirrored1 = at(1, "mirrored");
+    let raid32 = at(32, "mirrored-raid4");
     let qd32_note = format!(
-        "QD32 IOPS: nbdkit {:.0}, qemu-nbd {:.0}, plain {:.0}, mirrored {:.0}; CPU per write: {}",
-        kit32.iops(),
-        at(32, "qemu-nbd").iops(),
-        plain32.iops(),
-        mirrored32.iops(),
+        "QD32 IOPS: {}; CPU per write: {}",
+        ARMS.iter().map(|n| format!("{n} {:.0}", at(32, n).iops())).collect::<Vec<_>>().join(", "),
         cpu_note(32)
     );
     let qd1_note = format!(
-        "QD1 p50/p99 us: nbdkit {:.1}/{:.1}, qemu-nbd {:.1}/{:.1}, plain {:.1}/{:.1}, mirrored {:.1}/{:.1}; ping-pong \
-         p50 {ping_p50_us:.1}; CPU per write: {}",
-        kit1.us_at(0.5),
-        kit1.us_at(0.99),
-        at(1, "qemu-nbd").us_at(0.5),
-        at(1, "qemu-nbd").us_at(0.99),
-        plain1.us_at(0.5),
-        plain1.us_at(0.99),
-        mirrored1.us_at(0.5),
-        mirrored1.us_at(0.99),
+        "QD1 p50/p99 us: {}; ping-pong p50 {ping_p50_us:.1}; CPU per write: {}",
+        ARMS.iter()
+            .map(|n| format!("{n} {:.1}/{:.1}", at(1, n).us_at(0.5), at(1, n).us_at(0.99)))
+            .collect::<Vec<_>>()
+            .join(", "),
         cpu_note(1)
     );
     Ok(vec![
@@ -466,13 +473,27 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         ),
         result(
             "nbd-peers-mirrored-qd32",
-            "QD32: the volume mirrored to a second node on this host against the unmirrored one".into(),
+            "QD32: the volume mirrored to a second node on this host (its mirror on one file) against the \
+             unmirrored one"
+                .into(),
             arms_at(32, &["plain", "mirrored"]),
             Check::at_least(
                 "IOPS(mirrored) / IOPS(plain), QD32",
                 mirrored32.iops() / plain32.iops().max(f64::MIN_POSITIVE),
                 0.7,
                 per_round(32, "mirrored", "plain", iops_of),
+            ),
+            vec![qd32_note.clone()],
+        ),
+        result(
+            "nbd-peers-mirrored-raid4-qd32",
+            "QD32: the volume mirrored to a node that keeps its mirror in RAID-4 3+1 against the unmirrored one".into(),
+            arms_at(32, &["plain", "mirrored-raid4"]),
+            Check::at_least(
+                "IOPS(mirrored-raid4) / IOPS(plain), QD32",
+                raid32.iops() / plain32.iops().max(f64::MIN_POSITIVE),
+                0.7,
+                per_round(32, "mirrored-raid4", "plain", iops_of),
             ),
             vec![qd32_note],
         ),

@@ -11,13 +11,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 17] = [
+const SCENARIOS: [&str; 18] = [
     "hop",
     "nbd-peers-qd32",
     "nbd-peers-qd32-p99",
     "nbd-peers-qd1",
     "nbd-peers-qd1-p99",
     "nbd-peers-mirrored-qd32",
+    "nbd-peers-mirrored-raid4-qd32",
     "nbd-peers-mirrored-qd1",
     "nbd-qd1",
     "nbd-qd32",

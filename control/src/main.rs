@@ -124,6 +124,11 @@ struct NodeArgs {
     /// I/O engine of those volumes' files: pread or uring.
     #[arg(long, default_value = "pread")]
     raid_engine: String,
+    /// How the mirrors this node hosts store their blocks: raid4 (the RAID-4 geometry
+    /// above, with parity and checksums) or single (one file, no RAID work; for a data dir
+    /// on storage that is redundant already). Existing mirrors keep theirs.
+    #[arg(long, value_enum, default_value_t = nvmirror_control::storage::MirrorLayout::Raid4)]
+    mirror_layout: nvmirror_control::storage::MirrorLayout,
 }
 
 #[derive(Subcommand)]
@@ -362,6 +367,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .map_err(|e| anyhow!("--raid-data-disks / --raid-stripe-unit: {e}"))?;
     let node = Node::open(NodeConfig {
         raid,
+        mirror_layout: a.mirror_layout,
         name: name.clone(),
         data_dir: a.data_dir,
         nvram,

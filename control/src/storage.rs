@@ -40,7 +40,32 @@ impl Default for RaidDefaults {
     }
 }
 
+/// How the mirrors a node hosts store their blocks (`node --mirror-layout`). A mirror
+/// picks its own geometry, whatever the primary's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MirrorLayout {
+    /// RAID-4 over data-dir files in the node's RAID geometry (`--raid-data-disks`):
+    /// parity and per-block checksums, scrub and repair on the mirror.
+    #[default]
+    Raid4,
+    /// One data-dir file: no parity and no checksums, and no RAID work when a CP is
+    /// applied. For a mirror node whose data dir already sits on redundant storage (a
+    /// hardware RAID, md, a replicated namespace), as DRBD's secondary writes to one
+    /// backing device.
+    Single,
+}
+
 impl VolumeStorage {
+    /// The storage of a new mirror in `dir`, as `layout` says.
+    pub fn mirror_in(dir: &Path, layout: MirrorLayout, raid: &RaidDefaults) -> Self {
+        match layout {
+            MirrorLayout::Raid4 => Self::raid_in(dir, raid.data_disks, raid.engine),
+            MirrorLayout::Single => {
+                VolumeStorage::Single { disk: DiskSpec { engine: raid.engine, path: dir.join("data") } }
+            }
+        }
+    }
+
     /// RAID-4 over files `data0..dataN-1` and `parity` in `dir`.
     pub fn raid_in(dir: &Path, data_disks: u32, engine: Engine) -> Self {
         let mut disks: Vec<DiskSpec> =

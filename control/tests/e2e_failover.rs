@@ -519,3 +519,30 @@ fn a_failover_cut_short_by_a_crash_is_finished_when_the_node_restarts() {
     let mut np = NbdClient::connect(pair.dst.nbd.as_str(), VOL).expect("NBD connect to the new primary");
     np.write(0, &block_data(0, 1_000_000)).expect("write to the new primary");
 }
+
+/// A destination started with `--mirror-layout single` keeps its mirror in one file (no
+/// parity member), applies CPs to it and, failed over, serves every acknowledged write.
+#[test]
+fn a_mirror_on_a_single_file_applies_cps_and_fails_over_with_every_acknowledged_write() {
+    let seed = base_seed("a_mirror_on_a_single_file_applies_cps_and_fails_over_with_every_acknowledged_write");
+    let mut pair = Pair::start_with("single-mirror", &[], &["--mirror-layout", "single"]);
+    pair.create_mirrored(VOL, VOLUME_BYTES, LOG_BYTES_MIN);
+    let mut w = Workload::new(0, VOLUME_BYTES / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect");
+    // Two partitions and a half: CPs have applied some of it to the mirror's file.
+    w.run(&mut c, 8, 2 * E + E / 2, |_| {}).expect("writes");
+    assert_eq!(w.errors, 0);
+    drop(c);
+    let m = mirror_status(&pair.dst_api(), VOL).expect("mirror status");
+    assert_eq!(m["storage"]["level"], "single", "{m}");
+    assert!(m["cps_applied"].as_u64().unwrap_or(0) >= 1, "no CP reached the mirror: {m}");
+    let dir = pair.dst.data_dir.join("mirrors").join(&pair.src.name).join(VOL);
+    assert!(dir.join("data").is_file(), "the mirror's file is missing in {}", dir.display());
+    assert!(!dir.join("parity").exists(), "a single-file mirror has a parity member");
+    // The source's own volume stays RAID-4: the layout is the mirror node's alone.
+    assert_eq!(volume_status(&pair.src_api(), VOL).expect("status")["storage"]["level"], "raid4");
+    pair.src.kill();
+    failover(&pair.dst_api(), VOL).expect("failover");
+    let v = verify(&w, &pair.dst.nbd, VOL).expect("read the new primary");
+    assert_verified(&v, "a failover of a single-file mirror");
+}

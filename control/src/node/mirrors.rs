@@ -172,9 +172,9 @@ impl Node {
             }
             (storage, opened)
         } else {
-            // A new mirror, in this node's own geometry. Member files left by a creation
+            // A new mirror, in this node's own layout and geometry. Member files left by a creation
             // that did not finish hold nothing: nothing was acknowledged into them.
-            let storage = VolumeStorage::raid_in(&dir, self.cfg.raid.data_disks, self.cfg.raid.engine);
+            let storage = VolumeStorage::mirror_in(&dir, self.cfg.mirror_layout, &self.cfg.raid);
             for d in storage.disks() {
                 if d.path.starts_with(&dir) && d.path.exists() {
                     fs::remove_file(&d.path)?;

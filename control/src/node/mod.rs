@@ -46,7 +46,7 @@ use nvmirror_dataplane::transport::{FrameHandler, Hello, Intent, MirrorDirectory
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
+use crate::storage::{MirrorLayout, OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
 
 mod env;
 mod maintain;
@@ -110,6 +110,8 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
     pub raid: RaidDefaults,
+    /// How the mirrors this node hosts store their blocks.
+    pub mirror_layout: MirrorLayout,
     /// The pair's shared secret (`--secret-file`): replication connections and pairings
     /// are authenticated with it, both ways. None: peers are not authenticated.
     pub secret: Option<PeerSecret>,
