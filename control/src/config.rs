@@ -36,6 +36,18 @@ pub fn expand(args: Vec<OsString>, flags: &[(String, bool)]) -> Result<Vec<OsStr
     Ok(out)
 }
 
+/// The value of `key` in the config file `path` (a string or a number), if it has one.
+pub fn setting(path: &Path, key: &str) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(toml::Value::Integer(n)) => Ok(Some(n.to_string())),
+        Some(other) => bail!("--config {}: {key} takes a string or a number, not {}", path.display(), other.type_str()),
+    }
+}
+
 /// The flags a config file stands for.
 fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;

@@ -12,20 +12,19 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
         } => {
             let body = CreateVolume {
                 name: name.clone(),
-                size: size::parse(&sz)?,
+                size: sz,
                 disks: disk,
                 parity,
-                stripe_unit: stripe_unit.as_deref().map(size::parse).transpose()?,
+                stripe_unit,
                 data_disks,
-                engine,
-                log_bytes: log_size.as_deref().map(size::parse).transpose()?,
+                engine: engine.map(arg_name),
+                log_bytes: log_size,
                 cp_by_value,
             };
             let rec: Value = client.post("/v1/volumes", &body)?;
             println!("created volume {name}: {} bytes on {}", rec["size"], describe_storage(&rec["storage"]));
         }
         CtlCmd::Volume { cmd: VolumeCmd::ReplaceDisk { name, old, new, rate, no_wait } } => {
-            let rate = rate.as_deref().map(size::parse).transpose()?;
             let r: Value = client.post(
                 &format!("/v1/volumes/{name}/replace-disk"),
                 &api::ReplaceDisk { old: old.clone(), new: new.clone(), rate },
@@ -42,7 +41,6 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             }
         }
         CtlCmd::Scrub { volume, rate, no_wait, json } => {
-            let rate = rate.as_deref().map(size::parse).transpose()?;
             let before: Value = client.get(&format!("/v1/volumes/{volume}/storage"))?;
             let _: Value = client.post(&format!("/v1/volumes/{volume}/scrub"), &api::ScrubRequest { rate })?;
             if no_wait {
@@ -73,14 +71,15 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                     }
                 );
             }
-            if r["unrecoverable"].as_u64().unwrap_or(0) > 0
-                || r["result"].as_str().is_some_and(|x| x.starts_with("aborted"))
-            {
-                bail!("scrub of {volume} found what it could not repair");
+            if r["unrecoverable"].as_u64().unwrap_or(0) > 0 {
+                return Err(api::DamageFound(format!("scrub of {volume} found what it could not repair")).into());
+            }
+            if r["result"].as_str().is_some_and(|x| x.starts_with("aborted")) {
+                bail!("scrub of {volume} did not finish: {}", r["result"].as_str().unwrap_or("?"));
             }
         }
         CtlCmd::Mirror { volume, to, transport, policy, rate, no_wait, timeout } => {
-            let rate = rate.as_deref().map(size::parse).transpose()?;
+            let (transport, policy) = (arg_name(transport), arg_name(policy));
             let _: Value = client.post(
                 &format!("/v1/volumes/{volume}/mirror"),
                 &MirrorRequest { to: to.clone(), transport, policy, resync_ranges: Vec::new(), rate },
@@ -150,8 +149,11 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 }
             }
         }
-        CtlCmd::Status { json } => {
-            let s: Value = client.get("/v1/status")?;
+        CtlCmd::Status { volume, json } => {
+            let s: Value = match &volume {
+                Some(v) => client.get(&format!("/v1/volumes/{v}/status"))?,
+                None => client.get("/v1/status")?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

@@ -1,6 +1,9 @@
 //! Events: what changed on a node, as JSON lines (`ctl events`, `GET /v1/events`).
 //!
-//! A bounded ring of the last [`KEPT`] events, each with an id that only grows. Commands
+//! A bounded ring of the last [`KEPT`] events, each with an id that only grows and the
+//! node's boot id (random per start: ids begin again at 1 after a restart, the boot id
+//! tells). A look from the start (`since=0`) begins with a `snapshot` line (id 0): every
+//! volume's and mirror's state at that moment, so that a consumer need not replay. Commands
 //! (volume created, mirror paired, failover, resync, switchover, scrub, disk replaced)
 //! record theirs as they happen; a sampler thread records the state changes of every
 //! volume and mirror (in-sync, out-of-sync, baseline, resyncing, fenced, failed, broken),
@@ -27,6 +30,8 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub id: u64,
+    /// The node's start this event belongs to ([`EventLog::boot`]).
+    pub boot: String,
     pub unix_ms: u64,
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,19 +45,67 @@ struct Ring {
     events: VecDeque<Event>,
 }
 
+/// A random id of this start of the node, in hex.
+struct BootId(String);
+
+impl Default for BootId {
+    fn default() -> Self {
+        let n = nvmirror_dataplane::transport::auth::fresh_nonce().unwrap_or_else(|_| {
+            // No randomness from the OS: the start time tells starts apart as well.
+            let mut n = [0u8; 32];
+            n[..16].copy_from_slice(&u128::from(nvmirror_dataplane::clock::unix_ms()).to_le_bytes());
+            n
+        });
+        BootId(nvmirror_dataplane::transport::auth::to_hex(&n[..8]))
+    }
+}
+
 #[derive(Default)]
 pub struct EventLog {
+    boot: BootId,
     ring: Mutex<Ring>,
     arrived: Condvar,
     followers: AtomicUsize,
 }
 
 impl EventLog {
+    /// This start's boot id.
+    pub fn boot(&self) -> &str {
+        &self.boot.0
+    }
+
+    /// The `snapshot` line (id 0) of the volumes and mirrors of a node status (as JSON):
+    /// each one's role, state, epoch and reason, as of the newest event so far.
+    pub fn snapshot(&self, status: &Value) -> Event {
+        let empty = Vec::new();
+        let volumes: Vec<Value> = status["volumes"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .chain(status["unstarted"].as_array().unwrap_or(&empty))
+            .map(|v| {
+                serde_json::json!({ "volume": v["volume"], "role": "primary", "state": v["state"], "epoch": v["epoch"], "reason": v["reason"] })
+            })
+            .chain(status["mirrors"].as_array().unwrap_or(&empty).iter().map(|m| {
+                serde_json::json!({ "volume": m["volume"], "role": "mirror", "source_node": m["source_node"], "state": m["state"], "epoch": m["epoch"], "reason": m["error"] })
+            }))
+            .collect();
+        Event {
+            id: 0,
+            boot: self.boot.0.clone(),
+            unix_ms: nvmirror_dataplane::clock::unix_ms(),
+            kind: "snapshot".into(),
+            volume: None,
+            detail: serde_json::json!({ "as_of": self.ring.lock().next_id, "volumes": volumes }),
+        }
+    }
+
     pub fn push(&self, kind: &str, volume: Option<&str>, detail: Value) {
         let mut r = self.ring.lock();
         r.next_id += 1;
         let e = Event {
             id: r.next_id,
+            boot: self.boot.0.clone(),
             unix_ms: nvmirror_dataplane::clock::unix_ms(),
             kind: kind.into(),
             volume: volume.map(str::to_string),
@@ -82,13 +135,14 @@ impl EventLog {
 
     /// A stream of the events after `since`, then of new ones as they come, as JSON lines;
     /// `None` when [`FOLLOWERS_MAX`] streams are open already.
-    pub fn follow(self: &Arc<Self>, since: u64) -> Option<EventStream> {
+    /// `first`: lines sent before them (the snapshot).
+    pub fn follow(self: &Arc<Self>, since: u64, first: Vec<u8>) -> Option<EventStream> {
         let n = self.followers.fetch_add(1, Ordering::SeqCst);
         if n >= FOLLOWERS_MAX {
             self.followers.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(EventStream { log: self.clone(), next: since, buf: Vec::new(), pos: 0 })
+        Some(EventStream { log: self.clone(), next: since, buf: first, pos: 0 })
     }
 }
 

@@ -42,7 +42,7 @@ pub fn start(node: &Arc<Node>, url: &str, ttl: Duration) -> Result<()> {
     // Reachable now, or the node does not start: a fleet node without its store would
     // take no part in failover.
     let lease = etcd.grant(ttl_s)?;
-    eprintln!("node {}: fleet state in etcd at {} (lease {lease:x}, {ttl_s} s)", node.cfg.name, etcd.endpoint());
+    tracing::warn!("node {}: fleet state in etcd at {} (lease {lease:x}, {ttl_s} s)", node.cfg.name, etcd.endpoint());
     let weak = Arc::downgrade(node);
     std::thread::Builder::new().name("nvm-fleet".into()).spawn(move || run(weak, etcd, lease, ttl_s))?;
     Ok(())
@@ -149,7 +149,7 @@ fn automatic_failover(node: &Node, etcd: &Etcd, lease: i64, src: &str, vol: &str
         _ => return,
     };
     let epoch = u64::try_from(revision).unwrap_or(0);
-    eprintln!(
+    tracing::warn!(
         "node {}: the primary {src} of {vol} lost its etcd lease; failing over (fencing token {epoch})",
         node.cfg.name
     );
@@ -164,7 +164,10 @@ fn automatic_failover(node: &Node, etcd: &Etcd, lease: i64, src: &str, vol: &str
             );
         }
         Err(e) => {
-            eprintln!("node {}: automatic failover of {vol} failed: {e:#}; giving the primary key back", node.cfg.name);
+            tracing::warn!(
+                "node {}: automatic failover of {vol} failed: {e:#}; giving the primary key back",
+                node.cfg.name
+            );
             let _ = etcd.delete(&primary_key(vol));
         }
     }

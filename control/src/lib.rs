@@ -6,6 +6,7 @@ pub mod config;
 pub mod etcd;
 pub mod events;
 pub mod fleet;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod quickstart;

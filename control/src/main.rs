@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use nvmirror_control::api::{self, Client, CreateVolume, MirrorRequest};
 use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
@@ -19,7 +19,7 @@ use nvmirror_dataplane::nvram::NvramSpec;
 use nvmirror_dataplane::transport::auth::PeerSecret;
 use sd_notify::NotifyState;
 use serde_json::Value;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
@@ -52,6 +52,16 @@ enum Cmd {
     /// Start two nodes on loopback, mirror a volume, write through NBD, kill the source,
     /// fail over, and verify every acknowledged write.
     Quickstart(quickstart::Args),
+    /// Print the shell completion script for SHELL to stdout (e.g. `nvmirror completions
+    /// bash > /usr/share/bash-completion/completions/nvmirror`).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (nvmirror.1, and nvmirror-CMD.1 for each command) into a
+    /// directory.
+    Man {
+        /// The directory to write them to (made if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -119,11 +129,16 @@ struct NodeArgs {
     #[arg(long, default_value_t = nvmirror_control::storage::DATA_DISKS_DEFAULT)]
     raid_data_disks: u32,
     /// Stripe unit of those RAID-4 volumes (K/M suffixes).
-    #[arg(long, default_value = "64K")]
-    raid_stripe_unit: String,
-    /// I/O engine of those volumes' files: pread or uring.
-    #[arg(long, default_value = "pread")]
-    raid_engine: String,
+    #[arg(long, default_value = "64K", value_parser = size_arg)]
+    raid_stripe_unit: u64,
+    /// I/O engine of those volumes' files.
+    #[arg(long, value_enum, default_value_t = EngineArg::Pread)]
+    raid_engine: EngineArg,
+    /// What the log shows: error, warn, info (the default), debug or trace, or a filter
+    /// of `RUST_LOG`'s syntax (`info,nvmirror_dataplane=debug`); RUST_LOG applies where
+    /// this is not given. SIGHUP rereads it from the --config file.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
     /// How the mirrors this node hosts store their blocks: raid4 (the RAID-4 geometry
     /// above, with parity and checksums) or single (one file, no RAID work; for a data dir
     /// on storage that is redundant already). Existing mirrors keep theirs.
@@ -144,13 +159,15 @@ enum CtlCmd {
         /// The peer's control address.
         #[arg(long)]
         to: String,
-        #[arg(long, default_value = "tcp")]
-        transport: String,
-        #[arg(long, default_value = "strict")]
-        policy: String,
+        /// The replication engine.
+        #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+        transport: TransportArg,
+        /// What a write does while the mirror cannot take it.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
+        policy: PolicyArg,
         /// Bytes per second the baseline (or a later resync) sends at most (K/M/G suffixes).
-        #[arg(long)]
-        rate: Option<String>,
+        #[arg(long, value_parser = size_arg)]
+        rate: Option<u64>,
         /// Return once the baseline has started instead of waiting for in-sync.
         #[arg(long)]
         no_wait: bool,
@@ -192,8 +209,11 @@ enum CtlCmd {
     },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
     Failover { volume: String },
-    /// Node, volume and mirror status.
+    /// Node, volume and mirror status; of one volume (its primary and its mirrors here)
+    /// when named.
     Status {
+        volume: Option<String>,
+        /// Print the status as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -202,8 +222,8 @@ enum CtlCmd {
     Scrub {
         volume: String,
         /// Bytes read per second at most (K/M/G suffixes).
-        #[arg(long)]
-        rate: Option<String>,
+        #[arg(long, value_parser = size_arg)]
+        rate: Option<u64>,
         /// Return once the scrub has started.
         #[arg(long)]
         no_wait: bool,
@@ -218,8 +238,8 @@ enum VolumeCmd {
     Create {
         name: String,
         /// Size, with K/M/G/T suffixes (powers of 1024).
-        #[arg(long)]
-        size: String,
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
         /// A disk, `[pread:|uring:|nvme:]PATH`: one alone (no redundancy), or, repeated,
         /// the data disks of a RAID-4 volume with --parity. Default: RAID-4 over files in
         /// the data dir.
@@ -229,17 +249,17 @@ enum VolumeCmd {
         #[arg(long)]
         parity: Option<String>,
         /// RAID-4 stripe unit (K/M suffixes; default the node's, 64K).
-        #[arg(long)]
-        stripe_unit: Option<String>,
+        #[arg(long, value_parser = size_arg)]
+        stripe_unit: Option<u64>,
         /// Data disks of a RAID-4 volume made of data-dir files (default the node's, 3).
         #[arg(long)]
         data_disks: Option<u32>,
-        /// Engine of the data-dir files: pread or uring (default the node's).
-        #[arg(long)]
-        engine: Option<String>,
+        /// Engine of the data-dir files (default the node's).
+        #[arg(long, value_enum)]
+        engine: Option<EngineArg>,
         /// Size of each of the two NVLog partitions (default 16M).
-        #[arg(long)]
-        log_size: Option<String>,
+        #[arg(long, value_parser = size_arg)]
+        log_size: Option<u64>,
         /// Send consistency points to the mirror by value (block data) instead of by
         /// reference to the mirror's log files.
         #[arg(long)]
@@ -255,12 +275,59 @@ enum VolumeCmd {
         #[arg(long)]
         new: String,
         /// Bytes rebuilt per second at most (K/M/G suffixes).
-        #[arg(long)]
-        rate: Option<String>,
+        #[arg(long, value_parser = size_arg)]
+        rate: Option<u64>,
         /// Return once the rebuild has started.
         #[arg(long)]
         no_wait: bool,
     },
+}
+
+/// A SIZE argument (K/M/G/T suffixes): a malformed one is a usage error (exit 2).
+fn size_arg(s: &str) -> Result<u64> {
+    size::parse(s)
+}
+
+/// `--transport`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    /// TCP, the default: everywhere.
+    Tcp,
+    /// RDMA (RoCE, InfiniBand, soft-RoCE): needs a node built with the `rdma` feature.
+    Rdma,
+}
+
+/// `--policy`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    /// A write that cannot be mirrored fails.
+    Strict,
+    /// Writes go on locally while the mirror is away; the changed blocks are resynced
+    /// when it returns.
+    Sync,
+}
+
+/// `--engine`, `--raid-engine`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    /// pread/pwrite through the page cache.
+    Pread,
+    /// io_uring with O_DIRECT and registered buffers.
+    Uring,
+}
+
+impl EngineArg {
+    fn engine(self) -> nvmirror_dataplane::storage::Engine {
+        match self {
+            EngineArg::Pread => nvmirror_dataplane::storage::Engine::Pread,
+            EngineArg::Uring => nvmirror_dataplane::storage::Engine::Uring,
+        }
+    }
+}
+
+/// The name a value enum has on the command line (and in the API's bodies).
+fn arg_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().expect("no variant is skipped").get_name().to_string()
 }
 
 fn main() {
@@ -276,22 +343,49 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let cli = Cli::parse_from(args);
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        // --help, --version: printed as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A usage error: one line, exit 2.
+        Err(e) => {
+            eprintln!("nvmirror: {}", usage_line(&e.render().to_string()));
+            std::process::exit(2);
+        }
+    };
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
         Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
             ctl_security(tls_ca.as_deref(), secret_file.as_deref()).and_then(|()| ctl_cmd::ctl(&node, cmd))
         }
         Cmd::Quickstart(a) => quickstart::run(a),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "nvmirror", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { out } => std::fs::create_dir_all(&out)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &out))
+            .with_context(|| format!("write the man pages into {}", out.display())),
     };
     if let Err(e) = r {
-        let e = format!("{e:#}");
-        match nvmirror_control::tls::hint(&e) {
-            Some(hint) => eprintln!("nvmirror: {e} ({hint})"),
-            None => eprintln!("nvmirror: {e}"),
+        let text = format!("{e:#}");
+        match nvmirror_control::tls::hint(&text) {
+            Some(hint) => eprintln!("nvmirror: {text} ({hint})"),
+            None => eprintln!("nvmirror: {text}"),
         }
-        std::process::exit(1);
+        std::process::exit(api::exit_code(&e));
     }
+}
+
+/// clap's usage error as one line: its message lines up to the usage, joined.
+fn usage_line(rendered: &str) -> String {
+    let lines: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!("{} (see --help)", lines.join(" ").trim_start_matches("error: "))
 }
 
 /// What `ctl --tls-ca` and `ctl --secret-file` set for this process's API clients.
@@ -320,12 +414,13 @@ fn node_tls(a: &NodeArgs) -> Result<Option<nvmirror_dataplane::transport::tls::T
 }
 
 fn run_node(a: NodeArgs) -> Result<()> {
+    let log = nvmirror_control::logging::init(a.log_level.as_deref())?;
     let secret = match &a.secret_file {
         None => None,
         Some(path) => {
             let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
             if let Some(w) = &loaded.warning {
-                eprintln!("nvmirror node: warning: {w}");
+                tracing::warn!("--secret-file: {w}");
             }
             Some(loaded.secret)
         }
@@ -356,12 +451,8 @@ fn run_node(a: NodeArgs) -> Result<()> {
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
     let raid = nvmirror_control::storage::RaidDefaults {
         data_disks: a.raid_data_disks,
-        stripe_unit: u32::try_from(size::parse(&a.raid_stripe_unit)?).context("--raid-stripe-unit too large")?,
-        engine: match a.raid_engine.as_str() {
-            "pread" => nvmirror_dataplane::storage::Engine::Pread,
-            "uring" => nvmirror_dataplane::storage::Engine::Uring,
-            other => bail!("--raid-engine {other:?}: pread or uring"),
-        },
+        stripe_unit: u32::try_from(a.raid_stripe_unit).context("--raid-stripe-unit too large")?,
+        engine: a.raid_engine.engine(),
     };
     nvmirror_dataplane::raid::Geometry::new(raid.data_disks, raid.stripe_unit, 1 << 20)
         .map_err(|e| anyhow!("--raid-data-disks / --raid-stripe-unit: {e}"))?;
@@ -415,24 +506,33 @@ fn run_node(a: NodeArgs) -> Result<()> {
     }
     let api_node = node.clone();
     std::thread::Builder::new().name("nvm-api-accept".into()).spawn(move || api::serve(control, api_node))?;
-    // SIGTERM or SIGINT: a clean stop. No new NBD connections; every volume's writes in
-    // flight drained (a pair in sync takes a last CP); state is on disk as it changes.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    // SIGHUP: the log level again, from the --config file. SIGTERM or SIGINT: a clean
+    // stop. No new NBD connections; every volume's writes in flight drained (a pair in sync
+    // takes a last CP); state is on disk as it changes.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("install signal handlers")?;
+    let signal = signals
+        .forever()
+        .find(|&s| {
+            if s == SIGHUP {
+                log.reload_from(a.config.as_deref(), a.log_level.as_deref());
+            }
+            s != SIGHUP
+        })
+        .unwrap_or(SIGTERM);
     let what = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
-    eprintln!(
+    tracing::info!(
         "node {name}: {what}: stopping (no new connections; draining writes in flight, {STOP_BOUND_SECS} s at most)"
     );
     let _ = sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status("stopping: draining writes")]);
     drop(_nbd);
     for (volume, drained) in node.stop_cleanly(Duration::from_secs(STOP_BOUND_SECS)) {
         if drained {
-            eprintln!("node {name}: volume {volume} stopped, every write in flight answered");
+            tracing::info!("node {name}: volume {volume} stopped, every write in flight answered");
         } else {
-            eprintln!("node {name}: volume {volume} stopped with writes unanswered after {STOP_BOUND_SECS} s (none acknowledged; clients see errors)");
+            tracing::error!("node {name}: volume {volume} stopped with writes unanswered after {STOP_BOUND_SECS} s (none acknowledged; clients see errors)");
         }
     }
-    eprintln!("node {name}: stopped");
+    tracing::info!("node {name}: stopped");
     Ok(())
 }
 

@@ -124,13 +124,13 @@ pub fn serve_front(listener: TcpListener, tls: TlsConfig, backend: PathBuf) {
             match relay(stream, &tls, &backend) {
                 // A client that went away mid-answer is no news.
                 Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {}
-                Err(e) => eprintln!("control: TLS connection from {peer}: {e}"),
+                Err(e) => tracing::warn!("control: TLS connection from {peer}: {e}"),
                 Ok(()) => {}
             }
             open.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
-            eprintln!("control: no thread for a TLS connection");
+            tracing::warn!("control: no thread for a TLS connection");
         }
     }
 }

@@ -87,14 +87,17 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
     ctl_ok(&src, &["volume", "create", "dup", "--size", "16M"]);
 
-    // Unknown volumes.
-    ctl_fails(&src, &["cp", "nope"], "no volume nope");
-    ctl_fails(&src, &["mirror", "nope", "--to", &dst], "no volume nope");
-    ctl_fails(&dst, &["failover", "nope"], "no mirror of volume nope");
-    // A failover on the node that holds the primary, not a mirror.
-    ctl_fails(&src, &["failover", "dup"], "already a primary");
-    // Bad sizes and names.
-    ctl_fails(&src, &["volume", "create", "v", "--size", "12X"], "bad size");
+    // Unknown volumes: exit 4.
+    assert_eq!(ctl_fails(&src, &["cp", "nope"], "no volume nope"), 4);
+    assert_eq!(ctl_fails(&src, &["mirror", "nope", "--to", &dst], "no volume nope"), 4);
+    assert_eq!(ctl_fails(&dst, &["failover", "nope"], "no mirror of volume nope"), 4);
+    assert_eq!(ctl_fails(&src, &["status", "nope"], "no volume or mirror nope"), 4);
+    assert_eq!(ctl_fails(&src, &["scrub", "nope"], "no volume or mirror nope"), 4);
+    // A failover on the node that holds the primary, not a mirror: refused, exit 5.
+    assert_eq!(ctl_fails(&src, &["failover", "dup"], "already a primary"), 5);
+    // Bad sizes and names; a malformed value is a usage error, exit 2.
+    assert_eq!(ctl_fails(&src, &["volume", "create", "v", "--size", "12X"], "bad size"), 2);
+    assert_eq!(ctl_fails(&src, &["volume", "create", "v"], "--size"), 2);
     ctl_fails(&src, &["volume", "create", "v", "--size", "0"], "zero");
     ctl_fails(&src, &["volume", "create", "v", "--size=-1M"], "bad size");
     ctl_fails(&src, &["volume", "create", "v", "--size", "99999999999T"], "too large");
@@ -110,26 +113,63 @@ fn ctl_failures_exit_non_zero_with_one_line() {
     // Mirror requests that cannot be met.
     ctl_fails(&src, &["mirror", "dup", "--to", "127.0.0.1:1"], "127.0.0.1:1");
     ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--transport", "rdma"], "rdma");
-    ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "lazy"], "unknown policy");
+    assert_eq!(ctl_fails(&src, &["mirror", "dup", "--to", &dst, "--policy", "lazy"], "lazy"), 2);
     // Illegal role changes: a switchover of a volume that is not mirrored, or not here; a
     // resync from a node that is not the volume's primary, or of a volume not here.
-    ctl_fails(&src, &["switchover", "dup"], "not mirrored");
-    ctl_fails(&dst, &["switchover", "dup"], "no volume dup");
+    assert_eq!(ctl_fails(&src, &["switchover", "dup"], "not mirrored"), 5);
+    assert_eq!(ctl_fails(&dst, &["switchover", "dup"], "no volume dup"), 4);
     ctl_fails(&src, &["resync", "dup", "--from", &dst], "holds no primary volume dup");
     ctl_fails(&dst, &["resync", "dup", "--from", &src], "no volume dup");
     ctl_fails(&src, &["resync", "dup", "--from", &src], "this node");
     ctl_fails(&src, &["mirror", "dup", "--to", &src], "own node");
-    // Unreachable nodes, and a port that is not a control API.
-    ctl_fails("127.0.0.1:1", &["status"], "127.0.0.1:1");
-    ctl_fails("127.0.0.1:1", &["volume", "create", "v", "--size", "16M"], "127.0.0.1:1");
-    ctl_fails("no-such-host.invalid:80", &["status"], "no-such-host.invalid");
-    ctl_fails(&pair.src.nbd, &["status"], &pair.src.nbd);
+    // Unreachable nodes, and a port that is not a control API: exit 3.
+    assert_eq!(ctl_fails("127.0.0.1:1", &["status"], "127.0.0.1:1"), 3);
+    assert_eq!(ctl_fails("127.0.0.1:1", &["volume", "create", "v", "--size", "16M"], "127.0.0.1:1"), 3);
+    assert_eq!(ctl_fails("no-such-host.invalid:80", &["status"], "no-such-host.invalid"), 3);
+    assert_eq!(ctl_fails(&pair.src.nbd, &["status"], &pair.src.nbd), 3);
     // None of the failures created anything (v is the right-sized one made on purpose).
     let s = ctl_json(&src);
     let names: Vec<&str> =
         s["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["volume"].as_str()).collect();
     assert_eq!(names, ["dup", "v"], "failed commands left volumes behind");
     assert_eq!(s["volumes"][0]["state"], "not-mirrored");
+    // The status of one volume: its row alone.
+    let one: Value = serde_json::from_str(&ctl_ok(&src, &["status", "v", "--json"])).expect("status v --json");
+    let rows: Vec<&str> =
+        one["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["volume"].as_str()).collect();
+    assert_eq!(rows, ["v"], "{one}");
+    assert!(ctl_ok(&src, &["status", "v"]).lines().any(|l| l.starts_with("v ")), "status v has no row for v");
+}
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, script, err) = nvmirror(&["completions", shell]);
+        assert!(ok, "completions {shell}: {err}");
+        assert!(script.contains("failover") && script.contains("switchover"), "{shell}: no ctl commands in the script");
+    }
+    // bash loads the script and registers the completion.
+    let (_, script, _) = nvmirror(&["completions", "bash"]);
+    let file = dir.path().join("nvmirror.bash");
+    std::fs::write(&file, script).expect("write the script");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p nvmirror", file.display()))
+        .output()
+        .expect("run bash");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nvmirror"), "bash did not register: {out:?}");
+    fails_with(&["completions", "tcsh"], "tcsh");
+
+    let man = dir.path().join("man");
+    let (ok, _, err) = nvmirror(&["man", "--out", man.to_str().expect("utf-8 path")]);
+    assert!(ok, "man: {err}");
+    for page in ["nvmirror.1", "nvmirror-node.1", "nvmirror-ctl.1", "nvmirror-ctl-failover.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is not a man page");
+    }
+    let node = std::fs::read_to_string(man.join("nvmirror-node.1")).expect("node page");
+    assert!(node.contains("data\\-dir") && node.contains("mirror\\-layout"), "the node page lacks its flags");
 }
 
 #[test]

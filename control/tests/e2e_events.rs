@@ -48,6 +48,7 @@ fn state_changes_stream_in_order_and_resume_from_an_id() {
     // The mirror goes away and comes back (after the sampler, 200 ms apart, saw it in sync:
     // a state shorter than that can pass unseen).
     std::thread::sleep(Duration::from_millis(500));
+    let dst_boot = events(&pair.dst.control, 0)[0]["boot"].as_str().expect("a boot id").to_string();
     pair.dst.kill();
     wait_for("the source to see its mirror gone", Duration::from_secs(60), || {
         let s = volume_status(&pair.src_api(), VOL)?;
@@ -61,6 +62,17 @@ fn state_changes_stream_in_order_and_resume_from_an_id() {
     std::thread::sleep(Duration::from_millis(600));
 
     let all = events(&pair.src.control, 0);
+    // A look from the start opens with the snapshot (id 0) of every volume's state; every
+    // line carries this start's boot id, and the restarted node has another.
+    let snap = &all[0];
+    assert_eq!((snap["kind"].as_str(), snap["id"].as_u64()), (Some("snapshot"), Some(0)), "{snap}");
+    let row = snap["detail"]["volumes"].as_array().expect("volumes").iter().find(|v| v["volume"] == VOL).cloned();
+    let row = row.unwrap_or_else(|| panic!("{VOL} missing from the snapshot: {snap}"));
+    assert_eq!((row["role"].as_str(), row["state"].as_str()), (Some("primary"), Some("in-sync")), "{row}");
+    let boot = snap["boot"].as_str().expect("a boot id");
+    assert!(boot.len() == 16 && all.iter().all(|e| e["boot"] == boot), "boot ids: {all:?}");
+    let dst_now = events(&pair.dst.control, 0);
+    assert!(dst_now[0]["boot"].as_str().is_some_and(|b| b != dst_boot), "the restarted node kept its boot id");
     let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().expect("id")).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not increasing: {ids:?}");
     let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap_or("?")).collect();

@@ -189,8 +189,8 @@ fn control_api_refuses_bad_bodies_and_keeps_serving() {
         ("/v1/volumes", "{\"name\":\"../../etc\",\"size\":4096}", "409"),
         ("/v1/volumes", "{\"name\":\"v\",\"size\":4097}", "409"),
         ("/v1/volumes", "{\"name\":\"v\",\"size\":18446744073709551615}", "409"),
-        ("/v1/volumes/nope/cp", "{}", "409"),
-        ("/v1/volumes/nope/mirror", "{\"to\":\"127.0.0.1:1\"}", "409"),
+        ("/v1/volumes/nope/cp", "{}", "404"),
+        ("/v1/volumes/nope/mirror", "{\"to\":\"127.0.0.1:1\"}", "404"),
         ("/v1/nothing", "{}", "404"),
     ];
     for (path, body, code) in cases {

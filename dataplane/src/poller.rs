@@ -167,14 +167,14 @@ impl Readiness {
     pub fn wait(&mut self, timeout: Duration) {
         if !timeout.subsec_nanos().is_multiple_of(1_000_000) {
             if let Err(e) = self.arm_timer(timeout) {
-                eprintln!("poller: no timer for a wait of {timeout:?} ({e}); it may last up to 1 ms longer");
+                tracing::warn!("poller: no timer for a wait of {timeout:?} ({e}); it may last up to 1 ms longer");
             }
         }
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 // Nothing the poller can do about it but poll again: it still makes
                 // progress on its timeout, and says so once per failure.
-                eprintln!("poller: waiting for readiness failed: {e}");
+                tracing::warn!("poller: waiting for readiness failed: {e}");
                 std::thread::sleep(timeout.min(Duration::from_millis(1)));
             }
         }

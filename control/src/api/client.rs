@@ -26,14 +26,19 @@ impl Client {
         let status = resp.status().as_u16();
         let body: Value = resp.body_mut().read_json().context("response is not JSON")?;
         if status != 200 {
-            let msg = body.get("error").and_then(Value::as_str).unwrap_or("unknown error");
-            bail!("{msg}");
+            let message = body.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string();
+            return Err(CallError::Answered { status, message }.into());
         }
         serde_json::from_value(body).context("unexpected response shape")
     }
 
+    /// A request that got no answer: the node is down, unreachable or not an nvmirror API.
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        CallError::Unreachable(format!("{}: {e}", self.base)).into()
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self.agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        let resp = self.agent.get(&format!("{}{path}", self.base)).call().map_err(|e| self.unreachable(e))?;
         Self::decode(resp)
     }
 
@@ -108,7 +113,7 @@ impl Client {
             .header(CALL_HEADER, format!("{} {}", auth::to_hex(&nonce), auth::to_hex(&proof)))
             .header("Content-Type", "application/json")
             .send(&bytes[..])
-            .map_err(|e| anyhow!("{}: {e}", self.base))?;
+            .map_err(|e| self.unreachable(e))?;
         Self::decode(resp)
     }
 
@@ -124,7 +129,7 @@ impl Client {
             .tls_config(crate::tls::client_tls())
             .build()
             .into();
-        let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| anyhow!("{}: {e}", self.base))?;
+        let resp = agent.get(&format!("{}{path}", self.base)).call().map_err(|e| self.unreachable(e))?;
         if resp.status().as_u16() != 200 {
             return Self::decode::<Value>(resp).map(|_| ());
         }
@@ -142,13 +147,45 @@ impl Client {
         if let Some(secret) = &self.secret {
             return self.post_signed(Some(secret), path, body);
         }
-        let resp = self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .send_json(body)
-            .map_err(|e| anyhow!("{}: {e}", self.base))?;
+        let resp = self.agent.post(&format!("{}{path}", self.base)).send_json(body).map_err(|e| self.unreachable(e))?;
         Self::decode(resp)
     }
+}
+
+/// Why a call to a node's API failed, for `ctl`'s exit code ([`exit_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No answer: the node is down, unreachable, or does not speak this API.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The node answered with an error status.
+    #[error("{message}")]
+    Answered { status: u16, message: String },
+}
+
+/// Found problems a check did not repair (a scrub, a verify): `ctl` exits 6.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DamageFound(pub String);
+
+/// `ctl`'s exit code for a failure (DESIGN.md): 3 the node unreachable, 4 no such volume
+/// or peer, 5 refused (an illegal transition, fenced, not authorised), 6 damage found and
+/// not repaired, 2 a request the node found malformed, 1 anything else.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if cause.is::<DamageFound>() {
+            return 6;
+        }
+        match cause.downcast_ref::<CallError>() {
+            Some(CallError::Unreachable(_)) => return 3,
+            Some(CallError::Answered { status: 404, .. }) => return 4,
+            Some(CallError::Answered { status: 401 | 403 | 409, .. }) => return 5,
+            Some(CallError::Answered { status: 400, .. }) => return 2,
+            Some(CallError::Answered { .. }) => return 1,
+            None => {}
+        }
+    }
+    1
 }
 
 /// Why a peer's `GET /v1/node` did not yield a peer to pair with.

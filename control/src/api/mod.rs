@@ -5,6 +5,7 @@
 //! | GET | /v1/node | | name and addresses, and whether it authenticates peers |
 //! | GET | /v1/call-challenge | | `{"nonce": HEX}` for one signed node-to-node request (nodes with a secret) |
 //! | GET | /v1/status | | [`crate::node::NodeStatus`] |
+//! | GET | /v1/volumes/VOL/status | | the same, of VOL alone (its primary row, its mirrors here); 404 if this node has neither |
 //! | GET | /metrics | | Prometheus text exposition ([`crate::metrics`]) |
 //! | GET | /v1/events?since=ID&follow=1 | | JSON lines of [`crate::events::Event`]; with `follow`, kept open for new ones |
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
@@ -53,7 +54,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -69,7 +70,7 @@ mod client;
 mod server;
 mod types;
 
-pub use client::{parse_addr, Client, HttpPeers, PeerError};
+pub use client::{exit_code, parse_addr, CallError, Client, DamageFound, HttpPeers, PeerError};
 pub use server::{control_listener, serve, CLIENT_SEND_TIMEOUT};
 pub use types::*;
 

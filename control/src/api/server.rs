@@ -36,7 +36,7 @@ fn check_call(
     match why {
         None => Ok(()),
         Some(why) => {
-            eprintln!("control: refused {method} {path} from {peer}: {why}");
+            tracing::warn!("control: refused {method} {path} from {peer}: {why}");
             node.events.push(
                 "peer-refused",
                 None,
@@ -53,8 +53,10 @@ struct ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
+    /// What this node does not have is 404; anything else the node would not do is 409.
     fn from(e: anyhow::Error) -> Self {
-        ApiError { status: 409, message: format!("{e:#}") }
+        let status = if e.chain().any(|c| c.is::<crate::node::NotFound>()) { 404 } else { 409 };
+        ApiError { status, message: format!("{e:#}") }
     }
 }
 
@@ -133,8 +135,14 @@ fn events(request: tiny_http::Request, node: &Node, url: &str) {
             other => return respond_error(request, 400, &format!("unknown parameter {other:?}: since, follow")),
         }
     }
+    // A look from the start begins with the snapshot of every volume's state.
+    let mut body = String::new();
+    if since == 0 {
+        let status = serde_json::to_value(node.status()).expect("serializable");
+        body.push_str(&serde_json::to_string(&node.events.snapshot(&status)).expect("serializable"));
+        body.push('\n');
+    }
     if !follow {
-        let mut body = String::new();
         for e in node.events.since(since) {
             body.push_str(&serde_json::to_string(&e).expect("serializable"));
             body.push('\n');
@@ -142,7 +150,7 @@ fn events(request: tiny_http::Request, node: &Node, url: &str) {
         let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
         return;
     }
-    let Some(stream) = node.events.follow(since) else {
+    let Some(stream) = node.events.follow(since, body.into_bytes()) else {
         return respond_error(
             request,
             503,
@@ -224,7 +232,7 @@ fn authorize(
     if node.cfg.require_signed_ctl {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
         let why = "this node requires signed admin calls (--require-signed-ctl): sign them with ctl --secret-file";
-        eprintln!("control: refused POST {path} from {peer}: unsigned");
+        tracing::warn!("control: refused POST {path} from {peer}: unsigned");
         node.events.push(
             "peer-refused",
             None,
@@ -330,6 +338,9 @@ fn route(
             }
         },
         (Get, ["v1", "status"]) => Ok(serde_json::to_value(node.status()).expect("serializable")),
+        (Get, ["v1", "volumes", name, "status"]) => {
+            Ok(serde_json::to_value(node.volume_status(name)?).expect("serializable"))
+        }
         (Post, ["v1", "volumes"]) => {
             let body: CreateVolume = read_body(request)?;
             let storage =
@@ -423,7 +434,7 @@ fn route(
             Ok(serde_json::to_value(r).expect("serializable"))
         }
         (Get, ["v1", "volumes", name, "storage"]) => {
-            let (_, raid) = node.raid(name).map_err(|e| ApiError { status: 404, message: format!("{e:#}") })?;
+            let (_, raid) = node.raid(name)?;
             Ok(serde_json::to_value(raid.status()).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "scrub"]) => {

@@ -8,14 +8,14 @@ pub(super) fn spawn_rebuild(raid: Arc<Raid4>, rate: Option<u64>, volume: &str, e
         let result = match raid.rebuild(rate) {
             Ok(_) => "done".to_string(),
             Err(e) => {
-                eprintln!("RAID-4 volume {}: rebuild: {e}", raid.name());
+                tracing::warn!("RAID-4 volume {}: rebuild: {e}", raid.name());
                 format!("failed: {e}")
             }
         };
         events.push("rebuild-finished", Some(&volume), serde_json::json!({ "result": result }));
     });
     if let Err(e) = r {
-        eprintln!("cannot start a rebuild thread: {e}");
+        tracing::warn!("cannot start a rebuild thread: {e}");
     }
 }
 
@@ -33,7 +33,7 @@ impl Node {
                 .collect(),
         };
         match found.as_slice() {
-            [] => bail!("no volume or mirror {name} on this node"),
+            [] => Err(NotFound(format!("no volume or mirror {name} on this node")).into()),
             [(owner, Some(r))] => Ok((owner.clone(), r.clone())),
             [(_, None)] => bail!("volume {name} is on a single disk: there is no RAID-4 layer to scrub or rebuild"),
             _ => bail!("mirrors of several volumes named {name} live here"),
@@ -51,11 +51,11 @@ impl Node {
         events.push("scrub-started", Some(&name), serde_json::json!({ "rate": rate }));
         std::thread::Builder::new().name("nvm-scrub".into()).spawn(move || match raid.scrub(rate) {
             Ok(r) => {
-                eprintln!("scrub of {name}: {} ({r:?})", r.result);
+                tracing::info!("scrub of {name}: {} ({r:?})", r.result);
                 events.push("scrub-finished", Some(&name), serde_json::to_value(&r).unwrap_or_default());
             }
             Err(e) => {
-                eprintln!("scrub of {name}: {e}");
+                tracing::warn!("scrub of {name}: {e}");
                 events.push("scrub-finished", Some(&name), serde_json::json!({ "result": format!("aborted: {e}") }));
             }
         })?;

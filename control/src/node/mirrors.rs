@@ -56,7 +56,7 @@ impl MirrorDirectory for Node {
                 "this node knows volume {} at epoch {known}; a source at epoch {} is stale",
                 hello.volume, hello.epoch
             );
-            eprintln!("node {}: refused {}: {why}", self.cfg.name, hello.source_node);
+            tracing::warn!("node {}: refused {}: {why}", self.cfg.name, hello.source_node);
             return Err(refuse(RefuseCode::StaleEpoch, why));
         }
         let key = (hello.source_node.clone(), hello.volume.clone());
@@ -88,7 +88,7 @@ impl MirrorDirectory for Node {
                 let m = self
                     .open_mirror(MirrorMeta::new(hello))
                     .map_err(|e| refuse(RefuseCode::Internal, format!("create mirror: {e:#}")))?;
-                eprintln!("node {}: new mirror of {}/{}", self.cfg.name, hello.source_node, hello.volume);
+                tracing::info!("node {}: new mirror of {}/{}", self.cfg.name, hello.source_node, hello.volume);
                 self.mirrors.write().insert(key, m.clone());
                 m
             }
@@ -162,9 +162,10 @@ impl Node {
             if opened.raid.as_ref().is_some_and(|r| r.write_hole_found())
                 && (meta.consistent || meta.pending_cp.is_some())
             {
-                eprintln!(
+                tracing::warn!(
                     "mirror {}/{}: its storage was left dirty and degraded by a crash; it takes a baseline copy",
-                    meta.source_node, meta.volume
+                    meta.source_node,
+                    meta.volume
                 );
                 meta.consistent = false;
                 meta.resyncing = false;
@@ -207,7 +208,7 @@ impl Node {
     pub(super) fn resume_rebuild(&self, name: &str, opened: &Opened) {
         if let Some(raid) = &opened.raid {
             if let Some(m) = raid.rebuilding_member() {
-                eprintln!("node {}: volume {name}: resuming the rebuild of member {m}", self.cfg.name);
+                tracing::info!("node {}: volume {name}: resuming the rebuild of member {m}", self.cfg.name);
                 spawn_rebuild(raid.clone(), None, name, self.events.clone());
             }
         }
@@ -229,7 +230,11 @@ impl Node {
         }
         {
             let mut state = self.state.lock();
-            let v = state.volumes.iter_mut().find(|v| v.name == name).ok_or_else(|| anyhow!("no volume {name}"))?;
+            let v = state
+                .volumes
+                .iter_mut()
+                .find(|v| v.name == name)
+                .ok_or_else(|| NotFound(format!("no volume {name} on this node")))?;
             match &v.mirror {
                 Some(m) if *m != target => {
                     bail!("volume {name} is already mirrored to {} ({})", m.peer_name, m.peer_control)

@@ -101,6 +101,11 @@ pub struct NodeState {
     pub fences: std::collections::BTreeMap<String, u64>,
 }
 
+/// A volume, mirror or peer this node does not have (the API answers 404, `ctl` exits 4).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
 pub struct NodeConfig {
     pub name: String,
     pub data_dir: PathBuf,
@@ -251,10 +256,10 @@ impl Node {
             .map(|((_, v), m)| (v.clone(), m.clone()))
             .collect();
         for (v, m) in orphans {
-            eprintln!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
+            tracing::info!("node {}: volume {v} was failed over here before a restart; taking it up", node.cfg.name);
             if let Err(e) = core::take_up_promoted(&mut FileEnv::new(&node, None), &m, None, false) {
                 let why = format!("{e:#}");
-                eprintln!("node {}: volume {v} cannot start: {why}", node.cfg.name);
+                tracing::error!("node {}: volume {v} cannot start: {why}", node.cfg.name);
                 node.unstarted.lock().push((v, why));
             }
         }
@@ -265,7 +270,7 @@ impl Node {
             // the others, down: it is reported, with why, in the status.
             if let Err(e) = node.start_volume(v) {
                 let why = format!("{e:#}");
-                eprintln!("node {}: volume {} cannot start: {why}", node.cfg.name, v.name);
+                tracing::error!("node {}: volume {} cannot start: {why}", node.cfg.name, v.name);
                 node.unstarted.lock().push((v.name.clone(), why));
             }
         }
@@ -335,12 +340,12 @@ impl Node {
         match open() {
             Ok(m) => {
                 if let Some(what) = m.repaired() {
-                    eprintln!("node {}: volume {name}: change map {}: {what}", self.cfg.name, path.display());
+                    tracing::warn!("node {}: volume {name}: change map {}: {what}", self.cfg.name, path.display());
                 }
                 Ok(m)
             }
             Err(e) => {
-                eprintln!(
+                tracing::warn!(
                     "node {}: volume {name}: change map {}: {e:#}; starting a new one (the next mirror copy is whole)",
                     self.cfg.name,
                     path.display()
@@ -484,7 +489,7 @@ impl Node {
         if let Some((_, why)) = self.unstarted.lock().iter().find(|(v, _)| v == name) {
             bail!("volume {name} could not start: {why}");
         }
-        bail!("no volume {name} on this node")
+        Err(NotFound(format!("no volume {name} on this node")).into())
     }
 
     pub fn cp(&self, name: &str, timeout: Duration) -> Result<u64> {
@@ -503,7 +508,7 @@ impl Node {
     pub fn fence_volume(&self, name: &str, why: &str) {
         if let Some(h) = self.volumes.read().get(name) {
             if h.control(Control::Fence(why.to_string())).is_ok() {
-                eprintln!("node {}: volume {name} fenced: {why}", self.cfg.name);
+                tracing::error!("node {}: volume {name} fenced: {why}", self.cfg.name);
                 self.events.push("fenced", Some(name), serde_json::json!({ "reason": why }));
             }
         }
@@ -515,6 +520,19 @@ impl Node {
         for n in names {
             self.fence_volume(&n, why);
         }
+    }
+
+    /// The status of `name` alone: its row as a primary, the mirrors of that name hosted
+    /// here, or why it did not start.
+    pub fn volume_status(&self, name: &str) -> Result<NodeStatus> {
+        let mut s = self.status();
+        s.volumes.retain(|v| v.source.volume == name);
+        s.mirrors.retain(|m| m.mirror.volume == name);
+        s.unstarted.retain(|u| u.volume == name);
+        if s.volumes.is_empty() && s.mirrors.is_empty() && s.unstarted.is_empty() {
+            return Err(NotFound(format!("no volume or mirror {name} on this node")).into());
+        }
+        Ok(s)
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -535,7 +553,7 @@ impl Node {
                     storage: self.storage_status(&StorageOwner::Volume(name.clone())),
                     source: s,
                 }),
-                Err(e) => eprintln!("status of {name}: {e}"),
+                Err(e) => tracing::warn!("status of {name}: {e}"),
             }
         }
         volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
@@ -738,13 +756,13 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     {
         use nvmirror_dataplane::transport::rdma;
         if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::FileSync {
-            eprintln!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
+            tracing::info!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
             return None;
         }
         if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Dax {
             // Measured in the hw-tests guest: ibv_reg_mr of a file-DAX mapping fails with
             // EOPNOTSUPP (the kernel does not let a device pin fsdax pages for long).
-            eprintln!(
+            tracing::info!(
                 "node {}: RDMA not offered: dax: log files are filesystem-DAX mappings, which the kernel does not let \
                  an RDMA device pin (ibv_reg_mr fails with EOPNOTSUPP); mirrors hosted here take entries over TCP",
                 cfg.name
@@ -757,11 +775,11 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
         }
         match rdma::RdmaService::start(cfg.replication) {
             Ok(s) => {
-                eprintln!("node {}: RDMA placement on {} ({})", cfg.name, cfg.replication, devices.join(", "));
+                tracing::info!("node {}: RDMA placement on {} ({})", cfg.name, cfg.replication, devices.join(", "));
                 Some(s)
             }
             Err(e) => {
-                eprintln!("node {}: RDMA not offered: {e}", cfg.name);
+                tracing::info!("node {}: RDMA not offered: {e}", cfg.name);
                 None
             }
         }

@@ -77,7 +77,7 @@ impl Node {
             let mirrors = self.mirrors.read();
             let found: Vec<_> = mirrors.iter().filter(|((_, v), m)| v == name && !m.meta().promoted).collect();
             match found.as_slice() {
-                [] => bail!("no mirror of volume {name} on this node"),
+                [] => return Err(NotFound(format!("no mirror of volume {name} on this node")).into()),
                 [(_, m)] => (*m).clone(),
                 _ => bail!("mirrors of several volumes named {name} live here"),
             }
@@ -112,7 +112,10 @@ impl Node {
         let handle = match self.volume(name) {
             Ok(h) => Some(h),
             Err(e) if self.unstarted.lock().iter().any(|(v, _)| v == name) => {
-                eprintln!("node {}: volume {name} is not running ({e:#}): it takes a baseline copy", self.cfg.name);
+                tracing::warn!(
+                    "node {}: volume {name} is not running ({e:#}): it takes a baseline copy",
+                    self.cfg.name
+                );
                 None
             }
             Err(e) => return Err(e),
@@ -188,7 +191,7 @@ impl Node {
         let delta = meta.resyncing;
         self.adopt_as_mirror(&rec.storage, meta, rec.epoch)?;
         self.unstarted.lock().retain(|(v, _)| v != name);
-        eprintln!(
+        tracing::warn!(
             "node {}: volume {name} is now the mirror of {} ({} regions of its own to copy back; {})",
             self.cfg.name,
             peer.name,
@@ -287,7 +290,7 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 // Back to where it was: this node the primary again, the requests served here.
-                eprintln!("node {}: switchover of {name} failed ({e:#}); staying primary", self.cfg.name);
+                tracing::warn!("node {}: switchover of {name} failed ({e:#}); staying primary", self.cfg.name);
                 self.mirrors.write().remove(&(peer.name.clone(), name.to_string()));
                 self.storage.write().remove(&StorageOwner::Mirror(peer.name.clone(), name.to_string()));
                 let _ = fs::remove_file(self.mirror_dir(&peer.name, name).join("meta.json"));
@@ -363,7 +366,7 @@ impl Node {
             .read()
             .get(&(req.from.clone(), name.to_string()))
             .cloned()
-            .ok_or_else(|| anyhow!("no mirror of {name} from {} on this node", req.from))?;
+            .ok_or_else(|| NotFound(format!("no mirror of {name} from {} on this node", req.from)))?;
         let policy: Policy = serde_json::from_value(serde_json::Value::String(req.policy.clone())).unwrap_or_default();
         let target = MirrorTarget {
             peer_name: req.from.clone(),

@@ -348,6 +348,12 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs `nvmirror ARGS...` and prints the command, its exit status and its output;
 /// returns (success, stdout, stderr).
 pub fn nvmirror(args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = nvmirror_code(args);
+    (code == Some(0), stdout, stderr)
+}
+
+/// As [`nvmirror`], with the exit code (None: killed by a signal).
+pub fn nvmirror_code(args: &[&str]) -> (Option<i32>, String, String) {
     let out = run_bin(args, COMMAND_TIMEOUT);
     let (stdout, stderr) =
         (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
@@ -358,7 +364,7 @@ pub fn nvmirror(args: &[&str]) -> (bool, String, String) {
         stdout.trim(),
         stderr.trim()
     );
-    (out.status.success(), stdout, stderr)
+    (out.status.code(), stdout, stderr)
 }
 
 /// Runs `nvmirror ctl --node NODE ARGS...`, as [`nvmirror`].
@@ -376,22 +382,23 @@ pub fn ctl_ok(node: &str, args: &[&str]) -> String {
 }
 
 /// `nvmirror ARGS...` fails with nothing on stdout and one line on stderr, `nvmirror:
-/// REASON`, where the reason contains `want`.
-pub fn fails_with(args: &[&str], want: &str) {
-    let (ok, stdout, stderr) = nvmirror(args);
-    assert!(!ok, "nvmirror {} succeeded: {stdout}", args.join(" "));
+/// REASON`, where the reason contains `want`. Returns the exit code.
+pub fn fails_with(args: &[&str], want: &str) -> i32 {
+    let (code, stdout, stderr) = nvmirror_code(args);
+    assert!(code != Some(0), "nvmirror {} succeeded: {stdout}", args.join(" "));
     assert!(stdout.trim().is_empty(), "a failing command printed on stdout: {stdout}");
     let lines: Vec<&str> = stderr.trim().lines().collect();
     assert_eq!(lines.len(), 1, "the reason is not one line: {stderr:?}");
     assert!(lines[0].starts_with("nvmirror: "), "reason: {}", lines[0]);
     assert!(lines[0].contains(want), "the reason {:?} does not mention {want:?}", lines[0]);
+    code.expect("exited, not killed")
 }
 
-/// `nvmirror ctl --node NODE ARGS...` fails, as [`fails_with`].
-pub fn ctl_fails(node: &str, args: &[&str], want: &str) {
+/// `nvmirror ctl --node NODE ARGS...` fails, as [`fails_with`]; returns the exit code.
+pub fn ctl_fails(node: &str, args: &[&str], want: &str) -> i32 {
     let mut all = vec!["ctl", "--node", node];
     all.extend_from_slice(args);
-    fails_with(&all, want);
+    fails_with(&all, want)
 }
 
 /// The arguments of `nvmirror node` on `data_dir`, every address an ephemeral loopback

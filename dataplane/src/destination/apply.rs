@@ -93,7 +93,7 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                 Err(CpError::LogDamaged(e)) => {
                     // Not the mirror's failure: the connection ends, and the source's
                     // resume sends the entries from the cut on, then the CP again.
-                    eprintln!("mirror {}: {e}", m.name());
+                    tracing::warn!("mirror {}: {e}", m.name());
                     m.log_repairs.fetch_add(1, Ordering::Relaxed);
                     let _ = sink.send(&Message::Error { reason: e });
                     sink.close();

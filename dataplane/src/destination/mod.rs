@@ -288,9 +288,10 @@ impl Mirror {
         let (log1, scan1) = LogFile::open(l1, 1);
         for (p, scan) in [(0, &scan0), (1, &scan1)] {
             if let crate::format::ScanStop::Invalid { offset, reason } = &scan.stop {
-                eprintln!(
+                tracing::warn!(
                     "mirror {}/{}: log {p}: scan stopped at offset {offset}: {reason}; entries after it are not used",
-                    meta.source_node, meta.volume
+                    meta.source_node,
+                    meta.volume
                 );
             }
         }
@@ -320,7 +321,7 @@ impl Mirror {
         });
         let pending = mirror.meta.lock().pending_cp;
         if let Some(p) = pending {
-            eprintln!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
+            tracing::info!("mirror {}: finishing CP {} interrupted by a restart", mirror.name(), p.cp);
             // The interrupted CP may have half-written the volume: a redo (no write hole).
             let _redo = RedoGuard::new(mirror.device.as_ref());
             mirror.apply_cp(p.cp, p.partition, p.upto_seq, None).map_err(|e| io::Error::other(e.to_string()))?;
@@ -334,7 +335,7 @@ impl Mirror {
             (m.promoting && !m.promoted, m.epoch)
         };
         if promoting {
-            eprintln!("mirror {}: finishing the failover a restart interrupted (epoch {epoch})", mirror.name());
+            tracing::info!("mirror {}: finishing the failover a restart interrupted (epoch {epoch})", mirror.name());
             let _one = mirror.promoting.lock();
             mirror.fenced.store(true, Ordering::SeqCst);
             mirror.finish_promotion(epoch, true).map_err(io::Error::other)?;
@@ -395,7 +396,7 @@ impl Mirror {
     }
 
     fn fail(&self, reason: &str) {
-        eprintln!("mirror {}: {reason}", self.name());
+        tracing::warn!("mirror {}: {reason}", self.name());
         *self.error.lock() = Some(reason.to_string());
     }
 
@@ -436,7 +437,7 @@ impl Mirror {
             let mut l = log.lock();
             if placed_by_rdma {
                 if let Err(e) = l.rescan() {
-                    eprintln!("mirror {}/{}: rescan log: {e}", meta.source_node, meta.volume);
+                    tracing::warn!("mirror {}/{}: rescan log: {e}", meta.source_node, meta.volume);
                 }
             }
             used += l.tail() as u64;

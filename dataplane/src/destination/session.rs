@@ -206,7 +206,7 @@ impl FrameHandler for Session {
                     at = end;
                 }
                 drop(log);
-                eprintln!(
+                tracing::info!(
                     "mirror {}: sent log {p} from offset {from} to {tail} to the source, which restarted without it",
                     self.mirror.name()
                 );

@@ -185,7 +185,7 @@ impl Raid4 {
                     match self.verified_row(&view, row, Some(&mut report)) {
                         Ok(_) => break,
                         Err(RowError::Lost(e)) => {
-                            eprintln!("scrub of {}: {e}", self.name());
+                            tracing::warn!("scrub of {}: {e}", self.name());
                             break;
                         }
                         Err(RowError::Retry) if tries < g.members() => tries += 1,
@@ -285,7 +285,11 @@ impl Raid4 {
     }
 
     fn install_replacement(&self, member: usize, new: &DiskSpec, dev: Arc<dyn BlockDevice>) -> io::Result<()> {
-        eprintln!("RAID-4 volume {}: member {member}: {} replaced by {new}", self.name(), self.member_spec(member));
+        tracing::info!(
+            "RAID-4 volume {}: member {member}: {} replaced by {new}",
+            self.name(),
+            self.member_spec(member)
+        );
         self.install_member(member, new.clone(), dev);
         self.set_rebuild_cursor_persisted(0);
         self.bump_events();
@@ -377,7 +381,7 @@ impl Raid4 {
         self.set_rebuild_cursor_persisted(0);
         self.bump_events();
         self.write_superblocks()?;
-        eprintln!(
+        tracing::info!(
             "RAID-4 volume {}: member {member} rebuilt ({} MiB in {:.1} s)",
             self.name(),
             ((g.rows() - start_row) * B) >> 20,

@@ -94,7 +94,9 @@ where
         let peer = adopted.peer();
         let session = match Session::new(adopted, self.device.size(), false) {
             Ok(s) => s,
-            Err(e) => return eprintln!("nbd: {peer}: volume {}: cannot take the connection: {e}", self.cfg.volume),
+            Err(e) => {
+                return tracing::warn!("nbd: {peer}: volume {}: cannot take the connection: {e}", self.cfg.volume)
+            }
         };
         let slot = match self.clients.slots.iter().position(Option::is_none) {
             Some(i) => i,
@@ -103,13 +105,16 @@ where
                 self.clients.slots.len() - 1
             }
             None => {
-                eprintln!("nbd: {peer}: volume {} already serves {SESSIONS_MAX} connections; closed", self.cfg.volume);
+                tracing::warn!(
+                    "nbd: {peer}: volume {} already serves {SESSIONS_MAX} connections; closed",
+                    self.cfg.volume
+                );
                 return session.close();
             }
         };
         if let Some(r) = &self.readiness {
             if let Err(e) = r.register(session.fd(), CLIENT_TOKEN_BASE + slot) {
-                eprintln!("nbd: {peer}: volume {}: cannot watch the connection: {e}; closed", self.cfg.volume);
+                tracing::warn!("nbd: {peer}: volume {}: cannot watch the connection: {e}; closed", self.cfg.volume);
                 return session.close();
             }
         }
@@ -175,7 +180,7 @@ where
             if c.session.finished() {
                 let c = self.clients.slots[slot].take().expect("the slot was just looked at");
                 if let Some(e) = c.session.error() {
-                    eprintln!(
+                    tracing::warn!(
                         "nbd: {}: volume {}: {}",
                         c.session.peer(),
                         self.cfg.volume,
@@ -206,7 +211,7 @@ where
             match session.release() {
                 Ok(adopted) => adopted.serve_on_threads(),
                 Err(session) => {
-                    eprintln!("nbd: {}: volume {}: {why}; connection closed", session.peer(), self.cfg.volume);
+                    tracing::warn!("nbd: {}: volume {}: {why}; connection closed", session.peer(), self.cfg.volume);
                     session.close();
                 }
             }

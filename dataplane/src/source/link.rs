@@ -56,7 +56,7 @@ where
         if let Some(fd) = fd {
             match r.register(fd, LINK_TOKEN) {
                 Ok(()) => self.link_fd = Some(fd),
-                Err(e) => eprintln!("volume {}: cannot watch the link: {e}; polling it", self.cfg.volume),
+                Err(e) => tracing::warn!("volume {}: cannot watch the link: {e}; polling it", self.cfg.volume),
             }
         }
     }
@@ -182,7 +182,7 @@ where
                             Some(if c.kind == CopyKind::Resync { "resync" } else { "baseline" }.into());
                         self.stats.last_copy_bytes = c.bytes;
                         self.stats.last_copy_zero_bytes = c.zero_bytes;
-                        eprintln!(
+                        tracing::info!(
                             "volume {}: {what} done ({} bytes in {} frames, {} of them zeroes sent as ranges); mirror in sync",
                             self.cfg.volume, c.bytes, c.chunks, c.zero_bytes
                         );
@@ -225,7 +225,7 @@ where
 
     pub(super) fn fence(&mut self, reason: String) {
         let msg = format!("fenced: the mirror was failed over ({reason}); this node no longer accepts writes");
-        eprintln!("volume {}: {msg}", self.cfg.volume);
+        tracing::warn!("volume {}: {msg}", self.cfg.volume);
         if let LinkState::Up { link, .. } = &mut self.link {
             link.close();
         }
@@ -250,7 +250,7 @@ where
             LinkState::Down { copy, .. } => *copy,
             _ => None,
         };
-        eprintln!("volume {}: mirror link down: {reason}", self.cfg.volume);
+        tracing::warn!("volume {}: mirror link down: {reason}", self.cfg.volume);
         self.set_link(LinkState::Down {
             reason: reason.clone(),
             next_try: self.reconnect_at(),
@@ -287,7 +287,7 @@ where
             Err(ConnectError::Refused { code: RefuseCode::Mismatch, reason, .. })
                 if copy != Some(CopyKind::Baseline) =>
             {
-                eprintln!("volume {}: {reason}; starting a baseline", self.cfg.volume);
+                tracing::warn!("volume {}: {reason}; starting a baseline", self.cfg.volume);
                 self.set_link(LinkState::Down {
                     reason,
                     next_try: self.clock.now_ns(),
@@ -326,12 +326,12 @@ where
             let marked: u64 = marks.iter().map(|b| u64::from(b.count_ones())).sum();
             let target = self.target.as_deref().unwrap_or("?");
             match kind {
-                CopyKind::Baseline => eprintln!(
+                CopyKind::Baseline => tracing::info!(
                     "volume {}: mirroring to {target}: baseline copy of {} bytes",
                     self.cfg.volume,
                     self.device.size()
                 ),
-                CopyKind::Resync => eprintln!(
+                CopyKind::Resync => tracing::info!(
                     "volume {}: mirroring to {target}: delta resync of {marked} regions ({} bytes at most)",
                     self.cfg.volume,
                     marked * crate::log::REGION_BYTES
@@ -368,7 +368,7 @@ where
             }
             Ok(how) => {
                 if matches!(how, Resumed::Done) {
-                    eprintln!("volume {}: mirror link resumed", self.cfg.volume);
+                    tracing::info!("volume {}: mirror link resumed", self.cfg.volume);
                 }
                 self.confirmed = true;
                 self.set_link(LinkState::Up { link, copy: None });
@@ -377,7 +377,7 @@ where
                 link.close();
                 let next = if self.can_resync(&welcome) { CopyKind::Resync } else { CopyKind::Baseline };
                 let what = if next == CopyKind::Resync { "a delta resync" } else { "a baseline" };
-                eprintln!("volume {}: cannot resume ({why}); starting {what}", self.cfg.volume);
+                tracing::warn!("volume {}: cannot resume ({why}); starting {what}", self.cfg.volume);
                 self.link =
                     LinkState::Down { reason: why, next_try: self.clock.now_ns(), connecting: false, copy: Some(next) };
             }
@@ -403,10 +403,11 @@ where
             let tail = self.nvlog.tail(p);
             if theirs.open && theirs.cp_gen == gen && theirs.first_seq == ours.first_seq && usize_of(theirs.tail) > tail
             {
-                eprintln!(
+                tracing::info!(
                     "volume {}: NVLog partition {p} ends at offset {tail} here, the mirror's at {}: fetching the \
                      rest from the mirror",
-                    self.cfg.volume, theirs.tail
+                    self.cfg.volume,
+                    theirs.tail
                 );
                 let send_err = |e: crate::transport::LinkError| e.to_string();
                 link.send(&Message::LogFetch { partition: p, offset: tail as u64 }).map_err(send_err)?;

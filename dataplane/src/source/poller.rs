@@ -349,7 +349,7 @@ where
     }
 
     pub(super) fn fail_stop(&mut self, reason: String) {
-        eprintln!("volume {}: failed, refusing writes: {reason}", self.cfg.volume);
+        tracing::error!("volume {}: failed, refusing writes: {reason}", self.cfg.volume);
         self.fail_pending(&reason);
         self.failed = Some(reason);
     }

@@ -29,7 +29,7 @@ where
     /// its remote half follows once the link is up.
     pub(super) fn recover(&mut self, rec: &Recovered) -> io::Result<()> {
         for problem in rec.problems() {
-            eprintln!("volume {}: NVLog recovery: {problem}; entries after it are not replayed", self.cfg.volume);
+            tracing::warn!("volume {}: NVLog recovery: {problem}; entries after it are not replayed", self.cfg.volume);
         }
         // What is replayed here may have been half-written to the volume by a CP the crash
         // interrupted: the device must not trust its redundancy over it (no write hole).
@@ -172,7 +172,7 @@ where
         // Put back as it was (still registered for readiness): not through `set_link`.
         self.link = LinkState::Up { link, copy };
         match r {
-            Ok(Resumed::Done) => eprintln!("volume {}: mirror link resumed", self.cfg.volume),
+            Ok(Resumed::Done) => tracing::info!("volume {}: mirror link resumed", self.cfg.volume),
             Ok(Resumed::CatchingUp) => {}
             Ok(Resumed::Lost(why)) => {
                 if let LinkState::Up { link, .. } = &mut self.link {
@@ -246,7 +246,7 @@ where
         // recovery builds it, and the closing partition's local CP written again.
         self.rebuild_cache_from_log().map_err(|e| format!("rebuild the cache: {e}"))?;
         self.stats.log_entries_fetched += entries.len() as u64;
-        eprintln!(
+        tracing::warn!(
             "volume {}: the mirror's copy served {} entries of NVLog partition {p} (sequence {first} to {last}) that \
              this node's log lacked after its restart",
             self.cfg.volume,

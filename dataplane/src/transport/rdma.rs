@@ -105,7 +105,7 @@ impl RdmaService {
     #[doc(hidden)]
     pub fn start_with(addr: SocketAddr, tamper: Option<Tamper>) -> Result<Arc<Self>, String> {
         let mut listener = Listener::bind(addr).map_err(|e| format!("RDMA listen on {addr}: {e}"))?;
-        eprintln!("rdma: {}", nvmirror_bindings::rdma::flush_support());
+        tracing::info!("rdma: {}", nvmirror_bindings::rdma::flush_support());
         let service = Arc::new(RdmaService {
             addr,
             expected: Arc::new(Mutex::new(HashMap::new())),
@@ -120,20 +120,20 @@ impl RdmaService {
                     Ok(req) => {
                         let token = req.private_data.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8")));
                         let Some(exp) = token.and_then(|t| expected.lock().remove(&t)) else {
-                            eprintln!("rdma: refused a queue pair with an unknown token");
+                            tracing::warn!("rdma: refused a queue pair with an unknown token");
                             req.reject("unknown token");
                             continue;
                         };
                         let conn = match req.accept(DEPTH, SETUP_TIMEOUT) {
                             Ok(c) => c,
                             Err(e) => {
-                                eprintln!("rdma: accept: {e}");
+                                tracing::warn!("rdma: accept: {e}");
                                 continue;
                             }
                         };
                         let sink = exp.sink.clone();
                         if let Err(e) = register(exp, conn) {
-                            eprintln!("rdma: {e}");
+                            tracing::warn!("rdma: {e}");
                             // The source is waiting for the regions: tell it why none come.
                             let _ =
                                 sink.send(&Message::Error { reason: format!("RDMA set-up on the destination: {e}") });
@@ -141,7 +141,7 @@ impl RdmaService {
                     }
                     Err(nvmirror_bindings::rdma::RdmaError::Timeout { .. }) => {}
                     Err(e) => {
-                        eprintln!("rdma: listener: {e}");
+                        tracing::warn!("rdma: listener: {e}");
                         thread::sleep(Duration::from_millis(100));
                     }
                 }
@@ -174,7 +174,7 @@ fn register(exp: Expected, conn: Connection) -> Result<(), String> {
     }
     let name = exp.mirror.name();
     exp.mirror.set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))?;
-    eprintln!("rdma: mirror {name}: log files registered; the source places entries by RDMA");
+    tracing::info!("rdma: mirror {name}: log files registered; the source places entries by RDMA");
     exp.sink.send(&Message::RdmaRegions { regions }).map_err(|e| format!("send regions: {e}"))
 }
 
@@ -610,7 +610,7 @@ impl Link for RdmaLink {
         match mr {
             Ok(mr) => self.source = Some(SourceMemory { mr, base: memory.as_ptr() as usize, len: memory.len() }),
             // File-DAX memory cannot be pinned: copy batches through the staging ring.
-            Err(e) => eprintln!(
+            Err(e) => tracing::warn!(
                 "rdma: the NVLog ({} bytes) cannot be registered ({e}): entries are copied into the staging ring",
                 memory.len()
             ),

@@ -353,7 +353,7 @@ impl NbdServer {
 impl Drop for NbdServer {
     fn drop(&mut self) {
         if let Err(err) = self.stop() {
-            eprintln!("nbd: {}: server stopped on error: {err}", self.local_addr);
+            tracing::error!("nbd: {}: server stopped on error: {err}", self.local_addr);
         }
     }
 }
@@ -415,19 +415,19 @@ fn accept_loop(
                 continue;
             }
             Err(err) => {
-                eprintln!("nbd: accept failed: {err}");
+                tracing::warn!("nbd: accept failed: {err}");
                 thread::sleep(ACCEPT_RETRY);
                 continue;
             }
         };
         if connections.len() >= CONNECTIONS_MAX {
-            eprintln!("nbd: {peer}: refused, already serving {CONNECTIONS_MAX} connections");
+            tracing::warn!("nbd: {peer}: refused, already serving {CONNECTIONS_MAX} connections");
             continue;
         }
         let handle = match stream.try_clone() {
             Ok(handle) => handle,
             Err(err) => {
-                eprintln!("nbd: {peer}: cannot duplicate the socket: {err}");
+                tracing::warn!("nbd: {peer}: cannot duplicate the socket: {err}");
                 continue;
             }
         };
@@ -437,7 +437,7 @@ fn accept_loop(
             .spawn(move || serve_connection(stream, peer, registry.as_ref()));
         match spawned {
             Ok(thread) => connections.push(Connection { stream: handle, thread }),
-            Err(err) => eprintln!("nbd: {peer}: cannot start a connection thread: {err}"),
+            Err(err) => tracing::warn!("nbd: {peer}: cannot start a connection thread: {err}"),
         }
     }
     Ok(())
@@ -478,7 +478,7 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRe
         // The export's reactor owns the socket now.
         Ok(Served::Adopted) => return,
         Ok(Served::Here) => {}
-        Err(err) => eprintln!("nbd: {peer}: {}", ErrorChain(&err)),
+        Err(err) => tracing::warn!("nbd: {peer}: {}", ErrorChain(&err)),
     }
     // The accept loop holds a handle on the socket until it reaps this thread: shut it
     // down now, so that the client sees the connection end at once (a refused handshake

@@ -8,7 +8,7 @@ use super::*;
 pub(super) fn serve_adopted_on_threads(adopted: Adopted) {
     let Adopted { stream, peer, read_ahead, export, options } = adopted;
     let Some(export) = export.upgrade() else {
-        eprintln!("nbd: {peer}: the export it was served from is gone; closing");
+        tracing::warn!("nbd: {peer}: the export it was served from is gone; closing");
         let _ = stream.shutdown(Shutdown::Both);
         return;
     };
@@ -23,12 +23,12 @@ pub(super) fn serve_adopted_on_threads(adopted: Adopted) {
             transmit(&mut reader, &stream, export.as_ref(), peer, options)
         };
         if let Err(err) = run() {
-            eprintln!("nbd: {peer}: {}", ErrorChain(&err));
+            tracing::warn!("nbd: {peer}: {}", ErrorChain(&err));
         }
         let _ = stream.shutdown(Shutdown::Both);
     });
     if let Err(err) = spawned {
-        eprintln!("nbd: {peer}: cannot start a connection thread: {err}");
+        tracing::warn!("nbd: {peer}: cannot start a connection thread: {err}");
     }
 }
 
@@ -270,13 +270,13 @@ struct ReplyStream<'a> {
 impl ReplyStream<'_> {
     pub(super) fn push(&mut self, reply: IoReply, in_flight: &InFlight, peer: SocketAddr) {
         let Some(pending) = in_flight.release(reply.cookie) else {
-            eprintln!("nbd: {peer}: reply for slot {} that is not in flight, dropped", reply.cookie);
+            tracing::warn!("nbd: {peer}: reply for slot {} that is not in flight, dropped", reply.cookie);
             return;
         };
         let (error, data) = match (reply.result, pending.read_len) {
             (Ok(Some(data)), Some(len)) if data.len() == len as usize => (0, data),
             (Ok(data), Some(len)) => {
-                eprintln!(
+                tracing::warn!(
                     "nbd: {peer}: export answered a {len}-byte read with {} bytes, replying EIO",
                     data.map_or(0, |data| data.len())
                 );

@@ -335,14 +335,18 @@ impl Raid4 {
             if m.state == MemberState::Failed {
                 return;
             }
-            eprintln!("RAID-4 volume {}: member {member} ({}) failed: {why}; running degraded", self.name, m.spec);
+            tracing::error!(
+                "RAID-4 volume {}: member {member} ({}) failed: {why}; running degraded",
+                self.name,
+                m.spec
+            );
             m.state = MemberState::Failed;
             m.reason = Some(format!("I/O error: {why}"));
             m.dev = None;
         }
         self.meta.lock().events += 1;
         if let Err(e) = self.write_superblocks() {
-            eprintln!("RAID-4 volume {}: recording the failure of member {member}: {e}", self.name);
+            tracing::error!("RAID-4 volume {}: recording the failure of member {member}: {e}", self.name);
         }
     }
 

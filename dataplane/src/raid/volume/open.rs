@@ -223,7 +223,7 @@ impl Raid4 {
             if write_hole == WriteHole::Refuse {
                 return Err(e);
             }
-            eprintln!("{e} (opened all the same: it is to be copied over whole)");
+            tracing::warn!("{e} (opened all the same: it is to be copied over whole)");
         }
         let mut raid = Self::assemble(name, geo, auth.uuid, auth.created_unix_ms, members, auth.events, cursor);
         raid.meta.get_mut().dirty = dirty;
@@ -236,7 +236,7 @@ impl Raid4 {
         if !lagging.is_empty() {
             // Finish the interrupted round first, at the same event: however often a crash
             // cuts this short too, no member falls further behind.
-            eprintln!(
+            tracing::warn!(
                 "RAID-4 volume {name}: member(s) {lagging:?} missed the last superblock update (a crash cut it short); \
                  brought up to event {}",
                 auth.events
@@ -261,7 +261,7 @@ impl Raid4 {
         }
         for (i, m) in raid.members.read().iter().enumerate() {
             if let Some(r) = &m.reason {
-                eprintln!("RAID-4 volume {name}: member {i} ({}) is {}: {r}", m.spec, m.state.name());
+                tracing::warn!("RAID-4 volume {name}: member {i} ({}) is {}: {r}", m.spec, m.state.name());
             }
         }
         Ok(raid)

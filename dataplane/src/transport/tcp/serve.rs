@@ -57,7 +57,7 @@ pub fn serve(
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("replication accept: {e}");
+                tracing::warn!("replication accept: {e}");
                 thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -67,7 +67,7 @@ pub fn serve(
         let _ = thread::Builder::new().name("nvm-repl-conn".into()).spawn(move || {
             let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
             if let Err(e) = serve_connection(stream, directory.as_ref(), &security) {
-                eprintln!("replication: connection from {peer}: {e}");
+                tracing::warn!("replication: connection from {peer}: {e}");
             }
         });
     }
