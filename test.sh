@@ -16,6 +16,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The benchmark harness's quick run (benches/tests/quick.rs): fio's nbd engine against nbdkit.
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+# The package test (control/tests/package.rs) builds the .deb with cargo-deb.
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --version 3.8.0
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
