@@ -302,7 +302,7 @@ fn secret_files_that_cannot_be_used_stop_the_node() {
         &["--secret-file", open.to_str().expect("path")],
     )
     .expect("a node with a world-readable secret starts");
-    let line = wait_log(&n, &["warning", "readable by every user"]);
+    let line = wait_log(&n, &["WARN", "--secret-file", "readable by every user"]);
     println!("node warned: {line}");
     n.kill();
 }
