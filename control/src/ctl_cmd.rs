@@ -24,6 +24,22 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             let rec: Value = client.post("/v1/volumes", &body)?;
             println!("created volume {name}: {} bytes on {}", rec["size"], describe_storage(&rec["storage"]));
         }
+        CtlCmd::Volume { cmd: VolumeCmd::Delete { name, force } } => {
+            let r: Value =
+                client.post(&format!("/v1/volumes/{name}/delete"), &api::DeleteRequest { force, mirror_of: None })?;
+            let list = |k: &str| {
+                r[k].as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            };
+            println!("deleted {name}: {}", list("deleted"));
+            if !list("left").is_empty() {
+                println!("  left as they are (named at creation): {}", list("left"));
+            }
+            if let Some(peer) = r["peer"].as_str() {
+                println!("  {peer}");
+            }
+        }
         CtlCmd::Volume { cmd: VolumeCmd::ReplaceDisk { name, old, new, rate, no_wait } } => {
             let r: Value = client.post(
                 &format!("/v1/volumes/{name}/replace-disk"),

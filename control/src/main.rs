@@ -265,6 +265,15 @@ enum VolumeCmd {
         #[arg(long)]
         cp_by_value: bool,
     },
+    /// Delete a volume: its log, change map and data-dir disks (disks named at creation
+    /// are left as they are), or the mirror of that name hosted here.
+    Delete {
+        name: String,
+        /// Also a mirrored volume, and its mirror on the peer; or a mirror whose source is
+        /// connected (the source rebuilds it by a baseline when it reconnects).
+        #[arg(long)]
+        force: bool,
+    },
     /// Replace a member of a RAID-4 volume and rebuild onto the new disk.
     ReplaceDisk {
         name: String,

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use nvmirror_control::workload::Workload;
 use nvmirror_dataplane::frontend::nbd_client::NbdClient;
@@ -407,4 +409,54 @@ fn a_config_file_sets_the_node_s_flags_and_the_command_line_wins() {
     let _ = child.wait();
     std::fs::write(&conf, "data-dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\nrepl-secret = \"x\"\n").expect("write");
     fails_with(&["node", "--config", conf.to_str().expect("path")], "node.toml:3: unknown key \"repl-secret\"");
+}
+
+#[test]
+fn volume_delete_removes_a_volume_its_files_and_with_force_its_mirror() {
+    let pair = Pair::start("delete");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    pair.create_mirrored("m", 16 * MIB, LOG_BYTES_MIN);
+    ctl_ok(&src, &["volume", "create", "solo", "--size", "16M"]);
+    let ext = pair.root.join("ext.img");
+    ctl_ok(&src, &["volume", "create", "ext", "--size", "16M", "--disk", ext.to_str().expect("utf-8 path")]);
+
+    // A mirrored volume is refused without --force: exit 5, nothing touched.
+    assert_eq!(ctl_fails(&src, &["volume", "delete", "m"], "--force"), 5);
+    assert_eq!(volume_status(&pair.src_api(), "m").expect("status")["state"], "in-sync");
+
+    // An unmirrored one goes with its log, change map and data-dir disks; its name is free.
+    let solo_dir = pair.src.data_dir.join("volumes").join("solo");
+    assert!(solo_dir.is_dir() && pair.src_nvlog("solo", 1).is_file());
+    let out = ctl_ok(&src, &["volume", "delete", "solo"]);
+    assert!(out.contains("deleted solo: primary"), "{out}");
+    assert!(!solo_dir.exists(), "{} is left", solo_dir.display());
+    assert!(!pair.src_nvlog("solo", 1).exists(), "the NVLog is left");
+    assert!(NbdClient::connect(pair.src.nbd.as_str(), "solo").is_err(), "the export is still served");
+    assert_eq!(ctl_fails(&src, &["volume", "delete", "solo"], "no volume or mirror solo"), 4);
+    ctl_ok(&src, &["volume", "create", "solo", "--size", "16M"]);
+
+    // A disk named at creation is left as it is, and said so.
+    let out = ctl_ok(&src, &["volume", "delete", "ext"]);
+    assert!(out.contains("left as they are") && out.contains("ext.img"), "{out}");
+    assert!(ext.is_file(), "a disk named at creation was removed");
+
+    // A mirror its source is connected to: refused on the mirror's node without --force.
+    assert_eq!(ctl_fails(&dst, &["volume", "delete", "m"], "connected to its source"), 5);
+    // Forced there, the source finds no mirror when it reconnects and rebuilds it whole.
+    let out = ctl_ok(&dst, &["volume", "delete", "m", "--force"]);
+    assert!(out.contains("deleted m: mirror of site-a"), "{out}");
+    wait_for("the mirror rebuilt by a baseline", Duration::from_secs(60), || {
+        let m = mirror_status(&pair.dst_api(), "m").ok();
+        Ok(m.filter(|m| m["consistent"] == true && m["connected"] == true).map(|_| ()))
+    });
+    wait_state(&pair.src_api(), "m", "in-sync", Duration::from_secs(60));
+    // --force on the primary deletes the mirror on the peer too.
+    let out = ctl_ok(&src, &["volume", "delete", "m", "--force"]);
+    assert!(out.contains("the mirror on site-b is deleted"), "{out}");
+    let mirror_dir = pair.dst.data_dir.join("mirrors").join(&pair.src.name).join("m");
+    assert!(!mirror_dir.exists(), "the mirror's files are left in {}", mirror_dir.display());
+    assert!(!pair.dst_log("m", 0).exists(), "the mirror's log files are left");
+    let s = ctl_json(&dst);
+    assert!(s["mirrors"].as_array().is_some_and(Vec::is_empty), "the mirror is still listed: {s}");
+    assert_eq!(ctl_fails(&dst, &["status", "m"], "no volume or mirror m"), 4);
 }

@@ -227,4 +227,10 @@ impl crate::node::PeerCalls for HttpPeers {
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value> {
         Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/takeover"), req)
     }
+    fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()> {
+        let req = DeleteRequest { force: true, mirror_of: Some(source.to_string()) };
+        let _: Value =
+            Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/delete"), &req)?;
+        Ok(())
+    }
 }

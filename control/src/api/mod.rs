@@ -11,6 +11,7 @@
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
+//! | POST | /v1/volumes/VOL/delete | [`DeleteRequest`] | [`crate::node::DeleteReport`]: the primary VOL (with `force`, mirrored too, and its mirror on the peer) or the mirrors of VOL here |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
 //! | POST | /v1/volumes/VOL/resync | [`ResyncRequest`] | on a node that lost VOL to a failover: it becomes the new primary's mirror, brought level by a delta resync |
 //! | POST | /v1/volumes/VOL/switchover | | on the primary: a planned exchange of roles with its mirror ([`crate::node::SwitchoverReport`]) |

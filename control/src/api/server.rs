@@ -409,6 +409,14 @@ fn route(
             node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }
+        (Post, ["v1", "volumes", name, "delete"]) => {
+            let body: DeleteRequest = read_body(request)?;
+            let report = match &body.mirror_of {
+                Some(source) => node.delete_mirror_of(source, name)?,
+                None => node.delete_volume(name, body.force)?,
+            };
+            Ok(serde_json::to_value(report).expect("serializable"))
+        }
         (Post, ["v1", "volumes", name, "cp"]) => {
             let cp = node.cp(name, Duration::from_secs(120))?;
             Ok(json!({ "cp": cp }))

@@ -27,6 +27,19 @@ pub struct CreateVolume {
     pub cp_by_value: bool,
 }
 
+/// `POST /v1/volumes/VOL/delete`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    /// Delete a mirrored primary (and its mirror on the peer), or a mirror its source is
+    /// connected to.
+    #[serde(default)]
+    pub force: bool,
+    /// Delete the mirror of VOL from this source node only (a source's forced delete).
+    #[serde(default)]
+    pub mirror_of: Option<String>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScrubRequest {

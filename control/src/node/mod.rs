@@ -49,12 +49,14 @@ use serde::{Deserialize, Serialize};
 use crate::storage::{MirrorLayout, OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
 
 mod env;
+mod lifecycle;
 mod maintain;
 mod mirrors;
 mod peers;
 mod roles;
 
 use env::FileEnv;
+pub use lifecycle::DeleteReport;
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};

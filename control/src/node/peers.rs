@@ -15,6 +15,8 @@ pub trait PeerCalls: Send + Sync {
     fn mirror(&self, control: &str, volume: &str, req: &MirrorRequest) -> Result<()>;
     /// Hands `volume` over to the peer, its mirror: the second half of a switchover.
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value>;
+    /// Asks the peer to delete its mirror of `volume` from `source` (this node).
+    fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()>;
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -145,6 +145,19 @@ impl Mirror {
     }
 
     /// Waits until every queued job has run.
+    /// Ends the session open on this mirror, if any, without fencing its source (a mirror
+    /// deleted under a connected source: the source reconnects and finds none here), and
+    /// waits for the work it queued. Nothing the source sends after this is placed.
+    pub fn disconnect(&self) {
+        self.session_gen.fetch_add(1, Ordering::SeqCst);
+        if let Some(sink) = self.session.lock().take() {
+            sink.close();
+        }
+        self.drop_rdma_attachment();
+        self.barrier();
+        drop(self.apply.write());
+    }
+
     pub(super) fn barrier(&self) {
         if self.stepped_jobs.is_some() {
             self.run_jobs(usize::MAX);
