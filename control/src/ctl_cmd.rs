@@ -149,6 +149,31 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 r["requests_handed_over"]
             );
         }
+        CtlCmd::Verify { volume, region, json } => {
+            let r: Value = client.post(&format!("/v1/volumes/{volume}/verify"), &api::VerifyRequest { region })?;
+            let differing = r["differing"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "verify of {volume} against its mirror on {} as of CP {}: {} regions of {} compared in {} ms; {} differ",
+                    r["peer"].as_str().unwrap_or("?"),
+                    r["cp"],
+                    r["regions"],
+                    human(r["region_bytes"].as_u64().unwrap_or(0)),
+                    r["duration_ms"],
+                    differing.len()
+                );
+                for d in &differing {
+                    println!("  differs: offset {} length {}", d[0], d[1]);
+                }
+            }
+            if !differing.is_empty() {
+                return Err(
+                    api::DamageFound(format!("{volume} and its mirror differ in {} regions", differing.len())).into()
+                );
+            }
+        }
         CtlCmd::Cp { volume } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/cp"), &serde_json::json!({}))?;
             println!("CP {} of {volume} is durable on both sites", r["cp"]);

@@ -207,6 +207,17 @@ enum CtlCmd {
         #[arg(long)]
         once: bool,
     },
+    /// On the primary: compare the volume with its mirror, online, by region checksums as
+    /// of a CP; exits 6 if regions differ (they are listed).
+    Verify {
+        volume: String,
+        /// Bytes per checksum (K/M suffixes; 4K to 64M).
+        #[arg(long, value_parser = size_arg)]
+        region: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
     Failover { volume: String },
     /// Node, volume and mirror status; of one volume (its primary and its mirrors here)

@@ -460,3 +460,44 @@ fn volume_delete_removes_a_volume_its_files_and_with_force_its_mirror() {
     assert!(s["mirrors"].as_array().is_some_and(Vec::is_empty), "the mirror is still listed: {s}");
     assert_eq!(ctl_fails(&dst, &["status", "m"], "no volume or mirror m"), 4);
 }
+
+#[test]
+fn verify_finds_the_mirror_equal_and_then_the_region_that_was_damaged() {
+    let seed = base_seed("verify_finds_the_mirror_equal_and_then_the_region_that_was_damaged");
+    // A mirror on one file, so that a damaged block is not repaired from parity on read.
+    let pair = Pair::start_with("verify", &[], &["--mirror-layout", "single"]);
+    let src = pair.src.control.clone();
+    pair.create_mirrored("v", 16 * MIB, LOG_BYTES_MIN);
+    let mut w = Workload::new(0, 16 * MIB / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "v").expect("NBD connect");
+    w.run(&mut c, 8, 3000, |_| {}).expect("writes");
+    // Online: writes (and the CPs they start) go on while it compares; none is a difference.
+    let writer = std::thread::spawn(move || {
+        w.run(&mut c, 8, 6000, |_| {}).expect("writes during verify");
+        w
+    });
+    let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);
+    assert!(out.contains("64 regions of 256.0K compared") && out.contains("; 0 differ"), "{out}");
+    let w = writer.join().expect("the writer");
+    assert_eq!(w.errors, 0);
+    let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);
+    assert!(out.contains("; 0 differ"), "{out}");
+
+    // Damage one block of the mirror's file (5 MiB + 8 KiB in): that region alone differs.
+    let file = pair.dst.data_dir.join("mirrors").join(&pair.src.name).join("v").join("data");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).expect("open the mirror's file");
+        f.write_all_at(&[0x5a; 4096], 5 * MIB + 8192).expect("damage it");
+    }
+    let (code, stdout, stderr) = nvmirror_code(&["ctl", "--node", &src, "verify", "v", "--region", "256K", "--json"]);
+    assert_eq!(code, Some(6), "verify of a damaged mirror: {stderr}");
+    let r: Value = serde_json::from_str(&stdout).expect("the JSON report");
+    assert_eq!(r["differing"], serde_json::json!([[5 * MIB, 256 * 1024]]), "{r}");
+    assert!(stderr.contains("differ in 1 regions"), "{stderr}");
+
+    // Nothing to compare with, or nothing of that name.
+    ctl_ok(&src, &["volume", "create", "alone", "--size", "16M"]);
+    assert_eq!(ctl_fails(&src, &["verify", "alone"], "not mirrored"), 5);
+    assert_eq!(ctl_fails(&src, &["verify", "nope"], "no volume nope"), 4);
+}

@@ -227,6 +227,21 @@ impl crate::node::PeerCalls for HttpPeers {
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value> {
         Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/takeover"), req)
     }
+    fn checksums(
+        &self,
+        control: &str,
+        volume: &str,
+        source: &str,
+        offset: u64,
+        length: u64,
+        region: u64,
+    ) -> Result<Vec<u32>> {
+        let path =
+            format!("/v1/volumes/{volume}/checksums?source={source}&offset={offset}&length={length}&region={region}");
+        let v: Value =
+            Client::new(control).get_proven(&path, self.secret.as_ref()).map_err(|e| anyhow!("peer {control}: {e}"))?;
+        serde_json::from_value(v["sums"].clone()).map_err(|e| anyhow!("peer {control}: checksums: {e}"))
+    }
     fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()> {
         let req = DeleteRequest { force: true, mirror_of: Some(source.to_string()) };
         let _: Value =

@@ -11,6 +11,8 @@
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
+//! | POST | /v1/volumes/VOL/verify | [`VerifyRequest`] | [`crate::node::VerifyReport`]: VOL against its mirror, by region checksums, as of a CP |
+//! | GET | /v1/volumes/VOL/checksums?source=S&offset=O&length=L&region=R | | `{"cp": n, "sums": [crc32c per region]}` of the mirror of VOL from S, as of its last applied CP (node to node, proven) |
 //! | POST | /v1/volumes/VOL/delete | [`DeleteRequest`] | [`crate::node::DeleteReport`]: the primary VOL (with `force`, mirrored too, and its mirror on the peer) or the mirrors of VOL here |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
 //! | POST | /v1/volumes/VOL/resync | [`ResyncRequest`] | on a node that lost VOL to a failover: it becomes the new primary's mirror, brought level by a delta resync |
@@ -48,7 +50,7 @@
 //! Files: `types` (bodies and answers), `server` (routes, limits, checks), `client` (what
 //! `ctl` and peers call with); the call nonces here.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;

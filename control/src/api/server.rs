@@ -409,6 +409,28 @@ fn route(
             node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }
+        (Get, ["v1", "volumes", name, "checksums"]) => {
+            let q: HashMap<&str, &str> = url
+                .split_once('?')
+                .map(|(_, q)| q)
+                .unwrap_or("")
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+                .collect();
+            let arg = |k: &str| q.get(k).copied().ok_or_else(|| bad_request(format!("missing parameter {k:?}")));
+            let number = |k: &str| {
+                arg(k)?.parse::<u64>().map_err(|_| bad_request(format!("{k}={:?} is not a number", q.get(k))))
+            };
+            let (offset, length, region) = (number("offset")?, number("length")?, number("region")?);
+            crate::node::check_span(length, region).map_err(|e| bad_request(format!("{e:#}")))?;
+            let (cp, sums) = node.mirror_sums(arg("source")?, name, offset, length, region)?;
+            Ok(json!({ "cp": cp, "sums": sums }))
+        }
+        (Post, ["v1", "volumes", name, "verify"]) => {
+            let body: VerifyRequest = read_body(request)?;
+            Ok(serde_json::to_value(node.verify(name, body.region)?).expect("serializable"))
+        }
         (Post, ["v1", "volumes", name, "delete"]) => {
             let body: DeleteRequest = read_body(request)?;
             let report = match &body.mirror_of {

@@ -27,6 +27,15 @@ pub struct CreateVolume {
     pub cp_by_value: bool,
 }
 
+/// `POST /v1/volumes/VOL/verify`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Bytes per checksum (default 1 MiB).
+    #[serde(default)]
+    pub region: Option<u64>,
+}
+
 /// `POST /v1/volumes/VOL/delete`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

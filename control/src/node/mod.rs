@@ -54,6 +54,7 @@ mod maintain;
 mod mirrors;
 mod peers;
 mod roles;
+mod verify;
 
 use env::FileEnv;
 pub use lifecycle::DeleteReport;
@@ -61,6 +62,7 @@ use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
 pub use roles::{region_ranges, ResyncStarted, SwitchoverReport};
+pub use verify::{check_span, VerifyReport};
 
 /// Default NVLog partition size (two per volume).
 pub const PARTITION_BYTES_DEFAULT: usize = 16 << 20;

@@ -17,6 +17,17 @@ pub trait PeerCalls: Send + Sync {
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value>;
     /// Asks the peer to delete its mirror of `volume` from `source` (this node).
     fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()>;
+    /// The peer's region checksums of its mirror of `volume` from `source` (this node)
+    /// over `[offset, offset + length)` (`verify`; proven like the status).
+    fn checksums(
+        &self,
+        control: &str,
+        volume: &str,
+        source: &str,
+        offset: u64,
+        length: u64,
+        region: u64,
+    ) -> Result<Vec<u32>>;
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,0 +1,192 @@
+//! `verify VOL`: the primary against its mirror, online, by region checksums (as `drbdadm
+//! verify`). Both sides are compared as of a CP; a difference that writes or a CP landing
+//! during the pass could explain is compared again after another CP, and only one that
+//! stays is reported.
+
+use super::*;
+
+/// Bytes a checksum request covers at most (one call to the mirror's node).
+pub const CHECKSUM_SPAN_MAX: u64 = 256 << 20;
+/// The region size range: each region has one checksum.
+pub const REGION_MIN: u64 = 4096;
+pub const REGION_MAX: u64 = 64 << 20;
+/// The region size where the caller gives none.
+pub const REGION_DEFAULT: u64 = 1 << 20;
+/// Passes over the regions that differed (each after a fresh CP) before a difference is
+/// reported.
+const RECHECKS: usize = 3;
+
+/// What `verify` found.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub volume: String,
+    pub peer: String,
+    /// The CP both sides were first compared at.
+    pub cp: u64,
+    pub region_bytes: u64,
+    pub regions: u64,
+    /// Regions that differed in the first pass and were compared again.
+    pub rechecked: u64,
+    /// Regions that differ: (offset, length) in bytes.
+    pub differing: Vec<(u64, u64)>,
+    pub duration_ms: u64,
+}
+
+/// crc32c of each `region` bytes of `[offset, offset + length)`, read by `read`.
+pub fn region_sums(
+    offset: u64,
+    length: u64,
+    region: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> Result<Vec<u32>> {
+    check_span(length, region)?;
+    let mut buf = vec![0u8; nvmirror_dataplane::usize_of(region)];
+    let mut sums = Vec::with_capacity(nvmirror_dataplane::usize_of(length.div_ceil(region)));
+    let mut at = offset;
+    while at < offset + length {
+        let n = nvmirror_dataplane::usize_of(region.min(offset + length - at));
+        read(&mut buf[..n], at).with_context(|| format!("read {n} bytes at {at}"))?;
+        sums.push(nvmirror_dataplane::checksum::crc32c(&buf[..n]));
+        at += n as u64;
+    }
+    Ok(sums)
+}
+
+/// The regions starting at `starts` (sorted), as spans of adjacent regions of at most
+/// [`CHECKSUM_SPAN_MAX`] bytes, within a volume of `size` bytes.
+fn spans_of(starts: &[u64], region: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for &at in starts {
+        let len = region.min(size - at);
+        match spans.last_mut() {
+            Some((s, l)) if *s + *l == at && *l + len <= CHECKSUM_SPAN_MAX => *l += len,
+            _ => spans.push((at, len)),
+        }
+    }
+    spans
+}
+
+/// A checksum request's span and region size, within bounds.
+pub fn check_span(length: u64, region: u64) -> Result<()> {
+    if !(REGION_MIN..=REGION_MAX).contains(&region) || !region.is_multiple_of(REGION_MIN) {
+        bail!("region {region}: a multiple of {REGION_MIN} bytes from {REGION_MIN} to {REGION_MAX}");
+    }
+    if length == 0 || length > CHECKSUM_SPAN_MAX {
+        bail!("length {length}: from 1 to {CHECKSUM_SPAN_MAX} bytes");
+    }
+    Ok(())
+}
+
+impl Node {
+    /// The region checksums of the mirror of `volume` from `source`, as of its last
+    /// applied CP (which is returned with them).
+    pub fn mirror_sums(
+        &self,
+        source: &str,
+        volume: &str,
+        offset: u64,
+        length: u64,
+        region: u64,
+    ) -> Result<(u64, Vec<u32>)> {
+        let m = self.mirrors.read().get(&(source.to_string(), volume.to_string())).cloned();
+        let m = m.ok_or_else(|| NotFound(format!("no mirror of {volume} from {source} on this node")))?;
+        let cp = m.meta().applied_cp;
+        let sums = region_sums(offset, length, region, |buf, at| m.read(buf, at))?;
+        Ok((cp, sums))
+    }
+
+    /// Compares primary volume `name` with its mirror, region by region.
+    pub fn verify(&self, name: &str, region: Option<u64>) -> Result<VerifyReport> {
+        let started = std::time::Instant::now();
+        let region = region.unwrap_or(REGION_DEFAULT);
+        check_span(region, region)?;
+        let rec = self.volume_record(name).map_err(|_| NotFound(format!("no volume {name} on this node")))?;
+        let Some(target) = rec.mirror.clone() else {
+            bail!("volume {name} is not mirrored: there is nothing to verify it against")
+        };
+        let device = self
+            .storage
+            .read()
+            .get(&StorageOwner::Volume(name.to_string()))
+            .map(|(_, o)| o.device.clone())
+            .ok_or_else(|| anyhow!("volume {name} is not open"))?;
+        // Differing regions, by the span they were compared in.
+        let compare = |spans: &[(u64, u64)]| -> Result<Vec<u64>> {
+            let mut differ = Vec::new();
+            for &(at, len) in spans {
+                let theirs = self.cfg.peers.checksums(&target.peer_control, name, &self.cfg.name, at, len, region)?;
+                let ours = region_sums(at, len, region, |buf, off| device.read_at(buf, off))?;
+                if theirs.len() != ours.len() {
+                    bail!("{} answered {} checksums for {} regions", target.peer_name, theirs.len(), ours.len());
+                }
+                differ.extend((0..ours.len()).filter(|&i| ours[i] != theirs[i]).map(|i| at + i as u64 * region));
+            }
+            Ok(differ)
+        };
+        let cp = self.cp(name, Duration::from_secs(120))?;
+        let spans: Vec<(u64, u64)> = (0..rec.size.div_ceil(CHECKSUM_SPAN_MAX))
+            .map(|i| i * CHECKSUM_SPAN_MAX)
+            .map(|at| (at, CHECKSUM_SPAN_MAX.min(rec.size - at)))
+            .collect();
+        let mut differ = compare(&spans)?;
+        let rechecked = differ.len() as u64;
+        for _ in 0..RECHECKS {
+            if differ.is_empty() {
+                break;
+            }
+            self.cp(name, Duration::from_secs(120))?;
+            differ = compare(&spans_of(&differ, region, rec.size))?;
+        }
+        let report = VerifyReport {
+            volume: name.to_string(),
+            peer: target.peer_name.clone(),
+            cp,
+            region_bytes: region,
+            regions: rec.size.div_ceil(region),
+            rechecked,
+            differing: differ.iter().map(|&at| (at, region.min(rec.size - at))).collect(),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        self.events.push("verify-finished", Some(name), serde_json::to_value(&report).unwrap_or_default());
+        if !report.differing.is_empty() {
+            tracing::warn!(
+                "volume {name}: verify found {} regions that differ from the mirror on {}",
+                report.differing.len(),
+                report.peer
+            );
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_regions_make_one_span_up_to_the_bound() {
+        let r = 1 << 20;
+        assert_eq!(spans_of(&[0, r, 3 * r], r, 10 * r), [(0, 2 * r), (3 * r, r)]);
+        // The last region of a volume that is not a multiple of the region size is short.
+        assert_eq!(spans_of(&[9 * r], r, 9 * r + 4096), [(9 * r, 4096)]);
+        let many: Vec<u64> = (0..300).map(|i| i * r).collect();
+        let spans = spans_of(&many, r, 300 * r);
+        assert_eq!(spans, [(0, CHECKSUM_SPAN_MAX), (CHECKSUM_SPAN_MAX, 300 * r - CHECKSUM_SPAN_MAX)]);
+    }
+
+    #[test]
+    fn spans_and_regions_out_of_bounds_are_refused() {
+        assert!(check_span(1 << 20, 1 << 20).is_ok());
+        for (len, region) in [(0, 4096), (CHECKSUM_SPAN_MAX + 1, 4096), (4096, 100), (4096, REGION_MAX * 2)] {
+            assert!(check_span(len, region).is_err(), "{len} {region}");
+        }
+        let sums = region_sums(0, 8192 + 100, 4096, |buf, _| {
+            buf.fill(7);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sums.len(), 3);
+        assert_eq!(sums[0], sums[1]);
+        assert_ne!(sums[1], sums[2], "the short last region is summed over its own bytes");
+    }
+}
