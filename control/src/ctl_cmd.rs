@@ -107,10 +107,19 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             wait_in_sync(&client, &volume, Duration::from_secs(timeout))?;
             println!("volume {volume} is in sync with {to}");
         }
-        CtlCmd::Resync { volume, from, no_wait, timeout } => {
-            let r: Value =
-                client.post(&format!("/v1/volumes/{volume}/resync"), &api::ResyncRequest { from: from.clone() })?;
+        CtlCmd::Resync { volume, from, no_wait, timeout, dry_run } => {
+            let r: Value = client
+                .post(&format!("/v1/volumes/{volume}/resync"), &api::ResyncRequest { from: from.clone(), dry_run })?;
             let how = if r["delta"].as_bool() == Some(true) { "delta resync" } else { "baseline (no common point)" };
+            if dry_run {
+                println!(
+                    "dry run: volume {volume} would become the mirror of {} by {how}, {} regions of this node's own \
+                     changes copied back; nothing changed",
+                    r["primary"].as_str().unwrap_or("?"),
+                    r["regions_here"]
+                );
+                return Ok(());
+            }
             println!(
                 "volume {volume} is now the mirror of {} ({how}; {} regions of this node's own changes copied back)",
                 r["primary"].as_str().unwrap_or("?"),
@@ -137,7 +146,9 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 bail!("the node closed the event stream");
             }
         }
-        CtlCmd::Switchover { volume } => {
+        CtlCmd::Switchover { volume, dry_run: true } => role_change_plan(&client, &volume, "switchover")?,
+        CtlCmd::Failover { volume, dry_run: true } => role_change_plan(&client, &volume, "failover")?,
+        CtlCmd::Switchover { volume, dry_run: false } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/switchover"), &serde_json::json!({}))?;
             println!(
                 "volume {volume} switched over in {} ms: {} is the primary at epoch {}, this node its mirror as of CP {}; \
@@ -178,7 +189,7 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/cp"), &serde_json::json!({}))?;
             println!("CP {} of {volume} is durable on both sites", r["cp"]);
         }
-        CtlCmd::Failover { volume } => {
+        CtlCmd::Failover { volume, dry_run: false } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/failover"), &serde_json::json!({}))?;
             println!(
                 "volume {volume} failed over: epoch {}, {} log entries replayed up to sequence {}; it is now a writable primary here",
@@ -201,6 +212,21 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 print_status(&s);
             }
         }
+    }
+    Ok(())
+}
+
+/// `failover --dry-run`, `switchover --dry-run`: what the change would do.
+fn role_change_plan(client: &Client, volume: &str, what: &str) -> Result<()> {
+    let r: Value = client.post(&format!("/v1/volumes/{volume}/{what}"), &serde_json::json!({ "dry_run": true }))?;
+    println!(
+        "dry run: a {what} would make {} the primary of {volume} at epoch {}, replaying {} log entries; nothing changed",
+        r["new_primary"].as_str().unwrap_or("?"),
+        r["epoch"],
+        r["entries_to_replay"]
+    );
+    for note in r["notes"].as_array().into_iter().flatten() {
+        println!("  note: {}", note.as_str().unwrap_or(""));
     }
     Ok(())
 }

@@ -188,12 +188,21 @@ enum CtlCmd {
         /// Return once the resync has started instead of waiting for in-sync.
         #[arg(long)]
         no_wait: bool,
+        /// Give up waiting for in-sync after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+        /// Run the checks and say what would be copied; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
     /// failed (clients still connected here are forwarded to the new primary).
-    Switchover { volume: String },
+    Switchover {
+        volume: String,
+        /// Run the checks and say what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// State changes, failovers, resyncs, CPs...: JSON lines. Prints the events the node
     /// keeps and exits; with --follow, then new ones as they happen, until interrupted.
     Events {
@@ -219,7 +228,12 @@ enum CtlCmd {
         json: bool,
     },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
-    Failover { volume: String },
+    Failover {
+        volume: String,
+        /// Run the checks and say what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Node, volume and mirror status; of one volume (its primary and its mirrors here)
     /// when named.
     Status {

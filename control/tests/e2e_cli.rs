@@ -66,7 +66,24 @@ fn ctl_drives_create_mirror_cp_failover() {
 
     w.run(&mut c, 4, 300, |_| {}).expect("writes after the CP");
     drop(c);
+    // Dry runs say what would happen and change nothing.
+    let out = ctl_ok(&src, &["switchover", "vol", "--dry-run"]);
+    assert!(
+        out.contains("would make site-b the primary of vol at epoch 2") && out.contains("nothing changed"),
+        "{out}"
+    );
+    let out = ctl_ok(&dst, &["failover", "vol", "--dry-run"]);
+    assert!(out.contains("would make site-b the primary of vol at epoch 2"), "{out}");
+    assert!(out.contains("site-a is still connected"), "{out}");
+    assert_eq!(
+        volume_status(&pair.src_api(), "vol").expect("status")["state"],
+        "in-sync",
+        "a dry run changed the pair"
+    );
+    assert_eq!(mirror_status(&pair.dst_api(), "vol").expect("mirror")["epoch"], 1);
     pair.src.kill();
+    let out = ctl_ok(&dst, &["failover", "vol", "--dry-run"]);
+    assert!(out.contains("epoch 2, replaying") && !out.contains("still connected"), "{out}");
     let out = ctl_ok(&dst, &["failover", "vol"]);
     assert!(out.contains("failed over: epoch 2"), "{out}");
     assert!(out.contains("writable primary"), "{out}");
@@ -79,8 +96,18 @@ fn ctl_drives_create_mirror_cp_failover() {
     // One row per volume: the promoted mirror is the volume's row now.
     let rows = d["mirrors"].as_array().expect("mirrors").iter().filter(|m| m["volume"] == "vol").count();
     assert_eq!(rows, 0, "the failed-over mirror is still listed as a mirror: {d}");
-    // A second failover of the same volume is refused.
+    // A second failover of the same volume is refused, dry or not.
     ctl_fails(&dst, &["failover", "vol"], "already a primary");
+    assert_eq!(ctl_fails(&dst, &["failover", "vol", "--dry-run"], "already a primary"), 5);
+    // The old primary, back, is told how it would come back, and stays as it is.
+    pair.src.restart().expect("restart site-a");
+    let out = ctl_ok(&pair.src.control, &["resync", "vol", "--from", &dst, "--dry-run"]);
+    assert!(
+        out.contains("would become the mirror of site-b by delta resync") && out.contains("nothing changed"),
+        "{out}"
+    );
+    let s = volume_status(&pair.src_api(), "vol").expect("site-a still holds vol");
+    assert_eq!(s["epoch"], 1, "{s}");
 }
 
 #[test]

@@ -465,7 +465,10 @@ impl Soak {
             }
             let started: Value = self
                 .dst_api()
-                .post(&format!("/v1/volumes/{VOL}/resync"), &ResyncRequest { from: self.primary.node.control.clone() })
+                .post(
+                    &format!("/v1/volumes/{VOL}/resync"),
+                    &ResyncRequest { from: self.primary.node.control.clone(), dry_run: false },
+                )
                 .unwrap_or_else(|e| panic!("resync {VOL} on {}: {e:#}", self.mirror.node.name));
             assert_eq!(started["delta"], true, "the failback is not a delta resync: {started}");
             let s = wait_state(&self.src_api(), VOL, "in-sync", Duration::from_secs(120));

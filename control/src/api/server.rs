@@ -189,6 +189,15 @@ fn read_body<T: DeserializeOwned>(request: &mut Incoming<'_>) -> Result<T, ApiEr
     parse_body(&read_raw_body(request)?)
 }
 
+/// The body of a failover or switchover; none at all is `{}`.
+fn read_role_change(request: &mut Incoming<'_>) -> Result<RoleChange, ApiError> {
+    let raw = read_raw_body(request)?;
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RoleChange::default());
+    }
+    parse_body(&raw)
+}
+
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
@@ -444,15 +453,21 @@ fn route(
             Ok(json!({ "cp": cp }))
         }
         (Post, ["v1", "volumes", name, "failover"]) => {
+            if read_role_change(request)?.dry_run {
+                return Ok(serde_json::to_value(node.failover_plan(name)?).expect("serializable"));
+            }
             let report = node.failover(name)?;
             Ok(serde_json::to_value(report).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "resync"]) => {
             let body: ResyncRequest = read_body(request)?;
-            let r = node.resync_from(name, &body.from)?;
+            let r = node.resync_from(name, &body.from, body.dry_run)?;
             Ok(serde_json::to_value(r).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "switchover"]) => {
+            if read_role_change(request)?.dry_run {
+                return Ok(serde_json::to_value(node.switchover_plan(name)?).expect("serializable"));
+            }
             let r = node.switchover(name)?;
             Ok(serde_json::to_value(r).expect("serializable"))
         }

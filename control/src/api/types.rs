@@ -74,6 +74,18 @@ pub struct ReplaceDisk {
 pub struct ResyncRequest {
     /// The control address of the node that holds the volume now.
     pub from: String,
+    /// The checks alone, and what would be copied: nothing changes.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The body of `failover` and `switchover` (an empty body is `{}`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// The checks alone, and what the change would do ([`crate::node::RoleChangePlan`]).
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 pub use crate::node::{MirrorRequest, NodeInfo, TakeoverRequest, RESYNC_RANGES_MAX};

@@ -61,7 +61,7 @@ pub use lifecycle::DeleteReport;
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
-pub use roles::{region_ranges, ResyncStarted, SwitchoverReport};
+pub use roles::{region_ranges, ResyncStarted, RoleChangePlan, SwitchoverReport};
 pub use verify::{check_span, VerifyReport};
 
 /// Default NVLog partition size (two per volume).

@@ -27,6 +27,23 @@ pub struct ResyncStarted {
     pub delta: bool,
     /// Regions this node held that the new primary may not, copied back with its own.
     pub regions_here: u64,
+    /// Only the checks ran (`--dry-run`): nothing changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// What a failover or switchover would do (`--dry-run`): nothing changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoleChangePlan {
+    pub volume: String,
+    /// The node that would be the primary.
+    pub new_primary: String,
+    /// The epoch it would be at.
+    pub epoch: u64,
+    /// Log entries past the mirror's last applied CP, replayed as the mirror is promoted.
+    pub entries_to_replay: u64,
+    /// What else the change would do (a source still connected is fenced...).
+    pub notes: Vec<String>,
 }
 
 /// What a switchover did.
@@ -70,18 +87,7 @@ impl Node {
         // One failover at a time on this node: the checks below and the promotion are one
         // step.
         let _one = self.failover_lock.lock();
-        if self.volumes.read().contains_key(name) {
-            bail!("volume {name} is already a primary on this node");
-        }
-        let mirror = {
-            let mirrors = self.mirrors.read();
-            let found: Vec<_> = mirrors.iter().filter(|((_, v), m)| v == name && !m.meta().promoted).collect();
-            match found.as_slice() {
-                [] => return Err(NotFound(format!("no mirror of volume {name} on this node")).into()),
-                [(_, m)] => (*m).clone(),
-                _ => bail!("mirrors of several volumes named {name} live here"),
-            }
-        };
+        let mirror = self.failover_candidate(name)?;
         let report = core::failover(&mut FileEnv::new(self, None), &mirror, epoch)?;
         self.events.push(
             "failover",
@@ -89,6 +95,72 @@ impl Node {
             serde_json::json!({ "epoch": report.epoch, "entries_replayed": report.entries_replayed, "stops": report.stops }),
         );
         Ok(report)
+    }
+
+    /// The mirror a failover of `name` here would promote.
+    fn failover_candidate(&self, name: &str) -> Result<Arc<Mirror>> {
+        if self.volumes.read().contains_key(name) {
+            bail!("volume {name} is already a primary on this node");
+        }
+        let mirrors = self.mirrors.read();
+        let found: Vec<_> = mirrors.iter().filter(|((_, v), m)| v == name && !m.meta().promoted).collect();
+        match found.as_slice() {
+            [] => Err(NotFound(format!("no mirror of volume {name} on this node")).into()),
+            [(_, m)] => Ok((*m).clone()),
+            _ => bail!("mirrors of several volumes named {name} live here"),
+        }
+    }
+
+    /// What a failover of `name` here would do, changing nothing (`failover --dry-run`):
+    /// the checks of a failover, the epoch it would raise, the entries it would replay.
+    pub fn failover_plan(&self, name: &str) -> Result<RoleChangePlan> {
+        let m = self.failover_candidate(name)?.status();
+        if !m.consistent {
+            return Err(nvmirror_dataplane::destination::MirrorError::Inconsistent { volume: name.into() }.into());
+        }
+        let mut notes = Vec::new();
+        if m.connected {
+            notes.push(format!(
+                "{} is still connected: it is fenced by the new epoch and its clients' writes fail from then on",
+                m.source_node
+            ));
+        }
+        Ok(RoleChangePlan {
+            volume: name.into(),
+            new_primary: self.cfg.name.clone(),
+            epoch: m.epoch + 1,
+            entries_to_replay: m.persisted_seq.saturating_sub(m.applied_seq),
+            notes,
+        })
+    }
+
+    /// What a switchover of `name` would do, changing nothing (`switchover --dry-run`).
+    pub fn switchover_plan(&self, name: &str) -> Result<RoleChangePlan> {
+        let (rec, target) = self.switchover_checks(name)?;
+        let peer = self.cfg.peers.info(&target.peer_control)?;
+        Ok(RoleChangePlan {
+            volume: name.into(),
+            new_primary: peer.name,
+            epoch: rec.epoch + 1,
+            entries_to_replay: 0,
+            notes: Vec::new(),
+        })
+    }
+
+    /// A switchover's checks: the volume is a primary here, mirrored, and in sync.
+    fn switchover_checks(&self, name: &str) -> Result<(VolumeRecord, MirrorTarget)> {
+        let handle = self.volume(name)?;
+        let rec = self.volume_record(name)?;
+        let target = rec.mirror.clone().ok_or_else(|| anyhow!("volume {name} is not mirrored"))?;
+        let st = handle.status().map_err(|e| anyhow!(e))?;
+        if st.state != PairState::InSync || !st.mirror_current {
+            bail!(
+                "volume {name} is {} (mirror current: {}): a switchover needs the pair in sync",
+                st.state,
+                st.mirror_current
+            );
+        }
+        Ok((rec, target))
     }
 
     /// Makes this node's volume `name` (stopped by the caller) the mirror that `meta`
@@ -108,7 +180,8 @@ impl Node {
     /// (a baseline, where its change map is not relative to this node). A volume that could
     /// not start here (its storage dirty and degraded after a crash: the RAID-4 write hole)
     /// becomes the mirror all the same, its storage opened for the copy, by a baseline.
-    pub fn resync_from(&self, name: &str, primary_control: &str) -> Result<ResyncStarted> {
+    /// With `dry_run`, the checks alone, and what it would copy (nothing changes).
+    pub fn resync_from(&self, name: &str, primary_control: &str, dry_run: bool) -> Result<ResyncStarted> {
         let handle = match self.volume(name) {
             Ok(h) => Some(h),
             Err(e) if self.unstarted.lock().iter().any(|(v, _)| v == name) => {
@@ -167,15 +240,10 @@ impl Node {
             Some(handle) => {
                 let (tx, rx) = bounded(1);
                 handle.control(Control::ChangedRegions(tx)).map_err(|e| anyhow!(e))?;
-                let regions =
-                    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?;
-                handle.stop();
-                regions
+                rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow!("volume poller did not answer"))?
             }
             None => Vec::new(),
         };
-        self.volumes.write().remove(name);
-        let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
         let meta = MirrorMeta::new(&Hello {
             source_node: peer.name.clone(),
             volume: name.to_string(),
@@ -189,6 +257,14 @@ impl Node {
         });
         let meta = core::returning_mirror_meta(meta, &self.cfg.name, base.as_ref(), handle.is_some());
         let delta = meta.resyncing;
+        if dry_run {
+            return Ok(ResyncStarted { primary: peer.name, delta, regions_here: regions.len() as u64, dry_run: true });
+        }
+        if let Some(handle) = &handle {
+            handle.stop();
+        }
+        self.volumes.write().remove(name);
+        let _ = fs::remove_file(self.nvlog_path(name, rec.epoch));
         self.adopt_as_mirror(&rec.storage, meta, rec.epoch)?;
         self.unstarted.lock().retain(|(v, _)| v != name);
         tracing::warn!(
@@ -215,7 +291,7 @@ impl Node {
             Some(name),
             serde_json::json!({ "primary": peer.name, "delta": delta, "regions_here": regions.len() }),
         );
-        Ok(ResyncStarted { primary: peer.name, delta, regions_here: regions.len() as u64 })
+        Ok(ResyncStarted { primary: peer.name, delta, regions_here: regions.len() as u64, dry_run: false })
     }
 
     /// `ctl switchover VOL` on the primary: a planned exchange of roles, with nothing lost
@@ -226,18 +302,8 @@ impl Node {
     /// the new primary's NBD export until the clients reconnect there.
     pub fn switchover(&self, name: &str) -> Result<SwitchoverReport> {
         let started = std::time::Instant::now();
+        let (rec, target) = self.switchover_checks(name)?;
         let handle = self.volume(name)?;
-        let rec = self.volume_record(name)?;
-        let target = rec.mirror.clone().ok_or_else(|| anyhow!("volume {name} is not mirrored"))?;
-        let st = handle.status().map_err(|e| anyhow!(e))?;
-        if st.state != PairState::InSync || !st.mirror_current {
-            bail!(
-                "volume {name} is {} (mirror current: {}): a switchover needs the pair in sync",
-                st.state,
-                st.mirror_current
-            );
-        }
-
         let peer = self.cfg.peers.info(&target.peer_control)?;
         let (tx, rx) = bounded(1);
         handle.control(Control::Quiesce(tx)).map_err(|e| anyhow!(e))?;
