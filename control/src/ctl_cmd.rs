@@ -160,6 +160,8 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 r["requests_handed_over"]
             );
         }
+        CtlCmd::PauseCopy { volume } => pause_copy(&client, &volume, true)?,
+        CtlCmd::ResumeCopy { volume } => pause_copy(&client, &volume, false)?,
         CtlCmd::Verify { volume, region, json } => {
             let r: Value = client.post(&format!("/v1/volumes/{volume}/verify"), &api::VerifyRequest { region })?;
             let differing = r["differing"].as_array().cloned().unwrap_or_default();
@@ -213,6 +215,13 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `pause-copy`, `resume-copy`.
+fn pause_copy(client: &Client, volume: &str, paused: bool) -> Result<()> {
+    let _: Value = client.post(&format!("/v1/volumes/{volume}/copy"), &api::CopyRequest { paused })?;
+    println!("volume {volume}: copy {}", if paused { "paused" } else { "resumed" });
     Ok(())
 }
 
@@ -426,15 +435,19 @@ fn print_status(s: &Value) {
                 (Some(p), Some(cp)) => format!("{p}'s CP {cp}"),
                 _ => "(no common point: a full copy)".into(),
             },
-            if v["state"] == "resyncing" {
-                format!(
+            match v["state"].as_str() {
+                Some("resyncing") => format!(
                     "; resync {} / {}",
                     human(v["resync_done_bytes"].as_u64().unwrap_or(0)),
                     human(v["resync_total_bytes"].as_u64().unwrap_or(0))
-                )
-            } else {
-                String::new()
-            }
+                ),
+                Some("baseline") => format!(
+                    "; baseline {} / {}",
+                    human(v["baseline_done_bytes"].as_u64().unwrap_or(0)),
+                    human(v["size_bytes"].as_u64().unwrap_or(0))
+                ),
+                _ => String::new(),
+            } + if v["copy_paused"] == true { " (copy paused: ctl resume-copy)" } else { "" }
         );
         if let Some(line) = storage_line(&v["storage"]) {
             println!("{:<16} storage: {line}", "");

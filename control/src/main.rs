@@ -216,6 +216,11 @@ enum CtlCmd {
         #[arg(long)]
         once: bool,
     },
+    /// Pause the baseline or resync copy of a volume (writes go on, mirrored as before;
+    /// a restart of the node resumes it).
+    PauseCopy { volume: String },
+    /// Resume a paused baseline or resync copy.
+    ResumeCopy { volume: String },
     /// On the primary: compare the volume with its mirror, online, by region checksums as
     /// of a CP; exits 6 if regions differ (they are listed).
     Verify {

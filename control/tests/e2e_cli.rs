@@ -528,3 +528,28 @@ fn verify_finds_the_mirror_equal_and_then_the_region_that_was_damaged() {
     assert_eq!(ctl_fails(&src, &["verify", "alone"], "not mirrored"), 5);
     assert_eq!(ctl_fails(&src, &["verify", "nope"], "no volume nope"), 4);
 }
+
+#[test]
+fn a_baseline_pauses_and_resumes() {
+    let pair = Pair::start("pause");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    ctl_ok(&src, &["volume", "create", "p", "--size", "16M"]);
+    // Slow enough to be caught under way: 16 MiB at 2 MiB/s.
+    ctl_ok(&src, &["mirror", "p", "--to", &dst, "--rate", "2M", "--no-wait"]);
+    wait_state(&pair.src_api(), "p", "baseline", Duration::from_secs(30));
+    ctl_ok(&src, &["pause-copy", "p"]);
+    let before = volume_status(&pair.src_api(), "p").expect("status");
+    assert_eq!(before["copy_paused"], true, "{before}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = volume_status(&pair.src_api(), "p").expect("status");
+    assert_eq!(after["state"], "baseline", "{after}");
+    assert_eq!(after["baseline_done_bytes"], before["baseline_done_bytes"], "a paused baseline went on");
+    assert!(ctl_ok(&src, &["status"]).contains("copy paused"), "status does not say the copy is paused");
+    // Resumed, and faster: it finishes.
+    ctl_ok(&src, &["resume-copy", "p"]);
+    ctl_ok(&src, &["mirror", "p", "--to", &dst, "--rate", "1G", "--no-wait"]);
+    wait_state(&pair.src_api(), "p", "in-sync", Duration::from_secs(60));
+    assert_eq!(volume_status(&pair.src_api(), "p").expect("status")["copy_paused"], false);
+    // Nothing to pause once in sync.
+    assert_eq!(ctl_fails(&src, &["pause-copy", "p"], "no baseline or resync under way"), 5);
+}

@@ -436,6 +436,11 @@ fn route(
             let (cp, sums) = node.mirror_sums(arg("source")?, name, offset, length, region)?;
             Ok(json!({ "cp": cp, "sums": sums }))
         }
+        (Post, ["v1", "volumes", name, "copy"]) => {
+            let body: CopyRequest = read_body(request)?;
+            node.pause_copy(name, body.paused)?;
+            Ok(json!({}))
+        }
         (Post, ["v1", "volumes", name, "verify"]) => {
             let body: VerifyRequest = read_body(request)?;
             Ok(serde_json::to_value(node.verify(name, body.region)?).expect("serializable"))

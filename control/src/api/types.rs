@@ -27,6 +27,14 @@ pub struct CreateVolume {
     pub cp_by_value: bool,
 }
 
+/// `POST /v1/volumes/VOL/copy`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    /// Pause (true) or resume (false) the baseline or resync under way.
+    pub paused: bool,
+}
+
 /// `POST /v1/volumes/VOL/verify`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -99,6 +99,21 @@ impl MirrorDirectory for Node {
 }
 
 impl Node {
+    /// Pauses (`pause`) or resumes the baseline or resync copy of primary volume `name`;
+    /// writes go on, mirrored as before. Pausing needs a copy under way.
+    pub fn pause_copy(&self, name: &str, pause: bool) -> Result<()> {
+        let handle = self.volume(name)?;
+        if pause {
+            let st = handle.status().map_err(|e| anyhow!(e))?;
+            if !matches!(st.state, PairState::Baseline | PairState::Resyncing) {
+                bail!("volume {name} is {}: there is no baseline or resync under way to pause", st.state);
+            }
+        }
+        handle.control(Control::PauseCopy(pause)).map_err(|e| anyhow!(e))?;
+        self.events.push(if pause { "copy-paused" } else { "copy-resumed" }, Some(name), serde_json::json!({}));
+        Ok(())
+    }
+
     pub(super) fn load_mirrors(&self) -> Result<()> {
         let root = self.cfg.data_dir.join("mirrors");
         let Ok(sources) = fs::read_dir(&root) else { return Ok(()) };

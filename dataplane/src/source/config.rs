@@ -134,6 +134,9 @@ pub enum Control {
     Fence(String),
     /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
     SetCopyRate(Option<u64>),
+    /// Pauses (`true`) or resumes the baseline or resync under way; writes go on as
+    /// before. A resumed copy's rate does not count the pause. A restart resumes it.
+    PauseCopy(bool),
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
     /// old primary sends them to the new one for its failback resync.

@@ -8,12 +8,28 @@ where
     C: Connector + 'static,
     C::Link: 'static,
 {
+    /// Pauses or resumes the copy under way (and any that starts while paused). The time
+    /// paused does not count toward a resumed copy's rate.
+    pub(super) fn pause_copy(&mut self, pause: bool) {
+        let now = self.clock.now_ns();
+        match (pause, self.copy_paused_at) {
+            (true, None) => self.copy_paused_at = Some(now),
+            (false, Some(at)) => {
+                self.copy_paused_at = None;
+                if let LinkState::Up { copy: Some(c), .. } = &mut self.link {
+                    c.started_ns += now.saturating_sub(at);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Sends the next piece of the copy under way: a chunk of the volume (baseline), or
     /// of the marked regions (resync), then the end of the copy.
     pub(super) fn copy_step(&mut self) -> bool {
         let size = self.device.size();
         let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
-        if c.done_sent {
+        if c.done_sent || self.copy_paused_at.is_some() {
             return false;
         }
         if let Some(rate) = self.copy_rate {

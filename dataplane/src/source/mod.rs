@@ -513,6 +513,8 @@ struct Poller<C: Connector> {
     local_only_seq: u64,
     /// Bytes per second a copy may send at most.
     copy_rate: Option<u64>,
+    /// When the copy was paused (`ctl pause-copy`), on the poller's clock.
+    copy_paused_at: Option<u64>,
     /// The mirror accepted this node's epoch since the poller started. Until it has, a
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.

@@ -57,6 +57,7 @@ where
             ack_latency_count: 0,
             resync_done_bytes: 0,
             resync_total_bytes: 0,
+            copy_paused: false,
             core: None,
             parks: 0,
             log_full_waits: 0,
@@ -124,6 +125,7 @@ where
             remote_acked_seq: 0,
             local_only_seq: 0,
             copy_rate: None,
+            copy_paused_at: None,
             confirmed: false,
             damaged_at: [None; PARTITIONS],
             catch_up: None,
@@ -278,6 +280,7 @@ where
                     }
                 }
                 Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
+                Ok(Control::PauseCopy(pause)) => self.pause_copy(pause),
                 Ok(Control::Fence(why)) => {
                     if !matches!(self.link, LinkState::Fenced(_)) {
                         self.fence(why);

@@ -110,6 +110,8 @@ pub struct SourceStatus {
     /// A delta resync under way: bytes copied, of how many.
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,
+    /// The copy (baseline or resync) is paused (`ctl pause-copy`).
+    pub copy_paused: bool,
     pub core: Option<usize>,
     pub parks: u64,
     /// Times writes had to wait for NVLog space (both partitions held by CPs), and for how
@@ -162,6 +164,7 @@ where
             s.reason = Some(r.clone());
         }
         s.peer = self.target.clone();
+        s.copy_paused = self.copy_paused_at.is_some();
         s.next_seq = self.next_seq;
         s.acked_seq = self.acked_seq;
         s.epoch = self.cfg.epoch;
