@@ -160,6 +160,14 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 r["requests_handed_over"]
             );
         }
+        CtlCmd::Unpair { volume } => {
+            let r: Value = client.post(&format!("/v1/volumes/{volume}/unpair"), &serde_json::json!({}))?;
+            println!(
+                "volume {volume} is no longer mirrored to {}; {}",
+                r["peer"].as_str().unwrap_or("?"),
+                r["mirror"].as_str().unwrap_or("")
+            );
+        }
         CtlCmd::PauseCopy { volume } => pause_copy(&client, &volume, true)?,
         CtlCmd::ResumeCopy { volume } => pause_copy(&client, &volume, false)?,
         CtlCmd::Verify { volume, region, json } => {

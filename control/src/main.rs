@@ -216,6 +216,9 @@ enum CtlCmd {
         #[arg(long)]
         once: bool,
     },
+    /// On the primary: stop mirroring the volume; it goes on alone, and its mirror on the
+    /// peer is deleted. It can then be mirrored to any node (a baseline).
+    Unpair { volume: String },
     /// Pause the baseline or resync copy of a volume (writes go on, mirrored as before;
     /// a restart of the node resumes it).
     PauseCopy { volume: String },

@@ -553,3 +553,37 @@ fn a_baseline_pauses_and_resumes() {
     // Nothing to pause once in sync.
     assert_eq!(ctl_fails(&src, &["pause-copy", "p"], "no baseline or resync under way"), 5);
 }
+
+#[test]
+fn unpair_lets_a_volume_go_on_alone_and_be_mirrored_elsewhere() {
+    let seed = base_seed("unpair_lets_a_volume_go_on_alone_and_be_mirrored_elsewhere");
+    let mut pair = Pair::start("unpair");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    pair.create_mirrored("u", 16 * MIB, LOG_BYTES_MIN);
+    let mut w = Workload::new(0, 16 * MIB / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "u").expect("NBD connect");
+    w.run(&mut c, 8, 500, |_| {}).expect("writes");
+
+    // With the peer up: its mirror goes, and the pair can be made again (a baseline).
+    let out = ctl_ok(&src, &["unpair", "u"]);
+    assert!(out.contains("no longer mirrored to site-b; the mirror on site-b is deleted"), "{out}");
+    assert_eq!(volume_status(&pair.src_api(), "u").expect("status")["state"], "not-mirrored");
+    assert_eq!(ctl_fails(&dst, &["status", "u"], "no volume or mirror u"), 4);
+    assert_eq!(ctl_fails(&src, &["unpair", "u"], "not mirrored"), 5);
+    w.run(&mut c, 8, 300, |_| {}).expect("writes alone");
+    ctl_ok(&src, &["mirror", "u", "--to", &dst]);
+
+    // With the peer gone for good: the volume goes on alone, and is mirrored to a new node.
+    pair.dst.kill();
+    let out = ctl_ok(&src, &["unpair", "u"]);
+    assert!(out.contains("the mirror on site-b") && out.contains("is left"), "{out}");
+    w.run(&mut c, 8, 500, |_| {}).expect("writes after the unpair");
+    assert_eq!(w.errors, 0);
+    drop(c);
+    let third = nvmirror_control::cluster::NodeProc::start(&bin(), "site-c", &pair.root.join("site-c"), &[])
+        .expect("start site-c");
+    ctl_ok(&src, &["mirror", "u", "--to", &third.control]);
+    pair.src.kill();
+    ctl_ok(&third.control, &["failover", "u"]);
+    assert_verified(&verify(&w, &third.nbd, "u").expect("verify on site-c"), "the new mirror, failed over");
+}

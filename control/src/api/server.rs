@@ -436,6 +436,9 @@ fn route(
             let (cp, sums) = node.mirror_sums(arg("source")?, name, offset, length, region)?;
             Ok(json!({ "cp": cp, "sums": sums }))
         }
+        (Post, ["v1", "volumes", name, "unpair"]) => {
+            Ok(serde_json::to_value(node.unpair(name)?).expect("serializable"))
+        }
         (Post, ["v1", "volumes", name, "copy"]) => {
             let body: CopyRequest = read_body(request)?;
             node.pause_copy(name, body.paused)?;

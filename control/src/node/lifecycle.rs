@@ -1,5 +1,5 @@
-//! A volume's end: `volume delete` of a primary (and, with `--force`, of its mirror on the
-//! peer) or of a mirror hosted here.
+//! A volume's end, or its pair's: `volume delete` of a primary (and, with `--force`, of its
+//! mirror on the peer) or of a mirror hosted here; `unpair`.
 
 use super::*;
 
@@ -16,7 +16,47 @@ pub struct DeleteReport {
     pub peer: Option<String>,
 }
 
+/// What `unpair` did.
+#[derive(Debug, Serialize)]
+pub struct UnpairReport {
+    /// The peer the volume was mirrored to.
+    pub peer: String,
+    /// Its mirror there: deleted, or why not.
+    pub mirror: String,
+}
+
 impl Node {
+    /// Stops mirroring primary volume `name`: it goes on alone (writes waiting for the
+    /// mirror are answered), and its mirror on the peer is deleted (a peer that cannot be
+    /// reached is reported, and the unpair stands). The volume can then be mirrored to any
+    /// node, by a baseline.
+    pub fn unpair(&self, name: &str) -> Result<UnpairReport> {
+        let handle = self.volume(name)?;
+        let rec = self.volume_record(name)?;
+        let Some(target) = rec.mirror.clone() else { bail!("volume {name} is not mirrored") };
+        let (tx, rx) = bounded(1);
+        handle.control(Control::Detach(tx)).map_err(|e| anyhow!(e))?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("volume poller did not answer"))?
+            .map_err(|e| anyhow!("volume {name}: {e}"))?;
+        {
+            let mut state = self.state.lock();
+            if let Some(v) = state.volumes.iter_mut().find(|v| v.name == name) {
+                v.mirror = None;
+            }
+            self.save_state(&state)?;
+        }
+        let mirror = match self.cfg.peers.delete_mirror(&target.peer_control, name, &self.cfg.name) {
+            Ok(()) => format!("the mirror on {} is deleted", target.peer_name),
+            Err(e) => format!(
+                "the mirror on {} ({}) is left: {e:#}; delete it there with `volume delete {name} --force`",
+                target.peer_name, target.peer_control
+            ),
+        };
+        self.events.push("unpaired", Some(name), serde_json::json!({ "peer": target.peer_name, "mirror": mirror }));
+        Ok(UnpairReport { peer: target.peer_name, mirror })
+    }
+
     /// Deletes `name`: the primary volume of that name here, or else the mirrors of that
     /// name hosted here. A mirrored primary, or a mirror its source is connected to, is
     /// refused unless `force`; a forced delete of a primary deletes its mirror on the peer

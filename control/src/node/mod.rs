@@ -57,7 +57,7 @@ mod roles;
 mod verify;
 
 use env::FileEnv;
-pub use lifecycle::DeleteReport;
+pub use lifecycle::{DeleteReport, UnpairReport};
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};

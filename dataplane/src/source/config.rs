@@ -134,6 +134,8 @@ pub enum Control {
     Fence(String),
     /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
     SetCopyRate(Option<u64>),
+    /// Stops mirroring: the volume goes on alone (`ctl unpair`).
+    Detach(Sender<Result<(), String>>),
     /// Pauses (`true`) or resumes the baseline or resync under way; writes go on as
     /// before. A resumed copy's rate does not count the pause. A restart resumes it.
     PauseCopy(bool),

@@ -92,6 +92,46 @@ where
         Ok(())
     }
 
+    /// Stops mirroring (`ctl unpair`): the link closes and the volume goes on alone. Writes
+    /// waiting for the mirror's acknowledgement are answered (their entries are durable
+    /// here, and there is no pair any more), and partitions waiting for the mirror's CP go
+    /// once their local half is done. Refused during a switchover, and while the volume
+    /// waits for the mirror's copy of a log that recovery found cut short (without it, a
+    /// read could miss an acknowledged write).
+    pub(super) fn detach(&mut self) -> Result<(), String> {
+        match &self.link {
+            LinkState::Unmirrored => return Err("volume is not mirrored".into()),
+            LinkState::Fenced(r) => return Err(r.clone()),
+            _ => {}
+        }
+        if self.quiesced {
+            return Err("a switchover is under way".into());
+        }
+        if self.held_for_mirror_log() {
+            return Err("the volume waits for the mirror's copy of its log (recovery found it cut short)".into());
+        }
+        self.set_link(LinkState::Unmirrored);
+        self.target = None;
+        self.cfg.peer = None;
+        for p in PARTITION_IDS {
+            if self.parts[p as usize] == Part::Free {
+                continue;
+            }
+            if let Err(e) = self.nvlog.persist(p) {
+                self.fail_stop(format!("NVLog persist: {e}"));
+                return Err(format!("NVLog persist: {e}"));
+            }
+            self.unsent[p as usize] = self.nvlog.tail(p);
+        }
+        self.acked_seq = self.next_seq - 1;
+        self.complete_acked();
+        for p in PARTITION_IDS {
+            self.maybe_release(p);
+        }
+        tracing::info!("volume {}: unpaired; it goes on alone", self.cfg.volume);
+        Ok(())
+    }
+
     // ---- link ----
 
     pub(super) fn start_connect(&mut self, copy: Option<CopyKind>) {

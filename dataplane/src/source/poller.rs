@@ -281,6 +281,10 @@ where
                 }
                 Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
                 Ok(Control::PauseCopy(pause)) => self.pause_copy(pause),
+                Ok(Control::Detach(reply)) => {
+                    let r = self.detach();
+                    let _ = reply.send(r);
+                }
                 Ok(Control::Fence(why)) => {
                     if !matches!(self.link, LinkState::Fenced(_)) {
                         self.fence(why);
