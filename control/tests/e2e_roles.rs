@@ -222,6 +222,9 @@ fn a_baseline_of_a_mostly_empty_volume_leaves_the_mirror_sparse() {
     assert_eq!(s["last_copy_kind"], "baseline");
     let zero = s["last_copy_zero_bytes"].as_u64().expect("zero bytes");
     assert!(zero >= size - 8 * MIB, "only {zero} of {size} bytes went as zero ranges: {s}");
+    // The holes of the volume's files were not even read (SEEK_DATA).
+    let holes = s["last_copy_hole_bytes"].as_u64().expect("hole bytes");
+    assert!(holes >= size - 8 * MIB && holes <= zero, "only {holes} of {size} bytes were skipped as holes: {s}");
     let files = pair.dst.data_dir.join("mirrors").join("site-a").join(VOL);
     let used = du(&files);
     eprintln!("mirror of a {} MiB volume holding 1 MiB: du {} KiB", size >> 20, used >> 10);

@@ -74,6 +74,15 @@ impl<'a> Overlay<'a> {
         self.blocks.is_empty()
     }
 
+    /// Whether the overlay holds any of the `count` blocks from `first`.
+    pub fn holds_any(&self, first: Vbn, count: u64) -> bool {
+        if count > self.blocks.len() as u64 {
+            self.blocks.keys().any(|v| (first..first + count).contains(v))
+        } else {
+            (first..first + count).any(|v| self.blocks.contains_key(&v))
+        }
+    }
+
     fn buf(&mut self) -> BlockBuf {
         self.free.pop().unwrap_or_else(|| Arc::new([0u8; BLOCK_BYTES]))
     }

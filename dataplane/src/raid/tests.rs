@@ -680,3 +680,32 @@ fn a_crash_with_writes_in_flight_on_a_degraded_volume_is_a_clear_error_never_gar
     }
     assert!(refused > 0 && opened > 0, "refused {refused}, opened {opened}");
 }
+
+/// `may_hold_data` says no only where every data member's piece is a hole: a written
+/// block's stripe unit, and any row of a member that is down, may hold data.
+#[test]
+fn holes_are_seen_through_the_layout_and_never_over_a_member_that_is_down() {
+    let dir = tmpdir();
+    let specs = file_specs(dir.path(), 4);
+    // 3 data members, 64 KiB stripe unit (16 blocks), 16 MiB.
+    let geo = Geometry::new(3, 65536, 4096 * B).unwrap();
+    let raid = Raid4::create("v", &specs, geo).unwrap();
+    let mib = 1u64 << 20;
+    raid.write_at(&[7u8; BLOCK_BYTES], 5 * mib + 8192).unwrap();
+    raid.flush().unwrap();
+    assert!(raid.may_hold_data(5 * mib, 64 * 1024).unwrap(), "the written block's unit");
+    assert!(raid.may_hold_data(4 * mib, 2 * mib).unwrap(), "a range around it");
+    assert!(!raid.may_hold_data(0, 4 * mib).unwrap(), "never written");
+    assert!(!raid.may_hold_data(8 * mib, 8 * mib).unwrap(), "never written, to the end");
+    // A member down: its rows may hold data through parity.
+    raid.fail_member(1, &io::Error::other("test"));
+    let (first_on_1, len) = (64 * 1024, 64 * 1024);
+    assert!(raid.may_hold_data(first_on_1, len).unwrap(), "a unit on the failed member");
+    assert!(!raid.may_hold_data(0, 64 * 1024).unwrap(), "a unit on a member still up");
+    // What a hole claims, a read gives: zeroes (degraded, from parity, on member 1).
+    let mut b = [1u8; BLOCK_BYTES];
+    raid.read_at(&mut b, first_on_1).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    raid.read_at(&mut b, 5 * mib + 8192).unwrap();
+    assert!(b.iter().all(|&x| x == 7), "the written block, degraded or not");
+}

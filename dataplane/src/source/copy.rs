@@ -61,7 +61,26 @@ where
                 })
             }
         };
+        let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
+        let advance = |c: &mut Copying, len: u64| {
+            c.bytes += len;
+            c.cursor += match c.kind {
+                CopyKind::Baseline => len,
+                CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),
+            };
+        };
         let r = match next {
+            // A hole of the volume's files that the cache holds nothing of: zeroes, unread.
+            Some((offset, len))
+                if !self.overlay.holds_any(offset / BLOCK_BYTES as u64, len.div_ceil(BLOCK_BYTES as u64))
+                    && matches!(self.device.may_hold_data(offset, len), Ok(false)) =>
+            {
+                c.zero_bytes += len;
+                c.hole_bytes += len;
+                c.chunks += 1;
+                advance(c, len);
+                link.send(&Message::ZeroRange { purpose, offset, len })
+            }
             Some((offset, len)) => {
                 let mut buf = vec![0u8; usize_of(len)];
                 // Through the cache: the newest contents as of this point of the stream. The
@@ -72,7 +91,6 @@ where
                     self.fail_stop(msg);
                     return true;
                 }
-                let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
                 // Runs of pieces that read as zeroes go as ranges, not data: the wire carries
                 // nothing for them, and a new mirror stays sparse.
                 let zero: Vec<bool> = buf.chunks(ZERO_PIECE).map(|p| p.iter().all(|&b| b == 0)).collect();
@@ -91,11 +109,7 @@ where
                     c.chunks += 1;
                     first += n;
                 }
-                c.bytes += len;
-                c.cursor += match c.kind {
-                    CopyKind::Baseline => len,
-                    CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),
-                };
+                advance(c, len);
                 r
             }
             None => {

@@ -222,6 +222,7 @@ where
                             Some(if c.kind == CopyKind::Resync { "resync" } else { "baseline" }.into());
                         self.stats.last_copy_bytes = c.bytes;
                         self.stats.last_copy_zero_bytes = c.zero_bytes;
+                        self.stats.last_copy_hole_bytes = c.hole_bytes;
                         tracing::info!(
                             "volume {}: {what} done ({} bytes in {} frames, {} of them zeroes sent as ranges); mirror in sync",
                             self.cfg.volume, c.bytes, c.chunks, c.zero_bytes
@@ -391,6 +392,7 @@ where
                     marked,
                     bytes: 0,
                     zero_bytes: 0,
+                    hole_bytes: 0,
                     chunks: 0,
                     done_sent: false,
                     done_ns: 0,

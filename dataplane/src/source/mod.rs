@@ -183,6 +183,8 @@ struct Copying {
     bytes: u64,
     /// Of `bytes`, those sent as zero ranges (no data on the wire).
     zero_bytes: u64,
+    /// Of those, the bytes of holes in the volume's files, sent without being read.
+    hole_bytes: u64,
     chunks: u64,
     done_sent: bool,
     /// Clock time (ns) the end of the copy was sent.

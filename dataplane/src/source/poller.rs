@@ -52,6 +52,7 @@ where
             last_copy_kind: None,
             last_copy_bytes: 0,
             last_copy_zero_bytes: 0,
+            last_copy_hole_bytes: 0,
             ack_latency_le_us: Vec::new(),
             ack_latency_sum_us: 0,
             ack_latency_count: 0,

@@ -107,6 +107,8 @@ pub struct SourceStatus {
     pub last_copy_bytes: u64,
     /// Of those, the bytes that read as zeroes and went as ranges, not data.
     pub last_copy_zero_bytes: u64,
+    /// Of those, the bytes of holes in the volume's files (`SEEK_DATA`), not even read.
+    pub last_copy_hole_bytes: u64,
     /// A delta resync under way: bytes copied, of how many.
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,

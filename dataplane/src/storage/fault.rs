@@ -99,4 +99,10 @@ impl BlockDevice for FaultDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         ops.iter_mut().try_for_each(|op| self.read_at(op.buf, op.offset))
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.plan.fail_reads.load(Ordering::SeqCst) {
+            return Err(eio("read"));
+        }
+        self.inner.may_hold_data(offset, len)
+    }
 }

@@ -74,6 +74,10 @@ impl BlockDevice for FileDevice {
         self.failed.check(&self.path)?;
         self.failed.guard(self.file.sync_data())
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.failed.check(&self.path)?;
+        Ok(super::file_may_hold_data(&self.file, offset, len))
+    }
     /// Adjacent writes go out in one `pwritev`.
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         self.failed.check(&self.path)?;

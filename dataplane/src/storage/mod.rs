@@ -123,6 +123,31 @@ pub trait BlockDevice: Send + Sync {
     fn set_redo(&self, on: bool) {
         let _ = on;
     }
+    /// Whether `[offset, offset + len)` may hold data: `false` only where the engine knows,
+    /// without reading, that the range reads as zeroes (a hole of a sparse file). A copy to
+    /// the mirror sends such a range as zeroes unread. `true`, the default, is always right.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
+}
+
+/// [`BlockDevice::may_hold_data`] for a file: `false` when `lseek(SEEK_DATA)` finds no
+/// data before the range's end. Where the file system or the file (a block device) cannot
+/// say, `true`.
+pub fn file_may_hold_data(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(end)) = (libc::off_t::try_from(offset), libc::off_t::try_from(offset.saturating_add(len))) else {
+        return true;
+    };
+    // SAFETY: lseek on a descriptor this process owns; it changes only the file offset,
+    // which the engines never use (they read and write at explicit offsets).
+    let next = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `offset`. Anything else: unknown.
+        return io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    }
+    next < end
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -149,6 +174,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn set_redo(&self, on: bool) {
         (**self).set_redo(on)
+    }
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).may_hold_data(offset, len)
     }
 }
 
@@ -211,6 +239,9 @@ impl BlockDevice for KernelFlush {
     }
     fn set_redo(&self, on: bool) {
         self.0.set_redo(on)
+    }
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.0.may_hold_data(offset, len)
     }
 }
 

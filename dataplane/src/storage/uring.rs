@@ -435,6 +435,10 @@ impl BlockDevice for UringDevice {
     fn size(&self) -> u64 {
         self.size
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.failed.check(&self.path)?;
+        Ok(super::file_may_hold_data(&self.file, offset, len))
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_many(&mut [ReadOp { offset, buf }])
     }

@@ -498,6 +498,27 @@ impl BlockDevice for Raid4 {
     fn set_redo(&self, on: bool) {
         self.redo.store(on, Ordering::SeqCst);
     }
+    /// `false` where every data member's piece of the range is a hole (a row on a member
+    /// that is down or being rebuilt may hold data through parity: `true`).
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        check_range(self.geo.volume_bytes, offset, len)?;
+        let (g, view) = (self.geo, self.view());
+        let unit = g.unit_blocks();
+        let end = (offset + len).div_ceil(B);
+        let mut v = offset / B;
+        while v < end {
+            let pl = g.place(v);
+            let run = (unit - pl.row % unit).min(end - v);
+            if !view.alive(pl.member, pl.row)
+                || view.rebuilding_member() == Some(pl.member)
+                || view.dev(pl.member).may_hold_data(g.data_offset() + pl.row * B, run * B)?
+            {
+                return Ok(true);
+            }
+            v += run;
+        }
+        Ok(false)
+    }
 }
 
 impl Raid4 {
