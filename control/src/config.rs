@@ -1,12 +1,26 @@
 //! `nvmirror node --config FILE`: a TOML file whose keys are the node's flags, by the same
 //! names (`data-dir = "/srv/a"`, `listen = "10.0.0.1:7100"`, `require-signed-ctl = true`).
 //! Its settings go before the command line's, so a flag given there wins; a key that is
-//! not a flag is an error naming the key and its line.
+//! not a flag is an error naming the key and its line. A node started with neither
+//! `--config` nor `--data-dir` reads [`DEFAULT_PATH`] (or `NVMIRROR_CONFIG`) where it
+//! exists: `nvmirror node` alone runs the installed configuration.
 
 use std::ffi::OsString;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+
+/// Where a package installs the node's settings.
+pub const DEFAULT_PATH: &str = "/etc/nvmirror/node.toml";
+
+/// The config file a node started with neither `--config` nor `--data-dir` reads:
+/// `NVMIRROR_CONFIG` if set, else [`DEFAULT_PATH`] if it exists.
+fn default_file() -> Option<OsString> {
+    match std::env::var_os("NVMIRROR_CONFIG") {
+        Some(p) => Some(p),
+        None => Path::new(DEFAULT_PATH).exists().then(|| OsString::from(DEFAULT_PATH)),
+    }
+}
 
 /// The arguments with the settings of any `node --config FILE` spliced in right after
 /// `node`, as the flags they stand for. `flags`: the node command's long flags, and
@@ -28,7 +42,14 @@ pub fn expand(args: Vec<OsString>, flags: &[(String, bool)]) -> Result<Vec<OsStr
         }
         i += 1;
     }
-    let Some(file) = file else { return Ok(args) };
+    let names_data_dir = args[node_at + 1..].iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--data-dir" || a.starts_with("--data-dir=")
+    });
+    let help = args[node_at + 1..].iter().any(|a| a == "--help" || a == "-h");
+    let Some(file) = file.or_else(|| (!names_data_dir && !help).then(default_file).flatten()) else {
+        return Ok(args);
+    };
     let settings = read(Path::new(&file), flags)?;
     let mut out: Vec<OsString> = args[..=node_at].to_vec();
     out.extend(settings.into_iter().map(OsString::from));

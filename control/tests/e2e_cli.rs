@@ -434,6 +434,39 @@ fn a_config_file_sets_the_node_s_flags_and_the_command_line_wins() {
     assert_eq!(s["volumes"][0]["storage"]["data_disks"], 2, "the file's raid-data-disks applies: {s}");
     let _ = child.kill();
     let _ = child.wait();
+    // `nvmirror node` alone reads the installed file (here NVMIRROR_CONFIG stands for
+    // /etc/nvmirror/node.toml); with --data-dir it reads none.
+    let installed = dir.path().join("installed.toml");
+    let text = format!(
+        "data-dir = \"{}\"\nlisten = \"127.0.0.1:0\"\ncontrol = \"127.0.0.1:0\"\nnbd = \"127.0.0.1:0\"\nname = \"from-file\"\n",
+        dir.path().join("n2").display()
+    );
+    std::fs::write(&installed, text).expect("write the installed config");
+    let mut child = std::process::Command::new(bin())
+        .arg("node")
+        .env("NVMIRROR_CONFIG", &installed)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("default.log")).expect("log file"))
+        .spawn()
+        .expect("start a node from the default config");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    assert!(
+        line.contains("node from-file ready"),
+        "{line}: {}",
+        std::fs::read_to_string(dir.path().join("default.log")).unwrap_or_default()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = std::process::Command::new(bin())
+        .args(["node", "--data-dir", data.to_str().expect("path")])
+        .env("NVMIRROR_CONFIG", &installed)
+        .output()
+        .expect("run a node with --data-dir and no --listen");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--listen"),
+        "the default file was read with --data-dir given"
+    );
     std::fs::write(&conf, "data-dir = \"/tmp/x\"\nlisten = \"127.0.0.1:0\"\nrepl-secret = \"x\"\n").expect("write");
     fails_with(&["node", "--config", conf.to_str().expect("path")], "node.toml:3: unknown key \"repl-secret\"");
 }
