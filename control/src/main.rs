@@ -54,7 +54,10 @@ enum Cmd {
     Quickstart(quickstart::Args),
     /// Print the shell completion script for SHELL to stdout (e.g. `nvmirror completions
     /// bash > /usr/share/bash-completion/completions/nvmirror`).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
     /// Write the man pages (nvmirror.1, and nvmirror-CMD.1 for each command) into a
     /// directory.
     Man {
@@ -71,6 +74,7 @@ struct NodeArgs {
     /// flags given here win over the file's.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The node's directory: its state, its volumes' files (default NVRAM under it too).
     #[arg(long)]
     data_dir: PathBuf,
     /// Replication listen address.
@@ -155,6 +159,7 @@ enum CtlCmd {
     },
     /// Pair a volume with a peer node, copy it (baseline) and keep it in sync.
     Mirror {
+        /// The volume (its name).
         volume: String,
         /// The peer's control address.
         #[arg(long)]
@@ -176,11 +181,15 @@ enum CtlCmd {
         timeout: u64,
     },
     /// Force a consistency point.
-    Cp { volume: String },
+    Cp {
+        /// The volume (its name).
+        volume: String,
+    },
     /// On a node that lost the volume to a failover: become the new primary's mirror,
     /// brought level by a delta resync of what either side changed since their last
     /// common CP.
     Resync {
+        /// The volume (its name).
         volume: String,
         /// The control address of the node that holds the volume now.
         #[arg(long)]
@@ -198,6 +207,7 @@ enum CtlCmd {
     /// On the primary: exchange roles with the mirror, planned, nothing lost and no write
     /// failed (clients still connected here are forwarded to the new primary).
     Switchover {
+        /// The volume (its name).
         volume: String,
         /// Run the checks and say what would happen; change nothing.
         #[arg(long)]
@@ -218,15 +228,25 @@ enum CtlCmd {
     },
     /// On the primary: stop mirroring the volume; it goes on alone, and its mirror on the
     /// peer is deleted. It can then be mirrored to any node (a baseline).
-    Unpair { volume: String },
+    Unpair {
+        /// The volume (its name).
+        volume: String,
+    },
     /// Pause the baseline or resync copy of a volume (writes go on, mirrored as before;
     /// a restart of the node resumes it).
-    PauseCopy { volume: String },
+    PauseCopy {
+        /// The volume (its name).
+        volume: String,
+    },
     /// Resume a paused baseline or resync copy.
-    ResumeCopy { volume: String },
+    ResumeCopy {
+        /// The volume (its name).
+        volume: String,
+    },
     /// On the primary: compare the volume with its mirror, online, by region checksums as
     /// of a CP; exits 6 if regions differ (they are listed).
     Verify {
+        /// The volume (its name).
         volume: String,
         /// Bytes per checksum (K/M suffixes; 4K to 64M).
         #[arg(long, value_parser = size_arg)]
@@ -237,6 +257,7 @@ enum CtlCmd {
     },
     /// Break the mirror on this (destination) node and make the volume a writable primary.
     Failover {
+        /// The volume (its name).
         volume: String,
         /// Run the checks and say what would happen; change nothing.
         #[arg(long)]
@@ -245,6 +266,7 @@ enum CtlCmd {
     /// Node, volume and mirror status; of one volume (its primary and its mirrors here)
     /// when named.
     Status {
+        /// The volume (its name); all of them when left out.
         volume: Option<String>,
         /// Print the status as JSON.
         #[arg(long)]
@@ -253,6 +275,7 @@ enum CtlCmd {
     /// Check every block's checksum and every stripe's parity of a volume (or of the
     /// mirror of that name), repairing what can be repaired.
     Scrub {
+        /// The volume (its name).
         volume: String,
         /// Bytes read per second at most (K/M/G suffixes).
         #[arg(long, value_parser = size_arg)]
@@ -269,6 +292,7 @@ enum CtlCmd {
 #[derive(Subcommand)]
 enum VolumeCmd {
     Create {
+        /// The volume (its name).
         name: String,
         /// Size, with K/M/G/T suffixes (powers of 1024).
         #[arg(long, value_parser = size_arg)]
@@ -301,6 +325,7 @@ enum VolumeCmd {
     /// Delete a volume: its log, change map and data-dir disks (disks named at creation
     /// are left as they are), or the mirror of that name hosted here.
     Delete {
+        /// The volume (its name).
         name: String,
         /// Also a mirrored volume, and its mirror on the peer; or a mirror whose source is
         /// connected (the source rebuilds it by a baseline when it reconnects).
@@ -309,6 +334,7 @@ enum VolumeCmd {
     },
     /// Replace a member of a RAID-4 volume and rebuild onto the new disk.
     ReplaceDisk {
+        /// The volume (its name).
         name: String,
         /// The member to replace: its index (0.., parity last) or its path.
         #[arg(long)]
