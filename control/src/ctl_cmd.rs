@@ -8,7 +8,18 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
     match cmd {
         CtlCmd::Volume {
             cmd:
-                VolumeCmd::Create { name, size: sz, disk, parity, stripe_unit, data_disks, engine, log_size, cp_by_value },
+                VolumeCmd::Create {
+                    name,
+                    size: sz,
+                    disk,
+                    parity,
+                    stripe_unit,
+                    data_disks,
+                    engine,
+                    log_size,
+                    cp_by_value,
+                    allow,
+                },
         } => {
             let body = CreateVolume {
                 name: name.clone(),
@@ -20,9 +31,19 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 engine: engine.map(arg_name),
                 log_bytes: log_size,
                 cp_by_value,
+                allow,
             };
             let rec: Value = client.post("/v1/volumes", &body)?;
             println!("created volume {name}: {} bytes on {}", rec["size"], describe_storage(&rec["storage"]));
+        }
+        CtlCmd::Volume { cmd: VolumeCmd::Allow { name, nets } } => {
+            let _: Value =
+                client.post(&format!("/v1/volumes/{name}/allow"), &api::AllowRequest { allow: nets.clone() })?;
+            if nets.is_empty() {
+                println!("volume {name}: every NBD client may attach it");
+            } else {
+                println!("volume {name}: NBD clients from {} may attach it", nets.join(", "));
+            }
         }
         CtlCmd::Volume { cmd: VolumeCmd::Delete { name, force } } => {
             let r: Value =

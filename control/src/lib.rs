@@ -1,5 +1,6 @@
 //! nvmirror control plane: the node runtime, its HTTP/JSON API and the command line.
 
+pub mod allow;
 pub mod api;
 pub mod cluster;
 pub mod config;

@@ -321,6 +321,17 @@ enum VolumeCmd {
         /// reference to the mirror's log files.
         #[arg(long)]
         cp_by_value: bool,
+        /// A network or address whose NBD clients may attach the volume (10.0.0.0/24,
+        /// fd00::/64, 10.0.0.7); repeat for more. Default: every client.
+        #[arg(long, value_name = "NET")]
+        allow: Vec<String>,
+    },
+    /// Set which NBD clients may attach a volume (for connections made from now on).
+    Allow {
+        /// The volume (its name).
+        name: String,
+        /// The networks or addresses admitted; none: every client.
+        nets: Vec<String>,
     },
     /// Delete a volume: its log, change map and data-dir disks (disks named at creation
     /// are left as they are), or the mirror of that name hosted here.

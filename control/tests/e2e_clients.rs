@@ -332,3 +332,39 @@ fn block_status_reports_zero_extents_and_copies_skip_them() {
     assert!(back[usize_of(20 * MIB + 8192)..usize_of(20 * MIB + 12288)].iter().all(|&b| b == 0x33));
     assert!(back[..usize_of(MIB)].iter().all(|&b| b == 0), "zeroes where the volume has zeroes");
 }
+
+/// A volume's allow-list: a client from an address it does not hold is refused in the
+/// handshake (NBD_REP_ERR_POLICY to nbdinfo, and the export is not listed); set to hold
+/// it, or emptied, the client attaches.
+#[test]
+fn an_allow_list_refuses_clients_from_other_addresses() {
+    let nbdinfo = tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = nvmirror_control::cluster::NodeProc::start(&bin(), "allow", &dir.path().join("n"), &[]).expect("node");
+    let ctl = |args: &[&str]| ctl_ok(&node.control, args);
+    ctl(&["volume", "create", "v", "--size", "8M", "--allow", "10.9.9.0/24", "--allow", "fd00::/8"]);
+    let s: serde_json::Value = serde_json::from_str(&ctl(&["status", "v", "--json"])).expect("status");
+    assert_eq!(s["volumes"][0]["allow"], serde_json::json!(["10.9.9.0/24", "fd00::/8"]), "{s}");
+    let uri = format!("nbd://{}/v", node.nbd);
+    let (out, text) = client(&nbdinfo, &[&uri]);
+    assert!(!out.status.success(), "a client outside the allow-list attached: {text}");
+    // libnbd reports NBD_REP_ERR_POLICY as an error reply to its NBD_OPT_GO (as ENOTSUP).
+    assert!(text.contains("server replied with error to opt_go request"), "{text}");
+    let e = NbdClient::connect(node.nbd.as_str(), "v").err().expect("refused");
+    assert!(e.to_string().contains("does not admit your address"), "{e}");
+    let (_, list) = client(&nbdinfo, &["--list", &format!("nbd://{}", node.nbd)]);
+    assert!(!list.contains("export=\"v\""), "an export it may not use is listed: {list}");
+
+    ctl(&["volume", "allow", "v", "127.0.0.0/8"]);
+    ok(&nbdinfo, &[&uri]);
+    let list = ok(&nbdinfo, &["--list", &format!("nbd://{}", node.nbd)]);
+    assert!(list.contains("export=\"v\""), "an export it may use is not listed: {list}");
+    ctl(&["volume", "allow", "v"]);
+    NbdClient::connect(node.nbd.as_str(), "v").expect("an empty allow-list admits everyone");
+    // Malformed entries: a usage error of the node's answer, nothing changed.
+    assert_eq!(ctl_fails(&node.control, &["volume", "allow", "v", "10.0.0.0/40"], "prefix 0 to 32"), 2);
+    assert_eq!(
+        ctl_fails(&node.control, &["volume", "create", "w", "--size", "8M", "--allow", "host"], "not an address"),
+        2
+    );
+}

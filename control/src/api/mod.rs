@@ -11,6 +11,7 @@
 //! | POST | /v1/volumes | [`CreateVolume`] | the volume record |
 //! | POST | /v1/volumes/VOL/mirror | [`MirrorRequest`] | `{}` once the baseline has started |
 //! | POST | /v1/volumes/VOL/cp | | `{"cp": n}` once durable on both sites |
+//! | POST | /v1/volumes/VOL/allow | [`AllowRequest`] | `{}`: the volume's NBD allow-list replaced (new connections) |
 //! | POST | /v1/volumes/VOL/unpair | | [`crate::node::UnpairReport`]: VOL goes on alone; its mirror on the peer is deleted |
 //! | POST | /v1/volumes/VOL/copy | [`CopyRequest`] | `{}`: the baseline or resync under way paused or resumed |
 //! | POST | /v1/volumes/VOL/verify | [`VerifyRequest`] | [`crate::node::VerifyReport`]: VOL against its mirror, by region checksums, as of a CP |

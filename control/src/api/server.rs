@@ -370,7 +370,9 @@ fn route(
             let layout = CreateLayout { data_disks: body.data_disks, stripe_unit, engine };
             let log_bytes =
                 body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
-            let rec = node.create_volume(&body.name, body.size, storage, layout, log_bytes, body.cp_by_value)?;
+            crate::allow::parse(&body.allow).map_err(|e| bad_request(format!("{e:#}")))?;
+            let options = crate::node::VolumeOptions { cp_by_value: body.cp_by_value, allow: body.allow };
+            let rec = node.create_volume(&body.name, body.size, storage, layout, log_bytes, options)?;
             Ok(serde_json::to_value(rec).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "mirror"]) => {
@@ -435,6 +437,12 @@ fn route(
             crate::node::check_span(length, region).map_err(|e| bad_request(format!("{e:#}")))?;
             let (cp, sums) = node.mirror_sums(arg("source")?, name, offset, length, region)?;
             Ok(json!({ "cp": cp, "sums": sums }))
+        }
+        (Post, ["v1", "volumes", name, "allow"]) => {
+            let body: AllowRequest = read_body(request)?;
+            crate::allow::parse(&body.allow).map_err(|e| bad_request(format!("{e:#}")))?;
+            node.set_allow(name, body.allow)?;
+            Ok(json!({}))
         }
         (Post, ["v1", "volumes", name, "unpair"]) => {
             Ok(serde_json::to_value(node.unpair(name)?).expect("serializable"))

@@ -25,6 +25,18 @@ pub struct CreateVolume {
     /// Send CPs to the mirror by value instead of by reference.
     #[serde(default)]
     pub cp_by_value: bool,
+    /// The NBD clients' addresses that may attach it (networks or addresses); empty: all.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// `POST /v1/volumes/VOL/allow`: the volume's NBD allow-list, replaced whole.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRequest {
+    /// Networks or addresses; empty: every client.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 /// `POST /v1/volumes/VOL/copy`.

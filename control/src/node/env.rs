@@ -51,6 +51,9 @@ impl NodeEnv for FileEnv<'_> {
             mirror: self.then_mirror.as_ref().map(|(t, _)| t.clone()),
             cp_by_value: false,
             policy: self.then_mirror.as_ref().map_or(Policy::Strict, |(_, p)| *p),
+            // The allow-list is the old primary's, which the mirror does not hold: the new
+            // primary admits every client until one is set here.
+            allow: Vec::new(),
         };
         let mut state = self.node.state.lock();
         state.volumes.push(record.clone());

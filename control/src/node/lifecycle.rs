@@ -26,6 +26,22 @@ pub struct UnpairReport {
 }
 
 impl Node {
+    /// Replaces primary volume `name`'s NBD allow-list (checked by the caller); it applies
+    /// to connections made from now on.
+    pub fn set_allow(&self, name: &str, allow: Vec<String>) -> Result<()> {
+        let mut state = self.state.lock();
+        let v = state
+            .volumes
+            .iter_mut()
+            .find(|v| v.name == name)
+            .ok_or_else(|| NotFound(format!("no volume {name} on this node")))?;
+        v.allow.clone_from(&allow);
+        self.save_state(&state)?;
+        drop(state);
+        self.events.push("allow-list", Some(name), serde_json::json!({ "allow": allow }));
+        Ok(())
+    }
+
     /// Stops mirroring primary volume `name`: it goes on alone (writes waiting for the
     /// mirror are answered), and its mirror on the peer is deleted (a peer that cannot be
     /// reached is reported, and the unpair stands). The volume can then be mirrored to any

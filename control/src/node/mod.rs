@@ -85,6 +85,10 @@ pub struct VolumeRecord {
     /// What a write does when the mirror cannot take it.
     #[serde(default)]
     pub policy: Policy,
+    /// The client addresses that may attach the volume over NBD (networks or addresses);
+    /// empty: every client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -403,9 +407,10 @@ impl Node {
         storage: Option<VolumeStorage>,
         layout: CreateLayout,
         partition_bytes: Option<usize>,
-        cp_by_value: bool,
+        options: VolumeOptions,
     ) -> Result<VolumeRecord> {
         valid_name(name)?;
+        crate::allow::parse(&options.allow)?;
         if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
             bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
         }
@@ -474,8 +479,9 @@ impl Node {
             storage,
             cp_interval_ms: 10_000,
             mirror: None,
-            cp_by_value,
+            cp_by_value: options.cp_by_value,
             policy: Policy::Strict,
+            allow: options.allow,
         };
         state.volumes.push(record.clone());
         // Saved under the state lock: saves are ordered with the changes they record.
@@ -555,6 +561,7 @@ impl Node {
                     },
                     peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
                     storage: self.storage_status(&StorageOwner::Volume(name.clone())),
+                    allow: rec.map(|r| r.allow.clone()).unwrap_or_default(),
                     source: s,
                 }),
                 Err(e) => tracing::warn!("status of {name}: {e}"),
@@ -689,6 +696,9 @@ pub struct VolumeStatus {
     pub source: SourceStatus,
     pub peer: Option<String>,
     pub storage: Option<StorageStatus>,
+    /// The NBD allow-list; empty (left out): every client.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -700,6 +710,15 @@ pub struct MirrorEntry {
     #[serde(flatten)]
     pub mirror: MirrorStatus,
     pub storage: Option<StorageStatus>,
+}
+
+/// What `volume create` sets besides the layout.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOptions {
+    /// CPs go to the mirror by value.
+    pub cp_by_value: bool,
+    /// The NBD allow-list (see [`VolumeRecord::allow`]).
+    pub allow: Vec<String>,
 }
 
 /// How `volume create` lays out a volume made of data-dir files.
@@ -740,6 +759,13 @@ impl ExportRegistry for Node {
         let mirrors = self.mirrors.read();
         let m = mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted)?;
         Some(Arc::new(MirrorExport(m.1.clone())))
+    }
+    /// A primary volume's allow-list (a mirror's read-only export admits every client).
+    fn admits(&self, name: &str, peer: std::net::IpAddr) -> bool {
+        let state = self.state.lock();
+        let Some(rec) = state.volumes.iter().find(|v| v.name == name) else { return true };
+        // The list was checked when it was set; an entry that no longer parses admits no one.
+        crate::allow::parse(&rec.allow).is_ok_and(|list| crate::allow::admits(&list, peer))
     }
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();

@@ -101,4 +101,10 @@ pub trait ExportRegistry: Send + Sync {
     fn lookup(&self, name: &str) -> Option<Arc<dyn Export>>;
     /// Names for NBD_OPT_LIST.
     fn names(&self) -> Vec<String>;
+    /// Whether a client at `peer` may use export `name` (its allow-list); every client
+    /// may unless the registry says otherwise.
+    fn admits(&self, name: &str, peer: std::net::IpAddr) -> bool {
+        let _ = (name, peer);
+        true
+    }
 }

@@ -47,6 +47,9 @@ pub(super) fn negotiate(
         return Err(ConnectionError::ClientFlags(client_flags));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    // Without an address, no allow-list admits the client.
+    let peer = writer.peer_addr().map(|a| a.ip()).ok();
+    let admits = |name: &str| peer.is_some_and(|p| registry.admits(name, p));
     let mut structured = false;
     // The export `SET_META_CONTEXT` last selected `base:allocation` for.
     let mut allocation_for: Option<Vec<u8>> = None;
@@ -73,6 +76,9 @@ pub(super) fn negotiate(
                     // This option has no error reply: closing is the only refusal.
                     return Err(ConnectionError::UnknownExport(name.into_owned()));
                 };
+                if !admits(&name) {
+                    return Err(ConnectionError::NotAdmitted(name.into_owned()));
+                }
                 let mut reply = Vec::with_capacity(10 + EXPORT_NAME_ZEROES_BYTES);
                 reply.extend_from_slice(&export.size().to_be_bytes());
                 reply.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
@@ -88,9 +94,9 @@ pub(super) fn negotiate(
                 let _ = send_option_reply(writer, option, REP_ACK, &[]);
                 return Ok(Negotiated::Closed);
             }
-            OPT_LIST => list_exports(writer, registry, &data)?,
+            OPT_LIST => list_exports(writer, registry, &data, &admits)?,
             OPT_INFO | OPT_GO => {
-                if let Some(export) = export_info(writer, registry, option, &data)? {
+                if let Some(export) = export_info(writer, registry, option, &data, &admits)? {
                     if option == OPT_GO {
                         let name = InfoRequest::parse(&data).map(|r| r.name);
                         let allocation = name.is_some_and(|n| allocation_for.as_deref() == Some(n));
@@ -120,7 +126,8 @@ pub(super) fn negotiate(
                     send_option_reply(writer, option, REP_ERR_INVALID, b"malformed metadata context request")?;
                     continue;
                 };
-                let known = std::str::from_utf8(query.export).ok().is_some_and(|n| registry.lookup(n).is_some());
+                let known =
+                    std::str::from_utf8(query.export).ok().is_some_and(|n| registry.lookup(n).is_some() && admits(n));
                 if !known {
                     send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
@@ -170,11 +177,16 @@ fn send_option_reply(mut writer: &TcpStream, option: u32, reply_type: u32, data:
 }
 
 /// Answers NBD_OPT_LIST.
-fn list_exports(writer: &TcpStream, registry: &dyn ExportRegistry, data: &[u8]) -> Result<(), ConnectionError> {
+fn list_exports(
+    writer: &TcpStream,
+    registry: &dyn ExportRegistry,
+    data: &[u8],
+    admits: &dyn Fn(&str) -> bool,
+) -> Result<(), ConnectionError> {
     if !data.is_empty() {
         return send_option_reply(writer, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
     }
-    for name in registry.names() {
+    for name in registry.names().into_iter().filter(|n| admits(n)) {
         let Ok(name_len) = u32::try_from(name.len()) else {
             continue;
         };
@@ -192,6 +204,7 @@ fn export_info(
     registry: &dyn ExportRegistry,
     option: u32,
     data: &[u8],
+    admits: &dyn Fn(&str) -> bool,
 ) -> Result<Option<Arc<dyn Export>>, ConnectionError> {
     // Data: name length u32, name, number of information requests u16, requests u16 each.
     let Some(request) = InfoRequest::parse(data) else {
@@ -203,6 +216,10 @@ fn export_info(
         send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
         return Ok(None);
     };
+    if !std::str::from_utf8(request.name).is_ok_and(admits) {
+        send_option_reply(writer, option, REP_ERR_POLICY, b"this export does not admit your address")?;
+        return Ok(None);
+    }
 
     let mut info = Vec::with_capacity(12);
     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());

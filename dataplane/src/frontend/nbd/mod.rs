@@ -195,6 +195,7 @@ pub(crate) const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+const REP_ERR_POLICY: u32 = (1 << 31) | 2;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
 
 // Information types for NBD_OPT_INFO and NBD_OPT_GO.
@@ -267,6 +268,8 @@ enum ConnectionError {
     TooManyOptions,
     #[error("NBD_OPT_EXPORT_NAME asked for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("export {0:?} does not admit this client's address (its allow-list)")]
+    NotAdmitted(String),
     #[error("starting the reply writer failed")]
     SpawnWriter(#[source] io::Error),
     #[error("reading a request failed")]
