@@ -57,16 +57,31 @@ pub fn expand(args: Vec<OsString>, flags: &[(String, bool)]) -> Result<Vec<OsStr
     Ok(out)
 }
 
-/// The value of `key` in the config file `path` (a string or a number), if it has one.
-pub fn setting(path: &Path, key: &str) -> Result<Option<String>> {
+/// A string or a number, as a flag's value.
+fn scalar(v: &toml::Value) -> Result<String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(n) => Ok(n.to_string()),
+        other => bail!("a string or a number, not {}", other.type_str()),
+    }
+}
+
+/// The values of `key` in the config file `path` (a string, a number, or a list of
+/// them); empty if it has none.
+pub fn settings(path: &Path, key: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
     let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    let at = |e: anyhow::Error| anyhow!("--config {}: {key}: {e}", path.display());
     match table.get(key) {
-        None => Ok(None),
-        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-        Some(toml::Value::Integer(n)) => Ok(Some(n.to_string())),
-        Some(other) => bail!("--config {}: {key} takes a string or a number, not {}", path.display(), other.type_str()),
+        None => Ok(Vec::new()),
+        Some(toml::Value::Array(items)) => items.iter().map(|v| scalar(v).map_err(at)).collect(),
+        Some(v) => Ok(vec![scalar(v).map_err(at)?]),
     }
+}
+
+/// The value of `key` in the config file `path` (a string or a number), if it has one.
+pub fn setting(path: &Path, key: &str) -> Result<Option<String>> {
+    Ok(settings(path, key)?.pop())
 }
 
 /// The flags a config file stands for.
@@ -95,8 +110,14 @@ fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
         match (value, takes_value) {
             (toml::Value::Boolean(true), false) => out.push(format!("--{key}")),
             (toml::Value::Boolean(false), false) => {}
-            (toml::Value::String(s), true) => out.push(format!("--{key}={s}")),
-            (toml::Value::Integer(n), true) => out.push(format!("--{key}={n}")),
+            (toml::Value::String(_) | toml::Value::Integer(_), true) => out.push(format!("--{key}={}", scalar(value)?)),
+            // A flag given several times (secret-file = ["new.key", "old.key"]).
+            (toml::Value::Array(items), true) => {
+                for item in items {
+                    let v = scalar(item).map_err(|e| anyhow!("{at}: {key}: {e}"))?;
+                    out.push(format!("--{key}={v}"));
+                }
+            }
             (_, false) => bail!("{at}: {key} is a switch: true or false"),
             (other, true) => bail!("{at}: {key} takes a string or a number, not {}", other.type_str()),
         }

@@ -98,8 +98,10 @@ struct NodeArgs {
     /// A file holding the pair's shared secret (one trailing newline is ignored): every
     /// replication connection, both ways, and every pairing is then authenticated with it
     /// (HMAC-SHA256 challenge-response). Both nodes of a pair need the same secret.
+    /// Repeated, for a rotation: the first proves, any is accepted. SIGHUP rereads them
+    /// (from the --config file's secret-file where it names them).
     #[arg(long)]
-    secret_file: Option<PathBuf>,
+    secret_file: Vec<PathBuf>,
     /// Refuse admin calls (every POST of the control API) that are not signed with the
     /// secret (`ctl --secret-file`) with 401; reads (status, events, metrics) stay open.
     #[arg(long, requires = "secret_file")]
@@ -492,18 +494,43 @@ fn node_tls(a: &NodeArgs) -> Result<Option<nvmirror_dataplane::transport::tls::T
     Ok(Some(tls))
 }
 
+/// The pair's secret from `--secret-file`s, in order (the first proves); none without.
+fn load_secrets(paths: &[PathBuf]) -> Result<Option<PeerSecret>> {
+    let mut all = Vec::with_capacity(paths.len());
+    for path in paths {
+        let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
+        if let Some(w) = &loaded.warning {
+            tracing::warn!("--secret-file: {w}");
+        }
+        all.push(loaded.secret);
+    }
+    Ok(PeerSecret::all_of(&all))
+}
+
+/// SIGHUP: the pair's secret again, from the files the config file's `secret-file` names
+/// (where it names any), else from those the node started with; every connection and call
+/// of the node uses the new keys from then on. A node started without a secret does not
+/// take one, nor does one with a secret drop it: that takes a restart.
+fn reload_secrets(current: Option<&PeerSecret>, config: Option<&std::path::Path>, started: &[PathBuf]) {
+    let Some(current) = current else { return };
+    let paths: Vec<PathBuf> = match config.map(|c| nvmirror_control::config::settings(c, "secret-file")) {
+        Some(Ok(list)) if !list.is_empty() => list.into_iter().map(PathBuf::from).collect(),
+        Some(Err(e)) => return tracing::warn!("SIGHUP: {e:#}; the secret stays"),
+        _ => started.to_vec(),
+    };
+    match load_secrets(&paths) {
+        Ok(Some(s)) => {
+            current.replace_with(&s);
+            tracing::info!("SIGHUP: the pair's secret reread: {} key(s), the first proves", s.keys());
+        }
+        Ok(None) => tracing::warn!("SIGHUP: no secret file named; the secret stays"),
+        Err(e) => tracing::warn!("SIGHUP: {e:#}; the secret stays"),
+    }
+}
+
 fn run_node(a: NodeArgs) -> Result<()> {
     let log = nvmirror_control::logging::init(a.log_level.as_deref())?;
-    let secret = match &a.secret_file {
-        None => None,
-        Some(path) => {
-            let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
-            if let Some(w) = &loaded.warning {
-                tracing::warn!("--secret-file: {w}");
-            }
-            Some(loaded.secret)
-        }
-    };
+    let secret = load_secrets(&a.secret_file)?;
     let nvram: NvramSpec = match &a.nvram {
         Some(s) => s.parse()?,
         None => format!("file:{}", a.data_dir.join("nvram").display()).parse()?,
@@ -594,6 +621,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .find(|&s| {
             if s == SIGHUP {
                 log.reload_from(a.config.as_deref(), a.log_level.as_deref());
+                reload_secrets(secret.as_ref(), a.config.as_deref(), &a.secret_file);
             }
             s != SIGHUP
         })

@@ -349,3 +349,78 @@ fn node_to_node_requests_between_authenticated_nodes_are_signed() {
     let v = wait_state(&pair.dst_api(), VOL, "in-sync", T);
     assert_eq!(v["role"], "primary", "{v}");
 }
+
+/// A pair moves from one secret to another one node at a time, with SIGHUP and no restart:
+/// each node accepts the new key beside the old, then proves with it, then drops the old.
+/// A switchover after every step (proven peer calls, a signed takeover, a new replication
+/// handshake each way) finds the pair agreeing; in the end the old secret is refused.
+#[test]
+fn the_pair_s_secret_rotates_one_node_at_a_time_without_a_refusal() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let old = secret_file(keys.path(), "old.key", "the old secret");
+    let new = secret_file(keys.path(), "new.key", "the new secret");
+    let conf = |node: &str, files: &[&Path]| {
+        let path = keys.path().join(format!("{node}.toml"));
+        let list: Vec<String> = files.iter().map(|f| format!("{:?}", f.display().to_string())).collect();
+        fs::write(&path, format!("secret-file = [{}]\n", list.join(", "))).expect("write the config");
+        path
+    };
+    let (a_conf, b_conf) = (conf("a", &[&old]), conf("b", &[&old]));
+    let pair = Pair::start_with(
+        "rotate",
+        &["--config", a_conf.to_str().expect("path")],
+        &["--config", b_conf.to_str().expect("path")],
+    );
+    pair.create_mirrored(VOL, 8 * MIB, LOG_BYTES_MIN);
+    let hup = |n: &nvmirror_control::cluster::NodeProc, keys_now: usize, step: usize| {
+        let pid = i32::try_from(n.pid().expect("running")).expect("pid");
+        // SAFETY: kill(2) on a child process of this test, running.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        let seen = format!("{keys_now} key(s)");
+        wait_for(&format!("{} to reread its secret (step {step})", n.name), T, || {
+            let lines = log_text(&n.log_path()).lines().filter(|l| l.contains("secret reread")).count();
+            Ok((lines >= step && log_text(&n.log_path()).contains(&seen)).then_some(()))
+        });
+    };
+    // Each switchover hands the volume to the other node and back is the next one's.
+    let mut primary_is_a = true;
+    let mut switch = |what: &str| {
+        let (from, to) = if primary_is_a { (&pair.src, &pair.dst) } else { (&pair.dst, &pair.src) };
+        let out = ctl_ok(&from.control, &["switchover", VOL]);
+        assert!(out.contains("switched over"), "{what}: {out}");
+        wait_state(&nvmirror_control::api::Client::new(&to.control), VOL, "in-sync", T);
+        let mut c = NbdClient::connect(to.nbd.as_str(), VOL).expect("NBD connect to the new primary");
+        c.write(0, &[0x42; 4096]).unwrap_or_else(|e| panic!("{what}: a write: {e}"));
+        primary_is_a = !primary_is_a;
+    };
+    // 1. Both accept the new key; both still prove with the old.
+    conf("b", &[&old, &new]);
+    hup(&pair.dst, 2, 1);
+    conf("a", &[&old, &new]);
+    hup(&pair.src, 2, 1);
+    switch("both accept both, prove with the old");
+    // 2. One node proves with the new key, the other still with the old.
+    conf("a", &[&new, &old]);
+    hup(&pair.src, 2, 2);
+    switch("a proves with the new key, b with the old");
+    conf("b", &[&new, &old]);
+    hup(&pair.dst, 2, 2);
+    switch("both prove with the new key");
+    // 3. The old key goes.
+    conf("a", &[&new]);
+    hup(&pair.src, 1, 3);
+    conf("b", &[&new]);
+    hup(&pair.dst, 1, 3);
+    switch("the new key alone");
+    // A node that still holds only the old secret is refused.
+    let stale = nvmirror_control::cluster::NodeProc::start(
+        &bin(),
+        "stale",
+        &pair.root.join("stale"),
+        &["--secret-file", old.to_str().expect("path")],
+    )
+    .expect("start a node with the old secret");
+    let primary = if primary_is_a { &pair.src } else { &pair.dst };
+    ctl_ok(&primary.control, &["volume", "create", "w", "--size", "8M"]);
+    ctl_fails(&primary.control, &["mirror", "w", "--to", &stale.control], "secret");
+}

@@ -8,6 +8,12 @@
 //! other direction or for another connection. The frames and their order are in
 //! `README.md` beside this file. Proofs are compared in constant time.
 //!
+//! Rotation: a [`PeerSecret`] may hold several keys. The first proves; a proof made with
+//! any of them is accepted. A pair moves to a new secret one node at a time with no
+//! refusal: each node first accepts the new key beside the old (old first), then proves
+//! with it (new first), then drops the old. The keys change in place
+//! ([`PeerSecret::replace_with`]), for every connection and call of the node at once.
+//!
 //! What this does not do: frames after the handshake carry no MAC and are not encrypted.
 //! It keeps nodes without the secret (a misconfigured peer, a stray process, a scanner)
 //! from pairing or placing anything; it does not stand against an active attacker on the
@@ -63,9 +69,10 @@ pub enum AuthError {
     Random(#[source] rand::Error),
 }
 
-/// The pair's shared secret. Cheap to clone; never printed.
+/// The pair's shared secret: one key or more, the first of which proves. Clones share the
+/// keys (a rotation reaches all of them). Cheap to clone; never printed.
 #[derive(Clone)]
-pub struct PeerSecret(Arc<[u8]>);
+pub struct PeerSecret(Arc<parking_lot::RwLock<Arc<[Arc<[u8]>]>>>);
 
 impl fmt::Debug for PeerSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,7 +96,30 @@ impl PeerSecret {
         if bytes.len() > SECRET_BYTES_MAX {
             return Err(AuthError::SecretTooLong);
         }
-        Ok(PeerSecret(bytes.into()))
+        Ok(PeerSecret::of(vec![bytes.into()]))
+    }
+
+    fn of(keys: Vec<Arc<[u8]>>) -> PeerSecret {
+        PeerSecret(Arc::new(parking_lot::RwLock::new(keys.into())))
+    }
+
+    /// The keys of `secrets`, in order, as one secret: the first proves, any is accepted.
+    /// `None` for an empty list.
+    pub fn all_of(secrets: &[PeerSecret]) -> Option<PeerSecret> {
+        let keys: Vec<Arc<[u8]>> =
+            secrets.iter().flat_map(|s| s.0.read().iter().cloned().collect::<Vec<_>>()).collect();
+        (!keys.is_empty()).then(|| PeerSecret::of(keys))
+    }
+
+    /// Takes `other`'s keys, for this secret and every clone of it (a rotation).
+    pub fn replace_with(&self, other: &PeerSecret) {
+        let keys = other.0.read().clone();
+        *self.0.write() = keys;
+    }
+
+    /// How many keys it holds.
+    pub fn keys(&self) -> usize {
+        self.0.read().len()
     }
 
     /// Reads a secret file: its bytes, less one trailing newline (`\n` or `\r\n`), so that
@@ -119,11 +149,11 @@ impl PeerSecret {
         }
         let warning = (meta.permissions().mode() & 0o004 != 0)
             .then(|| format!("secret file {} is readable by every user of this host (chmod 600 it)", path.display()));
-        Ok(LoadedSecret { secret: PeerSecret(bytes.into()), warning })
+        Ok(LoadedSecret { secret: PeerSecret::of(vec![bytes.into()]), warning })
     }
 
-    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+    fn mac(key: &[u8], label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
         mac.update(label);
         for p in parts {
             mac.update(p);
@@ -131,13 +161,17 @@ impl PeerSecret {
         mac
     }
 
+    /// A proof with the first key.
     fn prove(&self, label: &[u8], parts: &[&[u8]]) -> Proof {
-        self.mac(label, parts).finalize().into_bytes().into()
+        let keys = self.0.read();
+        Self::mac(&keys[0], label, parts).finalize().into_bytes().into()
     }
 
+    /// Whether any key makes `proof`.
     fn check(&self, label: &[u8], parts: &[&[u8]], proof: &Proof) -> bool {
-        // verify_slice compares in constant time.
-        self.mac(label, parts).verify_slice(proof).is_ok()
+        // verify_slice compares in constant time; every key is tried, whichever matches.
+        let keys = self.0.read().clone();
+        keys.iter().map(|k| Self::mac(k, label, parts).verify_slice(proof).is_ok()).fold(false, |a, b| a | b)
     }
 
     /// The source's proof: HMAC(secret, "nvmirror-src" || server_nonce || client_nonce ||
@@ -319,5 +353,27 @@ mod tests {
         assert_eq!(from_hex32("00"), None);
         assert_eq!(from_hex32(&"g".repeat(64)), None);
         assert_eq!(from_hex32(&"é".repeat(32)), None);
+    }
+
+    #[test]
+    fn the_first_key_proves_and_any_is_accepted_and_a_rotation_reaches_every_clone() {
+        let old = PeerSecret::new(b"old").unwrap();
+        let new = PeerSecret::new(b"new").unwrap();
+        let (sn, cn) = ([1u8; 32], [2u8; 32]);
+        let both_old_first = PeerSecret::all_of(&[old.clone(), new.clone()]).unwrap();
+        let both_new_first = PeerSecret::all_of(&[new.clone(), old.clone()]).unwrap();
+        assert_eq!(both_old_first.keys(), 2);
+        // Mid-rotation, each accepts the other's proof.
+        let p = both_old_first.source_proof(&sn, &cn, b"h");
+        assert!(both_new_first.verify_source(&sn, &cn, b"h", &p) && old.verify_source(&sn, &cn, b"h", &p));
+        assert!(!new.verify_source(&sn, &cn, b"h", &p), "proved with the old key, which new alone lacks");
+        let p = both_new_first.source_proof(&sn, &cn, b"h");
+        assert!(both_old_first.verify_source(&sn, &cn, b"h", &p) && new.verify_source(&sn, &cn, b"h", &p));
+        assert!(!old.verify_source(&sn, &cn, b"h", &p));
+        // In place: a clone taken before sees the new keys.
+        let held = old.clone();
+        old.replace_with(&new);
+        assert!(held.verify_source(&sn, &cn, b"h", &new.source_proof(&sn, &cn, b"h")));
+        assert!(PeerSecret::all_of(&[]).is_none());
     }
 }
