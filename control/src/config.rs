@@ -22,10 +22,21 @@ fn default_file() -> Option<OsString> {
     }
 }
 
+/// What a flag takes, for its key in a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagKind {
+    /// `true` or `false`.
+    Switch,
+    /// A string or a number.
+    Value,
+    /// A string or a number, or a list of them (the flag repeated).
+    Values,
+}
+
 /// The arguments with the settings of any `node --config FILE` spliced in right after
 /// `node`, as the flags they stand for. `flags`: the node command's long flags, and
-/// whether each takes a value.
-pub fn expand(args: Vec<OsString>, flags: &[(String, bool)]) -> Result<Vec<OsString>> {
+/// what each takes.
+pub fn expand(args: Vec<OsString>, flags: &[(String, FlagKind)]) -> Result<Vec<OsString>> {
     let Some(node_at) = args.iter().skip(1).position(|a| a == "node").map(|i| i + 1) else { return Ok(args) };
     // The file named by --config FILE or --config=FILE (the last one, as flags go).
     let mut file = None;
@@ -85,7 +96,7 @@ pub fn setting(path: &Path, key: &str) -> Result<Option<String>> {
 }
 
 /// The flags a config file stands for.
-fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
+fn read(path: &Path, flags: &[(String, FlagKind)]) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
     let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
     let line_of = |key: &str| {
@@ -103,23 +114,28 @@ fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
         if key == "config" {
             bail!("{at}: a config file cannot name another (key \"config\")");
         }
-        let Some((_, takes_value)) = flags.iter().find(|(name, _)| name == key) else {
+        let Some((_, kind)) = flags.iter().find(|(name, _)| name == key) else {
             let known: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).filter(|n| *n != "config").collect();
             bail!("{at}: unknown key {key:?}: the keys are the node's flags ({})", known.join(", "));
         };
-        match (value, takes_value) {
-            (toml::Value::Boolean(true), false) => out.push(format!("--{key}")),
-            (toml::Value::Boolean(false), false) => {}
-            (toml::Value::String(_) | toml::Value::Integer(_), true) => out.push(format!("--{key}={}", scalar(value)?)),
+        match (value, kind) {
+            (toml::Value::Boolean(true), FlagKind::Switch) => out.push(format!("--{key}")),
+            (toml::Value::Boolean(false), FlagKind::Switch) => {}
+            (toml::Value::String(_) | toml::Value::Integer(_), FlagKind::Value | FlagKind::Values) => {
+                out.push(format!("--{key}={}", scalar(value)?));
+            }
             // A flag given several times (secret-file = ["new.key", "old.key"]).
-            (toml::Value::Array(items), true) => {
+            (toml::Value::Array(items), FlagKind::Values) => {
                 for item in items {
                     let v = scalar(item).map_err(|e| anyhow!("{at}: {key}: {e}"))?;
                     out.push(format!("--{key}={v}"));
                 }
             }
-            (_, false) => bail!("{at}: {key} is a switch: true or false"),
-            (other, true) => bail!("{at}: {key} takes a string or a number, not {}", other.type_str()),
+            (_, FlagKind::Switch) => bail!("{at}: {key} is a switch: true or false"),
+            (other, FlagKind::Value) => bail!("{at}: {key} takes a string or a number, not {}", other.type_str()),
+            (other, FlagKind::Values) => {
+                bail!("{at}: {key} takes a string, a number or a list of them, not {}", other.type_str())
+            }
         }
     }
     Ok(out)
@@ -129,11 +145,18 @@ fn read(path: &Path, flags: &[(String, bool)]) -> Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    fn flags() -> Vec<(String, bool)> {
-        [("data-dir", true), ("listen", true), ("lease-ttl", true), ("require-signed-ctl", false), ("config", true)]
-            .iter()
-            .map(|(n, v)| (n.to_string(), *v))
-            .collect()
+    fn flags() -> Vec<(String, FlagKind)> {
+        [
+            ("data-dir", FlagKind::Value),
+            ("listen", FlagKind::Value),
+            ("lease-ttl", FlagKind::Value),
+            ("require-signed-ctl", FlagKind::Switch),
+            ("config", FlagKind::Value),
+            ("secret-file", FlagKind::Values),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), *v))
+        .collect()
     }
 
     fn args(v: &[&str]) -> Vec<OsString> {
@@ -179,8 +202,22 @@ mod tests {
         assert!(e.contains(":1: require-signed-ctl is a switch"), "{e}");
         let e = run("listen = [1]\n");
         assert!(e.contains("listen takes a string or a number"), "{e}");
+        let e = run("secret-file = [\"a\", 7, true]\n");
+        assert!(e.contains("secret-file: a string or a number, not boolean"), "{e}");
         let e = run("listen = \n");
         assert!(e.contains("--config"), "{e}");
+    }
+
+    #[test]
+    fn a_list_repeats_a_flag_that_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("node.toml");
+        std::fs::write(&f, "secret-file = [\"/k/new\", \"/k/old\"]\n").unwrap();
+        let out = expand(args(&["nvmirror", "node", "--config", f.to_str().unwrap()]), &flags()).unwrap();
+        let out: Vec<String> = out.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        assert_eq!(out[2..4], ["--secret-file=/k/new", "--secret-file=/k/old"]);
+        assert_eq!(settings(&f, "secret-file").unwrap(), ["/k/new", "/k/old"]);
+        assert!(settings(&f, "log-level").unwrap().is_empty());
     }
 
     #[test]

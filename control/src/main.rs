@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use nvmirror_control::api::{self, Client, CreateVolume, MirrorRequest};
+use nvmirror_control::config::FlagKind;
 use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
 use nvmirror_dataplane::frontend::nbd::NbdServer;
@@ -413,9 +414,16 @@ fn arg_name(v: impl clap::ValueEnum) -> String {
 
 fn main() {
     // `node --config FILE`: the file's settings go in as flags before the command line's.
-    let node_flags: Vec<(String, bool)> = <NodeArgs as clap::Args>::augment_args(clap::Command::new("node"))
+    let node_flags: Vec<(String, FlagKind)> = <NodeArgs as clap::Args>::augment_args(clap::Command::new("node"))
         .get_arguments()
-        .filter_map(|a| Some((a.get_long()?.to_string(), a.get_action().takes_values())))
+        .filter_map(|a| {
+            let kind = match a.get_action() {
+                clap::ArgAction::Append => FlagKind::Values,
+                action if action.takes_values() => FlagKind::Value,
+                _ => FlagKind::Switch,
+            };
+            Some((a.get_long()?.to_string(), kind))
+        })
         .collect();
     let args = match nvmirror_control::config::expand(std::env::args_os().collect(), &node_flags) {
         Ok(a) => a,

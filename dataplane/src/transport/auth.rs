@@ -72,7 +72,10 @@ pub enum AuthError {
 /// The pair's shared secret: one key or more, the first of which proves. Clones share the
 /// keys (a rotation reaches all of them). Cheap to clone; never printed.
 #[derive(Clone)]
-pub struct PeerSecret(Arc<parking_lot::RwLock<Arc<[Arc<[u8]>]>>>);
+pub struct PeerSecret(Arc<parking_lot::RwLock<Keys>>);
+
+/// A secret's keys, the first of which proves.
+type Keys = Arc<[Arc<[u8]>]>;
 
 impl fmt::Debug for PeerSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
