@@ -227,15 +227,8 @@ impl crate::node::PeerCalls for HttpPeers {
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value> {
         Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/takeover"), req)
     }
-    fn checksums(
-        &self,
-        control: &str,
-        volume: &str,
-        source: &str,
-        offset: u64,
-        length: u64,
-        region: u64,
-    ) -> Result<Vec<u32>> {
+    fn checksums(&self, control: &str, volume: &str, source: &str, span: crate::node::SumSpan) -> Result<Vec<u32>> {
+        let crate::node::SumSpan { offset, length, region } = span;
         let path =
             format!("/v1/volumes/{volume}/checksums?source={source}&offset={offset}&length={length}&region={region}");
         let v: Value =

@@ -435,7 +435,8 @@ fn route(
             };
             let (offset, length, region) = (number("offset")?, number("length")?, number("region")?);
             crate::node::check_span(length, region).map_err(|e| bad_request(format!("{e:#}")))?;
-            let (cp, sums) = node.mirror_sums(arg("source")?, name, offset, length, region)?;
+            let span = crate::node::SumSpan { offset, length, region };
+            let (cp, sums) = node.mirror_sums(arg("source")?, name, span)?;
             Ok(json!({ "cp": cp, "sums": sums }))
         }
         (Post, ["v1", "volumes", name, "allow"]) => {

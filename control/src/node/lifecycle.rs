@@ -30,12 +30,7 @@ impl Node {
     /// to connections made from now on.
     pub fn set_allow(&self, name: &str, allow: Vec<String>) -> Result<()> {
         let mut state = self.state.lock();
-        let v = state
-            .volumes
-            .iter_mut()
-            .find(|v| v.name == name)
-            .ok_or_else(|| NotFound(format!("no volume {name} on this node")))?;
-        v.allow.clone_from(&allow);
+        state.volume_mut(name)?.allow.clone_from(&allow);
         self.save_state(&state)?;
         drop(state);
         self.events.push("allow-list", Some(name), serde_json::json!({ "allow": allow }));
@@ -57,9 +52,7 @@ impl Node {
             .map_err(|e| anyhow!("volume {name}: {e}"))?;
         {
             let mut state = self.state.lock();
-            if let Some(v) = state.volumes.iter_mut().find(|v| v.name == name) {
-                v.mirror = None;
-            }
+            state.volume_mut(name)?.mirror = None;
             self.save_state(&state)?;
         }
         let mirror = match self.cfg.peers.delete_mirror(&target.peer_control, name, &self.cfg.name) {

@@ -245,11 +245,7 @@ impl Node {
         }
         {
             let mut state = self.state.lock();
-            let v = state
-                .volumes
-                .iter_mut()
-                .find(|v| v.name == name)
-                .ok_or_else(|| NotFound(format!("no volume {name} on this node")))?;
+            let v = state.volume_mut(name)?;
             match &v.mirror {
                 Some(m) if *m != target => {
                     bail!("volume {name} is already mirrored to {} ({})", m.peer_name, m.peer_control)

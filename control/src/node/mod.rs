@@ -62,7 +62,7 @@ use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
 pub use roles::{region_ranges, ResyncStarted, RoleChangePlan, SwitchoverReport};
-pub use verify::{check_span, VerifyReport};
+pub use verify::{check_span, SumSpan, VerifyReport};
 
 /// Default NVLog partition size (two per volume).
 pub const PARTITION_BYTES_DEFAULT: usize = 16 << 20;
@@ -107,6 +107,16 @@ pub struct NodeState {
     /// mirror, a primary turned mirror): a hello from an older epoch is refused as stale.
     #[serde(default)]
     pub fences: std::collections::BTreeMap<String, u64>,
+}
+
+impl NodeState {
+    /// The record of primary volume `name`, to change.
+    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord> {
+        self.volumes
+            .iter_mut()
+            .find(|v| v.name == name)
+            .ok_or_else(|| NotFound(format!("no volume {name} on this node")).into())
+    }
 }
 
 /// A volume, mirror or peer this node does not have (the API answers 404, `ctl` exits 4).

@@ -5,6 +5,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::SumSpan;
+
 /// What a node's role changes ask of a peer, by the peer's control address.
 pub trait PeerCalls: Send + Sync {
     /// Who the peer is (proven with the pair's secret, where there is one).
@@ -18,16 +20,8 @@ pub trait PeerCalls: Send + Sync {
     /// Asks the peer to delete its mirror of `volume` from `source` (this node).
     fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()>;
     /// The peer's region checksums of its mirror of `volume` from `source` (this node)
-    /// over `[offset, offset + length)` (`verify`; proven like the status).
-    fn checksums(
-        &self,
-        control: &str,
-        volume: &str,
-        source: &str,
-        offset: u64,
-        length: u64,
-        region: u64,
-    ) -> Result<Vec<u32>>;
+    /// over `span` (`verify`; proven like the status).
+    fn checksums(&self, control: &str, volume: &str, source: &str, span: SumSpan) -> Result<Vec<u32>>;
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -16,6 +16,15 @@ pub const REGION_DEFAULT: u64 = 1 << 20;
 /// reported.
 const RECHECKS: usize = 3;
 
+/// A span of a volume, summed region by region: `[offset, offset + length)`, one crc32c
+/// per `region` bytes (the last region may be shorter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SumSpan {
+    pub offset: u64,
+    pub length: u64,
+    pub region: u64,
+}
+
 /// What `verify` found.
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
@@ -80,18 +89,11 @@ pub fn check_span(length: u64, region: u64) -> Result<()> {
 impl Node {
     /// The region checksums of the mirror of `volume` from `source`, as of its last
     /// applied CP (which is returned with them).
-    pub fn mirror_sums(
-        &self,
-        source: &str,
-        volume: &str,
-        offset: u64,
-        length: u64,
-        region: u64,
-    ) -> Result<(u64, Vec<u32>)> {
+    pub fn mirror_sums(&self, source: &str, volume: &str, span: SumSpan) -> Result<(u64, Vec<u32>)> {
         let m = self.mirrors.read().get(&(source.to_string(), volume.to_string())).cloned();
         let m = m.ok_or_else(|| NotFound(format!("no mirror of {volume} from {source} on this node")))?;
         let cp = m.meta().applied_cp;
-        let sums = region_sums(offset, length, region, |buf, at| m.read(buf, at))?;
+        let sums = region_sums(span.offset, span.length, span.region, |buf, at| m.read(buf, at))?;
         Ok((cp, sums))
     }
 
@@ -114,7 +116,8 @@ impl Node {
         let compare = |spans: &[(u64, u64)]| -> Result<Vec<u64>> {
             let mut differ = Vec::new();
             for &(at, len) in spans {
-                let theirs = self.cfg.peers.checksums(&target.peer_control, name, &self.cfg.name, at, len, region)?;
+                let span = SumSpan { offset: at, length: len, region };
+                let theirs = self.cfg.peers.checksums(&target.peer_control, name, &self.cfg.name, span)?;
                 let ours = region_sums(at, len, region, |buf, off| device.read_at(buf, off))?;
                 if theirs.len() != ours.len() {
                     bail!("{} answered {} checksums for {} regions", target.peer_name, theirs.len(), ours.len());
