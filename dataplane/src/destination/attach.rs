@@ -144,7 +144,6 @@ impl Mirror {
         Ok((session, welcome))
     }
 
-    /// Waits until every queued job has run.
     /// Ends the session open on this mirror, if any, without fencing its source (a mirror
     /// deleted under a connected source: the source reconnects and finds none here), and
     /// waits for the work it queued. Nothing the source sends after this is placed.
@@ -158,6 +157,7 @@ impl Mirror {
         drop(self.apply.write());
     }
 
+    /// Waits until every queued job has run.
     pub(super) fn barrier(&self) {
         if self.stepped_jobs.is_some() {
             self.run_jobs(usize::MAX);
