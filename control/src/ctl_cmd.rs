@@ -206,6 +206,10 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                     r["duration_ms"],
                     differing.len()
                 );
+                let busy = r["busy"].as_array().map_or(0, Vec::len);
+                if busy > 0 {
+                    println!("  {busy} regions changed on every pass (written to meanwhile) and were not compared");
+                }
                 for d in &differing {
                     println!("  differs: offset {} length {}", d[0], d[1]);
                 }

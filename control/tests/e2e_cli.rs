@@ -531,13 +531,22 @@ fn verify_finds_the_mirror_equal_and_then_the_region_that_was_damaged() {
     let mut w = Workload::new(0, 16 * MIB / 4096, seed);
     let mut c = NbdClient::connect(pair.src.nbd.as_str(), "v").expect("NBD connect");
     w.run(&mut c, 8, 3000, |_| {}).expect("writes");
-    // Online: writes (and the CPs they start) go on while it compares; none is a difference.
-    let writer = std::thread::spawn(move || {
-        w.run(&mut c, 8, 6000, |_| {}).expect("writes during verify");
-        w
-    });
-    let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);
-    assert!(out.contains("64 regions of 256.0K compared") && out.contains("; 0 differ"), "{out}");
+    // Online: writes (and the CPs they start) go on all through it; none is a difference.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                w.run(&mut c, 8, 200, |_| {}).expect("writes during verify");
+            }
+            w
+        })
+    };
+    for _ in 0..3 {
+        let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);
+        assert!(out.contains("64 regions of 256.0K compared") && out.contains("; 0 differ"), "{out}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let w = writer.join().expect("the writer");
     assert_eq!(w.errors, 0);
     let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);

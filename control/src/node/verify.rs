@@ -1,7 +1,11 @@
 //! `verify VOL`: the primary against its mirror, online, by region checksums (as `drbdadm
-//! verify`). Both sides are compared as of a CP; a difference that writes or a CP landing
-//! during the pass could explain is compared again after another CP, and only one that
-//! stays is reported.
+//! verify`). Both sides are compared as of a CP. A region that differs is compared again
+//! after another CP, up to [`RECHECKS`] times. It is reported as differing once both sides
+//! read the same as in the pass before and still differ: stable contents that disagree. A
+//! region that changes on every pass (written to while verify runs, or caught by a CP in
+//! flight) is reported as busy, not compared, never as damage.
+
+use std::collections::BTreeMap;
 
 use super::*;
 
@@ -38,6 +42,8 @@ pub struct VerifyReport {
     pub rechecked: u64,
     /// Regions that differ: (offset, length) in bytes.
     pub differing: Vec<(u64, u64)>,
+    /// Regions that changed on every pass (written to meanwhile): not compared.
+    pub busy: Vec<(u64, u64)>,
     pub duration_ms: u64,
 }
 
@@ -112,9 +118,9 @@ impl Node {
             .get(&StorageOwner::Volume(name.to_string()))
             .map(|(_, o)| o.device.clone())
             .ok_or_else(|| anyhow!("volume {name} is not open"))?;
-        // Differing regions, by the span they were compared in.
-        let compare = |spans: &[(u64, u64)]| -> Result<Vec<u64>> {
-            let mut differ = Vec::new();
+        // The regions that differ, with both sides' sums, by the spans compared.
+        let compare = |spans: &[(u64, u64)]| -> Result<BTreeMap<u64, (u32, u32)>> {
+            let mut differ = BTreeMap::new();
             for &(at, len) in spans {
                 let span = SumSpan { offset: at, length: len, region };
                 let theirs = self.cfg.peers.checksums(&target.peer_control, name, &self.cfg.name, span)?;
@@ -122,7 +128,9 @@ impl Node {
                 if theirs.len() != ours.len() {
                     bail!("{} answered {} checksums for {} regions", target.peer_name, theirs.len(), ours.len());
                 }
-                differ.extend((0..ours.len()).filter(|&i| ours[i] != theirs[i]).map(|i| at + i as u64 * region));
+                for i in (0..ours.len()).filter(|&i| ours[i] != theirs[i]) {
+                    differ.insert(at + i as u64 * region, (ours[i], theirs[i]));
+                }
             }
             Ok(differ)
         };
@@ -131,15 +139,30 @@ impl Node {
             .map(|i| i * CHECKSUM_SPAN_MAX)
             .map(|at| (at, CHECKSUM_SPAN_MAX.min(rec.size - at)))
             .collect();
-        let mut differ = compare(&spans)?;
-        let rechecked = differ.len() as u64;
+        let mut pending = compare(&spans)?;
+        let rechecked = pending.len() as u64;
+        // Stable and different: the same sums on both sides as in the pass before.
+        let mut damaged: Vec<u64> = Vec::new();
         for _ in 0..RECHECKS {
-            if differ.is_empty() {
+            if pending.is_empty() {
                 break;
             }
             self.cp(name, Duration::from_secs(120))?;
-            differ = compare(&spans_of(&differ, region, rec.size))?;
+            let starts: Vec<u64> = pending.keys().copied().collect();
+            let again = compare(&spans_of(&starts, region, rec.size))?;
+            pending = again
+                .into_iter()
+                .filter(|(at, sums)| {
+                    let stable = pending.get(at) == Some(sums);
+                    if stable {
+                        damaged.push(*at);
+                    }
+                    !stable
+                })
+                .collect();
         }
+        damaged.sort_unstable();
+        let extent = |at: &u64| (*at, region.min(rec.size - at));
         let report = VerifyReport {
             volume: name.to_string(),
             peer: target.peer_name.clone(),
@@ -147,7 +170,8 @@ impl Node {
             region_bytes: region,
             regions: rec.size.div_ceil(region),
             rechecked,
-            differing: differ.iter().map(|&at| (at, region.min(rec.size - at))).collect(),
+            differing: damaged.iter().map(extent).collect(),
+            busy: pending.keys().map(extent).collect(),
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         self.events.push("verify-finished", Some(name), serde_json::to_value(&report).unwrap_or_default());
