@@ -113,6 +113,12 @@ pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
     }
 }
 
+/// A URL's query parameters, `key=value` (a key alone has the value "").
+fn query(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    let q = url.split_once('?').map_or("", |(_, q)| q);
+    q.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
 /// `GET /v1/events?since=ID[&follow=1]`: the events after `since` as JSON lines; with
 /// `follow`, then new ones as they happen, on a response that stays open.
 fn events(request: tiny_http::Request, node: &Node, url: &str) {
@@ -120,8 +126,7 @@ fn events(request: tiny_http::Request, node: &Node, url: &str) {
         tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/x-ndjson"[..]).expect("static header");
     let mut since = 0u64;
     let mut follow = false;
-    for kv in url.split_once('?').map(|(_, q)| q).unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+    for (k, v) in query(url) {
         match k {
             "since" => match v.parse() {
                 Ok(n) => since = n,
@@ -421,17 +426,11 @@ fn route(
             Ok(json!({}))
         }
         (Get, ["v1", "volumes", name, "checksums"]) => {
-            let q: HashMap<&str, &str> = url
-                .split_once('?')
-                .map(|(_, q)| q)
-                .unwrap_or("")
-                .split('&')
-                .filter(|kv| !kv.is_empty())
-                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
-                .collect();
+            let q: HashMap<&str, &str> = query(url).collect();
             let arg = |k: &str| q.get(k).copied().ok_or_else(|| bad_request(format!("missing parameter {k:?}")));
             let number = |k: &str| {
-                arg(k)?.parse::<u64>().map_err(|_| bad_request(format!("{k}={:?} is not a number", q.get(k))))
+                let v = arg(k)?;
+                v.parse::<u64>().map_err(|_| bad_request(format!("{k}={v:?} is not a number")))
             };
             let (offset, length, region) = (number("offset")?, number("length")?, number("region")?);
             crate::node::check_span(length, region).map_err(|e| bad_request(format!("{e:#}")))?;

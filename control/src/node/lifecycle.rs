@@ -55,15 +55,21 @@ impl Node {
             state.volume_mut(name)?.mirror = None;
             self.save_state(&state)?;
         }
-        let mirror = match self.cfg.peers.delete_mirror(&target.peer_control, name, &self.cfg.name) {
+        let mirror = self.delete_peer_mirror(&target, name);
+        self.events.push("unpaired", Some(name), serde_json::json!({ "peer": target.peer_name, "mirror": mirror }));
+        Ok(UnpairReport { peer: target.peer_name, mirror })
+    }
+
+    /// Asks the peer to delete its mirror of `name`; what came of it, for the report (a
+    /// peer that cannot be reached leaves its mirror, and the caller's change stands).
+    fn delete_peer_mirror(&self, target: &MirrorTarget, name: &str) -> String {
+        match self.cfg.peers.delete_mirror(&target.peer_control, name, &self.cfg.name) {
             Ok(()) => format!("the mirror on {} is deleted", target.peer_name),
             Err(e) => format!(
                 "the mirror on {} ({}) is left: {e:#}; delete it there with `volume delete {name} --force`",
                 target.peer_name, target.peer_control
             ),
-        };
-        self.events.push("unpaired", Some(name), serde_json::json!({ "peer": target.peer_name, "mirror": mirror }));
-        Ok(UnpairReport { peer: target.peer_name, mirror })
+        }
     }
 
     /// Deletes `name`: the primary volume of that name here, or else the mirrors of that
@@ -73,10 +79,9 @@ impl Node {
     /// mirror deleted under a connected source is rebuilt by a baseline when the source
     /// reconnects.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<DeleteReport> {
-        let rec = self.state.lock().volumes.iter().find(|v| v.name == name).cloned();
-        match rec {
-            Some(rec) => self.delete_primary(rec, force),
-            None => self.delete_mirrors(name, force),
+        match self.volume_record(name) {
+            Ok(rec) => self.delete_primary(rec, force),
+            Err(_) => self.delete_mirrors(name, force),
         }
     }
 
@@ -115,12 +120,7 @@ impl Node {
             }
         }
         let _ = fs::remove_dir(&own);
-        if let Some(m) = &rec.mirror {
-            report.peer = Some(match self.cfg.peers.delete_mirror(&m.peer_control, &name, &self.cfg.name) {
-                Ok(()) => format!("the mirror on {} is deleted", m.peer_name),
-                Err(e) => format!("the mirror on {} ({}) is left: {e:#}", m.peer_name, m.peer_control),
-            });
-        }
+        report.peer = rec.mirror.as_ref().map(|m| self.delete_peer_mirror(m, &name));
         self.events.push("volume-deleted", Some(&name), serde_json::to_value(&report).unwrap_or_default());
         tracing::info!("node {}: volume {name} deleted", self.cfg.name);
         Ok(report)

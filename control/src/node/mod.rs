@@ -647,7 +647,7 @@ impl Node {
             .iter()
             .find(|v| v.name == name)
             .cloned()
-            .ok_or_else(|| anyhow!("no record of volume {name}"))
+            .ok_or_else(|| NotFound(format!("no volume {name} on this node")).into())
     }
 
     /// Stops every primary volume cleanly, within `bound` in all: a pair in sync

@@ -108,7 +108,7 @@ impl Node {
         let started = std::time::Instant::now();
         let region = region.unwrap_or(REGION_DEFAULT);
         check_span(region, region)?;
-        let rec = self.volume_record(name).map_err(|_| NotFound(format!("no volume {name} on this node")))?;
+        let rec = self.volume_record(name)?;
         let Some(target) = rec.mirror.clone() else {
             bail!("volume {name} is not mirrored: there is nothing to verify it against")
         };
