@@ -317,7 +317,8 @@ enum VolumeCmd {
         /// Engine of the data-dir files (default the node's).
         #[arg(long, value_enum)]
         engine: Option<EngineArg>,
-        /// Size of each of the two NVLog partitions (default 16M).
+        /// Size of each of the two NVLog partitions (default 32M). A partition is written
+        /// while the other's CP runs: it should hold more than a CP's duration of writes.
         #[arg(long, value_parser = size_arg)]
         log_size: Option<u64>,
         /// Send consistency points to the mirror by value (block data) instead of by

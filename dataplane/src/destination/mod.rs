@@ -217,6 +217,11 @@ pub struct Mirror {
     /// Declared first so that it is dropped before the logs it registered.
     rdma_attachment: Mutex<Option<(u64, Box<dyn std::any::Any + Send>)>>,
     meta: Mutex<MirrorMeta>,
+    /// `applied_seq` of the metadata last saved, for acknowledgements: read without the
+    /// meta lock, which a CP holds while it saves (a rename, up to milliseconds), so that
+    /// acknowledging newer entries never waits for a CP's bookkeeping. Stored after the
+    /// save and before the applied log is released (`Session::contiguous_persisted_seq`).
+    saved_applied_seq: AtomicU64,
     store: Box<dyn MetaStore>,
     logs: [Mutex<LogFile<Box<dyn Nvram>>>; PARTITIONS],
     /// While a CP applies entries from a log (holding its lock for the whole write-out):
@@ -298,6 +303,7 @@ impl Mirror {
         let (tx, rx) = bounded(JOBS_MAX);
         let mirror = Arc::new(Mirror {
             rdma_attachment: Mutex::new(None),
+            saved_applied_seq: AtomicU64::new(meta.applied_seq),
             meta: Mutex::new(meta),
             store,
             logs: [Mutex::new(log0), Mutex::new(log1)],
@@ -392,7 +398,9 @@ impl Mirror {
     }
 
     fn save(&self, meta: &MirrorMeta) -> Result<(), String> {
-        self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))
+        self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))?;
+        self.saved_applied_seq.store(meta.applied_seq, Ordering::SeqCst);
+        Ok(())
     }
 
     fn fail(&self, reason: &str) {

@@ -269,8 +269,9 @@ impl Session {
         // Everything up to the last applied CP's sequence number is on the mirror's volume:
         // the first log must continue from there, and each later log from what the logs
         // before it hold. A log that holds nothing extends nothing: the next one must
-        // continue what precedes it (its own predecessors never arrived).
-        let applied = self.mirror.meta.lock().applied_seq;
+        // continue what precedes it (its own predecessors never arrived). Read after the
+        // logs: a CP's new applied sequence is stored before its log is released.
+        let applied = self.mirror.saved_applied_seq.load(Ordering::SeqCst);
         let mut high: Option<u64> = None;
         for (_, first_seq, last) in logs {
             if first_seq > high.unwrap_or(applied) + 1 {
