@@ -68,8 +68,7 @@ pub use verify::{check_span, SumSpan, VerifyReport};
 /// runs on both sites; writes are throttled once it is half full with that CP still
 /// running. 4 KiB random writes at queue depth 32, mirrored on this project's 2-core machine
 /// (about 100,000 a second), fill 16 MiB in 40 ms, against CPs of 15-28 ms: 3.5% of the
-/// writes were throttled, and the mirrored volume did 0.62x the unmirrored one's IOPS. With
-/// 32 MiB, 0.1% were, at 0.70x.
+/// writes were throttled. With 32 MiB, 0.1% were (benches/README.md).
 pub const PARTITION_BYTES_DEFAULT: usize = 32 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
