@@ -42,6 +42,11 @@ impl Check {
         Check { metric: metric.into(), ratio, comparison: ">=".into(), target, pass: ratio >= target, per_round }
     }
 
+    /// `>= 0.7`, `<= 1.5`.
+    pub fn target_text(&self) -> String {
+        format!("{} {}", self.comparison, self.target)
+    }
+
     pub fn verdict(&self) -> &'static str {
         if self.pass {
             "PASS"
@@ -201,12 +206,11 @@ pub fn table(run: &RunResult) -> String {
         }
         if let Some(c) = &s.check {
             out.push_str(&format!(
-                "  {}: {} = {:.3} (target {} {}) {}\n",
+                "  {}: {} = {:.3} (target {}) {}\n",
                 s.name,
                 c.metric,
                 c.ratio,
-                c.comparison,
-                c.target,
+                c.target_text(),
                 c.verdict()
             ));
             if let Some(r) = &c.per_round {
@@ -226,15 +230,8 @@ pub fn table(run: &RunResult) -> String {
         out.push_str("summary:\n");
         for s in checks {
             let c = s.check.as_ref().expect("filtered");
-            out.push_str(&format!(
-                "  {:<10} {:<52} {:>7.3}  target {} {:<4} {}\n",
-                s.name,
-                c.metric,
-                c.ratio,
-                c.comparison,
-                c.target,
-                c.verdict()
-            ));
+            let line = format!("{:<10} {:<52} {:>7.3}", s.name, c.metric, c.ratio);
+            out.push_str(&format!("  {line}  target {:<7} {}\n", c.target_text(), c.verdict()));
         }
     }
     out

@@ -174,47 +174,50 @@ fn cps_by_value_make_the_mirror_equal_the_source() {
 
 /// Attaches a session to `inner`'s mirror, made at the first hello over the device and
 /// log files `make` gives.
-fn attach_made(
-    inner: &MemMirrorDirectory,
-    hello: &Hello,
-    sink: Arc<dyn ReplySink>,
-    make: impl FnOnce() -> (Arc<MemDevice>, [Box<dyn Nvram>; 2]),
-) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-    let mut m = inner.mirror.lock();
-    if m.is_none() {
-        let (dev, logs) = make();
-        *inner.device.lock() = Some(dev.clone());
-        *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
-    }
-    let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
-    Ok((Box::new(s), w))
-}
-
-/// A mirror whose log files are mapped files, which the test can damage behind its back.
-struct FileLogMirror {
-    dir: tempfile::TempDir,
+/// A directory whose one mirror is made at the first attach, over the storage and log files
+/// that `make` gives for the source's hello.
+struct MadeMirror<F> {
     inner: MemMirrorDirectory,
+    make: F,
 }
 
-impl MirrorDirectory for FileLogMirror {
+type MirrorParts = (Arc<MemDevice>, [Box<dyn Nvram>; 2]);
+
+impl<F: Fn(&Hello) -> MirrorParts> MadeMirror<F> {
+    fn new(make: F) -> Self {
+        MadeMirror { inner: MemMirrorDirectory::default(), make }
+    }
+}
+
+impl<F: Fn(&Hello) -> MirrorParts + Send + Sync> MirrorDirectory for MadeMirror<F> {
     fn attach(
         &self,
         hello: &Hello,
         sink: Arc<dyn ReplySink>,
     ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        attach_made(&self.inner, hello, sink, || {
-            use nvmirror_dataplane::nvram::{MappedNvram, NvramMode};
-            let log = |p: usize| -> Box<dyn Nvram> {
-                Box::new(MappedNvram::open(&self.dir.path().join(format!("log{p}")), PART, NvramMode::File).unwrap())
-            };
-            (Arc::new(MemDevice::new(hello.volume_bytes)), [log(0), log(1)])
-        })
+        let mut m = self.inner.mirror.lock();
+        if m.is_none() {
+            let (dev, logs) = (self.make)(hello);
+            *self.inner.device.lock() = Some(dev.clone());
+            *m = Some(Mirror::open(MirrorMeta::new(hello), Box::<MemMetaStore>::default(), logs, dev).unwrap());
+        }
+        let (s, w) = m.as_ref().unwrap().attach(hello, sink, None)?;
+        Ok((Box::new(s), w))
     }
 }
 
 #[test]
 fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_again() {
-    let dir = Arc::new(FileLogMirror { dir: tempfile::tempdir().unwrap(), inner: MemMirrorDirectory::default() });
+    // A mirror whose log files are mapped files, which the test can damage behind its back.
+    let logs = tempfile::tempdir().unwrap();
+    let logs_at = logs.path().to_path_buf();
+    let dir = Arc::new(MadeMirror::new(move |hello: &Hello| {
+        use nvmirror_dataplane::nvram::{MappedNvram, NvramMode};
+        let log = |p: usize| -> Box<dyn Nvram> {
+            Box::new(MappedNvram::open(&logs_at.join(format!("log{p}")), PART, NvramMode::File).unwrap())
+        };
+        (Arc::new(MemDevice::new(hello.volume_bytes)), [log(0), log(1)])
+    }));
     let src_dev = Arc::new(MemDevice::new(VOL));
     let mut cfg = SourceConfig::new("src", "vol", 42, PART);
     cfg.cp_interval = Duration::from_secs(3600);
@@ -241,7 +244,7 @@ fn a_log_entry_damaged_after_it_was_placed_stops_the_cp_and_the_source_sends_it_
     // 64-byte partition header).
     let mirror = dir.inner.mirror.lock().clone().unwrap();
     let damaged = (0..2).find_map(|p| {
-        let path = dir.dir.path().join(format!("log{p}"));
+        let path = logs.path().join(format!("log{p}"));
         let mut bytes = std::fs::read(&path).unwrap();
         // An open log with entries: its first entry's magic is "NVLE".
         (bytes[64..68] == *b"NVLE").then(|| {
@@ -446,26 +449,6 @@ fn acks_of_newer_entries_do_not_wait_for_a_cp_write_out() {
     assert_eq!(acked, vec![5, 10], "acks while the CP wrote");
 }
 
-/// A mirror over storage that holds something already (a failed-over primary's volume
-/// coming back by baseline).
-struct StaleMirror {
-    inner: MemMirrorDirectory,
-}
-
-impl MirrorDirectory for StaleMirror {
-    fn attach(
-        &self,
-        hello: &Hello,
-        sink: Arc<dyn ReplySink>,
-    ) -> Result<(Box<dyn FrameHandler>, Welcome), (RefuseCode, String)> {
-        attach_made(&self.inner, hello, sink, || {
-            let dev = Arc::new(MemDevice::new(hello.volume_bytes));
-            dev.write_at(&vec![0xee; hello.volume_bytes as usize], 0).unwrap();
-            (dev, [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))])
-        })
-    }
-}
-
 /// A baseline sends what reads as zeroes as ranges, not data: a new mirror is left as it
 /// is there (sparse), and a mirror over storage that held something else is zeroed there,
 /// so that both end equal to the source.
@@ -475,7 +458,13 @@ fn a_baseline_sends_zeroes_as_ranges_and_the_mirror_ends_equal_either_way() {
         let dir: Arc<dyn MirrorDirectory>;
         let device: Box<dyn Fn() -> Arc<MemDevice>>;
         if stale {
-            let d = Arc::new(StaleMirror { inner: MemMirrorDirectory::default() });
+            // Over storage that holds something already (a failed-over primary's volume
+            // coming back by baseline).
+            let d = Arc::new(MadeMirror::new(|hello: &Hello| -> MirrorParts {
+                let dev = Arc::new(MemDevice::new(hello.volume_bytes));
+                dev.write_at(&vec![0xee; hello.volume_bytes as usize], 0).unwrap();
+                (dev, [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))])
+            }));
             dir = d.clone();
             device = Box::new(move || d.inner.device.lock().clone().unwrap());
         } else {

@@ -145,6 +145,23 @@ fn iov_count(n: usize) -> libc::c_int {
     libc::c_int::try_from(n).expect("at most IOV_MAX buffers")
 }
 
+/// What a `pwritev` or `preadv` that returned `n` moved: `None` when a signal interrupted
+/// it (call again), an error when it failed or moved nothing (`none`, `why`).
+fn transferred(n: isize, none: io::ErrorKind, why: &'static str) -> io::Result<Option<usize>> {
+    match n {
+        0 => Err(io::Error::new(none, why)),
+        n if n > 0 => Ok(Some(n.unsigned_abs())),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 impl FileDevice {
     fn pwritev_all(&self, mut iov: &mut [IoSlice<'_>], mut offset: u64) -> io::Result<()> {
         while !iov.is_empty() {
@@ -157,22 +174,11 @@ impl FileDevice {
             }
             let first_piece = [IoSlice::new(&iov[0][..iov[0].len().min(WRITE_CALL_BYTES_MAX)])];
             let call: &[IoSlice<'_>] = if fit == 0 { &first_piece } else { &iov[..fit] };
+            let at = off_t(offset)?;
             // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix, and every
             // buffer it points to is borrowed for the whole call.
-            let n = unsafe {
-                libc::pwritev(self.file.as_raw_fd(), call.as_ptr().cast(), iov_count(call.len()), off_t(offset)?)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
-            }
-            let n = n.unsigned_abs();
+            let n = unsafe { libc::pwritev(self.file.as_raw_fd(), call.as_ptr().cast(), iov_count(call.len()), at) };
+            let Some(n) = transferred(n, io::ErrorKind::WriteZero, "pwritev wrote nothing")? else { continue };
             offset += n as u64;
             IoSlice::advance_slices(&mut iov, n);
         }
@@ -181,22 +187,13 @@ impl FileDevice {
 
     fn preadv_all(&self, mut iov: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {
         while !iov.is_empty() {
+            let at = off_t(offset)?;
             // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec` on Unix, and every
             // buffer it points to is borrowed mutably for the whole call.
-            let n = unsafe {
-                libc::preadv(self.file.as_raw_fd(), iov.as_ptr().cast(), iov_count(iov.len()), off_t(offset)?)
+            let n = unsafe { libc::preadv(self.file.as_raw_fd(), iov.as_ptr().cast(), iov_count(iov.len()), at) };
+            let Some(n) = transferred(n, io::ErrorKind::UnexpectedEof, "preadv reached the end of the file")? else {
+                continue;
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "preadv reached the end of the file"));
-            }
-            let n = n.unsigned_abs();
             offset += n as u64;
             IoSliceMut::advance_slices(&mut iov, n);
         }
@@ -234,18 +231,7 @@ mod tests {
                     break;
                 }
             }
-            let wops: Vec<WriteOp<'_>> = ops.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
-            dev.write_many(&wops).unwrap();
-            for (o, d) in &ops {
-                model[crate::usize_of(*o)..crate::usize_of(*o) + d.len()].copy_from_slice(d);
-            }
-            let mut bufs: Vec<Vec<u8>> = ops.iter().map(|(_, d)| vec![0; d.len()]).collect();
-            let mut rops: Vec<ReadOp<'_>> =
-                ops.iter().zip(bufs.iter_mut()).map(|((o, _), b)| ReadOp { offset: *o, buf: b }).collect();
-            dev.read_many(&mut rops).unwrap();
-            for ((o, _), b) in ops.iter().zip(&bufs) {
-                assert_eq!(b[..], model[crate::usize_of(*o)..crate::usize_of(*o) + b.len()]);
-            }
+            crate::storage::write_then_read_back(&dev, &dev, &ops, &mut model);
         }
         let mut all = vec![0u8; model.len()];
         dev.read_at(&mut all, 0).unwrap();

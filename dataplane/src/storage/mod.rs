@@ -355,6 +355,31 @@ fn is_nvme_char_device(path: &Path) -> bool {
     })
 }
 
+/// Writes `ops` (disjoint ranges) through `writer` in one `write_many` and flushes it,
+/// records them in `model`, then reads them back through `reader` in one `read_many` and
+/// checks each against what was written.
+#[cfg(test)]
+pub(crate) fn write_then_read_back(
+    writer: &dyn BlockDevice,
+    reader: &dyn BlockDevice,
+    ops: &[(u64, Vec<u8>)],
+    model: &mut [u8],
+) {
+    let wops: Vec<WriteOp<'_>> = ops.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
+    writer.write_many(&wops).unwrap();
+    writer.flush().unwrap();
+    for (o, d) in ops {
+        model[crate::usize_of(*o)..crate::usize_of(*o) + d.len()].copy_from_slice(d);
+    }
+    let mut bufs: Vec<Vec<u8>> = ops.iter().map(|(_, d)| vec![0; d.len()]).collect();
+    let mut rops: Vec<ReadOp<'_>> =
+        ops.iter().zip(bufs.iter_mut()).map(|((o, _), b)| ReadOp { offset: *o, buf: b }).collect();
+    reader.read_many(&mut rops).unwrap();
+    for ((o, d), b) in ops.iter().zip(&bufs) {
+        assert!(d == b, "the {} bytes at {o} read back differ from those written", d.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -522,23 +522,8 @@ mod tests {
                 ops.push((at, (0..blocks * 4096).map(|_| rng.gen()).collect()));
                 at += blocks * 4096 + rng.gen_range(0..4u64) * 4096;
             }
-            let wops: Vec<WriteOp<'_>> = ops.iter().map(|(o, d)| WriteOp { offset: *o, buf: d }).collect();
-            if round % 2 == 0 {
-                dev.write_many(&wops).unwrap();
-            } else {
-                plain.write_many(&wops).unwrap();
-                plain.flush().unwrap();
-            }
-            for (o, d) in &ops {
-                model[crate::usize_of(*o)..crate::usize_of(*o) + d.len()].copy_from_slice(d);
-            }
-            let mut bufs: Vec<Vec<u8>> = ops.iter().map(|(_, d)| vec![0; d.len()]).collect();
-            let mut rops: Vec<ReadOp<'_>> =
-                ops.iter().zip(bufs.iter_mut()).map(|((o, _), b)| ReadOp { offset: *o, buf: b }).collect();
-            dev.read_many(&mut rops).unwrap();
-            for ((_, d), b) in ops.iter().zip(&bufs) {
-                assert!(d == b, "round {round}");
-            }
+            let writer: &dyn BlockDevice = if round % 2 == 0 { &dev } else { &plain };
+            crate::storage::write_then_read_back(writer, &dev, &ops, &mut model);
         }
         dev.flush().unwrap();
         let mut all = vec![0u8; model.len()];

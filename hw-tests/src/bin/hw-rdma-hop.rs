@@ -41,6 +41,20 @@ const ENTRY_BYTES: usize = 4096;
 const ENTRY_BYTES_U32: u32 = 4096;
 const _: () = assert!(ENTRY_BYTES_U32 as usize == ENTRY_BYTES);
 
+/// The header of a one-entry 4 KiB write of sequence `seq` at `offset`, in `partition`.
+fn write_entry(partition: u8, seq: u64, offset: u64) -> EntryHeader {
+    EntryHeader {
+        kind: EntryKind::Write,
+        partition,
+        volume_id: VOLUME_ID,
+        epoch: 1,
+        seq,
+        offset,
+        length: ENTRY_BYTES_U32,
+        data_len: ENTRY_BYTES_U32,
+    }
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
@@ -125,16 +139,7 @@ fn main() -> Result<()> {
     let data = vec![0x5au8; ENTRY_BYTES];
     let warmup = ops / 10;
     for seq in 1..=ops + warmup {
-        let h = EntryHeader {
-            kind: EntryKind::Write,
-            partition: 0,
-            volume_id: VOLUME_ID,
-            epoch: 1,
-            seq,
-            offset: (seq % 1024) * ENTRY_BYTES as u64,
-            length: ENTRY_BYTES_U32,
-            data_len: ENTRY_BYTES_U32,
-        };
+        let h = write_entry(0, seq, (seq % 1024) * ENTRY_BYTES as u64);
         if !nvlog.fits(0, ENTRY_BYTES) {
             bail!("partition full: lower --ops");
         }
@@ -213,16 +218,7 @@ fn pipelined(link: &mut impl Link, nvlog: &mut NvLog<Box<dyn Nvram>>, total: u64
             let k = BATCH.min(qd - (next - 1 - acked)).min(total - next + 1);
             let mut first = None;
             for seq in next..next + k {
-                let h = EntryHeader {
-                    kind: EntryKind::Write,
-                    partition: 0,
-                    volume_id: VOLUME_ID,
-                    epoch: 1,
-                    seq,
-                    offset: (seq % 1024) * ENTRY_BYTES as u64,
-                    length: ENTRY_BYTES_U32,
-                    data_len: ENTRY_BYTES_U32,
-                };
+                let h = write_entry(0, seq, (seq % 1024) * ENTRY_BYTES as u64);
                 if !nvlog.fits(0, ENTRY_BYTES) {
                     bail!("partition full: lower --ops");
                 }
@@ -267,16 +263,7 @@ fn torn_placement(
     let data = vec![0xa7u8; ENTRY_BYTES];
     for i in 0..=WHOLE {
         let seq = first_seq + i;
-        let h = EntryHeader {
-            kind: EntryKind::Write,
-            partition: 1,
-            volume_id: VOLUME_ID,
-            epoch: 1,
-            seq,
-            offset: i * ENTRY_BYTES as u64,
-            length: ENTRY_BYTES_U32,
-            data_len: ENTRY_BYTES_U32,
-        };
+        let h = write_entry(1, seq, i * ENTRY_BYTES as u64);
         nvlog.append(&h, &data)?;
     }
     nvlog.persist(1)?;
