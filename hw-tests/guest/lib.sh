@@ -63,34 +63,67 @@ hwt_wait_listen() {
     return 1
 }
 
-# Runs a perftest latency tool ($1: ib_write_lat, ib_read_lat) between a server and a
-# client on the one rxe device (two rxe devices in one namespace hang), message size $2
-# bytes, $3 iterations, TCP port $4 for perftest's own exchange. Prints the client's
-# output and the figures NAME_SIZEB_{typical,avg,p99,p999}_us.
-hwt_perftest_lat() {
-    local tool=$1 size=$2 iters=$3 port=$4
-    local common=(-d "$HWT_RXE_DEV" -s "$size" -n "$iters" -p "$port" -F)
-    local server_log client_log
-    server_log=$(mktemp) client_log=$(mktemp)
-    echo "== $tool -s $size -n $iters: server"
-    timeout --foreground 120 "$tool" "${common[@]}" >"$server_log" 2>&1 &
+# Runs perftest latency tool $1 (as hwt_perftest_lat) for 2-byte and 4 KiB messages, on
+# TCP ports from $2 on, and gives both in the test's detail line.
+hwt_perftest_lat_sizes() {
+    local tool=$1 port=$2 size summary=()
+    for size in 2 4096; do
+        hwt_perftest_lat "$tool" "$size" "${HWT_PERFTEST_ITERS:-1000}" "$port"
+        summary+=("$HWT_LAST_LAT")
+        port=$((port + 1))
+    done
+    hwt_detail "$tool ${summary[0]}; ${summary[1]}"
+}
+
+# Prints the last 30 lines of each node's log that a quickstart run with --keep left
+# under $1.
+hwt_quickstart_logs() {
+    local log
+    for log in "$1"/*/*.log; do
+        [ -e "$log" ] || continue
+        echo "--- $log"
+        tail -n 30 "$log"
+    done
+}
+
+# Runs perftest tool $1 as a server, then as its client, on the one rxe device and TCP
+# port $2, with the tool's arguments after $3; the client's output goes to file $3 and is
+# printed. Fails the test if either side fails.
+hwt_perftest_pair() {
+    local tool=$1 port=$2 client_log=$3
+    shift 3
+    local server_log
+    server_log=$(mktemp)
+    echo "== $tool $*: server"
+    timeout --foreground 120 "$tool" "$@" -p "$port" >"$server_log" 2>&1 &
     local server=$!
     if ! hwt_wait_listen "$port" 20 "$server"; then
         kill "$server" 2>/dev/null
         cat "$server_log"
         hwt_fail "$tool server did not listen on port $port: $(grep -v '^ *$' "$server_log" | head -n 1)"
     fi
-    echo "== $tool -s $size -n $iters: client to $HWT_RXE_ADDR"
-    local rc=0
-    timeout --foreground 120 "$tool" "${common[@]}" "$HWT_RXE_ADDR" >"$client_log" 2>&1 || rc=$?
-    local src=0
+    echo "== $tool $*: client to $HWT_RXE_ADDR"
+    local rc=0 src=0
+    timeout --foreground 120 "$tool" "$@" -p "$port" "$HWT_RXE_ADDR" >"$client_log" 2>&1 || rc=$?
     wait "$server" || src=$?
     cat "$client_log"
     if [ "$rc" -ne 0 ] || [ "$src" -ne 0 ]; then
         echo "== server output"
         cat "$server_log"
-        hwt_fail "$tool -s $size: client exit $rc, server exit $src"
+        hwt_fail "$tool $*: client exit $rc, server exit $src"
     fi
+    rm -f "$server_log"
+}
+
+# Runs a perftest latency tool ($1: ib_write_lat, ib_read_lat) between a server and a
+# client on the one rxe device (two rxe devices in one namespace hang), message size $2
+# bytes, $3 iterations, TCP port $4 for perftest's own exchange. Prints the client's
+# output and the figures NAME_SIZEB_{typical,avg,p99,p999}_us.
+hwt_perftest_lat() {
+    local tool=$1 size=$2 iters=$3 port=$4
+    local client_log
+    client_log=$(mktemp)
+    hwt_perftest_pair "$tool" "$port" "$client_log" -d "$HWT_RXE_DEV" -s "$size" -n "$iters" -F
     # The result line follows the header naming t_typical: bytes, iterations, t_min, t_max,
     # t_typical, t_avg, t_stdev, 99%, 99.9% (microseconds).
     local line
@@ -106,7 +139,7 @@ hwt_perftest_lat() {
     hwt_figure "${key}_p999_us" "${f[8]}"
     # For the caller's one-line summary.
     HWT_LAST_LAT="${size} B: typical ${f[4]} us, p99 ${f[7]} us"
-    rm -f "$server_log" "$client_log"
+    rm -f "$client_log"
 }
 
 # Seconds since $1 (a `date +%s.%N` stamp), one decimal.
@@ -117,25 +150,9 @@ hwt_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a 
 # figure ib_write_bw_SIZEB_qdDEPTH_msg_per_s, and sets HWT_LAST_RATE (messages per second).
 hwt_perftest_bw() {
     local size=$1 iters=$2 port=$3 depth=$4
-    local common=(-d "$HWT_RXE_DEV" -s "$size" -n "$iters" -p "$port" -t "$depth" -F)
-    local server_log client_log
-    server_log=$(mktemp) client_log=$(mktemp)
-    timeout --foreground 120 ib_write_bw "${common[@]}" >"$server_log" 2>&1 &
-    local server=$!
-    if ! hwt_wait_listen "$port" 20 "$server"; then
-        kill "$server" 2>/dev/null
-        cat "$server_log"
-        hwt_fail "ib_write_bw server did not listen on port $port"
-    fi
-    local rc=0
-    timeout --foreground 120 ib_write_bw "${common[@]}" "$HWT_RXE_ADDR" >"$client_log" 2>&1 || rc=$?
-    local src=0
-    wait "$server" || src=$?
-    cat "$client_log"
-    if [ "$rc" -ne 0 ] || [ "$src" -ne 0 ]; then
-        cat "$server_log"
-        hwt_fail "ib_write_bw -s $size: client exit $rc, server exit $src"
-    fi
+    local client_log
+    client_log=$(mktemp)
+    hwt_perftest_pair ib_write_bw "$port" "$client_log" -d "$HWT_RXE_DEV" -s "$size" -n "$iters" -t "$depth" -F
     # The result line: bytes, iterations, BW peak, BW average (MB/s), MsgRate (Mpps).
     local line
     line=$(awk -v size="$size" '/MsgRate/ { hdr = 1; next } hdr && $1 == size { print; exit }' "$client_log")
@@ -144,5 +161,5 @@ hwt_perftest_bw() {
     read -r -a f <<<"$line"
     HWT_LAST_RATE=$(awk -v m="${f[4]}" 'BEGIN { printf "%.0f", m * 1000000 }')
     hwt_figure "ib_write_bw_${size}B_qd${depth}_msg_per_s" "$HWT_LAST_RATE"
-    rm -f "$server_log" "$client_log"
+    rm -f "$client_log"
 }

@@ -22,11 +22,7 @@ run() { # transport
 }
 run tcp
 if [ "$rc" -ne 0 ]; then
-    for log in "$keep"/*/*.log; do
-        [ -e "$log" ] || continue
-        echo "--- $log"
-        tail -n 30 "$log"
-    done
+    hwt_quickstart_logs "$keep"
     hwt_fail "quickstart over tcp with dax: log files failed (exit $rc)"
 fi
 grep -q "site-b: .*nvram dax:$nv/site-b" <<<"$out" || hwt_fail "site-b's NVRAM is not the dax: mount"

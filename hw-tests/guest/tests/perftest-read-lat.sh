@@ -3,11 +3,4 @@
 # floor of the RDMA engine's read-after-write durable append.
 . "$HWT_REPO/hw-tests/guest/lib.sh"
 hwt_need rxe
-summary=()
-port=18611
-for size in 2 4096; do
-    hwt_perftest_lat ib_read_lat "$size" "${HWT_PERFTEST_ITERS:-1000}" "$port"
-    summary+=("$HWT_LAST_LAT")
-    port=$((port + 1))
-done
-hwt_detail "ib_read_lat ${summary[0]}; ${summary[1]}"
+hwt_perftest_lat_sizes ib_read_lat 18611

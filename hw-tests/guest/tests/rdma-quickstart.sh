@@ -14,11 +14,7 @@ rc=$?
 set -e
 echo "$out"
 if [ "$rc" -ne 0 ]; then
-    for log in "$keep"/*/*.log; do
-        [ -e "$log" ] || continue
-        echo "--- $log"
-        tail -n 30 "$log"
-    done
+    hwt_quickstart_logs "$keep"
     hwt_fail "quickstart over rdma failed (exit $rc)"
 fi
 grep -q "over rdma" <<<"$out" || hwt_fail "the volume was not mirrored over rdma"
