@@ -45,7 +45,7 @@ mod session;
 use apply::{run_job, worker};
 pub use directory::{MemMirrorDirectory, SingleMirror};
 use session::ResyncProgress;
-pub use session::Session;
+pub use session::{Session, SessionError};
 
 pub use crate::transport::RdmaPlacement;
 

@@ -3,6 +3,46 @@
 
 use super::*;
 
+/// Why a session ends its connection (sent to the source as the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("mirror was failed over; this source is fenced")]
+    Fenced,
+    #[error("superseded by a newer connection")]
+    Superseded,
+    #[error("no partition {0}")]
+    NoPartition(u8),
+    /// A frame the protocol does not allow here (misaligned, out of order, too large, of
+    /// another volume or epoch): the source is at fault.
+    #[error("{0}")]
+    Protocol(String),
+    #[error("unexpected message from source: {0}")]
+    Unexpected(&'static str),
+    #[error("{0}")]
+    Range(io::Error),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogFileError),
+    #[error("{what}: {source}")]
+    LogAt { what: String, source: crate::log::LogFileError },
+    #[error("{what}: {source}")]
+    Send { what: &'static str, source: io::Error },
+    /// The mirror's worker (CPs, copies) cannot take the job.
+    #[error("{0}")]
+    Worker(String),
+    #[error("{0}")]
+    Rdma(String),
+}
+
+impl SessionError {
+    fn log_at(what: String) -> impl FnOnce(crate::log::LogFileError) -> SessionError {
+        move |source| SessionError::LogAt { what, source }
+    }
+
+    fn send(what: &'static str) -> impl FnOnce(io::Error) -> SessionError {
+        move |source| SessionError::Send { what, source }
+    }
+}
+
 /// One connection from the source to a mirror.
 pub struct Session {
     pub(super) mirror: Arc<Mirror>,
@@ -32,46 +72,55 @@ pub(super) struct ResyncProgress {
 }
 
 impl Session {
-    fn check_current(&self) -> Result<(), String> {
+    fn check_current(&self) -> Result<(), SessionError> {
         if self.mirror.fenced.load(Ordering::SeqCst) {
             let _ = self.sink.send(&Message::Refuse {
                 code: RefuseCode::StaleEpoch,
                 reason: "volume failed over to the destination; this source is stale".into(),
             });
-            return Err("mirror was failed over; this source is fenced".into());
+            return Err(SessionError::Fenced);
         }
         if self.mirror.session_gen.load(Ordering::SeqCst) != self.gen {
-            return Err("superseded by a newer connection".into());
+            return Err(SessionError::Superseded);
         }
         Ok(())
     }
 
-    fn partition(p: u8) -> Result<usize, String> {
+    fn partition(p: u8) -> Result<usize, SessionError> {
         if (p as usize) < PARTITIONS {
             Ok(p as usize)
         } else {
-            Err(format!("no partition {p}"))
+            Err(SessionError::NoPartition(p))
         }
     }
 
     /// Takes the next piece of a baseline or resync, `len` bytes at `offset` (`what`:
     /// `data` or `zeroes`, for the errors): a baseline's must continue it exactly, a
     /// resync's must not go back; a resync counts what it received.
-    fn take_copy_piece(&mut self, purpose: BlockPurpose, offset: u64, len: u64, what: &str) -> Result<(), String> {
+    fn take_copy_piece(
+        &mut self,
+        purpose: BlockPurpose,
+        offset: u64,
+        len: u64,
+        what: &str,
+    ) -> Result<(), SessionError> {
+        let protocol = SessionError::Protocol;
         if purpose == BlockPurpose::Baseline {
             match self.baseline_next {
                 Some(next) if next == offset => {}
-                Some(next) => return Err(format!("baseline {what} at offset {offset}, where {next} was expected")),
-                None => return Err(format!("baseline {what} on a session that is not a baseline")),
+                Some(next) => {
+                    return Err(protocol(format!("baseline {what} at offset {offset}, where {next} was expected")))
+                }
+                None => return Err(protocol(format!("baseline {what} on a session that is not a baseline"))),
             }
             self.baseline_next = Some(offset + len);
             return Ok(());
         }
         let Some(r) = &mut self.resync else {
-            return Err(format!("resync {what} on a session that is not a resync"));
+            return Err(protocol(format!("resync {what} on a session that is not a resync")));
         };
         if offset < r.next_min {
-            return Err(format!("resync {what} at offset {offset}, below {} already sent", r.next_min));
+            return Err(protocol(format!("resync {what} at offset {offset}, below {} already sent", r.next_min)));
         }
         r.next_min = offset + len;
         r.bytes += len;
@@ -79,28 +128,39 @@ impl Session {
         Ok(())
     }
 
-    fn queue(&self, job: Job) -> Result<(), String> {
-        self.mirror.queue(job)
+    fn queue(&self, job: Job) -> Result<(), SessionError> {
+        self.mirror.queue(job).map_err(SessionError::Worker)
     }
 }
 
 impl FrameHandler for Session {
-    fn on_message(&mut self, msg: Message<'_>) -> Result<(), String> {
+    fn on_message(&mut self, msg: Message<'_>) -> Result<(), crate::transport::HandlerError> {
+        Ok(self.handle(msg)?)
+    }
+
+    fn commit(&mut self) -> Result<(), crate::transport::HandlerError> {
+        Ok(self.commit_placed()?)
+    }
+}
+
+impl Session {
+    fn handle(&mut self, msg: Message<'_>) -> Result<(), SessionError> {
+        let protocol = |why: &str| SessionError::Protocol(why.to_string());
         self.check_current()?;
         match msg {
             Message::PartitionOpen { header } => {
                 let p = Session::partition(header[6])?;
                 let mut log = self.mirror.logs[p].lock();
-                let h = log.open_partition(&header).map_err(|e| e.to_string())?;
+                let h = log.open_partition(&header)?;
                 if h.volume_id != self.volume_id || h.epoch != self.epoch {
-                    log.free().map_err(|e| e.to_string())?;
-                    return Err("partition header of another volume or epoch".into());
+                    log.free()?;
+                    return Err(protocol("partition header of another volume or epoch"));
                 }
                 Ok(())
             }
             Message::Entries { partition, offset, bytes } => {
                 let p = Session::partition(partition)?;
-                let n = self.mirror.logs[p].lock().place(offset, bytes, self.epoch).map_err(|e| e.to_string())?;
+                let n = self.mirror.logs[p].lock().place(offset, bytes, self.epoch)?;
                 self.dirty[p] = true;
                 self.mirror.entries_received.fetch_add(n as u64, Ordering::Relaxed);
                 self.mirror.bytes_received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -109,7 +169,7 @@ impl FrameHandler for Session {
             Message::Cp { cp, partition, upto_seq, by_value } => {
                 Session::partition(partition)?;
                 // Entries of the CP must be durable before it is applied from them.
-                self.commit()?;
+                self.commit_placed()?;
                 let blocks = if by_value {
                     self.by_value_bytes = 0;
                     Some(std::mem::take(&mut self.by_value))
@@ -128,9 +188,9 @@ impl FrameHandler for Session {
             Message::BlockData { purpose, offset, data } => {
                 let size = self.mirror.device.size();
                 if offset % BLOCK_BYTES as u64 != 0 || data.len() % BLOCK_BYTES != 0 || data.len() > ENTRY_DATA_MAX {
-                    return Err("block data not block-aligned or too large".into());
+                    return Err(protocol("block data not block-aligned or too large"));
                 }
-                crate::storage::check_range(size, offset, data.len() as u64).map_err(|e| e.to_string())?;
+                crate::storage::check_range(size, offset, data.len() as u64).map_err(SessionError::Range)?;
                 match purpose {
                     BlockPurpose::Baseline | BlockPurpose::Resync => {
                         self.take_copy_piece(purpose, offset, data.len() as u64, "data")?;
@@ -140,7 +200,7 @@ impl FrameHandler for Session {
                         // A CP by value carries at most what two partitions can dirty.
                         let max = 2 * crate::usize_of(self.mirror.meta.lock().partition_bytes);
                         if self.by_value_bytes + data.len() > max {
-                            return Err("CP by value larger than the log it replaces".into());
+                            return Err(protocol("CP by value larger than the log it replaces"));
                         }
                         self.by_value_bytes += data.len();
                         self.by_value.push((offset, data.to_vec()));
@@ -151,36 +211,36 @@ impl FrameHandler for Session {
             Message::ZeroRange { purpose, offset, len } => {
                 let size = self.mirror.device.size();
                 if offset % BLOCK_BYTES as u64 != 0 || len % BLOCK_BYTES as u64 != 0 {
-                    return Err("zero range not block-aligned".into());
+                    return Err(protocol("zero range not block-aligned"));
                 }
-                crate::storage::check_range(size, offset, len).map_err(|e| e.to_string())?;
+                crate::storage::check_range(size, offset, len).map_err(SessionError::Range)?;
                 if purpose == BlockPurpose::CpByValue {
-                    return Err("zeroes for a CP by value".into());
+                    return Err(protocol("zeroes for a CP by value"));
                 }
                 self.take_copy_piece(purpose, offset, len, "zeroes")?;
                 self.queue(Job::Zero { offset, len })
             }
             Message::BaselineDone { volume_bytes } => {
                 if volume_bytes != self.mirror.device.size() {
-                    return Err("baseline size mismatch".into());
+                    return Err(protocol("baseline size mismatch"));
                 }
                 if self.baseline_next != Some(volume_bytes) {
-                    return Err(format!(
+                    return Err(SessionError::Protocol(format!(
                         "baseline done after {} of {volume_bytes} bytes",
                         self.baseline_next.map_or("none".into(), |n| n.to_string())
-                    ));
+                    )));
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
             }
             Message::ResyncDone { bytes, chunks } => {
                 let Some(r) = self.resync else {
-                    return Err("resync done on a session that is not a resync".into());
+                    return Err(protocol("resync done on a session that is not a resync"));
                 };
                 if (r.bytes, r.chunks) != (bytes, chunks) {
-                    return Err(format!(
+                    return Err(SessionError::Protocol(format!(
                         "resync done after {} bytes in {} chunks, but the source sent {bytes} in {chunks}",
                         r.bytes, r.chunks
-                    ));
+                    )));
                 }
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
             }
@@ -189,20 +249,20 @@ impl FrameHandler for Session {
                 // what is here past its tail was persistent here, and perhaps acknowledged.
                 let p = Session::partition(partition)?;
                 let mut log = self.mirror.logs[p].lock();
-                log.catch_up().map_err(|e| format!("log fetch: rescan log {p}: {e}"))?;
+                log.catch_up().map_err(SessionError::log_at(format!("log fetch: rescan log {p}")))?;
                 let tail = log.persisted_tail();
-                let from = usize::try_from(offset).map_err(|_| "log fetch offset out of range".to_string())?;
+                let from = usize::try_from(offset).map_err(|_| protocol("log fetch offset out of range"))?;
                 let on_boundary = from == tail || log.entries().iter().any(|e| e.at == from);
                 if log.header().is_none() || !on_boundary {
-                    return Err(format!(
+                    return Err(SessionError::Protocol(format!(
                         "log fetch at offset {offset} of log {p}, which is not an entry boundary there"
-                    ));
+                    )));
                 }
                 let mut at = from;
                 while at < tail {
                     let end = (at + LOG_BYTES_CHUNK).min(tail);
                     let msg = Message::LogBytes { partition, offset: at as u64, bytes: &log.bytes()[at..end] };
-                    self.sink.send(&msg).map_err(|e| format!("send log bytes: {e}"))?;
+                    self.sink.send(&msg).map_err(SessionError::send("send log bytes"))?;
                     at = end;
                 }
                 drop(log);
@@ -212,24 +272,28 @@ impl FrameHandler for Session {
                 );
                 self.sink
                     .send(&Message::LogFetchEnd { partition, tail: tail as u64 })
-                    .map_err(|e| format!("send log fetch end: {e}"))
+                    .map_err(SessionError::send("send log fetch end"))
             }
             Message::RdmaSetup => {
                 let Some(rdma) = &self.rdma else {
-                    return Err("this node has no RDMA engine (no device, or not built with it); use tcp".into());
+                    return Err(SessionError::Rdma(
+                        "this node has no RDMA engine (no device, or not built with it); use tcp".into(),
+                    ));
                 };
-                let (addr, token) = rdma.expect(self.mirror.clone(), self.sink.clone(), self.gen)?;
-                self.sink.send(&Message::RdmaListen { addr, token }).map_err(|e| format!("send: {e}"))
+                let (addr, token) =
+                    rdma.expect(self.mirror.clone(), self.sink.clone(), self.gen).map_err(SessionError::Rdma)?;
+                self.sink.send(&Message::RdmaListen { addr, token }).map_err(SessionError::send("send"))
             }
-            other => Err(format!("unexpected message from source: {}", msg_name(&other))),
+            other => Err(SessionError::Unexpected(msg_name(&other))),
         }
     }
 
-    fn commit(&mut self) -> Result<(), String> {
+    /// Persists what was placed since the last commit and acknowledges it.
+    fn commit_placed(&mut self) -> Result<(), SessionError> {
         let mut persisted_any = false;
         for p in 0..PARTITIONS {
             if std::mem::take(&mut self.dirty[p]) {
-                self.mirror.logs[p].lock().persist().map_err(|e| e.to_string())?;
+                self.mirror.logs[p].lock().persist()?;
                 persisted_any = true;
             }
         }
@@ -243,7 +307,7 @@ impl FrameHandler for Session {
             self.mirror.commits.fetch_add(1, Ordering::Relaxed);
             if self.last_acked.is_none_or(|a| seq > a) {
                 self.last_acked = Some(seq);
-                self.sink.send(&Message::Ack { seq }).map_err(|e| format!("send ack: {e}"))?;
+                self.sink.send(&Message::Ack { seq }).map_err(SessionError::send("send ack"))?;
             }
         }
         Ok(())

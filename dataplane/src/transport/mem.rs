@@ -51,7 +51,7 @@ impl MemLink {
         // Round-trip through the codec so the in-process engine checks what TCP checks.
         let bytes = msg.encode();
         let (msg, _) = wire::decode(&bytes).map_err(|e| LinkError::Closed(e.to_string()))?.expect("whole frame");
-        if let Err(reason) = self.handler.on_message(msg) {
+        if let Err(reason) = self.handler.on_message(msg).map_err(|e| e.to_string()) {
             let _ = self.sink.send(&Message::Error { reason: reason.clone() });
             self.sink.close();
             return Err(LinkError::Closed(reason));
@@ -68,7 +68,7 @@ impl Link for MemLink {
         self.deliver(msg.clone())
     }
     fn flush(&mut self) -> Result<(), LinkError> {
-        if let Err(reason) = self.handler.commit() {
+        if let Err(reason) = self.handler.commit().map_err(|e| e.to_string()) {
             self.sink.close();
             return Err(LinkError::Closed(reason));
         }
@@ -440,7 +440,7 @@ impl MemNet {
                     delivered += 1;
                     drop(s);
                     let r = match wire::decode(&bytes) {
-                        Ok(Some((msg, _))) => handler.on_message(msg),
+                        Ok(Some((msg, _))) => handler.on_message(msg).map_err(|e| e.to_string()),
                         Ok(None) => Err("truncated frame".into()),
                         Err(e) => Err(e.to_string()),
                     };
@@ -486,7 +486,7 @@ impl MemNet {
             }
             let Some(mut handler) = c.handler.take() else { continue };
             drop(s);
-            let r = handler.commit();
+            let r = handler.commit().map_err(|e| e.to_string());
             let mut s = self.state.lock();
             let keep = s.conns.get(&id).is_some_and(|c| c.dst_open && c.handler.is_none());
             if let Err(reason) = &r {
@@ -512,10 +512,10 @@ impl MemNet {
 fn dead_handler() -> Box<dyn FrameHandler> {
     struct Dead;
     impl FrameHandler for Dead {
-        fn on_message(&mut self, _: Message<'_>) -> Result<(), String> {
+        fn on_message(&mut self, _: Message<'_>) -> Result<(), crate::transport::HandlerError> {
             Err("closed".into())
         }
-        fn commit(&mut self) -> Result<(), String> {
+        fn commit(&mut self) -> Result<(), crate::transport::HandlerError> {
             Ok(())
         }
     }

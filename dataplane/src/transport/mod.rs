@@ -140,13 +140,17 @@ pub trait ReplySink: Send + Sync {
     fn close(&self);
 }
 
+/// Why a [`FrameHandler`] ends its connection: the engine sends its text to the source in
+/// an `Error` frame.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The destination's handling of one connection after its hello.
 pub trait FrameHandler: Send {
     /// Handles one frame. An error is fatal for the connection: the engine sends it as an
     /// `Error` frame and closes.
-    fn on_message(&mut self, msg: Message<'_>) -> Result<(), String>;
+    fn on_message(&mut self, msg: Message<'_>) -> Result<(), HandlerError>;
     /// Persists what was placed since the last commit and acknowledges it.
-    fn commit(&mut self) -> Result<(), String>;
+    fn commit(&mut self) -> Result<(), HandlerError>;
 }
 
 /// What the RDMA engine needs of a mirror: the memory of its log files to register, a name

@@ -112,10 +112,10 @@ mod tests {
     struct Noop;
 
     impl FrameHandler for Noop {
-        fn on_message(&mut self, _: Message<'_>) -> Result<(), String> {
+        fn on_message(&mut self, _: Message<'_>) -> Result<(), crate::transport::HandlerError> {
             Ok(())
         }
-        fn commit(&mut self) -> Result<(), String> {
+        fn commit(&mut self) -> Result<(), crate::transport::HandlerError> {
             Ok(())
         }
     }
@@ -385,15 +385,15 @@ mod tests {
     }
 
     impl FrameHandler for EchoHandler {
-        fn on_message(&mut self, m: Message<'_>) -> Result<(), String> {
+        fn on_message(&mut self, m: Message<'_>) -> Result<(), crate::transport::HandlerError> {
             if let Message::Entries { bytes, .. } = m {
                 self.bytes.fetch_add(bytes.len(), Ordering::SeqCst);
             }
             self.frames += 1;
             Ok(())
         }
-        fn commit(&mut self) -> Result<(), String> {
-            self.sink.send(&Message::Ack { seq: self.frames }).map_err(|e| e.to_string())
+        fn commit(&mut self) -> Result<(), crate::transport::HandlerError> {
+            self.sink.send(&Message::Ack { seq: self.frames }).map_err(Into::into)
         }
     }
 

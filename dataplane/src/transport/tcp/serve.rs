@@ -364,7 +364,7 @@ pub fn serve_connection(
             match wire::decode(&buf[used..filled]) {
                 Ok(Some((msg, len))) => {
                     used += len;
-                    if let Err(reason) = handler.on_message(msg) {
+                    if let Err(reason) = handler.on_message(msg).map_err(|e| e.to_string()) {
                         let _ = sink.send(&Message::Error { reason: reason.clone() });
                         sink.close();
                         return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
@@ -384,7 +384,7 @@ pub fn serve_connection(
         buf.copy_within(used..filled, 0);
         filled -= used;
         // Everything that arrived with this read is placed: one persist and one ack for it.
-        if let Err(reason) = handler.commit() {
+        if let Err(reason) = handler.commit().map_err(|e| e.to_string()) {
             let _ = sink.send(&Message::Error { reason: reason.clone() });
             sink.close();
             return Err(io::Error::other(reason));
