@@ -191,8 +191,9 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
         }
         CtlCmd::PauseCopy { volume } => pause_copy(&client, &volume, true)?,
         CtlCmd::ResumeCopy { volume } => pause_copy(&client, &volume, false)?,
-        CtlCmd::Verify { volume, region, json } => {
-            let r: Value = client.post(&format!("/v1/volumes/{volume}/verify"), &api::VerifyRequest { region })?;
+        CtlCmd::Verify { volume, region, repair, json } => {
+            let r: Value =
+                client.post(&format!("/v1/volumes/{volume}/verify"), &api::VerifyRequest { region, repair })?;
             let differing = r["differing"].as_array().cloned().unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -209,6 +210,12 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 let busy = r["busy"].as_array().map_or(0, Vec::len);
                 if busy > 0 {
                     println!("  {busy} regions changed on every pass (written to meanwhile) and were not compared");
+                }
+                for d in r["repaired"].as_array().into_iter().flatten() {
+                    println!(
+                        "  repaired: offset {} length {} (the primary's contents written to the mirror)",
+                        d[0], d[1]
+                    );
                 }
                 for d in &differing {
                     println!("  differs: offset {} length {}", d[0], d[1]);

@@ -254,6 +254,10 @@ enum CtlCmd {
         /// Bytes per checksum (K/M suffixes; 4K to 64M).
         #[arg(long, value_parser = size_arg)]
         region: Option<u64>,
+        /// Write the primary's contents of the regions that differ to the mirror, then
+        /// compare them again; exits 6 only if some still differ.
+        #[arg(long)]
+        repair: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

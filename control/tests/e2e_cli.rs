@@ -565,6 +565,28 @@ fn verify_finds_the_mirror_equal_and_then_the_region_that_was_damaged() {
     assert_eq!(r["differing"], serde_json::json!([[5 * MIB, 256 * 1024]]), "{r}");
     assert!(stderr.contains("differ in 1 regions"), "{stderr}");
 
+    // --repair writes the primary's contents of that region to the mirror, then compares
+    // it again: the mirror's file holds the primary's block once more, and a plain verify
+    // finds nothing.
+    let (code, stdout, stderr) =
+        nvmirror_code(&["ctl", "--node", &src, "verify", "v", "--region", "256K", "--repair", "--json"]);
+    assert_eq!(code, Some(0), "verify --repair: {stderr}");
+    let r: Value = serde_json::from_str(&stdout).expect("the JSON report");
+    assert_eq!(r["repaired"], serde_json::json!([[5 * MIB, 256 * 1024]]), "{r}");
+    assert_eq!(r["differing"], serde_json::json!([]), "{r}");
+    let mut primary = vec![0u8; 4096];
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "v").expect("NBD connect");
+    c.read(5 * MIB + 8192, &mut primary).expect("read the primary's block");
+    let mut mirror = vec![0u8; 4096];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&file).expect("open the mirror's file");
+        f.read_exact_at(&mut mirror, 5 * MIB + 8192).expect("read the mirror's block");
+    }
+    assert!(primary == mirror, "the mirror's block was not repaired");
+    let out = ctl_ok(&src, &["verify", "v", "--region", "256K"]);
+    assert!(out.contains("; 0 differ"), "{out}");
+
     // Nothing to compare with, or nothing of that name.
     ctl_ok(&src, &["volume", "create", "alone", "--size", "16M"]);
     assert_eq!(ctl_fails(&src, &["verify", "alone"], "not mirrored"), 5);

@@ -454,7 +454,7 @@ fn route(
         }
         (Post, ["v1", "volumes", name, "verify"]) => {
             let body: VerifyRequest = read_body(request)?;
-            Ok(serde_json::to_value(node.verify(name, body.region)?).expect("serializable"))
+            Ok(serde_json::to_value(node.verify(name, body.region, body.repair)?).expect("serializable"))
         }
         (Post, ["v1", "volumes", name, "delete"]) => {
             let body: DeleteRequest = read_body(request)?;

@@ -54,6 +54,9 @@ pub struct VerifyRequest {
     /// Bytes per checksum (default 1 MiB).
     #[serde(default)]
     pub region: Option<u64>,
+    /// Write the primary's contents of the regions that differ to the mirror.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// `POST /v1/volumes/VOL/delete`.

@@ -44,6 +44,10 @@ pub struct VerifyReport {
     pub differing: Vec<(u64, u64)>,
     /// Regions that changed on every pass (written to meanwhile): not compared.
     pub busy: Vec<(u64, u64)>,
+    /// With repair: the differing regions the primary's contents were written to the
+    /// mirror over, and that compared equal after. Those still differing stay in
+    /// `differing`.
+    pub repaired: Vec<(u64, u64)>,
     pub duration_ms: u64,
 }
 
@@ -103,8 +107,10 @@ impl Node {
         Ok((cp, sums))
     }
 
-    /// Compares primary volume `name` with its mirror, region by region.
-    pub fn verify(&self, name: &str, region: Option<u64>) -> Result<VerifyReport> {
+    /// Compares primary volume `name` with its mirror, region by region; with `repair`,
+    /// writes the primary's contents of each region that differs to the mirror (as a write
+    /// through the volume's log, like any other), and compares those regions again.
+    pub fn verify(&self, name: &str, region: Option<u64>, repair: bool) -> Result<VerifyReport> {
         let started = std::time::Instant::now();
         let region = region.unwrap_or(REGION_DEFAULT);
         check_span(region, region)?;
@@ -163,6 +169,23 @@ impl Node {
         }
         damaged.sort_unstable();
         let extent = |at: &u64| (*at, region.min(rec.size - at));
+        let mut repaired = Vec::new();
+        if repair && !damaged.is_empty() {
+            for at in &damaged {
+                let (offset, len) = extent(at);
+                self.rewrite(name, offset, len)?;
+            }
+            // The rewrites reach the mirror's volume with the next CP.
+            self.cp(name, Duration::from_secs(120))?;
+            let still = compare(&spans_of(&damaged, region, rec.size))?;
+            (repaired, damaged) = damaged.into_iter().partition(|at| !still.contains_key(at));
+            tracing::info!(
+                "volume {name}: verify repaired {} regions on {}; {} still differ",
+                repaired.len(),
+                target.peer_name,
+                damaged.len()
+            );
+        }
         let report = VerifyReport {
             volume: name.to_string(),
             peer: target.peer_name.clone(),
@@ -172,6 +195,7 @@ impl Node {
             rechecked,
             differing: damaged.iter().map(extent).collect(),
             busy: pending.keys().map(extent).collect(),
+            repaired: repaired.iter().map(extent).collect(),
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         self.events.push("verify-finished", Some(name), serde_json::to_value(&report).unwrap_or_default());
@@ -183,6 +207,29 @@ impl Node {
             );
         }
         Ok(report)
+    }
+
+    /// Logs the current contents of `len` bytes at `offset` of volume `name` again, and
+    /// waits until they are persistent on both sites. Retried while writes wait for log
+    /// space (the poller refuses it then).
+    fn rewrite(&self, name: &str, offset: u64, len: u64) -> Result<()> {
+        let handle = self.volume(name)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (tx, rx) = bounded(1);
+            let done = nvmirror_dataplane::frontend::Completer::new(0, tx);
+            handle.control(Control::Rewrite { offset, len, done }).map_err(|e| anyhow!(e))?;
+            let reply = rx
+                .recv_timeout(Duration::from_secs(120))
+                .map_err(|_| anyhow!("volume {name}: the rewrite of {len} bytes at {offset} was not answered"))?;
+            match reply.result {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("waiting for log space") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => bail!("volume {name}: rewrite of {len} bytes at {offset}: {e}"),
+            }
+        }
     }
 }
 

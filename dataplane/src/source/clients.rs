@@ -11,11 +11,12 @@
 
 use std::io;
 
-use super::Poller;
-use crate::format::EntryKind;
+use super::{eio, Poller, REWRITE_BYTES_MAX};
+use crate::format::{EntryKind, BLOCK_BYTES};
 use crate::frontend::nbd::{Adopted, Command, Session};
 use crate::frontend::Completer;
 use crate::transport::Connector;
+use crate::usize_of;
 
 /// Who is owed the answer to a mutation.
 pub(super) enum ReplyTo {
@@ -215,6 +216,31 @@ where
                     session.close();
                 }
             }
+        }
+    }
+
+    /// Logs the current contents of `[offset, offset + len)` again (see
+    /// [`Control::Rewrite`]). They are read and logged in this one step, so no client write
+    /// falls between the two. Writes waiting for log space would: it is refused then.
+    pub(super) fn rewrite(&mut self, offset: u64, len: u64, done: Completer) {
+        let to = ReplyTo::Submitter(done);
+        if !self.waiting.is_empty() {
+            return self.answer(to, Err(eio("writes are waiting for log space; try again".into())));
+        }
+        let checked = crate::storage::check_range(self.device.size(), offset, len).and_then(|()| {
+            let block = BLOCK_BYTES as u64;
+            if offset % block != 0 || len % block != 0 || len > REWRITE_BYTES_MAX {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a rewrite is whole blocks, at most {REWRITE_BYTES_MAX} bytes"),
+                ));
+            }
+            let mut data = vec![0u8; usize_of(len)];
+            self.overlay.read(&mut data, offset, self.device.as_ref()).map(|()| data)
+        });
+        match checked {
+            Ok(data) => self.mutate(EntryKind::Write, offset, len, &data, to),
+            Err(e) => self.answer(to, Err(e)),
         }
     }
 

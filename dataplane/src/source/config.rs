@@ -139,6 +139,14 @@ pub enum Control {
     /// Pauses (`true`) or resumes the baseline or resync under way; writes go on as
     /// before. A resumed copy's rate does not count the pause. A restart resumes it.
     PauseCopy(bool),
+    /// Logs the current contents of `len` bytes at `offset` again, as a write that the
+    /// mirror receives like any other (`ctl verify --repair`); `done` is answered once it
+    /// is persistent on both sites. Refused while writes wait for log space.
+    Rewrite {
+        offset: u64,
+        len: u64,
+        done: Completer,
+    },
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced
     /// old primary sends them to the new one for its failback resync.

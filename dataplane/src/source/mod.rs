@@ -76,6 +76,8 @@ const CONTROL_QUEUE_MAX: usize = 64;
 const LINK_TOKEN: usize = 1;
 /// Requests taken per poller iteration: the most entries one group commit carries.
 pub const BATCH_MAX: usize = 64;
+/// The most bytes one [`Control::Rewrite`] logs.
+pub const REWRITE_BYTES_MAX: u64 = 64 << 20;
 /// The mean entries logged per working pass (in sixteenths, an exponential average over
 /// about eight passes) above which an idle poller sleeps at once instead of spinning
 /// (`poller::SPIN_WINDOW`). Batches that large mean many requests in flight: the next

@@ -257,6 +257,7 @@ where
                     let r = self.attach(target, peer);
                     let _ = reply.send(r);
                 }
+                Ok(Control::Rewrite { offset, len, done }) => self.rewrite(offset, len, done),
                 Ok(Control::MarkRegions { regions, reply }) => {
                     let r = match &mut self.changes {
                         None => Err("this volume keeps no change map".to_string()),
