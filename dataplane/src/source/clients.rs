@@ -229,7 +229,7 @@ where
         }
         let checked = crate::storage::check_range(self.device.size(), offset, len).and_then(|()| {
             let block = BLOCK_BYTES as u64;
-            if offset % block != 0 || len % block != 0 || len > REWRITE_BYTES_MAX {
+            if !offset.is_multiple_of(block) || !len.is_multiple_of(block) || len > REWRITE_BYTES_MAX {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("a rewrite is whole blocks, at most {REWRITE_BYTES_MAX} bytes"),
