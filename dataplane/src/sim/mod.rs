@@ -298,7 +298,7 @@ struct World {
     ack_epochs: BTreeMap<u64, String>,
     actions: BTreeMap<(u64, u64), Action>,
     action_seq: u64,
-    attach_rx: Option<Receiver<Result<(), String>>>,
+    attach_rx: Option<Receiver<Result<(), crate::source::ControlError>>>,
     /// The watched block's version last seen on each mirror.
     watched: BTreeMap<String, u64>,
     /// A failover its node's crash interrupted: run again once it is back.

@@ -119,7 +119,7 @@ impl World {
         let marks = Control::MarkRegions { regions: regions.clone(), reply: tx };
         self.live_source(&primary).expect("live").handle.control(marks)?;
         self.live_source(&primary).expect("live").stepped.step();
-        rx.try_recv().map_err(|_| "no answer to MarkRegions".to_string())??;
+        rx.try_recv().map_err(|_| "no answer to MarkRegions".to_string())?.map_err(|e| e.to_string())?;
         self.event(format!(
             "failback: {old} is the mirror of {primary} again ({} of its own regions to copy back; change map {})",
             regions.len(),

@@ -95,16 +95,45 @@ impl SourceConfig {
     }
 }
 
+/// Why a poller refused a control request, or could not finish it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Another node may be the primary now (the reason given when it was fenced).
+    #[error("{0}")]
+    Fenced(String),
+    #[error("volume failed: {0}")]
+    Failed(String),
+    #[error("volume is already mirrored to {0}")]
+    AlreadyMirrored(String),
+    #[error("volume is not mirrored")]
+    NotMirrored,
+    #[error("a switchover is under way")]
+    SwitchoverUnderWay,
+    #[error("the volume waits for the mirror's copy of its log (recovery found it cut short)")]
+    AwaitingMirrorLog,
+    #[error("the mirror is not in sync; a switchover needs it in sync")]
+    NotInSync,
+    #[error("the mirror left sync during the switchover")]
+    LeftSync,
+    #[error("switchover cancelled")]
+    SwitchoverCancelled,
+    #[error("this volume keeps no change map")]
+    NoChangeMap,
+    /// The NVLog or the change map could not be made durable.
+    #[error("{0}")]
+    Persist(String),
+}
+
 /// Control-plane requests to a poller.
 pub enum Control {
     /// Force a CP; answered with its number once durable on both sites.
-    Cp(Sender<Result<u64, String>>),
+    Cp(Sender<Result<u64, ControlError>>),
     /// Start mirroring to the replication address `target` of node `peer` (baseline or
     /// delta resync, then in sync).
     Attach {
         target: String,
         peer: Option<String>,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), ControlError>>,
     },
     Status(Sender<SourceStatus>),
     /// Stop the poller; pending requests fail.
@@ -113,13 +142,13 @@ pub enum Control {
     /// and makes them durable.
     MarkRegions {
         regions: Vec<u64>,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), ControlError>>,
     },
     /// Planned switchover, first half: stop taking new requests (they wait in the queue),
     /// complete what was logged, and bring the mirror level with a CP. Answered with the
     /// last CP and the next sequence number once both partitions are free and the mirror
     /// applied everything.
-    Quiesce(Sender<Result<(u64, u64), String>>),
+    Quiesce(Sender<Result<(u64, u64), ControlError>>),
     /// Planned switchover, second half: stop the poller and hand back the requests that
     /// waited in the queue, unanswered, for whoever serves the volume next.
     Handover(Sender<Vec<(IoRequest, Completer)>>),
@@ -135,7 +164,7 @@ pub enum Control {
     /// Bounds the bytes per second a baseline or resync sends (`None`: as fast as it goes).
     SetCopyRate(Option<u64>),
     /// Stops mirroring: the volume goes on alone (`ctl unpair`).
-    Detach(Sender<Result<(), String>>),
+    Detach(Sender<Result<(), ControlError>>),
     /// Pauses (`true`) or resumes the baseline or resync under way; writes go on as
     /// before. A resumed copy's rate does not count the pause. A restart resumes it.
     PauseCopy(bool),

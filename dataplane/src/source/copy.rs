@@ -176,7 +176,7 @@ where
         if !matches!(self.link, LinkState::Up { copy: None, .. }) || self.failed.is_some() {
             self.quiesced = false;
             if let Some(tx) = self.quiesce.take() {
-                let _ = tx.send(Err("the mirror left sync during the switchover".into()));
+                let _ = tx.send(Err(ControlError::LeftSync));
             }
             return;
         }

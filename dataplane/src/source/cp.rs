@@ -51,7 +51,7 @@ where
     C: Connector + 'static,
     C::Link: 'static,
 {
-    pub(super) fn force_cp(&mut self, tx: Sender<Result<u64, String>>) {
+    pub(super) fn force_cp(&mut self, tx: Sender<Result<u64, ControlError>>) {
         let active = self.active;
         let has_entries = self.nvlog.tail(active) > PARTITION_HEADER_BYTES;
         let closing = self.parts.iter().find_map(|p| match p {
@@ -59,7 +59,7 @@ where
             _ => None,
         });
         if let LinkState::Fenced(r) = &self.link {
-            let _ = tx.send(Err(r.clone()));
+            let _ = tx.send(Err(ControlError::Fenced(r.clone())));
             return;
         }
         if has_entries {
@@ -292,7 +292,7 @@ where
         Ok(())
     }
 
-    pub(super) fn notify_cp_waiters(&mut self, upto_gen: u64, r: Result<u64, String>) {
+    pub(super) fn notify_cp_waiters(&mut self, upto_gen: u64, r: Result<u64, ControlError>) {
         let mut keep = Vec::new();
         for (g, tx) in self.cp_waiters.drain(..) {
             if g <= upto_gen {

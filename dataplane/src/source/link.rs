@@ -71,12 +71,12 @@ where
     }
 
     /// Starts mirroring to `target`: a full local flush, then a baseline copy.
-    pub(super) fn attach(&mut self, target: String, peer: Option<String>) -> Result<(), String> {
+    pub(super) fn attach(&mut self, target: String, peer: Option<String>) -> Result<(), ControlError> {
         match &self.link {
             LinkState::Up { .. } | LinkState::Down { .. } if self.target.as_deref() == Some(&target) => return Ok(()),
             LinkState::Unmirrored => {}
-            LinkState::Fenced(r) => return Err(r.clone()),
-            _ => return Err(format!("volume is already mirrored to {}", self.target.as_deref().unwrap_or("?"))),
+            LinkState::Fenced(r) => return Err(ControlError::Fenced(r.clone())),
+            _ => return Err(ControlError::AlreadyMirrored(self.target.clone().unwrap_or_else(|| "?".into()))),
         }
         self.target = Some(target);
         self.cfg.peer = peer;
@@ -98,17 +98,17 @@ where
     /// once their local half is done. Refused during a switchover, and while the volume
     /// waits for the mirror's copy of a log that recovery found cut short (without it, a
     /// read could miss an acknowledged write).
-    pub(super) fn detach(&mut self) -> Result<(), String> {
+    pub(super) fn detach(&mut self) -> Result<(), ControlError> {
         match &self.link {
-            LinkState::Unmirrored => return Err("volume is not mirrored".into()),
-            LinkState::Fenced(r) => return Err(r.clone()),
+            LinkState::Unmirrored => return Err(ControlError::NotMirrored),
+            LinkState::Fenced(r) => return Err(ControlError::Fenced(r.clone())),
             _ => {}
         }
         if self.quiesced {
-            return Err("a switchover is under way".into());
+            return Err(ControlError::SwitchoverUnderWay);
         }
         if self.held_for_mirror_log() {
-            return Err("the volume waits for the mirror's copy of its log (recovery found it cut short)".into());
+            return Err(ControlError::AwaitingMirrorLog);
         }
         self.set_link(LinkState::Unmirrored);
         self.target = None;
@@ -119,7 +119,7 @@ where
             }
             if let Err(e) = self.nvlog.persist(p) {
                 self.fail_stop(format!("NVLog persist: {e}"));
-                return Err(format!("NVLog persist: {e}"));
+                return Err(ControlError::Persist(format!("NVLog persist: {e}")));
             }
             self.unsent[p as usize] = self.nvlog.tail(p);
         }
@@ -273,7 +273,7 @@ where
         self.set_link(LinkState::Fenced(msg.clone()));
         self.fail_pending(&msg);
         for (_, tx) in self.cp_waiters.drain(..) {
-            let _ = tx.send(Err(msg.clone()));
+            let _ = tx.send(Err(ControlError::Fenced(msg.clone())));
         }
     }
 

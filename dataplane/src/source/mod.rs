@@ -59,7 +59,7 @@ mod write;
 
 #[cfg(any(test, feature = "sim"))]
 pub use config::PlantedBug;
-pub use config::{Control, Policy, SourceConfig};
+pub use config::{Control, ControlError, Policy, SourceConfig};
 use cp::{cp_writer, CpJob, CpLocalDone};
 use link::send_range;
 pub use recovery::replay_nvlog;
@@ -470,7 +470,7 @@ struct Poller<C: Connector> {
     waiting: VecDeque<Waiting>,
     pending: VecDeque<Pending>,
     cp_wanted: bool,
-    cp_waiters: Vec<(u64, Sender<Result<u64, String>>)>,
+    cp_waiters: Vec<(u64, Sender<Result<u64, ControlError>>)>,
     cp_started_ns: u64,
     last_cp_ns: u64,
     stats: SourceStatus,
@@ -504,7 +504,7 @@ struct Poller<C: Connector> {
     /// without the destination's `CpDone` has these marked in the change map first.
     part_blocks: [HashSet<Vbn>; PARTITIONS],
     /// A planned switchover is draining the volume: new requests wait in the queue.
-    quiesce: Option<Sender<Result<(u64, u64), String>>>,
+    quiesce: Option<Sender<Result<(u64, u64), ControlError>>>,
     quiesced: bool,
     /// Acknowledged writes per latency bucket (the last one: above every bound).
     ack_buckets: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],

@@ -260,21 +260,21 @@ where
                 Ok(Control::Rewrite { offset, len, done }) => self.rewrite(offset, len, done),
                 Ok(Control::MarkRegions { regions, reply }) => {
                     let r = match &mut self.changes {
-                        None => Err("this volume keeps no change map".to_string()),
+                        None => Err(ControlError::NoChangeMap),
                         Some(m) => {
                             for r in regions {
                                 m.mark_region(r);
                             }
-                            m.persist().map_err(|e| format!("change map: {e}"))
+                            m.persist().map_err(|e| ControlError::Persist(format!("change map: {e}")))
                         }
                     };
                     let _ = reply.send(r);
                 }
                 Ok(Control::Quiesce(tx)) => {
                     if !matches!(self.link, LinkState::Up { copy: None, .. }) {
-                        let _ = tx.send(Err("the mirror is not in sync; a switchover needs it in sync".into()));
+                        let _ = tx.send(Err(ControlError::NotInSync));
                     } else if let Some(why) = &self.failed {
-                        let _ = tx.send(Err(format!("volume failed: {why}")));
+                        let _ = tx.send(Err(ControlError::Failed(why.clone())));
                     } else {
                         self.quiesced = true;
                         self.quiesce = Some(tx);
@@ -302,7 +302,7 @@ where
                 Ok(Control::Resume) => {
                     self.quiesced = false;
                     if let Some(tx) = self.quiesce.take() {
-                        let _ = tx.send(Err("switchover cancelled".into()));
+                        let _ = tx.send(Err(ControlError::SwitchoverCancelled));
                     }
                 }
                 Ok(Control::Adopt(conn)) => self.adopt(conn),
