@@ -224,7 +224,7 @@ impl Node {
                 .map_err(|_| anyhow!("volume {name}: the rewrite of {len} bytes at {offset} was not answered"))?;
             match reply.result {
                 Ok(_) => return Ok(()),
-                Err(e) if e.to_string().contains("waiting for log space") && std::time::Instant::now() < deadline => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => bail!("volume {name}: rewrite of {len} bytes at {offset}: {e}"),

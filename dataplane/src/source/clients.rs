@@ -11,7 +11,7 @@
 
 use std::io;
 
-use super::{eio, Poller, REWRITE_BYTES_MAX};
+use super::{Poller, REWRITE_BYTES_MAX};
 use crate::format::{EntryKind, BLOCK_BYTES};
 use crate::frontend::nbd::{Adopted, Command, Session};
 use crate::frontend::Completer;
@@ -221,11 +221,13 @@ where
 
     /// Logs the current contents of `[offset, offset + len)` again (see
     /// [`Control::Rewrite`]). They are read and logged in this one step, so no client write
-    /// falls between the two. Writes waiting for log space would: it is refused then.
+    /// falls between the two. Writes waiting for log space would: it is refused then, with
+    /// `WouldBlock` (try again).
     pub(super) fn rewrite(&mut self, offset: u64, len: u64, done: Completer) {
         let to = ReplyTo::Submitter(done);
         if !self.waiting.is_empty() {
-            return self.answer(to, Err(eio("writes are waiting for log space; try again".into())));
+            let busy = io::Error::new(io::ErrorKind::WouldBlock, "writes are waiting for log space; try again");
+            return self.answer(to, Err(busy));
         }
         let checked = crate::storage::check_range(self.device.size(), offset, len).and_then(|()| {
             let block = BLOCK_BYTES as u64;
