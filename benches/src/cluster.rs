@@ -146,8 +146,7 @@ impl Geometry {
             // The smallest partition a node accepts (PARTITION_BYTES_MIN).
             Geometry { volume_bytes: 16 << 20, log_bytes: 4 << 20 }
         } else {
-            // The node's default partition, as a volume created without --log-size has.
-            Geometry { volume_bytes: 256 << 20, log_bytes: nvmirror_control::node::PARTITION_BYTES_DEFAULT as u64 }
+            Geometry { volume_bytes: 256 << 20, log_bytes: 16 << 20 }
         }
     }
 }

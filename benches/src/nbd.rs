@@ -44,9 +44,9 @@ use crate::report::{Check, ScenarioResult};
 const BLOCK_U32: u32 = 4096;
 const _: () = assert!(BLOCK_U32 as usize == BLOCK_BYTES);
 
-/// Writes per volume before measuring: more than both partitions of the default 32 MiB
-/// hold (2 x 8064 entries of 4 KiB).
-pub const WARMUP_WRITES: u64 = 20_000;
+/// Writes per volume before measuring: more than both partitions of a 16 MiB log hold
+/// (2 x 4032 entries of 4 KiB).
+pub const WARMUP_WRITES: u64 = 10_000;
 
 /// Queue depths of `qd-sweep`.
 pub const SWEEP_DEPTHS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
