@@ -77,11 +77,17 @@ fn scalar(v: &toml::Value) -> Result<String> {
     }
 }
 
+/// The config file `path`, its text and its table.
+fn load(path: &Path) -> Result<(String, toml::Table)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    let table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    Ok((text, table))
+}
+
 /// The values of `key` in the config file `path` (a string, a number, or a list of
 /// them); empty if it has none.
 pub fn settings(path: &Path, key: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
-    let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    let (_, table) = load(path)?;
     let at = |e: anyhow::Error| anyhow!("--config {}: {key}: {e}", path.display());
     match table.get(key) {
         None => Ok(Vec::new()),
@@ -97,8 +103,7 @@ pub fn setting(path: &Path, key: &str) -> Result<Option<String>> {
 
 /// The flags a config file stands for.
 fn read(path: &Path, flags: &[(String, FlagKind)]) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
-    let table: toml::Table = text.parse().map_err(|e| anyhow!("--config {}: {e}", path.display()))?;
+    let (text, table) = load(path)?;
     let line_of = |key: &str| {
         text.lines()
             .position(|l| {

@@ -53,9 +53,16 @@ struct ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
-    /// What this node does not have is 404; anything else the node would not do is 409.
+    /// What this node does not have is 404, a request it cannot take as given 400;
+    /// anything else the node would not do is 409.
     fn from(e: anyhow::Error) -> Self {
-        let status = if e.chain().any(|c| c.is::<crate::node::NotFound>()) { 404 } else { 409 };
+        let status = if e.chain().any(|c| c.is::<crate::node::NotFound>()) {
+            404
+        } else if e.chain().any(|c| c.is::<crate::node::Invalid>()) {
+            400
+        } else {
+            409
+        };
         ApiError { status, message: format!("{e:#}") }
     }
 }
@@ -375,7 +382,6 @@ fn route(
             let layout = CreateLayout { data_disks: body.data_disks, stripe_unit, engine };
             let log_bytes =
                 body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
-            crate::allow::parse(&body.allow).map_err(|e| bad_request(format!("{e:#}")))?;
             let options = crate::node::VolumeOptions { cp_by_value: body.cp_by_value, allow: body.allow };
             let rec = node.create_volume(&body.name, body.size, storage, layout, log_bytes, options)?;
             Ok(serde_json::to_value(rec).expect("serializable"))
@@ -440,7 +446,6 @@ fn route(
         }
         (Post, ["v1", "volumes", name, "allow"]) => {
             let body: AllowRequest = read_body(request)?;
-            crate::allow::parse(&body.allow).map_err(|e| bad_request(format!("{e:#}")))?;
             node.set_allow(name, body.allow)?;
             Ok(json!({}))
         }

@@ -29,6 +29,7 @@ impl Node {
     /// Replaces primary volume `name`'s NBD allow-list (checked by the caller); it applies
     /// to connections made from now on.
     pub fn set_allow(&self, name: &str, allow: Vec<String>) -> Result<()> {
+        check_allow(&allow)?;
         let mut state = self.state.lock();
         state.volume_mut(name)?.allow.clone_from(&allow);
         self.save_state(&state)?;

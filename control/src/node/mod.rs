@@ -114,12 +114,18 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// Where primary volume `name`'s record is in `volumes`.
+    fn volume_at(&self, name: &str) -> Result<usize> {
+        self.volumes
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| NotFound(format!("no volume {name} on this node")).into())
+    }
+
     /// The record of primary volume `name`, to change.
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord> {
-        self.volumes
-            .iter_mut()
-            .find(|v| v.name == name)
-            .ok_or_else(|| NotFound(format!("no volume {name} on this node")).into())
+        let at = self.volume_at(name)?;
+        Ok(&mut self.volumes[at])
     }
 }
 
@@ -127,6 +133,16 @@ impl NodeState {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct NotFound(pub String);
+
+/// A request the node cannot take as given (the API answers 400, `ctl` exits 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// Checks an NBD allow-list before it is recorded.
+fn check_allow(list: &[String]) -> Result<()> {
+    crate::allow::parse(list).map(drop).map_err(|e| Invalid(format!("{e:#}")).into())
+}
 
 pub struct NodeConfig {
     pub name: String,
@@ -424,7 +440,7 @@ impl Node {
         options: VolumeOptions,
     ) -> Result<VolumeRecord> {
         valid_name(name)?;
-        crate::allow::parse(&options.allow)?;
+        check_allow(&options.allow)?;
         if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
             bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
         }
@@ -645,13 +661,8 @@ impl Node {
     }
 
     fn volume_record(&self, name: &str) -> Result<VolumeRecord> {
-        self.state
-            .lock()
-            .volumes
-            .iter()
-            .find(|v| v.name == name)
-            .cloned()
-            .ok_or_else(|| NotFound(format!("no volume {name} on this node")).into())
+        let state = self.state.lock();
+        Ok(state.volumes[state.volume_at(name)?].clone())
     }
 
     /// Stops every primary volume cleanly, within `bound` in all: a pair in sync
