@@ -546,3 +546,41 @@ fn a_mirror_on_a_single_file_applies_cps_and_fails_over_with_every_acknowledged_
     let v = verify(&w, &pair.dst.nbd, VOL).expect("read the new primary");
     assert_verified(&v, "a failover of a single-file mirror");
 }
+
+/// `direct:` logs on both sites (O_DIRECT, written before the ack): the source, killed
+/// between acknowledgements, restarts as the primary and takes its log up again with the
+/// mirror's word on it (a batch goes to the mirror before it is persisted here); killed
+/// again, its mirror takes over with every acknowledged write.
+#[test]
+fn direct_logs_keep_every_acknowledged_write_through_a_restart_and_a_failover() {
+    let seed = base_seed("direct_logs_keep_every_acknowledged_write_through_a_restart_and_a_failover");
+    let mut pair = Pair::start_nvram("direct", "direct");
+    pair.create_mirrored(VOL, VOLUME_BYTES, LOG_BYTES_MIN);
+    let st = status(&pair.src_api()).expect("status");
+    assert!(st["nvram"].as_str().is_some_and(|n| n.starts_with("direct:")), "{st}");
+    assert!(st["nvram_survives"].as_str().is_some_and(|s| s.contains("power loss")), "{st}");
+    let mut w = Workload::new(0, VOLUME_BYTES / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect");
+    // Past one partition, so that a CP ran, then killed with writes in flight.
+    let target = E + E / 3;
+    write_and_kill_at(&mut w, &mut c, 8, target, pair.src.pid().expect("source runs"));
+    drop(c);
+    pair.src.kill();
+    pair.src.restart().expect("restart the source");
+    wait_state(&pair.src_api(), VOL, "in-sync", Duration::from_secs(60));
+    assert!(
+        log_text(&pair.src.log_path()).contains("went to the mirror before it was persisted here"),
+        "the restarted source did not wait for the mirror's word on its log"
+    );
+    let v = verify(&w, &pair.src.nbd, VOL).expect("read the restarted primary");
+    assert_verified(&v, "the primary restarted on its direct: log");
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect after the restart");
+    let target = w.acks + E / 2;
+    write_and_kill_at(&mut w, &mut c, 4, target, pair.src.pid().expect("source runs"));
+    drop(c);
+    pair.src.kill();
+    failover(&pair.dst_api(), VOL).expect("failover");
+    let v = verify(&w, &pair.dst.nbd, VOL).expect("read the promoted mirror");
+    assert_verified(&v, "the mirror failed over from direct: logs");
+    assert!(v.blocks_with_acked_data > 0, "no block holds acked data");
+}

@@ -1,12 +1,13 @@
 //! NVRAM: the memory-mapped regions that hold the source's NVLog and the destination's
 //! log files.
 //!
-//! Three modes, each honest about what it survives:
+//! Four modes, each honest about what it survives:
 //!
-//! | mode | mapping | `persist` | survives |
+//! | mode | memory | `persist` | survives |
 //! |---|---|---|---|
 //! | `file:` | shared mapping of a regular file | nothing (the page cache holds it) | a killed process; with the mirror, the loss of one site |
 //! | `file-sync:` | shared mapping of a regular file | `msync(MS_SYNC)` of the range | power loss, at the cost of a disk flush |
+//! | `direct:` | process memory over an `O_DIRECT` file | one `RWF_DSYNC` write of the 4 KiB blocks that hold the range | power loss, at the cost of one device write (FUA) per group commit |
 //! | `dax:` | `MAP_SYNC` mapping on a DAX filesystem | cache-line write-back (`clwb`/`clflushopt`) + `sfence` | power loss, at memory speed |
 
 use std::fs::{File, OpenOptions};
@@ -16,6 +17,9 @@ use std::ptr::NonNull;
 use std::str::FromStr;
 
 use thiserror::Error;
+
+mod direct;
+pub use direct::{DeviceCache, DirectNvram, DIRECT_BLOCK};
 
 /// A byte region whose contents can be made persistent range by range.
 pub trait Nvram: Send {
@@ -27,6 +31,12 @@ pub trait Nvram: Send {
     fn bytes_mut(&mut self) -> &mut [u8];
     /// Makes `bytes()[offset..offset + len]` as durable as the mode promises.
     fn persist(&mut self, offset: usize, len: usize) -> io::Result<()>;
+    /// Whether `persist` waits for a storage device (a flush or a FUA write) rather than
+    /// for memory: the source then sends a batch to its mirror before it persists it
+    /// here, so that the two sites' device writes overlap (see `source::write`).
+    fn persist_waits_for_device(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,6 +44,7 @@ pub trait Nvram: Send {
 pub enum NvramMode {
     File,
     FileSync,
+    Direct,
     Dax,
 }
 
@@ -42,6 +53,7 @@ impl NvramMode {
         match self {
             NvramMode::File => "file",
             NvramMode::FileSync => "file-sync",
+            NvramMode::Direct => "direct",
             NvramMode::Dax => "dax",
         }
     }
@@ -50,6 +62,7 @@ impl NvramMode {
         match self {
             NvramMode::File => "process kill (page cache); not power loss",
             NvramMode::FileSync => "power loss (msync per group commit)",
+            NvramMode::Direct => "power loss (O_DIRECT write with FUA per group commit)",
             NvramMode::Dax => "power loss (persistent memory, cache-line flush)",
         }
     }
@@ -65,7 +78,7 @@ pub struct NvramSpec {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum NvramError {
-    #[error("bad --nvram value {0:?}: expected dax:PATH, file:PATH or file-sync:PATH")]
+    #[error("bad --nvram value {0:?}: expected dax:PATH, direct:PATH, file:PATH or file-sync:PATH")]
     BadSpec(String),
     #[error("open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
@@ -75,6 +88,22 @@ pub enum NvramError {
     Map { path: PathBuf, source: io::Error },
     #[error("{path} is {actual} bytes, expected {expected}")]
     WrongSize { path: PathBuf, actual: u64, expected: usize },
+    #[error(
+        "open {path} with O_DIRECT: {source} (direct: needs a file system or block device that supports O_DIRECT; \
+         tmpfs does not)"
+    )]
+    NoDirect { path: PathBuf, source: io::Error },
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// Opens (creating if absent) the region `path` of exactly `len` bytes in `mode`: a
+/// mapping for `file:`, `file-sync:` and `dax:`, an `O_DIRECT` file for `direct:`.
+pub fn open_region(path: &Path, len: usize, mode: NvramMode) -> Result<Box<dyn Nvram>, NvramError> {
+    Ok(match mode {
+        NvramMode::Direct => Box::new(DirectNvram::open(path, len)?),
+        _ => Box::new(MappedNvram::open(path, len, mode)?),
+    })
 }
 
 impl FromStr for NvramSpec {
@@ -84,6 +113,7 @@ impl FromStr for NvramSpec {
         let mode = match mode {
             "file" => NvramMode::File,
             "file-sync" => NvramMode::FileSync,
+            "direct" => NvramMode::Direct,
             "dax" => NvramMode::Dax,
             _ => return Err(NvramError::BadSpec(s.to_string())),
         };
@@ -129,6 +159,7 @@ impl MappedNvram {
         } else if actual != len as u64 {
             return Err(NvramError::WrongSize { path: path.to_path_buf(), actual, expected: len });
         }
+        assert!(mode != NvramMode::Direct, "direct: regions are DirectNvram, not mappings");
         let mut flags = libc::MAP_SHARED;
         if mode == NvramMode::Dax {
             // MAP_SYNC fails unless the file is on a DAX mount: the mode never pretends.
@@ -203,7 +234,11 @@ impl Nvram for MappedNvram {
                 unsafe { self.flush.write_back(self.ptr.as_ptr().add(offset), len) };
                 Ok(())
             }
+            NvramMode::Direct => unreachable!("MappedNvram::open refuses direct:"),
         }
+    }
+    fn persist_waits_for_device(&self) -> bool {
+        self.mode == NvramMode::FileSync
     }
 }
 
@@ -325,6 +360,9 @@ impl<T: Nvram + ?Sized> Nvram for Box<T> {
     fn persist(&mut self, offset: usize, len: usize) -> io::Result<()> {
         (**self).persist(offset, len)
     }
+    fn persist_waits_for_device(&self) -> bool {
+        (**self).persist_waits_for_device()
+    }
 }
 
 #[cfg(test)]
@@ -336,6 +374,7 @@ mod tests {
         let s: NvramSpec = "file-sync:/tmp/x".parse().unwrap();
         assert_eq!(s.mode, NvramMode::FileSync);
         assert_eq!(s.dir, PathBuf::from("/tmp/x"));
+        assert_eq!("direct:/srv/log".parse::<NvramSpec>().unwrap().mode, NvramMode::Direct);
         assert!("bogus:/x".parse::<NvramSpec>().is_err());
         assert!("file:".parse::<NvramSpec>().is_err());
         assert!("nocolon".parse::<NvramSpec>().is_err());

@@ -27,9 +27,8 @@ impl NodeEnv for FileEnv<'_> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let region = MappedNvram::open(&path, bytes, self.node.cfg.nvram.mode)
-            .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
-        Ok(Box::new(region))
+        open_region(&path, bytes, self.node.cfg.nvram.mode)
+            .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
     }
 
     fn record_primary(&mut self, v: &Promoted) -> io::Result<()> {

@@ -156,7 +156,7 @@ impl Node {
                 let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
                     .map(|p| {
                         let path = self.mirror_log_path(&meta.source_node, &meta.volume, p);
-                        MappedNvram::open(&path, pb, self.cfg.nvram.mode).map(|r| Box::new(r) as Box<dyn Nvram>)
+                        open_region(&path, pb, self.cfg.nvram.mode)
                     })
                     .collect::<Result<_, _>>()?;
                 logs.try_into().map_err(|_| anyhow!("two logs"))?

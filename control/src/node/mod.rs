@@ -34,7 +34,7 @@ use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::log::{ChangeMap, NvLog, PARTITIONS};
 use nvmirror_dataplane::node::{self as core, MirrorEnv, NodeEnv, Promoted};
-use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramSpec};
+use nvmirror_dataplane::nvram::{open_region, Nvram, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{
     self, Control, PairState, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
@@ -252,6 +252,17 @@ impl Node {
         valid_name(&cfg.name).map_err(|e| anyhow!("--name: {e}"))?;
         fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
         fs::create_dir_all(&cfg.nvram.dir).with_context(|| format!("create {}", cfg.nvram.dir.display()))?;
+        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Direct {
+            match nvmirror_dataplane::nvram::DeviceCache::of(&cfg.nvram.dir) {
+                Ok(c) => tracing::info!("node {}: direct: log files on {c}", cfg.name),
+                Err(e) => tracing::warn!(
+                    "node {}: direct: cannot tell how the device under {} caches writes ({e}); every group commit \
+                     is written with O_DSYNC, which the kernel makes durable either way",
+                    cfg.name,
+                    cfg.nvram.dir.display()
+                ),
+            }
+        }
         let state_path = cfg.data_dir.join("node.json");
         let mut state: NodeState = if state_path.exists() {
             let bytes = fs::read(&state_path)?;
@@ -333,9 +344,7 @@ impl Node {
         self.resume_rebuild(&v.name, &opened);
         self.storage.write().insert(StorageOwner::Volume(v.name.clone()), (v.storage.clone(), opened));
         let path = self.nvlog_path(&v.name, v.epoch);
-        let region =
-            MappedNvram::open(&path, NvLog::<MappedNvram>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
-        let region: Box<dyn Nvram> = Box::new(region);
+        let region = open_region(&path, NvLog::<Box<dyn Nvram>>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
         let (log, recovered) =
             NvLog::open(region, v.volume_id, v.partition_bytes).with_context(|| format!("NVLog {}", path.display()))?;
         let changes = self.open_changes(&v.name, v.size)?;
@@ -372,8 +381,8 @@ impl Node {
         let path = self.changes_path(name);
         let len = ChangeMap::region_bytes(size);
         let open = || -> Result<ChangeMap> {
-            let r = MappedNvram::open(&path, len, self.cfg.nvram.mode)?;
-            Ok(ChangeMap::open(Box::new(r), size)?)
+            let r = open_region(&path, len, self.cfg.nvram.mode)?;
+            Ok(ChangeMap::open(r, size)?)
         };
         match open() {
             Ok(m) => {
@@ -450,7 +459,7 @@ impl Node {
         }
         // The NVLog (two partitions) and the change map live in the NVRAM dir.
         let nvram_bytes =
-            NvLog::<MappedNvram>::region_bytes(partition_bytes) as u64 + ChangeMap::region_bytes(size) as u64;
+            NvLog::<Box<dyn Nvram>>::region_bytes(partition_bytes) as u64 + ChangeMap::region_bytes(size) as u64;
         let free = crate::storage::free_bytes(&self.cfg.nvram.dir)
             .with_context(|| format!("free space under {}", self.cfg.nvram.dir.display()))?;
         if nvram_bytes > free {
@@ -810,8 +819,17 @@ fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     #[cfg(feature = "rdma")]
     {
         use nvmirror_dataplane::transport::rdma;
-        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::FileSync {
-            tracing::info!("node {}: RDMA not offered: file-sync log files need this node's CPU to msync", cfg.name);
+        use nvmirror_dataplane::nvram::NvramMode;
+        if matches!(cfg.nvram.mode, NvramMode::FileSync | NvramMode::Direct) {
+            // A one-sided RDMA write lands in memory, and only this node's CPU can make
+            // it durable here (msync, or the O_DIRECT write): entries come over TCP and
+            // are acknowledged once persisted.
+            tracing::info!(
+                "node {}: RDMA not offered: {} log files need this node's CPU to persist what arrives; mirrors \
+                 hosted here take entries over TCP",
+                cfg.name,
+                cfg.nvram.mode.as_str()
+            );
             return None;
         }
         if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Dax {

@@ -159,6 +159,22 @@ impl Pair {
         Pair { dir: Some(dir), root, src, dst }
     }
 
+    /// As [`Pair::start`], both nodes keeping their NVRAM in `mode` (`direct`, `file-sync`)
+    /// under their data dirs.
+    pub fn start_nvram(tag: &str, mode: &str) -> Pair {
+        let dir = tempfile::Builder::new().prefix(&format!("nvmirror-e2e-{tag}-")).tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let host = replication_host();
+        let node = |name: &str| {
+            let data = root.join(name);
+            let nvram = format!("{mode}:{}", data.join("nvram").display());
+            NodeProc::start_on(&bin(), name, &data, &host, &["--nvram", &nvram])
+                .unwrap_or_else(|e| panic!("start {name}: {e:#}"))
+        };
+        let (src, dst) = (node("site-a"), node("site-b"));
+        Pair { dir: Some(dir), root, src, dst }
+    }
+
     pub fn src_api(&self) -> Client {
         Client::new(&self.src.control)
     }

@@ -423,6 +423,11 @@ impl<N: Nvram> NvLog<N> {
         at
     }
 
+    /// Whether persisting waits for a device (see [`Nvram::persist_waits_for_device`]).
+    pub fn persist_waits_for_device(&self) -> bool {
+        self.nvram.persist_waits_for_device()
+    }
+
     /// Persists partition `p` up to its tail (group commit). Returns the range persisted.
     pub fn persist(&mut self, p: u8) -> Result<(usize, usize), NvLogError> {
         let st = self.parts[p as usize];

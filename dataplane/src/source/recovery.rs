@@ -56,6 +56,24 @@ where
             self.unsent[*p as usize] = self.nvlog.tail(*p);
             self.part_blocks[*p as usize] = self.dirty[*p as usize].clone();
         }
+        // Where the log's device writes are slow, a batch goes to the mirror before it is
+        // persisted here (`flush_batch`): a crash can leave the mirror holding entries of
+        // the newest partition that this log lost. They were never acknowledged, but a
+        // write taken now would be logged under their sequence numbers, so requests wait
+        // for the mirror's word on that partition, as for a log cut short (`damaged_at`).
+        if self.nvlog.persist_waits_for_device() {
+            if let Some((p, h)) = held.last() {
+                let at = &mut self.damaged_at[*p as usize];
+                if at.is_none() && self.cfg.peer.is_some() {
+                    *at = Some(rec.scans[*p as usize].next_seq().unwrap_or(h.first_seq));
+                    tracing::info!(
+                        "volume {}: NVLog partition {p} went to the mirror before it was persisted here; requests \
+                         wait for the mirror's word on how far it holds it",
+                        self.cfg.volume
+                    );
+                }
+            }
+        }
         self.next_seq = next_seq;
         self.acked_seq = next_seq - 1;
         // Whatever the log holds may have been acknowledged here alone (policy sync with the

@@ -234,23 +234,40 @@ where
                 && !matches!(self.link, LinkState::Unmirrored | LinkState::Fenced(_)))
     }
 
+    /// Persists partition `p` of the NVLog up to its tail; false once that failed (and the
+    /// volume stopped).
+    fn persist_log(&mut self, p: u8) -> bool {
+        match self.nvlog.persist(p) {
+            Ok(_) => true,
+            Err(e) => {
+                self.fail_stop(format!("NVLog persist: {e}"));
+                false
+            }
+        }
+    }
+
     /// Whether the write throttle holds new client requests back now.
     pub(super) fn throttled(&self) -> bool {
         self.admit_at_ns > self.clock.now_ns()
     }
 
     /// Persists and sends what the last requests logged, then completes what is durable.
+    ///
+    /// Where persisting waits for a device (`direct:`, `file-sync:`), the batch goes to the
+    /// mirror first, so that the two sites' device writes overlap; nothing is acknowledged
+    /// before both hold it either way. A crash between the send and the persist leaves the
+    /// mirror ahead of this log, which recovery allows for (see `recover`).
     pub(super) fn flush_batch(&mut self) -> bool {
         let mut worked = false;
         let mut order: Vec<u8> = PARTITION_IDS.into_iter().filter(|p| self.parts[*p as usize] != Part::Free).collect();
         order.sort_by_key(|p| self.parts[*p as usize].gen());
-        for p in order {
+        let send_first = self.nvlog.persist_waits_for_device();
+        for &p in &order {
             if self.unsent[p as usize] >= self.nvlog.tail(p) {
                 continue;
             }
             worked = true;
-            if let Err(e) = self.nvlog.persist(p) {
-                self.fail_stop(format!("NVLog persist: {e}"));
+            if !send_first && !self.persist_log(p) {
                 return true;
             }
             match &mut self.link {
@@ -267,6 +284,9 @@ where
                 if let Err(e) = link.flush() {
                     self.link_down(format!("send: {e}"));
                 }
+            }
+            if send_first && !order.iter().all(|&p| self.persist_log(p)) {
+                return true;
             }
             let alone = matches!(self.link, LinkState::Unmirrored);
             if alone || self.planted_ack_before_remote_persist() {
