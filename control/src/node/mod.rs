@@ -818,8 +818,8 @@ impl ExportRegistry for Node {
 fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
     #[cfg(feature = "rdma")]
     {
-        use nvmirror_dataplane::transport::rdma;
         use nvmirror_dataplane::nvram::NvramMode;
+        use nvmirror_dataplane::transport::rdma;
         if matches!(cfg.nvram.mode, NvramMode::FileSync | NvramMode::Direct) {
             // A one-sided RDMA write lands in memory, and only this node's CPU can make
             // it durable here (msync, or the O_DIRECT write): entries come over TCP and

@@ -148,6 +148,8 @@ struct Totals {
     failbacks_baseline: u64,
     sync_policy_seeds: u64,
     nvram_lines_lost_or_torn: u64,
+    /// Blocks of `direct:` NVRAM writes in flight at a cut, lost or torn.
+    nvram_blocks_lost_or_torn: u64,
     disk_blocks_lost_or_torn: u64,
     durable_ops: u64,
     sim_secs: f64,
@@ -183,6 +185,7 @@ impl Totals {
         self.sync_policy_seeds += r.faults.sync_policy;
         let c = &r.crash_damage;
         self.nvram_lines_lost_or_torn += c.nvram_lines_lost + c.nvram_lines_torn;
+        self.nvram_blocks_lost_or_torn += c.nvram_blocks_lost + c.nvram_blocks_torn;
         self.disk_blocks_lost_or_torn += c.disk_blocks_lost + c.disk_blocks_torn;
         self.durable_ops += r.durable_ops;
         self.sim_secs += r.sim_ns as f64 / 1e9;
@@ -308,7 +311,8 @@ fn main() -> ExitCode {
          {} power cuts, {} failovers, {} writes to stale primaries refused, {} link cuts, {} frames dropped, {} duplicated, \
          {} reordered, {} clock jumps, {} disk faults ({} disks replaced), {} bits flipped in acknowledged NVLog entries, \
          {} power cuts on degraded RAID-4 volumes ({} refused to start, {} copied over), {} switchovers, {} failbacks by delta resync and \
-         {} by baseline, {} seeds under policy sync; crashes lost or tore {} NVRAM lines and {} disk blocks; {} durable \
+         {} by baseline, {} seeds under policy sync; crashes lost or tore {} NVRAM lines, {} blocks of direct: NVRAM writes in flight and {} disk \
+         blocks; {} durable \
          operations",
         t.seeds,
         t.wall_secs,
@@ -334,6 +338,7 @@ fn main() -> ExitCode {
         t.failbacks_baseline,
         t.sync_policy_seeds,
         t.nvram_lines_lost_or_torn,
+        t.nvram_blocks_lost_or_torn,
         t.disk_blocks_lost_or_torn,
         t.durable_ops
     );

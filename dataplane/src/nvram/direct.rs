@@ -105,8 +105,11 @@ impl DirectNvram {
         } else if meta.len() == 0 {
             for at in (0..blocks).step_by(CHUNK) {
                 let end = (at + CHUNK).min(blocks);
-                file.write_all_at(&buf.as_slice()[at..end], at as u64)
-                    .map_err(|source| NvramError::Size { path: path.to_path_buf(), len, source })?;
+                file.write_all_at(&buf.as_slice()[at..end], at as u64).map_err(|source| NvramError::Size {
+                    path: path.to_path_buf(),
+                    len,
+                    source,
+                })?;
             }
         } else if meta.len() == len as u64 && len < blocks {
             // Made by a mapped mode, whose regions need not end on a block: grown to one.

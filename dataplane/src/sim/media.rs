@@ -6,6 +6,11 @@
 //! persisted, each 64-byte NVRAM line and each 4 KiB disk block independently survives,
 //! is lost, or is torn (NVRAM: a mix of old and new 8-byte words, sometimes garbage; disk:
 //! the first sectors new, the rest old). Nothing written after the power was cut lands.
+//!
+//! A `direct:` NVRAM region (the log in process memory over an O_DIRECT file) keeps only
+//! whole persists: what was stored and not persisted is gone, and of the persist the cut
+//! fell on (the device write in flight), each 4 KiB block landed, was lost, or is torn
+//! like a disk block.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -108,6 +113,10 @@ pub struct CrashDamage {
     pub nvram_lines_lost: u64,
     pub nvram_lines_landed: u64,
     pub nvram_lines_torn: u64,
+    /// Blocks of a `direct:` region's write in flight at the cut.
+    pub nvram_blocks_lost: u64,
+    pub nvram_blocks_landed: u64,
+    pub nvram_blocks_torn: u64,
     pub disk_blocks_lost: u64,
     pub disk_blocks_landed: u64,
     pub disk_blocks_torn: u64,
@@ -118,6 +127,9 @@ impl CrashDamage {
         self.nvram_lines_lost += o.nvram_lines_lost;
         self.nvram_lines_landed += o.nvram_lines_landed;
         self.nvram_lines_torn += o.nvram_lines_torn;
+        self.nvram_blocks_lost += o.nvram_blocks_lost;
+        self.nvram_blocks_landed += o.nvram_blocks_landed;
+        self.nvram_blocks_torn += o.nvram_blocks_torn;
         self.disk_blocks_lost += o.disk_blocks_lost;
         self.disk_blocks_landed += o.disk_blocks_landed;
         self.disk_blocks_torn += o.disk_blocks_torn;
@@ -125,6 +137,8 @@ impl CrashDamage {
 }
 
 const LINE: usize = 64;
+/// The unit a torn device write is torn at.
+const SECTOR: usize = 512;
 
 /// An NVRAM region's durable contents, which outlive the node's processes.
 #[derive(Debug)]
@@ -132,11 +146,16 @@ pub struct NvramMedia {
     durable: Vec<u8>,
     /// What the last open left in memory (persisted or not) when it was dropped.
     left: Option<Vec<u8>>,
+    /// A `direct:` region: persisted by whole device writes, memory lost at a crash.
+    direct: bool,
+    /// Of a `direct:` region, the device write the power cut fell on: where it starts
+    /// (block-aligned) and the blocks it carried.
+    in_flight: Option<(usize, Vec<u8>)>,
 }
 
 impl NvramMedia {
-    pub fn new(len: usize) -> Arc<Mutex<Self>> {
-        Arc::new(Mutex::new(Self { durable: vec![0; len], left: None }))
+    pub fn new(len: usize, direct: bool) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self { durable: vec![0; len], left: None, direct, in_flight: None }))
     }
 
     /// What survives a power cut, as it stands.
@@ -151,6 +170,30 @@ impl NvramMedia {
 
     /// The node crashed: resolves what was in memory and not persisted.
     pub fn crash(&mut self, rng: &mut SimRng, damage: &mut CrashDamage) {
+        if self.direct {
+            // Process memory is gone; only the write in flight may have reached the device.
+            self.left = None;
+            if let Some((at, blocks)) = self.in_flight.take() {
+                for (i, new) in blocks.chunks(BLOCK_BYTES).enumerate() {
+                    let old = &mut self.durable[at + i * BLOCK_BYTES..at + i * BLOCK_BYTES + new.len()];
+                    match rng.gen_range(0..3) {
+                        0 => damage.nvram_blocks_lost += 1,
+                        1 => {
+                            old.copy_from_slice(new);
+                            damage.nvram_blocks_landed += 1;
+                        }
+                        _ => {
+                            let sectors = new.len().div_ceil(SECTOR);
+                            let landed = rng.gen_range(1..sectors.max(2)) * SECTOR;
+                            let landed = landed.min(new.len());
+                            old[..landed].copy_from_slice(&new[..landed]);
+                            damage.nvram_blocks_torn += 1;
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let Some(left) = self.left.take() else { return };
         for (line, (d, l)) in self.durable.chunks_mut(LINE).zip(left.chunks(LINE)).enumerate() {
             if d == l {
@@ -182,6 +225,8 @@ impl NvramMedia {
 /// durable.
 pub struct SimNvram {
     cur: Vec<u8>,
+    /// The media is `direct:` (see [`NvramMedia`]).
+    direct: bool,
     /// Memory as it was when the power was cut (later stores never land).
     at_cut: Option<Vec<u8>>,
     media: Arc<Mutex<NvramMedia>>,
@@ -190,8 +235,11 @@ pub struct SimNvram {
 
 impl SimNvram {
     pub fn open(media: Arc<Mutex<NvramMedia>>, power: Arc<Power>) -> Self {
-        let cur = media.lock().durable.clone();
-        Self { cur, at_cut: None, media, power }
+        let (cur, direct) = {
+            let m = media.lock();
+            (m.durable.clone(), m.direct)
+        };
+        Self { cur, direct, at_cut: None, media, power }
     }
     fn note_cut(&mut self) {
         if self.power.is_cut() && self.at_cut.is_none() {
@@ -214,10 +262,26 @@ impl Nvram for SimNvram {
     fn persist(&mut self, offset: usize, len: usize) -> io::Result<()> {
         assert!(offset + len <= self.cur.len(), "persist past the region");
         self.note_cut();
+        let (offset, end) = if self.direct {
+            // One device write of the whole blocks that hold the range.
+            (
+                offset / BLOCK_BYTES * BLOCK_BYTES,
+                (offset + len).div_ceil(BLOCK_BYTES).saturating_mul(BLOCK_BYTES).min(self.cur.len()),
+            )
+        } else {
+            (offset, offset + len)
+        };
+        let was_cut = self.power.is_cut();
         if self.power.admit() {
-            self.media.lock().durable[offset..offset + len].copy_from_slice(&self.cur[offset..offset + len]);
+            self.media.lock().durable[offset..end].copy_from_slice(&self.cur[offset..end]);
+        } else if self.direct && !was_cut {
+            // The cut fell on this write: it was in flight.
+            self.media.lock().in_flight = Some((offset, self.cur[offset..end].to_vec()));
         }
         Ok(())
+    }
+    fn persist_waits_for_device(&self) -> bool {
+        self.direct
     }
 }
 

@@ -22,6 +22,9 @@ pub(super) struct Durable {
     /// This node's RAID-4 geometry for volumes it creates and mirrors it hosts.
     pub(super) data_disks: u32,
     pub(super) stripe_unit: u32,
+    /// The node's NVRAM is `direct:` (an O_DIRECT log: whole device writes survive a
+    /// cut, stores not yet written do not), else memory-like (`dax:`).
+    pub(super) direct_nvram: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -38,7 +41,8 @@ impl Durable {
         self.disks.entry(key.to_string()).or_insert_with(|| DiskMedia::new(len)).clone()
     }
     pub(super) fn region(&mut self, key: &str, len: usize) -> Arc<Mutex<NvramMedia>> {
-        self.nvram.entry(key.to_string()).or_insert_with(|| NvramMedia::new(len)).clone()
+        let direct = self.direct_nvram;
+        self.nvram.entry(key.to_string()).or_insert_with(|| NvramMedia::new(len, direct)).clone()
     }
     pub(super) fn geometry(&self) -> Geometry {
         Geometry::new(self.data_disks, self.stripe_unit, BLOCKS * BLOCK_BYTES as u64).expect("valid sim geometry")
@@ -246,6 +250,10 @@ impl World {
         self.next_node += 1;
         let data_disks = self.rng.gen_range(2..=4);
         let stripe_unit = [4096, 8192, 16384][self.rng.gen_range(0..3)];
+        // Drawn apart from the run's stream, so that a seed's other choices stay as they were.
+        let direct_nvram =
+            SimRng::seed_from_u64(self.seed ^ u64::from(self.next_node).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .gen_bool(0.5);
         let durable = Arc::new(Mutex::new(Durable {
             power: Arc::new(Power::default()),
             nvram: BTreeMap::new(),
@@ -256,8 +264,13 @@ impl World {
             fence_epoch: 0,
             data_disks,
             stripe_unit,
+            direct_nvram,
         }));
-        self.event(format!("node {name} added: RAID-4 {data_disks}+1, {} KiB stripe unit", stripe_unit / 1024));
+        let nvram = if direct_nvram { "direct:" } else { "dax:" };
+        self.event(format!(
+            "node {name} added: RAID-4 {data_disks}+1, {} KiB stripe unit, {nvram} NVRAM",
+            stripe_unit / 1024
+        ));
         let directory =
             Arc::new(Directory { name: name.clone(), durable: durable.clone(), mirrors: Default::default() });
         let flag = durable.lock().power.flag();
