@@ -24,6 +24,7 @@
 //! iterations only (for the test suite): its figures mean nothing.
 
 mod cluster;
+mod direct;
 mod drbd;
 mod failover;
 mod floor;
@@ -47,9 +48,10 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "hop",
     "nbd-peers",
+    "direct-log",
     "nbd-qd1",
     "nbd-qd32",
     "qd-sweep",
@@ -64,7 +66,7 @@ const SCENARIOS: [&str; 12] = [
 /// Scenarios run only when named: they boot QEMU guests (minutes).
 const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 6] = ["nbd-peers", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
+const NODE_SCENARIOS: [&str; 7] = ["nbd-peers", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -82,7 +84,7 @@ struct Cli {
     /// Writes per second of the open-loop scenario (nbd-open).
     #[arg(long, default_value_t = 5000)]
     rate: u64,
-    /// Scenarios to run: hop, nbd-peers, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
+    /// Scenarios to run: hop, nbd-peers, direct-log, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
     /// xor-portable, uring-fio, or all; and, only when named, rdma-guest and drbd-guest.
     #[arg(required = true)]
     scenarios: Vec<String>,
@@ -125,8 +127,9 @@ fn main() -> Result<()> {
         eprintln!("[harness] scenario {name}{}", if cli.quick { " (quick)" } else { "" });
         let t = Instant::now();
         let bin = || bin.as_deref().context("node binary");
-        if name == "nbd-peers" {
-            let results = peers::run(bin()?, cli.quick).context("scenario nbd-peers")?;
+        if name == "nbd-peers" || name == "direct-log" {
+            let results = if name == "nbd-peers" { peers::run(bin()?, cli.quick) } else { direct::run(bin()?, cli.quick) }
+                .with_context(|| format!("scenario {name}"))?;
             eprintln!("[harness] scenario {name} done in {:.1} s", t.elapsed().as_secs_f64());
             scenarios.extend(results);
             continue;

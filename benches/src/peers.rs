@@ -45,7 +45,7 @@ use crate::floor::PingPong;
 use crate::measure::{new_histogram, stat_cpu_ns, ArmResult, Latency, Spread, CURVE_PERCENTILES, LATENCY_NS_MAX};
 use crate::report::{Check, ScenarioResult};
 
-const VOLUME_BYTES: u64 = 256 << 20;
+pub(crate) const VOLUME_BYTES: u64 = 256 << 20;
 const DEPTHS: [usize; 2] = [32, 1];
 const ARMS: [&str; 5] = ["nbdkit", "qemu-nbd", "plain", "mirrored", "mirrored-raid4"];
 
@@ -63,7 +63,7 @@ struct Target {
 }
 
 /// One fio run's figures.
-struct FioRun {
+pub(crate) struct FioRun {
     iops: f64,
     ops: u64,
     runtime_s: f64,
@@ -72,7 +72,7 @@ struct FioRun {
 }
 
 /// One arm at one depth, over the measured rounds.
-struct Figures {
+pub(crate) struct Figures {
     hist: Histogram<u64>,
     ops: u64,
     runtime_s: f64,
@@ -83,7 +83,7 @@ struct Figures {
 }
 
 impl Figures {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Figures {
             hist: new_histogram(),
             ops: 0,
@@ -95,7 +95,42 @@ impl Figures {
         }
     }
 
-    fn iops(&self) -> f64 {
+    /// Adds one measured run, and `cpu_ns` of server CPU time spent during it.
+    pub(crate) fn add(&mut self, r: &FioRun, cpu_ns: u64) -> Result<()> {
+        let mut round_hist = new_histogram();
+        for &(ns, count) in &r.bins {
+            let v = ns.clamp(1, LATENCY_NS_MAX);
+            self.hist.record_n(v, count).context("record a latency")?;
+            round_hist.record_n(v, count).context("record a latency")?;
+        }
+        self.ops += r.ops;
+        self.runtime_s += r.runtime_s;
+        self.cpu_ns += cpu_ns;
+        self.round_iops.push(r.iops);
+        self.round_p50_us.push(round_hist.value_at_quantile(0.5) as f64 / 1000.0);
+        self.round_p99_us.push(round_hist.value_at_quantile(0.99) as f64 / 1000.0);
+        Ok(())
+    }
+
+    /// `f(num) / f(den)` round by round.
+    pub(crate) fn by_round(num: &Figures, den: &Figures, f: fn(&Figures, usize) -> f64) -> Option<Spread> {
+        Spread::of(num.round_iops.len().min(den.round_iops.len()), |r| f(num, r) / f(den, r).max(f64::MIN_POSITIVE))
+    }
+    pub(crate) fn iops_in(&self, round: usize) -> f64 {
+        self.round_iops[round]
+    }
+    pub(crate) fn p50_in(&self, round: usize) -> f64 {
+        self.round_p50_us[round]
+    }
+    fn p99_in(&self, round: usize) -> f64 {
+        self.round_p99_us[round]
+    }
+
+    pub(crate) fn cpu_us_per_op(&self) -> f64 {
+        self.cpu_ns as f64 / 1000.0 / self.ops.max(1) as f64
+    }
+
+    pub(crate) fn iops(&self) -> f64 {
         if self.runtime_s > 0.0 {
             self.ops as f64 / self.runtime_s
         } else {
@@ -103,11 +138,11 @@ impl Figures {
         }
     }
 
-    fn us_at(&self, q: f64) -> f64 {
+    pub(crate) fn us_at(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
 
-    fn result(&self, name: &str, depth: usize) -> ArmResult {
+    pub(crate) fn result(&self, name: &str, depth: usize) -> ArmResult {
         let h = &self.hist;
         ArmResult {
             name: name.to_string(),
@@ -123,7 +158,7 @@ impl Figures {
                 mean: h.mean() / 1000.0,
             },
             throughput_ops_s: self.iops(),
-            cpu_us_per_op: self.cpu_ns as f64 / 1000.0 / self.ops.max(1) as f64,
+            cpu_us_per_op: self.cpu_us_per_op(),
             round_p50_us: self.round_p50_us.clone(),
             round_throughput_ops_s: self.round_iops.clone(),
             curve: CURVE_PERCENTILES
@@ -135,7 +170,7 @@ impl Figures {
     }
 }
 
-fn tool(name: &str, version_arg: &str, package: &str) -> Result<()> {
+pub(crate) fn tool(name: &str, version_arg: &str, package: &str) -> Result<()> {
     match Command::new(name).arg(version_arg).output() {
         Ok(o) if o.status.success() => Ok(()),
         _ => bail!("{name} is not installed (apt-get install {package}); nbd-peers needs it"),
@@ -143,11 +178,16 @@ fn tool(name: &str, version_arg: &str, package: &str) -> Result<()> {
 }
 
 fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
+    fio_randwrite(&["--ioengine=nbd".into(), format!("--uri={uri}")], uri, depth, secs)
+}
+
+/// One time-based fio run of 4 KiB random writes over `VOLUME_BYTES` with `target` (the
+/// engine and where it writes), at queue depth `depth`; `what` names it in errors.
+pub(crate) fn fio_randwrite(target: &[String], what: &str, depth: usize, secs: f64) -> Result<FioRun> {
     let out = Command::new("fio")
+        .arg("--name=bench")
+        .args(target)
         .args([
-            "--name=nbd-peers",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
             &format!("--iodepth={depth}"),
@@ -156,13 +196,14 @@ fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
             "--time_based",
             "--randrepeat=0",
             "--norandommap",
+            "--group_reporting",
             "--output-format=json+",
         ])
         .stdin(Stdio::null())
         .output()
         .context("run fio")?;
     if !out.status.success() {
-        bail!("fio against {uri} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("fio against {what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     // fio's nbd engine prints a line of its own before the JSON.
     let text = String::from_utf8_lossy(&out.stdout);
@@ -170,7 +211,7 @@ fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
     let v: Value = serde_json::from_str(&text[json_at..]).context("fio's JSON report")?;
     let job = &v["jobs"][0];
     if job["error"].as_i64().unwrap_or(0) != 0 {
-        bail!("fio against {uri} reported error {}", job["error"]);
+        bail!("fio against {what} reported error {}", job["error"]);
     }
     let w = &job["write"];
     let bins = w["clat_ns"]["bins"]
@@ -190,7 +231,7 @@ fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
 /// The CPU time of the processes, threads that ended included: nbdkit and qemu-nbd serve
 /// a connection on threads that end with it, so a sum over the live threads would miss
 /// them (`/proc/PID/stat`, clock-tick resolution, plenty for runs of seconds).
-fn cpu_of(pids: &[u32]) -> Result<u64> {
+pub(crate) fn cpu_of(pids: &[u32]) -> Result<u64> {
     pids.iter().map(|&p| stat_cpu_ns(p)).sum()
 }
 
@@ -335,19 +376,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                 if !measured {
                     continue;
                 }
-                let f = &mut figures[d][i];
-                let mut round_hist = new_histogram();
-                for &(ns, count) in &r.bins {
-                    let v = ns.clamp(1, LATENCY_NS_MAX);
-                    f.hist.record_n(v, count).context("record a latency")?;
-                    round_hist.record_n(v, count).context("record a latency")?;
-                }
-                f.ops += r.ops;
-                f.runtime_s += r.runtime_s;
-                f.cpu_ns += cpu;
-                f.round_iops.push(r.iops);
-                f.round_p50_us.push(round_hist.value_at_quantile(0.5) as f64 / 1000.0);
-                f.round_p99_us.push(round_hist.value_at_quantile(0.99) as f64 / 1000.0);
+                figures[d][i].add(&r, cpu)?;
             }
         }
         for _ in 0..p.ping_pongs {
@@ -367,18 +396,17 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     };
     let ping_p50_us = ping_hist.value_at_quantile(0.5) as f64 / 1000.0;
     let per_round = |depth: usize, num: &str, den: &str, f: fn(&Figures, usize) -> f64| {
-        let (n, m) = (at(depth, num), at(depth, den));
-        Spread::of(n.round_iops.len().min(m.round_iops.len()), |r| f(n, r) / f(m, r).max(f64::MIN_POSITIVE))
+        Figures::by_round(at(depth, num), at(depth, den), f)
     };
-    let iops_of = |f: &Figures, r: usize| f.round_iops[r];
-    let p50_of = |f: &Figures, r: usize| f.round_p50_us[r];
-    let p99_of = |f: &Figures, r: usize| f.round_p99_us[r];
+    let iops_of = Figures::iops_in;
+    let p50_of = Figures::p50_in;
+    let p99_of = Figures::p99_in;
     let arms_at = |depth: usize, names: &[&str]| -> Vec<ArmResult> {
         names.iter().map(|n| at(depth, n).result(n, depth)).collect()
     };
     let cpu_note = |depth: usize| {
         ARMS.iter()
-            .map(|n| format!("{n} {:.1} us", at(depth, n).cpu_ns as f64 / 1000.0 / at(depth, n).ops.max(1) as f64))
+            .map(|n| format!("{n} {:.1} us", at(depth, n).cpu_us_per_op()))
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 18] = [
+const SCENARIOS: [&str; 21] = [
     "hop",
     "nbd-peers-qd32",
     "nbd-peers-qd32-p99",
@@ -20,6 +20,9 @@ const SCENARIOS: [&str; 18] = [
     "nbd-peers-mirrored-qd32",
     "nbd-peers-mirrored-raid4-qd32",
     "nbd-peers-mirrored-qd1",
+    "direct-log-qd1",
+    "direct-log-mirrored-qd1",
+    "direct-log-qd32",
     "nbd-qd1",
     "nbd-qd32",
     "qd-sweep",

@@ -120,7 +120,8 @@ struct NodeArgs {
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
-    /// file-sync:DIR or dax:DIR.
+    /// file-sync:DIR, direct:DIR (O_DIRECT writes, power-safe without persistent memory)
+    /// or dax:DIR.
     #[arg(long)]
     nvram: Option<String>,
     /// Fleet mode: record each volume's primary and pair state in etcd (etcd://HOST:PORT),
@@ -450,6 +451,11 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(a),
         Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
+            // `ctl status | head`: a closed pipe ends the command quietly, as for any Unix
+            // tool, where Rust's default would panic in println!. The node keeps ignoring
+            // SIGPIPE: its sockets report a closed peer as an error.
+            // SAFETY: signal(2) with SIG_DFL, before any thread of this command starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             ctl_security(tls_ca.as_deref(), secret_file.as_deref()).and_then(|()| ctl_cmd::ctl(&node, cmd))
         }
         Cmd::Quickstart(a) => quickstart::run(a),

@@ -7,14 +7,15 @@ set -u
 export HWT_RESULTS=$1
 # shellcheck source=/dev/null
 . "$HWT_RESULTS/hwt.env"
-export HWT_REPO HWT_BIN HWT_TEST_TIMEOUT
+export HWT_REPO HWT_BIN HWT_TEST_TIMEOUT HWT_POWER_CUT_MODE HWT_POWER_CUT_WRITES_BEFORE
 export HWT_STATE=/run/hwt-state
 mkdir -p "$HWT_STATE"
 . "$HWT_REPO/hw-tests/guest/lib.sh"
 . "$HWT_REPO/hw-tests/guest/setup.sh"
 
 echo "hwt-plan: kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print int($2 / 1024) " MiB" }' /proc/meminfo), up $(cut -d" " -f1 /proc/uptime) s"
-for step in rxe nvme pmem; do
+# A boot of the power-cut test brings up its own drives, and none of these.
+for step in ${HWT_SETUP_STEPS-rxe nvme pmem}; do
     hwt_setup_step "$step"
 done
 
