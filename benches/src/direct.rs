@@ -164,10 +164,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         ),
     ];
     let notes = vec![
-        format!(
-            "QD1 p50 us: {}",
-            AT_QD1.iter().map(|a| format!("{a} {:.1}", qd1(a))).collect::<Vec<_>>().join(", ")
-        ),
+        format!("QD1 p50 us: {}", AT_QD1.iter().map(|a| format!("{a} {:.1}", qd1(a))).collect::<Vec<_>>().join(", ")),
         format!(
             "both sites of a mirrored pair write to this host's one disk: two synchronous writers at once \
              (fio-dsync-x2) see p50 {:.1} us each, against {:.1} us alone; p50(direct-mirrored) / p50(fio-dsync-x2) \

@@ -66,7 +66,8 @@ const SCENARIOS: [&str; 13] = [
 /// Scenarios run only when named: they boot QEMU guests (minutes).
 const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 7] = ["nbd-peers", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
+const NODE_SCENARIOS: [&str; 7] =
+    ["nbd-peers", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -128,8 +129,9 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let bin = || bin.as_deref().context("node binary");
         if name == "nbd-peers" || name == "direct-log" {
-            let results = if name == "nbd-peers" { peers::run(bin()?, cli.quick) } else { direct::run(bin()?, cli.quick) }
-                .with_context(|| format!("scenario {name}"))?;
+            let results =
+                if name == "nbd-peers" { peers::run(bin()?, cli.quick) } else { direct::run(bin()?, cli.quick) }
+                    .with_context(|| format!("scenario {name}"))?;
             eprintln!("[harness] scenario {name} done in {:.1} s", t.elapsed().as_secs_f64());
             scenarios.extend(results);
             continue;

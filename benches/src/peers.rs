@@ -405,10 +405,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         names.iter().map(|n| at(depth, n).result(n, depth)).collect()
     };
     let cpu_note = |depth: usize| {
-        ARMS.iter()
-            .map(|n| format!("{n} {:.1} us", at(depth, n).cpu_us_per_op()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        ARMS.iter().map(|n| format!("{n} {:.1} us", at(depth, n).cpu_us_per_op())).collect::<Vec<_>>().join(", ")
     };
     let params = json!({
         "volume_bytes": VOLUME_BYTES,

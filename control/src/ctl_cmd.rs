@@ -492,6 +492,10 @@ fn print_status(s: &Value) {
         if let Some(line) = storage_line(&v["storage"]) {
             println!("{:<16} storage: {line}", "");
         }
+        if let Some(what) = v["ack_survives"].as_array() {
+            let what: Vec<&str> = what.iter().filter_map(Value::as_str).collect();
+            println!("{:<16} an acknowledged write survives {}", "", what.join(", "));
+        }
     }
     let unstarted = s["unstarted"].as_array().unwrap_or(&empty);
     for u in unstarted {

@@ -559,6 +559,8 @@ fn direct_logs_keep_every_acknowledged_write_through_a_restart_and_a_failover() 
     let st = status(&pair.src_api()).expect("status");
     assert!(st["nvram"].as_str().is_some_and(|n| n.starts_with("direct:")), "{st}");
     assert!(st["nvram_survives"].as_str().is_some_and(|s| s.contains("power loss")), "{st}");
+    let survives = volume_status(&pair.src_api(), VOL).expect("volume status")["ack_survives"].clone();
+    assert!(survives.as_array().is_some_and(|a| a.iter().any(|s| s == "a power cut at both sites")), "{survives}");
     let mut w = Workload::new(0, VOLUME_BYTES / 4096, seed);
     let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect");
     // Past one partition, so that a CP ran, then killed with writes in flight.

@@ -346,6 +346,7 @@ fn route(
             control: node.cfg.control.to_string(),
             rdma: node.rdma_addr(),
             auth: node.cfg.secret.is_some(),
+            nvram: Some(node.cfg.nvram.mode),
         })
         .expect("serializable")),
         (Get, ["v1", "call-challenge"]) => match &node.cfg.secret {
@@ -427,7 +428,8 @@ fn route(
             } else {
                 peer.replication.clone()
             };
-            let target = MirrorTarget { peer_name: peer.name, peer_control: body.to, replication };
+            let target =
+                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication, peer_nvram: peer.nvram };
             node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }

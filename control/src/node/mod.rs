@@ -34,7 +34,7 @@ use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::log::{ChangeMap, NvLog, PARTITIONS};
 use nvmirror_dataplane::node::{self as core, MirrorEnv, NodeEnv, Promoted};
-use nvmirror_dataplane::nvram::{open_region, Nvram, NvramSpec};
+use nvmirror_dataplane::nvram::{open_region, Nvram, NvramMode, NvramSpec};
 use nvmirror_dataplane::raid::Raid4;
 use nvmirror_dataplane::source::{
     self, Control, PairState, Policy, SourceConfig, SourceHandle, SourceStatus, PARTITION_BYTES_MIN,
@@ -100,6 +100,50 @@ pub struct MirrorTarget {
     pub peer_name: String,
     pub peer_control: String,
     pub replication: String,
+    /// The peer's NVRAM mode, as it said when paired (older records: not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_nvram: Option<NvramMode>,
+}
+
+/// What an acknowledgement of a volume survives, while its pair is in sync, from the
+/// NVRAM modes of its primary and of its mirror (`None`: unmirrored; `Some(None)`:
+/// mirrored, the mirror's mode not known).
+pub fn ack_survives(own: NvramMode, mirror: Option<Option<NvramMode>>) -> Vec<&'static str> {
+    let power_safe = |m: NvramMode| m != NvramMode::File;
+    let mut out = vec!["a killed process"];
+    match mirror {
+        None if power_safe(own) => out.push("a power cut"),
+        None => {}
+        Some(peer) => {
+            out.push("the loss of one site");
+            match peer {
+                Some(p) if power_safe(own) && power_safe(p) => out.push("a power cut at both sites"),
+                Some(_) => {}
+                None if power_safe(own) => out
+                    .push("a power cut at both sites if the mirror's NVRAM is power-safe (its mode is not known here)"),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod ack_survives_tests {
+    use super::*;
+
+    #[test]
+    fn a_power_cut_at_both_sites_needs_both_modes_power_safe() {
+        let both = "a power cut at both sites";
+        assert_eq!(ack_survives(NvramMode::File, None), ["a killed process"]);
+        assert_eq!(ack_survives(NvramMode::Direct, None), ["a killed process", "a power cut"]);
+        let mirrored = |own, peer| ack_survives(own, Some(Some(peer)));
+        assert!(mirrored(NvramMode::Direct, NvramMode::Dax).contains(&both));
+        assert!(!mirrored(NvramMode::Direct, NvramMode::File).contains(&both));
+        assert!(!mirrored(NvramMode::File, NvramMode::Direct).contains(&both));
+        assert_eq!(mirrored(NvramMode::File, NvramMode::File), ["a killed process", "the loss of one site"]);
+        assert!(ack_survives(NvramMode::FileSync, Some(None)).iter().any(|s| s.contains("not known")));
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -601,6 +645,10 @@ impl Node {
                     peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
                     storage: self.storage_status(&StorageOwner::Volume(name.clone())),
                     allow: rec.map(|r| r.allow.clone()).unwrap_or_default(),
+                    ack_survives: ack_survives(
+                        self.cfg.nvram.mode,
+                        rec.and_then(|r| r.mirror.as_ref()).map(|m| m.peer_nvram),
+                    ),
                     source: s,
                 }),
                 Err(e) => tracing::warn!("status of {name}: {e}"),
@@ -733,6 +781,8 @@ pub struct VolumeStatus {
     /// The NBD allow-list; empty (left out): every client.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// What an acknowledgement survives ([`ack_survives`]).
+    pub ack_survives: Vec<&'static str>,
 }
 
 #[derive(Debug, Serialize)]

@@ -36,6 +36,9 @@ pub struct NodeInfo {
     /// The node authenticates its peers (it runs with `--secret-file`).
     #[serde(default)]
     pub auth: bool,
+    /// The mode of its NVRAM: what an acknowledgement of a mirror hosted there survives.
+    #[serde(default)]
+    pub nvram: Option<nvmirror_dataplane::nvram::NvramMode>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

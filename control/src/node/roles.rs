@@ -438,6 +438,8 @@ impl Node {
             peer_name: req.from.clone(),
             peer_control: req.control.clone(),
             replication: req.replication.clone(),
+            // The old primary's mode is not in the request: status says it is not known.
+            peer_nvram: None,
         };
         let report = core::takeover(&mut FileEnv::new(self, Some((target, policy))), &mirror, req.cp, req.next_seq)?;
         self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));
