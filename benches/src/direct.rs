@@ -16,7 +16,9 @@
 //!
 //! Method as `nbd-peers`: rounds, every arm in turn one time-based fio run, the first
 //! round a warm-up, fio's histograms merged over the measured rounds, the server
-//! processes' CPU time counted.
+//! processes' CPU time counted. Before each run, `sync(2)`: the `file:` arms leave their
+//! writes in the page cache, and their write-back would otherwise land on the next arm's
+//! device writes.
 //!
 //! Targets (issue: power-safe acknowledgements without persistent memory): unmirrored QD1
 //! p50 at most 1.2x fio's; mirrored QD1 p50 at most 1.5x unmirrored; QD32 IOPS at least
@@ -116,6 +118,10 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
                     if measured { "" } else { " (warm-up)" }
                 );
                 let (args, pids) = target(arm);
+                // What the file: arms left in the page cache is written back now, not
+                // under the next arm's device writes.
+                // SAFETY: sync(2) has no preconditions.
+                unsafe { libc::sync() };
                 let cpu0 = cpu_of(&pids)?;
                 let r = fio_randwrite(&args, arm, depth, secs).with_context(|| format!("arm {arm}"))?;
                 let cpu = cpu_of(&pids)?.saturating_sub(cpu0);
