@@ -28,12 +28,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nvmirror_control::api::{Client, CreateVolume};
+use nvmirror_control::api::Client;
 use nvmirror_control::cluster::NodeProc;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::measure::ArmResult;
-use crate::peers::{cpu_of, fio_randwrite, tool, Figures, VOLUME_BYTES};
+use crate::peers::{cpu_of, create_on_file, fio_randwrite, tool, Figures, VOLUME_BYTES};
 use crate::report::{Check, ScenarioResult};
 
 const ARMS: [&str; 6] = ["fio-dsync", "fio-dsync-x2", "direct-plain", "direct-mirrored", "file-plain", "file-mirrored"];
@@ -56,18 +56,8 @@ fn start_pair(bin: &Path, dir: &Path, mode: &str) -> Result<[NodeProc; 2]> {
     let b = node(&format!("{mode}-b"), &["--mirror-layout", "single"])?;
     let ca = Client::new(&a.control);
     for name in ["plain", "mirrored"] {
-        let disk = dir.join(format!("{mode}-{name}.img"));
-        let _: Value = ca
-            .post(
-                "/v1/volumes",
-                &CreateVolume {
-                    name: name.into(),
-                    size: VOLUME_BYTES,
-                    disks: vec![disk.display().to_string()],
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("create volume {name} on the {mode}: node"))?;
+        create_on_file(&ca, name, &dir.join(format!("{mode}-{name}.img")))
+            .with_context(|| format!("on the {mode}: node"))?;
     }
     crate::cluster::mirror_in_sync(&ca, "mirrored", &b.control, Duration::from_secs(300), |_| {})?;
     Ok([a, b])

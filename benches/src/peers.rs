@@ -302,6 +302,23 @@ fn start_qemu_nbd(dir: &Path) -> Result<(Peer, Target)> {
     Ok((peer, Target { uri: format!("nbd://127.0.0.1:{port}/"), pids: vec![pid] }))
 }
 
+/// Creates volume `name` of `VOLUME_BYTES` on one disk file, `disk`, on the node `api`
+/// reaches.
+pub(crate) fn create_on_file(api: &Client, name: &str, disk: &Path) -> Result<()> {
+    let _: Value = api
+        .post(
+            "/v1/volumes",
+            &CreateVolume {
+                name: name.into(),
+                size: VOLUME_BYTES,
+                disks: vec![disk.display().to_string()],
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("create volume {name}"))?;
+    Ok(())
+}
+
 /// Nodes A (volumes `plain`, `mirrored` and `mirrored-raid4`, each on one disk file), B
 /// (the mirror of `mirrored`, on one file) and C (the mirror of `mirrored-raid4`, RAID-4).
 fn start_nodes(bin: &Path, dir: &Path) -> Result<[NodeProc; 3]> {
@@ -310,18 +327,7 @@ fn start_nodes(bin: &Path, dir: &Path) -> Result<[NodeProc; 3]> {
     let c = NodeProc::start(bin, "peers-c", &dir.join("c"), &[]).context("start node C")?;
     let ca = Client::new(&a.control);
     for name in ["plain", "mirrored", "mirrored-raid4"] {
-        let disk = dir.join(format!("{name}.img"));
-        let _: Value = ca
-            .post(
-                "/v1/volumes",
-                &CreateVolume {
-                    name: name.into(),
-                    size: VOLUME_BYTES,
-                    disks: vec![disk.display().to_string()],
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("create volume {name}"))?;
+        create_on_file(&ca, name, &dir.join(format!("{name}.img")))?;
     }
     crate::cluster::mirror_in_sync(&ca, "mirrored", &b.control, Duration::from_secs(300), |_| {})?;
     crate::cluster::mirror_in_sync(&ca, "mirrored-raid4", &c.control, Duration::from_secs(300), |_| {})?;

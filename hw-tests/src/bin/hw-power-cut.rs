@@ -25,6 +25,8 @@ use nvmirror_control::workload::{block_data, identify, BLOCK};
 use nvmirror_dataplane::frontend::nbd_client::{NbdClient, CMD_WRITE};
 
 const WRITES_MAX: u64 = 2_000_000;
+const BLOCK_U32: u32 = 4096;
+const _: () = assert!(BLOCK_U32 as usize == BLOCK);
 const SECONDS_MAX: u64 = 600;
 
 fn main() -> Result<()> {
@@ -66,7 +68,7 @@ fn write(c: &mut NbdClient, blocks: u64, record: &str, qd: usize) -> Result<()> 
             };
             let v = next_version;
             next_version += 1;
-            c.send(CMD_WRITE, v, b * BLOCK as u64, BLOCK as u32, &block_data(b, v)).context("send a write")?;
+            c.send(CMD_WRITE, v, b * u64::from(BLOCK_U32), BLOCK_U32, &block_data(b, v)).context("send a write")?;
             inflight.insert(v, b);
         }
         let reply = c.recv(None).context("receive a reply")?;
