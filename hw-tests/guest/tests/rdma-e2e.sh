@@ -11,7 +11,10 @@ summary=()
 while read -r t; do
     [ -x "$t" ] || hwt_fail "missing test binary $t"
     name=$(basename "$t" | sed 's/-[0-9a-f]*$//')
-    out=$("$t" --test-threads 1 2>&1)
+    # The direct: NVRAM test pairs its nodes over TCP only: a node with direct: log files
+    # offers no RDMA placement (and /var/tmp here is tmpfs, without O_DIRECT). It runs in
+    # ./test.sh.
+    out=$("$t" --test-threads 1 --skip direct_logs_keep_every_acknowledged_write 2>&1)
     rc=$?
     echo "$out" | tail -n 40
     [ "$rc" -eq 0 ] || hwt_fail "$name failed over rdma (exit $rc)"
