@@ -1,5 +1,5 @@
 # hw-tests/power-cut.sh: the power-cut test, driven from the host (sourced by hw-tests/run,
-# which sets QEMU_BASE, BIN, REPO, TMP and TEST_TIMEOUT).
+# which sets QEMU_BASE, BIN, TMP and TEST_TIMEOUT and defines hwt_env).
 #
 # For each NVRAM mode, direct: and then file:, two guest boots on the same two NVMe drive
 # images (one per node, serials pc-a and pc-b; QEMU's default cache=writeback, which
@@ -59,9 +59,7 @@ power_cut_mode() {
     mkdir -p "$dir"
     truncate -s "$PC_IMAGE_BYTES" "$dir/pc-a.img" "$dir/pc-b.img"
     {
-        printf 'HWT_REPO=%q\n' "$REPO"
-        printf 'HWT_BIN=%q\n' "$BIN"
-        printf 'HWT_TEST_TIMEOUT=%q\n' "$TEST_TIMEOUT"
+        hwt_env
         printf 'HWT_SETUP_STEPS=\n'
         printf 'HWT_POWER_CUT_MODE=%q\n' "$mode"
     } >"$dir/hwt.env"

@@ -557,9 +557,10 @@ fn run_node(a: NodeArgs) -> Result<()> {
     // The volumes need be no more durable than the log: under file: NVRAM (a killed
     // process loses nothing, a power cut may) a CP's write-out is done once the kernel has
     // it; under the power-safe modes it waits for the device.
-    nvmirror_dataplane::storage::set_flush_reach(match nvram.mode {
-        nvmirror_dataplane::nvram::NvramMode::File => nvmirror_dataplane::storage::FlushReach::Kernel,
-        _ => nvmirror_dataplane::storage::FlushReach::Device,
+    nvmirror_dataplane::storage::set_flush_reach(if nvram.mode.survives_power_loss() {
+        nvmirror_dataplane::storage::FlushReach::Device
+    } else {
+        nvmirror_dataplane::storage::FlushReach::Kernel
     });
     if let Some(adv) = &a.advertise {
         let port = adv.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `file:` | shared mapping of a regular file | nothing (the page cache holds it) | a killed process; with the mirror, the loss of one site |
 //! | `file-sync:` | shared mapping of a regular file | `msync(MS_SYNC)` of the range | power loss, at the cost of a disk flush |
-//! | `direct:` | process memory over an `O_DIRECT` file | one `RWF_DSYNC` write of the 4 KiB blocks that hold the range | power loss, at the cost of one device write (FUA) per group commit |
+//! | `direct:` | process memory over an `O_DIRECT` file | one `O_DSYNC` write of the 4 KiB blocks that hold the range | power loss, at the cost of one device write (FUA) per group commit |
 //! | `dax:` | `MAP_SYNC` mapping on a DAX filesystem | cache-line write-back (`clwb`/`clflushopt`) + `sfence` | power loss, at memory speed |
 
 use std::fs::{File, OpenOptions};
@@ -19,6 +19,8 @@ use std::str::FromStr;
 use thiserror::Error;
 
 mod direct;
+#[cfg(any(test, feature = "sim"))]
+pub(crate) use direct::block_span;
 pub use direct::{DeviceCache, DirectNvram, DIRECT_BLOCK};
 
 /// A byte region whose contents can be made persistent range by range.
@@ -56,6 +58,10 @@ impl NvramMode {
             NvramMode::Direct => "direct",
             NvramMode::Dax => "dax",
         }
+    }
+    /// Whether an entry this mode persisted survives a power cut (every mode but `file:`).
+    pub fn survives_power_loss(self) -> bool {
+        self != NvramMode::File
     }
     /// What a region in this mode survives, for status output and the README.
     pub fn survives(self) -> &'static str {

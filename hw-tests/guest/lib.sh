@@ -41,6 +41,18 @@ hwt_need() {
     fi
 }
 
+# Prints the last lines of each of the logs $2... that exists, then fails with $1.
+hwt_fail_with_logs() {
+    local why=$1 log
+    shift
+    for log in "$@"; do
+        [ -e "$log" ] || continue
+        echo "--- $log"
+        tail -n 30 "$log"
+    done
+    hwt_fail "$why"
+}
+
 # Waits up to $2 seconds (default 10) for a device node or file $1.
 hwt_wait_for() {
     local path=$1 left=$((${2:-10} * 10))

@@ -26,8 +26,8 @@ pub struct UnpairReport {
 }
 
 impl Node {
-    /// Replaces primary volume `name`'s NBD allow-list (checked by the caller); it applies
-    /// to connections made from now on.
+    /// Replaces primary volume `name`'s NBD allow-list, refused (`Invalid`) if it does not
+    /// parse; it applies to connections made from now on.
     pub fn set_allow(&self, name: &str, allow: Vec<String>) -> Result<()> {
         check_allow(&allow)?;
         let mut state = self.state.lock();

@@ -109,7 +109,7 @@ pub struct MirrorTarget {
 /// NVRAM modes of its primary and of its mirror (`None`: unmirrored; `Some(None)`:
 /// mirrored, the mirror's mode not known).
 pub fn ack_survives(own: NvramMode, mirror: Option<Option<NvramMode>>) -> Vec<&'static str> {
-    let power_safe = |m: NvramMode| m != NvramMode::File;
+    let power_safe = NvramMode::survives_power_loss;
     let mut out = vec!["a killed process"];
     match mirror {
         None if power_safe(own) => out.push("a power cut"),

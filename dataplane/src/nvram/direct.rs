@@ -68,12 +68,15 @@ pub struct DirectNvram {
     buf: AlignedBuf,
     len: usize,
     file: File,
-    path: PathBuf,
-    pub writes: u64,
 }
 
 fn round_up(n: usize) -> usize {
     n.div_ceil(DIRECT_BLOCK) * DIRECT_BLOCK
+}
+
+/// The whole blocks that hold `[offset, offset + len)`: what one persist writes.
+pub(crate) fn block_span(offset: usize, len: usize) -> std::ops::Range<usize> {
+    offset / DIRECT_BLOCK * DIRECT_BLOCK..round_up(offset + len)
 }
 
 impl DirectNvram {
@@ -84,6 +87,7 @@ impl DirectNvram {
     pub fn open(path: &Path, len: usize) -> Result<Self, NvramError> {
         let blocks = round_up(len);
         let io_err = |what: &'static str| move |source| NvramError::Io { what, path: path.to_path_buf(), source };
+        let size_err = |source| NvramError::Size { path: path.to_path_buf(), len, source };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -105,16 +109,12 @@ impl DirectNvram {
         } else if meta.len() == 0 {
             for at in (0..blocks).step_by(CHUNK) {
                 let end = (at + CHUNK).min(blocks);
-                file.write_all_at(&buf.as_slice()[at..end], at as u64).map_err(|source| NvramError::Size {
-                    path: path.to_path_buf(),
-                    len,
-                    source,
-                })?;
+                file.write_all_at(&buf.as_slice()[at..end], at as u64).map_err(size_err)?;
             }
         } else if meta.len() == len as u64 && len < blocks {
             // Made by a mapped mode, whose regions need not end on a block: grown to one.
-            file.set_len(blocks as u64).map_err(|source| NvramError::Size { path: path.to_path_buf(), len, source })?;
-            file.sync_all().map_err(|source| NvramError::Size { path: path.to_path_buf(), len, source })?;
+            file.set_len(blocks as u64).map_err(size_err)?;
+            file.sync_all().map_err(size_err)?;
         } else if meta.len() != blocks as u64 {
             return Err(NvramError::WrongSize { path: path.to_path_buf(), actual: meta.len(), expected: blocks });
         }
@@ -122,11 +122,7 @@ impl DirectNvram {
             let end = (at + CHUNK).min(blocks);
             file.read_exact_at(&mut buf.as_mut_slice()[at..end], at as u64).map_err(io_err("read"))?;
         }
-        Ok(Self { buf, len, file, path: path.to_path_buf(), writes: 0 })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { buf, len, file })
     }
 }
 
@@ -152,10 +148,8 @@ impl Nvram for DirectNvram {
         if len == 0 {
             return Ok(());
         }
-        let start = offset / DIRECT_BLOCK * DIRECT_BLOCK;
-        let end = round_up(offset + len);
-        self.writes += 1;
-        self.file.write_all_at(&self.buf.as_slice()[start..end], start as u64)
+        let span = block_span(offset, len);
+        self.file.write_all_at(&self.buf.as_slice()[span.clone()], span.start as u64)
     }
     fn persist_waits_for_device(&self) -> bool {
         true

@@ -140,6 +140,31 @@ const LINE: usize = 64;
 /// The unit a torn device write is torn at.
 const SECTOR: usize = 512;
 
+/// What a crash did to one block a device was writing.
+enum BlockFate {
+    Lost,
+    Landed,
+    Torn,
+}
+
+/// One block written to a device and not yet durable when the power went (`durable`, its
+/// old contents; `written`, the new, at most a block): lost, landed, or torn, its first
+/// sectors new and the rest old.
+fn resolve_block(rng: &mut SimRng, durable: &mut [u8], written: &[u8]) -> BlockFate {
+    match rng.gen_range(0..100) {
+        0..40 => BlockFate::Lost,
+        40..80 => {
+            durable.copy_from_slice(written);
+            BlockFate::Landed
+        }
+        _ => {
+            let torn = (rng.gen_range(1..BLOCK_BYTES / SECTOR) * SECTOR).min(written.len());
+            durable[..torn].copy_from_slice(&written[..torn]);
+            BlockFate::Torn
+        }
+    }
+}
+
 /// An NVRAM region's durable contents, which outlive the node's processes.
 #[derive(Debug)]
 pub struct NvramMedia {
@@ -176,20 +201,11 @@ impl NvramMedia {
             if let Some((at, blocks)) = self.in_flight.take() {
                 for (i, new) in blocks.chunks(BLOCK_BYTES).enumerate() {
                     let old = &mut self.durable[at + i * BLOCK_BYTES..at + i * BLOCK_BYTES + new.len()];
-                    match rng.gen_range(0..3) {
-                        0 => damage.nvram_blocks_lost += 1,
-                        1 => {
-                            old.copy_from_slice(new);
-                            damage.nvram_blocks_landed += 1;
-                        }
-                        _ => {
-                            let sectors = new.len().div_ceil(SECTOR);
-                            let landed = rng.gen_range(1..sectors.max(2)) * SECTOR;
-                            let landed = landed.min(new.len());
-                            old[..landed].copy_from_slice(&new[..landed]);
-                            damage.nvram_blocks_torn += 1;
-                        }
-                    }
+                    *match resolve_block(rng, old, new) {
+                        BlockFate::Lost => &mut damage.nvram_blocks_lost,
+                        BlockFate::Landed => &mut damage.nvram_blocks_landed,
+                        BlockFate::Torn => &mut damage.nvram_blocks_torn,
+                    } += 1;
                 }
             }
             return;
@@ -264,10 +280,8 @@ impl Nvram for SimNvram {
         self.note_cut();
         let (offset, end) = if self.direct {
             // One device write of the whole blocks that hold the range.
-            (
-                offset / BLOCK_BYTES * BLOCK_BYTES,
-                (offset + len).div_ceil(BLOCK_BYTES).saturating_mul(BLOCK_BYTES).min(self.cur.len()),
-            )
+            let span = crate::nvram::block_span(offset, len);
+            (span.start, span.end.min(self.cur.len()))
         } else {
             (offset, offset + len)
         };
@@ -322,19 +336,11 @@ impl DiskMedia {
         for b in std::mem::take(&mut self.dirty) {
             let at = crate::usize_of(b) * BLOCK_BYTES;
             let range = at..at + BLOCK_BYTES;
-            match rng.gen_range(0..100) {
-                0..40 => damage.disk_blocks_lost += 1,
-                40..80 => {
-                    self.durable[range.clone()].copy_from_slice(&self.cur[range]);
-                    damage.disk_blocks_landed += 1;
-                }
-                _ => {
-                    damage.disk_blocks_torn += 1;
-                    let sectors = rng.gen_range(1..BLOCK_BYTES / 512);
-                    let torn = at..at + sectors * 512;
-                    self.durable[torn.clone()].copy_from_slice(&self.cur[torn]);
-                }
-            }
+            *match resolve_block(rng, &mut self.durable[range.clone()], &self.cur[range]) {
+                BlockFate::Lost => &mut damage.disk_blocks_lost,
+                BlockFate::Landed => &mut damage.disk_blocks_landed,
+                BlockFate::Torn => &mut damage.disk_blocks_torn,
+            } += 1;
         }
         self.cur.clone_from(&self.durable);
     }

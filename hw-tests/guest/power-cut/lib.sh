@@ -48,15 +48,7 @@ pc_mount() {
     mount -t ext4 "$dev_b" /mnt/pc-b || hwt_fail "mount $dev_b failed"
 }
 
-fail_with_logs() {
-    local log
-    for log in /mnt/pc-a/site-a.log /mnt/pc-b/site-b.log; do
-        [ -e "$log" ] || continue
-        echo "--- $log"
-        tail -n 30 "$log"
-    done
-    hwt_fail "$1"
-}
+fail_with_logs() { hwt_fail_with_logs "$1" /mnt/pc-a/site-a.log /mnt/pc-b/site-b.log; }
 
 start_node() { # name mount listen-port control nbd-port
     local dir=$2/node

@@ -54,14 +54,7 @@ cleanup() {
 trap cleanup EXIT
 
 # Prints the last lines of both nodes' logs and fails with $1.
-fail_with_logs() {
-    for log in "$work"/site-a.log "$work"/site-b.log; do
-        [ -e "$log" ] || continue
-        echo "--- $log"
-        tail -n 30 "$log"
-    done
-    hwt_fail "$1"
-}
+fail_with_logs() { hwt_fail_with_logs "$1" "$work"/site-a.log "$work"/site-b.log; }
 
 start_node() { # name listen-port control nbd-port
     "$bin" node --name "$1" --data-dir "$work/$1" --listen "$host:$2" --control "$3" --nbd "$host:$4" \
