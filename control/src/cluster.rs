@@ -17,6 +17,8 @@ pub struct NodeProc {
     pub control: String,
     pub replication: String,
     pub nbd: String,
+    /// The NVMe/TCP address, where the node was started with `--nvmf`.
+    pub nvmf: Option<String>,
     child: Option<Child>,
     /// Extra arguments it was started with, for restarts.
     extra: Vec<String>,
@@ -38,6 +40,7 @@ impl NodeProc {
             control: "127.0.0.1:0".into(),
             replication: format!("{host}:0"),
             nbd: "127.0.0.1:0".into(),
+            nvmf: None,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             bin: bin.to_path_buf(),
@@ -95,6 +98,7 @@ impl NodeProc {
         self.control = field("control")?;
         self.replication = field("replication")?;
         self.nbd = field("nbd")?;
+        self.nvmf = field("nvmf").ok();
         self.child = Some(child);
         Ok(())
     }

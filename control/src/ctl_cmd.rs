@@ -433,11 +433,12 @@ fn wait_in_sync(client: &Client, volume: &str, timeout: Duration) -> Result<()> 
 
 fn print_status(s: &Value) {
     println!(
-        "node {}  control {}  replication {}  nbd {}",
+        "node {}  control {}  replication {}  nbd {}{}",
         s["node"].as_str().unwrap_or("?"),
         s["control"].as_str().unwrap_or("?"),
         s["replication"].as_str().unwrap_or("?"),
-        s["nbd"].as_str().unwrap_or("?")
+        s["nbd"].as_str().unwrap_or("?"),
+        s["nvmf"].as_str().map(|a| format!("  nvmf {a}")).unwrap_or_default()
     );
     println!("nvram {} (survives {})", s["nvram"].as_str().unwrap_or("?"), s["nvram_survives"].as_str().unwrap_or("?"));
     let empty = Vec::new();

@@ -16,6 +16,7 @@ use nvmirror_control::config::FlagKind;
 use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
 use nvmirror_dataplane::frontend::nbd::NbdServer;
+use nvmirror_dataplane::frontend::nvmf::NvmfServer;
 use nvmirror_dataplane::nvram::NvramSpec;
 use nvmirror_dataplane::transport::auth::PeerSecret;
 use sd_notify::NotifyState;
@@ -93,6 +94,12 @@ struct NodeArgs {
     /// NBD export address.
     #[arg(long)]
     nbd: String,
+    /// NVMe/TCP address (4420 is NVMe/TCP's port): each volume is a subsystem,
+    /// nqn.2026-01.io.nvmirror:VOL, and each node of a pair a path to it with ANA
+    /// (optimized on the primary, inaccessible on the mirror), for `nvme connect` and
+    /// native NVMe multipath. Not served unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    nvmf: Option<String>,
     /// Node name (default: node-PORT of the replication address).
     #[arg(long)]
     name: Option<String>,
@@ -570,6 +577,10 @@ fn run_node(a: NodeArgs) -> Result<()> {
     }
     let replication = TcpListener::bind(&a.listen).with_context(|| format!("bind replication address {}", a.listen))?;
     let nbd = TcpListener::bind(&a.nbd).with_context(|| format!("bind NBD address {}", a.nbd))?;
+    let nvmf = match &a.nvmf {
+        Some(addr) => Some(TcpListener::bind(addr).with_context(|| format!("bind NVMe/TCP address {addr}"))?),
+        None => None,
+    };
     let tls = node_tls(&a)?;
     let (control, control_addr) =
         nvmirror_control::tls::control_server(api::parse_addr(&a.control)?, &a.data_dir, tls.as_ref())?;
@@ -590,6 +601,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         nvram,
         replication: replication_addr,
         nbd: nbd.local_addr()?,
+        nvmf: nvmf.as_ref().map(TcpListener::local_addr).transpose()?,
         control: control_addr,
         secret: secret.clone(),
         tls,
@@ -604,12 +616,14 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .name("nvm-repl-accept".into())
         .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
+    let _nvmf = nvmf.map(|l| NvmfServer::spawn(l, node.clone())).transpose()?;
     println!(
-        "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}{}",
+        "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}{}{}",
         node.cfg.control,
         node.cfg.replication,
         node.cfg.nbd,
         node.status().nvram,
+        node.cfg.nvmf.map(|a| format!(" nvmf={a}")).unwrap_or_default(),
         node.cfg.advertise.as_ref().map(|a| format!(" advertised={a}")).unwrap_or_default()
     );
     std::io::stdout().flush()?;
@@ -652,6 +666,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
     );
     let _ = sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status("stopping: draining writes")]);
     drop(_nbd);
+    drop(_nvmf);
     for (volume, drained) in node.stop_cleanly(Duration::from_secs(STOP_BOUND_SECS)) {
         if drained {
             tracing::info!("node {name}: volume {volume} stopped, every write in flight answered");

@@ -347,6 +347,7 @@ fn route(
             rdma: node.rdma_addr(),
             auth: node.cfg.secret.is_some(),
             nvram: Some(node.cfg.nvram.mode),
+            nvmf: node.cfg.nvmf.map(|a| a.to_string()),
         })
         .expect("serializable")),
         (Get, ["v1", "call-challenge"]) => match &node.cfg.secret {
@@ -428,8 +429,13 @@ fn route(
             } else {
                 peer.replication.clone()
             };
-            let target =
-                MirrorTarget { peer_name: peer.name, peer_control: body.to, replication, peer_nvram: peer.nvram };
+            let target = MirrorTarget {
+                peer_name: peer.name,
+                peer_control: body.to,
+                replication,
+                peer_nvram: peer.nvram,
+                peer_nvmf: peer.nvmf,
+            };
             node.mirror_volume(name, target, policy, &body.resync_ranges, body.rate)?;
             Ok(json!({}))
         }

@@ -103,6 +103,9 @@ pub struct MirrorTarget {
     /// The peer's NVRAM mode, as it said when paired (older records: not known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_nvram: Option<NvramMode>,
+    /// The peer's NVMe/TCP address, as it said when paired (a second path for discovery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_nvmf: Option<String>,
 }
 
 /// What an acknowledgement of a volume survives, while its pair is in sync, from the
@@ -194,6 +197,8 @@ pub struct NodeConfig {
     pub nvram: NvramSpec,
     pub replication: SocketAddr,
     pub nbd: SocketAddr,
+    /// `--nvmf`: the NVMe/TCP address, where the node serves it.
+    pub nvmf: Option<SocketAddr>,
     pub control: SocketAddr,
     /// Geometry of RAID-4 volumes made of data-dir files, and of hosted mirrors.
     pub raid: RaidDefaults,
@@ -695,6 +700,7 @@ impl Node {
             node: self.cfg.name.clone(),
             replication: self.cfg.advertised_replication(),
             nbd: self.cfg.nbd.to_string(),
+            nvmf: self.cfg.nvmf.map(|a| a.to_string()),
             control: self.cfg.control.to_string(),
             nvram: format!("{}:{}", self.cfg.nvram.mode.as_str(), self.cfg.nvram.dir.display()),
             nvram_survives: self.cfg.nvram.mode.survives().to_string(),
@@ -818,6 +824,9 @@ pub struct NodeStatus {
     pub node: String,
     pub replication: String,
     pub nbd: String,
+    /// The NVMe/TCP address, where the node serves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvmf: Option<String>,
     pub control: String,
     pub nvram: String,
     pub nvram_survives: String,
@@ -850,6 +859,19 @@ impl ExportRegistry for Node {
         let Some(rec) = state.volumes.iter().find(|v| v.name == name) else { return true };
         // The list was checked when it was set; an entry that no longer parses admits no one.
         crate::allow::parse(&rec.allow).is_ok_and(|list| crate::allow::admits(&list, peer))
+    }
+    fn volume_id(&self, name: &str) -> Option<u64> {
+        if let Some(v) = self.state.lock().volumes.iter().find(|v| v.name == name) {
+            return Some(v.volume_id);
+        }
+        let mirrors = self.mirrors.read();
+        mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted).map(|(_, m)| m.meta().volume_id)
+    }
+    /// A primary's mirror, where it said its NVMe/TCP address when paired.
+    fn other_paths(&self, name: &str) -> Vec<SocketAddr> {
+        let state = self.state.lock();
+        let target = state.volumes.iter().find(|v| v.name == name).and_then(|v| v.mirror.as_ref());
+        target.and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse().ok()).into_iter().collect()
     }
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();

@@ -39,6 +39,9 @@ pub struct NodeInfo {
     /// The mode of its NVRAM: what an acknowledgement of a mirror hosted there survives.
     #[serde(default)]
     pub nvram: Option<nvmirror_dataplane::nvram::NvramMode>,
+    /// Its NVMe/TCP address, where it serves NVMe/TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvmf: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

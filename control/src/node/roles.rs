@@ -440,6 +440,7 @@ impl Node {
             replication: req.replication.clone(),
             // The old primary's mode is not in the request: status says it is not known.
             peer_nvram: None,
+            peer_nvmf: None,
         };
         let report = core::takeover(&mut FileEnv::new(self, Some((target, policy))), &mirror, req.cp, req.next_seq)?;
         self.events.push("takeover", Some(name), serde_json::json!({ "from": req.from, "epoch": report.epoch }));

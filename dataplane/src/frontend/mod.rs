@@ -8,6 +8,7 @@
 pub mod forward;
 pub mod nbd;
 pub mod nbd_client;
+pub mod nvmf;
 
 use std::io;
 use std::sync::Arc;
@@ -106,5 +107,17 @@ pub trait ExportRegistry: Send + Sync {
     fn admits(&self, name: &str, peer: std::net::IpAddr) -> bool {
         let _ = (name, peer);
         true
+    }
+    /// The volume's id, the same on both nodes of a pair: NVMe/TCP derives the namespace's
+    /// NGUID and UUID and the controller's serial from it, so that a host's multipath sees
+    /// one namespace through both nodes.
+    fn volume_id(&self, name: &str) -> Option<u64> {
+        let _ = name;
+        None
+    }
+    /// The NVMe/TCP addresses of the other node of the volume's pair, for the discovery log.
+    fn other_paths(&self, name: &str) -> Vec<std::net::SocketAddr> {
+        let _ = name;
+        Vec::new()
     }
 }

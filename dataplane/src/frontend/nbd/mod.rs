@@ -460,7 +460,7 @@ fn reap(connections: &mut Vec<Connection>) {
 }
 
 /// Waits up to `timeout_ms` for a connection to accept.
-fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Result<bool> {
+pub(crate) fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Result<bool> {
     let mut fds = [libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
     // SAFETY: `fds` is an array of one initialised pollfd that lives across the call, and
     // the count passed is its length; poll writes only its `revents` field.

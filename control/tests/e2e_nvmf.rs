@@ -1,0 +1,96 @@
+//! NVMe/TCP end to end: two `nvmirror node` processes serve one mirrored volume over
+//! NVMe/TCP (`--nvmf`), and a host (the project's test initiator) attaches it through both
+//! nodes, as Linux native multipath does. The namespace is the same through both paths;
+//! ANA says which one takes I/O, and changes with a switchover and with a failover after
+//! the primary is killed, each change announced by an asynchronous event; every write
+//! acknowledged through either path reads back through the other.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nvmirror_dataplane::frontend::nvmf::client::{discover, NvmfClient};
+use nvmirror_dataplane::frontend::nvmf::{subsystem_nqn, Status};
+
+const VOL: &str = "fabric";
+const ANA_OPTIMIZED: u8 = 1;
+const ANA_INACCESSIBLE: u8 = 3;
+/// Completion of an AER for an ANA change: notice, ANA change, log page 0Ch.
+const ANA_CHANGE_EVENT: u32 = 0x000c_0302;
+const EVENT_WAIT: Duration = Duration::from_secs(30);
+
+fn block(seed: u64, slba: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed ^ slba.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut b = vec![0u8; 4096];
+    rng.fill(&mut b);
+    b
+}
+
+fn write_blocks(c: &mut NvmfClient, seed: u64, blocks: std::ops::Range<u64>) {
+    for slba in blocks {
+        let done = c.write(slba, &block(seed, slba), false).expect("write");
+        assert!(done.ok(), "write of block {slba}: {:?}", done.status);
+    }
+}
+
+fn check_blocks(c: &mut NvmfClient, seed: u64, blocks: std::ops::Range<u64>, what: &str) {
+    for slba in blocks {
+        let (done, data) = c.read(slba, 1).expect("read");
+        assert!(done.ok(), "{what}: read of block {slba}: {:?}", done.status);
+        assert!(data == block(seed, slba), "{what}: block {slba} differs from what was acknowledged");
+    }
+}
+
+#[test]
+fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back() {
+    let seed = base_seed("nvmf_ana");
+    let nvmf = ["--nvmf", "127.0.0.1:0"];
+    let mut pair = Pair::start_with("nvmf", &nvmf, &nvmf);
+    pair.create_mirrored(VOL, 64 * MIB, LOG_BYTES_MIN);
+    let a_addr = pair.src.nvmf.clone().expect("site-a serves NVMe/TCP");
+    let b_addr = pair.dst.nvmf.clone().expect("site-b serves NVMe/TCP");
+    let nqn = subsystem_nqn(VOL);
+    let mut a = NvmfClient::connect(&a_addr, &nqn, false).expect("attach through site-a");
+    let mut b = NvmfClient::connect(&b_addr, &nqn, true).expect("attach through site-b (with digests)");
+    assert_ne!(a.cntlid, b.cntlid, "each path its own controller");
+    assert_eq!(a.ana_state().unwrap(), ANA_OPTIMIZED, "the primary's path");
+    assert_eq!(b.ana_state().unwrap(), ANA_INACCESSIBLE, "the mirror's path");
+    let (_, ns_a) = a.admin.identify(0x00, 1).unwrap();
+    let (_, ns_b) = b.admin.identify(0x00, 1).unwrap();
+    assert_eq!(ns_a[104..120], ns_b[104..120], "one NGUID through both paths");
+    assert_ne!(ns_a[104..120], [0u8; 16]);
+    let (_, id_a) = a.admin.identify(0x01, 0).unwrap();
+    let (_, id_b) = b.admin.identify(0x01, 0).unwrap();
+    assert_eq!(id_a[4..24], id_b[4..24], "one serial through both paths");
+    let paths = discover(&a_addr).expect("discovery at the primary");
+    let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_owned();
+    assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&a_addr))), "{paths:?}");
+    assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&b_addr))), "{paths:?}");
+
+    write_blocks(&mut a, seed, 0..64);
+    assert_eq!(b.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
+
+    // A planned switchover: site-b becomes the primary, site-a its mirror.
+    a.admin.post_aer().unwrap();
+    b.admin.post_aer().unwrap();
+    ctl_ok(&pair.src.control, &["switchover", VOL]);
+    assert_eq!(b.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
+    assert_eq!(a.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
+    assert_eq!(b.ana_state().unwrap(), ANA_OPTIMIZED);
+    assert_eq!(a.ana_state().unwrap(), ANA_INACCESSIBLE);
+    assert_eq!(a.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
+    check_blocks(&mut b, seed, 0..64, "after the switchover, through site-b");
+    write_blocks(&mut b, seed, 64..128);
+
+    // Site-b is lost; site-a takes the volume over.
+    a.admin.post_aer().unwrap();
+    pair.dst.kill();
+    drop(b);
+    failover(&pair.src_api(), VOL).expect("failover on site-a");
+    assert_eq!(a.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
+    assert_eq!(a.ana_state().unwrap(), ANA_OPTIMIZED);
+    check_blocks(&mut a, seed, 0..128, "after the failover, through site-a");
+    write_blocks(&mut a, seed ^ 1, 0..8);
+    check_blocks(&mut a, seed ^ 1, 0..8, "written after the failover");
+}

@@ -1,0 +1,303 @@
+//! NVMe/TCP target: serves the volumes of an [`ExportRegistry`] to NVMe over Fabrics hosts
+//! (the Linux kernel's `nvme-tcp` initiator through `nvme connect`, with native NVMe
+//! multipath), per the NVMe/TCP Transport Specification and NVMe over Fabrics 1.1.
+//!
+//! # Subsystems, controllers, paths
+//!
+//! Each volume is one subsystem, `nqn.2026-01.io.nvmirror:VOL`, with one namespace (NSID
+//! 1). Each node of a pair serves it: the host sees two controllers of one subsystem, one
+//! per node, and its multipath joins them into one block device. Both nodes give the
+//! namespace the same NGUID and UUID (from the volume's id and name) and the same serial.
+//! Controller IDs are drawn at random, so that two nodes' controllers of one host do not
+//! collide.
+//!
+//! ANA (Asymmetric Namespace Access): one ANA group, in state *optimized* on the node
+//! where the volume is writable (its primary) and *inaccessible* elsewhere (a mirror, a
+//! node the volume moved away from). Each admin queue looks at the state every
+//! [`TICK`]; when it changes (failover, switchover, failback) the controller completes an
+//! Asynchronous Event Request with an ANA-change notice, and the host reads the ANA log
+//! page and moves its I/O. An I/O command on an inaccessible path is answered with the
+//! path status *ANA inaccessible*, which the host retries on another path.
+//!
+//! The discovery subsystem (`nqn.2014-08.org.nvmexpress.discovery`) lists every volume
+//! with this node's address and, where the registry knows it, the other node's.
+//!
+//! # Connections
+//!
+//! One TCP connection is one queue: the admin queue (QID 0) or an I/O queue. A thread
+//! reads each connection's PDUs and serves its commands; I/O commands go to the export
+//! through [`Export::submit`], and a writer thread sends the answers as the export
+//! completes them, batched into one system call while more wait.
+//!
+//! | Command | Notes |
+//! |---|---|
+//! | Fabrics Connect, Property Get/Set | CAP, VS, CC, CSTS; CC.EN sets CSTS.RDY, CC.SHN completes at once |
+//! | Identify | CNS 00h namespace, 01h controller, 02h active namespace list, 03h descriptors (NGUID, UUID) |
+//! | Get Log Page | 01h error (empty), 02h SMART (nominal), 0Ch ANA, 70h discovery |
+//! | Set/Get Features | 07h number of queues, 0Bh async event configuration, 0Fh keep alive timer |
+//! | Asynchronous Event Request | up to [`AER_MAX`] held; completed with ANA-change notices |
+//! | Keep Alive, Abort | keep alive resets the timer; abort aborts nothing |
+//! | Read, Write, Flush, Write Zeroes, Dataset Management | FUA passed on; deallocate ranges become trims |
+//!
+//! Write data up to [`INLINE_DATA_BYTES`] comes in the command capsule; larger writes are
+//! fetched with one R2T. Read data goes back in one C2HData PDU before the response.
+//! Header and data digests (crc32c) are used where the host asks for them.
+//!
+//! # Bounds and bad input
+//!
+//! Every PDU's length is checked against the connection's bound from its first 8 bytes
+//! ([`pdu::PduReader`]); a transfer is at most `2^MDTS` pages ([`TRANSFER_BYTES_MAX`]); a
+//! queue holds at most its size in commands. A PDU that cannot be decoded ends its
+//! connection with a C2HTermReq and one log line naming the peer; the other connections
+//! carry on. A command that decodes but makes no sense is answered with an error status.
+
+pub mod admin;
+pub mod client;
+pub mod pdu;
+mod queue;
+
+pub use queue::Status;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::ExportRegistry;
+
+/// The IANA-assigned NVMe/TCP port.
+pub const PORT_DEFAULT: u16 = 4420;
+/// The discovery subsystem's NQN.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+/// A volume's subsystem NQN is this prefix and the volume's name.
+pub const NQN_PREFIX: &str = "nqn.2026-01.io.nvmirror:";
+/// The one namespace of each subsystem.
+pub const NSID: u32 = 1;
+/// The one ANA group of each subsystem.
+pub const ANA_GROUP: u32 = 1;
+/// Entries of an I/O queue (MAXCMD, and CAP.MQES + 1).
+pub const IO_QUEUE_ENTRIES: u16 = 128;
+/// I/O queues a controller grants at most.
+pub const IO_QUEUES_MAX: u16 = 64;
+/// Largest transfer: 2^MDTS pages of 4 KiB.
+pub const MDTS_SHIFT: u8 = 8;
+pub const TRANSFER_BYTES_MAX: usize = 4096 << MDTS_SHIFT;
+/// Write data a command capsule of an I/O queue may carry.
+pub const INLINE_DATA_BYTES: usize = 16 << 10;
+/// Data a command capsule of the admin queue may carry (the Linux host's own bound).
+pub const ADMIN_INLINE_DATA_BYTES: usize = 8 << 10;
+/// The largest H2CData PDU a host may send (MAXH2CDATA).
+pub const H2C_DATA_BYTES_MAX: usize = 128 << 10;
+/// Asynchronous Event Requests held at once.
+pub const AER_MAX: usize = 4;
+/// Keep alive granularity (KAS), in units of 100 ms.
+pub const KEEP_ALIVE_GRANULARITY_100MS: u16 = 1;
+/// Largest block size exported: 4 KiB.
+pub const LBA_SHIFT_MAX: u8 = 12;
+/// Connections served at once; further ones are closed as soon as they are accepted.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// How often an idle connection looks at its controller, the ANA state and the shutdown.
+pub const TICK: Duration = Duration::from_millis(100);
+
+const ACCEPT_POLL_MS: i32 = 100;
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+const _: () = assert!(TRANSFER_BYTES_MAX >= INLINE_DATA_BYTES && H2C_DATA_BYTES_MAX >= 4096);
+
+/// ANA states (the values of the ANA log page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AnaState {
+    Optimized = 1,
+    Inaccessible = 3,
+}
+
+/// The subsystem NQN of volume `name`.
+pub fn subsystem_nqn(name: &str) -> String {
+    format!("{NQN_PREFIX}{name}")
+}
+
+/// A controller: the admin queue made it, I/O queues attach to it by its ID. It lives as
+/// long as its admin queue's connection.
+#[derive(Debug)]
+pub(crate) struct Controller {
+    pub cntlid: u16,
+    /// `None`: the discovery controller.
+    pub volume: Option<String>,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub alive: AtomicBool,
+    /// I/O queues granted by Set Features (Number of Queues); until then, one.
+    pub io_queues: std::sync::atomic::AtomicU16,
+}
+
+/// What every connection of one server shares.
+pub(crate) struct Shared {
+    pub registry: Arc<dyn ExportRegistry>,
+    pub controllers: Mutex<HashMap<u16, Arc<Controller>>>,
+    pub shutdown: AtomicBool,
+    /// The port the server listens on (discovery entries name it).
+    pub port: u16,
+}
+
+impl Shared {
+    /// Makes a controller with an ID no other live controller of this server has.
+    pub fn new_controller(&self, volume: Option<String>, subnqn: String, hostnqn: String) -> Arc<Controller> {
+        let mut table = self.controllers.lock();
+        let cntlid = loop {
+            // 0xFFF0 and above are reserved; 0 is avoided (some hosts read it as "none").
+            let id = rand::random::<u16>() % 0xffef + 1;
+            if !table.contains_key(&id) {
+                break id;
+            }
+        };
+        let c = Arc::new(Controller {
+            cntlid,
+            volume,
+            subnqn,
+            hostnqn,
+            alive: AtomicBool::new(true),
+            io_queues: std::sync::atomic::AtomicU16::new(1),
+        });
+        table.insert(cntlid, c.clone());
+        c
+    }
+
+    pub fn drop_controller(&self, c: &Controller) {
+        c.alive.store(false, Ordering::Release);
+        self.controllers.lock().remove(&c.cntlid);
+    }
+
+    /// The ANA state of volume `name` on this node.
+    pub fn ana_state(&self, name: &str) -> AnaState {
+        match self.registry.lookup(name) {
+            Some(e) if !e.read_only() => AnaState::Optimized,
+            _ => AnaState::Inaccessible,
+        }
+    }
+}
+
+/// A running NVMe/TCP target: an accept thread and a thread pair per connection.
+pub struct NvmfServer {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl NvmfServer {
+    /// Serves `registry` on `listener` from a new accept thread.
+    pub fn spawn(listener: TcpListener, registry: Arc<dyn ExportRegistry>) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            registry,
+            controllers: Mutex::new(HashMap::new()),
+            shutdown: AtomicBool::new(false),
+            port: local_addr.port(),
+        });
+        let acceptor = thread::Builder::new().name("nvmf-accept".to_owned()).spawn({
+            let shared = shared.clone();
+            move || accept_loop(listener, shared)
+        })?;
+        Ok(NvmfServer { local_addr, shared, acceptor: Some(acceptor) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Controllers alive now (admin queues connected).
+    pub fn controllers(&self) -> usize {
+        self.shared.controllers.lock().len()
+    }
+
+    /// Stops accepting, closes every connection and waits for their threads, which first
+    /// wait for the commands they submitted to complete.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        self.shared.shutdown.store(true, Ordering::Release);
+        match self.acceptor.take() {
+            Some(a) => a.join().unwrap_or_else(|_| Err(io::Error::other("NVMe/TCP accept thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for NvmfServer {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            tracing::error!("nvmf: {}: server stopped on error: {err}", self.local_addr);
+        }
+    }
+}
+
+impl std::fmt::Debug for NvmfServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmfServer").field("local_addr", &self.local_addr).finish()
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    thread: JoinHandle<()>,
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let mut connections: Vec<Connection> = Vec::new();
+    while !shared.shutdown.load(Ordering::Acquire) {
+        connections.retain_mut(|c| !c.thread.is_finished());
+        if !super::nbd::wait_readable(&listener, ACCEPT_POLL_MS)? {
+            continue;
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!("nvmf: accept failed: {e}");
+                thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
+        };
+        if connections.len() >= CONNECTIONS_MAX {
+            tracing::warn!("nvmf: {peer}: refused, already serving {CONNECTIONS_MAX} connections");
+            continue;
+        }
+        let handle = match stream.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("nvmf: {peer}: cannot duplicate the socket: {e}");
+                continue;
+            }
+        };
+        let shared2 = shared.clone();
+        match thread::Builder::new().name(format!("nvmf-{peer}")).spawn(move || queue::serve(stream, peer, &shared2)) {
+            Ok(thread) => connections.push(Connection { stream: handle, thread }),
+            Err(e) => tracing::warn!("nvmf: {peer}: cannot start a connection thread: {e}"),
+        }
+    }
+    for c in &connections {
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+    for c in connections {
+        let _ = c.thread.join();
+    }
+    Ok(())
+}

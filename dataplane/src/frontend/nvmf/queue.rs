@@ -1,0 +1,1038 @@
+//! One NVMe/TCP connection, one queue: initialization (ICReq/ICResp), Fabrics Connect, the
+//! admin commands of an admin queue, the I/O commands of an I/O queue, R2T transfers, and
+//! the writer thread that sends what the export completes.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+
+use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE};
+use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES, FES_OUT_OF_RANGE, FES_SEQUENCE};
+use super::{
+    AnaState, Controller, Shared, ADMIN_INLINE_DATA_BYTES, AER_MAX, DISCOVERY_NQN, H2C_DATA_BYTES_MAX,
+    INLINE_DATA_BYTES, IO_QUEUES_MAX, IO_QUEUE_ENTRIES, NQN_PREFIX, NSID, TICK, TRANSFER_BYTES_MAX,
+};
+use crate::frontend::nbd::ErrorChain;
+use crate::frontend::{Completer, Export, IoReply, IoRequest};
+
+/// A host must send its ICReq within this time.
+const IC_TIMEOUT: Duration = Duration::from_secs(30);
+/// A write of answers that makes no progress for this long means the host stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a Dataset Management command waits for each of its trims.
+const TRIM_TIMEOUT: Duration = Duration::from_secs(120);
+/// Answer bytes the writer gathers before a write system call.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+// Opcodes.
+const OPC_FABRICS: u8 = 0x7f;
+const FCTYPE_PROPERTY_SET: u8 = 0x00;
+const FCTYPE_CONNECT: u8 = 0x01;
+const FCTYPE_PROPERTY_GET: u8 = 0x04;
+const ADMIN_GET_LOG_PAGE: u8 = 0x02;
+const ADMIN_IDENTIFY: u8 = 0x06;
+const ADMIN_ABORT: u8 = 0x08;
+const ADMIN_SET_FEATURES: u8 = 0x09;
+const ADMIN_GET_FEATURES: u8 = 0x0a;
+const ADMIN_ASYNC_EVENT: u8 = 0x0c;
+const ADMIN_KEEP_ALIVE: u8 = 0x18;
+const IO_FLUSH: u8 = 0x00;
+const IO_WRITE: u8 = 0x01;
+const IO_READ: u8 = 0x02;
+const IO_WRITE_ZEROES: u8 = 0x08;
+const IO_DSM: u8 = 0x09;
+
+// Properties.
+const PROP_CAP: u32 = 0x00;
+const PROP_VS: u32 = 0x08;
+const PROP_CC: u32 = 0x14;
+const PROP_CSTS: u32 = 0x1c;
+
+// Features.
+const FEAT_NUM_QUEUES: u8 = 0x07;
+const FEAT_ASYNC_EVENT: u8 = 0x0b;
+const FEAT_KEEP_ALIVE: u8 = 0x0f;
+
+/// SGL descriptor types (byte 15 of the descriptor): data block with an offset into the
+/// capsule, and transport data block (data comes by R2T and H2CData, or goes by C2HData).
+const SGL_IN_CAPSULE: u8 = 0x01;
+const SGL_TRANSPORT: u8 = 0x5a;
+
+/// A completion status: status code type, status code, do-not-retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub sct: u8,
+    pub sc: u8,
+    pub dnr: bool,
+}
+
+impl Status {
+    pub const SUCCESS: Status = Status { sct: 0, sc: 0, dnr: false };
+    pub const INVALID_OPCODE: Status = Status::generic(0x01);
+    pub const INVALID_FIELD: Status = Status::generic(0x02);
+    pub const INTERNAL: Status = Status { sct: 0, sc: 0x06, dnr: false };
+    pub const INVALID_NAMESPACE: Status = Status::generic(0x0b);
+    pub const SEQUENCE_ERROR: Status = Status::generic(0x0c);
+    pub const DATA_SGL_LENGTH: Status = Status::generic(0x0f);
+    pub const LBA_OUT_OF_RANGE: Status = Status::generic(0x80);
+    pub const AER_LIMIT: Status = Status::specific(0x05);
+    pub const INVALID_LOG_PAGE: Status = Status::specific(0x09);
+    pub const CONNECT_INCOMPATIBLE_FORMAT: Status = Status::specific(0x80);
+    pub const CONNECT_INVALID_PARAMETERS: Status = Status::specific(0x82);
+    pub const CONNECT_INVALID_HOST: Status = Status::specific(0x84);
+    /// Path related: the namespace is not accessible through this controller now; the
+    /// host retries on another path (no DNR).
+    pub const ANA_INACCESSIBLE: Status = Status { sct: 3, sc: 0x02, dnr: false };
+
+    const fn generic(sc: u8) -> Status {
+        Status { sct: 0, sc, dnr: true }
+    }
+    const fn specific(sc: u8) -> Status {
+        Status { sct: 1, sc, dnr: true }
+    }
+
+    /// The 16-bit status field of a completion queue entry (phase tag 0).
+    pub fn field(self) -> u16 {
+        (u16::from(self.sc) << 1) | (u16::from(self.sct & 7) << 9) | (u16::from(self.dnr) << 15)
+    }
+
+    pub fn from_field(field: u16) -> Status {
+        Status { sc: ((field >> 1) & 0xff) as u8, sct: ((field >> 9) & 7) as u8, dnr: field & (1 << 15) != 0 }
+    }
+}
+
+/// A completion queue entry.
+pub fn cqe(dw0: u32, dw1: u32, sqhd: u16, sqid: u16, cid: u16, status: Status) -> [u8; CQE_BYTES] {
+    let mut c = [0u8; CQE_BYTES];
+    c[0..4].copy_from_slice(&dw0.to_le_bytes());
+    c[4..8].copy_from_slice(&dw1.to_le_bytes());
+    c[8..10].copy_from_slice(&sqhd.to_le_bytes());
+    c[10..12].copy_from_slice(&sqid.to_le_bytes());
+    c[12..14].copy_from_slice(&cid.to_le_bytes());
+    c[14..16].copy_from_slice(&status.field().to_le_bytes());
+    c
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+}
+/// The low and high 32 bits of `v` (dword 0 and dword 1 of a completion).
+#[allow(clippy::cast_possible_truncation)]
+fn halves(v: u64) -> (u32, u32) {
+    (v as u32, (v >> 32) as u32)
+}
+/// A NUL-terminated string field.
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Why a connection ended. Logged as one line naming the peer.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    #[error("configuring the socket failed")]
+    Socket(#[source] io::Error),
+    #[error("reading failed")]
+    Read(#[source] io::Error),
+    #[error("writing failed")]
+    Write(#[source] io::Error),
+    #[error("bad PDU, connection terminated")]
+    Pdu(#[source] PduError),
+    #[error("the host terminated the connection (status {fes:#x}, field at byte {fei})")]
+    HostTerminated { fes: u16, fei: u32 },
+    #[error("no ICReq within {0:?}")]
+    NoIcReq(Duration),
+    #[error("the host closed the connection in the middle of a PDU")]
+    Truncated,
+    #[error("keep alive timeout: nothing heard on the admin queue for {0} ms")]
+    KeepAlive(u128),
+    #[error("controller {0:#06x} is gone (its admin queue closed)")]
+    ControllerGone(u16),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("starting the writer thread failed")]
+    Spawn(#[source] io::Error),
+}
+
+/// What the reader and the writer of one queue share.
+#[derive(Debug, Default)]
+struct QueueInfo {
+    qid: AtomicU16,
+    /// Entries of the submission queue (SQSIZE + 1), once connected.
+    entries: AtomicU32,
+    /// Commands taken from the queue: the SQ head the completions report.
+    consumed: AtomicU32,
+    /// Commands handed to the export and not yet answered.
+    in_flight: AtomicUsize,
+}
+
+impl QueueInfo {
+    fn sqhd(&self) -> u16 {
+        let entries = self.entries.load(Ordering::Relaxed).max(1);
+        u16::try_from(self.consumed.load(Ordering::Relaxed) % entries).unwrap_or(0)
+    }
+}
+
+/// The cookie of a submitted command: its command identifier, and whether it is a read.
+const COOKIE_READ: u64 = 1 << 16;
+
+/// Serves one connection until it ends; logs why it ended, if not cleanly.
+pub(super) fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let closer = stream.try_clone().ok();
+    if let Err(e) = run(stream, peer, shared) {
+        tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e));
+    }
+    if let Some(c) = closer {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), QueueError> {
+    stream.set_nodelay(true).map_err(QueueError::Socket)?;
+    stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
+    let local = stream.local_addr().map_err(QueueError::Socket)?;
+    let mut reader = PduReader::new(ADMIN_INLINE_DATA_BYTES, H2C_DATA_BYTES_MAX);
+    let started = Instant::now();
+    let framing = loop {
+        match reader.next_pdu() {
+            Ok(Some(Pdu::IcReq { pfv, hpda, header_digest, data_digest, .. })) => {
+                if pfv != 0 || hpda > 31 {
+                    let e = PduError {
+                        fes: super::pdu::FES_UNSUPPORTED,
+                        fei: if pfv != 0 { 8 } else { 10 },
+                        what: format!(
+                            "ICReq with PDU format version {pfv} and data alignment {hpda} (0 and at most 31 served)"
+                        ),
+                        header: Vec::new(),
+                    };
+                    return Err(terminate(&mut stream, e));
+                }
+                let f = Framing { header_digest, data_digest, hpda };
+                let mut out = Vec::new();
+                f.ic_resp(&mut out, u32::try_from(H2C_DATA_BYTES_MAX).unwrap_or(u32::MAX));
+                stream.write_all(&out).map_err(QueueError::Write)?;
+                reader.initialize(header_digest, data_digest);
+                break f;
+            }
+            Ok(Some(other)) => return Err(QueueError::Protocol(format!("{other:?} before the ICReq"))),
+            Ok(None) => {}
+            Err(e) => return Err(terminate(&mut stream, e)),
+        }
+        if shared.shutdown.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if started.elapsed() > IC_TIMEOUT {
+            return Err(QueueError::NoIcReq(IC_TIMEOUT));
+        }
+        match reader.fill(&mut stream) {
+            Ok(0) if reader.partial() => return Err(QueueError::Truncated),
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(QueueError::Read(e)),
+        }
+    };
+    let info = Arc::new(QueueInfo::default());
+    let (out_tx, out_rx) = unbounded::<Vec<u8>>();
+    let (io_tx, io_rx) = unbounded::<IoReply>();
+    let writer = {
+        let stream = stream.try_clone().map_err(QueueError::Socket)?;
+        let info = info.clone();
+        thread::Builder::new()
+            .name(format!("nvmf-w-{peer}"))
+            .spawn(move || write_loop(stream, framing, &info, &out_rx, &io_rx))
+            .map_err(QueueError::Spawn)?
+    };
+    let mut q = Queue {
+        shared,
+        peer,
+        local,
+        reader,
+        framing,
+        info,
+        out: out_tx,
+        io: io_tx,
+        ctrl: None,
+        admin: None,
+        transfers: HashMap::new(),
+        next_ttag: 0,
+        last_tick: Instant::now(),
+    };
+    let result = q.run(&mut stream);
+    if let (Some(c), Some(_)) = (&q.ctrl, &q.admin) {
+        shared.drop_controller(c);
+        tracing::info!("nvmf: {peer}: controller {:#06x} of {} ended", c.cntlid, c.subnqn);
+    }
+    // The writer ends once every command handed to the export is answered (or dropped).
+    drop(q);
+    let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+    match (result, written) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(QueueError::Write(e)),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
+}
+
+/// Sends a C2HTermReq for `e` (best effort: the connection ends either way).
+fn terminate(stream: &mut TcpStream, e: PduError) -> QueueError {
+    let mut out = Vec::new();
+    c2h_term_req(&mut out, &e);
+    let _ = stream.write_all(&out);
+    QueueError::Pdu(e)
+}
+
+/// The admin queue's own state.
+#[derive(Debug)]
+struct AdminState {
+    cc: u32,
+    csts: u32,
+    kato_ms: u32,
+    async_config: u32,
+    /// Asynchronous Event Requests held, by command identifier.
+    aers: Vec<u16>,
+    ana: AnaState,
+    ana_changes: u64,
+    /// An ANA change not yet reported (no AER was held when it happened).
+    notice_owed: bool,
+    last_heard: Instant,
+}
+
+/// Write data being fetched with R2T.
+struct Transfer {
+    sqe: [u8; 64],
+    data: Vec<u8>,
+    total: usize,
+}
+
+struct Queue<'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    local: SocketAddr,
+    reader: PduReader,
+    framing: Framing,
+    info: Arc<QueueInfo>,
+    out: Sender<Vec<u8>>,
+    io: Sender<IoReply>,
+    ctrl: Option<Arc<Controller>>,
+    admin: Option<AdminState>,
+    transfers: HashMap<u16, Transfer>,
+    next_ttag: u16,
+    last_tick: Instant,
+}
+
+impl Queue<'_> {
+    fn run(&mut self, stream: &mut TcpStream) -> Result<(), QueueError> {
+        loop {
+            loop {
+                match self.reader.next_pdu() {
+                    Ok(Some(p)) => self.on_pdu(p)?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let mut out = Vec::new();
+                        c2h_term_req(&mut out, &e);
+                        let _ = self.out.send(out);
+                        return Err(QueueError::Pdu(e));
+                    }
+                }
+            }
+            match self.reader.fill(stream) {
+                Ok(0) if self.reader.partial() => return Err(QueueError::Truncated),
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(QueueError::Read(e)),
+            }
+            if self.last_tick.elapsed() >= TICK {
+                self.last_tick = Instant::now();
+                if self.shared.shutdown.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.tick()?;
+            }
+        }
+    }
+
+    /// Periodic work: the controller of an I/O queue still alive; the admin queue's keep
+    /// alive timer and ANA state.
+    fn tick(&mut self) -> Result<(), QueueError> {
+        let Some(ctrl) = self.ctrl.clone() else { return Ok(()) };
+        let Some(a) = self.admin.as_mut() else {
+            if !ctrl.alive.load(Ordering::Acquire) {
+                return Err(QueueError::ControllerGone(ctrl.cntlid));
+            }
+            return Ok(());
+        };
+        if a.kato_ms > 0 && a.last_heard.elapsed() > Duration::from_millis(2 * u64::from(a.kato_ms)) {
+            return Err(QueueError::KeepAlive(a.last_heard.elapsed().as_millis()));
+        }
+        let Some(volume) = &ctrl.volume else { return Ok(()) };
+        let state = self.shared.ana_state(volume);
+        if state != a.ana {
+            tracing::info!(
+                "nvmf: {}: controller {:#06x} of {}: ANA state {:?} -> {state:?}",
+                self.peer,
+                ctrl.cntlid,
+                ctrl.subnqn,
+                a.ana
+            );
+            a.ana = state;
+            a.ana_changes += 1;
+            if a.async_config & OAES_ANA_CHANGE != 0 {
+                a.notice_owed = true;
+            }
+        }
+        self.send_owed_notice();
+        Ok(())
+    }
+
+    fn send_owed_notice(&mut self) {
+        let Some(a) = self.admin.as_mut() else { return };
+        if !a.notice_owed {
+            return;
+        }
+        let Some(cid) = a.aers.pop() else { return };
+        a.notice_owed = false;
+        // Notice (type 2), ANA change (info 03h), log page 0Ch.
+        self.respond(cid, 2 | (0x03 << 8) | (0x0c << 16), 0, Status::SUCCESS);
+    }
+
+    fn on_pdu(&mut self, pdu: Pdu) -> Result<(), QueueError> {
+        match pdu {
+            Pdu::CapsuleCmd { sqe, data } => {
+                self.info.consumed.fetch_add(1, Ordering::Relaxed);
+                self.on_command(sqe, data)
+            }
+            Pdu::H2CData { cccid, ttag, datao, data, last } => self.on_h2c_data(cccid, ttag, datao, data, last),
+            Pdu::TermReq { fes, fei } => Err(QueueError::HostTerminated { fes, fei }),
+            Pdu::IcReq { .. } => Err(QueueError::Protocol("a second ICReq".into())),
+        }
+    }
+
+    fn fail_transfer(&mut self, fes: u16, fei: u32, what: String) -> QueueError {
+        let e = PduError { fes, fei, what, header: Vec::new() };
+        let mut out = Vec::new();
+        c2h_term_req(&mut out, &e);
+        let _ = self.out.send(out);
+        QueueError::Pdu(e)
+    }
+
+    fn on_h2c_data(&mut self, cccid: u16, ttag: u16, datao: u32, data: Vec<u8>, last: bool) -> Result<(), QueueError> {
+        let Some(t) = self.transfers.get_mut(&ttag) else {
+            return Err(self.fail_transfer(FES_SEQUENCE, 10, format!("H2CData for unknown transfer tag {ttag}")));
+        };
+        let cid = u16_at(&t.sqe, 2);
+        if cccid != cid || datao as usize != t.data.len() || t.data.len() + data.len() > t.total {
+            let what = format!(
+                "H2CData (command {cccid}, offset {datao}, {} bytes) does not continue transfer {ttag} (command {cid}, {} of {} bytes)",
+                data.len(),
+                t.data.len(),
+                t.total
+            );
+            return Err(self.fail_transfer(FES_OUT_OF_RANGE, 12, what));
+        }
+        t.data.extend_from_slice(&data);
+        if t.data.len() < t.total {
+            if last {
+                let what = format!("H2CData marked last after {} of {} bytes", t.data.len(), t.total);
+                return Err(self.fail_transfer(FES_SEQUENCE, 1, what));
+            }
+            return Ok(());
+        }
+        let t = self.transfers.remove(&ttag).expect("present");
+        self.dispatch(t.sqe, t.data)
+    }
+
+    fn on_command(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), QueueError> {
+        let opcode = sqe[0];
+        let cid = u16_at(&sqe, 2);
+        // Data the host sends, not in the capsule: fetched with an R2T first.
+        let host_to_controller = if opcode == OPC_FABRICS { sqe[4] & 3 == 1 } else { opcode & 3 == 1 };
+        let sgl_len = u32_at(&sqe, 32) as usize;
+        if host_to_controller && data.is_empty() && sqe[39] == SGL_TRANSPORT && sgl_len > 0 {
+            if self.ctrl.is_none() && opcode != OPC_FABRICS {
+                self.respond(cid, 0, 0, Status::SEQUENCE_ERROR);
+                return Ok(());
+            }
+            if sgl_len > TRANSFER_BYTES_MAX {
+                self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+                return Ok(());
+            }
+            let limit = self.info.entries.load(Ordering::Relaxed).max(1) as usize;
+            if self.transfers.len() >= limit {
+                return Err(QueueError::Protocol(format!("more than {limit} write transfers at once")));
+            }
+            let mut ttag = self.next_ttag;
+            while self.transfers.contains_key(&ttag) {
+                ttag = ttag.wrapping_add(1);
+            }
+            self.next_ttag = ttag.wrapping_add(1);
+            self.transfers.insert(ttag, Transfer { sqe, data: Vec::with_capacity(sgl_len), total: sgl_len });
+            let mut out = Vec::new();
+            self.framing.r2t(&mut out, cid, ttag, 0, u32_at(&sqe, 32));
+            let _ = self.out.send(out);
+            return Ok(());
+        }
+        if !data.is_empty() && (sqe[39] != SGL_IN_CAPSULE || u64_at(&sqe, 24) != 0 || sgl_len != data.len()) {
+            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+            return Ok(());
+        }
+        self.dispatch(sqe, data)
+    }
+
+    /// A command with all its data at hand.
+    fn dispatch(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), QueueError> {
+        let cid = u16_at(&sqe, 2);
+        if let Some(a) = self.admin.as_mut() {
+            a.last_heard = Instant::now();
+        }
+        if sqe[0] == OPC_FABRICS {
+            return self.fabrics(&sqe, cid, &data);
+        }
+        if self.ctrl.is_none() {
+            self.respond(cid, 0, 0, Status::SEQUENCE_ERROR);
+            return Ok(());
+        }
+        if self.admin.is_some() {
+            self.admin_command(&sqe, cid);
+            Ok(())
+        } else {
+            self.io_command(&sqe, cid, data)
+        }
+    }
+
+    fn respond(&self, cid: u16, dw0: u32, dw1: u32, status: Status) {
+        let mut out = Vec::with_capacity(32);
+        let qid = self.info.qid.load(Ordering::Relaxed);
+        self.framing.capsule_resp(&mut out, &cqe(dw0, dw1, self.info.sqhd(), qid, cid, status));
+        let _ = self.out.send(out);
+    }
+
+    /// Data for the host (at most the `want` bytes its SGL describes, zero-filled up to it),
+    /// then a successful completion.
+    fn respond_data(&self, cid: u16, sqe: &[u8; 64], page: &[u8], from: usize) {
+        let want = u32_at(sqe, 32) as usize;
+        let mut data = vec![0u8; want.min(TRANSFER_BYTES_MAX)];
+        if from < page.len() {
+            let n = (page.len() - from).min(data.len());
+            data[..n].copy_from_slice(&page[from..from + n]);
+        }
+        let mut out = Vec::with_capacity(data.len() + 64);
+        if !data.is_empty() {
+            self.framing.c2h_data(&mut out, cid, 0, &data, true);
+        }
+        let qid = self.info.qid.load(Ordering::Relaxed);
+        self.framing.capsule_resp(&mut out, &cqe(0, 0, self.info.sqhd(), qid, cid, Status::SUCCESS));
+        let _ = self.out.send(out);
+    }
+
+    fn fabrics(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), QueueError> {
+        match sqe[4] {
+            FCTYPE_CONNECT => self.connect(sqe, cid, data),
+            FCTYPE_PROPERTY_SET | FCTYPE_PROPERTY_GET if self.admin.is_none() => {
+                self.respond(cid, 0, 0, Status::INVALID_FIELD);
+                Ok(())
+            }
+            FCTYPE_PROPERTY_SET => {
+                let offset = u32_at(sqe, 44);
+                let value = u32_at(sqe, 48);
+                let a = self.admin.as_mut().expect("checked above");
+                let status = match offset {
+                    PROP_CC => {
+                        a.cc = value;
+                        let mut csts = u32::from(value & 1 != 0); // RDY follows EN
+                        if (value >> 14) & 3 != 0 {
+                            csts |= 2 << 2; // SHST: shutdown complete
+                        }
+                        a.csts = csts;
+                        Status::SUCCESS
+                    }
+                    _ => Status::INVALID_FIELD,
+                };
+                self.respond(cid, 0, 0, status);
+                Ok(())
+            }
+            FCTYPE_PROPERTY_GET => {
+                let offset = u32_at(sqe, 44);
+                let a = self.admin.as_ref().expect("checked above");
+                let value: Option<u64> = match offset {
+                    // MQES (0-based), CQR, TO 7.5 s, CSS: NVM command set; pages 4 KiB.
+                    PROP_CAP => Some(u64::from(IO_QUEUE_ENTRIES - 1) | (1 << 16) | (15 << 24) | (1 << 37)),
+                    PROP_VS => Some(0x0001_0300),
+                    PROP_CC => Some(u64::from(a.cc)),
+                    PROP_CSTS => Some(u64::from(a.csts)),
+                    _ => None,
+                };
+                match value {
+                    Some(v) => {
+                        let (low, high) = halves(v);
+                        self.respond(cid, low, high, Status::SUCCESS);
+                    }
+                    None => self.respond(cid, 0, 0, Status::INVALID_FIELD),
+                }
+                Ok(())
+            }
+            _ => {
+                self.respond(cid, 0, 0, Status::INVALID_OPCODE);
+                Ok(())
+            }
+        }
+    }
+
+    /// Connect refused: the attribute at fault (0 the command, 1 its data) and its byte offset.
+    fn refuse_connect(&self, cid: u16, status: Status, in_data: bool, offset: u16, why: &str) {
+        tracing::warn!("nvmf: {}: Connect refused: {why}", self.peer);
+        self.respond(cid, u32::from(in_data) | (u32::from(offset) << 16), 0, status);
+    }
+
+    fn connect(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), QueueError> {
+        if self.ctrl.is_some() {
+            self.respond(cid, 0, 0, Status::SEQUENCE_ERROR);
+            return Ok(());
+        }
+        if u16_at(sqe, 40) != 0 {
+            self.refuse_connect(cid, Status::CONNECT_INCOMPATIBLE_FORMAT, false, 40, "record format other than 0");
+            return Ok(());
+        }
+        if data.len() < 1024 {
+            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+            return Ok(());
+        }
+        let qid = u16_at(sqe, 42);
+        let sqsize = u16_at(sqe, 44);
+        let kato = u32_at(sqe, 48);
+        let cntlid = u16_at(data, 16);
+        let subnqn = cstr(&data[256..512]);
+        let hostnqn = cstr(&data[512..768]);
+        if sqsize == 0 || sqsize >= IO_QUEUE_ENTRIES {
+            let why = format!("queue size {} outside 2..={IO_QUEUE_ENTRIES}", u32::from(sqsize) + 1);
+            self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, false, 44, &why);
+            return Ok(());
+        }
+        if qid == 0 {
+            let volume = if subnqn == DISCOVERY_NQN {
+                None
+            } else {
+                match subnqn.strip_prefix(NQN_PREFIX).filter(|v| self.shared.registry.lookup(v).is_some()) {
+                    Some(v) => Some(v.to_owned()),
+                    None => {
+                        let why = format!("no subsystem {subnqn:?} here");
+                        self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, true, 256, &why);
+                        return Ok(());
+                    }
+                }
+            };
+            if let Some(v) = &volume {
+                if !self.shared.registry.admits(v, self.peer.ip()) {
+                    let why = format!("volume {v:?} does not admit {} (its allow-list)", self.peer.ip());
+                    self.refuse_connect(cid, Status::CONNECT_INVALID_HOST, true, 512, &why);
+                    return Ok(());
+                }
+            }
+            let ana = volume.as_deref().map_or(AnaState::Optimized, |v| self.shared.ana_state(v));
+            let ctrl = self.shared.new_controller(volume, subnqn, hostnqn);
+            tracing::info!(
+                "nvmf: {}: controller {:#06x} of {} for {} (ANA {ana:?}, keep alive {kato} ms)",
+                self.peer,
+                ctrl.cntlid,
+                ctrl.subnqn,
+                ctrl.hostnqn
+            );
+            self.admin = Some(AdminState {
+                cc: 0,
+                csts: 0,
+                kato_ms: kato,
+                async_config: 0,
+                aers: Vec::new(),
+                ana,
+                ana_changes: 0,
+                notice_owed: false,
+                last_heard: Instant::now(),
+            });
+            self.info.entries.store(u32::from(sqsize) + 1, Ordering::Relaxed);
+            let id = ctrl.cntlid;
+            self.ctrl = Some(ctrl);
+            self.respond(cid, u32::from(id), 0, Status::SUCCESS);
+            return Ok(());
+        }
+        let found = self.shared.controllers.lock().get(&cntlid).cloned();
+        let Some(ctrl) = found.filter(|c| c.alive.load(Ordering::Acquire)) else {
+            let why = format!("I/O queue {qid} for controller {cntlid:#06x}, which does not exist");
+            self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, true, 16, &why);
+            return Ok(());
+        };
+        if ctrl.subnqn != subnqn || ctrl.hostnqn != hostnqn {
+            let why = format!("I/O queue {qid} names controller {cntlid:#06x} of another subsystem or host");
+            self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, true, 16, &why);
+            return Ok(());
+        }
+        if ctrl.volume.is_none() || qid > ctrl.io_queues.load(Ordering::Acquire) {
+            let why = format!("I/O queue {qid} beyond the {} granted", ctrl.io_queues.load(Ordering::Acquire));
+            self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, false, 42, &why);
+            return Ok(());
+        }
+        self.info.qid.store(qid, Ordering::Relaxed);
+        self.info.entries.store(u32::from(sqsize) + 1, Ordering::Relaxed);
+        self.reader.set_capsule_data_max(INLINE_DATA_BYTES);
+        self.ctrl = Some(ctrl);
+        self.respond(cid, 0, 0, Status::SUCCESS);
+        Ok(())
+    }
+
+    fn guid(&self, volume: &str) -> [u8; 16] {
+        admin::namespace_guid(self.shared.registry.volume_id(volume).unwrap_or(0), volume)
+    }
+
+    fn admin_command(&mut self, sqe: &[u8; 64], cid: u16) {
+        let ctrl = self.ctrl.clone().expect("connected");
+        let nsid = u32_at(sqe, 4);
+        let cdw11 = u32_at(sqe, 44);
+        match sqe[0] {
+            ADMIN_IDENTIFY => {
+                let cns = sqe[40];
+                let page = match (cns, &ctrl.volume) {
+                    (0x01, _) => {
+                        let serial = match &ctrl.volume {
+                            Some(v) => format!("{:016x}", self.shared.registry.volume_id(v).unwrap_or(0)),
+                            None => "discovery".to_owned(),
+                        };
+                        admin::identify_controller(&ControllerIdentity {
+                            cntlid: ctrl.cntlid,
+                            subnqn: &ctrl.subnqn,
+                            serial: &serial,
+                            io: ctrl.volume.is_some(),
+                        })
+                    }
+                    (0x00 | 0x03, Some(v)) => {
+                        if nsid != NSID {
+                            return self.respond(cid, 0, 0, Status::INVALID_NAMESPACE);
+                        }
+                        if cns == 0x03 {
+                            admin::namespace_descriptors(self.guid(v))
+                        } else {
+                            let Some(export) = self.shared.registry.lookup(v) else {
+                                return self.respond(cid, 0, 0, Status::INVALID_NAMESPACE);
+                            };
+                            admin::identify_namespace(export.size(), self.guid(v))
+                        }
+                    }
+                    (0x02, Some(_)) => admin::active_namespaces(nsid),
+                    _ => return self.respond(cid, 0, 0, Status::INVALID_FIELD),
+                };
+                self.respond_data(cid, sqe, &page, 0);
+            }
+            ADMIN_GET_LOG_PAGE => {
+                let lid = sqe[40];
+                let lsp = sqe[41] & 0x0f;
+                let dwords = ((u64::from(u16_at(sqe, 46)) << 16) | u64::from(u16_at(sqe, 42))) + 1;
+                let offset = u64_at(sqe, 48);
+                if dwords * 4 > TRANSFER_BYTES_MAX as u64 || dwords * 4 > u64::from(u32_at(sqe, 32)) {
+                    return self.respond(cid, 0, 0, Status::INVALID_FIELD);
+                }
+                let a = self.admin.as_ref().expect("admin queue");
+                let page = match (lid, &ctrl.volume) {
+                    (0x01, _) => vec![0u8; admin::ERROR_LOG_ENTRY_BYTES],
+                    (0x02, _) => admin::smart_log(),
+                    (0x0c, Some(_)) => admin::ana_log(a.ana_changes, a.ana, lsp & 1 != 0),
+                    (0x70, None) => admin::discovery_log(&self.discovery_entries()),
+                    _ => return self.respond(cid, 0, 0, Status::INVALID_LOG_PAGE),
+                };
+                if !offset.is_multiple_of(4) || offset > page.len() as u64 {
+                    return self.respond(cid, 0, 0, Status::INVALID_FIELD);
+                }
+                self.respond_data(cid, sqe, &page, crate::usize_of(offset));
+            }
+            ADMIN_SET_FEATURES => {
+                let a = self.admin.as_mut().expect("admin queue");
+                match sqe[40] {
+                    FEAT_NUM_QUEUES => {
+                        let (nsqr, ncqr) = (cdw11 & 0xffff, cdw11 >> 16);
+                        if nsqr == 0xffff || ncqr == 0xffff || ctrl.volume.is_none() {
+                            return self.respond(cid, 0, 0, Status::INVALID_FIELD);
+                        }
+                        let granted = (nsqr.min(ncqr) + 1).min(u32::from(IO_QUEUES_MAX));
+                        ctrl.io_queues.store(u16::try_from(granted).unwrap_or(IO_QUEUES_MAX), Ordering::Release);
+                        self.respond(cid, (granted - 1) | ((granted - 1) << 16), 0, Status::SUCCESS);
+                    }
+                    FEAT_ASYNC_EVENT => {
+                        a.async_config = cdw11;
+                        self.respond(cid, 0, 0, Status::SUCCESS);
+                    }
+                    FEAT_KEEP_ALIVE => {
+                        a.kato_ms = cdw11;
+                        self.respond(cid, 0, 0, Status::SUCCESS);
+                    }
+                    _ => self.respond(cid, 0, 0, Status::INVALID_FIELD),
+                }
+            }
+            ADMIN_GET_FEATURES => {
+                let a = self.admin.as_ref().expect("admin queue");
+                let value = match sqe[40] {
+                    FEAT_NUM_QUEUES => {
+                        let n = u32::from(ctrl.io_queues.load(Ordering::Acquire)).max(1) - 1;
+                        Some(n | (n << 16))
+                    }
+                    FEAT_ASYNC_EVENT => Some(a.async_config),
+                    FEAT_KEEP_ALIVE => Some(a.kato_ms),
+                    _ => None,
+                };
+                match value {
+                    Some(v) => self.respond(cid, v, 0, Status::SUCCESS),
+                    None => self.respond(cid, 0, 0, Status::INVALID_FIELD),
+                }
+            }
+            ADMIN_ASYNC_EVENT => {
+                let a = self.admin.as_mut().expect("admin queue");
+                if a.aers.len() >= AER_MAX {
+                    return self.respond(cid, 0, 0, Status::AER_LIMIT);
+                }
+                a.aers.push(cid);
+                self.send_owed_notice();
+            }
+            ADMIN_KEEP_ALIVE => self.respond(cid, 0, 0, Status::SUCCESS),
+            // Nothing is aborted: bit 0 set says so.
+            ADMIN_ABORT => self.respond(cid, 1, 0, Status::SUCCESS),
+            _ => self.respond(cid, 0, 0, Status::INVALID_OPCODE),
+        }
+    }
+
+    /// Every volume's subsystem, at this node's address and at the other node's of its pair.
+    fn discovery_entries(&self) -> Vec<DiscoveryEntry> {
+        let mut entries = Vec::new();
+        let here = SocketAddr::new(self.local.ip(), self.shared.port);
+        for name in self.shared.registry.names() {
+            let subnqn = super::subsystem_nqn(&name);
+            entries.push(DiscoveryEntry { subnqn: subnqn.clone(), addr: here, port_id: 1 });
+            for addr in self.shared.registry.other_paths(&name) {
+                entries.push(DiscoveryEntry { subnqn: subnqn.clone(), addr, port_id: 2 });
+            }
+        }
+        entries
+    }
+
+    fn io_command(&mut self, sqe: &[u8; 64], cid: u16, data: Vec<u8>) -> Result<(), QueueError> {
+        let ctrl = self.ctrl.clone().expect("connected");
+        let volume = ctrl.volume.as_deref().expect("I/O queues belong to volume controllers");
+        let export = match self.shared.registry.lookup(volume) {
+            Some(e) if !e.read_only() => e,
+            _ => {
+                self.respond(cid, 0, 0, Status::ANA_INACCESSIBLE);
+                return Ok(());
+            }
+        };
+        if u32_at(sqe, 4) != NSID {
+            self.respond(cid, 0, 0, Status::INVALID_NAMESPACE);
+            return Ok(());
+        }
+        let size = export.size();
+        let shift = admin::lba_shift(size);
+        let slba = u64_at(sqe, 40);
+        let cdw12 = u32_at(sqe, 48);
+        let blocks = u64::from(cdw12 & 0xffff) + 1;
+        let fua = cdw12 & (1 << 30) != 0;
+        let range = |slba: u64, blocks: u64| -> Option<(u64, u64)> {
+            let offset = slba.checked_shl(u32::from(shift)).filter(|o| o >> shift == slba)?;
+            let len = blocks << shift;
+            (offset.checked_add(len)? <= size).then_some((offset, len))
+        };
+        let request = match sqe[0] {
+            IO_FLUSH => IoRequest::Flush,
+            IO_READ | IO_WRITE | IO_WRITE_ZEROES => {
+                let Some((offset, len)) = range(slba, blocks) else {
+                    self.respond(cid, 0, 0, Status::LBA_OUT_OF_RANGE);
+                    return Ok(());
+                };
+                // At most 65536 blocks of 4 KiB: 256 MiB, which a u32 holds.
+                let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+                match sqe[0] {
+                    IO_WRITE_ZEROES => IoRequest::WriteZeroes { offset, len: len32, fua },
+                    _ if crate::usize_of(len) > TRANSFER_BYTES_MAX => {
+                        self.respond(cid, 0, 0, Status::INVALID_FIELD);
+                        return Ok(());
+                    }
+                    IO_READ => {
+                        if u32_at(sqe, 32) < len32 {
+                            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+                            return Ok(());
+                        }
+                        IoRequest::Read { offset, len: len32 }
+                    }
+                    _ => {
+                        if data.len() as u64 != len {
+                            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+                            return Ok(());
+                        }
+                        IoRequest::Write { offset, data, fua }
+                    }
+                }
+            }
+            IO_DSM => {
+                let status = self.deallocate(export.as_ref(), sqe, &data, shift, &range);
+                self.respond(cid, 0, 0, status);
+                return Ok(());
+            }
+            _ => {
+                self.respond(cid, 0, 0, Status::INVALID_OPCODE);
+                return Ok(());
+            }
+        };
+        let entries = self.info.entries.load(Ordering::Relaxed) as usize;
+        if self.info.in_flight.load(Ordering::Acquire) >= entries {
+            return Err(QueueError::Protocol(format!("more than the queue's {entries} commands outstanding")));
+        }
+        self.info.in_flight.fetch_add(1, Ordering::AcqRel);
+        let cookie = u64::from(cid) | if matches!(request, IoRequest::Read { .. }) { COOKIE_READ } else { 0 };
+        export.submit(request, Completer::new(cookie, self.io.clone()));
+        Ok(())
+    }
+
+    /// Dataset Management: the deallocate ranges become trims, served one after the other
+    /// before the command is answered (a command rare enough to wait for here).
+    fn deallocate(
+        &self,
+        export: &dyn Export,
+        sqe: &[u8; 64],
+        data: &[u8],
+        shift: u8,
+        range: &dyn Fn(u64, u64) -> Option<(u64, u64)>,
+    ) -> Status {
+        let ranges = usize::from(sqe[40]) + 1;
+        if data.len() < ranges * 16 {
+            return Status::DATA_SGL_LENGTH;
+        }
+        if u32_at(sqe, 44) & (1 << 2) == 0 {
+            return Status::SUCCESS; // attributes only: nothing to do
+        }
+        let mut trims = Vec::new();
+        for r in data[..ranges * 16].chunks_exact(16) {
+            let blocks = u64::from(u32_at(r, 4));
+            if blocks == 0 {
+                continue;
+            }
+            let Some((mut offset, mut len)) = range(u64_at(r, 8), blocks) else { return Status::LBA_OUT_OF_RANGE };
+            // A trim names at most u32::MAX bytes: long ranges go in 1 GiB pieces.
+            while len > 0 {
+                let piece = len.min(1 << 30).min((u64::from(u32::MAX) >> shift) << shift);
+                trims.push((offset, piece as u32));
+                offset += piece;
+                len -= piece;
+            }
+        }
+        for (offset, len) in trims {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            export.submit(IoRequest::Trim { offset, len }, Completer::new(0, tx));
+            match rx.recv_timeout(TRIM_TIMEOUT) {
+                Ok(IoReply { result: Ok(_), .. }) => {}
+                Ok(IoReply { result: Err(e), .. }) => {
+                    tracing::warn!("nvmf: {}: deallocate of {len} bytes at {offset} failed: {e}", self.peer);
+                    return Status::INTERNAL;
+                }
+                Err(_) => return Status::INTERNAL,
+            }
+        }
+        Status::SUCCESS
+    }
+}
+
+/// Sends what the reader hands over and what the export completes, batching into one
+/// system call whatever is waiting. Ends once the reader has gone and every command it
+/// submitted is answered.
+fn write_loop(
+    mut stream: TcpStream,
+    framing: Framing,
+    info: &QueueInfo,
+    out: &Receiver<Vec<u8>>,
+    io: &Receiver<IoReply>,
+) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let (mut out_gone, mut io_gone) = (false, false);
+    let mut failed: Option<io::Error> = None;
+    loop {
+        // Block for the next item. A channel reports that it is closed only once it is
+        // empty, so nothing sent before the reader left is lost.
+        let first = match (out_gone, io_gone) {
+            (true, true) => break,
+            (false, true) => match out.recv() {
+                Ok(bytes) => Err(bytes),
+                Err(_) => {
+                    out_gone = true;
+                    continue;
+                }
+            },
+            (true, false) => match io.recv() {
+                Ok(reply) => Ok(reply),
+                Err(_) => {
+                    io_gone = true;
+                    continue;
+                }
+            },
+            (false, false) => select! {
+                recv(out) -> m => match m {
+                    Ok(bytes) => Err(bytes),
+                    Err(_) => { out_gone = true; continue; }
+                },
+                recv(io) -> r => match r {
+                    Ok(reply) => Ok(reply),
+                    Err(_) => { io_gone = true; continue; }
+                },
+            },
+        };
+        let mut item = Some(first);
+        while let Some(next) = item.take() {
+            match next {
+                Err(bytes) => buf.extend_from_slice(&bytes),
+                Ok(reply) => encode_reply(&mut buf, framing, info, reply),
+            }
+            if buf.len() >= WRITE_BATCH_BYTES {
+                break;
+            }
+            item = out.try_recv().map(Err).ok().or_else(|| io.try_recv().map(Ok).ok());
+        }
+        if failed.is_none() {
+            if let Err(e) = stream.write_all(&buf) {
+                // Keep draining so that every completer finds its channel open.
+                let _ = stream.shutdown(Shutdown::Both);
+                failed = Some(e);
+            }
+        }
+        buf.clear();
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn encode_reply(buf: &mut Vec<u8>, framing: Framing, info: &QueueInfo, reply: IoReply) {
+    info.in_flight.fetch_sub(1, Ordering::AcqRel);
+    let cid = (reply.cookie & 0xffff) as u16;
+    let qid = info.qid.load(Ordering::Relaxed);
+    let status = match reply.result {
+        Ok(Some(data)) if reply.cookie & COOKIE_READ != 0 => {
+            framing.c2h_data(buf, cid, 0, &data, true);
+            Status::SUCCESS
+        }
+        Ok(_) => Status::SUCCESS,
+        Err(e) => {
+            tracing::debug!("nvmf: command {cid} on queue {qid} failed: {e}");
+            Status::INTERNAL
+        }
+    };
+    framing.capsule_resp(buf, &cqe(0, 0, info.sqhd(), qid, cid, status));
+}
