@@ -35,11 +35,13 @@ fn arm(name: &str, p50_us: f64, p99_us: f64, p999_us: f64, ops_s: f64, queue_dep
     }
 }
 
-pub fn run() -> Result<ScenarioResult> {
+/// Runs `hw-tests/run` with only the tests `only` (and `env` on top of the caller's); returns
+/// the figures the guest reported.
+pub fn guest_figures(only: &str, env: &[(&str, &str)]) -> Result<HashMap<String, f64>> {
     let root = workspace_root();
-    eprintln!("[rdma-guest] hw-tests/run with rxe-up and rdma-hop (boots a QEMU guest: minutes)");
     let out = Command::new(root.join("hw-tests/run"))
-        .env("HW_TESTS_ONLY", "rxe-up rdma-hop")
+        .env("HW_TESTS_ONLY", only)
+        .envs(env.iter().copied())
         .current_dir(&root)
         .output()
         .context("run hw-tests/run")?;
@@ -48,12 +50,17 @@ pub fn run() -> Result<ScenarioResult> {
         bail!("hw-tests/run failed ({}):\n{}", out.status, text.lines().rev().take(30).collect::<Vec<_>>().join("\n"));
     }
     // "hw-tests:   NAME = VALUE" lines (the last value of a name wins: the medians come last).
-    let figures: HashMap<String, f64> = text
+    Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix("hw-tests:   "))
         .filter_map(|l| l.split_once(" = "))
         .filter_map(|(k, v)| v.trim().parse::<f64>().ok().map(|v| (k.trim().to_string(), v)))
-        .collect();
+        .collect())
+}
+
+pub fn run() -> Result<ScenarioResult> {
+    eprintln!("[rdma-guest] hw-tests/run with rxe-up and rdma-hop (boots a QEMU guest: minutes)");
+    let figures = guest_figures("rxe-up rdma-hop", &[])?;
     let get = |k: &str| figures.get(k).copied().with_context(|| format!("the guest reported no {k}"));
     let ours_qd1 = get("rdma_append_median_of_rounds_us")?;
     let floor_qd1 = get("ib_read_lat_4096B_median_of_rounds_us")?;
@@ -88,5 +95,54 @@ pub fn run() -> Result<ScenarioResult> {
         ],
         check: Some(Check::at_most("p50(ours, qd1) / typical(ib_read_lat 4 KiB)", ratio_qd1, 1.3, None)),
         notes: vec![format!("second target: {} = {ratio_qd32:.3} (target >= 0.7) {}", qd32.metric, qd32.verdict())],
+    })
+}
+
+/// `nvmf-guest`: nvmirror's NVMe/TCP target against the kernel's nvmet-tcp and against
+/// nvmirror through the kernel's NBD client, inside the hw-tests guest
+/// (hw-tests/guest/tests/nvmf-bench.sh): fio, 4 KiB random writes, qd1 and qd32, three
+/// rounds of 10 s, medians. The target: at least 0.9x nvmet-tcp's IOPS at qd32 for an
+/// unmirrored volume.
+pub fn run_nvmf() -> Result<ScenarioResult> {
+    eprintln!("[nvmf-guest] hw-tests/run with nvmf-bench, 3 rounds of 10 s (boots a QEMU guest: minutes)");
+    let figures = guest_figures("nvmf-bench", &[("HW_TESTS_NVMF_ROUNDS", "3"), ("HW_TESTS_NVMF_SECS", "10")])?;
+    let get = |k: &str| figures.get(k).copied().with_context(|| format!("the guest reported no {k}"));
+    let mut arms = Vec::new();
+    for (system, label) in
+        [("nvmf", "nvmirror NVMe/TCP"), ("nvmet", "nvmet-tcp (kernel)"), ("nbd", "nvmirror NBD (kernel client)")]
+    {
+        for qd in [1usize, 32] {
+            let k = |what: &str| format!("nvmf_bench_{system}_qd{qd}_{what}");
+            arms.push(arm(
+                &format!("{label} qd{qd}"),
+                get(&k("p50_us"))?,
+                get(&k("p99_us"))?,
+                0.0,
+                get(&k("iops"))?,
+                qd,
+            ));
+        }
+    }
+    let ratio32 = get("nvmf_bench_nvmf_qd32_iops")? / get("nvmf_bench_nvmet_qd32_iops")?.max(f64::MIN_POSITIVE);
+    let ratio1 = get("nvmf_bench_nvmf_qd1_p50_us")? / get("nvmf_bench_nvmet_qd1_p50_us")?.max(f64::MIN_POSITIVE);
+    let nbd32 = get("nvmf_bench_nbd_qd32_iops")?;
+    Ok(ScenarioResult {
+        name: "nvmf-guest".into(),
+        description: "inside the hw-tests QEMU guest (TCG), loopback, every backing file on one tmpfs: fio libaio \
+                      O_DIRECT 4 KiB random writes over 256 MiB at qd1 and qd32 on nvmirror's NVMe/TCP namespace \
+                      (unmirrored volume), on the kernel's nvmet-tcp (file, buffered) and on nvmirror's NBD export \
+                      through the kernel's NBD client; medians of three rounds of 10 s, the order turning"
+            .into(),
+        params: json!({ "figures": figures }),
+        cpu_counted: "not measured (inside the guest)".into(),
+        arms,
+        check: Some(Check::at_least("IOPS(nvmirror NVMe/TCP, qd32) / IOPS(nvmet-tcp, qd32)", ratio32, 0.9, None)),
+        notes: vec![
+            format!("p50(nvmirror NVMe/TCP, qd1) / p50(nvmet-tcp, qd1) = {ratio1:.3}"),
+            format!(
+                "IOPS(nvmirror NVMe/TCP, qd32) / IOPS(nvmirror NBD, qd32) = {:.3}",
+                get("nvmf_bench_nvmf_qd32_iops")? / nbd32.max(f64::MIN_POSITIVE)
+            ),
+        ],
     })
 }

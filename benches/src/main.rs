@@ -13,8 +13,9 @@
 //! (the RAID-4 XOR against ISA-L's `xor_gen`, built with `--features isal`, and the
 //! portable path), `uring-fio` (the io_uring engine against fio at queue depth 32), `failover` (failover
 //! command to writable primary with a nearly full 64 MiB log partition to replay), and, only when named,
-//! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest) and `drbd-guest` (nvmirror
-//! against DRBD in two QEMU guests joined by one link, `hw-tests/pair`). Every scenario runs its system
+//! `rdma-guest` (the RDMA engine against perftest inside the hw-tests QEMU guest), `drbd-guest` (nvmirror
+//! against DRBD in two QEMU guests joined by one link, `hw-tests/pair`) and `nvmf-guest` (nvmirror's
+//! NVMe/TCP target against the kernel's nvmet-tcp, in the hw-tests guest). Every scenario runs its system
 //! and its floor interleaved in the same run, batch by batch, after warm-up rounds
 //! ([`measure`]); the figures are HdrHistogram percentiles, throughput, and CPU time per
 //! operation. At the end the harness prints a table with each scenario's ratio against its
@@ -64,7 +65,7 @@ const SCENARIOS: [&str; 13] = [
     "failover",
 ];
 /// Scenarios run only when named: they boot QEMU guests (minutes).
-const GUEST_SCENARIOS: [&str; 2] = ["rdma-guest", "drbd-guest"];
+const GUEST_SCENARIOS: [&str; 3] = ["rdma-guest", "drbd-guest", "nvmf-guest"];
 /// The scenarios that run `nvmirror` node processes.
 const NODE_SCENARIOS: [&str; 7] =
     ["nbd-peers", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
@@ -86,7 +87,7 @@ struct Cli {
     #[arg(long, default_value_t = 5000)]
     rate: u64,
     /// Scenarios to run: hop, nbd-peers, direct-log, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
-    /// xor-portable, uring-fio, or all; and, only when named, rdma-guest and drbd-guest.
+    /// xor-portable, uring-fio, or all; and, only when named, rdma-guest, drbd-guest and nvmf-guest.
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -150,6 +151,7 @@ fn main() -> Result<()> {
             "failover" => failover::run(bin()?, cli.quick),
             "rdma-guest" => guest::run(),
             "drbd-guest" => drbd::run(),
+            "nvmf-guest" => guest::run_nvmf(),
             other => unreachable!("scenario {other} was checked"),
         }
         .with_context(|| format!("scenario {name}"))?;

@@ -176,6 +176,8 @@ struct QueueInfo {
     consumed: AtomicU32,
     /// Commands handed to the export and not yet answered.
     in_flight: AtomicUsize,
+    /// The volume of an I/O queue, once connected.
+    volume: std::sync::OnceLock<String>,
 }
 
 impl QueueInfo {
@@ -189,7 +191,7 @@ impl QueueInfo {
 const COOKIE_READ: u64 = 1 << 16;
 
 /// Serves one connection until it ends; logs why it ended, if not cleanly.
-pub(super) fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+pub(super) fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let closer = stream.try_clone().ok();
     if let Err(e) = run(stream, peer, shared) {
         tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e));
@@ -199,7 +201,7 @@ pub(super) fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), QueueError> {
+fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), QueueError> {
     stream.set_nodelay(true).map_err(QueueError::Socket)?;
     stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
@@ -251,9 +253,10 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), Q
     let writer = {
         let stream = stream.try_clone().map_err(QueueError::Socket)?;
         let info = info.clone();
+        let shared = shared.clone();
         thread::Builder::new()
             .name(format!("nvmf-w-{peer}"))
-            .spawn(move || write_loop(stream, framing, &info, &out_rx, &io_rx))
+            .spawn(move || write_loop(stream, framing, &info, &shared, &out_rx, &io_rx))
             .map_err(QueueError::Spawn)?
     };
     let mut q = Queue {
@@ -682,6 +685,11 @@ impl Queue<'_> {
             self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, true, 16, &why);
             return Ok(());
         }
+        if let Some(v) = ctrl.volume.as_deref().filter(|v| !self.shared.registry.admits(v, self.peer.ip())) {
+            let why = format!("volume {v:?} does not admit {} (its allow-list)", self.peer.ip());
+            self.refuse_connect(cid, Status::CONNECT_INVALID_HOST, true, 512, &why);
+            return Ok(());
+        }
         if ctrl.volume.is_none() || qid > ctrl.io_queues.load(Ordering::Acquire) {
             let why = format!("I/O queue {qid} beyond the {} granted", ctrl.io_queues.load(Ordering::Acquire));
             self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, false, 42, &why);
@@ -689,6 +697,9 @@ impl Queue<'_> {
         }
         self.info.qid.store(qid, Ordering::Relaxed);
         self.info.entries.store(u32::from(sqsize) + 1, Ordering::Relaxed);
+        if let Some(v) = &ctrl.volume {
+            let _ = self.info.volume.set(v.clone());
+        }
         self.reader.set_capsule_data_max(INLINE_DATA_BYTES);
         self.ctrl = Some(ctrl);
         self.respond(cid, 0, 0, Status::SUCCESS);
@@ -957,6 +968,7 @@ fn write_loop(
     mut stream: TcpStream,
     framing: Framing,
     info: &QueueInfo,
+    shared: &Shared,
     out: &Receiver<Vec<u8>>,
     io: &Receiver<IoReply>,
 ) -> io::Result<()> {
@@ -997,7 +1009,7 @@ fn write_loop(
         while let Some(next) = item.take() {
             match next {
                 Err(bytes) => buf.extend_from_slice(&bytes),
-                Ok(reply) => encode_reply(&mut buf, framing, info, reply),
+                Ok(reply) => encode_reply(&mut buf, framing, info, shared, reply),
             }
             if buf.len() >= WRITE_BATCH_BYTES {
                 break;
@@ -1019,7 +1031,7 @@ fn write_loop(
     }
 }
 
-fn encode_reply(buf: &mut Vec<u8>, framing: Framing, info: &QueueInfo, reply: IoReply) {
+fn encode_reply(buf: &mut Vec<u8>, framing: Framing, info: &QueueInfo, shared: &Shared, reply: IoReply) {
     info.in_flight.fetch_sub(1, Ordering::AcqRel);
     let cid = (reply.cookie & 0xffff) as u16;
     let qid = info.qid.load(Ordering::Relaxed);
@@ -1030,8 +1042,19 @@ fn encode_reply(buf: &mut Vec<u8>, framing: Framing, info: &QueueInfo, reply: Io
         }
         Ok(_) => Status::SUCCESS,
         Err(e) => {
-            tracing::debug!("nvmf: command {cid} on queue {qid} failed: {e}");
-            Status::INTERNAL
+            // A command that failed because the volume stopped being writable here (a
+            // switchover or a fencing under way) is a path error: the host retries it on
+            // the path that has become optimized. Any other failure is the volume's own.
+            let moved = info.volume.get().is_some_and(|v| shared.ana_state(v) != AnaState::Optimized);
+            tracing::debug!(
+                "nvmf: command {cid} on queue {qid} failed{}: {e}",
+                if moved { " (path no longer optimized)" } else { "" }
+            );
+            if moved {
+                Status::ANA_INACCESSIBLE
+            } else {
+                Status::INTERNAL
+            }
         }
     };
     framing.capsule_resp(buf, &cqe(0, 0, info.sqhd(), qid, cid, status));

@@ -18,6 +18,21 @@ use crate::storage::{BlockDevice, MemDevice};
 struct Disk {
     dev: MemDevice,
     read_only: AtomicBool,
+    /// The next write fails; with `moves`, the volume stops being writable here as it
+    /// fails (a switchover overtaking it).
+    fail_next: AtomicBool,
+    moves: AtomicBool,
+}
+
+impl Disk {
+    fn new(bytes: u64, read_only: bool) -> Disk {
+        Disk {
+            dev: MemDevice::new(bytes),
+            read_only: AtomicBool::new(read_only),
+            fail_next: AtomicBool::new(false),
+            moves: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Export for Disk {
@@ -32,6 +47,12 @@ impl Export for Disk {
             IoRequest::Read { offset, len } => {
                 let mut buf = vec![0u8; len as usize];
                 self.dev.read_at(&mut buf, offset).map(|()| Some(buf))
+            }
+            IoRequest::Write { .. } if self.fail_next.swap(false, Ordering::AcqRel) => {
+                if self.moves.load(Ordering::Acquire) {
+                    self.read_only.store(true, Ordering::Release);
+                }
+                Err(std::io::Error::other("the write failed"))
             }
             IoRequest::Write { offset, data, .. } => self.dev.write_at(&data, offset).map(|()| None),
             IoRequest::Trim { offset, len } | IoRequest::WriteZeroes { offset, len, .. } => {
@@ -52,6 +73,10 @@ impl ExportRegistry for Registry {
     fn names(&self) -> Vec<String> {
         self.0.iter().map(|(n, _)| n.clone()).collect()
     }
+    /// Volume "closed" admits no client.
+    fn admits(&self, name: &str, _peer: std::net::IpAddr) -> bool {
+        name != "closed"
+    }
     fn volume_id(&self, name: &str) -> Option<u64> {
         self.lookup(name).map(|_| 0x1234_5678)
     }
@@ -65,9 +90,10 @@ impl ExportRegistry for Registry {
 }
 
 fn server() -> (NvmfServer, String, Arc<Disk>, Arc<Disk>) {
-    let rw = Arc::new(Disk { dev: MemDevice::new(8 << 20), read_only: AtomicBool::new(false) });
-    let ro = Arc::new(Disk { dev: MemDevice::new(4 << 20), read_only: AtomicBool::new(true) });
-    let reg = Registry(vec![("rw".into(), rw.clone()), ("ro".into(), ro.clone())]);
+    let rw = Arc::new(Disk::new(8 << 20, false));
+    let ro = Arc::new(Disk::new(4 << 20, true));
+    let closed = Arc::new(Disk::new(1 << 20, false));
+    let reg = Registry(vec![("rw".into(), rw.clone()), ("ro".into(), ro.clone()), ("closed".into(), closed)]);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let s = NvmfServer::spawn(l, Arc::new(reg)).unwrap();
     let addr = s.local_addr().to_string();
@@ -167,7 +193,7 @@ fn discovery_lists_each_volume_at_each_path() {
     assert!(entries.contains(&(subsystem_nqn("rw"), "127.0.0.1".into(), port.clone())), "{entries:?}");
     assert!(entries.contains(&(subsystem_nqn("ro"), "127.0.0.1".into(), port)), "{entries:?}");
     assert!(entries.contains(&(subsystem_nqn("ro"), "192.0.2.7".into(), "4420".into())), "{entries:?}");
-    assert_eq!(entries.len(), 3);
+    assert_eq!(entries.len(), 4);
 }
 
 #[test]
@@ -184,6 +210,12 @@ fn connects_that_name_nothing_here_are_refused() {
     assert_eq!(
         q.connect(0, 4000, 0xffff, &subsystem_nqn("rw"), HOST_NQN).unwrap().status,
         Status::CONNECT_INVALID_PARAMETERS
+    );
+    // A volume whose allow-list leaves this host out.
+    let mut q = HostQueue::open(&addr, false, false).unwrap();
+    assert_eq!(
+        q.connect(0, 31, 0xffff, &subsystem_nqn("closed"), HOST_NQN).unwrap().status,
+        Status::CONNECT_INVALID_HOST
     );
     // A command before Connect.
     let mut q = HostQueue::open(&addr, false, false).unwrap();
@@ -246,4 +278,18 @@ fn an_io_queue_ends_with_its_controller() {
     let mut q = HostQueue::open(&addr, false, false).unwrap();
     let refused = q.connect(1, 31, cntlid, super::DISCOVERY_NQN, HOST_NQN).unwrap();
     assert_eq!(refused.status, Status::CONNECT_INVALID_PARAMETERS);
+}
+
+#[test]
+fn a_write_that_fails_because_the_volume_moved_is_a_path_error_and_any_other_is_not() {
+    let (_s, addr, rw, _) = server();
+    let mut c = NvmfClient::connect(&addr, &subsystem_nqn("rw"), false).unwrap();
+    rw.fail_next.store(true, Ordering::Release);
+    assert_eq!(c.write(0, &[1u8; 4096], false).unwrap().status, Status::INTERNAL, "the volume's own failure");
+    assert!(c.write(0, &[1u8; 4096], false).unwrap().ok());
+    rw.moves.store(true, Ordering::Release);
+    rw.fail_next.store(true, Ordering::Release);
+    let status = c.write(0, &[2u8; 4096], false).unwrap().status;
+    assert_eq!(status, Status::ANA_INACCESSIBLE, "a switchover overtook it: the host retries on the other path");
+    assert!(!status.dnr);
 }
