@@ -1,7 +1,7 @@
 # nvmirror's NVMe/TCP target against the Linux kernel's own (nvmet-tcp), and against
 # nvmirror's NBD export through the kernel's NBD client, side by side in this guest: the
 # guest kernel's initiators on loopback, every backing file on the same tmpfs (nvmet's
-# with buffered I/O, as nvmirror's), fio (libaio, O_DIRECT, 4 KiB random writes over a
+# through a loop device, in the page cache as nvmirror's are), fio (libaio, O_DIRECT, 4 KiB random writes over a
 # 256 MiB device) at queue depth 1 and 32. HWT_NVMF_ROUNDS rounds (default 1) of
 # HWT_NVMF_SECS seconds (default 5) per device and depth, the order of the three turning
 # each round; the medians are reported as figures. Figures, not pass conditions: the
@@ -38,6 +38,7 @@ cleanup() {
     [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" != 0 ] && timeout 30 nbd-client -d /dev/nbd0 >/dev/null 2>&1
     rm -f "$cfg/ports/1/subsystems/$knqn" 2>/dev/null
     rmdir "$cfg/ports/1" "$cfg/subsystems/$knqn/namespaces/1" "$cfg/subsystems/$knqn" 2>/dev/null
+    [ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null
     [ -n "$node_pid" ] && kill -9 "$node_pid" 2>/dev/null
     wait 2>/dev/null
 }
@@ -53,13 +54,15 @@ timeout 120 "$bin" ctl --node "$host:7402" volume create "$vol" --size 256M ||
     hwt_fail_with_logs "volume create failed" "$work/node.log"
 
 # --- the kernel's target over a file of the same size on the same tmpfs --------------
+# A loop device over the file: nvmet's block backend, through the page cache as
+# nvmirror's files are. (Its file backend on tmpfs gave the host a namespace of size 0.)
 truncate -s 256M "$work/nvmet.img"
+modprobe loop || hwt_fail "modprobe loop failed"
+loopdev=$(losetup -f --show "$work/nvmet.img") || hwt_fail "losetup of $work/nvmet.img failed"
 mkdir "$cfg/subsystems/$knqn" || hwt_fail "configfs: cannot make the nvmet subsystem"
 echo 1 >"$cfg/subsystems/$knqn/attr_allow_any_host"
 mkdir "$cfg/subsystems/$knqn/namespaces/1"
-# tmpfs takes no O_DIRECT before 6.6: nvmet's file backend goes through the page cache.
-echo 1 >"$cfg/subsystems/$knqn/namespaces/1/buffered_io"
-echo "$work/nvmet.img" >"$cfg/subsystems/$knqn/namespaces/1/device_path"
+echo "$loopdev" >"$cfg/subsystems/$knqn/namespaces/1/device_path"
 echo 1 >"$cfg/subsystems/$knqn/namespaces/1/enable" || hwt_fail "configfs: cannot enable the nvmet namespace"
 mkdir "$cfg/ports/1"
 echo tcp >"$cfg/ports/1/addr_trtype"
@@ -84,20 +87,31 @@ ours=/dev/$(attach "$ours_nqn" 4441)
 theirs=/dev/$(attach "$knqn" 4442)
 nbd-client -N "$vol" "$host" 10841 /dev/nbd0 -b 4096 >/dev/null ||
     hwt_fail_with_logs "nbd-client could not attach the volume" "$work/node.log"
+# A namespace's block device appears before the host's scan has read its size.
 for d in "$ours" "$theirs" /dev/nbd0; do
     hwt_wait_for "$d" 10 || hwt_fail "no $d"
+    left=100
+    while [ "$(cat "/sys/block/${d#/dev/}/size" 2>/dev/null || echo 0)" = 0 ]; do
+        [ "$left" -gt 0 ] || hwt_fail "$d still has no size after 10 s ($(ls -l "$work/nvmet.img"))"
+        sleep 0.1
+        left=$((left - 1))
+    done
 done
 echo "devices: nvmirror NVMe/TCP $ours, nvmet-tcp $theirs, nvmirror NBD /dev/nbd0"
 
 # One fio run: prints "IOPS P50_US P99_US".
 run_fio() { # device depth
     fio --name=w --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth="$2" \
-        --size=256M --runtime="$secs" --time_based --randrepeat=0 --output-format=json 2>/dev/null |
-        python3 -c '
+        --size=256M --runtime="$secs" --time_based --randrepeat=0 --output-format=json \
+        --output="$work/fio.json" >"$work/fio.err" 2>&1 || { cat "$work/fio.err"; return 1; }
+    python3 -c '
 import json, sys
-w = json.load(sys.stdin)["jobs"][0]["write"]
+job = json.load(open(sys.argv[1]))["jobs"][0]
+w = job["write"]
+if job.get("error") or "percentile" not in w.get("clat_ns", {}):
+    sys.exit("fio: error %s, %d writes: %s" % (job.get("error"), w.get("total_ios", 0), open(sys.argv[2]).read()[-2000:]))
 p = w["clat_ns"]["percentile"]
-print("%.0f %.1f %.1f" % (w["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000))'
+print("%.0f %.1f %.1f" % (w["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000))' "$work/fio.json" "$work/fio.err"
 }
 names=(nvmf nvmet nbd)
 devs=("$ours" "$theirs" /dev/nbd0)
@@ -106,7 +120,11 @@ for round in $(seq "$rounds"); do
     for k in 0 1 2; do
         i=$(((k + round - 1) % 3))
         for qd in 1 32; do
-            out=$(run_fio "${devs[$i]}" "$qd") || hwt_fail_with_logs "fio on ${devs[$i]} at qd$qd failed" "$work/node.log"
+            out=$(run_fio "${devs[$i]}" "$qd" 2>&1) || {
+                echo "$out"
+                dmesg | tail -n 20
+                hwt_fail_with_logs "fio on ${devs[$i]} at qd$qd failed" "$work/node.log"
+            }
             read -r a b c <<<"$out"
             [ -n "$c" ] || hwt_fail "fio on ${devs[$i]} at qd$qd gave no figures"
             key="${names[$i]}_qd$qd"

@@ -53,6 +53,7 @@
 
 pub mod admin;
 pub mod client;
+mod command;
 pub mod pdu;
 mod queue;
 

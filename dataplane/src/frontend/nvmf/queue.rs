@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 
 use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE};
+use super::command::{self, IoOp};
 use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES, FES_OUT_OF_RANGE, FES_SEQUENCE};
 use super::{
     AnaState, Controller, Shared, ADMIN_INLINE_DATA_BYTES, AER_MAX, DISCOVERY_NQN, H2C_DATA_BYTES_MAX,
@@ -42,11 +43,6 @@ const ADMIN_SET_FEATURES: u8 = 0x09;
 const ADMIN_GET_FEATURES: u8 = 0x0a;
 const ADMIN_ASYNC_EVENT: u8 = 0x0c;
 const ADMIN_KEEP_ALIVE: u8 = 0x18;
-const IO_FLUSH: u8 = 0x00;
-const IO_WRITE: u8 = 0x01;
-const IO_READ: u8 = 0x02;
-const IO_WRITE_ZEROES: u8 = 0x08;
-const IO_DSM: u8 = 0x09;
 
 // Properties.
 const PROP_CAP: u32 = 0x00;
@@ -847,59 +843,18 @@ impl Queue<'_> {
                 return Ok(());
             }
         };
-        if u32_at(sqe, 4) != NSID {
-            self.respond(cid, 0, 0, Status::INVALID_NAMESPACE);
-            return Ok(());
-        }
-        let size = export.size();
-        let shift = admin::lba_shift(size);
-        let slba = u64_at(sqe, 40);
-        let cdw12 = u32_at(sqe, 48);
-        let blocks = u64::from(cdw12 & 0xffff) + 1;
-        let fua = cdw12 & (1 << 30) != 0;
-        let range = |slba: u64, blocks: u64| -> Option<(u64, u64)> {
-            let offset = slba.checked_shl(u32::from(shift)).filter(|o| o >> shift == slba)?;
-            let len = blocks << shift;
-            (offset.checked_add(len)? <= size).then_some((offset, len))
-        };
-        let request = match sqe[0] {
-            IO_FLUSH => IoRequest::Flush,
-            IO_READ | IO_WRITE | IO_WRITE_ZEROES => {
-                let Some((offset, len)) = range(slba, blocks) else {
-                    self.respond(cid, 0, 0, Status::LBA_OUT_OF_RANGE);
-                    return Ok(());
-                };
-                // At most 65536 blocks of 4 KiB: 256 MiB, which a u32 holds.
-                let len32 = u32::try_from(len).unwrap_or(u32::MAX);
-                match sqe[0] {
-                    IO_WRITE_ZEROES => IoRequest::WriteZeroes { offset, len: len32, fua },
-                    _ if crate::usize_of(len) > TRANSFER_BYTES_MAX => {
-                        self.respond(cid, 0, 0, Status::INVALID_FIELD);
-                        return Ok(());
-                    }
-                    IO_READ => {
-                        if u32_at(sqe, 32) < len32 {
-                            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
-                            return Ok(());
-                        }
-                        IoRequest::Read { offset, len: len32 }
-                    }
-                    _ => {
-                        if data.len() as u64 != len {
-                            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
-                            return Ok(());
-                        }
-                        IoRequest::Write { offset, data, fua }
-                    }
-                }
-            }
-            IO_DSM => {
-                let status = self.deallocate(export.as_ref(), sqe, &data, shift, &range);
+        let request = match command::decode(sqe, &data, export.size()) {
+            Err(status) => {
                 self.respond(cid, 0, 0, status);
                 return Ok(());
             }
-            _ => {
-                self.respond(cid, 0, 0, Status::INVALID_OPCODE);
+            Ok(IoOp::Flush) => IoRequest::Flush,
+            Ok(IoOp::Read { offset, len }) => IoRequest::Read { offset, len },
+            Ok(IoOp::Write { offset, fua, .. }) => IoRequest::Write { offset, data, fua },
+            Ok(IoOp::WriteZeroes { offset, len, fua }) => IoRequest::WriteZeroes { offset, len, fua },
+            Ok(IoOp::Trims(trims)) => {
+                let status = self.deallocate(export.as_ref(), trims);
+                self.respond(cid, 0, 0, status);
                 return Ok(());
             }
         };
@@ -913,38 +868,9 @@ impl Queue<'_> {
         Ok(())
     }
 
-    /// Dataset Management: the deallocate ranges become trims, served one after the other
-    /// before the command is answered (a command rare enough to wait for here).
-    fn deallocate(
-        &self,
-        export: &dyn Export,
-        sqe: &[u8; 64],
-        data: &[u8],
-        shift: u8,
-        range: &dyn Fn(u64, u64) -> Option<(u64, u64)>,
-    ) -> Status {
-        let ranges = usize::from(sqe[40]) + 1;
-        if data.len() < ranges * 16 {
-            return Status::DATA_SGL_LENGTH;
-        }
-        if u32_at(sqe, 44) & (1 << 2) == 0 {
-            return Status::SUCCESS; // attributes only: nothing to do
-        }
-        let mut trims = Vec::new();
-        for r in data[..ranges * 16].chunks_exact(16) {
-            let blocks = u64::from(u32_at(r, 4));
-            if blocks == 0 {
-                continue;
-            }
-            let Some((mut offset, mut len)) = range(u64_at(r, 8), blocks) else { return Status::LBA_OUT_OF_RANGE };
-            // A trim names at most u32::MAX bytes: long ranges go in 1 GiB pieces.
-            while len > 0 {
-                let piece = len.min(1 << 30).min((u64::from(u32::MAX) >> shift) << shift);
-                trims.push((offset, piece as u32));
-                offset += piece;
-                len -= piece;
-            }
-        }
+    /// Dataset Management: the deallocate ranges' trims, served one after the other before
+    /// the command is answered (a command rare enough to wait for here).
+    fn deallocate(&self, export: &dyn Export, trims: Vec<(u64, u32)>) -> Status {
         for (offset, len) in trims {
             let (tx, rx) = crossbeam_channel::bounded(1);
             export.submit(IoRequest::Trim { offset, len }, Completer::new(0, tx));
