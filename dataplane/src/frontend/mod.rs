@@ -95,6 +95,11 @@ pub trait Export: Send + Sync {
     fn adopt(&self, conn: nbd::Adopted) -> Result<(), nbd::Adopted> {
         Err(conn)
     }
+    /// Takes an NVMe/TCP I/O queue whole, once its Connect is answered, as
+    /// [`Export::adopt`] takes an NBD connection.
+    fn adopt_nvmf(&self, queue: nvmf::AdoptedQueue) -> Result<(), nvmf::AdoptedQueue> {
+        Err(queue)
+    }
 }
 
 /// The set of volumes a front end may serve, looked up by export name.

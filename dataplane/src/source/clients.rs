@@ -1,5 +1,5 @@
-//! The poller's own client connections: NBD sessions it reads, serves and answers on its
-//! thread (run to completion, see `crate::poller`).
+//! The poller's own client connections: NBD sessions and NVMe/TCP I/O queues it reads,
+//! serves and answers on its thread (run to completion, see `crate::poller`).
 //!
 //! A connection reaches the poller once, when its handshake names the volume
 //! ([`crate::frontend::Export::adopt`]). From then on each pass reads what its socket
@@ -14,6 +14,7 @@ use std::io;
 use super::{Poller, REWRITE_BYTES_MAX};
 use crate::format::{EntryKind, BLOCK_BYTES};
 use crate::frontend::nbd::{Adopted, Command, Session};
+use crate::frontend::nvmf::{AdoptedQueue, IoSession};
 use crate::frontend::Completer;
 use crate::transport::Connector;
 use crate::usize_of;
@@ -27,9 +28,91 @@ pub(super) enum ReplyTo {
     Client { slot: usize, gen: u64, cookie: u64 },
 }
 
-/// A session in its slot.
+/// A client connection the poller serves: an NBD session, or an NVMe/TCP I/O queue. Both
+/// hand out the same [`Command`]s and take the same answers.
+enum Conn {
+    Nbd(Session),
+    Nvmf(Box<IoSession>),
+}
+
+impl Conn {
+    fn protocol(&self) -> &'static str {
+        match self {
+            Conn::Nbd(_) => "nbd",
+            Conn::Nvmf(_) => "nvmf",
+        }
+    }
+    fn peer(&self) -> std::net::SocketAddr {
+        match self {
+            Conn::Nbd(s) => s.peer(),
+            Conn::Nvmf(s) => s.peer(),
+        }
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Conn::Nbd(s) => s.fd(),
+            Conn::Nvmf(s) => s.fd(),
+        }
+    }
+    fn fill(&mut self) -> bool {
+        match self {
+            Conn::Nbd(s) => s.fill(),
+            Conn::Nvmf(s) => s.fill(),
+        }
+    }
+    fn next_command(&mut self) -> Option<Command> {
+        match self {
+            Conn::Nbd(s) => s.next_command(),
+            Conn::Nvmf(s) => s.next_command(),
+        }
+    }
+    fn data(&self, range: std::ops::Range<usize>) -> &[u8] {
+        match self {
+            Conn::Nbd(s) => s.data(range),
+            Conn::Nvmf(s) => s.data(range),
+        }
+    }
+    fn reply(&mut self, cookie: u64, result: io::Result<()>) {
+        match self {
+            Conn::Nbd(s) => s.reply(cookie, result),
+            Conn::Nvmf(s) => s.reply(cookie, result),
+        }
+    }
+    fn reply_read(&mut self, cookie: u64, offset: u64, len: u32, fill: impl FnOnce(&mut [u8]) -> io::Result<()>) {
+        match self {
+            Conn::Nbd(s) => s.reply_read(cookie, offset, len, fill),
+            Conn::Nvmf(s) => s.reply_read(cookie, offset, len, fill),
+        }
+    }
+    fn flush(&mut self) -> bool {
+        match self {
+            Conn::Nbd(s) => s.flush(),
+            Conn::Nvmf(s) => s.flush(),
+        }
+    }
+    fn finished(&self) -> bool {
+        match self {
+            Conn::Nbd(s) => s.finished(),
+            Conn::Nvmf(s) => s.finished(),
+        }
+    }
+    fn error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Conn::Nbd(s) => s.error().map(|e| e as _),
+            Conn::Nvmf(s) => s.error().map(|e| e as _),
+        }
+    }
+    fn close(&self) {
+        match self {
+            Conn::Nbd(s) => s.close(),
+            Conn::Nvmf(s) => s.close(),
+        }
+    }
+}
+
+/// A connection in its slot.
 struct Client {
-    session: Session,
+    session: Conn,
     gen: u64,
 }
 
@@ -93,12 +176,23 @@ where
     /// Takes a connection whose handshake named this volume.
     pub(super) fn adopt(&mut self, adopted: Adopted) {
         let peer = adopted.peer();
-        let session = match Session::new(adopted, self.device.size(), false) {
-            Ok(s) => s,
-            Err(e) => {
-                return tracing::warn!("nbd: {peer}: volume {}: cannot take the connection: {e}", self.cfg.volume)
-            }
-        };
+        match Session::new(adopted, self.device.size(), false) {
+            Ok(s) => self.take_client(Conn::Nbd(s)),
+            Err(e) => tracing::warn!("nbd: {peer}: volume {}: cannot take the connection: {e}", self.cfg.volume),
+        }
+    }
+
+    /// Takes an NVMe/TCP I/O queue of this volume that just connected.
+    pub(super) fn adopt_nvmf(&mut self, adopted: AdoptedQueue) {
+        let peer = adopted.peer();
+        match IoSession::new(adopted, self.device.size()) {
+            Ok(s) => self.take_client(Conn::Nvmf(Box::new(s))),
+            Err(e) => tracing::warn!("nvmf: {peer}: volume {}: cannot take the queue: {e}", self.cfg.volume),
+        }
+    }
+
+    fn take_client(&mut self, session: Conn) {
+        let (peer, protocol) = (session.peer(), session.protocol());
         let slot = match self.clients.slots.iter().position(Option::is_none) {
             Some(i) => i,
             None if self.clients.slots.len() < SESSIONS_MAX => {
@@ -107,7 +201,7 @@ where
             }
             None => {
                 tracing::warn!(
-                    "nbd: {peer}: volume {} already serves {SESSIONS_MAX} connections; closed",
+                    "{protocol}: {peer}: volume {} already serves {SESSIONS_MAX} connections; closed",
                     self.cfg.volume
                 );
                 return session.close();
@@ -115,7 +209,10 @@ where
         };
         if let Some(r) = &self.readiness {
             if let Err(e) = r.register(session.fd(), CLIENT_TOKEN_BASE + slot) {
-                tracing::warn!("nbd: {peer}: volume {}: cannot watch the connection: {e}; closed", self.cfg.volume);
+                tracing::warn!(
+                    "{protocol}: {peer}: volume {}: cannot watch the connection: {e}; closed",
+                    self.cfg.volume
+                );
                 return session.close();
             }
         }
@@ -142,7 +239,7 @@ where
         worked
     }
 
-    fn serve(&mut self, session: &mut Session, slot: usize, gen: u64, command: Command) {
+    fn serve(&mut self, session: &mut Conn, slot: usize, gen: u64, command: Command) {
         match command {
             Command::Read { cookie, offset, len } => {
                 let (overlay, device) = (&self.overlay, self.device.as_ref());
@@ -152,7 +249,11 @@ where
             Command::BlockStatus { cookie, offset, len, req_one } => {
                 let mut data = vec![0u8; len as usize];
                 let read = self.overlay.read(&mut data, offset, self.device.as_ref());
-                session.reply_block_status(cookie, offset, req_one, read.map(|()| &data[..]));
+                match session {
+                    Conn::Nbd(s) => s.reply_block_status(cookie, offset, req_one, read.map(|()| &data[..])),
+                    // NVMe/TCP hands out no block status.
+                    Conn::Nvmf(s) => s.reply(cookie, Err(io::Error::other("no block status over NVMe/TCP"))),
+                }
             }
             // Every acknowledged write is already persistent on both sites (or, under
             // policy sync with the mirror away, here): a flush has nothing left to do, on
@@ -182,7 +283,8 @@ where
                 let c = self.clients.slots[slot].take().expect("the slot was just looked at");
                 if let Some(e) = c.session.error() {
                     tracing::warn!(
-                        "nbd: {}: volume {}: {}",
+                        "{}: {}: volume {}: {}",
+                        c.session.protocol(),
                         c.session.peer(),
                         self.cfg.volume,
                         crate::frontend::nbd::ErrorChain(e)
@@ -209,12 +311,13 @@ where
             if let Some(r) = &self.readiness {
                 r.deregister(session.fd());
             }
-            match session.release() {
-                Ok(adopted) => adopted.serve_on_threads(),
-                Err(session) => {
-                    tracing::warn!("nbd: {}: volume {}: {why}; connection closed", session.peer(), self.cfg.volume);
-                    session.close();
-                }
+            let (peer, protocol) = (session.peer(), session.protocol());
+            let released = match session {
+                Conn::Nbd(s) => s.release().map(Adopted::serve_on_threads).map_err(|s| s.close()),
+                Conn::Nvmf(s) => s.release().map(AdoptedQueue::serve_on_threads).map_err(|s| s.close()),
+            };
+            if released.is_err() {
+                tracing::warn!("{protocol}: {peer}: volume {}: {why}; connection closed", self.cfg.volume);
             }
         }
     }

@@ -158,6 +158,8 @@ pub enum Control {
     SetPolicy(Policy),
     /// An NBD client connection that named this volume: the poller serves it from now on.
     Adopt(crate::frontend::nbd::Adopted),
+    /// An NVMe/TCP I/O queue of this volume, just connected: the poller serves it from now on.
+    AdoptNvmf(crate::frontend::nvmf::AdoptedQueue),
     /// Stop taking writes: another node may be the primary now (fleet mode lost its lease,
     /// or found the volume held elsewhere).
     Fence(String),

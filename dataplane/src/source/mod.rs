@@ -335,6 +335,26 @@ impl Export for SourceHandle {
             },
         }
     }
+    fn adopt_nvmf(
+        &self,
+        queue: crate::frontend::nvmf::AdoptedQueue,
+    ) -> Result<(), crate::frontend::nvmf::AdoptedQueue> {
+        // As for NBD connections: a volume that moved serves its queues on threads.
+        let forward = self.forward.read();
+        if forward.is_some() {
+            return Err(queue);
+        }
+        match self.ctl.send(Control::AdoptNvmf(queue)) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(e) => match e.into_inner() {
+                Control::AdoptNvmf(queue) => Err(queue),
+                _ => unreachable!("the message sent is the one given back"),
+            },
+        }
+    }
 }
 
 /// Why a source volume's poller could not be asked something.
@@ -542,8 +562,10 @@ impl<C: Connector> Drop for Poller<C> {
     /// never dropped on the floor.
     fn drop(&mut self) {
         while let Ok(c) = self.ctl_rx.try_recv() {
-            if let Control::Adopt(conn) = c {
-                conn.serve_on_threads();
+            match c {
+                Control::Adopt(conn) => conn.serve_on_threads(),
+                Control::AdoptNvmf(queue) => queue.serve_on_threads(),
+                _ => {}
             }
         }
     }

@@ -313,6 +313,7 @@ where
                     }
                 }
                 Ok(Control::Adopt(conn)) => self.adopt(conn),
+                Ok(Control::AdoptNvmf(queue)) => self.adopt_nvmf(queue),
                 Ok(Control::Handover(tx)) => {
                     let mut queued = Vec::new();
                     while let Ok(r) = self.io_rx.try_recv() {

@@ -56,8 +56,10 @@ pub mod client;
 mod command;
 pub mod pdu;
 mod queue;
+pub mod session;
 
 pub use queue::Status;
+pub use session::{AdoptedQueue, IoSession};
 
 #[cfg(test)]
 mod tests;

@@ -152,6 +152,11 @@ impl PduReader {
         CAPSULE_CMD_HLEN + 2 * DIGEST_BYTES + 256 + data
     }
 
+    /// Whether the buffer holds a whole PDU and no room for more bytes: decode first.
+    pub fn full(&self) -> bool {
+        self.end == self.buf.len() && self.buf.len() >= self.plen_max()
+    }
+
     /// Whether bytes are buffered that do not make a whole PDU yet.
     pub fn partial(&self) -> bool {
         self.end > self.start
@@ -437,6 +442,14 @@ impl Framing {
 
     /// A C2HData PDU carrying `data` at offset `datao` of command `cccid`'s transfer.
     pub fn c2h_data(&self, out: &mut Vec<u8>, cccid: u16, datao: u32, data: &[u8], last: bool) {
+        let at = self.c2h_data_head(out, cccid, datao, data.len(), last);
+        out.extend_from_slice(data);
+        self.c2h_data_digest(out, at);
+    }
+
+    /// The header of a C2HData PDU of `len` bytes of data (and its padding): the data goes
+    /// at the returned offset of `out`, then [`Self::c2h_data_digest`] ends the PDU.
+    pub fn c2h_data_head(&self, out: &mut Vec<u8>, cccid: u16, datao: u32, len: usize, last: bool) -> usize {
         let at = out.len();
         let pdo = self.data_offset();
         let dd = if self.data_digest { DIGEST_BYTES } else { 0 };
@@ -444,17 +457,22 @@ impl Framing {
         if last {
             flags |= FLAG_LAST_PDU;
         }
-        common(out, TYPE_C2H_DATA, flags, DATA_HLEN, pdo, pdo + data.len() + dd);
+        common(out, TYPE_C2H_DATA, flags, DATA_HLEN, pdo, pdo + len + dd);
         out.extend_from_slice(&cccid.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&datao.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         self.seal_header(out, at);
         out.resize(at + pdo, 0);
-        out.extend_from_slice(data);
-        if dd > 0 {
-            out.extend_from_slice(&crc32c(data).to_le_bytes());
+        out.len()
+    }
+
+    /// Ends a C2HData PDU whose data starts at `data_at` of `out` and runs to its end.
+    pub fn c2h_data_digest(&self, out: &mut Vec<u8>, data_at: usize) {
+        if self.data_digest {
+            let d = crc32c(&out[data_at..]);
+            out.extend_from_slice(&d.to_le_bytes());
         }
     }
 

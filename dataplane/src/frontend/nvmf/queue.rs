@@ -15,6 +15,7 @@ use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE};
 use super::command::{self, IoOp};
 use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES, FES_OUT_OF_RANGE, FES_SEQUENCE};
+use super::session::AdoptedQueue;
 use super::{
     AnaState, Controller, Shared, ADMIN_INLINE_DATA_BYTES, AER_MAX, DISCOVERY_NQN, H2C_DATA_BYTES_MAX,
     INLINE_DATA_BYTES, IO_QUEUES_MAX, IO_QUEUE_ENTRIES, NQN_PREFIX, NSID, TICK, TRANSFER_BYTES_MAX,
@@ -57,8 +58,8 @@ const FEAT_KEEP_ALIVE: u8 = 0x0f;
 
 /// SGL descriptor types (byte 15 of the descriptor): data block with an offset into the
 /// capsule, and transport data block (data comes by R2T and H2CData, or goes by C2HData).
-const SGL_IN_CAPSULE: u8 = 0x01;
-const SGL_TRANSPORT: u8 = 0x5a;
+pub(super) const SGL_IN_CAPSULE: u8 = 0x01;
+pub(super) const SGL_TRANSPORT: u8 = 0x5a;
 
 /// A completion status: status code type, status code, do-not-retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,19 +190,29 @@ const COOKIE_READ: u64 = 1 << 16;
 /// Serves one connection until it ends; logs why it ended, if not cleanly.
 pub(super) fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let closer = stream.try_clone().ok();
-    if let Err(e) = run(stream, peer, shared) {
-        tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e));
+    match run(stream, peer, shared) {
+        // The volume's reactor owns the socket now.
+        Ok(Served::Adopted) => return,
+        Ok(Served::Here) => {}
+        Err(e) => tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e)),
     }
     if let Some(c) = closer {
         let _ = c.shutdown(Shutdown::Both);
     }
 }
 
-fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), QueueError> {
+/// Where a connection ended up.
+enum Served {
+    /// Served on this thread, to its end.
+    Here,
+    /// Handed to its volume's reactor.
+    Adopted,
+}
+
+fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<Served, QueueError> {
     stream.set_nodelay(true).map_err(QueueError::Socket)?;
     stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
-    let local = stream.local_addr().map_err(QueueError::Socket)?;
     let mut reader = PduReader::new(ADMIN_INLINE_DATA_BYTES, H2C_DATA_BYTES_MAX);
     let started = Instant::now();
     let framing = loop {
@@ -230,20 +241,72 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<
             Err(e) => return Err(terminate(&mut stream, e)),
         }
         if shared.shutdown.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(Served::Here);
         }
         if started.elapsed() > IC_TIMEOUT {
             return Err(QueueError::NoIcReq(IC_TIMEOUT));
         }
         match reader.fill(&mut stream) {
             Ok(0) if reader.partial() => return Err(QueueError::Truncated),
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(Served::Here),
             Ok(_) => {}
             Err(e) if would_block(&e) => {}
             Err(e) => return Err(QueueError::Read(e)),
         }
     };
+    serve_queue(Start { stream, peer, reader, framing, ctrl: None, qid: 0, entries: 0, consumed: 0 }, shared, true)
+}
+
+/// What a queue is served from: a new connection past its ICReq, or an I/O queue a
+/// volume's reactor gave back (or would not take).
+struct Start {
+    stream: TcpStream,
+    peer: SocketAddr,
+    reader: PduReader,
+    framing: Framing,
+    ctrl: Option<Arc<Controller>>,
+    qid: u16,
+    entries: u32,
+    consumed: u32,
+}
+
+impl From<AdoptedQueue> for Start {
+    fn from(q: AdoptedQueue) -> Start {
+        Start {
+            stream: q.stream,
+            peer: q.peer,
+            reader: *q.reader,
+            framing: q.framing,
+            ctrl: Some(q.ctrl),
+            qid: q.qid,
+            entries: q.entries,
+            consumed: q.consumed,
+        }
+    }
+}
+
+/// How a queue's thread stopped serving it.
+enum Outcome {
+    Ended,
+    /// An I/O queue just connected: offered to its volume's reactor.
+    Adopt,
+}
+
+/// Serves a queue on this thread and a writer thread. An I/O queue, once connected, is
+/// offered to its volume's reactor when `adoptable`; one the reactor does not take is
+/// served here.
+fn serve_queue(start: Start, shared: &Arc<Shared>, adoptable: bool) -> Result<Served, QueueError> {
+    let Start { mut stream, peer, reader, framing, ctrl, qid, entries, consumed } = start;
+    stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
+    let local = stream.local_addr().map_err(QueueError::Socket)?;
     let info = Arc::new(QueueInfo::default());
+    info.qid.store(qid, Ordering::Relaxed);
+    info.entries.store(entries, Ordering::Relaxed);
+    info.consumed.store(consumed, Ordering::Relaxed);
+    if let Some(v) = ctrl.as_ref().and_then(|c| c.volume.clone()) {
+        let _ = info.volume.set(v);
+    }
     let (out_tx, out_rx) = unbounded::<Vec<u8>>();
     let (io_tx, io_rx) = unbounded::<IoReply>();
     let writer = {
@@ -261,31 +324,74 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<
         local,
         reader,
         framing,
-        info,
+        info: info.clone(),
         out: out_tx,
         io: io_tx,
-        ctrl: None,
+        ctrl,
         admin: None,
         transfers: HashMap::new(),
         next_ttag: 0,
         last_tick: Instant::now(),
+        adoptable,
+        adopt: false,
     };
     let result = q.run(&mut stream);
     if let (Some(c), Some(_)) = (&q.ctrl, &q.admin) {
         shared.drop_controller(c);
         tracing::info!("nvmf: {peer}: controller {:#06x} of {} ended", c.cntlid, c.subnqn);
     }
-    // The writer ends once every command handed to the export is answered (or dropped).
-    drop(q);
+    let Queue { reader, ctrl, out, io, .. } = q;
+    // The writer ends once every command handed to the export is answered (or dropped),
+    // and the reader's channels are closed.
+    drop((out, io));
     let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
     match (result, written) {
         (Err(e), _) => Err(e),
-        (Ok(()), Err(e)) => Err(QueueError::Write(e)),
-        (Ok(()), Ok(())) => Ok(()),
+        (Ok(_), Err(e)) => Err(QueueError::Write(e)),
+        (Ok(Outcome::Ended), Ok(())) => Ok(Served::Here),
+        (Ok(Outcome::Adopt), Ok(())) => {
+            let ctrl = ctrl.expect("an adopted queue is connected");
+            let volume = ctrl.volume.clone().expect("I/O queues belong to volume controllers");
+            let adopted = AdoptedQueue {
+                stream,
+                peer,
+                reader: Box::new(reader),
+                framing,
+                ctrl,
+                qid: info.qid.load(Ordering::Relaxed),
+                entries: info.entries.load(Ordering::Relaxed),
+                consumed: info.consumed.load(Ordering::Relaxed),
+                shared: shared.clone(),
+            };
+            let back = match shared.registry.lookup(&volume) {
+                Some(export) => match export.adopt_nvmf(adopted) {
+                    Ok(()) => return Ok(Served::Adopted),
+                    Err(back) => back,
+                },
+                None => adopted,
+            };
+            serve_queue(back.into(), shared, false)
+        }
     }
 }
 
-fn would_block(e: &io::Error) -> bool {
+/// Serves a queue a volume's reactor gave back, on this thread (see
+/// [`AdoptedQueue::serve_on_threads`]).
+pub(super) fn serve_resumed(q: AdoptedQueue) {
+    let peer = q.peer;
+    let shared = q.shared.clone();
+    let closer = q.stream.try_clone().ok();
+    match serve_queue(q.into(), &shared, false) {
+        Ok(Served::Adopted) => return,
+        Ok(Served::Here) => {}
+        Err(e) => tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e)),
+    }
+    if let Some(c) = closer {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+pub(super) fn would_block(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
 }
 
@@ -334,14 +440,23 @@ struct Queue<'a> {
     transfers: HashMap<u16, Transfer>,
     next_ttag: u16,
     last_tick: Instant,
+    /// An I/O queue is offered to its volume's reactor once connected.
+    adoptable: bool,
+    /// It just connected: stop here and offer it.
+    adopt: bool,
 }
 
 impl Queue<'_> {
-    fn run(&mut self, stream: &mut TcpStream) -> Result<(), QueueError> {
+    fn run(&mut self, stream: &mut TcpStream) -> Result<Outcome, QueueError> {
         loop {
             loop {
                 match self.reader.next_pdu() {
-                    Ok(Some(p)) => self.on_pdu(p)?,
+                    Ok(Some(p)) => {
+                        self.on_pdu(p)?;
+                        if self.adopt {
+                            return Ok(Outcome::Adopt);
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         let mut out = Vec::new();
@@ -353,7 +468,7 @@ impl Queue<'_> {
             }
             match self.reader.fill(stream) {
                 Ok(0) if self.reader.partial() => return Err(QueueError::Truncated),
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(Outcome::Ended),
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(QueueError::Read(e)),
@@ -361,7 +476,7 @@ impl Queue<'_> {
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 if self.shared.shutdown.load(Ordering::Acquire) {
-                    return Ok(());
+                    return Ok(Outcome::Ended);
                 }
                 self.tick()?;
             }
@@ -699,6 +814,7 @@ impl Queue<'_> {
         self.reader.set_capsule_data_max(INLINE_DATA_BYTES);
         self.ctrl = Some(ctrl);
         self.respond(cid, 0, 0, Status::SUCCESS);
+        self.adopt = self.adoptable;
         Ok(())
     }
 

@@ -1,0 +1,469 @@
+//! An NVMe/TCP I/O queue served by the reactor of the volume it belongs to, as NBD
+//! connections are ([`crate::frontend::nbd::Session`]): a non-blocking socket, the PDUs
+//! read from it, and the answers gathered for it, with no thread between the socket and
+//! the volume.
+//!
+//! A queue reaches a reactor once its Fabrics Connect is answered ([`Export::adopt_nvmf`]
+//! with an [`AdoptedQueue`]). The reactor drives an [`IoSession`] in passes, through the
+//! same calls as an NBD session: [`IoSession::fill`], [`IoSession::next_command`] (which
+//! answers what it refuses itself, and fetches a large write's data with R2T before it
+//! hands the write out), [`IoSession::reply`] / [`IoSession::reply_read`], and
+//! [`IoSession::flush`]. Commands come out as the NBD session's [`Command`]s, their cookie
+//! the command identifier. A Dataset Management command becomes one trim per range, and is
+//! answered once all of them are.
+//!
+//! When the reactor lets go of the volume (a switchover, a stop), the queue goes back to
+//! threads of its own ([`AdoptedQueue::serve_on_threads`]), where the path's ANA state
+//! answers for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::command::{self, IoOp};
+use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, FES_OUT_OF_RANGE, FES_SEQUENCE};
+use super::queue::{cqe, would_block, SGL_IN_CAPSULE, SGL_TRANSPORT};
+use super::{AnaState, Controller, Shared, Status, TRANSFER_BYTES_MAX};
+use crate::frontend::nbd::Command;
+#[cfg(doc)]
+use crate::frontend::Export;
+
+/// Answer bytes waiting for the socket past which no new command is taken.
+const OUT_HIGH_BYTES: usize = 4 << 20;
+/// Reads of the socket per pass at most (each up to the reader's free room).
+const READS_PER_FILL: usize = 8;
+/// Cookie bit: the command is one trim of a Dataset Management command.
+const COOKIE_DSM: u64 = 1 << 16;
+
+/// An I/O queue whose Connect was answered, handed to the volume's reactor whole, with the
+/// bytes read past the Connect.
+pub struct AdoptedQueue {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) reader: Box<PduReader>,
+    pub(super) framing: Framing,
+    pub(super) ctrl: Arc<Controller>,
+    pub(super) qid: u16,
+    pub(super) entries: u32,
+    pub(super) consumed: u32,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl AdoptedQueue {
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Serves the queue on threads of its own, through the export the registry names for
+    /// its volume (which may be another node's by then: the path is then inaccessible).
+    pub fn serve_on_threads(self) {
+        let peer = self.peer;
+        let spawned =
+            std::thread::Builder::new().name(format!("nvmf-{peer}")).spawn(move || super::queue::serve_resumed(self));
+        if let Err(e) = spawned {
+            tracing::warn!("nvmf: {peer}: cannot start a thread for the queue: {e}; closed");
+        }
+    }
+}
+
+impl std::fmt::Debug for AdoptedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdoptedQueue").field("peer", &self.peer).field("qid", &self.qid).finish()
+    }
+}
+
+/// Why a reactor's queue ended. Logged as one line naming the peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("reading failed")]
+    Read(#[source] io::Error),
+    #[error("writing answers failed")]
+    Write(#[source] io::Error),
+    #[error("bad PDU, connection terminated")]
+    Pdu(#[source] PduError),
+    #[error("the host terminated the connection (status {fes:#x}, field at byte {fei})")]
+    HostTerminated { fes: u16, fei: u32 },
+    #[error("the host closed the connection in the middle of a PDU")]
+    Truncated,
+    #[error("controller {0:#06x} is gone (its admin queue closed)")]
+    ControllerGone(u16),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Write data being fetched with R2T.
+struct Transfer {
+    cid: u16,
+    sqe: [u8; 64],
+    data: Vec<u8>,
+    total: usize,
+}
+
+/// See the module documentation.
+pub struct IoSession {
+    q: AdoptedQueue,
+    size: u64,
+    /// Answers gathered and not yet written: `out[sent..]`.
+    out: Vec<u8>,
+    sent: usize,
+    /// Commands handed out and not yet answered (a Dataset Management counts once).
+    in_flight: usize,
+    transfers: HashMap<u16, Transfer>,
+    next_ttag: u16,
+    /// The data of the last write handed out (see [`IoSession::data`]).
+    write_data: Vec<u8>,
+    /// Trims of a Dataset Management command not yet handed out.
+    queued: VecDeque<Command>,
+    /// Dataset Management commands in flight: trims outstanding, and the first failure.
+    dsm: HashMap<u16, (usize, Status)>,
+    eof: bool,
+    failed: Option<SessionError>,
+}
+
+impl IoSession {
+    /// Takes over an adopted queue of a namespace of `size` bytes.
+    pub fn new(q: AdoptedQueue, size: u64) -> io::Result<IoSession> {
+        q.stream.set_nonblocking(true)?;
+        q.stream.set_nodelay(true)?;
+        Ok(IoSession {
+            q,
+            size,
+            out: Vec::with_capacity(256 << 10),
+            sent: 0,
+            in_flight: 0,
+            transfers: HashMap::new(),
+            next_ttag: 0,
+            write_data: Vec::new(),
+            queued: VecDeque::new(),
+            dsm: HashMap::new(),
+            eof: false,
+            failed: None,
+        })
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.q.peer
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.q.stream.as_raw_fd()
+    }
+
+    /// Reads what the socket holds; whether anything came.
+    pub fn fill(&mut self) -> bool {
+        if self.eof || self.failed.is_some() {
+            return false;
+        }
+        if !self.q.ctrl.alive.load(Ordering::Acquire) {
+            self.failed = Some(SessionError::ControllerGone(self.q.ctrl.cntlid));
+            return false;
+        }
+        let mut worked = false;
+        for _ in 0..READS_PER_FILL {
+            if self.q.reader.full() {
+                break;
+            }
+            match self.q.reader.fill(&mut (&self.q.stream)) {
+                Ok(0) => {
+                    self.eof = true;
+                    if self.q.reader.partial() {
+                        self.failed = Some(SessionError::Truncated);
+                    }
+                    break;
+                }
+                Ok(_) => worked = true,
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    self.failed = Some(SessionError::Read(e));
+                    break;
+                }
+            }
+        }
+        worked
+    }
+
+    fn sqhd(&self) -> u16 {
+        u16::try_from(self.q.consumed % self.q.entries.max(1)).unwrap_or(0)
+    }
+
+    fn respond(&mut self, cid: u16, status: Status) {
+        let c = cqe(0, 0, self.sqhd(), self.q.qid, cid, status);
+        self.q.framing.capsule_resp(&mut self.out, &c);
+    }
+
+    fn terminate(&mut self, e: PduError) {
+        c2h_term_req(&mut self.out, &e);
+        self.failed = Some(SessionError::Pdu(e));
+    }
+
+    /// The next command to serve, if a whole one is buffered (and the answers waiting
+    /// leave room for it).
+    pub fn next_command(&mut self) -> Option<Command> {
+        if let Some(c) = self.queued.pop_front() {
+            return Some(c);
+        }
+        if self.failed.is_some() || self.out.len() - self.sent > OUT_HIGH_BYTES {
+            return None;
+        }
+        loop {
+            let pdu = match self.q.reader.next_pdu() {
+                Ok(Some(p)) => p,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.terminate(e);
+                    return None;
+                }
+            };
+            let command = match pdu {
+                Pdu::CapsuleCmd { sqe, data } => {
+                    self.q.consumed = self.q.consumed.wrapping_add(1);
+                    self.capsule(sqe, data)
+                }
+                Pdu::H2CData { cccid, ttag, datao, data, last } => self.h2c_data(cccid, ttag, datao, &data, last),
+                Pdu::TermReq { fes, fei } => {
+                    self.failed = Some(SessionError::HostTerminated { fes, fei });
+                    return None;
+                }
+                Pdu::IcReq { .. } => {
+                    self.failed = Some(SessionError::Protocol("a second ICReq".into()));
+                    return None;
+                }
+            };
+            if self.failed.is_some() {
+                return None;
+            }
+            if command.is_some() {
+                return command;
+            }
+        }
+    }
+
+    fn capsule(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Option<Command> {
+        let opcode = sqe[0];
+        let cid = u16::from_le_bytes([sqe[2], sqe[3]]);
+        if opcode == 0x7f {
+            // Fabrics commands other than the Connect this queue already made.
+            self.respond(cid, if sqe[4] == 0x01 { Status::SEQUENCE_ERROR } else { Status::INVALID_FIELD });
+            return None;
+        }
+        let sgl_len = u32::from_le_bytes([sqe[32], sqe[33], sqe[34], sqe[35]]) as usize;
+        if opcode & 3 == 1 && data.is_empty() && sqe[39] == SGL_TRANSPORT && sgl_len > 0 {
+            if sgl_len > TRANSFER_BYTES_MAX {
+                self.respond(cid, Status::DATA_SGL_LENGTH);
+                return None;
+            }
+            if self.transfers.len() + self.in_flight >= self.q.entries as usize {
+                let why = format!("more than the queue's {} commands outstanding", self.q.entries);
+                self.failed = Some(SessionError::Protocol(why));
+                return None;
+            }
+            let mut ttag = self.next_ttag;
+            while self.transfers.contains_key(&ttag) {
+                ttag = ttag.wrapping_add(1);
+            }
+            self.next_ttag = ttag.wrapping_add(1);
+            self.transfers.insert(ttag, Transfer { cid, sqe, data: Vec::with_capacity(sgl_len), total: sgl_len });
+            self.q.framing.r2t(&mut self.out, cid, ttag, 0, u32::try_from(sgl_len).unwrap_or(u32::MAX));
+            return None;
+        }
+        let in_capsule_ok = sqe[24..32].iter().all(|&b| b == 0) && sqe[39] == SGL_IN_CAPSULE && sgl_len == data.len();
+        if !data.is_empty() && !in_capsule_ok {
+            self.respond(cid, Status::DATA_SGL_LENGTH);
+            return None;
+        }
+        self.command(sqe, cid, data)
+    }
+
+    fn h2c_data(&mut self, cccid: u16, ttag: u16, datao: u32, data: &[u8], last: bool) -> Option<Command> {
+        let Some(t) = self.transfers.get_mut(&ttag) else {
+            let what = format!("H2CData for unknown transfer tag {ttag}");
+            self.terminate(PduError { fes: FES_SEQUENCE, fei: 10, what, header: Vec::new() });
+            return None;
+        };
+        if cccid != t.cid || datao as usize != t.data.len() || t.data.len() + data.len() > t.total {
+            let what = format!(
+                "H2CData (command {cccid}, offset {datao}, {} bytes) does not continue transfer {ttag} (command {}, {} of {} bytes)",
+                data.len(),
+                t.cid,
+                t.data.len(),
+                t.total
+            );
+            self.terminate(PduError { fes: FES_OUT_OF_RANGE, fei: 12, what, header: Vec::new() });
+            return None;
+        }
+        t.data.extend_from_slice(data);
+        if t.data.len() < t.total {
+            if last {
+                let what = format!("H2CData marked last after {} of {} bytes", t.data.len(), t.total);
+                self.terminate(PduError { fes: FES_SEQUENCE, fei: 1, what, header: Vec::new() });
+            }
+            return None;
+        }
+        let t = self.transfers.remove(&ttag).expect("present");
+        self.command(t.sqe, t.cid, t.data)
+    }
+
+    fn command(&mut self, sqe: [u8; 64], cid: u16, data: Vec<u8>) -> Option<Command> {
+        if self.in_flight >= self.q.entries as usize {
+            let why = format!("more than the queue's {} commands outstanding", self.q.entries);
+            self.failed = Some(SessionError::Protocol(why));
+            return None;
+        }
+        let cookie = u64::from(cid);
+        let command = match command::decode(&sqe, &data, self.size) {
+            Err(status) => {
+                self.respond(cid, status);
+                return None;
+            }
+            Ok(IoOp::Flush) => Command::Flush { cookie },
+            Ok(IoOp::Read { offset, len }) => Command::Read { cookie, offset, len },
+            Ok(IoOp::Write { offset, fua, .. }) => {
+                let len = data.len();
+                self.write_data = data;
+                Command::Write { cookie, offset, data: 0..len, fua }
+            }
+            Ok(IoOp::WriteZeroes { offset, len, fua }) => Command::WriteZeroes { cookie, offset, len, fua },
+            Ok(IoOp::Trims(trims)) => {
+                if trims.is_empty() {
+                    self.respond(cid, Status::SUCCESS);
+                    return None;
+                }
+                self.dsm.insert(cid, (trims.len(), Status::SUCCESS));
+                self.queued.extend(trims.into_iter().map(|(offset, len)| Command::Trim {
+                    cookie: cookie | COOKIE_DSM,
+                    offset,
+                    len,
+                }));
+                self.queued.pop_front()?
+            }
+        };
+        self.in_flight += 1;
+        Some(command)
+    }
+
+    /// The payload of a write handed out by [`Self::next_command`], valid until the next.
+    pub fn data(&self, range: Range<usize>) -> &[u8] {
+        &self.write_data[range]
+    }
+
+    /// The status of a failed command: a path error where the volume is no longer writable
+    /// here (the host retries on the path that is), else the volume's own failure.
+    fn failure_status(&self) -> Status {
+        let moved = self.q.ctrl.volume.as_deref().is_some_and(|v| self.q.shared.ana_state(v) != AnaState::Optimized);
+        if moved {
+            Status::ANA_INACCESSIBLE
+        } else {
+            Status::INTERNAL
+        }
+    }
+
+    /// Answers a command other than a read.
+    pub fn reply(&mut self, cookie: u64, result: io::Result<()>) {
+        let cid = (cookie & 0xffff) as u16;
+        let status = match &result {
+            Ok(()) => Status::SUCCESS,
+            Err(e) => {
+                tracing::debug!("nvmf: {}: command {cid} on queue {} failed: {e}", self.q.peer, self.q.qid);
+                self.failure_status()
+            }
+        };
+        if cookie & COOKIE_DSM != 0 {
+            let Some((left, first)) = self.dsm.get_mut(&cid) else { return };
+            *left -= 1;
+            if *first == Status::SUCCESS {
+                *first = status;
+            }
+            if *left > 0 {
+                return;
+            }
+            let (_, status) = self.dsm.remove(&cid).expect("present");
+            self.in_flight -= 1;
+            return self.respond(cid, status);
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.respond(cid, status);
+    }
+
+    /// Answers a read: `fill` writes the `len` bytes read from `offset` straight into the
+    /// answer's data PDU.
+    pub fn reply_read(&mut self, cookie: u64, offset: u64, len: u32, fill: impl FnOnce(&mut [u8]) -> io::Result<()>) {
+        let _ = offset;
+        let cid = (cookie & 0xffff) as u16;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let mark = self.out.len();
+        let at = self.q.framing.c2h_data_head(&mut self.out, cid, 0, len as usize, true);
+        self.out.resize(at + len as usize, 0);
+        match fill(&mut self.out[at..]) {
+            Ok(()) => {
+                self.q.framing.c2h_data_digest(&mut self.out, at);
+                self.respond(cid, Status::SUCCESS);
+            }
+            Err(e) => {
+                self.out.truncate(mark);
+                tracing::debug!("nvmf: {}: read of {len} bytes at {offset} failed: {e}", self.q.peer);
+                let status = self.failure_status();
+                self.respond(cid, status);
+            }
+        }
+    }
+
+    /// Writes what is gathered, as far as the socket takes it; whether anything went.
+    pub fn flush(&mut self) -> bool {
+        let mut worked = false;
+        while self.sent < self.out.len() {
+            match (&self.q.stream).write(&self.out[self.sent..]) {
+                Ok(0) => {
+                    self.failed.get_or_insert(SessionError::Write(io::ErrorKind::WriteZero.into()));
+                    break;
+                }
+                Ok(n) => {
+                    self.sent += n;
+                    worked = true;
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    if self.failed.is_none() {
+                        self.failed = Some(SessionError::Write(e));
+                    }
+                    self.sent = self.out.len();
+                    break;
+                }
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        worked
+    }
+
+    /// Whether the session is over: the host left, or it failed, and nothing it is owed
+    /// remains to be written.
+    pub fn finished(&self) -> bool {
+        (self.eof || self.failed.is_some()) && self.in_flight == 0 && self.out.is_empty()
+    }
+
+    pub fn error(&self) -> Option<&SessionError> {
+        self.failed.as_ref()
+    }
+
+    /// Gives the queue back for threads of its own; refused (the session returned) while
+    /// anything is in flight or half received, or after a failure.
+    pub fn release(self) -> Result<AdoptedQueue, Box<IoSession>> {
+        let busy = self.in_flight > 0 || !self.transfers.is_empty() || !self.queued.is_empty();
+        if busy || self.failed.is_some() || self.sent < self.out.len() {
+            return Err(Box::new(self));
+        }
+        let _ = self.q.stream.set_nonblocking(false);
+        Ok(self.q)
+    }
+
+    pub fn close(&self) {
+        let _ = self.q.stream.shutdown(Shutdown::Both);
+    }
+}
