@@ -70,6 +70,13 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
 
     write_blocks(&mut a, seed, 0..64);
     assert_eq!(b.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
+    // Writes too large for the capsule come by R2T and H2CData (here 1 MiB: eight PDUs);
+    // a deallocate becomes trims, answered once all are done.
+    let big: Vec<u8> = (256..512).flat_map(|slba| block(seed, slba)).collect();
+    assert!(a.write(256, &big, true).unwrap().ok(), "a 1 MiB write");
+    assert!(a.read(256, 256).unwrap().1 == big, "the 1 MiB write reads back");
+    assert!(a.deallocate(&[(600, 4), (700, 2)]).unwrap().ok());
+    assert!(a.read(600, 4).unwrap().1.iter().all(|&b| b == 0), "deallocated blocks read as zeroes");
 
     // A planned switchover: site-b becomes the primary, site-a its mirror.
     a.admin.post_aer().unwrap();
@@ -81,6 +88,7 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     assert_eq!(a.ana_state().unwrap(), ANA_INACCESSIBLE);
     assert_eq!(a.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
     check_blocks(&mut b, seed, 0..64, "after the switchover, through site-b");
+    check_blocks(&mut b, seed, 256..512, "the 1 MiB write, after the switchover");
     write_blocks(&mut b, seed, 64..128);
 
     // Site-b is lost; site-a takes the volume over.

@@ -152,9 +152,10 @@ impl PduReader {
         CAPSULE_CMD_HLEN + 2 * DIGEST_BYTES + 256 + data
     }
 
-    /// Whether the buffer holds a whole PDU and no room for more bytes: decode first.
+    /// Whether the buffer has no room for more bytes: it holds a whole PDU (the largest
+    /// fits), which must be decoded first.
     pub fn full(&self) -> bool {
-        self.end == self.buf.len() && self.buf.len() >= self.plen_max()
+        self.end == self.buf.len() && self.end - self.start >= self.plen_max()
     }
 
     /// Whether bytes are buffered that do not make a whole PDU yet.

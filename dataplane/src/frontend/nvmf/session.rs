@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use super::command::{self, IoOp};
 use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, FES_OUT_OF_RANGE, FES_SEQUENCE};
-use super::queue::{cqe, would_block, SGL_IN_CAPSULE, SGL_TRANSPORT};
+use super::queue::{cqe, SGL_IN_CAPSULE, SGL_TRANSPORT};
 use super::{AnaState, Controller, Shared, Status, TRANSFER_BYTES_MAX};
 use crate::frontend::nbd::Command;
 #[cfg(doc)]
@@ -34,8 +34,6 @@ use crate::frontend::Export;
 
 /// Answer bytes waiting for the socket past which no new command is taken.
 const OUT_HIGH_BYTES: usize = 4 << 20;
-/// Reads of the socket per pass at most (each up to the reader's free room).
-const READS_PER_FILL: usize = 8;
 /// Cookie bit: the command is one trim of a Dataset Management command.
 const COOKIE_DSM: u64 = 1 << 16;
 
@@ -154,7 +152,9 @@ impl IoSession {
         self.q.stream.as_raw_fd()
     }
 
-    /// Reads what the socket holds; whether anything came.
+    /// Reads what the socket holds, until it has nothing more or the buffer is full;
+    /// whether anything came (or more waits: the socket is watched edge-triggered, so a
+    /// full buffer asks for another pass, after its PDUs are decoded).
     pub fn fill(&mut self) -> bool {
         if self.eof || self.failed.is_some() {
             return false;
@@ -164,9 +164,9 @@ impl IoSession {
             return false;
         }
         let mut worked = false;
-        for _ in 0..READS_PER_FILL {
+        loop {
             if self.q.reader.full() {
-                break;
+                return true;
             }
             match self.q.reader.fill(&mut (&self.q.stream)) {
                 Ok(0) => {
@@ -174,13 +174,14 @@ impl IoSession {
                     if self.q.reader.partial() {
                         self.failed = Some(SessionError::Truncated);
                     }
-                    break;
+                    return true;
                 }
                 Ok(_) => worked = true,
-                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     self.failed = Some(SessionError::Read(e));
-                    break;
+                    return true;
                 }
             }
         }
@@ -419,13 +420,15 @@ impl IoSession {
             match (&self.q.stream).write(&self.out[self.sent..]) {
                 Ok(0) => {
                     self.failed.get_or_insert(SessionError::Write(io::ErrorKind::WriteZero.into()));
+                    self.sent = self.out.len();
                     break;
                 }
                 Ok(n) => {
                     self.sent += n;
                     worked = true;
                 }
-                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     if self.failed.is_none() {
                         self.failed = Some(SessionError::Write(e));
