@@ -25,9 +25,16 @@
 //! # Connections
 //!
 //! One TCP connection is one queue: the admin queue (QID 0) or an I/O queue. A thread
-//! reads each connection's PDUs and serves its commands; I/O commands go to the export
-//! through [`Export::submit`], and a writer thread sends the answers as the export
-//! completes them, batched into one system call while more wait.
+//! reads each new connection's PDUs and serves its commands, and a writer thread sends the
+//! answers. Admin queues stay there. An I/O queue, once its Connect is answered, is offered
+//! to its volume ([`super::Export::adopt_nvmf`]): a primary volume's reactor takes it and
+//! serves it as it serves NBD connections ([`session::IoSession`]: PDUs decoded, writes
+//! logged, reads answered from the reactor's own thread, with no thread hand-off between
+//! the socket and the volume). A queue of a volume that is not writable here (a mirror)
+//! stays on threads, where every command is answered *ANA inaccessible*; it goes to the
+//! reactor once the volume becomes writable here (a failover), and back to threads when the
+//! reactor lets go of the volume (a switchover, a stop). The Linux host opens one I/O queue
+//! per CPU (up to [`IO_QUEUES_MAX`] granted); they land on the volume's one reactor.
 //!
 //! | Command | Notes |
 //! |---|---|

@@ -254,7 +254,7 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<
             Err(e) => return Err(QueueError::Read(e)),
         }
     };
-    serve_queue(Start { stream, peer, reader, framing, ctrl: None, qid: 0, entries: 0, consumed: 0 }, shared, true)
+    serve_queue(Start { stream, peer, reader, framing, ctrl: None, qid: 0, entries: 0, consumed: 0 }, shared)
 }
 
 /// What a queue is served from: a new connection past its ICReq, or an I/O queue a
@@ -293,9 +293,9 @@ enum Outcome {
 }
 
 /// Serves a queue on this thread and a writer thread. An I/O queue, once connected, is
-/// offered to its volume's reactor when `adoptable`; one the reactor does not take is
+/// offered to its volume's reactor; one the reactor does not take is
 /// served here.
-fn serve_queue(start: Start, shared: &Arc<Shared>, adoptable: bool) -> Result<Served, QueueError> {
+fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, QueueError> {
     let Start { mut stream, peer, reader, framing, ctrl, qid, entries, consumed } = start;
     stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
@@ -332,8 +332,8 @@ fn serve_queue(start: Start, shared: &Arc<Shared>, adoptable: bool) -> Result<Se
         transfers: HashMap::new(),
         next_ttag: 0,
         last_tick: Instant::now(),
-        adoptable,
         adopt: false,
+        was_writable: true,
     };
     let result = q.run(&mut stream);
     if let (Some(c), Some(_)) = (&q.ctrl, &q.admin) {
@@ -370,7 +370,8 @@ fn serve_queue(start: Start, shared: &Arc<Shared>, adoptable: bool) -> Result<Se
                 },
                 None => adopted,
             };
-            serve_queue(back.into(), shared, false)
+            // Served here until its volume becomes writable here again.
+            serve_queue(back.into(), shared)
         }
     }
 }
@@ -381,7 +382,7 @@ pub(super) fn serve_resumed(q: AdoptedQueue) {
     let peer = q.peer;
     let shared = q.shared.clone();
     let closer = q.stream.try_clone().ok();
-    match serve_queue(q.into(), &shared, false) {
+    match serve_queue(q.into(), &shared) {
         Ok(Served::Adopted) => return,
         Ok(Served::Here) => {}
         Err(e) => tracing::warn!("nvmf: {peer}: {}", ErrorChain(&e)),
@@ -440,10 +441,10 @@ struct Queue<'a> {
     transfers: HashMap<u16, Transfer>,
     next_ttag: u16,
     last_tick: Instant,
-    /// An I/O queue is offered to its volume's reactor once connected.
-    adoptable: bool,
-    /// It just connected: stop here and offer it.
+    /// It just connected, or its volume just became writable here: stop here and offer it.
     adopt: bool,
+    /// Whether the volume was writable here at the last look (an I/O queue's).
+    was_writable: bool,
 }
 
 impl Queue<'_> {
@@ -479,6 +480,9 @@ impl Queue<'_> {
                     return Ok(Outcome::Ended);
                 }
                 self.tick()?;
+                if self.adopt {
+                    return Ok(Outcome::Adopt);
+                }
             }
         }
     }
@@ -491,6 +495,16 @@ impl Queue<'_> {
             if !ctrl.alive.load(Ordering::Acquire) {
                 return Err(QueueError::ControllerGone(ctrl.cntlid));
             }
+            // A queue served here because its volume was not writable on this node (a
+            // mirror, a volume that moved) goes to the volume's reactor once it is (a
+            // failover, a switchover back), between two commands.
+            let writable =
+                ctrl.volume.as_deref().and_then(|v| self.shared.registry.lookup(v)).is_some_and(|e| !e.read_only());
+            let idle = self.info.in_flight.load(Ordering::Acquire) == 0 && self.transfers.is_empty();
+            if writable && !self.was_writable && idle {
+                self.adopt = true;
+            }
+            self.was_writable = writable;
             return Ok(());
         };
         if a.kato_ms > 0 && a.last_heard.elapsed() > Duration::from_millis(2 * u64::from(a.kato_ms)) {
@@ -814,7 +828,7 @@ impl Queue<'_> {
         self.reader.set_capsule_data_max(INLINE_DATA_BYTES);
         self.ctrl = Some(ctrl);
         self.respond(cid, 0, 0, Status::SUCCESS);
-        self.adopt = self.adoptable;
+        self.adopt = true;
         Ok(())
     }
 
