@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use nvmirror_dataplane::checksum::crc32c;
-use nvmirror_dataplane::frontend::nvmf::client::{attach_admin, HOST_NQN};
+use nvmirror_dataplane::frontend::nvmf::client::{attach_admin, Command, HOST_NQN};
 use nvmirror_dataplane::frontend::nvmf::{subsystem_nqn, NvmfServer};
 use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
 use nvmirror_dataplane::storage::{BlockDevice, MemDevice};
@@ -79,7 +79,9 @@ fn target() -> &'static Target {
             ("ro".into(), Arc::new(Disk { dev: MemDevice::new(1 << 20), read_only: true })),
         ]);
         let server = NvmfServer::spawn(l, Arc::new(reg)).expect("server");
-        let (admin, cntlid) = attach_admin(&addr, &subsystem_nqn("rw"), false).expect("a real host attaches");
+        let (mut admin, cntlid) = attach_admin(&addr, &subsystem_nqn("rw"), false).expect("a real host attaches");
+        // No keep alive: the controller lives as long as the fuzzing does.
+        admin.execute(Command::new(0x09, 0).dword(10, 0x0f).dword(11, 0)).expect("Set Features (keep alive)");
         Target { addr, cntlid, _admin: admin, _server: server }
     })
 }

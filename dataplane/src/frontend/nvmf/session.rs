@@ -144,8 +144,51 @@ impl IoSession {
         })
     }
 
+    /// A session over a connected socket whose ICReq was answered with `framing` and whose
+    /// Connect made it I/O queue 1 of a controller of volume `fuzz` (for tests and fuzzing;
+    /// a node's sessions come from [`Export::adopt_nvmf`]). It cannot be given back to
+    /// threads.
+    pub fn over(stream: TcpStream, size: u64, framing: Framing) -> io::Result<IoSession> {
+        struct Nothing;
+        impl crate::frontend::ExportRegistry for Nothing {
+            fn lookup(&self, _: &str) -> Option<Arc<dyn crate::frontend::Export>> {
+                None
+            }
+            fn names(&self) -> Vec<String> {
+                Vec::new()
+            }
+        }
+        let shared = Arc::new(Shared {
+            registry: Arc::new(Nothing),
+            controllers: parking_lot::Mutex::new(HashMap::new()),
+            shutdown: std::sync::atomic::AtomicBool::new(false),
+            port: 0,
+        });
+        let ctrl = shared.new_controller(Some("fuzz".into()), super::subsystem_nqn("fuzz"), String::new());
+        let mut reader = PduReader::new(super::INLINE_DATA_BYTES, super::H2C_DATA_BYTES_MAX);
+        reader.initialize(framing.header_digest, framing.data_digest);
+        let peer = stream.peer_addr()?;
+        let q = AdoptedQueue {
+            stream,
+            peer,
+            reader: Box::new(reader),
+            framing,
+            ctrl,
+            qid: 1,
+            entries: u32::from(super::IO_QUEUE_ENTRIES),
+            consumed: 1,
+            shared,
+        };
+        IoSession::new(q, size)
+    }
+
     pub fn peer(&self) -> SocketAddr {
         self.q.peer
+    }
+
+    /// Commands handed out and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
     pub fn fd(&self) -> RawFd {
@@ -468,5 +511,96 @@ impl IoSession {
 
     pub fn close(&self) {
         let _ = self.q.stream.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::frontend::nvmf::client::{Command as HostCommand, HostQueue};
+    use crate::storage::{BlockDevice, MemDevice};
+
+    /// Serves `session` from `dev` as a reactor would, until the host leaves.
+    fn serve(mut session: IoSession, dev: &MemDevice) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !session.finished() && Instant::now() < deadline {
+            session.fill();
+            while let Some(c) = session.next_command() {
+                match c {
+                    Command::Read { cookie, offset, len } => {
+                        session.reply_read(cookie, offset, len, |b| dev.read_at(b, offset));
+                    }
+                    Command::Write { cookie, offset, data, .. } => {
+                        let r = dev.write_at(session.data(data).to_vec().as_slice(), offset);
+                        session.reply(cookie, r);
+                    }
+                    Command::Trim { cookie, offset, len } | Command::WriteZeroes { cookie, offset, len, .. } => {
+                        let r = dev.write_at(&vec![0u8; len as usize], offset);
+                        session.reply(cookie, r);
+                    }
+                    Command::Flush { cookie } => session.reply(cookie, Ok(())),
+                    Command::BlockStatus { cookie, .. } => session.reply(cookie, Err(io::Error::other("none"))),
+                }
+            }
+            session.flush();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        session.close();
+    }
+
+    #[test]
+    fn a_reactor_session_serves_in_capsule_and_r2t_writes_reads_and_deallocates_with_digests() {
+        for digests in [false, true] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let host = std::thread::spawn(move || {
+                let mut q = HostQueue::open(addr, digests, digests).unwrap();
+                q.inline_max = crate::frontend::nvmf::INLINE_DATA_BYTES;
+                let mut results = Vec::new();
+                for (slba, blocks, seed) in [(0u64, 1u32, 1u8), (8, 64, 2), (100, 256, 3)] {
+                    let data: Vec<u8> = (0..blocks as usize * 4096).map(|i| (i as u8) ^ seed).collect();
+                    let mut w = HostCommand::new(0x01, 1).dword(10, slba as u32).dword(12, blocks - 1);
+                    w.data_out = data.clone();
+                    results.push(q.execute(w).unwrap().0.ok());
+                    let mut r = HostCommand::new(0x02, 1).dword(10, slba as u32).dword(12, blocks - 1);
+                    r.data_in = data.len();
+                    let (done, back) = q.execute(r).unwrap();
+                    results.push(done.ok() && back == data);
+                }
+                let mut dsm = HostCommand::new(0x09, 1).dword(10, 1).dword(11, 1 << 2);
+                for (slba, n) in [(8u64, 2u32), (100, 1)] {
+                    dsm.data_out.extend_from_slice(&0u32.to_le_bytes());
+                    dsm.data_out.extend_from_slice(&n.to_le_bytes());
+                    dsm.data_out.extend_from_slice(&slba.to_le_bytes());
+                }
+                results.push(q.execute(dsm).unwrap().0.ok());
+                let bad = q.execute(HostCommand::new(0x02, 1).dword(10, 4096).dword(12, 0)).unwrap().0;
+                results.push(bad.status == Status::LBA_OUT_OF_RANGE);
+                results
+            });
+            let (stream, _) = l.accept().unwrap();
+            // The ICReq, answered as the accepting thread does before adoption.
+            let mut ic = [0u8; 128];
+            std::io::Read::read_exact(&mut &stream, &mut ic).unwrap();
+            let framing = Framing { header_digest: ic[11] & 1 != 0, data_digest: ic[11] & 2 != 0, hpda: 0 };
+            let mut resp = Vec::new();
+            framing.ic_resp(&mut resp, 128 << 10);
+            (&stream).write_all(&resp).unwrap();
+            let dev = MemDevice::new(4 << 20);
+            let session = IoSession::over(stream, dev.size(), framing).unwrap();
+            let server = std::thread::spawn(move || {
+                serve(session, &dev);
+                dev
+            });
+            let results = host.join().unwrap();
+            assert!(results.iter().all(|&ok| ok), "digests {digests}: {results:?}");
+            let dev = server.join().unwrap();
+            let mut b = vec![1u8; 8192];
+            dev.read_at(&mut b, 8 << 12).unwrap();
+            assert!(b.iter().all(|&x| x == 0), "the deallocated blocks were trimmed");
+        }
     }
 }
