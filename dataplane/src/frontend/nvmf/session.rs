@@ -515,6 +515,7 @@ impl IoSession {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // small, fixed block numbers and patterns
 mod tests {
     use std::net::TcpListener;
     use std::time::{Duration, Instant};
