@@ -8,8 +8,8 @@
 //! 1). Each node of a pair serves it: the host sees two controllers of one subsystem, one
 //! per node, and its multipath joins them into one block device. Both nodes give the
 //! namespace the same NGUID and UUID (from the volume's id and name) and the same serial.
-//! Controller IDs are drawn at random, so that two nodes' controllers of one host do not
-//! collide.
+//! Controller IDs count up from a random start per server, so that two nodes' controllers
+//! of one host do not collide.
 //!
 //! ANA (Asymmetric Namespace Access): one ANA group, in state *optimized* on the node
 //! where the volume is writable (its primary) and *inaccessible* elsewhere (a mirror, a
@@ -156,6 +156,8 @@ pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     /// The port the server listens on (discovery entries name it).
     pub port: u16,
+    /// The next controller ID (before its reduction to the range allowed).
+    pub next_cntlid: std::sync::atomic::AtomicU16,
 }
 
 impl Shared {
@@ -163,8 +165,10 @@ impl Shared {
     pub fn new_controller(&self, volume: Option<String>, subnqn: String, hostnqn: String) -> Arc<Controller> {
         let mut table = self.controllers.lock();
         let cntlid = loop {
-            // 0xFFF0 and above are reserved; 0 is avoided (some hosts read it as "none").
-            let id = rand::random::<u16>() % 0xffef + 1;
+            // From a random start per server, so that two nodes' controllers of one host
+            // do not collide; 0xFFF0 and above are reserved, 0 is avoided (some hosts read
+            // it as "none").
+            let id = self.next_cntlid.fetch_add(1, Ordering::Relaxed) % 0xffef + 1;
             if !table.contains_key(&id) {
                 break id;
             }
@@ -211,6 +215,7 @@ impl NvmfServer {
             controllers: Mutex::new(HashMap::new()),
             shutdown: AtomicBool::new(false),
             port: local_addr.port(),
+            next_cntlid: std::sync::atomic::AtomicU16::new(rand::random()),
         });
         let acceptor = thread::Builder::new().name("nvmf-accept".to_owned()).spawn({
             let shared = shared.clone();

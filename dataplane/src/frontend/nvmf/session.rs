@@ -163,6 +163,7 @@ impl IoSession {
             controllers: parking_lot::Mutex::new(HashMap::new()),
             shutdown: std::sync::atomic::AtomicBool::new(false),
             port: 0,
+            next_cntlid: std::sync::atomic::AtomicU16::new(0),
         });
         let ctrl = shared.new_controller(Some("fuzz".into()), super::subsystem_nqn("fuzz"), String::new());
         let mut reader = PduReader::new(super::INLINE_DATA_BYTES, super::H2C_DATA_BYTES_MAX);
