@@ -11,52 +11,16 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use nvmirror_dataplane::frontend::nbd::NbdServer;
-use nvmirror_dataplane::frontend::{Completer, Export, ExportRegistry, IoRequest};
-use nvmirror_dataplane::storage::{BlockDevice, MemDevice};
-
-struct Disk {
-    dev: MemDevice,
-    read_only: bool,
-}
-
-impl Export for Disk {
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn submit(&self, request: IoRequest, done: Completer) {
-        match request {
-            IoRequest::Read { offset, len } => {
-                let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                done.complete(self.dev.read_at(&mut buf, offset).map(|()| Some(buf)));
-            }
-            IoRequest::Write { offset, data, .. } => done.complete(self.dev.write_at(&data, offset).map(|()| None)),
-            _ => done.complete(Ok(None)),
-        }
-    }
-}
-
-struct Registry(Vec<(String, Arc<Disk>)>);
-
-impl ExportRegistry for Registry {
-    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone() as Arc<dyn Export>)
-    }
-    fn names(&self) -> Vec<String> {
-        self.0.iter().map(|(n, _)| n.clone()).collect()
-    }
-}
+use nvmirror_dataplane::frontend::mem::{MemExport, MemRegistry};
 
 fn server() -> String {
     static ADDR: OnceLock<(String, NbdServer)> = OnceLock::new();
     ADDR.get_or_init(|| {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
-        let reg = Registry(vec![
-            ("rw".into(), Arc::new(Disk { dev: MemDevice::new(1 << 20), read_only: false })),
-            ("ro".into(), Arc::new(Disk { dev: MemDevice::new(1 << 20), read_only: true })),
+        let reg = MemRegistry(vec![
+            ("rw".into(), Arc::new(MemExport::new(1 << 20, false))),
+            ("ro".into(), Arc::new(MemExport::new(1 << 20, true))),
         ]);
         (addr, NbdServer::spawn(l, Arc::new(reg)).expect("server"))
     })

@@ -154,6 +154,19 @@ hwt_perftest_lat() {
     rm -f "$client_log"
 }
 
+# Writes file $4 (under the mount point $1) of $5 bytes of random data, fsyncs it and its
+# directory, then appends `SHA256  PATH-UNDER-$1` to $2: every line names a file whose
+# fsync returned, which must survive. $3 is a scratch directory off that filesystem.
+hwt_write_synced() {
+    local mnt=$1 acked=$2 scratch=$3 path=$4 bytes=$5 tmp
+    tmp=$scratch/src.$BASHPID.${path##*/}
+    head -c "$bytes" /dev/urandom >"$tmp" || return 1
+    dd if="$tmp" of="$path" bs=64K conv=fsync status=none 2>/dev/null || { rm -f "$tmp"; return 1; }
+    sync "$(dirname "$path")" 2>/dev/null || { rm -f "$tmp"; return 1; }
+    echo "$(sha256sum "$tmp" | cut -d' ' -f1)  ${path#"$mnt"/}" >>"$acked"
+    rm -f "$tmp"
+}
+
 # Seconds since $1 (a `date +%s.%N` stamp), one decimal.
 hwt_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 

@@ -6,6 +6,7 @@
 //! persistent on both sites), so a front-end connection can keep many requests in flight.
 
 pub mod forward;
+pub mod mem;
 pub mod nbd;
 pub mod nbd_client;
 pub mod nvmf;

@@ -89,15 +89,7 @@ sync "$mnt"
 acked=$work/acked.sha256
 : >"$acked"
 # Writes file $1 of $2 bytes of random data, fsyncs it and its directory, records it.
-write_synced() {
-    local path=$1 bytes=$2 tmp
-    tmp=$work/src.$BASHPID.${path##*/}
-    head -c "$bytes" /dev/urandom >"$tmp" || return 1
-    dd if="$tmp" of="$path" bs=64K conv=fsync status=none 2>/dev/null || { rm -f "$tmp"; return 1; }
-    sync "$(dirname "$path")" 2>/dev/null || { rm -f "$tmp"; return 1; }
-    echo "$(sha256sum "$tmp" | cut -d' ' -f1)  ${path#"$mnt"/}" >>"$acked"
-    rm -f "$tmp"
-}
+write_synced() { hwt_write_synced "$mnt" "$acked" "$work" "$@"; }
 sizes=(1 100 511 512 4095 4096 4097 8192 12345 65536 65537 131072 262143 1048576 1048577 3145728 5000000)
 for i in "${!sizes[@]}"; do
     write_synced "$mnt/set/f$i" "${sizes[$i]}" || fail_with_logs "writing set/f$i (${sizes[$i]} B) failed while site-a was up"

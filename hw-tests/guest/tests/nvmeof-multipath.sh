@@ -132,15 +132,8 @@ mkdir -p "$mnt/loop"
 sync "$mnt"
 acked=$work/acked.sha256
 : >"$acked"
-write_synced() {
-    local path=$1 bytes=$2 tmp
-    tmp=$work/src.${path##*/}
-    head -c "$bytes" /dev/urandom >"$tmp" || return 1
-    dd if="$tmp" of="$path" bs=64K conv=fsync status=none 2>/dev/null || { rm -f "$tmp"; return 1; }
-    sync "$(dirname "$path")" 2>/dev/null || { rm -f "$tmp"; return 1; }
-    echo "$(sha256sum "$tmp" | cut -d' ' -f1)  ${path#"$mnt"/}" >>"$acked"
-    rm -f "$tmp"
-}
+# Writes file $1 of $2 bytes of random data, fsyncs it and its directory, records it.
+write_synced() { hwt_write_synced "$mnt" "$acked" "$work" "$@"; }
 (
     for i in $(seq 1 20000); do
         [ -e "$work/stop" ] && exit 0
