@@ -129,7 +129,7 @@ pub fn run_nvmf() -> Result<ScenarioResult> {
     Ok(ScenarioResult {
         name: "nvmf-guest".into(),
         description: "inside the hw-tests QEMU guest (TCG), loopback, every backing file on one tmpfs: fio libaio \
-                      O_DIRECT 4 KiB random writes over 256 MiB at qd1 and qd32 on nvmirror's NVMe/TCP namespace \
+                      O_DIRECT 4 KiB random writes over 128 MiB at qd1 and qd32 on nvmirror's NVMe/TCP namespace \
                       (unmirrored volume), on the kernel's nvmet-tcp (file, buffered) and on nvmirror's NBD export \
                       through the kernel's NBD client; medians of three rounds of 10 s, the order turning"
             .into(),

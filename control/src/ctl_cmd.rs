@@ -497,6 +497,7 @@ fn print_status(s: &Value) {
             let what: Vec<&str> = what.iter().filter_map(Value::as_str).collect();
             println!("{:<16} an acknowledged write survives {}", "", what.join(", "));
         }
+        print_nvmf_hosts(&v["nvmf_hosts"]);
     }
     let unstarted = s["unstarted"].as_array().unwrap_or(&empty);
     for u in unstarted {
@@ -524,6 +525,22 @@ fn print_status(s: &Value) {
         if let Some(line) = storage_line(&m["storage"]) {
             println!("{:<16} storage: {line}", "");
         }
+        print_nvmf_hosts(&m["nvmf_hosts"]);
+    }
+}
+
+/// One line per host attached over NVMe/TCP through this node.
+fn print_nvmf_hosts(hosts: &Value) {
+    for h in hosts.as_array().map(Vec::as_slice).unwrap_or_default() {
+        println!(
+            "{:<16} nvmf: {} at {}, controller {:#06x}, {} I/O queues, path {}",
+            "",
+            h["host_nqn"].as_str().unwrap_or("?"),
+            h["address"].as_str().unwrap_or("?"),
+            h["controller"].as_u64().unwrap_or(0),
+            h["io_queues"],
+            h["ana"].as_str().unwrap_or("?")
+        );
     }
 }
 

@@ -617,6 +617,9 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
     let _nbd = NbdServer::spawn(nbd, node.clone())?;
     let _nvmf = nvmf.map(|l| NvmfServer::spawn(l, node.clone())).transpose()?;
+    if let Some(server) = &_nvmf {
+        node.set_nvmf_hosts(server.hosts());
+    }
     println!(
         "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}{}{}",
         node.cfg.control,

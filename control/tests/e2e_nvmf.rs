@@ -56,6 +56,14 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     assert_ne!(a.cntlid, b.cntlid, "each path its own controller");
     assert_eq!(a.ana_state().unwrap(), ANA_OPTIMIZED, "the primary's path");
     assert_eq!(b.ana_state().unwrap(), ANA_INACCESSIBLE, "the mirror's path");
+    // Each node's status names the host attached through it, and what its path says.
+    let hosts_a = volume_status(&pair.src_api(), VOL).unwrap()["nvmf_hosts"].clone();
+    assert_eq!(hosts_a.as_array().map(Vec::len), Some(1), "{hosts_a}");
+    assert_eq!(hosts_a[0]["ana"], "optimized");
+    assert_eq!(hosts_a[0]["controller"], a.cntlid);
+    let hosts_b = mirror_status(&pair.dst_api(), VOL).unwrap()["nvmf_hosts"].clone();
+    assert_eq!(hosts_b[0]["ana"], "inaccessible", "{hosts_b}");
+    assert!(ctl_ok(&pair.src.control, &["status"]).contains("path optimized"));
     let (_, ns_a) = a.admin.identify(0x00, 1).unwrap();
     let (_, ns_b) = b.admin.identify(0x00, 1).unwrap();
     assert_eq!(ns_a[104..120], ns_b[104..120], "one NGUID through both paths");

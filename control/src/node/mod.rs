@@ -254,6 +254,8 @@ pub struct Node {
     storage: RwLock<HashMap<StorageOwner, (VolumeStorage, Opened)>>,
     /// Volumes that could not start, and why.
     unstarted: Mutex<Vec<(String, String)>>,
+    /// The hosts attached over NVMe/TCP, where the node serves it (set once it listens).
+    nvmf_hosts: std::sync::OnceLock<nvmirror_dataplane::frontend::nvmf::NvmfHosts>,
     /// What changed on this node, for `ctl events`.
     pub events: Arc<crate::events::EventLog>,
 }
@@ -339,6 +341,7 @@ impl Node {
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
+            nvmf_hosts: std::sync::OnceLock::new(),
             events: Arc::default(),
         });
         node.events.push("node-started", None, serde_json::json!({ "node": node.cfg.name }));
@@ -654,6 +657,7 @@ impl Node {
                         self.cfg.nvram.mode,
                         rec.and_then(|r| r.mirror.as_ref()).map(|m| m.peer_nvram),
                     ),
+                    nvmf_hosts: self.nvmf_hosts(&name),
                     source: s,
                 }),
                 Err(e) => tracing::warn!("status of {name}: {e}"),
@@ -691,7 +695,8 @@ impl Node {
                 } else {
                     "out-of-sync"
                 };
-                MirrorEntry { role: "mirror", state, mirror, storage }
+                let nvmf_hosts = self.nvmf_hosts(&mirror.volume);
+                MirrorEntry { role: "mirror", state, mirror, storage, nvmf_hosts }
             })
             .collect();
         mirrors
@@ -789,6 +794,9 @@ pub struct VolumeStatus {
     pub allow: Vec<String>,
     /// What an acknowledgement survives ([`ack_survives`]).
     pub ack_survives: Vec<&'static str>,
+    /// The hosts attached over NVMe/TCP through this node (left out: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nvmf_hosts: Vec<nvmirror_dataplane::frontend::nvmf::HostPath>,
 }
 
 #[derive(Debug, Serialize)]
@@ -800,6 +808,9 @@ pub struct MirrorEntry {
     #[serde(flatten)]
     pub mirror: MirrorStatus,
     pub storage: Option<StorageStatus>,
+    /// The hosts attached over NVMe/TCP through this node (left out: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nvmf_hosts: Vec<nvmirror_dataplane::frontend::nvmf::HostPath>,
 }
 
 /// What `volume create` sets besides the layout.
@@ -842,6 +853,17 @@ pub struct UnstartedVolume {
     pub volume: String,
     pub state: &'static str,
     pub reason: String,
+}
+
+impl Node {
+    /// Status shows the hosts attached over NVMe/TCP through `hosts` from now on.
+    pub fn set_nvmf_hosts(&self, hosts: nvmirror_dataplane::frontend::nvmf::NvmfHosts) {
+        let _ = self.nvmf_hosts.set(hosts);
+    }
+
+    fn nvmf_hosts(&self, volume: &str) -> Vec<nvmirror_dataplane::frontend::nvmf::HostPath> {
+        self.nvmf_hosts.get().map(|h| h.of(volume)).unwrap_or_default()
+    }
 }
 
 impl ExportRegistry for Node {

@@ -50,6 +50,8 @@ cleanup() {
     [ -n "$a_pid" ] && kill -9 "$a_pid" 2>/dev/null
     [ -n "$b_pid" ] && kill -9 "$b_pid" 2>/dev/null
     wait 2>/dev/null
+    # The guest's /var/tmp is memory: the volumes go, for the tests after this one.
+    rm -rf "$work"
 }
 trap cleanup EXIT
 

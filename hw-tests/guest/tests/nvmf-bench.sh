@@ -2,7 +2,7 @@
 # nvmirror's NBD export through the kernel's NBD client, side by side in this guest: the
 # guest kernel's initiators on loopback, every backing file on the same tmpfs (nvmet's
 # through a loop device, in the page cache as nvmirror's are), fio (libaio, O_DIRECT, 4 KiB random writes over a
-# 256 MiB device) at queue depth 1 and 32. HWT_NVMF_ROUNDS rounds (default 1) of
+# 128 MiB device) at queue depth 1 and 32. HWT_NVMF_ROUNDS rounds (default 1) of
 # HWT_NVMF_SECS seconds (default 5) per device and depth, the order of the three turning
 # each round; the medians are reported as figures. Figures, not pass conditions: the
 # targets and the latest figures are in benches/README.md (`nvmirror-benches nvmf-guest`).
@@ -41,22 +41,24 @@ cleanup() {
     [ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null
     [ -n "$node_pid" ] && kill -9 "$node_pid" 2>/dev/null
     wait 2>/dev/null
+    # The guest's /var/tmp is memory: the volumes go, for the tests after this one.
+    rm -rf "$work"
 }
 trap cleanup EXIT
 
-# --- nvmirror: one unmirrored 256 MiB volume, over NVMe/TCP and NBD -------------------
+# --- nvmirror: one unmirrored 128 MiB volume, over NVMe/TCP and NBD -------------------
 "$bin" node --name bench --data-dir "$work/node" --listen "$host:7401" --control "$host:7402" \
     --nbd "$host:10841" --nvmf "$host:4441" >"$work/node.ready" 2>"$work/node.log" &
 node_pid=$!
 hwt_wait_listen 7402 60 "$node_pid" || hwt_fail_with_logs "the node did not start" "$work/node.log"
 hwt_wait_listen 4441 30 "$node_pid" || hwt_fail_with_logs "the node serves no NVMe/TCP" "$work/node.log"
-timeout 120 "$bin" ctl --node "$host:7402" volume create "$vol" --size 256M ||
+timeout 120 "$bin" ctl --node "$host:7402" volume create "$vol" --size 128M ||
     hwt_fail_with_logs "volume create failed" "$work/node.log"
 
 # --- the kernel's target over a file of the same size on the same tmpfs --------------
 # A loop device over the file: nvmet's block backend, through the page cache as
 # nvmirror's files are. (Its file backend on tmpfs gave the host a namespace of size 0.)
-truncate -s 256M "$work/nvmet.img"
+truncate -s 128M "$work/nvmet.img"
 modprobe loop || hwt_fail "modprobe loop failed"
 loopdev=$(losetup -f --show "$work/nvmet.img") || hwt_fail "losetup of $work/nvmet.img failed"
 mkdir "$cfg/subsystems/$knqn" || hwt_fail "configfs: cannot make the nvmet subsystem"
@@ -102,7 +104,7 @@ echo "devices: nvmirror NVMe/TCP $ours, nvmet-tcp $theirs, nvmirror NBD /dev/nbd
 # One fio run: prints "IOPS P50_US P99_US".
 run_fio() { # device depth
     fio --name=w --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth="$2" \
-        --size=256M --runtime="$secs" --time_based --randrepeat=0 --output-format=json \
+        --size=128M --runtime="$secs" --time_based --randrepeat=0 --output-format=json \
         --output="$work/fio.json" >"$work/fio.err" 2>&1 || { cat "$work/fio.err"; return 1; }
     python3 -c '
 import json, sys

@@ -144,9 +144,13 @@ pub(crate) struct Controller {
     pub volume: Option<String>,
     pub subnqn: String,
     pub hostnqn: String,
+    /// The host's address (of its admin queue).
+    pub peer: SocketAddr,
     pub alive: AtomicBool,
     /// I/O queues granted by Set Features (Number of Queues); until then, one.
     pub io_queues: std::sync::atomic::AtomicU16,
+    /// The ANA state this controller last reported (an [`AnaState`] value).
+    pub ana: std::sync::atomic::AtomicU8,
 }
 
 /// What every connection of one server shares.
@@ -162,7 +166,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Makes a controller with an ID no other live controller of this server has.
-    pub fn new_controller(&self, volume: Option<String>, subnqn: String, hostnqn: String) -> Arc<Controller> {
+    pub fn new_controller(
+        &self,
+        volume: Option<String>,
+        subnqn: String,
+        hostnqn: String,
+        peer: SocketAddr,
+    ) -> Arc<Controller> {
         let mut table = self.controllers.lock();
         let cntlid = loop {
             // From a random start per server, so that two nodes' controllers of one host
@@ -173,13 +183,16 @@ impl Shared {
                 break id;
             }
         };
+        let ana = volume.as_deref().map_or(AnaState::Optimized, |v| self.ana_state(v));
         let c = Arc::new(Controller {
             cntlid,
             volume,
             subnqn,
             hostnqn,
+            peer,
             alive: AtomicBool::new(true),
             io_queues: std::sync::atomic::AtomicU16::new(1),
+            ana: std::sync::atomic::AtomicU8::new(ana as u8),
         });
         table.insert(cntlid, c.clone());
         c
@@ -196,6 +209,56 @@ impl Shared {
             Some(e) if !e.read_only() => AnaState::Optimized,
             _ => AnaState::Inaccessible,
         }
+    }
+}
+
+/// A host attached to a volume over NVMe/TCP through this node: one controller, as
+/// `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostPath {
+    pub host_nqn: String,
+    /// The host's address.
+    pub address: String,
+    pub controller: u16,
+    /// I/O queues granted.
+    pub io_queues: u16,
+    /// What this path reports: `optimized` or `inaccessible`.
+    pub ana: &'static str,
+}
+
+/// A handle on a server's controllers, for status.
+#[derive(Clone)]
+pub struct NvmfHosts(Arc<Shared>);
+
+impl NvmfHosts {
+    /// The hosts attached to volume `name` through this node, by controller ID.
+    pub fn of(&self, name: &str) -> Vec<HostPath> {
+        let mut hosts: Vec<HostPath> = self
+            .0
+            .controllers
+            .lock()
+            .values()
+            .filter(|c| c.volume.as_deref() == Some(name))
+            .map(|c| HostPath {
+                host_nqn: c.hostnqn.clone(),
+                address: c.peer.to_string(),
+                controller: c.cntlid,
+                io_queues: c.io_queues.load(Ordering::Acquire),
+                ana: if c.ana.load(Ordering::Acquire) == AnaState::Optimized as u8 {
+                    "optimized"
+                } else {
+                    "inaccessible"
+                },
+            })
+            .collect();
+        hosts.sort_by_key(|h| h.controller);
+        hosts
+    }
+}
+
+impl std::fmt::Debug for NvmfHosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmfHosts").field("port", &self.0.port).finish()
     }
 }
 
@@ -231,6 +294,12 @@ impl NvmfServer {
     /// Controllers alive now (admin queues connected).
     pub fn controllers(&self) -> usize {
         self.shared.controllers.lock().len()
+    }
+
+    /// A handle on the hosts attached, for status (it outlives nothing: it holds the
+    /// server's table, not its threads).
+    pub fn hosts(&self) -> NvmfHosts {
+        NvmfHosts(self.shared.clone())
     }
 
     /// Stops accepting, closes every connection and waits for their threads, which first

@@ -522,6 +522,7 @@ impl Queue<'_> {
             );
             a.ana = state;
             a.ana_changes += 1;
+            ctrl.ana.store(state as u8, Ordering::Release);
             if a.async_config & OAES_ANA_CHANGE != 0 {
                 a.notice_owed = true;
             }
@@ -774,7 +775,7 @@ impl Queue<'_> {
                 }
             }
             let ana = volume.as_deref().map_or(AnaState::Optimized, |v| self.shared.ana_state(v));
-            let ctrl = self.shared.new_controller(volume, subnqn, hostnqn);
+            let ctrl = self.shared.new_controller(volume, subnqn, hostnqn, self.peer);
             tracing::info!(
                 "nvmf: {}: controller {:#06x} of {} for {} (ANA {ana:?}, keep alive {kato} ms)",
                 self.peer,

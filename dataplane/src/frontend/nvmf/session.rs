@@ -165,10 +165,10 @@ impl IoSession {
             port: 0,
             next_cntlid: std::sync::atomic::AtomicU16::new(0),
         });
-        let ctrl = shared.new_controller(Some("fuzz".into()), super::subsystem_nqn("fuzz"), String::new());
+        let peer = stream.peer_addr()?;
+        let ctrl = shared.new_controller(Some("fuzz".into()), super::subsystem_nqn("fuzz"), String::new(), peer);
         let mut reader = PduReader::new(super::INLINE_DATA_BYTES, super::H2C_DATA_BYTES_MAX);
         reader.initialize(framing.header_digest, framing.data_digest);
-        let peer = stream.peer_addr()?;
         let q = AdoptedQueue {
             stream,
             peer,

@@ -167,9 +167,13 @@ fn bad_commands_get_their_status_and_the_queue_goes_on() {
 
 #[test]
 fn a_mirror_path_is_inaccessible_until_its_volume_becomes_writable_and_the_host_hears_of_it() {
-    let (_s, addr, _, ro) = server();
+    let (s, addr, _, ro) = server();
     let mut c = NvmfClient::connect(&addr, &subsystem_nqn("ro"), false).unwrap();
     assert_eq!(c.ana_state().unwrap(), 3);
+    let hosts = s.hosts().of("ro");
+    assert_eq!(hosts.len(), 1);
+    assert_eq!((hosts[0].controller, hosts[0].ana, hosts[0].host_nqn.as_str()), (c.cntlid, "inaccessible", HOST_NQN));
+    assert!(s.hosts().of("rw").is_empty());
     assert_eq!(c.write(0, &[5u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
     assert_eq!(c.read(0, 1).unwrap().0.status, Status::ANA_INACCESSIBLE);
     c.admin.post_aer().unwrap();
@@ -177,6 +181,7 @@ fn a_mirror_path_is_inaccessible_until_its_volume_becomes_writable_and_the_host_
     let event = c.admin.wait_event(Duration::from_secs(5)).unwrap();
     assert_eq!(event, 0x000c_0302, "notice, ANA change, log page 0Ch");
     assert_eq!(c.ana_state().unwrap(), 1);
+    assert_eq!(s.hosts().of("ro")[0].ana, "optimized");
     assert!(c.write(0, &[5u8; 4096], false).unwrap().ok());
     // And back: a switchover makes this node the mirror again.
     c.admin.post_aer().unwrap();
