@@ -27,6 +27,20 @@ fn block(seed: u64, slba: u64) -> Vec<u8> {
     b
 }
 
+/// Waits for the path's ANA state to become `want`: an event may first report a state in
+/// transition (a new primary waiting for its mirror link).
+fn wait_ana(c: &mut NvmfClient, want: u8, what: &str) {
+    let deadline = std::time::Instant::now() + EVENT_WAIT;
+    loop {
+        let state = c.ana_state().expect("ANA log");
+        if state == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: ANA state {state:#x}, not {want:#x}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn write_blocks(c: &mut NvmfClient, seed: u64, blocks: std::ops::Range<u64>) {
     for slba in blocks {
         let done = c.write(slba, &block(seed, slba), false).expect("write");
@@ -92,8 +106,8 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     ctl_ok(&pair.src.control, &["switchover", VOL]);
     assert_eq!(b.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
     assert_eq!(a.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
-    assert_eq!(b.ana_state().unwrap(), ANA_OPTIMIZED);
-    assert_eq!(a.ana_state().unwrap(), ANA_INACCESSIBLE);
+    wait_ana(&mut b, ANA_OPTIMIZED, "site-b after the switchover");
+    wait_ana(&mut a, ANA_INACCESSIBLE, "site-a after the switchover");
     assert_eq!(a.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);
     check_blocks(&mut b, seed, 0..64, "after the switchover, through site-b");
     check_blocks(&mut b, seed, 256..512, "the 1 MiB write, after the switchover");
@@ -105,7 +119,7 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     drop(b);
     failover(&pair.src_api(), VOL).expect("failover on site-a");
     assert_eq!(a.admin.wait_event(EVENT_WAIT).unwrap(), ANA_CHANGE_EVENT);
-    assert_eq!(a.ana_state().unwrap(), ANA_OPTIMIZED);
+    wait_ana(&mut a, ANA_OPTIMIZED, "site-a after the failover");
     check_blocks(&mut a, seed, 0..128, "after the failover, through site-a");
     write_blocks(&mut a, seed ^ 1, 0..8);
     check_blocks(&mut a, seed ^ 1, 0..8, "written after the failover");

@@ -81,6 +81,20 @@ impl std::fmt::Debug for Completer {
     }
 }
 
+/// Whether a volume takes writes through this node now: what NVMe/TCP reports as the ANA
+/// state of its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Writes are taken (or refused by the volume's policy, as they would be by any
+    /// node: the path is still the one to use).
+    Taken,
+    /// Not yet, soon: the volume just became writable here and waits for its mirror (a
+    /// takeover, a restart), or a switchover is handing it on. Hosts wait.
+    Waiting,
+    /// The volume is written elsewhere (a mirror, a volume that moved or was fenced).
+    Elsewhere,
+}
+
 /// A block volume as a front end sees it.
 pub trait Export: Send + Sync {
     /// Size in bytes; requests past it are refused by the front end before submission.
@@ -89,6 +103,14 @@ pub trait Export: Send + Sync {
     fn read_only(&self) -> bool;
     /// Hands a request over; `done` is completed later, possibly from another thread.
     fn submit(&self, request: IoRequest, done: Completer);
+    /// Whether writes are taken through this node now (see [`Writes`]).
+    fn writes(&self) -> Writes {
+        if self.read_only() {
+            Writes::Elsewhere
+        } else {
+            Writes::Taken
+        }
+    }
     /// Takes an NBD client connection whole, once its handshake named this export: an
     /// export with a reactor of its own reads, serves and answers its requests there, with
     /// no thread between the socket and the volume. An export without one gives it back,

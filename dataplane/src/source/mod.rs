@@ -254,7 +254,14 @@ pub struct SourceHandle {
     /// Wakes the poller after a request or a control message is queued (none for a
     /// stepped poller, whose owner steps it).
     waker: Option<PollerWaker>,
+    /// Whether the poller takes writes now (`WRITES_*`).
+    writes: Arc<std::sync::atomic::AtomicU8>,
 }
+
+/// Values of the poller's write state.
+const WRITES_TAKEN: u8 = 0;
+const WRITES_WAITING: u8 = 1;
+const WRITES_FENCED: u8 = 2;
 
 impl SourceHandle {
     pub fn control(&self, c: Control) -> Result<(), SourceError> {
@@ -304,6 +311,17 @@ impl Export for SourceHandle {
     }
     fn read_only(&self) -> bool {
         false
+    }
+    fn writes(&self) -> crate::frontend::Writes {
+        use crate::frontend::Writes;
+        if self.forward.read().is_some() {
+            return Writes::Elsewhere;
+        }
+        match self.writes.load(std::sync::atomic::Ordering::Acquire) {
+            WRITES_TAKEN => Writes::Taken,
+            WRITES_WAITING => Writes::Waiting,
+            _ => Writes::Elsewhere,
+        }
     }
     fn submit(&self, request: IoRequest, done: Completer) {
         if let Some(f) = self.forward.read().as_ref() {
@@ -460,6 +478,7 @@ where
         thread: parking_lot::Mutex::new(None),
         forward: parking_lot::RwLock::new(None),
         waker: poller.readiness.as_ref().map(Readiness::waker),
+        writes: poller.writes.clone(),
     };
     Ok((poller, handle))
 }
@@ -526,6 +545,11 @@ struct Poller<C: Connector> {
     /// A planned switchover is draining the volume: new requests wait in the queue.
     quiesce: Option<Sender<Result<(u64, u64), ControlError>>>,
     quiesced: bool,
+    /// Whether writes are taken now, for the handle's [`Export::writes`]: one of
+    /// `WRITES_*`, stored at the end of every pass.
+    writes: Arc<std::sync::atomic::AtomicU8>,
+    /// The mirror link has been up (or the volume has no mirror) since the poller started.
+    link_was_up: bool,
     /// Acknowledged writes per latency bucket (the last one: above every bound).
     ack_buckets: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],
     ack_sum_us: u64,

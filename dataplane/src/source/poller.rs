@@ -131,6 +131,8 @@ where
             damaged_at: [None; PARTITIONS],
             catch_up: None,
             clients: Clients::default(),
+            writes: Arc::new(std::sync::atomic::AtomicU8::new(super::WRITES_WAITING)),
+            link_was_up: false,
             log_full_since: None,
             readiness,
             link_fd: None,
@@ -179,7 +181,26 @@ where
         worked |= self.timers();
         // Every reply this pass produced, one write per connection.
         worked |= self.flush_clients();
+        self.publish_writes();
         Ok(worked)
+    }
+
+    /// Whether writes are taken now, for the handle: refused only by policy (the mirror
+    /// lost after it was up once) still counts as taken; refused before the link was ever
+    /// up since the start (a takeover, a restart) or held by a switchover's drain is
+    /// waiting; fenced is elsewhere.
+    fn publish_writes(&mut self) {
+        if matches!(self.link, LinkState::Up { .. } | LinkState::Unmirrored) {
+            self.link_was_up = true;
+        }
+        let state = if matches!(self.link, LinkState::Fenced(_)) {
+            super::WRITES_FENCED
+        } else if self.quiesced || (!self.link_was_up && self.write_refusal().is_some()) {
+            super::WRITES_WAITING
+        } else {
+            super::WRITES_TAKEN
+        };
+        self.writes.store(state, std::sync::atomic::Ordering::Release);
     }
 
     /// Sleeps until an input is ready or a timer is due: a client socket or the link

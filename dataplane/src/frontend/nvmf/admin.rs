@@ -25,8 +25,9 @@ pub const OAES_ANA_CHANGE: u32 = 1 << 11;
 const ONCS_DSM_WRITE_ZEROES: u16 = (1 << 2) | (1 << 3);
 /// SGLS: SGLs supported (no alignment), SGL offset addressing for in-capsule data.
 const SGLS: u32 = 1 | (1 << 20);
-/// ANACAP: reports optimized and inaccessible; group ids never change while attached.
-const ANACAP: u8 = 1 | (1 << 2) | (1 << 6);
+/// ANACAP: reports optimized, inaccessible and change; group ids never change while
+/// attached.
+const ANACAP: u8 = 1 | (1 << 2) | (1 << 4) | (1 << 6);
 /// ANATT: seconds a host waits for a state to settle (nothing here is ever "in change").
 const ANA_TRANSITION_SECS: u8 = 10;
 

@@ -13,7 +13,10 @@
 //!
 //! ANA (Asymmetric Namespace Access): one ANA group, in state *optimized* on the node
 //! where the volume is writable (its primary) and *inaccessible* elsewhere (a mirror, a
-//! node the volume moved away from). Each admin queue looks at the state every
+//! node the volume moved away from or that was fenced). In between it is in *change*: a
+//! new primary whose mirror link has not been up since it started (a takeover, a
+//! restart) refuses writes under policy strict, and a switchover's drain holds them, so
+//! hosts hold their I/O until the state settles (commands get *ANA transition*). Each admin queue looks at the state every
 //! [`TICK`]; when it changes (failover, switchover, failback) the controller completes an
 //! Asynchronous Event Request with an ANA-change notice, and the host reads the ANA log
 //! page and moves its I/O. An I/O command on an inaccessible path is answered with the
@@ -128,6 +131,28 @@ const _: () = assert!(TRANSFER_BYTES_MAX >= INLINE_DATA_BYTES && H2C_DATA_BYTES_
 pub enum AnaState {
     Optimized = 1,
     Inaccessible = 3,
+    /// In transition: the volume is about to take writes here (a takeover waiting for its
+    /// mirror) or to move on (a switchover's drain). Hosts hold their I/O.
+    Change = 0x0f,
+}
+
+impl AnaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnaState::Optimized => "optimized",
+            AnaState::Inaccessible => "inaccessible",
+            AnaState::Change => "change",
+        }
+    }
+
+    /// The path status of a command this state refuses, if it refuses it.
+    pub(crate) fn refusal(self) -> Option<Status> {
+        match self {
+            AnaState::Optimized => None,
+            AnaState::Inaccessible => Some(Status::ANA_INACCESSIBLE),
+            AnaState::Change => Some(Status::ANA_TRANSITION),
+        }
+    }
 }
 
 /// The subsystem NQN of volume `name`.
@@ -205,9 +230,10 @@ impl Shared {
 
     /// The ANA state of volume `name` on this node.
     pub fn ana_state(&self, name: &str) -> AnaState {
-        match self.registry.lookup(name) {
-            Some(e) if !e.read_only() => AnaState::Optimized,
-            _ => AnaState::Inaccessible,
+        match self.registry.lookup(name).map(|e| e.writes()) {
+            Some(super::Writes::Taken) => AnaState::Optimized,
+            Some(super::Writes::Waiting) => AnaState::Change,
+            Some(super::Writes::Elsewhere) | None => AnaState::Inaccessible,
         }
     }
 }
@@ -222,7 +248,7 @@ pub struct HostPath {
     pub controller: u16,
     /// I/O queues granted.
     pub io_queues: u16,
-    /// What this path reports: `optimized` or `inaccessible`.
+    /// What this path reports: `optimized`, `inaccessible`, or `change` (in transition).
     pub ana: &'static str,
 }
 
@@ -244,10 +270,10 @@ impl NvmfHosts {
                 address: c.peer.to_string(),
                 controller: c.cntlid,
                 io_queues: c.io_queues.load(Ordering::Acquire),
-                ana: if c.ana.load(Ordering::Acquire) == AnaState::Optimized as u8 {
-                    "optimized"
-                } else {
-                    "inaccessible"
+                ana: match c.ana.load(Ordering::Acquire) {
+                    s if s == AnaState::Optimized as u8 => "optimized",
+                    s if s == AnaState::Change as u8 => "change",
+                    _ => "inaccessible",
                 },
             })
             .collect();

@@ -86,6 +86,8 @@ impl Status {
     /// Path related: the namespace is not accessible through this controller now; the
     /// host retries on another path (no DNR).
     pub const ANA_INACCESSIBLE: Status = Status { sct: 3, sc: 0x02, dnr: false };
+    /// Path related: the path is in transition; the host waits and retries.
+    pub const ANA_TRANSITION: Status = Status { sct: 3, sc: 0x03, dnr: false };
 
     const fn generic(sc: u8) -> Status {
         Status { sct: 0, sc, dnr: true }
@@ -974,6 +976,10 @@ impl Queue<'_> {
                 return Ok(());
             }
         };
+        if let Some(refused) = self.shared.ana_state(volume).refusal() {
+            self.respond(cid, 0, 0, refused);
+            return Ok(());
+        }
         let request = match command::decode(sqe, &data, export.size()) {
             Err(status) => {
                 self.respond(cid, 0, 0, status);
@@ -1102,16 +1108,12 @@ fn encode_reply(buf: &mut Vec<u8>, framing: Framing, info: &QueueInfo, shared: &
             // A command that failed because the volume stopped being writable here (a
             // switchover or a fencing under way) is a path error: the host retries it on
             // the path that has become optimized. Any other failure is the volume's own.
-            let moved = info.volume.get().is_some_and(|v| shared.ana_state(v) != AnaState::Optimized);
+            let path = info.volume.get().and_then(|v| shared.ana_state(v).refusal());
             tracing::debug!(
                 "nvmf: command {cid} on queue {qid} failed{}: {e}",
-                if moved { " (path no longer optimized)" } else { "" }
+                if path.is_some() { " (the path is no longer optimized)" } else { "" }
             );
-            if moved {
-                Status::ANA_INACCESSIBLE
-            } else {
-                Status::INTERNAL
-            }
+            path.unwrap_or(Status::INTERNAL)
         }
     };
     framing.capsule_resp(buf, &cqe(0, 0, info.sqhd(), qid, cid, status));

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use super::command::{self, IoOp};
 use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, FES_OUT_OF_RANGE, FES_SEQUENCE};
 use super::queue::{cqe, SGL_IN_CAPSULE, SGL_TRANSPORT};
-use super::{AnaState, Controller, Shared, Status, TRANSFER_BYTES_MAX};
+use super::{Controller, Shared, Status, TRANSFER_BYTES_MAX};
 use crate::frontend::nbd::Command;
 #[cfg(doc)]
 use crate::frontend::Export;
@@ -399,12 +399,8 @@ impl IoSession {
     /// The status of a failed command: a path error where the volume is no longer writable
     /// here (the host retries on the path that is), else the volume's own failure.
     fn failure_status(&self) -> Status {
-        let moved = self.q.ctrl.volume.as_deref().is_some_and(|v| self.q.shared.ana_state(v) != AnaState::Optimized);
-        if moved {
-            Status::ANA_INACCESSIBLE
-        } else {
-            Status::INTERNAL
-        }
+        let path = self.q.ctrl.volume.as_deref().and_then(|v| self.q.shared.ana_state(v).refusal());
+        path.unwrap_or(Status::INTERNAL)
     }
 
     /// Answers a command other than a read.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::client::{attach_admin, discover, Command, HostQueue, NvmfClient, HOST_NQN};
 use super::pdu::{FLAG_HDGST, TYPE_C2H_TERM_REQ, TYPE_CAPSULE_CMD};
 use super::{subsystem_nqn, NvmfServer, Status};
-use crate::frontend::{Completer, Export, ExportRegistry, IoRequest};
+use crate::frontend::{Completer, Export, ExportRegistry, IoRequest, Writes};
 use crate::storage::{BlockDevice, MemDevice};
 
 struct Disk {
@@ -22,6 +22,8 @@ struct Disk {
     /// fails (a switchover overtaking it).
     fail_next: AtomicBool,
     moves: AtomicBool,
+    /// Writable, but not taking writes yet (a takeover waiting for its mirror).
+    waiting: AtomicBool,
 }
 
 impl Disk {
@@ -31,6 +33,7 @@ impl Disk {
             read_only: AtomicBool::new(read_only),
             fail_next: AtomicBool::new(false),
             moves: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         }
     }
 }
@@ -41,6 +44,15 @@ impl Export for Disk {
     }
     fn read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
+    }
+    fn writes(&self) -> Writes {
+        if self.read_only() {
+            Writes::Elsewhere
+        } else if self.waiting.load(Ordering::Acquire) {
+            Writes::Waiting
+        } else {
+            Writes::Taken
+        }
     }
     fn submit(&self, request: IoRequest, done: Completer) {
         let r = match request {
@@ -182,6 +194,17 @@ fn a_mirror_path_is_inaccessible_until_its_volume_becomes_writable_and_the_host_
     assert_eq!(event, 0x000c_0302, "notice, ANA change, log page 0Ch");
     assert_eq!(c.ana_state().unwrap(), 1);
     assert_eq!(s.hosts().of("ro")[0].ana, "optimized");
+    // Writable but waiting for its mirror: in transition, commands held by the host.
+    c.admin.post_aer().unwrap();
+    ro.waiting.store(true, Ordering::Release);
+    assert_eq!(c.admin.wait_event(Duration::from_secs(5)).unwrap(), 0x000c_0302);
+    assert_eq!(c.ana_state().unwrap(), 0x0f);
+    assert_eq!(c.write(0, &[5u8; 4096], false).unwrap().status, Status::ANA_TRANSITION);
+    assert_eq!(s.hosts().of("ro")[0].ana, "change");
+    c.admin.post_aer().unwrap();
+    ro.waiting.store(false, Ordering::Release);
+    assert_eq!(c.admin.wait_event(Duration::from_secs(5)).unwrap(), 0x000c_0302);
+    assert_eq!(c.ana_state().unwrap(), 1);
     assert!(c.write(0, &[5u8; 4096], false).unwrap().ok());
     // And back: a switchover makes this node the mirror again.
     c.admin.post_aer().unwrap();
