@@ -186,8 +186,9 @@ where
     }
 
     /// Whether writes are taken now, for the handle: refused only by policy (the mirror
-    /// lost after it was up once) still counts as taken; refused before the link was ever
-    /// up since the start (a takeover, a restart) or held by a switchover's drain is
+    /// lost after it was up once) or by a failed volume still counts as taken (the
+    /// writes fail here as they would anywhere); refused before the link was ever up
+    /// since the start (a takeover, a restart) or held by a switchover's drain is
     /// waiting; fenced is elsewhere.
     fn publish_writes(&mut self) {
         if matches!(self.link, LinkState::Up { .. } | LinkState::Unmirrored) {
@@ -195,6 +196,8 @@ where
         }
         let state = if matches!(self.link, LinkState::Fenced(_)) {
             super::WRITES_FENCED
+        } else if self.failed.is_some() {
+            super::WRITES_TAKEN
         } else if self.quiesced || (!self.link_was_up && self.write_refusal().is_some()) {
             super::WRITES_WAITING
         } else {
