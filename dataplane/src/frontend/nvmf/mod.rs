@@ -67,8 +67,9 @@ mod command;
 pub mod pdu;
 mod queue;
 pub mod session;
+mod transfer;
 
-pub use queue::Status;
+pub use queue::{ConnectionError, Status};
 pub use session::{AdoptedQueue, IoSession};
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! admin commands of an admin queue, the I/O commands of an I/O queue, R2T transfers, and
 //! the writer thread that sends what the export completes.
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
@@ -14,8 +13,9 @@ use crossbeam_channel::{select, unbounded, Receiver, Sender};
 
 use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE};
 use super::command::{self, IoOp};
-use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES, FES_OUT_OF_RANGE, FES_SEQUENCE};
+use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES};
 use super::session::AdoptedQueue;
+use super::transfer::{self, Data, NotStarted, Transfers};
 use super::{
     AnaState, Controller, Shared, ADMIN_INLINE_DATA_BYTES, AER_MAX, DISCOVERY_NQN, H2C_DATA_BYTES_MAX,
     INLINE_DATA_BYTES, IO_QUEUES_MAX, IO_QUEUE_ENTRIES, NQN_PREFIX, NSID, TICK, TRANSFER_BYTES_MAX,
@@ -55,11 +55,6 @@ const PROP_CSTS: u32 = 0x1c;
 const FEAT_NUM_QUEUES: u8 = 0x07;
 const FEAT_ASYNC_EVENT: u8 = 0x0b;
 const FEAT_KEEP_ALIVE: u8 = 0x0f;
-
-/// SGL descriptor types (byte 15 of the descriptor): data block with an offset into the
-/// capsule, and transport data block (data comes by R2T and H2CData, or goes by C2HData).
-pub(super) const SGL_IN_CAPSULE: u8 = 0x01;
-pub(super) const SGL_TRANSPORT: u8 = 0x5a;
 
 /// A completion status: status code type, status code, do-not-retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,14 +133,16 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Why a connection ended. Logged as one line naming the peer.
+/// Why a connection ended, on threads or on a volume's reactor. Logged as one line naming
+/// the peer.
 #[derive(Debug, thiserror::Error)]
-enum QueueError {
+#[non_exhaustive]
+pub enum ConnectionError {
     #[error("configuring the socket failed")]
     Socket(#[source] io::Error),
     #[error("reading failed")]
     Read(#[source] io::Error),
-    #[error("writing failed")]
+    #[error("writing answers failed")]
     Write(#[source] io::Error),
     #[error("bad PDU, connection terminated")]
     Pdu(#[source] PduError),
@@ -211,10 +208,10 @@ enum Served {
     Adopted,
 }
 
-fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<Served, QueueError> {
-    stream.set_nodelay(true).map_err(QueueError::Socket)?;
-    stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
+fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<Served, ConnectionError> {
+    stream.set_nodelay(true).map_err(ConnectionError::Socket)?;
+    stream.set_read_timeout(Some(TICK)).map_err(ConnectionError::Socket)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
     let mut reader = PduReader::new(ADMIN_INLINE_DATA_BYTES, H2C_DATA_BYTES_MAX);
     let started = Instant::now();
     let framing = loop {
@@ -234,11 +231,11 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<
                 let f = Framing { header_digest, data_digest, hpda };
                 let mut out = Vec::new();
                 f.ic_resp(&mut out, u32::try_from(H2C_DATA_BYTES_MAX).unwrap_or(u32::MAX));
-                stream.write_all(&out).map_err(QueueError::Write)?;
+                stream.write_all(&out).map_err(ConnectionError::Write)?;
                 reader.initialize(header_digest, data_digest);
                 break f;
             }
-            Ok(Some(other)) => return Err(QueueError::Protocol(format!("{other:?} before the ICReq"))),
+            Ok(Some(other)) => return Err(ConnectionError::Protocol(format!("{other:?} before the ICReq"))),
             Ok(None) => {}
             Err(e) => return Err(terminate(&mut stream, e)),
         }
@@ -246,14 +243,14 @@ fn run(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<
             return Ok(Served::Here);
         }
         if started.elapsed() > IC_TIMEOUT {
-            return Err(QueueError::NoIcReq(IC_TIMEOUT));
+            return Err(ConnectionError::NoIcReq(IC_TIMEOUT));
         }
         match reader.fill(&mut stream) {
-            Ok(0) if reader.partial() => return Err(QueueError::Truncated),
+            Ok(0) if reader.partial() => return Err(ConnectionError::Truncated),
             Ok(0) => return Ok(Served::Here),
             Ok(_) => {}
             Err(e) if would_block(&e) => {}
-            Err(e) => return Err(QueueError::Read(e)),
+            Err(e) => return Err(ConnectionError::Read(e)),
         }
     };
     serve_queue(Start { stream, peer, reader, framing, ctrl: None, qid: 0, entries: 0, consumed: 0 }, shared)
@@ -297,11 +294,11 @@ enum Outcome {
 /// Serves a queue on this thread and a writer thread. An I/O queue, once connected, is
 /// offered to its volume's reactor; one the reactor does not take is
 /// served here.
-fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, QueueError> {
+fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, ConnectionError> {
     let Start { mut stream, peer, reader, framing, ctrl, qid, entries, consumed } = start;
-    stream.set_read_timeout(Some(TICK)).map_err(QueueError::Socket)?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(QueueError::Socket)?;
-    let local = stream.local_addr().map_err(QueueError::Socket)?;
+    stream.set_read_timeout(Some(TICK)).map_err(ConnectionError::Socket)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
+    let local = stream.local_addr().map_err(ConnectionError::Socket)?;
     let info = Arc::new(QueueInfo::default());
     info.qid.store(qid, Ordering::Relaxed);
     info.entries.store(entries, Ordering::Relaxed);
@@ -312,13 +309,13 @@ fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, QueueError>
     let (out_tx, out_rx) = unbounded::<Vec<u8>>();
     let (io_tx, io_rx) = unbounded::<IoReply>();
     let writer = {
-        let stream = stream.try_clone().map_err(QueueError::Socket)?;
+        let stream = stream.try_clone().map_err(ConnectionError::Socket)?;
         let info = info.clone();
         let shared = shared.clone();
         thread::Builder::new()
             .name(format!("nvmf-w-{peer}"))
             .spawn(move || write_loop(stream, framing, &info, &shared, &out_rx, &io_rx))
-            .map_err(QueueError::Spawn)?
+            .map_err(ConnectionError::Spawn)?
     };
     let mut q = Queue {
         shared,
@@ -331,8 +328,7 @@ fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, QueueError>
         io: io_tx,
         ctrl,
         admin: None,
-        transfers: HashMap::new(),
-        next_ttag: 0,
+        transfers: Transfers::default(),
         last_tick: Instant::now(),
         adopt: false,
         was_writable: true,
@@ -349,7 +345,7 @@ fn serve_queue(start: Start, shared: &Arc<Shared>) -> Result<Served, QueueError>
     let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
     match (result, written) {
         (Err(e), _) => Err(e),
-        (Ok(_), Err(e)) => Err(QueueError::Write(e)),
+        (Ok(_), Err(e)) => Err(ConnectionError::Write(e)),
         (Ok(Outcome::Ended), Ok(())) => Ok(Served::Here),
         (Ok(Outcome::Adopt), Ok(())) => {
             let ctrl = ctrl.expect("an adopted queue is connected");
@@ -399,11 +395,11 @@ pub(super) fn would_block(e: &io::Error) -> bool {
 }
 
 /// Sends a C2HTermReq for `e` (best effort: the connection ends either way).
-fn terminate(stream: &mut TcpStream, e: PduError) -> QueueError {
+fn terminate(stream: &mut TcpStream, e: PduError) -> ConnectionError {
     let mut out = Vec::new();
     c2h_term_req(&mut out, &e);
     let _ = stream.write_all(&out);
-    QueueError::Pdu(e)
+    ConnectionError::Pdu(e)
 }
 
 /// The admin queue's own state.
@@ -422,13 +418,6 @@ struct AdminState {
     last_heard: Instant,
 }
 
-/// Write data being fetched with R2T.
-struct Transfer {
-    sqe: [u8; 64],
-    data: Vec<u8>,
-    total: usize,
-}
-
 struct Queue<'a> {
     shared: &'a Shared,
     peer: SocketAddr,
@@ -440,8 +429,7 @@ struct Queue<'a> {
     io: Sender<IoReply>,
     ctrl: Option<Arc<Controller>>,
     admin: Option<AdminState>,
-    transfers: HashMap<u16, Transfer>,
-    next_ttag: u16,
+    transfers: Transfers,
     last_tick: Instant,
     /// It just connected, or its volume just became writable here: stop here and offer it.
     adopt: bool,
@@ -450,7 +438,7 @@ struct Queue<'a> {
 }
 
 impl Queue<'_> {
-    fn run(&mut self, stream: &mut TcpStream) -> Result<Outcome, QueueError> {
+    fn run(&mut self, stream: &mut TcpStream) -> Result<Outcome, ConnectionError> {
         loop {
             loop {
                 match self.reader.next_pdu() {
@@ -461,20 +449,15 @@ impl Queue<'_> {
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => {
-                        let mut out = Vec::new();
-                        c2h_term_req(&mut out, &e);
-                        let _ = self.out.send(out);
-                        return Err(QueueError::Pdu(e));
-                    }
+                    Err(e) => return Err(self.terminate_with(e)),
                 }
             }
             match self.reader.fill(stream) {
-                Ok(0) if self.reader.partial() => return Err(QueueError::Truncated),
+                Ok(0) if self.reader.partial() => return Err(ConnectionError::Truncated),
                 Ok(0) => return Ok(Outcome::Ended),
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {}
-                Err(e) => return Err(QueueError::Read(e)),
+                Err(e) => return Err(ConnectionError::Read(e)),
             }
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
@@ -491,11 +474,11 @@ impl Queue<'_> {
 
     /// Periodic work: the controller of an I/O queue still alive; the admin queue's keep
     /// alive timer and ANA state.
-    fn tick(&mut self) -> Result<(), QueueError> {
+    fn tick(&mut self) -> Result<(), ConnectionError> {
         let Some(ctrl) = self.ctrl.clone() else { return Ok(()) };
         let Some(a) = self.admin.as_mut() else {
             if !ctrl.alive.load(Ordering::Acquire) {
-                return Err(QueueError::ControllerGone(ctrl.cntlid));
+                return Err(ConnectionError::ControllerGone(ctrl.cntlid));
             }
             // A queue served here because its volume was not writable on this node (a
             // mirror, a volume that moved) goes to the volume's reactor once it is (a
@@ -510,7 +493,7 @@ impl Queue<'_> {
             return Ok(());
         };
         if a.kato_ms > 0 && a.last_heard.elapsed() > Duration::from_millis(2 * u64::from(a.kato_ms)) {
-            return Err(QueueError::KeepAlive(a.last_heard.elapsed().as_millis()));
+            return Err(ConnectionError::KeepAlive(a.last_heard.elapsed().as_millis()));
         }
         let Some(volume) = &ctrl.volume else { return Ok(()) };
         let state = self.shared.ana_state(volume);
@@ -544,91 +527,77 @@ impl Queue<'_> {
         self.respond(cid, 2 | (0x03 << 8) | (0x0c << 16), 0, Status::SUCCESS);
     }
 
-    fn on_pdu(&mut self, pdu: Pdu) -> Result<(), QueueError> {
+    fn on_pdu(&mut self, pdu: Pdu) -> Result<(), ConnectionError> {
         match pdu {
             Pdu::CapsuleCmd { sqe, data } => {
                 self.info.consumed.fetch_add(1, Ordering::Relaxed);
                 self.on_command(sqe, data)
             }
             Pdu::H2CData { cccid, ttag, datao, data, last } => self.on_h2c_data(cccid, ttag, datao, data, last),
-            Pdu::TermReq { fes, fei } => Err(QueueError::HostTerminated { fes, fei }),
-            Pdu::IcReq { .. } => Err(QueueError::Protocol("a second ICReq".into())),
+            Pdu::TermReq { fes, fei } => Err(ConnectionError::HostTerminated { fes, fei }),
+            Pdu::IcReq { .. } => Err(ConnectionError::Protocol("a second ICReq".into())),
         }
     }
 
-    fn fail_transfer(&mut self, fes: u16, fei: u32, what: String) -> QueueError {
-        let e = PduError { fes, fei, what, header: Vec::new() };
+    /// Ends the connection with a termination request for `e`.
+    fn terminate_with(&self, e: PduError) -> ConnectionError {
         let mut out = Vec::new();
         c2h_term_req(&mut out, &e);
         let _ = self.out.send(out);
-        QueueError::Pdu(e)
+        ConnectionError::Pdu(e)
     }
 
-    fn on_h2c_data(&mut self, cccid: u16, ttag: u16, datao: u32, data: Vec<u8>, last: bool) -> Result<(), QueueError> {
-        let Some(t) = self.transfers.get_mut(&ttag) else {
-            return Err(self.fail_transfer(FES_SEQUENCE, 10, format!("H2CData for unknown transfer tag {ttag}")));
-        };
-        let cid = u16_at(&t.sqe, 2);
-        if cccid != cid || datao as usize != t.data.len() || t.data.len() + data.len() > t.total {
-            let what = format!(
-                "H2CData (command {cccid}, offset {datao}, {} bytes) does not continue transfer {ttag} (command {cid}, {} of {} bytes)",
-                data.len(),
-                t.data.len(),
-                t.total
-            );
-            return Err(self.fail_transfer(FES_OUT_OF_RANGE, 12, what));
+    fn on_h2c_data(
+        &mut self,
+        cccid: u16,
+        ttag: u16,
+        datao: u32,
+        data: Vec<u8>,
+        last: bool,
+    ) -> Result<(), ConnectionError> {
+        match self.transfers.receive(cccid, ttag, datao, &data, last) {
+            Ok(Some((sqe, data))) => self.dispatch(sqe, data),
+            Ok(None) => Ok(()),
+            Err(e) => Err(self.terminate_with(e)),
         }
-        t.data.extend_from_slice(&data);
-        if t.data.len() < t.total {
-            if last {
-                let what = format!("H2CData marked last after {} of {} bytes", t.data.len(), t.total);
-                return Err(self.fail_transfer(FES_SEQUENCE, 1, what));
-            }
-            return Ok(());
-        }
-        let t = self.transfers.remove(&ttag).expect("present");
-        self.dispatch(t.sqe, t.data)
     }
 
-    fn on_command(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), QueueError> {
-        let opcode = sqe[0];
+    fn on_command(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), ConnectionError> {
         let cid = u16_at(&sqe, 2);
-        // Data the host sends, not in the capsule: fetched with an R2T first.
-        let host_to_controller = if opcode == OPC_FABRICS { sqe[4] & 3 == 1 } else { opcode & 3 == 1 };
-        let sgl_len = u32_at(&sqe, 32) as usize;
-        if host_to_controller && data.is_empty() && sqe[39] == SGL_TRANSPORT && sgl_len > 0 {
-            if self.ctrl.is_none() && opcode != OPC_FABRICS {
+        match transfer::data_of(&sqe, data) {
+            Data::Here(data) => self.dispatch(sqe, data),
+            Data::Refuse(status) => {
+                self.respond(cid, 0, 0, status);
+                Ok(())
+            }
+            // Data the host sends, not in the capsule: fetched with an R2T first.
+            Data::Fetch(_) if self.ctrl.is_none() && sqe[0] != OPC_FABRICS => {
                 self.respond(cid, 0, 0, Status::SEQUENCE_ERROR);
-                return Ok(());
+                Ok(())
             }
-            if sgl_len > TRANSFER_BYTES_MAX {
-                self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
-                return Ok(());
+            Data::Fetch(len) => {
+                let limit = self.info.entries.load(Ordering::Relaxed).max(1) as usize;
+                match self.transfers.start(sqe, len, limit) {
+                    Ok(ttag) => {
+                        let mut out = Vec::new();
+                        self.framing.r2t(&mut out, cid, ttag, 0, u32_at(&sqe, 32));
+                        let _ = self.out.send(out);
+                        Ok(())
+                    }
+                    Err(NotStarted::TooLarge) => {
+                        self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
+                        Ok(())
+                    }
+                    Err(NotStarted::TooMany) => {
+                        Err(ConnectionError::Protocol(format!("more than {limit} write transfers at once")))
+                    }
+                }
             }
-            let limit = self.info.entries.load(Ordering::Relaxed).max(1) as usize;
-            if self.transfers.len() >= limit {
-                return Err(QueueError::Protocol(format!("more than {limit} write transfers at once")));
-            }
-            let mut ttag = self.next_ttag;
-            while self.transfers.contains_key(&ttag) {
-                ttag = ttag.wrapping_add(1);
-            }
-            self.next_ttag = ttag.wrapping_add(1);
-            self.transfers.insert(ttag, Transfer { sqe, data: Vec::with_capacity(sgl_len), total: sgl_len });
-            let mut out = Vec::new();
-            self.framing.r2t(&mut out, cid, ttag, 0, u32_at(&sqe, 32));
-            let _ = self.out.send(out);
-            return Ok(());
         }
-        if !data.is_empty() && (sqe[39] != SGL_IN_CAPSULE || u64_at(&sqe, 24) != 0 || sgl_len != data.len()) {
-            self.respond(cid, 0, 0, Status::DATA_SGL_LENGTH);
-            return Ok(());
-        }
-        self.dispatch(sqe, data)
     }
 
     /// A command with all its data at hand.
-    fn dispatch(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), QueueError> {
+    fn dispatch(&mut self, sqe: [u8; 64], data: Vec<u8>) -> Result<(), ConnectionError> {
         let cid = u16_at(&sqe, 2);
         if let Some(a) = self.admin.as_mut() {
             a.last_heard = Instant::now();
@@ -673,7 +642,7 @@ impl Queue<'_> {
         let _ = self.out.send(out);
     }
 
-    fn fabrics(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), QueueError> {
+    fn fabrics(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), ConnectionError> {
         match sqe[4] {
             FCTYPE_CONNECT => self.connect(sqe, cid, data),
             FCTYPE_PROPERTY_SET | FCTYPE_PROPERTY_GET if self.admin.is_none() => {
@@ -732,7 +701,7 @@ impl Queue<'_> {
         self.respond(cid, u32::from(in_data) | (u32::from(offset) << 16), 0, status);
     }
 
-    fn connect(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), QueueError> {
+    fn connect(&mut self, sqe: &[u8; 64], cid: u16, data: &[u8]) -> Result<(), ConnectionError> {
         if self.ctrl.is_some() {
             self.respond(cid, 0, 0, Status::SEQUENCE_ERROR);
             return Ok(());
@@ -966,7 +935,7 @@ impl Queue<'_> {
         entries
     }
 
-    fn io_command(&mut self, sqe: &[u8; 64], cid: u16, data: Vec<u8>) -> Result<(), QueueError> {
+    fn io_command(&mut self, sqe: &[u8; 64], cid: u16, data: Vec<u8>) -> Result<(), ConnectionError> {
         let ctrl = self.ctrl.clone().expect("connected");
         let volume = ctrl.volume.as_deref().expect("I/O queues belong to volume controllers");
         let export = match self.shared.registry.lookup(volume) {
@@ -997,7 +966,7 @@ impl Queue<'_> {
         };
         let entries = self.info.entries.load(Ordering::Relaxed) as usize;
         if self.info.in_flight.load(Ordering::Acquire) >= entries {
-            return Err(QueueError::Protocol(format!("more than the queue's {entries} commands outstanding")));
+            return Err(ConnectionError::Protocol(format!("more than the queue's {entries} commands outstanding")));
         }
         self.info.in_flight.fetch_add(1, Ordering::AcqRel);
         let cookie = u64::from(cid) | if matches!(request, IoRequest::Read { .. }) { COOKIE_READ } else { 0 };

@@ -25,9 +25,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::command::{self, IoOp};
-use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, FES_OUT_OF_RANGE, FES_SEQUENCE};
-use super::queue::{cqe, SGL_IN_CAPSULE, SGL_TRANSPORT};
-use super::{Controller, Shared, Status, TRANSFER_BYTES_MAX};
+use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader};
+use super::queue::{cqe, ConnectionError};
+use super::transfer::{self, Data, NotStarted, Transfers};
+use super::{Controller, Shared, Status};
 use crate::frontend::nbd::Command;
 #[cfg(doc)]
 use crate::frontend::Export;
@@ -74,34 +75,6 @@ impl std::fmt::Debug for AdoptedQueue {
     }
 }
 
-/// Why a reactor's queue ended. Logged as one line naming the peer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SessionError {
-    #[error("reading failed")]
-    Read(#[source] io::Error),
-    #[error("writing answers failed")]
-    Write(#[source] io::Error),
-    #[error("bad PDU, connection terminated")]
-    Pdu(#[source] PduError),
-    #[error("the host terminated the connection (status {fes:#x}, field at byte {fei})")]
-    HostTerminated { fes: u16, fei: u32 },
-    #[error("the host closed the connection in the middle of a PDU")]
-    Truncated,
-    #[error("controller {0:#06x} is gone (its admin queue closed)")]
-    ControllerGone(u16),
-    #[error("{0}")]
-    Protocol(String),
-}
-
-/// Write data being fetched with R2T.
-struct Transfer {
-    cid: u16,
-    sqe: [u8; 64],
-    data: Vec<u8>,
-    total: usize,
-}
-
 /// See the module documentation.
 pub struct IoSession {
     q: AdoptedQueue,
@@ -111,8 +84,7 @@ pub struct IoSession {
     sent: usize,
     /// Commands handed out and not yet answered (a Dataset Management counts once).
     in_flight: usize,
-    transfers: HashMap<u16, Transfer>,
-    next_ttag: u16,
+    transfers: Transfers,
     /// The data of the last write handed out (see [`IoSession::data`]).
     write_data: Vec<u8>,
     /// Trims of a Dataset Management command not yet handed out.
@@ -120,7 +92,7 @@ pub struct IoSession {
     /// Dataset Management commands in flight: trims outstanding, and the first failure.
     dsm: HashMap<u16, (usize, Status)>,
     eof: bool,
-    failed: Option<SessionError>,
+    failed: Option<ConnectionError>,
 }
 
 impl IoSession {
@@ -134,8 +106,7 @@ impl IoSession {
             out: Vec::with_capacity(256 << 10),
             sent: 0,
             in_flight: 0,
-            transfers: HashMap::new(),
-            next_ttag: 0,
+            transfers: Transfers::default(),
             write_data: Vec::new(),
             queued: VecDeque::new(),
             dsm: HashMap::new(),
@@ -204,7 +175,7 @@ impl IoSession {
             return false;
         }
         if !self.q.ctrl.alive.load(Ordering::Acquire) {
-            self.failed = Some(SessionError::ControllerGone(self.q.ctrl.cntlid));
+            self.failed = Some(ConnectionError::ControllerGone(self.q.ctrl.cntlid));
             return false;
         }
         let mut worked = false;
@@ -216,7 +187,7 @@ impl IoSession {
                 Ok(0) => {
                     self.eof = true;
                     if self.q.reader.partial() {
-                        self.failed = Some(SessionError::Truncated);
+                        self.failed = Some(ConnectionError::Truncated);
                     }
                     return true;
                 }
@@ -224,7 +195,7 @@ impl IoSession {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    self.failed = Some(SessionError::Read(e));
+                    self.failed = Some(ConnectionError::Read(e));
                     return true;
                 }
             }
@@ -243,7 +214,7 @@ impl IoSession {
 
     fn terminate(&mut self, e: PduError) {
         c2h_term_req(&mut self.out, &e);
-        self.failed = Some(SessionError::Pdu(e));
+        self.failed = Some(ConnectionError::Pdu(e));
     }
 
     /// The next command to serve, if a whole one is buffered (and the answers waiting
@@ -271,11 +242,11 @@ impl IoSession {
                 }
                 Pdu::H2CData { cccid, ttag, datao, data, last } => self.h2c_data(cccid, ttag, datao, &data, last),
                 Pdu::TermReq { fes, fei } => {
-                    self.failed = Some(SessionError::HostTerminated { fes, fei });
+                    self.failed = Some(ConnectionError::HostTerminated { fes, fei });
                     return None;
                 }
                 Pdu::IcReq { .. } => {
-                    self.failed = Some(SessionError::Protocol("a second ICReq".into()));
+                    self.failed = Some(ConnectionError::Protocol("a second ICReq".into()));
                     return None;
                 }
             };
@@ -296,67 +267,45 @@ impl IoSession {
             self.respond(cid, if sqe[4] == 0x01 { Status::SEQUENCE_ERROR } else { Status::INVALID_FIELD });
             return None;
         }
-        let sgl_len = u32::from_le_bytes([sqe[32], sqe[33], sqe[34], sqe[35]]) as usize;
-        if opcode & 3 == 1 && data.is_empty() && sqe[39] == SGL_TRANSPORT && sgl_len > 0 {
-            if sgl_len > TRANSFER_BYTES_MAX {
-                self.respond(cid, Status::DATA_SGL_LENGTH);
-                return None;
+        match transfer::data_of(&sqe, data) {
+            Data::Here(data) => self.command(sqe, cid, data),
+            Data::Refuse(status) => {
+                self.respond(cid, status);
+                None
             }
-            if self.transfers.len() + self.in_flight >= self.q.entries as usize {
-                let why = format!("more than the queue's {} commands outstanding", self.q.entries);
-                self.failed = Some(SessionError::Protocol(why));
-                return None;
+            Data::Fetch(len) => {
+                let limit = (self.q.entries as usize).saturating_sub(self.in_flight);
+                match self.transfers.start(sqe, len, limit) {
+                    Ok(ttag) => {
+                        let r2tl = u32::try_from(len).unwrap_or(u32::MAX);
+                        self.q.framing.r2t(&mut self.out, cid, ttag, 0, r2tl);
+                    }
+                    Err(NotStarted::TooLarge) => self.respond(cid, Status::DATA_SGL_LENGTH),
+                    Err(NotStarted::TooMany) => {
+                        let why = format!("more than the queue's {} commands outstanding", self.q.entries);
+                        self.failed = Some(ConnectionError::Protocol(why));
+                    }
+                }
+                None
             }
-            let mut ttag = self.next_ttag;
-            while self.transfers.contains_key(&ttag) {
-                ttag = ttag.wrapping_add(1);
-            }
-            self.next_ttag = ttag.wrapping_add(1);
-            self.transfers.insert(ttag, Transfer { cid, sqe, data: Vec::with_capacity(sgl_len), total: sgl_len });
-            self.q.framing.r2t(&mut self.out, cid, ttag, 0, u32::try_from(sgl_len).unwrap_or(u32::MAX));
-            return None;
         }
-        let in_capsule_ok = sqe[24..32].iter().all(|&b| b == 0) && sqe[39] == SGL_IN_CAPSULE && sgl_len == data.len();
-        if !data.is_empty() && !in_capsule_ok {
-            self.respond(cid, Status::DATA_SGL_LENGTH);
-            return None;
-        }
-        self.command(sqe, cid, data)
     }
 
     fn h2c_data(&mut self, cccid: u16, ttag: u16, datao: u32, data: &[u8], last: bool) -> Option<Command> {
-        let Some(t) = self.transfers.get_mut(&ttag) else {
-            let what = format!("H2CData for unknown transfer tag {ttag}");
-            self.terminate(PduError { fes: FES_SEQUENCE, fei: 10, what, header: Vec::new() });
-            return None;
-        };
-        if cccid != t.cid || datao as usize != t.data.len() || t.data.len() + data.len() > t.total {
-            let what = format!(
-                "H2CData (command {cccid}, offset {datao}, {} bytes) does not continue transfer {ttag} (command {}, {} of {} bytes)",
-                data.len(),
-                t.cid,
-                t.data.len(),
-                t.total
-            );
-            self.terminate(PduError { fes: FES_OUT_OF_RANGE, fei: 12, what, header: Vec::new() });
-            return None;
-        }
-        t.data.extend_from_slice(data);
-        if t.data.len() < t.total {
-            if last {
-                let what = format!("H2CData marked last after {} of {} bytes", t.data.len(), t.total);
-                self.terminate(PduError { fes: FES_SEQUENCE, fei: 1, what, header: Vec::new() });
+        match self.transfers.receive(cccid, ttag, datao, data, last) {
+            Ok(Some((sqe, data))) => self.command(sqe, u16::from_le_bytes([sqe[2], sqe[3]]), data),
+            Ok(None) => None,
+            Err(e) => {
+                self.terminate(e);
+                None
             }
-            return None;
         }
-        let t = self.transfers.remove(&ttag).expect("present");
-        self.command(t.sqe, t.cid, t.data)
     }
 
     fn command(&mut self, sqe: [u8; 64], cid: u16, data: Vec<u8>) -> Option<Command> {
         if self.in_flight >= self.q.entries as usize {
             let why = format!("more than the queue's {} commands outstanding", self.q.entries);
-            self.failed = Some(SessionError::Protocol(why));
+            self.failed = Some(ConnectionError::Protocol(why));
             return None;
         }
         let cookie = u64::from(cid);
@@ -459,7 +408,7 @@ impl IoSession {
         while self.sent < self.out.len() {
             match (&self.q.stream).write(&self.out[self.sent..]) {
                 Ok(0) => {
-                    self.failed.get_or_insert(SessionError::Write(io::ErrorKind::WriteZero.into()));
+                    self.failed.get_or_insert(ConnectionError::Write(io::ErrorKind::WriteZero.into()));
                     self.sent = self.out.len();
                     break;
                 }
@@ -471,7 +420,7 @@ impl IoSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     if self.failed.is_none() {
-                        self.failed = Some(SessionError::Write(e));
+                        self.failed = Some(ConnectionError::Write(e));
                     }
                     self.sent = self.out.len();
                     break;
@@ -491,7 +440,7 @@ impl IoSession {
         (self.eof || self.failed.is_some()) && self.in_flight == 0 && self.out.is_empty()
     }
 
-    pub fn error(&self) -> Option<&SessionError> {
+    pub fn error(&self) -> Option<&ConnectionError> {
         self.failed.as_ref()
     }
 
