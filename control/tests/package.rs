@@ -59,4 +59,22 @@ fn the_debian_package_holds_the_binary_unit_config_man_pages_and_completions() {
         unit.contains("Type=notify")
             && unit.contains("ExecStart=/usr/bin/nvmirror node --config /etc/nvmirror/node.toml")
     );
+    verify_unit(&unit, &x.path().join("usr/bin/nvmirror"));
+}
+
+/// `systemd-analyze verify` on the packed unit, its binary where it was unpacked: systemd
+/// itself parses it. It warns (on stderr, still exiting 0) of an unknown key, a bad value
+/// or a command that is not executable, so any word on stderr fails the test.
+fn verify_unit(unit: &str, binary: &Path) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nvmirror.service");
+    let unit = unit.replace("/usr/bin/nvmirror", binary.to_str().expect("a UTF-8 path"));
+    std::fs::write(&path, unit).expect("write the unit");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze (Debian's systemd package)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {}\n{stderr}", out.status);
 }

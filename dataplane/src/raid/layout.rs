@@ -1,7 +1,10 @@
 //! RAID-4 geometry: where a volume block lives on the members.
 //!
 //! Each member holds, in order: a superblock (one block), its checksum area (one crc32c
-//! per data-area block, 1024 to a block), and its data area. Data-area block `b` of every
+//! per data-area block, 1024 to a block), and its data area. The checksum area may be
+//! larger than the volume needs (sized at creation for the largest size the volume may
+//! grow to), so that growing a volume adds rows at the end of the data area and moves
+//! nothing. Data-area block `b` of every
 //! member forms *row* `b`; the parity member's block `b` is the XOR of the data members'
 //! blocks `b`. A *stripe* is `unit_blocks` consecutive rows: volume blocks fill stripe
 //! unit 0 of member 0, then unit 0 of member 1, ..., then the next stripe.
@@ -25,6 +28,9 @@ pub struct Geometry {
     pub stripe_unit: u32,
     /// The volume's size as exported, a multiple of the block size.
     pub volume_bytes: u64,
+    /// Blocks of the checksum area: at least [`Geometry::csum_blocks`], more where the
+    /// volume may grow ([`Geometry::with_room_for`]).
+    pub csum_area: u64,
 }
 
 /// Where one volume block lives.
@@ -51,10 +57,69 @@ impl Geometry {
         if volume_bytes == 0 || !volume_bytes.is_multiple_of(B) {
             return Err(format!("volume size {volume_bytes} is not a positive multiple of {BLOCK_BYTES}"));
         }
-        let g = Self { data_disks, stripe_unit, volume_bytes };
+        let mut g = Self { data_disks, stripe_unit, volume_bytes, csum_area: 0 };
         // Every size derived from the geometry must fit a u64.
         g.member_bytes_checked().ok_or_else(|| format!("volume size {volume_bytes} is too large"))?;
+        g.csum_area = g.csum_blocks();
         Ok(g)
+    }
+
+    /// This geometry with a checksum area of `blocks` (at least what the volume needs now).
+    pub fn with_csum_area(self, blocks: u64) -> Result<Self, String> {
+        if blocks < self.csum_blocks() {
+            return Err(format!(
+                "a checksum area of {blocks} blocks is too small: the volume's {} rows need {}",
+                self.rows(),
+                self.csum_blocks()
+            ));
+        }
+        if blocks > u64::from(u32::MAX) {
+            return Err(format!("a checksum area of {blocks} blocks is too large"));
+        }
+        let g = Self { csum_area: blocks, ..self };
+        g.member_bytes_checked().ok_or_else(|| format!("a checksum area of {blocks} blocks is too large"))?;
+        Ok(g)
+    }
+
+    /// This geometry with a checksum area large enough for the volume to grow to
+    /// `max_bytes` (rounded down to whole blocks; no smaller than the volume needs now).
+    pub fn with_room_for(self, max_bytes: u64) -> Result<Self, String> {
+        let max_bytes = (max_bytes / B * B).max(self.volume_bytes);
+        let big = Self::new(self.data_disks, self.stripe_unit, max_bytes)
+            .map_err(|e| format!("room to grow to {max_bytes} bytes: {e}"))?;
+        self.with_csum_area(big.csum_blocks())
+    }
+
+    /// The largest volume this geometry's checksum area has room for.
+    pub fn max_volume_bytes(&self) -> u64 {
+        let stripes = self.csum_area.saturating_mul(CSUMS_PER_BLOCK) / self.unit_blocks();
+        stripes.saturating_mul(self.stripe_data_blocks()).saturating_mul(B)
+    }
+
+    /// The same layout grown to `volume_bytes`: the same members, stripe unit and
+    /// checksum area, more rows.
+    pub fn grown(self, volume_bytes: u64) -> Result<Self, String> {
+        if volume_bytes < self.volume_bytes {
+            return Err(format!("a volume of {} bytes cannot shrink to {volume_bytes}", self.volume_bytes));
+        }
+        let g = Self::new(self.data_disks, self.stripe_unit, volume_bytes)?;
+        if g.csum_blocks() > self.csum_area {
+            return Err(format!(
+                "the volume can grow to {} bytes at most: its checksum area was sized for that when it was created",
+                self.max_volume_bytes()
+            ));
+        }
+        let g = Self { csum_area: self.csum_area, ..g };
+        g.member_bytes_checked().ok_or_else(|| format!("volume size {volume_bytes} is too large"))?;
+        Ok(g)
+    }
+
+    /// Whether `other` is this layout at another size (a superblock round that a crash
+    /// cut short while the volume grew).
+    pub fn same_layout(&self, other: &Geometry) -> bool {
+        self.data_disks == other.data_disks
+            && self.stripe_unit == other.stripe_unit
+            && self.csum_area == other.csum_area
     }
 
     pub fn members(&self) -> usize {
@@ -79,6 +144,7 @@ impl Geometry {
     pub fn rows(&self) -> u64 {
         self.stripes() * self.unit_blocks()
     }
+    /// Checksum blocks the volume's rows use (the area may hold more).
     pub fn csum_blocks(&self) -> u64 {
         self.rows().div_ceil(CSUMS_PER_BLOCK)
     }
@@ -88,13 +154,13 @@ impl Geometry {
     }
     /// Byte offset of the data area on each member.
     pub fn data_offset(&self) -> u64 {
-        (1 + self.csum_blocks()) * B
+        (1 + self.csum_area) * B
     }
     fn member_bytes_checked(&self) -> Option<u64> {
         let unit = self.unit_blocks();
         let stripes = self.volume_blocks().div_ceil(unit.checked_mul(u64::from(self.data_disks))?);
         let rows = stripes.checked_mul(unit)?;
-        let csum = rows.div_ceil(CSUMS_PER_BLOCK);
+        let csum = rows.div_ceil(CSUMS_PER_BLOCK).max(self.csum_area);
         (1 + csum).checked_add(rows)?.checked_mul(B)
     }
     /// Bytes each member must hold.
@@ -155,6 +221,27 @@ mod tests {
         assert!(Geometry::new(3, 4096, 0).is_err());
         assert!(Geometry::new(3, 4096, 100).is_err());
         assert!(Geometry::new(40, 4096, B).is_err());
+    }
+
+    #[test]
+    fn room_to_grow_moves_nothing() {
+        let g = Geometry::new(3, 65536, 64 << 20).unwrap();
+        assert_eq!(g.csum_area, g.csum_blocks());
+        let roomy = g.with_room_for(1 << 40).unwrap();
+        assert!(roomy.csum_area > g.csum_area && roomy.max_volume_bytes() >= 1 << 40);
+        assert!(roomy.member_bytes() > g.member_bytes(), "the checksum area is part of each member");
+        let grown = roomy.grown(1 << 40).unwrap();
+        assert_eq!(grown.data_offset(), roomy.data_offset(), "the data area stays where it was");
+        for v in [0, 12_345, (64 << 20) / B - 1] {
+            assert_eq!(grown.place(v), roomy.place(v), "block {v} moved");
+        }
+        assert!(grown.same_layout(&roomy) && !grown.same_layout(&g));
+        let e = roomy.grown(roomy.max_volume_bytes() + (16 << 20)).unwrap_err();
+        assert!(e.contains("can grow to"), "{e}");
+        assert!(roomy.grown(B).unwrap_err().contains("cannot shrink"));
+        // Without room, a volume grows only within its last checksum block's rows.
+        assert!(g.grown(g.max_volume_bytes()).is_ok() && g.grown(g.max_volume_bytes() + (1 << 20)).is_err());
+        assert!(g.with_csum_area(g.csum_area - 1).is_err());
     }
 
     proptest! {

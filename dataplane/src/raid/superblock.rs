@@ -9,7 +9,7 @@
 //! | 32     | 4     | this member's index (data 0..N-1, parity N)               |
 //! | 36     | 4     | data disks N                                              |
 //! | 40     | 4     | stripe unit, bytes                                        |
-//! | 44     | 4     | reserved, zero                                            |
+//! | 44     | 4     | checksum area, blocks (0: as the volume size needs, as written before growth) |
 //! | 48     | 8     | volume bytes                                              |
 //! | 56     | 8     | events: bumped on every change of the member table        |
 //! | 64     | 32    | member table: one state byte per member (0 in sync, 1 failed, 2 rebuilding) |
@@ -132,6 +132,8 @@ impl Superblock {
         b[32..36].copy_from_slice(&self.member_index.to_le_bytes());
         b[36..40].copy_from_slice(&self.geometry.data_disks.to_le_bytes());
         b[40..44].copy_from_slice(&self.geometry.stripe_unit.to_le_bytes());
+        let area = u32::try_from(self.geometry.csum_area).expect("checked in Geometry::with_csum_area");
+        b[44..48].copy_from_slice(&area.to_le_bytes());
         b[48..56].copy_from_slice(&self.geometry.volume_bytes.to_le_bytes());
         b[56..64].copy_from_slice(&self.events.to_le_bytes());
         for (i, s) in self.members.iter().enumerate() {
@@ -164,7 +166,11 @@ impl Superblock {
         if flags & !FLAG_DIRTY != 0 {
             return Err(SuperblockError::Flags(flags));
         }
-        let geometry = Geometry::new(u32_at(b, 36), u32_at(b, 40), u64_at(b, 48)).map_err(SuperblockError::Geometry)?;
+        let mut geometry =
+            Geometry::new(u32_at(b, 36), u32_at(b, 40), u64_at(b, 48)).map_err(SuperblockError::Geometry)?;
+        if u32_at(b, 44) != 0 {
+            geometry = geometry.with_csum_area(u64::from(u32_at(b, 44))).map_err(SuperblockError::Geometry)?;
+        }
         let n = geometry.members();
         let member_index = u32_at(b, 32);
         if member_index as usize >= n {
@@ -196,7 +202,7 @@ mod tests {
         Superblock {
             uuid: [7; 16],
             member_index: 2,
-            geometry: Geometry::new(3, 65536, 1 << 30).unwrap(),
+            geometry: Geometry::new(3, 65536, 1 << 30).unwrap().with_room_for(1 << 40).unwrap(),
             events: 9,
             members: vec![MemberState::InSync, MemberState::Failed, MemberState::InSync, MemberState::Rebuilding],
             rebuild_cursor: 123,
@@ -231,6 +237,26 @@ mod tests {
         assert_eq!(Superblock::decode(&reseal(s, 32, 9)), Err(SuperblockError::Index { index: 9, members: 4 }));
         assert_eq!(Superblock::decode(&reseal(s, 65, 7)), Err(SuperblockError::State(7)));
         assert_eq!(Superblock::decode(&reseal(s, 12, 3)), Err(SuperblockError::Flags(3)));
+    }
+
+    #[test]
+    fn the_checksum_area_is_read_back_and_zero_means_as_the_size_needs() {
+        let s = sample();
+        assert!(s.geometry.csum_area > s.geometry.csum_blocks());
+        let mut b = s.encode();
+        let reseal = |b: &mut [u8; SUPERBLOCK_BYTES]| {
+            let crc = crate::checksum::crc32c(&b[..CRC_AT]);
+            b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        };
+        // Written before volumes could grow: zero, the area the size needs.
+        b[44..48].fill(0);
+        reseal(&mut b);
+        let old = Superblock::decode(&b).unwrap();
+        assert_eq!(old.geometry.csum_area, old.geometry.csum_blocks());
+        // An area too small for the volume is refused, not trusted.
+        b[44..48].copy_from_slice(&1u32.to_le_bytes());
+        reseal(&mut b);
+        assert!(matches!(Superblock::decode(&b), Err(SuperblockError::Geometry(_))));
     }
 
     proptest! {

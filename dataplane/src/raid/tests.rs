@@ -709,3 +709,114 @@ fn holes_are_seen_through_the_layout_and_never_over_a_member_that_is_down() {
     raid.read_at(&mut b, 5 * mib + 8192).unwrap();
     assert!(b.iter().all(|&x| x == 7), "the written block, degraded or not");
 }
+
+#[test]
+fn a_volume_grows_in_place_on_files_and_reopens_at_its_new_size() {
+    let dir = tmpdir();
+    let specs = file_specs(dir.path(), 4);
+    let small = 96 * B;
+    let geo = Geometry::new(3, 16384, small).unwrap().with_room_for(64 << 20).unwrap();
+    let raid = Raid4::create("v", &specs, geo).unwrap();
+    let mut rng = StdRng::seed_from_u64(15);
+    let mut model = vec![0u8; crate::usize_of(small)];
+    random_fill(&mut rng, &raid, &mut model);
+    raid.flush().unwrap();
+    let big = 5000 * B;
+    // Step 1 changes no size; reads and writes go on meanwhile.
+    raid.prepare_grow(big).unwrap();
+    assert_eq!(raid.size(), small);
+    raid.write_at(&[7u8; BLOCK_BYTES], 5 * B).unwrap();
+    model[5 * BLOCK_BYTES..6 * BLOCK_BYTES].fill(7);
+    raid.commit_grow(big).unwrap();
+    assert_eq!(raid.size(), big);
+    let mut after = read_all(&raid);
+    assert_eq!(&after[..model.len()], &model[..], "the old blocks stayed where they were");
+    assert!(after[model.len()..].iter().all(|&b| b == 0), "the new blocks read as zeroes");
+    // The new blocks take writes, parity included.
+    let tail: Vec<u8> = (0..16 * BLOCK_BYTES).map(|i| (i % 251) as u8).collect();
+    raid.write_at(&tail, big - 16 * B).unwrap();
+    after[crate::usize_of(big) - tail.len()..].copy_from_slice(&tail);
+    raid.flush().unwrap();
+    drop(raid);
+    // The member files stay sparse: the checksum area's room and the new rows are holes.
+    use std::os::unix::fs::MetadataExt;
+    let allocated: u64 = specs.iter().map(|s| std::fs::metadata(&s.path).unwrap().blocks() * 512).sum();
+    assert!(allocated < 4 * (64 << 10) + 4 * 1024 * B, "{allocated} bytes allocated");
+    // Reopened: the new size, the same contents, every block checked; and with a member
+    // lost, the new rows rebuild from parity.
+    let raid = Raid4::open("v", &specs).unwrap();
+    assert_eq!(raid.size(), big);
+    assert_eq!(read_all(&raid), after);
+    assert_eq!(raid.counters().checksum_errors, 0);
+    drop(raid);
+    std::fs::remove_file(&specs[2].path).unwrap();
+    let raid = Raid4::open("v", &specs).unwrap();
+    assert!(raid.status().degraded);
+    assert_eq!(read_all(&raid), after);
+    // Degraded, it does not grow, and says why.
+    let e = raid.prepare_grow(big + 1024 * B).unwrap_err().to_string();
+    assert!(e.contains("before growing"), "{e}");
+}
+
+#[test]
+fn growing_past_the_checksum_room_or_shrinking_is_refused_and_changes_nothing() {
+    let t = mem_raid(3, 4096, 24);
+    let max = t.raid.max_bytes();
+    assert!(max >= 24 * B);
+    let e = t.raid.prepare_grow(max + 64 * 1024 * B).unwrap_err().to_string();
+    assert!(e.contains("can grow to"), "{e}");
+    let e = t.raid.prepare_grow(8 * B).unwrap_err().to_string();
+    assert!(e.contains("cannot shrink"), "{e}");
+    assert_eq!(t.raid.size(), 24 * B);
+    // Within the room of its last checksum block it grows (memory members grow too).
+    t.raid.commit_grow(max).unwrap();
+    assert_eq!(t.raid.size(), max);
+}
+
+#[test]
+fn a_grow_cut_at_any_member_and_sector_opens_whole() {
+    let mut rng = StdRng::seed_from_u64(16);
+    let geo = Geometry::new(3, 4096, 24 * B).unwrap().with_room_for(4096 * B).unwrap();
+    let mems: Vec<Arc<MemDevice>> = (0..geo.members()).map(|_| Arc::new(MemDevice::new(geo.member_bytes()))).collect();
+    let devs = mems.iter().enumerate().map(|(i, m)| (spec(&format!("mem{i}")), m.clone() as Arc<dyn BlockDevice>));
+    let raid = Raid4::create_devices("t", devs.collect(), geo).unwrap();
+    let mut model = vec![0u8; 24 * BLOCK_BYTES];
+    random_fill(&mut rng, &raid, &mut model);
+    raid.flush().unwrap();
+    raid.prepare_grow(300 * B).unwrap();
+    let old: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();
+    raid.commit_grow(300 * B).unwrap();
+    let new: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();
+    drop(raid);
+    let n = old.len();
+    for k in 0..n {
+        for img in crate::tear::disk_images(&old[k][..BLOCK_BYTES], &new[k][..BLOCK_BYTES]) {
+            let mems: Vec<Arc<MemDevice>> = (0..n)
+                .map(|i| {
+                    let m = MemDevice::new(old[i].len() as u64);
+                    m.write_at(if i < k { &new[i] } else { &old[i] }, 0).unwrap();
+                    if i == k {
+                        m.write_at(&img, 0).unwrap();
+                    }
+                    Arc::new(m)
+                })
+                .collect();
+            let r = reopen(&mems, &[]).expect("a cut grow opens");
+            let st = r.status();
+            assert!(st.members.iter().all(|m| m.state == "in-sync"), "cut at member {k}: {st:?}");
+            // Old or new size, whichever the newest superblock says; the data whole.
+            let size = r.size();
+            assert!(size == 24 * B || size == 300 * B, "{size}");
+            let all = read_all(&r);
+            assert_eq!(&all[..model.len()], &model[..]);
+            assert!(all[model.len()..].iter().all(|&b| b == 0));
+            assert_eq!(r.counters().checksum_errors, 0, "cut at member {k}");
+            drop(r);
+            let sbs: Vec<_> = mems
+                .iter()
+                .map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap())
+                .collect();
+            assert!(sbs.windows(2).all(|w| w[0].events == w[1].events && w[0].geometry == w[1].geometry), "{sbs:?}");
+        }
+    }
+}

@@ -99,6 +99,12 @@ impl BlockDevice for FaultDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         ops.iter_mut().try_for_each(|op| self.read_at(op.buf, op.offset))
     }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        if self.plan.fail_writes.load(Ordering::SeqCst) {
+            return Err(eio("grow"));
+        }
+        self.inner.grow(size)
+    }
     fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
         if self.plan.fail_reads.load(Ordering::SeqCst) {
             return Err(eio("read"));

@@ -3,6 +3,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_range, BlockDevice, ReadOp, WriteOp};
 
@@ -14,7 +15,8 @@ use super::{check_range, BlockDevice, ReadOp, WriteOp};
 pub struct FileDevice {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Grows ([`BlockDevice::grow`]), never shrinks.
+    size: AtomicU64,
     failed: super::FailStop,
 }
 
@@ -33,7 +35,7 @@ impl FileDevice {
     fn with_random_access(file: File, path: &Path, size: u64) -> Self {
         // SAFETY: fadvise takes a valid descriptor (the open `file`) and plain integers.
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        Self { file, path: path.to_path_buf(), size, failed: super::FailStop::default() }
+        Self { file, path: path.to_path_buf(), size: AtomicU64::new(size), failed: super::FailStop::default() }
     }
 
     /// Opens an existing file or block device with its current size.
@@ -57,16 +59,22 @@ impl FileDevice {
 
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        self.failed.check(&self.path)?;
+        super::grow_file(&self.file, &self.path, size)?;
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Ok(())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.failed.check(&self.path)?;
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         self.failed.guard(self.file.read_exact_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.failed.check(&self.path)?;
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         let r = self.pwritev_all(&mut [IoSlice::new(buf)], offset);
         self.failed.guard(r)
     }
@@ -82,7 +90,7 @@ impl BlockDevice for FileDevice {
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         self.failed.check(&self.path)?;
         for op in ops {
-            check_range(self.size, op.offset, op.buf.len() as u64)?;
+            check_range(self.size(), op.offset, op.buf.len() as u64)?;
         }
         for run in runs(ops.iter().map(|op| (op.offset, op.buf.len()))) {
             let mut iov: Vec<IoSlice<'_>> = ops[run.clone()].iter().map(|op| IoSlice::new(op.buf)).collect();
@@ -95,7 +103,7 @@ impl BlockDevice for FileDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         self.failed.check(&self.path)?;
         for op in ops.iter() {
-            check_range(self.size, op.offset, op.buf.len() as u64)?;
+            check_range(self.size(), op.offset, op.buf.len() as u64)?;
         }
         for run in runs(ops.iter().map(|op| (op.offset, op.buf.len()))) {
             let offset = ops[run.start].offset;

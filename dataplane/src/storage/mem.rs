@@ -41,4 +41,12 @@ impl BlockDevice for MemDevice {
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let mut b = self.bytes.lock();
+        let size = usize::try_from(size).map_err(|_| io::Error::other("size does not fit memory"))?;
+        if size > b.len() {
+            b.resize(size, 0);
+        }
+        Ok(())
+    }
 }

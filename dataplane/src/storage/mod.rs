@@ -75,6 +75,35 @@ pub(crate) fn create_sized_file(path: &Path, size: u64) -> io::Result<std::fs::F
     Ok(file)
 }
 
+/// Makes the file or block device `file` (at `path`) hold at least `size` bytes: a regular
+/// file shorter than that is extended (the new bytes read as zeroes) and synced, so that a
+/// crash never finds it shorter again; a block device must hold `size` already.
+pub(crate) fn grow_file(file: &std::fs::File, path: &Path, size: u64) -> io::Result<()> {
+    use std::io::Seek;
+    if !size.is_multiple_of(BLOCK_BYTES as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: size {size} is not a multiple of {BLOCK_BYTES}", path.display()),
+        ));
+    }
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        if meta.len() < size {
+            file.set_len(size)?;
+            file.sync_all()?;
+        }
+        return Ok(());
+    }
+    let holds = { file }.seek(io::SeekFrom::End(0))?;
+    if holds < size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} holds {holds} bytes, {size} are needed (grow the device first)", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// One write of a batch: `buf` goes to `offset`.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteOp<'a> {
@@ -122,6 +151,16 @@ pub trait BlockDevice: Send + Sync {
     /// the data instead of updating it). Plain engines have nothing to do.
     fn set_redo(&self, on: bool) {
         let _ = on;
+    }
+    /// Grows the device to `size` bytes (a multiple of [`BLOCK_BYTES`]); the new bytes
+    /// read as zeroes where the engine makes them (a file extended), and hold whatever the
+    /// medium held where it does not (a block device: the caller zeroes what it uses). A
+    /// size at or below the current one changes nothing. Engines of a fixed size refuse.
+    fn grow(&self, size: u64) -> io::Result<()> {
+        if size <= self.size() {
+            return Ok(());
+        }
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this storage engine cannot grow"))
     }
     /// Whether `[offset, offset + len)` may hold data: `false` only where the engine knows,
     /// without reading, that the range reads as zeroes (a hole of a sparse file). A copy to
@@ -178,6 +217,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
         (**self).may_hold_data(offset, len)
     }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        (**self).grow(size)
+    }
 }
 
 /// What a flush of a volume's disks must reach. A node chooses once, at start, from its
@@ -230,6 +272,9 @@ impl BlockDevice for KernelFlush {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.write_zeroes(offset, len)
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        self.0.grow(size)
     }
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         self.0.write_many(ops)

@@ -20,6 +20,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types, IoUring};
 use parking_lot::Mutex;
@@ -121,7 +122,8 @@ pub(crate) fn submit_and_wait(submitter: io_uring::Submitter<'_>, want: usize) -
 /// A regular file or block device through io_uring with O_DIRECT.
 pub struct UringDevice {
     path: PathBuf,
-    size: u64,
+    /// Grows ([`BlockDevice::grow`]), never shrinks.
+    size: AtomicU64,
     /// Kept open for the ring's fd.
     file: File,
     ring: Mutex<Ring>,
@@ -208,7 +210,7 @@ impl UringDevice {
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring: register buffers: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             file,
             ring: Mutex::new(Ring { ring, bufs, inflight: 0 }),
             failed: super::FailStop::default(),
@@ -365,7 +367,7 @@ impl UringDevice {
                     let Some(&i) = free.last() else { break };
                     let offset = next_offset();
                     refused = true;
-                    check_range(self.size, offset, data.len() as u64)?;
+                    check_range(self.size(), offset, data.len() as u64)?;
                     if !offset.is_multiple_of(ALIGN as u64) {
                         return Err(misaligned("offset", offset));
                     }
@@ -433,7 +435,13 @@ impl UringDevice {
 
 impl BlockDevice for UringDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        self.failed.check(&self.path)?;
+        super::grow_file(&self.file, &self.path, size)?;
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Ok(())
     }
     fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.failed.check(&self.path)?;
@@ -448,7 +456,7 @@ impl BlockDevice for UringDevice {
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         self.failed.check(&self.path)?;
         for op in ops {
-            check_range(self.size, op.offset, op.buf.len() as u64)?;
+            check_range(self.size(), op.offset, op.buf.len() as u64)?;
         }
         let chunks = chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.run(true, &chunks, |c, dst| dst.copy_from_slice(&ops[c.op].buf[c.at..c.at + c.len]), |_, _| {});
@@ -457,7 +465,7 @@ impl BlockDevice for UringDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         self.failed.check(&self.path)?;
         for op in ops.iter() {
-            check_range(self.size, op.offset, op.buf.len() as u64)?;
+            check_range(self.size(), op.offset, op.buf.len() as u64)?;
         }
         let chunks = chunks(ops.iter().map(|op| (op.offset, op.buf.len())))?;
         let r = self.run(false, &chunks, |_, _| {}, |c, src| ops[c.op].buf[c.at..c.at + c.len].copy_from_slice(src));

@@ -36,12 +36,12 @@ impl Raid4 {
 
     pub(super) fn load_csums(&self) -> io::Result<()> {
         let members = self.members.read();
-        let n = crate::usize_of(self.geo.csum_blocks()) * BLOCK_BYTES;
+        let n = crate::usize_of(self.geo().csum_blocks()) * BLOCK_BYTES;
         let mut failed = Vec::new();
         for (i, m) in members.iter().enumerate() {
             let Some(dev) = &m.dev else { continue };
             let mut buf = vec![0u8; n];
-            if let Err(e) = dev.read_at(&mut buf, self.geo.csum_offset()) {
+            if let Err(e) = dev.read_at(&mut buf, self.geo().csum_offset()) {
                 failed.push((i, e));
                 continue;
             }
@@ -76,13 +76,14 @@ impl Raid4 {
                 }
                 let mut block = vec![0u8; BLOCK_BYTES];
                 let first = cb * CSUMS_PER_BLOCK;
-                let last = (first + CSUMS_PER_BLOCK).min(self.geo.rows());
+                // (The rows a grow is preparing included: their checksums are set first.)
+                let last = (first + CSUMS_PER_BLOCK).min(member.csums.len() as u64);
                 for row in first..last {
                     let at = crate::usize_of(row - first) * 4;
                     let c = member.csums[crate::usize_of(row)].load(Ordering::Relaxed);
                     block[at..at + 4].copy_from_slice(&c.to_le_bytes());
                 }
-                per_member.entry(m).or_default().push((self.geo.csum_offset() + cb * B, block));
+                per_member.entry(m).or_default().push((self.geo().csum_offset() + cb * B, block));
             }
         }
         let view = self.view();

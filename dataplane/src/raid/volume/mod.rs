@@ -37,6 +37,7 @@ use crate::format::BLOCK_BYTES;
 use crate::storage::{check_range, BlockDevice, DiskSpec, ReadOp, WriteOp};
 
 mod csums;
+mod grow;
 mod open;
 mod read;
 mod write;
@@ -198,7 +199,15 @@ pub enum RaidError {
 
 pub struct Raid4 {
     name: String,
-    geo: Geometry,
+    /// The geometry but for its size: `volume_bytes` holds that (it grows, see
+    /// `Raid4::grow`).
+    layout: Geometry,
+    volume_bytes: AtomicU64,
+    /// The size the members have room for, checksums written: `Raid4::prepare_grow`
+    /// made it ready, `Raid4::commit_grow` makes it the volume's.
+    prepared_bytes: Mutex<u64>,
+    /// Held by each step of a grow.
+    grow_round: Mutex<()>,
     uuid: [u8; 16],
     created_unix_ms: u64,
     /// The member table. Changed under `meta` and written to every present member's
@@ -233,7 +242,7 @@ struct Meta {
 
 impl fmt::Debug for Raid4 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Raid4").field("name", &self.name).field("geometry", &self.geo).finish_non_exhaustive()
+        f.debug_struct("Raid4").field("name", &self.name).field("geometry", &self.geo()).finish_non_exhaustive()
     }
 }
 
@@ -244,7 +253,12 @@ impl Raid4 {
     }
 
     pub fn geometry(&self) -> Geometry {
-        self.geo
+        self.geo()
+    }
+
+    /// The geometry at the volume's current size.
+    fn geo(&self) -> Geometry {
+        Geometry { volume_bytes: self.volume_bytes.load(Ordering::Acquire), ..self.layout }
     }
 
     pub fn name(&self) -> &str {
@@ -274,13 +288,13 @@ impl Raid4 {
 
     pub fn status(&self) -> RaidStatus {
         let members = self.members.read();
-        let p = self.geo.parity_member();
+        let p = self.geo().parity_member();
         RaidStatus {
             level: "raid4",
-            data_disks: self.geo.data_disks,
-            stripe_unit: self.geo.stripe_unit,
-            volume_bytes: self.geo.volume_bytes,
-            member_bytes: self.geo.member_bytes(),
+            data_disks: self.geo().data_disks,
+            stripe_unit: self.geo().stripe_unit,
+            volume_bytes: self.geo().volume_bytes,
+            member_bytes: self.geo().member_bytes(),
             xor_path: xor::XorPath::best().name(),
             degraded: members.iter().any(|m| m.state != MemberState::InSync),
             members: members
@@ -316,7 +330,7 @@ impl Raid4 {
     /// Locks the stripes of `rows` (in lock order, so that two batches never deadlock).
     fn lock_rows(&self, rows: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
         let idx: BTreeSet<usize> =
-            rows.map(|r| crate::usize_of(self.geo.stripe_of_row(r) % STRIPE_LOCKS as u64)).collect();
+            rows.map(|r| crate::usize_of(self.geo().stripe_of_row(r) % STRIPE_LOCKS as u64)).collect();
         idx.into_iter().map(|i| self.locks[i].lock()).collect()
     }
 
@@ -372,7 +386,7 @@ impl Raid4 {
             let sb = Superblock {
                 uuid: self.uuid,
                 member_index: u32::try_from(i).expect("member index fits u32"),
-                geometry: self.geo,
+                geometry: self.geo(),
                 events: meta.events,
                 members: table.clone(),
                 rebuild_cursor: meta.rebuild_cursor,
@@ -463,7 +477,7 @@ pub(super) enum RowError {
 
 impl BlockDevice for Raid4 {
     fn size(&self) -> u64 {
-        self.geo.volume_bytes
+        self.geo().volume_bytes
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_ops(&mut [ReadOp { offset, buf }])
@@ -495,14 +509,17 @@ impl BlockDevice for Raid4 {
         self.flush_members()?;
         self.mark_clean(started)
     }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        self.commit_grow(size)
+    }
     fn set_redo(&self, on: bool) {
         self.redo.store(on, Ordering::SeqCst);
     }
     /// `false` where every data member's piece of the range is a hole (a row on a member
     /// that is down or being rebuilt may hold data through parity: `true`).
     fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
-        check_range(self.geo.volume_bytes, offset, len)?;
-        let (g, view) = (self.geo, self.view());
+        check_range(self.geo().volume_bytes, offset, len)?;
+        let (g, view) = (self.geo(), self.view());
         let unit = g.unit_blocks();
         let end = (offset + len).div_ceil(B);
         let mut v = offset / B;

@@ -173,7 +173,13 @@ impl Raid4 {
                         Some("belongs to another volume (superblock uuid differs)".to_string())
                     } else if sb.member_index as usize != i {
                         Some(format!("is member {} of this volume, given in place of member {i}", sb.member_index))
-                    } else if sb.geometry != geo {
+                    } else if sb.geometry != geo
+                        && !(sb.events + 1 == auth.events
+                            && sb.geometry.same_layout(&geo)
+                            && sb.geometry.volume_bytes < geo.volume_bytes)
+                    {
+                        // (One event behind at a smaller size is the round of a grow that a
+                        // crash cut short: brought up to the authority's below.)
                         Some(format!("superblock geometry {:?} differs from {:?}", sb.geometry, geo))
                     } else if dev.size() < geo.member_bytes() {
                         Some(format!("truncated: holds {} bytes, a member needs {}", dev.size(), geo.member_bytes()))
@@ -278,7 +284,10 @@ impl Raid4 {
     ) -> Self {
         Self {
             name: name.to_string(),
-            geo,
+            layout: geo,
+            volume_bytes: AtomicU64::new(geo.volume_bytes),
+            prepared_bytes: Mutex::new(geo.volume_bytes),
+            grow_round: Mutex::new(()),
             uuid,
             created_unix_ms,
             members: RwLock::new(members),

@@ -27,7 +27,7 @@ impl Raid4 {
                 continue;
             }
             let mut buf = vec![0u8; crate::usize_of(rows * B)];
-            if let Err(e) = view.dev(m).read_at(&mut buf, self.geo.data_offset() + row * B) {
+            if let Err(e) = view.dev(m).read_at(&mut buf, self.geo().data_offset() + row * B) {
                 self.fail_member(m, &e);
                 return Err(Retry);
             }
@@ -45,7 +45,7 @@ impl Raid4 {
         row: u64,
         scrub: Option<&mut crate::raid::maintain::ScrubReport>,
     ) -> Result<Vec<Vec<u8>>, RowError> {
-        let n = self.geo.members();
+        let n = self.geo().members();
         let got = self.read_rows(view, row, 1, 0..n).map_err(|Retry| RowError::Retry)?;
         let mut blocks: Vec<Option<Vec<u8>>> = vec![None; n];
         for (m, b) in got {
@@ -83,7 +83,7 @@ impl Raid4 {
                 // written from other data than the checksums saw. Data wins (it is what
                 // the checksums vouch for); parity is recomputed.
                 s.parity_mismatches += 1;
-                let p = self.geo.parity_member();
+                let p = self.geo().parity_member();
                 let mut parity = vec![0u8; BLOCK_BYTES];
                 let srcs: Vec<&[u8]> = (0..p).map(|m| blocks[m].as_deref().expect("present")).collect();
                 xor::xor_gen(&srcs, &mut parity);
@@ -147,7 +147,7 @@ impl Raid4 {
         RowError::Lost(io::Error::other(format!(
             "RAID-4 volume {}: row {row} (stripe {}) cannot be read: {}{}",
             self.name,
-            self.geo.stripe_of_row(row),
+            self.geo().stripe_of_row(row),
             what.join(", "),
             if lost.len() > 1 {
                 "; RAID-4 rebuilds one block per row"
@@ -162,7 +162,7 @@ impl Raid4 {
         if self.begin_write().is_err() {
             return Err(Retry);
         }
-        let r = view.dev(member).write_at(data, self.geo.data_offset() + row * B);
+        let r = view.dev(member).write_at(data, self.geo().data_offset() + row * B);
         self.end_write();
         if let Err(e) = r {
             self.fail_member(member, &e);
@@ -176,12 +176,12 @@ impl Raid4 {
 
     pub(super) fn read_blocks(&self, buf: &mut [u8], first_vbn: u64) -> io::Result<()> {
         let nblocks = buf.len() as u64 / B;
-        let rows_touched = (first_vbn..first_vbn + nblocks).map(|v| self.geo.place(v).row);
+        let rows_touched = (first_vbn..first_vbn + nblocks).map(|v| self.geo().place(v).row);
         let _locks = self.lock_rows(rows_touched);
-        for attempt in 0..=self.geo.members() {
+        for attempt in 0..=self.geo().members() {
             match self.read_blocks_locked(buf, first_vbn) {
                 Ok(()) => return Ok(()),
-                Err(RowError::Retry) if attempt < self.geo.members() => continue,
+                Err(RowError::Retry) if attempt < self.geo().members() => continue,
                 Err(RowError::Retry) => return self.check_survivable().and(Err(io::Error::other("member failures"))),
                 Err(RowError::Lost(e)) => return Err(e),
             }
@@ -193,13 +193,13 @@ impl Raid4 {
         self.check_survivable().map_err(RowError::Lost)?;
         let view = self.view();
         let nblocks = buf.len() as u64 / B;
-        let unit = self.geo.unit_blocks();
+        let unit = self.geo().unit_blocks();
         // Runs of blocks on one member (a stripe unit at most), read in one op each.
         let mut reads: BTreeMap<usize, Vec<(u64, usize, usize)>> = BTreeMap::new(); // member -> (row, at, blocks)
         let mut rebuild: Vec<(u64, usize, u64)> = Vec::new(); // (vbn, member, row)
         let mut v = first_vbn;
         while v < first_vbn + nblocks {
-            let p = self.geo.place(v);
+            let p = self.geo().place(v);
             let run = (unit - p.row % unit).min(first_vbn + nblocks - v);
             let at = crate::usize_of((v - first_vbn) * B);
             // A run is alive as a whole or not: the rebuild cursor moves by whole stripes.
@@ -220,7 +220,7 @@ impl Raid4 {
                 let (mine, tail) = tail.split_at_mut(n * BLOCK_BYTES);
                 consumed = at + n * BLOCK_BYTES;
                 rest = tail;
-                ops.push(ReadOp { offset: self.geo.data_offset() + row * B, buf: mine });
+                ops.push(ReadOp { offset: self.geo().data_offset() + row * B, buf: mine });
             }
             if let Err(e) = view.dev(*m).read_many(&mut ops) {
                 self.fail_member(*m, &e);
@@ -251,7 +251,7 @@ impl Raid4 {
 
     pub(super) fn read_ops(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         for op in ops.iter_mut() {
-            check_range(self.geo.volume_bytes, op.offset, op.buf.len() as u64)?;
+            check_range(self.geo().volume_bytes, op.offset, op.buf.len() as u64)?;
             if op.offset.is_multiple_of(B) && (op.buf.len() as u64).is_multiple_of(B) {
                 for (i, chunk) in op.buf.chunks_mut(crate::usize_of(BATCH_BYTES_MAX)).enumerate() {
                     self.read_blocks(chunk, (op.offset + i as u64 * BATCH_BYTES_MAX) / B)?;

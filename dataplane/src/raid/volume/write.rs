@@ -50,17 +50,17 @@ impl Raid4 {
     }
 
     pub(super) fn write_aligned_dirty(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
-        for attempt in 0..=self.geo.members() {
+        for attempt in 0..=self.geo().members() {
             let rows = ops.iter().flat_map(|op| {
                 let first = op.offset / B;
-                (first..first + op.buf.len() as u64 / B).map(|v| self.geo.place(v).row)
+                (first..first + op.buf.len() as u64 / B).map(|v| self.geo().place(v).row)
             });
             let locks = self.lock_rows(rows);
             let r = self.write_locked(ops);
             drop(locks);
             match r {
                 Ok(()) => return Ok(()),
-                Err(RowError::Retry) if attempt < self.geo.members() => continue,
+                Err(RowError::Retry) if attempt < self.geo().members() => continue,
                 Err(RowError::Retry) => return self.check_survivable().and(Err(io::Error::other("member failures"))),
                 Err(RowError::Lost(e)) => return Err(e),
             }
@@ -71,7 +71,7 @@ impl Raid4 {
     pub(super) fn write_locked(&self, ops: &[WriteOp<'_>]) -> Result<(), RowError> {
         self.check_survivable().map_err(RowError::Lost)?;
         let view = self.view();
-        let g = self.geo;
+        let g = self.geo();
         let n = g.data_disks as usize;
         let p = g.parity_member();
         let unit = g.unit_blocks();
@@ -325,7 +325,7 @@ impl Raid4 {
 
     /// Splits `ops` into aligned, non-overlapping batches of bounded size and writes them.
     pub(super) fn write_ops(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
-        let size = self.geo.volume_bytes;
+        let size = self.geo().volume_bytes;
         for op in ops {
             check_range(size, op.offset, op.buf.len() as u64)?;
         }
@@ -352,7 +352,7 @@ impl Raid4 {
         // Batches hold whole stripes (a full stripe's parity needs no reads), about
         // BATCH_BYTES_MAX each: every op is cut at stripe boundaries, and a batch is closed
         // only where the next piece starts another stripe.
-        let stripe_bytes = self.geo.stripe_data_blocks() * B;
+        let stripe_bytes = self.geo().stripe_data_blocks() * B;
         let target = BATCH_BYTES_MAX.max(stripe_bytes);
         let mut batch: Vec<WriteOp<'_>> = Vec::new();
         let mut batch_bytes = 0u64;
