@@ -17,6 +17,7 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                     data_disks,
                     engine,
                     log_size,
+                    max_size,
                     cp_by_value,
                     allow,
                 },
@@ -30,11 +31,27 @@ pub(crate) fn ctl(addr: &str, cmd: CtlCmd) -> Result<()> {
                 data_disks,
                 engine: engine.map(arg_name),
                 log_bytes: log_size,
+                max_bytes: max_size,
                 cp_by_value,
                 allow,
             };
             let rec: Value = client.post("/v1/volumes", &body)?;
             println!("created volume {name}: {} bytes on {}", rec["size"], describe_storage(&rec["storage"]));
+        }
+        CtlCmd::Volume { cmd: VolumeCmd::Resize { name, size: sz, json } } => {
+            let r: Value = client
+                .post(&format!("/v1/volumes/{name}/resize"), &api::ResizeRequest { size: sz, mirror_of: None })?;
+            if json {
+                println!("{r}");
+            } else {
+                let (old, new) = (r["old_bytes"].as_u64().unwrap_or(0), r["new_bytes"].as_u64().unwrap_or(0));
+                let mirror = r["mirror"].as_str().map(|m| format!("; mirror {m}")).unwrap_or_default();
+                if old == new {
+                    println!("volume {name}: already {new} bytes{mirror}");
+                } else {
+                    println!("volume {name}: grown from {old} to {new} bytes{mirror}");
+                }
+            }
         }
         CtlCmd::Volume { cmd: VolumeCmd::Allow { name, nets } } => {
             let _: Value =

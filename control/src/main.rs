@@ -333,6 +333,12 @@ enum VolumeCmd {
         /// while the other's CP runs: it should hold more than a CP's duration of writes.
         #[arg(long, value_parser = size_arg)]
         log_size: Option<u64>,
+        /// The largest size a RAID-4 volume may grow to with `volume resize` (K/M/G/T
+        /// suffixes): its checksum area is sized for it, 1/1024 of that per member (a hole
+        /// in a file member until used). Default: 16 times --size, at least 64G; on device
+        /// members, what the smallest holds.
+        #[arg(long, value_parser = size_arg)]
+        max_size: Option<u64>,
         /// Send consistency points to the mirror by value (block data) instead of by
         /// reference to the mirror's log files.
         #[arg(long)]
@@ -358,6 +364,18 @@ enum VolumeCmd {
         /// connected (the source rebuilds it by a baseline when it reconnects).
         #[arg(long)]
         force: bool,
+    },
+    /// Grow a volume online, its mirror first. Clients see the new size when they
+    /// connect again (NBD), or at once (NVMe/TCP Identify).
+    Resize {
+        /// The volume (its name), on its primary.
+        name: String,
+        /// The new size (K/M/G/T suffixes): larger than the volume's.
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Replace a member of a RAID-4 volume and rebuild onto the new disk.
     ReplaceDisk {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 
 use anyhow::{anyhow, bail, Context, Result};
+use nvmirror_dataplane::format::BLOCK_BYTES;
 use nvmirror_dataplane::raid::{Geometry, Raid4, RaidStatus, WriteHole};
 use nvmirror_dataplane::storage::{BlockDevice, DiskSpec, Engine};
 use parking_lot::Mutex;
@@ -173,8 +174,16 @@ fn check_room(name: &str, disks: &[&DiskSpec], need: u64) -> Result<()> {
 pub struct OpenVolumes(Mutex<HashMap<std::path::PathBuf, Weak<Raid4>>>);
 
 impl OpenVolumes {
-    /// Creates the storage of a new volume of `size` bytes.
-    pub fn create(&self, name: &str, storage: &VolumeStorage, size: u64, stripe_unit: u32) -> Result<Opened> {
+    /// Creates the storage of a new volume of `size` bytes; a RAID-4 volume with room to
+    /// grow to `max_bytes` (default [`grow_room`], or what its device members hold).
+    pub fn create(
+        &self,
+        name: &str,
+        storage: &VolumeStorage,
+        size: u64,
+        stripe_unit: u32,
+        max_bytes: Option<u64>,
+    ) -> Result<Opened> {
         match storage {
             VolumeStorage::Single { disk } => {
                 check_room(name, &[disk], size)?;
@@ -189,7 +198,13 @@ impl OpenVolumes {
             VolumeStorage::Raid4 { disks } => {
                 let data = u32::try_from(disks.len() - 1).context("disk count")?;
                 let geo = Geometry::new(data, stripe_unit, size).map_err(|e| anyhow!(e))?;
+                // The room to grow is a hole in a file member: only the size needs space now.
                 check_room(name, &disks.iter().collect::<Vec<_>>(), geo.member_bytes())?;
+                if let Some(max) = max_bytes.filter(|&m| m < size) {
+                    bail!("--max-size {max} is below the volume's size {size}");
+                }
+                let max = max_bytes.unwrap_or_else(|| devices_room(disks, geo).min(grow_room(size)));
+                let geo = geo.with_room_for(max).map_err(|e| anyhow!(e))?;
                 for d in disks {
                     if let Some(parent) = d.path.parent().filter(|p| !p.as_os_str().is_empty()) {
                         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
@@ -233,6 +248,26 @@ impl OpenVolumes {
             }
         }
     }
+}
+
+/// The size a RAID-4 volume of `size` bytes may grow to unless told otherwise: 16 times
+/// its size, and at least 64 GiB. Its checksum area is sized for it (1/1024 of the data
+/// per member); in a file member that room is a hole until the volume grows into it.
+pub fn grow_room(size: u64) -> u64 {
+    size.saturating_mul(16).max(64 << 30)
+}
+
+/// The largest volume of geometry `geo` whose members fit the smallest device among
+/// `disks` (files grow, so without devices: no bound).
+fn devices_room(disks: &[DiskSpec], geo: Geometry) -> u64 {
+    let smallest =
+        disks.iter().filter(|d| is_device_node(&d.path)).filter_map(|d| d.open(None).ok().map(|dev| dev.size())).min();
+    let Some(bytes) = smallest else { return u64::MAX };
+    // Blocks after the superblock hold rows and their checksums (one block per 1024 rows).
+    let blocks = (bytes / BLOCK_BYTES as u64).saturating_sub(1);
+    let rows = blocks * 1024 / 1025;
+    let stripes = rows / geo.unit_blocks();
+    (stripes * geo.stripe_data_blocks() * BLOCK_BYTES as u64).max(geo.volume_bytes)
 }
 
 /// Parses the disks of `volume create`: `--disk` (repeated) and `--parity`.

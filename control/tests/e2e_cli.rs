@@ -651,3 +651,94 @@ fn unpair_lets_a_volume_go_on_alone_and_be_mirrored_elsewhere() {
     ctl_ok(&third.control, &["failover", "u"]);
     assert_verified(&verify(&w, &third.nbd, "u").expect("verify on site-c"), "the new mirror, failed over");
 }
+
+#[test]
+fn a_volume_grows_online_mirror_first_and_fails_over_at_its_new_size() {
+    let seed = base_seed("a_volume_grows_online_mirror_first_and_fails_over_at_its_new_size");
+    let mut pair = Pair::start("resize");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    pair.create_mirrored("g", 16 * MIB, LOG_BYTES_MIN);
+    let mut w = Workload::new(0, 16 * MIB / 4096, seed);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "g").expect("NBD connect");
+    w.run(&mut c, 8, 1000, |_| {}).expect("writes");
+    // Online: a client writes all through the resize, and none of its writes fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                w.run(&mut c, 8, 100, |_| {}).expect("writes during the resize");
+            }
+            (w, c)
+        })
+    };
+    let out = ctl_ok(&src, &["volume", "resize", "g", "--size", "48M"]);
+    assert!(out.contains("grown from 16777216 to 50331648 bytes; mirror grown on site-b"), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut w, c) = writer.join().expect("the writer");
+    assert_eq!(w.errors, 0);
+    assert_eq!(c.size, 16 * MIB, "a connection keeps the size it was told");
+    drop(c);
+    // Both sites say the new size; a new connection sees it and writes past the old end.
+    let s = volume_status(&pair.src_api(), "g").expect("status");
+    assert_eq!(s["size_bytes"], 48 * MIB, "{s}");
+    assert_eq!(s["state"], "in-sync", "{s}");
+    assert_eq!(mirror_status(&pair.dst_api(), "g").expect("mirror")["volume_bytes"], 48 * MIB);
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "g").expect("NBD connect");
+    assert_eq!(c.size, 48 * MIB);
+    let mut fresh = vec![1u8; 4096];
+    c.read(30 * MIB, &mut fresh).expect("read the new space");
+    assert!(fresh.iter().all(|&b| b == 0), "the new space reads as zeroes");
+    let tail: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+    c.write(48 * MIB - tail.len() as u64, &tail).expect("write at the new end");
+    c.flush().expect("flush");
+    w.run(&mut c, 8, 300, |_| {}).expect("writes after the resize");
+    let out = ctl_ok(&src, &["verify", "g", "--region", "1M"]);
+    assert!(out.contains("48 regions of 1.0M compared") && out.contains("; 0 differ"), "{out}");
+    drop(c);
+
+    // What a resize refuses, and why.
+    assert_eq!(ctl_fails(&src, &["volume", "resize", "g", "--size", "8M"], "does not shrink"), 5);
+    assert_eq!(ctl_fails(&dst, &["volume", "resize", "g", "--size", "64M"], "is a mirror here"), 5);
+    assert_eq!(ctl_fails(&src, &["volume", "resize", "g", "--size", "2T"], "can grow to"), 5);
+    assert_eq!(ctl_fails(&src, &["volume", "resize", "nope", "--size", "2G"], "no volume nope"), 4);
+    let out = ctl_ok(&src, &["volume", "resize", "g", "--size", "48M"]);
+    assert!(out.contains("already 50331648 bytes"), "{out}");
+    // An unmirrored volume grows alone, and keeps its size across a restart.
+    ctl_ok(&src, &["volume", "create", "alone", "--size", "16M", "--max-size", "32M"]);
+    let r: Value = serde_json::from_str(&ctl_ok(&src, &["volume", "resize", "alone", "--size", "32M", "--json"]))
+        .expect("the JSON report");
+    assert_eq!((r["old_bytes"].as_u64(), r["new_bytes"].as_u64()), (Some(16 * MIB), Some(32 * MIB)), "{r}");
+    // (The room is whole checksum blocks: 1024 rows of each of the three data disks, 12M.)
+    assert!(r["max_bytes"].as_u64().is_some_and(|m| (32 * MIB..44 * MIB).contains(&m)), "--max-size 32M: {r}");
+    assert_eq!(ctl_fails(&src, &["volume", "resize", "alone", "--size", "64M"], "can grow to"), 5);
+    // A crash after the storage grew and before the record said so: the record is older
+    // than the storage, and the volume starts at its storage's size.
+    pair.src.kill();
+    let state_path = pair.src.data_dir.join("node.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).expect("node.json")).expect("JSON");
+    let alone = state["volumes"].as_array_mut().expect("volumes").iter_mut().find(|v| v["name"] == "alone");
+    alone.expect("alone's record")["size"] = (16 * MIB).into();
+    std::fs::write(&state_path, serde_json::to_vec(&state).expect("JSON")).expect("write node.json");
+    pair.src.restart().expect("restart site-a");
+    assert_eq!(volume_status(&pair.src_api(), "alone").expect("status")["size_bytes"], 32 * MIB);
+    assert_eq!(NbdClient::connect(pair.src.nbd.as_str(), "alone").expect("NBD connect").size, 32 * MIB);
+    assert!(log_text(&pair.src.log_path()).contains("a resize was cut short"));
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).expect("node.json")).expect("JSON");
+    let alone = state["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "alone").cloned();
+    assert_eq!(alone.expect("alone's record")["size"], 32 * MIB, "the record is brought up to the storage");
+
+    // The site burns down: the mirror takes over at the new size, every write on it.
+    wait_state(&pair.src_api(), "g", "in-sync", Duration::from_secs(60));
+    cp(&pair.src_api(), "g").expect("cp");
+    pair.src.kill();
+    ctl_ok(&dst, &["failover", "g"]);
+    let mut c = NbdClient::connect(pair.dst.nbd.as_str(), "g").expect("NBD connect to the new primary");
+    assert_eq!(c.size, 48 * MIB);
+    let mut back = vec![0u8; tail.len()];
+    c.read(48 * MIB - tail.len() as u64, &mut back).expect("read the new end");
+    assert!(back == tail, "the write past the old end is not on the new primary");
+    drop(c);
+    let v = verify(&w, &pair.dst.nbd, "g").expect("verify");
+    assert_verified(&v, "the grown volume failed over");
+}

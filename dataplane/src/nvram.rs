@@ -112,6 +112,30 @@ pub fn open_region(path: &Path, len: usize, mode: NvramMode) -> Result<Box<dyn N
     })
 }
 
+/// Grows the region `path` to hold `len` bytes in `mode` (a file is extended, its new
+/// bytes zero, and synced; a block device must hold them already), for
+/// [`open_region`] at the new length. What it holds stays. A region at least that large
+/// already is left as it is.
+pub fn grow_region(path: &Path, len: usize, mode: NvramMode) -> Result<(), NvramError> {
+    let target = if mode == NvramMode::Direct { direct::round_up(len) } else { len } as u64;
+    let io_err = |what: &'static str| move |source| NvramError::Io { what, path: path.to_path_buf(), source };
+    let file = OpenOptions::new().write(true).open(path).map_err(io_err("open"))?;
+    let meta = file.metadata().map_err(io_err("stat"))?;
+    if !meta.file_type().is_file() {
+        use std::io::Seek;
+        let holds = { &file }.seek(io::SeekFrom::End(0)).map_err(io_err("size of"))?;
+        if holds < target {
+            return Err(NvramError::WrongSize { path: path.to_path_buf(), actual: holds, expected: len });
+        }
+        return Ok(());
+    }
+    if meta.len() < target {
+        file.set_len(target).map_err(|source| NvramError::Size { path: path.to_path_buf(), len, source })?;
+        file.sync_all().map_err(|source| NvramError::Size { path: path.to_path_buf(), len, source })?;
+    }
+    Ok(())
+}
+
 impl FromStr for NvramSpec {
     type Err = NvramError;
     fn from_str(s: &str) -> Result<Self, NvramError> {

@@ -235,6 +235,12 @@ impl crate::node::PeerCalls for HttpPeers {
             Client::new(control).get_proven(&path, self.secret.as_ref()).map_err(|e| anyhow!("peer {control}: {e}"))?;
         serde_json::from_value(v["sums"].clone()).map_err(|e| anyhow!("peer {control}: checksums: {e}"))
     }
+    fn resize_mirror(&self, control: &str, volume: &str, source: &str, size: u64) -> Result<()> {
+        let req = ResizeRequest { size, mirror_of: Some(source.to_string()) };
+        let _: Value =
+            Client::new(control).post_signed(self.secret.as_ref(), &format!("/v1/volumes/{volume}/resize"), &req)?;
+        Ok(())
+    }
     fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()> {
         let req = DeleteRequest { force: true, mirror_of: Some(source.to_string()) };
         let _: Value =

@@ -16,6 +16,7 @@
 //! | POST | /v1/volumes/VOL/copy | [`CopyRequest`] | `{}`: the baseline or resync under way paused or resumed |
 //! | POST | /v1/volumes/VOL/verify | [`VerifyRequest`] | [`crate::node::VerifyReport`]: VOL against its mirror, by region checksums, as of a CP |
 //! | GET | /v1/volumes/VOL/checksums?source=S&offset=O&length=L&region=R | | `{"cp": n, "sums": [crc32c per region]}` of the mirror of VOL from S, as of its last applied CP (node to node, proven) |
+//! | POST | /v1/volumes/VOL/resize | [`ResizeRequest`] | [`crate::node::ResizeReport`]: VOL grown online, its mirror first (with `mirror_of`: the mirror of VOL from that source, node to node) |
 //! | POST | /v1/volumes/VOL/delete | [`DeleteRequest`] | [`crate::node::DeleteReport`]: the primary VOL (with `force`, mirrored too, and its mirror on the peer) or the mirrors of VOL here |
 //! | POST | /v1/volumes/VOL/failover | | the failover report |
 //! | POST | /v1/volumes/VOL/resync | [`ResyncRequest`] | on a node that lost VOL to a failover: it becomes the new primary's mirror, brought level by a delta resync |

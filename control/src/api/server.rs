@@ -381,7 +381,7 @@ fn route(
                     return Err(bad_request(format!("unknown engine {other:?} for data-dir files: pread or uring")))
                 }
             };
-            let layout = CreateLayout { data_disks: body.data_disks, stripe_unit, engine };
+            let layout = CreateLayout { data_disks: body.data_disks, stripe_unit, engine, max_bytes: body.max_bytes };
             let log_bytes =
                 body.log_bytes.map(usize::try_from).transpose().map_err(|_| bad_request("log size too large"))?;
             let options = crate::node::VolumeOptions { cp_by_value: body.cp_by_value, allow: body.allow };
@@ -468,6 +468,16 @@ fn route(
         (Post, ["v1", "volumes", name, "verify"]) => {
             let body: VerifyRequest = read_body(request)?;
             Ok(serde_json::to_value(node.verify(name, body.region, body.repair)?).expect("serializable"))
+        }
+        (Post, ["v1", "volumes", name, "resize"]) => {
+            let body: ResizeRequest = read_body(request)?;
+            match &body.mirror_of {
+                Some(source) => {
+                    node.resize_mirror(source, name, body.size)?;
+                    Ok(json!({}))
+                }
+                None => Ok(serde_json::to_value(node.resize_volume(name, body.size)?).expect("serializable")),
+            }
         }
         (Post, ["v1", "volumes", name, "delete"]) => {
             let body: DeleteRequest = read_body(request)?;

@@ -22,6 +22,10 @@ pub struct CreateVolume {
     pub engine: Option<String>,
     #[serde(default)]
     pub log_bytes: Option<u64>,
+    /// The largest size a RAID-4 volume may grow to (`volume resize`): its checksum area
+    /// is sized for it. Default: 16 times the size, at least 64 GiB.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
     /// Send CPs to the mirror by value instead of by reference.
     #[serde(default)]
     pub cp_by_value: bool,
@@ -57,6 +61,17 @@ pub struct VerifyRequest {
     /// Write the primary's contents of the regions that differ to the mirror.
     #[serde(default)]
     pub repair: bool,
+}
+
+/// `POST /v1/volumes/VOL/resize`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    /// The new size, bytes.
+    pub size: u64,
+    /// Grow the mirror of VOL from this source node (the source's resize, step 1).
+    #[serde(default)]
+    pub mirror_of: Option<String>,
 }
 
 /// `POST /v1/volumes/VOL/delete`.

@@ -197,7 +197,7 @@ impl Node {
                 }
             }
             let opened =
-                self.open_volumes.create(&meta.volume, &storage, meta.volume_bytes, self.cfg.raid.stripe_unit)?;
+                self.open_volumes.create(&meta.volume, &storage, meta.volume_bytes, self.cfg.raid.stripe_unit, None)?;
             write_atomic(&storage_path, &serde_json::to_vec_pretty(&storage)?)?;
             (storage, opened)
         };

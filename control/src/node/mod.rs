@@ -53,6 +53,7 @@ mod lifecycle;
 mod maintain;
 mod mirrors;
 mod peers;
+mod resize;
 mod roles;
 mod verify;
 
@@ -61,6 +62,7 @@ pub use lifecycle::{DeleteReport, UnpairReport};
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
+pub use resize::ResizeReport;
 pub use roles::{region_ranges, ResyncStarted, RoleChangePlan, SwitchoverReport};
 pub use verify::{check_span, SumSpan, VerifyReport};
 
@@ -393,6 +395,25 @@ impl Node {
         if device.size() < v.size {
             bail!("{} holds {} bytes, the volume needs {}", v.storage.describe(), device.size(), v.size);
         }
+        let mut v = v.clone();
+        if device.size() > v.size {
+            // A resize whose storage grew before a crash kept its record from saying so
+            // (`resize`'s step 4): the storage's size is the volume's.
+            tracing::warn!(
+                "node {}: volume {}: its storage holds {} bytes, its record {}: a resize was cut short; \
+                 the volume is {} bytes",
+                self.cfg.name,
+                v.name,
+                device.size(),
+                v.size,
+                device.size()
+            );
+            v.size = device.size();
+            let mut state = self.state.lock();
+            state.volume_mut(&v.name)?.size = v.size;
+            self.save_state(&state)?;
+        }
+        let v = &v;
         self.resume_rebuild(&v.name, &opened);
         self.storage.write().insert(StorageOwner::Volume(v.name.clone()), (v.storage.clone(), opened));
         let path = self.nvlog_path(&v.name, v.epoch);
@@ -431,7 +452,10 @@ impl Node {
     /// wrongly.
     fn open_changes(&self, name: &str, size: u64) -> Result<ChangeMap> {
         let path = self.changes_path(name);
-        let len = ChangeMap::region_bytes(size);
+        // A region file grown for a resize that a crash cut short may be larger than the
+        // size needs: opened whole.
+        let grown = fs::metadata(&path).ok().filter(fs::Metadata::is_file).map_or(0, |m| m.len());
+        let len = ChangeMap::region_bytes(size).max(usize::try_from(grown).unwrap_or(usize::MAX));
         let open = || -> Result<ChangeMap> {
             let r = open_region(&path, len, self.cfg.nvram.mode)?;
             Ok(ChangeMap::open(r, size)?)
@@ -553,7 +577,7 @@ impl Node {
         };
         let opened = self
             .open_volumes
-            .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit))
+            .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit), layout.max_bytes)
             .with_context(|| format!("create volume {name} on {}", storage.describe()));
         if opened.is_err() {
             // A creation refused before any member was made leaves no directory behind
@@ -828,6 +852,8 @@ pub struct CreateLayout {
     pub data_disks: Option<u32>,
     pub stripe_unit: Option<u32>,
     pub engine: Option<Engine>,
+    /// The size a RAID-4 volume may grow to (default [`crate::storage::grow_room`]).
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]

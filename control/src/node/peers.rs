@@ -19,6 +19,9 @@ pub trait PeerCalls: Send + Sync {
     fn takeover(&self, control: &str, volume: &str, req: &TakeoverRequest) -> Result<Value>;
     /// Asks the peer to delete its mirror of `volume` from `source` (this node).
     fn delete_mirror(&self, control: &str, volume: &str, source: &str) -> Result<()>;
+    /// Asks the peer to grow its mirror of `volume` from `source` (this node) to `size`
+    /// bytes (step 1 of `volume resize`).
+    fn resize_mirror(&self, control: &str, volume: &str, source: &str, size: u64) -> Result<()>;
     /// The peer's region checksums of its mirror of `volume` from `source` (this node)
     /// over `span` (`verify`; proven like the status).
     fn checksums(&self, control: &str, volume: &str, source: &str, span: SumSpan) -> Result<Vec<u32>>;

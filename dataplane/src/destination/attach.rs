@@ -19,7 +19,9 @@ impl Mirror {
             ));
         }
         let keeps = matches!(hello.intent, Intent::Resume | Intent::Resync);
-        if hello.volume_bytes != meta.volume_bytes && keeps {
+        // A source smaller than its mirror is one whose resize grew the mirror first and
+        // has not reached the source yet: what the mirror holds is still the source's.
+        if hello.volume_bytes > meta.volume_bytes && keeps {
             return Err((RefuseCode::Mismatch, "volume size changed; a baseline is needed".into()));
         }
         if hello.partition_bytes != meta.partition_bytes {

@@ -159,6 +159,8 @@ pub struct PromoteReport {
 pub struct MirrorStatus {
     pub source_node: String,
     pub volume: String,
+    /// The mirror's size (it grows ahead of its source in a resize).
+    pub volume_bytes: u64,
     pub epoch: u64,
     pub applied_cp: u64,
     pub applied_seq: u64,
@@ -397,6 +399,34 @@ impl Mirror {
         &self.device
     }
 
+    /// Grows the mirror to `bytes`, ahead of its source: the device, then the metadata
+    /// (a source still at the old size is admitted meanwhile). CPs and the connection go on
+    /// beside it. Refused once failed over here.
+    pub fn grow(&self, bytes: u64) -> Result<(), String> {
+        let name = self.name();
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(format!("mirror {name} was failed over here; resize the volume here instead"));
+        }
+        let old = self.meta.lock().volume_bytes;
+        if bytes < old {
+            return Err(format!("mirror {name} holds {old} bytes: a volume does not shrink"));
+        }
+        self.device.grow(bytes).map_err(|e| format!("grow mirror {name}'s storage: {e}"))?;
+        let mut meta = self.meta.lock();
+        if meta.promoted {
+            return Err(format!("mirror {name} was failed over here"));
+        }
+        if meta.volume_bytes < bytes {
+            let mut next = meta.clone();
+            next.volume_bytes = bytes;
+            self.save(&next)?;
+            *meta = next;
+            drop(meta);
+            tracing::info!("mirror {name}: grown from {old} to {bytes} bytes");
+        }
+        Ok(())
+    }
+
     fn save(&self, meta: &MirrorMeta) -> Result<(), String> {
         self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))?;
         self.saved_applied_seq.store(meta.applied_seq, Ordering::SeqCst);
@@ -456,6 +486,7 @@ impl Mirror {
         MirrorStatus {
             source_node: meta.source_node.clone(),
             volume: meta.volume.clone(),
+            volume_bytes: meta.volume_bytes,
             epoch: meta.epoch,
             applied_cp: meta.applied_cp,
             applied_seq: meta.applied_seq,

@@ -87,6 +87,8 @@ fn line_check(bits: &[u8]) -> u32 {
 struct Slot {
     seq: u64,
     base: Option<ChangeBase>,
+    /// Regions the copy was written for: fewer than the map's where the volume grew since.
+    regions: u64,
 }
 
 pub struct ChangeMap {
@@ -141,8 +143,10 @@ impl ChangeMap {
         let version = u16::from_le_bytes(h[4..6].try_into().expect("2"));
         let region = u64::from_le_bytes(h[8..16].try_into().expect("8"));
         let count = u64::from_le_bytes(h[16..24].try_into().expect("8"));
-        if version != VERSION || region != REGION_BYTES || count != self.regions {
+        if version != VERSION || region != REGION_BYTES || count > self.regions {
             // A sealed copy of another shape is no tear: the file is not this volume's map.
+            // (One of fewer regions is this map before its volume grew: the new regions
+            // are unmarked, and their lines blank.)
             return Err(Err(format!(
                 "version {version}, {count} regions of {region} bytes; expected version {VERSION}, {} of {REGION_BYTES}",
                 self.regions
@@ -161,7 +165,7 @@ impl ChangeMap {
         } else {
             None
         };
-        Ok(Some(Slot { seq, base }))
+        Ok(Some(Slot { seq, base, regions: count }))
     }
 
     /// Opens the map in `nvram`, formatting it (no base: a full copy is needed) where it
@@ -225,6 +229,7 @@ impl ChangeMap {
             Some(s) => {
                 map.seq = s.seq;
                 map.base = s.base;
+                map.header_dirty = s.regions < regions;
             }
             None if blank => map.header_dirty = true,
             None => {
@@ -342,6 +347,33 @@ impl ChangeMap {
         }
     }
 
+    /// The map of the volume grown to `volume_bytes`, in the same NVRAM region grown to
+    /// hold it: what it holds is persisted, `reopen` opens the region at its new length
+    /// (the same bytes, more of them, the new ones zero), and the new regions start
+    /// unmarked (a grown volume's new blocks are zeroes on both sites). The header
+    /// records the new size last; until it does, an open at the new size reads the old
+    /// header as this map before it grew.
+    pub fn grow(
+        &mut self,
+        volume_bytes: u64,
+        reopen: impl FnOnce(usize) -> io::Result<Box<dyn Nvram>>,
+    ) -> Result<(), ChangeMapError> {
+        let regions = volume_bytes.div_ceil(REGION_BYTES);
+        if regions <= self.regions {
+            return Ok(());
+        }
+        self.persist()?;
+        let need = Self::region_bytes(volume_bytes);
+        let nvram = reopen(need).map_err(ChangeMapError::Persist)?;
+        if nvram.len() < need {
+            return Err(ChangeMapError::TooSmall { len: nvram.len(), need });
+        }
+        self.nvram = nvram;
+        self.regions = regions;
+        self.header_dirty = true;
+        self.persist()
+    }
+
     /// Marks every region: nothing is known of any peer.
     pub fn mark_all(&mut self) {
         for r in 0..self.regions {
@@ -413,6 +445,51 @@ mod tests {
 
     fn fresh(volume: u64) -> ChangeMap {
         ChangeMap::open(Box::new(MemNvram::new(ChangeMap::region_bytes(volume))), volume).expect("open")
+    }
+
+    /// `map`'s NVRAM bytes in a region for a volume of `volume` bytes.
+    fn grown_copy(map: &ChangeMap, volume: u64) -> MemNvram {
+        let mut n = MemNvram::new(ChangeMap::region_bytes(volume));
+        let old = map.nvram.bytes();
+        n.bytes_mut()[..old.len()].copy_from_slice(old);
+        n
+    }
+
+    #[test]
+    fn a_grown_map_keeps_its_marks_and_base_and_reopens_at_either_step() {
+        let small = 10 * REGION_BYTES;
+        let big = 2000 * REGION_BYTES;
+        let mut m = fresh(small);
+        m.set_base(Some(ChangeBase { peer: "b".into(), cp: 7 }));
+        m.mark(3 * REGION_BYTES, 1);
+        m.persist().unwrap();
+        // A crash after the volume's record grew, before the map did: the map opens at the
+        // new size, its marks and base kept, and records the size.
+        let m2 = ChangeMap::open(Box::new(grown_copy(&m, big)), big).expect("opens at the new size");
+        assert_eq!((m2.regions(), m2.marked_regions()), (2000, vec![3]));
+        assert_eq!(m2.base(), Some(&ChangeBase { peer: "b".into(), cp: 7 }));
+        // Grown in place: the same, and new regions take marks.
+        let mut g = fresh(small);
+        g.set_base(Some(ChangeBase { peer: "b".into(), cp: 7 }));
+        g.mark(3 * REGION_BYTES, 1);
+        g.persist().unwrap();
+        // (Persisted already: the region as the reopen finds it.)
+        let before = g.nvram.bytes().to_vec();
+        g.grow(big, |len| {
+            assert_eq!(len, ChangeMap::region_bytes(big));
+            let mut n = MemNvram::new(len);
+            n.bytes_mut()[..before.len()].copy_from_slice(&before);
+            Ok(Box::new(n) as Box<dyn Nvram>)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        g.mark(1999 * REGION_BYTES, 1);
+        g.persist().unwrap();
+        assert_eq!(g.marked_regions(), vec![3, 1999]);
+        let reopened = ChangeMap::open(Box::new(grown_copy(&g, big)), big).unwrap();
+        assert_eq!((reopened.marked_regions(), reopened.base().cloned()), (vec![3, 1999], g.base().cloned()));
+        // Its header says the new size: opened as the smaller volume, it is another shape.
+        let e = ChangeMap::open(Box::new(grown_copy(&g, big)), small).err().expect("another shape");
+        assert!(e.to_string().contains("regions"), "{e}");
     }
 
     #[test]

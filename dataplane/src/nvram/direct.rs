@@ -70,7 +70,7 @@ pub struct DirectNvram {
     file: File,
 }
 
-fn round_up(n: usize) -> usize {
+pub(super) fn round_up(n: usize) -> usize {
     n.div_ceil(DIRECT_BLOCK) * DIRECT_BLOCK
 }
 

@@ -122,9 +122,16 @@ pub enum ControlError {
     /// The NVLog or the change map could not be made durable.
     #[error("{0}")]
     Persist(String),
+    #[error("a {0} to the mirror is under way; resize the volume once it ends")]
+    CopyUnderWay(&'static str),
+    #[error("{0}")]
+    Grow(String),
 }
 
 /// Control-plane requests to a poller.
+/// Opens a volume's change map region anew at the length given (see [`Control::Grow`]).
+pub type ReopenRegion = Box<dyn FnOnce(usize) -> std::io::Result<Box<dyn crate::nvram::Nvram>> + Send>;
+
 pub enum Control {
     /// Force a CP; answered with its number once durable on both sites.
     Cp(Sender<Result<u64, ControlError>>),
@@ -177,6 +184,15 @@ pub enum Control {
         offset: u64,
         len: u64,
         done: Completer,
+    },
+    /// Grows the volume to `bytes` (its mirror grew first): the device, then the change
+    /// map, whose NVRAM region `reopen_changes` opens at the length it is given (the
+    /// region's file grown to it). New connections see the new size; answered once the
+    /// device and map say so durably. Refused while a baseline or resync runs.
+    Grow {
+        bytes: u64,
+        reopen_changes: ReopenRegion,
+        reply: Sender<Result<(), ControlError>>,
     },
     /// The regions this volume may hold that its mirror (or a new primary) does not: the
     /// change map's marks and the blocks of the partitions the NVLog still holds. A fenced

@@ -24,6 +24,55 @@ where
         }
     }
 
+    /// Grows the volume to `bytes` ([`Control::Grow`]). Between the device's growth and
+    /// the map's, no request runs (this poller serves them): no write lands in a region
+    /// the map cannot mark.
+    pub(super) fn grow(&mut self, bytes: u64, reopen_changes: ReopenRegion) -> Result<(), ControlError> {
+        if let LinkState::Fenced(r) = &self.link {
+            return Err(ControlError::Fenced(r.clone()));
+        }
+        if let Some(f) = &self.failed {
+            return Err(ControlError::Failed(f.clone()));
+        }
+        if self.quiesced {
+            return Err(ControlError::SwitchoverUnderWay);
+        }
+        if let LinkState::Up { copy: Some(c), .. } = &self.link {
+            return Err(ControlError::CopyUnderWay(match c.kind {
+                CopyKind::Baseline => "baseline",
+                CopyKind::Resync => "resync",
+            }));
+        }
+        let old = self.device.size();
+        if bytes <= old {
+            return if bytes == old {
+                Ok(())
+            } else {
+                Err(ControlError::Grow(format!("the volume holds {old} bytes already")))
+            };
+        }
+        self.device.grow(bytes).map_err(|e| ControlError::Grow(format!("grow the volume's storage: {e}")))?;
+        if let Some(map) = &mut self.changes {
+            if let Err(e) = map.grow(bytes, reopen_changes) {
+                // The map cannot mark the new regions: it is made relative to nothing, so
+                // the next copy to a mirror is whole, never a delta that misses a write.
+                tracing::error!(
+                    "volume {}: change map: {e}; it no longer knows what the mirror lacks (the next copy is whole)",
+                    self.cfg.volume
+                );
+                map.set_base(None);
+                map.mark_all();
+                if let Err(e) = map.persist() {
+                    self.fail_stop(format!("change map persist: {e}"));
+                    return Err(ControlError::Persist(format!("change map persist: {e}")));
+                }
+            }
+        }
+        self.stats.size_bytes = bytes;
+        tracing::info!("volume {}: grown from {old} to {bytes} bytes", self.cfg.volume);
+        Ok(())
+    }
+
     /// Sends the next piece of the copy under way: a chunk of the volume (baseline), or
     /// of the marked regions (resync), then the end of the copy.
     pub(super) fn copy_step(&mut self) -> bool {

@@ -59,7 +59,7 @@ mod write;
 
 #[cfg(any(test, feature = "sim"))]
 pub use config::PlantedBug;
-pub use config::{Control, ControlError, Policy, SourceConfig};
+pub use config::{Control, ControlError, Policy, ReopenRegion, SourceConfig};
 use cp::{cp_writer, CpJob, CpLocalDone};
 use link::send_range;
 pub use recovery::replay_nvlog;
@@ -247,7 +247,8 @@ type BlockRuns = Vec<(u64, Vec<u8>)>;
 pub struct SourceHandle {
     io: Sender<(IoRequest, Completer)>,
     ctl: Sender<Control>,
-    size: u64,
+    /// The volume's storage: its size is the volume's (it grows, `Control::Grow`).
+    device: Arc<dyn BlockDevice>,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
     /// After a switchover: where requests go instead of the stopped poller.
     forward: parking_lot::RwLock<Option<Arc<dyn Export>>>,
@@ -307,7 +308,7 @@ impl SourceHandle {
 
 impl Export for SourceHandle {
     fn size(&self) -> u64 {
-        self.size
+        self.device.size()
     }
     fn read_only(&self) -> bool {
         false
@@ -467,14 +468,14 @@ where
             format!("NVLog partition of {partition_bytes} bytes is below the minimum {PARTITION_BYTES_MIN}"),
         ));
     }
-    let size = parts.device.size();
+    let device = parts.device.clone();
     let (io_tx, io_rx) = bounded(IO_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = bounded(CONTROL_QUEUE_MAX);
     let poller = Poller::new(parts, io_rx, ctl_rx, inline)?;
     let handle = SourceHandle {
         io: io_tx,
         ctl: ctl_tx,
-        size,
+        device,
         thread: parking_lot::Mutex::new(None),
         forward: parking_lot::RwLock::new(None),
         waker: poller.readiness.as_ref().map(Readiness::waker),

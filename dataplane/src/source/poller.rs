@@ -327,6 +327,9 @@ where
                     self.cfg.policy = p;
                     self.stats.policy = p.as_str().into();
                 }
+                Ok(Control::Grow { bytes, reopen_changes, reply }) => {
+                    let _ = reply.send(self.grow(bytes, reopen_changes));
+                }
                 Ok(Control::ChangedRegions(tx)) => {
                     let _ = tx.send(self.changed_regions());
                 }
