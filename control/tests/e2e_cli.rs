@@ -689,7 +689,7 @@ fn a_volume_grows_online_mirror_first_and_fails_over_at_its_new_size() {
     let mut fresh = vec![1u8; 4096];
     c.read(30 * MIB, &mut fresh).expect("read the new space");
     assert!(fresh.iter().all(|&b| b == 0), "the new space reads as zeroes");
-    let tail: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+    let tail: Vec<u8> = (0..64 * 1024).map(|i| u8::try_from(i % 253).expect("below 253")).collect();
     c.write(48 * MIB - tail.len() as u64, &tail).expect("write at the new end");
     c.flush().expect("flush");
     w.run(&mut c, 8, 300, |_| {}).expect("writes after the resize");

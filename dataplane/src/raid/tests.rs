@@ -733,7 +733,7 @@ fn a_volume_grows_in_place_on_files_and_reopens_at_its_new_size() {
     assert_eq!(&after[..model.len()], &model[..], "the old blocks stayed where they were");
     assert!(after[model.len()..].iter().all(|&b| b == 0), "the new blocks read as zeroes");
     // The new blocks take writes, parity included.
-    let tail: Vec<u8> = (0..16 * BLOCK_BYTES).map(|i| (i % 251) as u8).collect();
+    let tail: Vec<u8> = (0..16 * BLOCK_BYTES).map(|i| u8::try_from(i % 251).expect("below 251")).collect();
     raid.write_at(&tail, big - 16 * B).unwrap();
     after[crate::usize_of(big) - tail.len()..].copy_from_slice(&tail);
     raid.flush().unwrap();
