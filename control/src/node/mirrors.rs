@@ -184,6 +184,7 @@ impl Node {
                 );
                 meta.consistent = false;
                 meta.resyncing = false;
+                meta.baseline_started = false;
                 meta.pending_cp = None;
             }
             (storage, opened)

@@ -778,6 +778,42 @@ impl Node {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let drained = match rx.recv_timeout(left) {
                 Ok(Ok(_)) => true,
+                // A copy under way: a CP, whose acknowledgement makes what the mirror has
+                // of the copy stay there (the copy resumes from it after the restart).
+                Ok(Err(_)) if h.status().is_ok_and(|s| matches!(s.state, PairState::Baseline | PairState::Resyncing)) => {
+                    // (A CP already closing when asked may have started before the copy
+                    // did: its acknowledgement is no checkpoint, the next one is.)
+                    let mut cp = None;
+                    let mut from = None;
+                    for _ in 0..3 {
+                        let (tx, rx) = bounded(1);
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        cp = h.control(Control::Cp(tx)).ok().and_then(|()| rx.recv_timeout(left).ok());
+                        from = h.status().ok().and_then(|s| s.copy_resumable_from);
+                        if from.is_some() || !matches!(cp, Some(Ok(_))) {
+                            break;
+                        }
+                    }
+                    let done = matches!(cp, Some(Ok(_)));
+                    match (cp, from) {
+                        (Some(Ok(_)), Some(from)) => tracing::info!(
+                            "node {}: volume {name}: the copy to the mirror stops; it resumes from byte {from} \
+                             after the restart",
+                            self.cfg.name
+                        ),
+                        (cp, _) => tracing::warn!(
+                            "node {}: volume {name}: the copy to the mirror stops without a checkpoint ({}); it \
+                             starts again after the restart",
+                            self.cfg.name,
+                            match cp {
+                                Some(Err(e)) => e.to_string(),
+                                Some(Ok(_)) => "no CP confirmed a checkpoint".into(),
+                                None => "the mirror did not confirm in time".into(),
+                            }
+                        ),
+                    }
+                    done
+                }
                 // Not in sync (or unmirrored): wait for the writes in flight alone.
                 Ok(Err(_)) => loop {
                     match h.status() {

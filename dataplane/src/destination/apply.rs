@@ -147,6 +147,7 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                     let mut meta = m.meta.lock();
                     meta.consistent = true;
                     meta.resyncing = false;
+                    meta.baseline_started = false;
                     m.save(&meta)
                 })
             };

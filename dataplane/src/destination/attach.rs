@@ -30,7 +30,7 @@ impl Mirror {
         if hello.volume_id != meta.volume_id && keeps {
             return Err((RefuseCode::Mismatch, "another volume of that name is mirrored here".into()));
         }
-        if hello.intent == Intent::Resync && !(meta.consistent || meta.resyncing) {
+        if hello.intent == Intent::Resync && !meta.resyncable() {
             return Err((
                 RefuseCode::Mismatch,
                 "the mirror holds no consistent copy to resync from; a baseline is needed".into(),
@@ -81,6 +81,7 @@ impl Mirror {
                 log.lock().free().map_err(|e| (RefuseCode::Internal, e.to_string()))?;
             }
             *meta = MirrorMeta::new(hello);
+            meta.baseline_started = true;
             meta.applied_seq = hello.base_seq.saturating_sub(1);
             meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
             self.baseline_bytes.store(0, Ordering::SeqCst);
@@ -126,7 +127,7 @@ impl Mirror {
             applied_cp: meta.applied_cp,
             applied_seq: meta.applied_seq,
             consistent: meta.consistent,
-            resyncable: meta.consistent || meta.resyncing,
+            resyncable: meta.resyncable(),
             logs,
         };
         let session = Session {

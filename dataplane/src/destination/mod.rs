@@ -113,11 +113,23 @@ pub struct MirrorMeta {
     /// (not a full copy) can bring it level.
     #[serde(default)]
     pub resyncing: bool,
+    /// A baseline is under way, or stopped part-way: the mirror is not consistent, but
+    /// resyncable by its source, whose change map (made relative to a CP this mirror
+    /// applied during the copy) says what it still lacks. A source whose map is relative
+    /// to no such CP sends a baseline again.
+    #[serde(default)]
+    pub baseline_started: bool,
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
 }
 
 impl MirrorMeta {
+    /// Whether a delta resync can bring the mirror level (from a source whose change map
+    /// is relative to a CP it applied).
+    pub fn resyncable(&self) -> bool {
+        self.consistent || self.resyncing || self.baseline_started
+    }
+
     pub fn new(hello: &Hello) -> Self {
         MirrorMeta {
             source_node: hello.source_node.clone(),
@@ -133,6 +145,7 @@ impl MirrorMeta {
             promoted: false,
             promoting: false,
             resyncing: false,
+            baseline_started: false,
             last_cp_unix_ms: 0,
             last_cp_duration_us: 0,
         }

@@ -312,5 +312,5 @@ pub fn returning_mirror_meta(
 /// its identity and the successor's epoch): level with it, every entry before `next_seq`
 /// applied as of CP `cp`, the CP the primary drained at. Nothing is copied.
 pub fn switched_mirror_meta(meta: MirrorMeta, cp: u64, next_seq: u64) -> MirrorMeta {
-    MirrorMeta { applied_cp: cp, applied_seq: next_seq - 1, consistent: true, ..meta }
+    MirrorMeta { applied_cp: cp, applied_seq: next_seq - 1, consistent: true, baseline_started: false, ..meta }
 }

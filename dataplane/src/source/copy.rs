@@ -24,6 +24,50 @@ where
         }
     }
 
+    /// The destination has CP `cp`: where that is the copy's checkpoint, everything the
+    /// copy sent before it is durable there, so the change map forgets those regions and
+    /// becomes relative to this CP. Should the copy stop now (a restart, a lost link),
+    /// the destination is resyncable and the map says what it lacks: the copy resumes as
+    /// a delta resync of the regions not yet copied (and of those written since), rather
+    /// than starting over.
+    pub(super) fn copy_checkpoint_done(&mut self, cp: u64) {
+        let size = self.device.size();
+        let LinkState::Up { copy: Some(c), .. } = &mut self.link else { return };
+        if c.checkpoint.map(|(gen, _)| gen) != Some(cp) {
+            return;
+        }
+        let (_, cursor) = c.checkpoint.take().expect("matched");
+        let (Some(m), Some(peer)) = (&mut self.changes, &self.cfg.peer) else { return };
+        // The regions wholly copied before the CP was sent.
+        let copied: Vec<u8> = match c.kind {
+            CopyKind::Baseline => {
+                let regions =
+                    if cursor >= size { size.div_ceil(crate::log::REGION_BYTES) } else { cursor / crate::log::REGION_BYTES };
+                let mut bits = vec![0u8; usize_of(regions.div_ceil(8))];
+                for r in 0..regions {
+                    bits[usize_of(r / 8)] |= 1 << (r % 8);
+                }
+                bits
+            }
+            CopyKind::Resync => {
+                let mut bits = c.marks.clone();
+                for r in cursor..(bits.len() as u64 * 8) {
+                    bits[usize_of(r / 8)] &= !(1 << (r % 8));
+                }
+                bits
+            }
+        };
+        m.rebase(&copied, ChangeBase { peer: peer.clone(), cp });
+        if let Err(e) = m.persist() {
+            return self.fail_stop(format!("change map: {e}"));
+        }
+        self.stats.copy_resumable_from = Some(match c.kind {
+            CopyKind::Baseline => cursor.min(size),
+            CopyKind::Resync => (cursor * crate::log::REGION_BYTES).min(size),
+        });
+        tracing::debug!("volume {}: copy checkpoint at CP {cp}: resumable from {cursor}", self.cfg.volume);
+    }
+
     /// Grows the volume to `bytes` ([`Control::Grow`]). Between the device's growth and
     /// the map's, no request runs (this poller serves them): no write lands in a region
     /// the map cannot mark.
@@ -113,6 +157,7 @@ where
         let purpose = if c.kind == CopyKind::Baseline { BlockPurpose::Baseline } else { BlockPurpose::Resync };
         let advance = |c: &mut Copying, len: u64| {
             c.bytes += len;
+            c.since_checkpoint += len;
             c.cursor += match c.kind {
                 CopyKind::Baseline => len,
                 CopyKind::Resync => len.div_ceil(crate::log::REGION_BYTES),
@@ -171,8 +216,12 @@ where
             }
         };
         let r = r.and_then(|()| link.flush());
+        let checkpoint_due = c.since_checkpoint >= COPY_CHECKPOINT_BYTES && c.checkpoint.is_none() && !c.done_sent;
         if let Err(e) = r {
             self.link_down(format!("copy send: {e}"));
+        } else if checkpoint_due {
+            self.cp_wanted = true;
+            self.cp_even_empty = true;
         }
         true
     }

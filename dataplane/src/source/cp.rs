@@ -62,10 +62,14 @@ where
             let _ = tx.send(Err(ControlError::Fenced(r.clone())));
             return;
         }
-        if has_entries {
+        let copying = matches!(self.link, LinkState::Up { copy: Some(_), .. });
+        if has_entries || (copying && closing.is_none()) {
+            // (With a copy under way, even an empty CP: its `CpDone` makes the copy
+            // resumable from where it is.)
             let gen = self.parts[active as usize].gen().expect("active partition has a generation");
             self.cp_waiters.push((gen, tx));
             self.cp_wanted = true;
+            self.cp_even_empty |= copying;
             self.try_start_cp();
         } else if let Some(gen) = closing {
             self.cp_waiters.push((gen, tx));
@@ -89,11 +93,12 @@ where
             return;
         }
         let active = self.active;
-        if self.nvlog.tail(active) <= PARTITION_HEADER_BYTES {
+        if self.nvlog.tail(active) <= PARTITION_HEADER_BYTES && !self.cp_even_empty {
             self.cp_wanted = false;
             return;
         }
         self.cp_wanted = false;
+        self.cp_even_empty = false;
         // Everything of the closing partition goes out before its CP message.
         self.flush_batch();
         let gen = self.parts[active as usize].gen().expect("active");
@@ -135,6 +140,9 @@ where
                     .and_then(|()| link.flush());
                 if let Err(e) = r {
                     self.link_down(format!("send CP: {e}"));
+                } else if let LinkState::Up { copy: Some(c), .. } = &mut self.link {
+                    c.checkpoint = Some((gen, c.cursor));
+                    c.since_checkpoint = 0;
                 }
             }
             // Sent on resume.

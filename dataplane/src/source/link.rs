@@ -142,6 +142,19 @@ where
                 return;
             }
         }
+        if copy == Some(CopyKind::Baseline) {
+            // The destination keeps nothing of what it held once it takes the baseline's
+            // hello: the change map is relative to no copy, every region marked, before
+            // it is asked. The copy's checkpoints then make it relative to this one.
+            if let Some(m) = &mut self.changes {
+                m.set_base(None);
+                m.mark_all();
+                if let Err(e) = m.persist() {
+                    self.fail_stop(format!("change map: {e}"));
+                    return;
+                }
+            }
+        }
         let active = self.active;
         let hello = Hello {
             source_node: self.cfg.node.clone(),
@@ -208,7 +221,10 @@ where
                     }
                     self.complete_acked();
                 }
-                LinkEvent::Reply(Reply::CpDone { cp }) => self.on_cp_done(cp),
+                LinkEvent::Reply(Reply::CpDone { cp }) => {
+                    self.copy_checkpoint_done(cp);
+                    self.on_cp_done(cp);
+                }
                 LinkEvent::Reply(Reply::BaselineAck) => {
                     let done = match &mut self.link {
                         LinkState::Up { copy, .. } => copy.take(),
@@ -223,6 +239,7 @@ where
                         self.stats.last_copy_bytes = c.bytes;
                         self.stats.last_copy_zero_bytes = c.zero_bytes;
                         self.stats.last_copy_hole_bytes = c.hole_bytes;
+                        self.stats.copy_resumable_from = None;
                         tracing::info!(
                             "volume {}: {what} done ({} bytes in {} frames, {} of them zeroes sent as ranges); mirror in sync",
                             self.cfg.volume, c.bytes, c.chunks, c.zero_bytes
@@ -380,6 +397,7 @@ where
             }
             let base_cp_gen = header.cp_gen;
             let base_seq = header.first_seq;
+            self.stats.copy_resumable_from = None;
             self.confirmed = true;
             // The mirror is rebuilt from this volume: no copy of it can fill in the log.
             self.damaged_at = [None; PARTITIONS];
@@ -399,6 +417,8 @@ where
                     base_cp_gen,
                     base_seq,
                     started_ns: self.clock.now_ns(),
+                    checkpoint: None,
+                    since_checkpoint: 0,
                 }),
             });
             return;

@@ -103,6 +103,10 @@ const THROTTLE_SCALE_US: f64 = 10.0;
 const THROTTLE_DELAY_MAX_US: u64 = 2_000;
 /// Bytes of baseline data per frame.
 const BASELINE_CHUNK: usize = 1 << 20;
+/// A copy asks for a CP (empty if need be) each time it has copied this much: what the
+/// destination then has is kept across a restart or a lost link, and the copy resumes
+/// from there as a delta resync instead of starting over (see `copy_checkpoint_done`).
+const COPY_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// A copy's chunk is looked at in pieces of this size: a run of pieces that read as zeroes
 /// goes as a zero range.
 const ZERO_PIECE: usize = 64 << 10;
@@ -198,6 +202,12 @@ struct Copying {
     base_seq: u64,
     /// Clock time (ns) the copy started, for its rate limit.
     started_ns: u64,
+    /// The CP sent while this copy ran whose `CpDone` makes the copy resumable, and the
+    /// cursor when it was sent (every piece before it went out before the CP message, so
+    /// the destination has them durably once it has the CP): see `copy_checkpoint_done`.
+    checkpoint: Option<(u64, u64)>,
+    /// Bytes copied since the last checkpoint was asked for.
+    since_checkpoint: u64,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.
@@ -564,6 +574,9 @@ struct Poller<C: Connector> {
     copy_rate: Option<u64>,
     /// When the copy was paused (`ctl pause-copy`), on the poller's clock.
     copy_paused_at: Option<u64>,
+    /// A CP is wanted even with nothing logged: a copy's checkpoint (an empty CP still
+    /// tells when the destination has everything sent before it).
+    cp_even_empty: bool,
     /// The mirror accepted this node's epoch since the poller started. Until it has, a
     /// volume under policy sync does not go on alone: a restarted old primary that cannot
     /// reach its mirror may have been failed over meanwhile.

@@ -114,6 +114,10 @@ pub struct SourceStatus {
     pub resync_total_bytes: u64,
     /// The copy (baseline or resync) is paused (`ctl pause-copy`).
     pub copy_paused: bool,
+    /// The copy under way is durable on the mirror up to this byte (its last checkpoint):
+    /// stopped now, it resumes from here (as a delta resync) rather than from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_resumable_from: Option<u64>,
     pub core: Option<usize>,
     pub parks: u64,
     /// Times writes had to wait for NVLog space (both partitions held by CPs), and for how
