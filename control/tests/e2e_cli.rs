@@ -742,3 +742,58 @@ fn a_volume_grows_online_mirror_first_and_fails_over_at_its_new_size() {
     let v = verify(&w, &pair.dst.nbd, "g").expect("verify");
     assert_verified(&v, "the grown volume failed over");
 }
+
+#[test]
+fn a_baseline_stopped_by_sigterm_resumes_where_it_was_after_the_restart() {
+    let seed = base_seed("a_baseline_stopped_by_sigterm_resumes_where_it_was_after_the_restart");
+    let mut pair = Pair::start("resume");
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    let size = 32 * MIB;
+    ctl_ok(&src, &["volume", "create", "r", "--size", "32M"]);
+    // Data everywhere, so that every region of the copy is data on the wire.
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), "r").expect("NBD connect");
+    for m in 0..32u64 {
+        let chunk: Vec<u8> = (0..MIB).map(|i| u8::try_from((i / 4096 + m * 7) % 251 + 1).expect("byte")).collect();
+        c.write(m * MIB, &chunk).expect("fill");
+    }
+    // Slow enough to be stopped part-way: 32 MiB at 4 MiB/s; writes go on during it.
+    ctl_ok(&src, &["mirror", "r", "--to", &dst, "--rate", "4M", "--no-wait"]);
+    // (Policy strict: a write fails until the link is up, the baseline under way.)
+    wait_state(&pair.src_api(), "r", "baseline", Duration::from_secs(30));
+    let mut w = Workload::new(0, size / 4096, seed);
+    w.run(&mut c, 8, 300, |_| {}).expect("writes during the baseline");
+    wait_for("a third of the baseline", Duration::from_secs(60), || {
+        let s = volume_status(&pair.src_api(), "r")?;
+        Ok((s["state"] == "baseline" && s["baseline_done_bytes"].as_u64().unwrap_or(0) >= 10 * MIB).then_some(()))
+    });
+    w.run(&mut c, 8, 300, |_| {}).expect("more writes during the baseline");
+    assert_eq!(w.errors, 0);
+    drop(c);
+
+    let status = pair.src.terminate(Duration::from_secs(60)).expect("the node exits on SIGTERM");
+    assert!(status.success(), "exit status {status:?} after SIGTERM");
+    let log = log_text(&pair.src.log_path());
+    let line = log.lines().find(|l| l.contains("the copy to the mirror stops")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("it resumes from byte"), "{line}");
+    let from: u64 = line.split("resumes from byte ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("the byte");
+    assert!(from >= 10 * MIB && from < size, "{line}");
+
+    // Restarted: the copy goes on as a delta resync of what the mirror lacks, not a second
+    // baseline of the whole volume.
+    pair.src.restart().expect("restart after the clean stop");
+    let s = wait_state(&pair.src_api(), "r", "in-sync", Duration::from_secs(60));
+    assert_eq!(s["last_copy_kind"], "resync", "{s}");
+    let sent = s["last_copy_bytes"].as_u64().expect("bytes");
+    assert!(sent <= size - from && sent > 0, "the resumed copy sent {sent} bytes, from byte {from}: {s}");
+    let out = ctl_ok(&src, &["verify", "r", "--region", "1M"]);
+    assert!(out.contains("32 regions of 1.0M compared") && out.contains("; 0 differ"), "{out}");
+    // The mirror holds every acknowledged write: the site burns down, it takes over, and
+    // its blocks are the primary's, fill and writes alike.
+    cp(&pair.src_api(), "r").expect("cp");
+    let primary = read_volume(&pair.src.nbd, "r").expect("read the primary");
+    pair.src.kill();
+    ctl_ok(&dst, &["failover", "r"]);
+    let mirror = read_volume(&pair.dst.nbd, "r").expect("read the new primary");
+    assert!(first_difference(&primary, &mirror).is_none(), "differ at {:?}", first_difference(&primary, &mirror));
+    assert!(w.writes >= 600, "{} writes", w.writes);
+}
