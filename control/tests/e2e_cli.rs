@@ -775,7 +775,12 @@ fn a_baseline_stopped_by_sigterm_resumes_where_it_was_after_the_restart() {
     let log = log_text(&pair.src.log_path());
     let line = log.lines().find(|l| l.contains("the copy to the mirror stops")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("it resumes from byte"), "{line}");
-    let from: u64 = line.split("resumes from byte ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("the byte");
+    let from: u64 = line
+        .split("resumes from byte ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the byte");
     assert!(from >= 10 * MIB && from < size, "{line}");
 
     // Restarted: the copy goes on as a delta resync of what the mirror lacks, not a second

@@ -780,7 +780,9 @@ impl Node {
                 Ok(Ok(_)) => true,
                 // A copy under way: a CP, whose acknowledgement makes what the mirror has
                 // of the copy stay there (the copy resumes from it after the restart).
-                Ok(Err(_)) if h.status().is_ok_and(|s| matches!(s.state, PairState::Baseline | PairState::Resyncing)) => {
+                Ok(Err(_))
+                    if h.status().is_ok_and(|s| matches!(s.state, PairState::Baseline | PairState::Resyncing)) =>
+                {
                     // (A CP already closing when asked may have started before the copy
                     // did: its acknowledgement is no checkpoint, the next one is.)
                     let mut cp = None;

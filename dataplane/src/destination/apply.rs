@@ -148,6 +148,7 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                     meta.consistent = true;
                     meta.resyncing = false;
                     meta.baseline_started = false;
+                    m.device.set_copy_over(false);
                     m.save(&meta)
                 })
             };

@@ -82,6 +82,8 @@ impl Mirror {
             }
             *meta = MirrorMeta::new(hello);
             meta.baseline_started = true;
+            // Until the copy is done, whatever its storage held is to be written over.
+            self.device.set_copy_over(true);
             meta.applied_seq = hello.base_seq.saturating_sub(1);
             meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
             self.baseline_bytes.store(0, Ordering::SeqCst);

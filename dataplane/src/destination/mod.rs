@@ -316,6 +316,8 @@ impl Mirror {
             }
         }
         let (tx, rx) = bounded(JOBS_MAX);
+        // A baseline stopped part-way goes on (as a delta resync) over what was there.
+        device.set_copy_over(meta.baseline_started && !meta.consistent);
         let mirror = Arc::new(Mirror {
             rdma_attachment: Mutex::new(None),
             saved_applied_seq: AtomicU64::new(meta.applied_seq),

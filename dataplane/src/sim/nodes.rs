@@ -159,10 +159,12 @@ impl Directory {
         let write_hole = if meta.promoted { crate::raid::WriteHole::Refuse } else { crate::raid::WriteHole::Accept };
         let raid = open_raid(&self.durable, &keys, create, write_hole)?;
         let mut meta = meta;
-        if raid.write_hole_found() && (meta.consistent || meta.pending_cp.is_some()) {
-            // Nothing to redo on it either: the copy rewrites everything.
+        if raid.write_hole_found() && (meta.consistent || meta.pending_cp.is_some() || meta.resyncable()) {
+            // Nothing to redo on it either: the copy rewrites everything. (Nor can a delta
+            // resync bring it level, whatever it was in: the torn rows may be any.)
             meta.consistent = false;
             meta.resyncing = false;
+            meta.baseline_started = false;
             meta.pending_cp = None;
             crate::destination::MetaStore::save(
                 &SimMetaStore { durable: store_cell.clone(), power: power.clone() },
@@ -289,6 +291,8 @@ impl World {
         cfg.cp_timeout = Duration::from_millis(1500);
         cfg.planted_bug = self.opts.planted_bug;
         cfg.policy = self.policy;
+        // Copies of the small volume in several steps, CPs and faults between them.
+        cfg.copy_chunk = 64 << 10;
         cfg
     }
 

@@ -33,6 +33,10 @@ pub struct SourceConfig {
     pub policy: Policy,
     /// The mirror's node name: what the change map is relative to.
     pub peer: Option<String>,
+    /// Bytes a copy to the mirror sends per step, a multiple of 64 KiB up to 1 MiB (the
+    /// default): the simulator takes smaller steps, so that CPs and faults fall inside
+    /// its small volume's copies.
+    pub copy_chunk: usize,
     /// Deliberate defects, for the simulator's own test that it catches them.
     #[cfg(any(test, feature = "sim"))]
     pub planted_bug: Option<PlantedBug>,
@@ -89,6 +93,7 @@ impl SourceConfig {
             cp_timeout: Duration::from_secs(60),
             policy: Policy::Strict,
             peer: None,
+            copy_chunk: super::BASELINE_CHUNK,
             #[cfg(any(test, feature = "sim"))]
             planted_bug: None,
         }

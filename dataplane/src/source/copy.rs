@@ -24,6 +24,12 @@ where
         }
     }
 
+    /// Bytes a copy step sends ([`SourceConfig::copy_chunk`], kept to what the copy can
+    /// cut: whole zero pieces, at most a baseline chunk).
+    fn copy_chunk(&self) -> usize {
+        (self.cfg.copy_chunk / ZERO_PIECE * ZERO_PIECE).clamp(ZERO_PIECE, BASELINE_CHUNK)
+    }
+
     /// The destination has CP `cp`: where that is the copy's checkpoint, everything the
     /// copy sent before it is durable there, so the change map forgets those regions and
     /// becomes relative to this CP. Should the copy stop now (a restart, a lost link),
@@ -41,8 +47,11 @@ where
         // The regions wholly copied before the CP was sent.
         let copied: Vec<u8> = match c.kind {
             CopyKind::Baseline => {
-                let regions =
-                    if cursor >= size { size.div_ceil(crate::log::REGION_BYTES) } else { cursor / crate::log::REGION_BYTES };
+                let regions = if cursor >= size {
+                    size.div_ceil(crate::log::REGION_BYTES)
+                } else {
+                    cursor / crate::log::REGION_BYTES
+                };
                 let mut bits = vec![0u8; usize_of(regions.div_ceil(8))];
                 for r in 0..regions {
                     bits[usize_of(r / 8)] |= 1 << (r % 8);
@@ -121,6 +130,7 @@ where
     /// of the marked regions (resync), then the end of the copy.
     pub(super) fn copy_step(&mut self) -> bool {
         let size = self.device.size();
+        let chunk = self.copy_chunk();
         let LinkState::Up { link, copy: Some(c) } = &mut self.link else { return false };
         if c.done_sent || self.copy_paused_at.is_some() {
             return false;
@@ -128,13 +138,13 @@ where
         if let Some(rate) = self.copy_rate {
             // Ahead of the rate: wait (a chunk's worth of credit up front).
             let secs = self.clock.now_ns().saturating_sub(c.started_ns) as f64 / 1e9;
-            if c.bytes as f64 > rate as f64 * secs + BASELINE_CHUNK as f64 {
+            if c.bytes as f64 > rate as f64 * secs + chunk as f64 {
                 return false;
             }
         }
         // The next run: `(offset, bytes)`, or `None` at the end.
         let next = match c.kind {
-            CopyKind::Baseline => (c.cursor < size).then(|| (c.cursor, (size - c.cursor).min(BASELINE_CHUNK as u64))),
+            CopyKind::Baseline => (c.cursor < size).then(|| (c.cursor, (size - c.cursor).min(chunk as u64))),
             CopyKind::Resync => {
                 let marked = |r: u64| c.marks.get(usize_of(r / 8)).is_some_and(|b| b & (1 << (r % 8)) != 0);
                 let regions = size.div_ceil(crate::log::REGION_BYTES);
@@ -143,7 +153,7 @@ where
                 }
                 (c.cursor < regions).then(|| {
                     // Adjacent regions go in one frame, up to a chunk.
-                    let per = BASELINE_CHUNK as u64 / crate::log::REGION_BYTES;
+                    let per = chunk as u64 / crate::log::REGION_BYTES;
                     let first = c.cursor;
                     let mut n = 1u64;
                     while n < per && first + n < regions && marked(first + n) {

@@ -99,6 +99,9 @@ impl BlockDevice for FaultDevice {
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
         ops.iter_mut().try_for_each(|op| self.read_at(op.buf, op.offset))
     }
+    fn set_copy_over(&self, on: bool) {
+        self.inner.set_copy_over(on)
+    }
     fn grow(&self, size: u64) -> io::Result<()> {
         if self.plan.fail_writes.load(Ordering::SeqCst) {
             return Err(eio("grow"));

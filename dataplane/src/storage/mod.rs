@@ -152,6 +152,15 @@ pub trait BlockDevice: Send + Sync {
     fn set_redo(&self, on: bool) {
         let _ = on;
     }
+    /// Marks the start (`true`) and end (`false`) of a copy over the whole device (a
+    /// mirror's baseline, until it is done, across restarts): every block is to be
+    /// written before anything trusts it. Engines with redundancy then take a row whose
+    /// blocks fail their checks as it reads, where they would refuse it, so that the
+    /// copy's writes can go on over what a crash tore (the RAID layer: rows of a volume
+    /// found dirty and degraded). Plain engines have nothing to do.
+    fn set_copy_over(&self, on: bool) {
+        let _ = on;
+    }
     /// Grows the device to `size` bytes (a multiple of [`BLOCK_BYTES`]); the new bytes
     /// read as zeroes where the engine makes them (a file extended), and hold whatever the
     /// medium held where it does not (a block device: the caller zeroes what it uses). A
@@ -220,6 +229,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn grow(&self, size: u64) -> io::Result<()> {
         (**self).grow(size)
     }
+    fn set_copy_over(&self, on: bool) {
+        (**self).set_copy_over(on)
+    }
 }
 
 /// What a flush of a volume's disks must reach. A node chooses once, at start, from its
@@ -275,6 +287,9 @@ impl BlockDevice for KernelFlush {
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         self.0.grow(size)
+    }
+    fn set_copy_over(&self, on: bool) {
+        self.0.set_copy_over(on)
     }
     fn write_many(&self, ops: &[WriteOp<'_>]) -> io::Result<()> {
         self.0.write_many(ops)

@@ -222,6 +222,8 @@ pub struct Raid4 {
     dirty_csums: Mutex<BTreeSet<(usize, u64)>>,
     locks: Box<[Mutex<()>]>,
     redo: AtomicBool,
+    /// The volume is being copied over whole (see [`BlockDevice::set_copy_over`]).
+    copy_over: AtomicBool,
     /// Member I/O one member after another on the calling thread, never side by side:
     /// what the deterministic simulator needs to replay a run exactly.
     serial_io: AtomicBool,
@@ -511,6 +513,9 @@ impl BlockDevice for Raid4 {
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         self.commit_grow(size)
+    }
+    fn set_copy_over(&self, on: bool) {
+        self.copy_over.store(on, Ordering::SeqCst);
     }
     fn set_redo(&self, on: bool) {
         self.redo.store(on, Ordering::SeqCst);

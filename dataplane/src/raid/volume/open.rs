@@ -297,6 +297,7 @@ impl Raid4 {
             dirty_csums: Mutex::new(BTreeSet::new()),
             locks: (0..STRIPE_LOCKS).map(|_| Mutex::new(())).collect(),
             redo: AtomicBool::new(false),
+            copy_over: AtomicBool::new(false),
             serial_io: AtomicBool::new(false),
             counters: Counters::default(),
             maint: crate::raid::maintain::MaintState::new(rebuild_cursor),

@@ -111,8 +111,8 @@ impl Raid4 {
                         s.blocks_repaired += 1;
                     }
                     blocks[one] = Some(rebuilt);
-                } else if self.redo.load(Ordering::Relaxed) {
-                    // A crash tore this row: the redo overwrites what it needs.
+                } else if self.redo.load(Ordering::Relaxed) || self.copy_over.load(Ordering::Relaxed) {
+                    // A crash tore this row: the redo (or the copy) overwrites what it needs.
                     self.counters.redo_unverified.fetch_add(1, Ordering::Relaxed);
                 } else {
                     return Err(self.unrecoverable(row, &lost, &missing, scrub));
@@ -122,6 +122,20 @@ impl Raid4 {
             _ => {
                 if missing.is_empty() && self.redo.load(Ordering::Relaxed) {
                     self.counters.redo_unverified.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                    return Ok(blocks.into_iter().map(|b| b.expect("present")).collect());
+                }
+                if missing.len() <= 1 && self.copy_over.load(Ordering::Relaxed) {
+                    // Being copied over whole: the row is taken as it reads, a missing
+                    // member's block as the XOR of the rest, so that the writes of the copy
+                    // keep its parity consistent until they have replaced all of it.
+                    if let Some(&gone) = missing.first() {
+                        let mut rebuilt = vec![0u8; BLOCK_BYTES];
+                        let srcs: Vec<&[u8]> =
+                            (0..n).filter(|&m| m != gone).map(|m| blocks[m].as_deref().expect("present")).collect();
+                        xor::xor_gen(&srcs, &mut rebuilt);
+                        blocks[gone] = Some(rebuilt);
+                    }
+                    self.counters.redo_unverified.fetch_add(lost.len() as u64, Ordering::Relaxed);
                     return Ok(blocks.into_iter().map(|b| b.expect("present")).collect());
                 }
                 Err(self.unrecoverable(row, &lost, &missing, scrub))
