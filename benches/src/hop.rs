@@ -217,6 +217,7 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
         intent: Intent::Baseline,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     };
     let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
         .map(|p| {

@@ -242,6 +242,7 @@ fn hello(source: &str, volume: &str, volume_id: u64, epoch: u64, intent: Intent,
         intent,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     })
     .encode()
 }

@@ -91,6 +91,7 @@ fn a_pair_over_tls_mirrors_writes_and_fails_over_and_ctl_needs_the_ca() {
         intent: Intent::Baseline,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     })
     .encode();
     let (answer, _) = raw_exchange(&pair.dst.replication, &hello, false, T);

@@ -306,6 +306,7 @@ fn hello_from_1() -> Hello {
         intent: nvmirror_dataplane::transport::Intent::Baseline,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     }
 }
 

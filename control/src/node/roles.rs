@@ -254,6 +254,7 @@ impl Node {
             intent: Intent::Resync,
             base_seq: 0,
             base_cp_gen: 0,
+            features: 0,
         });
         let meta = core::returning_mirror_meta(meta, &self.cfg.name, base.as_ref(), handle.is_some());
         let delta = meta.resyncing;
@@ -334,6 +335,7 @@ impl Node {
                 intent: Intent::Resume,
                 base_seq: 0,
                 base_cp_gen: 0,
+                features: 0,
             }),
             cp,
             next_seq,

@@ -130,6 +130,7 @@ impl Mirror {
             applied_seq: meta.applied_seq,
             consistent: meta.consistent,
             resyncable: meta.resyncable(),
+            copy_marks: hello.features & crate::transport::wire::FEATURE_COPY_MARKS != 0,
             logs,
         };
         let session = Session {
@@ -145,6 +146,9 @@ impl Mirror {
             rdma,
             baseline_next: (hello.intent == Intent::Baseline).then_some(0),
             resync: (hello.intent == Intent::Resync).then_some(ResyncProgress::default()),
+            copy_marks: welcome.copy_marks,
+            marked: false,
+            copy_ended: false,
         };
         Ok((session, welcome))
     }

@@ -60,6 +60,13 @@ pub struct Session {
     pub(super) baseline_next: Option<u64>,
     /// On a delta resync session: what arrived so far.
     pub(super) resync: Option<ResyncProgress>,
+    /// The source marks its copy before each CP while the copy runs (`CopyMark`), and
+    /// this session checks it: a CP then vouches for the copy up to the mark.
+    pub(super) copy_marks: bool,
+    /// The last frame was a copy mark that matched what arrived.
+    pub(super) marked: bool,
+    /// The copy's end (`BaselineDone`, `ResyncDone`) arrived: CPs need no mark since.
+    pub(super) copy_ended: bool,
 }
 
 /// A delta resync's data, as it arrives: regions in increasing order.
@@ -147,7 +154,34 @@ impl Session {
     fn handle(&mut self, msg: Message<'_>) -> Result<(), SessionError> {
         let protocol = |why: &str| SessionError::Protocol(why.to_string());
         self.check_current()?;
+        let marked = std::mem::take(&mut self.marked);
+        let copying = !self.copy_ended && (self.baseline_next.is_some() || self.resync.is_some());
         match msg {
+            Message::CopyMark { next, bytes, chunks } => {
+                if !self.copy_marks || !copying {
+                    return Err(protocol("copy mark outside a copy that is marked"));
+                }
+                let here = match (self.baseline_next, self.resync) {
+                    (Some(at), _) => (at == next, format!("the baseline is at offset {at}")),
+                    (None, Some(r)) => (
+                        (r.bytes, r.chunks) == (bytes, chunks) && r.next_min <= next,
+                        format!("the resync has {} bytes in {} chunks, up to offset {}", r.bytes, r.chunks, r.next_min),
+                    ),
+                    (None, None) => unreachable!("copying"),
+                };
+                if !here.0 {
+                    return Err(SessionError::Protocol(format!(
+                        "copy mark at offset {next} ({bytes} bytes in {chunks} chunks), but {}: a piece of the copy \
+                         was lost or came out of order",
+                        here.1
+                    )));
+                }
+                self.marked = true;
+                Ok(())
+            }
+            Message::Cp { .. } if self.copy_marks && copying && !marked => {
+                Err(protocol("a CP during the copy without its copy mark: a frame was lost or came out of order"))
+            }
             Message::PartitionOpen { header } => {
                 let p = Session::partition(header[6])?;
                 let mut log = self.mirror.logs[p].lock();
@@ -221,6 +255,7 @@ impl Session {
                 self.queue(Job::Zero { offset, len })
             }
             Message::BaselineDone { volume_bytes } => {
+                self.copy_ended = true;
                 if volume_bytes != self.mirror.device.size() {
                     return Err(protocol("baseline size mismatch"));
                 }
@@ -233,6 +268,7 @@ impl Session {
                 self.queue(Job::BaselineDone { sink: self.sink.clone(), gen: self.gen })
             }
             Message::ResyncDone { bytes, chunks } => {
+                self.copy_ended = true;
                 let Some(r) = self.resync else {
                     return Err(protocol("resync done on a session that is not a resync"));
                 };

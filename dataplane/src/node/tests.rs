@@ -233,6 +233,7 @@ fn a_returning_primary_is_resynced_by_delta_only_from_a_base_of_its_own_with_its
         intent: crate::transport::Intent::Resync,
         base_seq: 0,
         base_cp_gen: 0,
+        features: 0,
     };
     let fresh = || crate::destination::MirrorMeta::new(&hello);
     let mine = ChangeBase { peer: "a".into(), cp: 7 };

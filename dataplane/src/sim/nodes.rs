@@ -112,6 +112,7 @@ pub(super) fn mirror_meta(source: &str, epoch: u64) -> MirrorMeta {
         intent: Intent::Resume,
         base_seq: 0,
         base_cp_gen: 0,
+        features: 0,
     })
 }
 

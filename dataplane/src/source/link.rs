@@ -170,6 +170,7 @@ where
             },
             base_seq: self.nvlog.header(active).map_or(self.next_seq, |h| h.first_seq),
             base_cp_gen: self.parts[active as usize].gen().unwrap_or(0),
+            features: crate::transport::wire::FEATURE_COPY_MARKS,
         };
         if self.inline.is_some() {
             let result = self.connector.connect(&target, &hello);
@@ -419,6 +420,7 @@ where
                     started_ns: self.clock.now_ns(),
                     checkpoint: None,
                     since_checkpoint: 0,
+                    copy_marks: welcome.copy_marks,
                 }),
             });
             return;

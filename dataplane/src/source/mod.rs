@@ -208,6 +208,10 @@ struct Copying {
     checkpoint: Option<(u64, u64)>,
     /// Bytes copied since the last checkpoint was asked for.
     since_checkpoint: u64,
+    /// The destination checks copy marks (`Welcome::copy_marks`): each CP sent while the
+    /// copy runs follows one, and is a checkpoint. Without, the copy has none (a restart
+    /// starts it over).
+    copy_marks: bool,
 }
 
 /// A write not yet completed: `progress` bytes of it are logged so far.

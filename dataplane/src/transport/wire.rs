@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! frame header (16 bytes), then `body_len` bytes of body
-//!  0 magic u32 "NVMF" | 4 version u8 | 5 kind u8 | 6 reserved u16
+//!  0 magic u32 "NVMF" | 4 version u8 | 5 kind u8 | 6 flags u16 (a hello's features, else 0)
 //!  8 body_len u32 | 12 crc32c u32 (header[0..12] + body)
 //! ```
 //! Strings are a u16 length and UTF-8 bytes, at most [`STRING_MAX`] bytes.
@@ -83,7 +83,14 @@ pub struct Hello {
     pub base_seq: u64,
     /// With `Baseline`: the CP generation of the first partition the logs will hold.
     pub base_cp_gen: u64,
+    /// What the source understands beyond this protocol's first version ([`FEATURE_COPY_MARKS`]),
+    /// carried in the frame header's flags, which a destination that predates them ignores.
+    pub features: u16,
 }
+
+/// A hello's feature: the source marks its copies' progress (`CopyMark`) before each CP
+/// while a copy runs, where the destination's welcome asks for it (`Welcome::copy_marks`).
+pub const FEATURE_COPY_MARKS: u16 = 1;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Welcome {
@@ -95,6 +102,10 @@ pub struct Welcome {
     /// Whether the mirror can be brought level by a delta resync (consistent, or in the
     /// middle of one). Encoded in the same byte as `consistent` (bit 1).
     pub resyncable: bool,
+    /// The destination checks copy marks: every CP sent while a copy runs follows a
+    /// `CopyMark` (bit 2 of that byte; set only for a hello with [`FEATURE_COPY_MARKS`], so
+    /// a source that predates it never sees the bit).
+    pub copy_marks: bool,
     pub logs: [LogTail; 2],
 }
 
@@ -163,6 +174,15 @@ pub enum Message<'a> {
     /// A delta resync sent `bytes` of region data in `chunks` frames: the destination
     /// checks it received as much before it counts the mirror consistent.
     ResyncDone {
+        bytes: u64,
+        chunks: u64,
+    },
+    /// Where the copy under way stands, right before a CP: the destination has received
+    /// every piece of it up to byte `next` (a baseline's next offset; a resync's regions
+    /// below it), `bytes` in `chunks` frames, or it ends the session. The CP's `CpDone`
+    /// then vouches for that much of the copy.
+    CopyMark {
+        next: u64,
         bytes: u64,
         chunks: u64,
     },
@@ -255,6 +275,7 @@ const K_LOG_FETCH: u8 = 18;
 const K_LOG_BYTES: u8 = 19;
 const K_LOG_FETCH_END: u8 = 20;
 const K_ZERO_RANGE: u8 = 21;
+const K_COPY_MARK: u8 = 22;
 // The handshake's authentication frames, apart from the data path's kinds.
 const K_AUTH_REQUEST: u8 = 32;
 const K_AUTH_CHALLENGE: u8 = 33;
@@ -407,7 +428,7 @@ impl Message<'_> {
                 w.u64(wl.epoch);
                 w.u64(wl.applied_cp);
                 w.u64(wl.applied_seq);
-                w.u8(u8::from(wl.consistent) | (u8::from(wl.resyncable) << 1));
+                w.u8(u8::from(wl.consistent) | (u8::from(wl.resyncable) << 1) | (u8::from(wl.copy_marks) << 2));
                 for t in &wl.logs {
                     w.u8(u8::from(t.open));
                     w.u64(t.cp_gen);
@@ -450,6 +471,12 @@ impl Message<'_> {
             Message::BaselineDone { volume_bytes } => {
                 w.u64(*volume_bytes);
                 K_BASELINE_DONE
+            }
+            Message::CopyMark { next, bytes, chunks } => {
+                w.u64(*next);
+                w.u64(*bytes);
+                w.u64(*chunks);
+                K_COPY_MARK
             }
             Message::ResyncDone { bytes, chunks } => {
                 w.u64(*bytes);
@@ -512,9 +539,13 @@ impl Message<'_> {
         };
         let body = w.0;
         assert!(body.len() <= BODY_MAX, "frame body above BODY_MAX");
-        let crc = frame_crc(kind, body.len(), &[&body]);
+        let flags = if let Message::Hello(h) = self { h.features } else { 0 };
+        let mut header = frame_header(kind, body.len(), 0);
+        header[6..8].copy_from_slice(&flags.to_le_bytes());
+        let crc = crc32c(&[&header[..12], &body]);
+        header[12..16].copy_from_slice(&crc.to_le_bytes());
         let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-        out.extend_from_slice(&frame_header(kind, body.len(), crc));
+        out.extend_from_slice(&header);
         out.extend_from_slice(&body);
         out
     }
@@ -554,7 +585,11 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message<'_>, usize)>, WireError> {
     if stored != crc32c(&[&header[..12], body]) {
         return Err(WireError::BadChecksum);
     }
-    Ok(Some((decode_body(kind, body)?, total)))
+    let mut msg = decode_body(kind, body)?;
+    if let Message::Hello(h) = &mut msg {
+        h.features = u16::from_le_bytes(header[6..8].try_into().expect("2"));
+    }
+    Ok(Some((msg, total)))
 }
 
 fn purpose(b: u8) -> Option<BlockPurpose> {
@@ -584,6 +619,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_RDMA_LISTEN => "rdma-listen",
         K_RDMA_REGIONS => "rdma-regions",
         K_RESYNC_DONE => "resync-done",
+        K_COPY_MARK => "copy-mark",
         K_LOG_FETCH => "log-fetch",
         K_LOG_BYTES => "log-bytes",
         K_LOG_FETCH_END => "log-fetch-end",
@@ -620,6 +656,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 intent,
                 base_seq,
                 base_cp_gen,
+                features: 0,
             })
         }
         K_WELCOME => {
@@ -627,10 +664,10 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             let applied_cp = r.u64()?;
             let applied_seq = r.u64()?;
             let state = r.u8()?;
-            if state & !3 != 0 {
+            if state & !7 != 0 {
                 return Err(WireError::BadField(name, "unknown mirror state bits"));
             }
-            let (consistent, resyncable) = (state & 1 != 0, state & 2 != 0);
+            let (consistent, resyncable, copy_marks) = (state & 1 != 0, state & 2 != 0, state & 4 != 0);
             let mut logs = [LogTail::default(); 2];
             for t in &mut logs {
                 t.open = r.bool()?;
@@ -639,7 +676,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 t.next_seq = r.u64()?;
                 t.tail = r.u64()?;
             }
-            Message::Welcome(Welcome { epoch, applied_cp, applied_seq, consistent, resyncable, logs })
+            Message::Welcome(Welcome { epoch, applied_cp, applied_seq, consistent, resyncable, copy_marks, logs })
         }
         K_REFUSE => {
             let code = match r.u16()? {
@@ -688,6 +725,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         }
         K_BASELINE_DONE => Message::BaselineDone { volume_bytes: r.u64()? },
         K_RESYNC_DONE => Message::ResyncDone { bytes: r.u64()?, chunks: r.u64()? },
+        K_COPY_MARK => Message::CopyMark { next: r.u64()?, bytes: r.u64()?, chunks: r.u64()? },
         K_ACK => Message::Ack { seq: r.u64()? },
         K_CP_DONE => Message::CpDone { cp: r.u64()? },
         K_BASELINE_ACK => Message::BaselineAck,
@@ -726,6 +764,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::ZeroRange { .. }
             | Message::BaselineDone { .. }
             | Message::ResyncDone { .. }
+            | Message::CopyMark { .. }
             | Message::Ack { .. }
             | Message::CpDone { .. }
             | Message::BaselineAck
@@ -762,6 +801,7 @@ mod tests {
                 intent: Intent::Resume,
                 base_seq: 5,
                 base_cp_gen: 6,
+                features: 0,
             }),
             Message::Welcome(Welcome {
                 epoch: 1,
@@ -769,8 +809,10 @@ mod tests {
                 applied_seq: 3,
                 consistent: true,
                 resyncable: true,
+                copy_marks: true,
                 logs: [LogTail { open: true, cp_gen: 1, first_seq: 2, next_seq: 3, tail: 4 }, LogTail::default()],
             }),
+            Message::CopyMark { next: 5 << 16, bytes: 3 << 16, chunks: 2 },
             Message::Refuse { code: RefuseCode::StaleEpoch, reason: "old".into() },
             Message::PartitionOpen { header: [7; 64] },
             Message::Entries { partition: 1, offset: 64, bytes: &[1, 2, 3] },
@@ -791,6 +833,7 @@ mod tests {
                 intent: Intent::Resync,
                 base_seq: 5,
                 base_cp_gen: 6,
+                features: FEATURE_COPY_MARKS,
             }),
             Message::Ack { seq: 5 },
             Message::CpDone { cp: 5 },

@@ -40,6 +40,7 @@ fn hello(epoch: u64) -> Hello {
         intent: Intent::Baseline,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     }
 }
 

@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         intent: Intent::Baseline,
         base_seq: 1,
         base_cp_gen: 1,
+        features: 0,
     };
     let logs: [Box<dyn Nvram>; 2] = [0, 1].map(|p| {
         Box::new(MappedNvram::open(&dir.join(format!("log.{p}")), PARTITION_BYTES, NvramMode::File).expect("log file"))

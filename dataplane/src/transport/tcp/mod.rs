@@ -149,6 +149,7 @@ mod tests {
             intent: Intent::Baseline,
             base_seq: 1,
             base_cp_gen: 1,
+            features: 0,
         }
     }
 
