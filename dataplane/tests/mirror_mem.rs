@@ -505,3 +505,51 @@ fn a_baseline_sends_zeroes_as_ranges_and_the_mirror_ends_equal_either_way() {
         h.stop();
     }
 }
+
+/// A source that marks its copies (`FEATURE_COPY_MARKS`) is welcomed with copy marks; the
+/// mirror then takes a CP during the copy only right after a mark that matches what
+/// arrived: a piece lost before it, or a CP without its mark, ends the session. A source
+/// that does not mark its copies is not asked to.
+#[test]
+fn a_cp_during_a_marked_copy_needs_the_mark_of_what_arrived() {
+    use nvmirror_dataplane::transport::wire::BlockPurpose;
+    use nvmirror_dataplane::transport::wire::FEATURE_COPY_MARKS;
+    use nvmirror_dataplane::transport::Message;
+    let marked = Hello { features: FEATURE_COPY_MARKS, ..hello_from_1() };
+    let fresh = || {
+        let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
+        let dev = Arc::new(MemDevice::new(VOL));
+        Mirror::open(MirrorMeta::new(&marked), Box::<MemMetaStore>::default(), logs, dev).unwrap()
+    };
+    let piece = vec![7u8; 8192];
+    let cp = Message::Cp { cp: 1, partition: 0, upto_seq: 0, by_value: false };
+    // The mark matches: the CP is taken.
+    let mirror = fresh();
+    let (mut s, welcome) = mirror.attach(&marked, Arc::new(Acks::default()), None).unwrap();
+    assert!(welcome.copy_marks);
+    s.on_message(partition_open(0, 1, 1)).unwrap();
+    s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
+    s.on_message(Message::CopyMark { next: 8192, bytes: 8192, chunks: 1 }).unwrap();
+    s.on_message(cp.clone()).expect("a CP after a mark that matches");
+    // A piece lost on the way: the mark says more than arrived.
+    let mirror = fresh();
+    let (mut s, _) = mirror.attach(&marked, Arc::new(Acks::default()), None).unwrap();
+    s.on_message(partition_open(0, 1, 1)).unwrap();
+    s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
+    let e = s.on_message(Message::CopyMark { next: 16384, bytes: 16384, chunks: 2 }).unwrap_err();
+    assert!(e.to_string().contains("lost or came out of order"), "{e}");
+    // The mark lost: the CP is refused.
+    let mirror = fresh();
+    let (mut s, _) = mirror.attach(&marked, Arc::new(Acks::default()), None).unwrap();
+    s.on_message(partition_open(0, 1, 1)).unwrap();
+    s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
+    let e = s.on_message(cp.clone()).unwrap_err();
+    assert!(e.to_string().contains("without its copy mark"), "{e}");
+    // A source that predates marks: no marks asked, its CPs taken as before.
+    let mirror = fresh();
+    let (mut s, welcome) = mirror.attach(&hello_from_1(), Arc::new(Acks::default()), None).unwrap();
+    assert!(!welcome.copy_marks);
+    s.on_message(partition_open(0, 1, 1)).unwrap();
+    s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
+    s.on_message(cp).expect("an unmarked copy's CP");
+}
