@@ -124,3 +124,42 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     write_blocks(&mut a, seed ^ 1, 0..8);
     check_blocks(&mut a, seed ^ 1, 0..8, "written after the failover");
 }
+
+/// `volume resize` reaches hosts attached over NVMe/TCP while they stay attached: each path
+/// announces the namespace's change, Identify then says the new size, and the I/O queue
+/// (on the primary's reactor) takes writes past the old end, which the mirror then holds.
+#[test]
+fn a_resize_is_announced_on_both_paths_and_the_new_blocks_take_io() {
+    use nvmirror_dataplane::frontend::nvmf::client::Command;
+    let seed = base_seed("nvmf_resize");
+    let nvmf = ["--nvmf", "127.0.0.1:0"];
+    let mut pair = Pair::start_with("nvmfgrow", &nvmf, &nvmf);
+    pair.create_mirrored(VOL, 64 * MIB, LOG_BYTES_MIN);
+    let nqn = subsystem_nqn(VOL);
+    let mut a = NvmfClient::connect(pair.src.nvmf.as_deref().expect("nvmf"), &nqn, false).expect("attach a");
+    let mut b = NvmfClient::connect(pair.dst.nvmf.as_deref().expect("nvmf"), &nqn, false).expect("attach b");
+    for c in [&mut a, &mut b] {
+        // Namespace attribute notices as well as ANA ones, as the Linux host asks.
+        let (done, _) = c.admin.execute(Command::new(0x09, 0).dword(10, 0x0b).dword(11, (1 << 11) | (1 << 8))).unwrap();
+        assert!(done.ok());
+        c.admin.post_aer().expect("AER");
+    }
+    write_blocks(&mut a, seed, 0..8);
+    let out = ctl_ok(&pair.src.control, &["volume", "resize", VOL, "--size", "96M"]);
+    assert!(out.contains("grown from"), "{out}");
+    for (c, path) in [(&mut a, "primary"), (&mut b, "mirror")] {
+        assert_eq!(c.admin.wait_event(EVENT_WAIT).expect("event"), 0x0004_0002, "{path}: namespace attribute notice");
+        let (_, ns) = c.admin.identify(0x00, 1).expect("Identify Namespace");
+        assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), (96 * MIB) >> 12, "{path}: the new size");
+    }
+    let last = ((96 * MIB) >> 12) - 4;
+    write_blocks(&mut a, seed, last..last + 4);
+    check_blocks(&mut a, seed, 0..8, "the old blocks");
+    assert_eq!(a.read(last + 4, 1).unwrap().0.status, Status::LBA_OUT_OF_RANGE);
+    // The site burns down: the mirror's path takes over with the blocks past the old end.
+    cp(&pair.src_api(), VOL).expect("cp");
+    pair.src.kill();
+    ctl_ok(&pair.dst.control, &["failover", VOL]);
+    wait_ana(&mut b, ANA_OPTIMIZED, "after the failover");
+    check_blocks(&mut b, seed, last..last + 4, "the new blocks on the new primary");
+}

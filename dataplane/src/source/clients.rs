@@ -132,6 +132,18 @@ pub(super) struct Clients {
 pub const SESSIONS_MAX: usize = 256;
 
 impl Clients {
+    /// The volume grew to `bytes`: NVMe/TCP queues address it from now on (their host
+    /// hears of it by a namespace notice on its admin queue). An NBD connection keeps the
+    /// size its handshake gave: the protocol has no way to tell it otherwise, and its
+    /// client sees the new size when it connects again.
+    pub(super) fn grown(&mut self, bytes: u64) {
+        for c in self.slots.iter_mut().flatten() {
+            if let Conn::Nvmf(s) = &mut c.session {
+                s.set_size(bytes);
+            }
+        }
+    }
+
     fn answer(&mut self, slot: usize, gen: u64, cookie: u64, result: io::Result<()>) {
         if self.serving == Some((slot, gen)) {
             self.deferred.push((cookie, result));

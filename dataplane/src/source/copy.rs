@@ -122,6 +122,7 @@ where
             }
         }
         self.stats.size_bytes = bytes;
+        self.clients.grown(bytes);
         tracing::info!("volume {}: grown from {old} to {bytes} bytes", self.cfg.volume);
         Ok(())
     }

@@ -21,6 +21,10 @@ const VERSION_1_3: u32 = 0x0001_0300;
 const CMIC_MULTI_PORT_CTRL_ANA: u8 = 0b1011;
 /// OAES: ANA change notices.
 pub const OAES_ANA_CHANGE: u32 = 1 << 11;
+/// OAES: namespace attribute notices (the namespace's size changed: `volume resize`).
+pub const OAES_NS_ATTRIBUTE: u32 = 1 << 8;
+/// Bytes of the Changed Namespace List log page (1024 namespace ids).
+pub const CHANGED_NS_LOG_BYTES: usize = 4096;
 /// ONCS: Dataset Management, Write Zeroes.
 const ONCS_DSM_WRITE_ZEROES: u16 = (1 << 2) | (1 << 3);
 /// SGLS: SGLs supported (no alignment), SGL offset addressing for in-capsule data.
@@ -88,7 +92,7 @@ pub fn identify_controller(c: &ControllerIdentity<'_>) -> Vec<u8> {
     put_str(&mut b, 768, 256, c.subnqn);
     if c.io {
         b[76] = CMIC_MULTI_PORT_CTRL_ANA;
-        put_u32(&mut b, 92, OAES_ANA_CHANGE);
+        put_u32(&mut b, 92, OAES_ANA_CHANGE | OAES_NS_ATTRIBUTE);
         b[342] = ANA_TRANSITION_SECS;
         b[343] = ANACAP;
         put_u32(&mut b, 344, ANA_GROUP); // ANAGRPMAX
@@ -197,6 +201,16 @@ pub fn ana_log(change_count: u64, state: AnaState, groups_only: bool) -> Vec<u8>
 }
 
 /// The SMART / health log page (LID 02h): no warnings, spare full, nothing worn.
+/// The Changed Namespace List log page: the namespace, where it changed since the page
+/// was last read.
+pub fn changed_namespaces(changed: bool) -> Vec<u8> {
+    let mut b = vec![0u8; CHANGED_NS_LOG_BYTES];
+    if changed {
+        put_u32(&mut b, 0, NSID);
+    }
+    b
+}
+
 pub fn smart_log() -> Vec<u8> {
     let mut b = vec![0u8; SMART_LOG_BYTES];
     put_u16(&mut b, 1, 273 + 30); // composite temperature in kelvin: nothing measured, a nominal value

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 
-use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE};
+use super::admin::{self, ControllerIdentity, DiscoveryEntry, OAES_ANA_CHANGE, OAES_NS_ATTRIBUTE};
 use super::command::{self, IoOp};
 use super::pdu::{c2h_term_req, Framing, Pdu, PduError, PduReader, CQE_BYTES};
 use super::session::AdoptedQueue;
@@ -415,6 +415,11 @@ struct AdminState {
     ana_changes: u64,
     /// An ANA change not yet reported (no AER was held when it happened).
     notice_owed: bool,
+    /// The namespace's size as last seen, and whether it changed since the Changed
+    /// Namespace List was last read; a namespace attribute notice not yet reported.
+    ns_bytes: u64,
+    ns_changed: bool,
+    ns_notice_owed: bool,
     last_heard: Instant,
 }
 
@@ -512,19 +517,43 @@ impl Queue<'_> {
                 a.notice_owed = true;
             }
         }
+        // The volume grew (`volume resize`): the host reads the new size on its next
+        // Identify, which the notice prompts.
+        let bytes = self.shared.registry.lookup(volume).map_or(a.ns_bytes, |e| e.size());
+        if bytes != a.ns_bytes {
+            tracing::info!(
+                "nvmf: {}: controller {:#06x} of {}: namespace size {} -> {bytes} bytes",
+                self.peer,
+                ctrl.cntlid,
+                ctrl.subnqn,
+                a.ns_bytes
+            );
+            a.ns_bytes = bytes;
+            a.ns_changed = true;
+            if a.async_config & OAES_NS_ATTRIBUTE != 0 {
+                a.ns_notice_owed = true;
+            }
+        }
         self.send_owed_notice();
         Ok(())
     }
 
     fn send_owed_notice(&mut self) {
         let Some(a) = self.admin.as_mut() else { return };
-        if !a.notice_owed {
+        if !a.notice_owed && !a.ns_notice_owed {
             return;
         }
         let Some(cid) = a.aers.pop() else { return };
-        a.notice_owed = false;
-        // Notice (type 2), ANA change (info 03h), log page 0Ch.
-        self.respond(cid, 2 | (0x03 << 8) | (0x0c << 16), 0, Status::SUCCESS);
+        let dw0 = if a.notice_owed {
+            a.notice_owed = false;
+            // Notice (type 2), ANA change (info 03h), log page 0Ch.
+            2 | (0x03 << 8) | (0x0c << 16)
+        } else {
+            a.ns_notice_owed = false;
+            // Notice (type 2), namespace attribute changed (info 00h), log page 04h.
+            2 | (0x04 << 16)
+        };
+        self.respond(cid, dw0, 0, Status::SUCCESS);
     }
 
     fn on_pdu(&mut self, pdu: Pdu) -> Result<(), ConnectionError> {
@@ -746,6 +775,7 @@ impl Queue<'_> {
                 }
             }
             let ana = volume.as_deref().map_or(AnaState::Optimized, |v| self.shared.ana_state(v));
+            let ns_bytes = volume.as_deref().and_then(|v| self.shared.registry.lookup(v)).map_or(0, |e| e.size());
             let ctrl = self.shared.new_controller(volume, subnqn, hostnqn, self.peer);
             tracing::info!(
                 "nvmf: {}: controller {:#06x} of {} for {} (ANA {ana:?}, keep alive {kato} ms)",
@@ -763,6 +793,9 @@ impl Queue<'_> {
                 ana,
                 ana_changes: 0,
                 notice_owed: false,
+                ns_bytes,
+                ns_changed: false,
+                ns_notice_owed: false,
                 last_heard: Instant::now(),
             });
             self.info.entries.store(u32::from(sqsize) + 1, Ordering::Relaxed);
@@ -854,10 +887,19 @@ impl Queue<'_> {
                 if dwords * 4 > TRANSFER_BYTES_MAX as u64 || dwords * 4 > u64::from(u32_at(sqe, 32)) {
                     return self.respond(cid, 0, 0, Status::INVALID_FIELD);
                 }
-                let a = self.admin.as_ref().expect("admin queue");
+                let rae = sqe[41] & 0x80 != 0;
+                let a = self.admin.as_mut().expect("admin queue");
                 let page = match (lid, &ctrl.volume) {
                     (0x01, _) => vec![0u8; admin::ERROR_LOG_ENTRY_BYTES],
                     (0x02, _) => admin::smart_log(),
+                    (0x04, Some(_)) => {
+                        // Read (without Retain Asynchronous Event): the list starts over.
+                        let page = admin::changed_namespaces(a.ns_changed);
+                        if !rae {
+                            a.ns_changed = false;
+                        }
+                        page
+                    }
                     (0x0c, Some(_)) => admin::ana_log(a.ana_changes, a.ana, lsp & 1 != 0),
                     (0x70, None) => admin::discovery_log(&self.discovery_entries()),
                     _ => return self.respond(cid, 0, 0, Status::INVALID_LOG_PAGE),

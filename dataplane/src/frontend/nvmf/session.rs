@@ -96,6 +96,11 @@ pub struct IoSession {
 }
 
 impl IoSession {
+    /// The namespace's new size (a grown volume): commands are checked against it.
+    pub fn set_size(&mut self, size: u64) {
+        self.size = size;
+    }
+
     /// Takes over an adopted queue of a namespace of `size` bytes.
     pub fn new(q: AdoptedQueue, size: u64) -> io::Result<IoSession> {
         q.stream.set_nonblocking(true)?;

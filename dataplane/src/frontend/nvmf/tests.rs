@@ -321,3 +321,31 @@ fn a_write_that_fails_because_the_volume_moved_is_a_path_error_and_any_other_is_
     assert_eq!(status, Status::ANA_INACCESSIBLE, "a switchover overtook it: the host retries on the other path");
     assert!(!status.dnr);
 }
+
+#[test]
+fn a_grown_volume_is_announced_to_its_hosts_and_takes_io_past_its_old_end() {
+    let (_s, addr, rw, _) = server();
+    let mut c = NvmfClient::connect(&addr, &subsystem_nqn("rw"), false).unwrap();
+    let old_blocks = c.blocks;
+    // Namespace attribute notices too (the Linux host asks for them where offered).
+    let (_, id) = c.admin.identify(0x01, 0).unwrap();
+    let oaes = u32::from_le_bytes(id[92..96].try_into().unwrap());
+    assert_eq!(oaes & (1 << 8), 1 << 8, "OAES offers namespace attribute notices");
+    assert!(c.admin.execute(Command::new(0x09, 0).dword(10, 0x0b).dword(11, (1 << 11) | (1 << 8))).unwrap().0.ok());
+    assert_eq!(c.admin.get_log_page(0x04, 4096, 0).unwrap().1[..4], [0, 0, 0, 0], "nothing changed yet");
+    c.admin.post_aer().unwrap();
+    rw.dev.grow(16 << 20).unwrap();
+    let event = c.admin.wait_event(Duration::from_secs(5)).unwrap();
+    assert_eq!(event, 0x0004_0002, "notice, namespace attribute changed, log page 04h");
+    // The changed namespace list names it once; read again, it is empty.
+    assert_eq!(c.admin.get_log_page(0x04, 4096, 0).unwrap().1[..8], [1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.admin.get_log_page(0x04, 4096, 0).unwrap().1[..4], [0, 0, 0, 0]);
+    let (_, ns) = c.admin.identify(0x00, 1).unwrap();
+    let blocks = u64::from_le_bytes(ns[0..8].try_into().unwrap());
+    assert_eq!(blocks, 2 * old_blocks);
+    // The I/O queue connected before takes the new blocks.
+    let data = pattern(4096, 7);
+    assert!(c.write(blocks - 1, &data, false).unwrap().ok());
+    assert!(c.read(blocks - 1, 1).unwrap().1 == data);
+    assert_eq!(c.read(blocks, 1).unwrap().0.status, Status::LBA_OUT_OF_RANGE);
+}
