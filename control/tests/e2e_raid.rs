@@ -103,7 +103,9 @@ fn damaged_members_are_repaired_scrubbed_and_rebuilt_and_two_losses_are_refused(
     write(&mut w, &pair.src.nbd, 3000);
     cp(&api, VOL).expect("CP");
     let data_dir = pair.src.data_dir.clone();
-    let geo = Geometry::new(3, 64 << 10, size).unwrap();
+    // The node's layout: its checksum area has room to grow (`volume create --max-size`).
+    let geo =
+        Geometry::new(3, 64 << 10, size).unwrap().with_room_for(nvmirror_control::storage::grow_room(size)).unwrap();
     let row = |r: u64| geo.data_offset() + r * 4096;
 
     // 1. Bytes flipped in a data member and in the parity member while the node is down.

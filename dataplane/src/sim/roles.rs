@@ -235,6 +235,13 @@ impl World {
         }
         self.primary = b.clone();
         self.mirror = Some(a.clone());
+        // As the daemon's takeover does: the pair resumes the other way round before the
+        // requests that waited go to the new primary (a write would find its link down).
+        while self.clock.now_ns() <= deadline
+            && self.live_source(&b).is_some_and(|s| s.stepped.status().state != PairState::InSync)
+        {
+            self.tick()?;
+        }
         // The requests that waited on the old primary are answered by the new one.
         let epoch = report.epoch;
         let n = queued.len();
