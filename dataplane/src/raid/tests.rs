@@ -349,10 +349,29 @@ fn a_superblock_round_cut_at_any_member_and_sector_opens_whole() {
     t.raid.next_event().unwrap();
     let new: Vec<Vec<u8>> = t.mems.iter().map(|m| m.snapshot()).collect();
     drop(t.raid);
-    let n = old.len();
     let mut opened = 0;
-    // Members before `k` written and flushed, member `k` cut every way a disk can leave a
-    // block, those after it untouched.
+    for_each_cut_round(&old, &new, |k, mems| {
+        let r = reopen(&mems, &[]).expect("a cut round opens");
+        let st = r.status();
+        assert!(st.members.iter().all(|m| m.state == "in-sync"), "cut at member {k}: {st:?}");
+        assert_eq!(read_all(&r), model);
+        drop(r);
+        // The open finished the round: every member at one event.
+        let events: Vec<u64> = mems
+            .iter()
+            .map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap().events)
+            .collect();
+        assert!(events.windows(2).all(|w| w[0] == w[1]), "{events:?}");
+        opened += 1;
+    });
+    assert!(opened >= 4 * 16);
+}
+
+/// Every way a superblock round from members `old` to `new` can be cut: the members before
+/// `k` written and flushed, member `k` cut every way a disk can leave a block, those after
+/// it untouched. `check` gets `k` and the members as the cut left them.
+fn for_each_cut_round(old: &[Vec<u8>], new: &[Vec<u8>], mut check: impl FnMut(usize, Vec<Arc<MemDevice>>)) {
+    let n = old.len();
     for k in 0..n {
         for img in crate::tear::disk_images(&old[k][..BLOCK_BYTES], &new[k][..BLOCK_BYTES]) {
             let mems: Vec<Arc<MemDevice>> = (0..n)
@@ -365,21 +384,9 @@ fn a_superblock_round_cut_at_any_member_and_sector_opens_whole() {
                     Arc::new(m)
                 })
                 .collect();
-            let r = reopen(&mems, &[]).expect("a cut round opens");
-            let st = r.status();
-            assert!(st.members.iter().all(|m| m.state == "in-sync"), "cut at member {k}: {st:?}");
-            assert_eq!(read_all(&r), model);
-            drop(r);
-            // The open finished the round: every member at one event.
-            let events: Vec<u64> = mems
-                .iter()
-                .map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap().events)
-                .collect();
-            assert!(events.windows(2).all(|w| w[0] == w[1]), "{events:?}");
-            opened += 1;
+            check(k, mems);
         }
     }
-    assert!(opened >= 4 * 16);
 }
 
 #[test]
@@ -788,37 +795,22 @@ fn a_grow_cut_at_any_member_and_sector_opens_whole() {
     raid.commit_grow(300 * B).unwrap();
     let new: Vec<Vec<u8>> = mems.iter().map(|m| m.snapshot()).collect();
     drop(raid);
-    let n = old.len();
-    for k in 0..n {
-        for img in crate::tear::disk_images(&old[k][..BLOCK_BYTES], &new[k][..BLOCK_BYTES]) {
-            let mems: Vec<Arc<MemDevice>> = (0..n)
-                .map(|i| {
-                    let m = MemDevice::new(old[i].len() as u64);
-                    m.write_at(if i < k { &new[i] } else { &old[i] }, 0).unwrap();
-                    if i == k {
-                        m.write_at(&img, 0).unwrap();
-                    }
-                    Arc::new(m)
-                })
-                .collect();
-            let r = reopen(&mems, &[]).expect("a cut grow opens");
-            let st = r.status();
-            assert!(st.members.iter().all(|m| m.state == "in-sync"), "cut at member {k}: {st:?}");
-            // Old or new size, whichever the newest superblock says; the data whole.
-            let size = r.size();
-            assert!(size == 24 * B || size == 300 * B, "{size}");
-            let all = read_all(&r);
-            assert_eq!(&all[..model.len()], &model[..]);
-            assert!(all[model.len()..].iter().all(|&b| b == 0));
-            assert_eq!(r.counters().checksum_errors, 0, "cut at member {k}");
-            drop(r);
-            let sbs: Vec<_> = mems
-                .iter()
-                .map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap())
-                .collect();
-            assert!(sbs.windows(2).all(|w| w[0].events == w[1].events && w[0].geometry == w[1].geometry), "{sbs:?}");
-        }
-    }
+    for_each_cut_round(&old, &new, |k, mems| {
+        let r = reopen(&mems, &[]).expect("a cut grow opens");
+        let st = r.status();
+        assert!(st.members.iter().all(|m| m.state == "in-sync"), "cut at member {k}: {st:?}");
+        // Old or new size, whichever the newest superblock says; the data whole.
+        let size = r.size();
+        assert!(size == 24 * B || size == 300 * B, "{size}");
+        let all = read_all(&r);
+        assert_eq!(&all[..model.len()], &model[..]);
+        assert!(all[model.len()..].iter().all(|&b| b == 0));
+        assert_eq!(r.counters().checksum_errors, 0, "cut at member {k}");
+        drop(r);
+        let sbs: Vec<_> =
+            mems.iter().map(|m| super::superblock::Superblock::decode(&m.snapshot()[..BLOCK_BYTES]).unwrap()).collect();
+        assert!(sbs.windows(2).all(|w| w[0].events == w[1].events && w[0].geometry == w[1].geometry), "{sbs:?}");
+    });
 }
 
 /// A volume found dirty and degraded (the write hole) and opened to be copied over whole

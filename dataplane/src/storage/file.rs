@@ -63,9 +63,7 @@ impl BlockDevice for FileDevice {
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         self.failed.check(&self.path)?;
-        super::grow_file(&self.file, &self.path, size)?;
-        self.size.fetch_max(size, Ordering::AcqRel);
-        Ok(())
+        super::grow_file(&self.file, &self.path, size, &self.size)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.failed.check(&self.path)?;

@@ -75,10 +75,16 @@ pub(crate) fn create_sized_file(path: &Path, size: u64) -> io::Result<std::fs::F
     Ok(file)
 }
 
-/// Makes the file or block device `file` (at `path`) hold at least `size` bytes: a regular
-/// file shorter than that is extended (the new bytes read as zeroes) and synced, so that a
-/// crash never finds it shorter again; a block device must hold `size` already.
-pub(crate) fn grow_file(file: &std::fs::File, path: &Path, size: u64) -> io::Result<()> {
+/// Makes the file or block device `file` (at `path`) hold at least `size` bytes, then
+/// raises the engine's `usable` size to it: a regular file shorter than that is extended
+/// (the new bytes read as zeroes) and synced, so that a crash never finds it shorter again;
+/// a block device must hold `size` already.
+pub(crate) fn grow_file(
+    file: &std::fs::File,
+    path: &Path,
+    size: u64,
+    usable: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
     use std::io::Seek;
     if !size.is_multiple_of(BLOCK_BYTES as u64) {
         return Err(io::Error::new(
@@ -92,6 +98,7 @@ pub(crate) fn grow_file(file: &std::fs::File, path: &Path, size: u64) -> io::Res
             file.set_len(size)?;
             file.sync_all()?;
         }
+        usable.fetch_max(size, Ordering::AcqRel);
         return Ok(());
     }
     let holds = { file }.seek(io::SeekFrom::End(0))?;
@@ -101,6 +108,7 @@ pub(crate) fn grow_file(file: &std::fs::File, path: &Path, size: u64) -> io::Res
             format!("{} holds {holds} bytes, {size} are needed (grow the device first)", path.display()),
         ));
     }
+    usable.fetch_max(size, Ordering::AcqRel);
     Ok(())
 }
 

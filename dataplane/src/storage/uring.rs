@@ -439,9 +439,7 @@ impl BlockDevice for UringDevice {
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         self.failed.check(&self.path)?;
-        super::grow_file(&self.file, &self.path, size)?;
-        self.size.fetch_max(size, Ordering::AcqRel);
-        Ok(())
+        super::grow_file(&self.file, &self.path, size, &self.size)
     }
     fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.failed.check(&self.path)?;
