@@ -114,6 +114,11 @@ struct NodeArgs {
     /// secret (`ctl --secret-file`) with 401; reads (status, events, metrics) stay open.
     #[arg(long, requires = "secret_file")]
     require_signed_ctl: bool,
+    /// Bytes per second a baseline or resync to a mirror sends at most (K/M/G suffixes),
+    /// for volumes not given a rate of their own (`ctl mirror --rate`). SIGHUP rereads it
+    /// from the config file (`copy-rate`). Default: as fast as it goes.
+    #[arg(long, value_parser = size_arg)]
+    copy_rate: Option<u64>,
     /// TLS: this node's certificate chain (PEM). The control API and the replication
     /// engine then serve TLS only, and the node speaks TLS to its peers (both nodes of a
     /// pair use TLS, or neither). The certificate must name the address peers dial.
@@ -572,6 +577,24 @@ fn reload_secrets(current: Option<&PeerSecret>, config: Option<&std::path::Path>
     }
 }
 
+/// SIGHUP: the default copy rate again, from the config file's `copy-rate` where it has
+/// one, else the command line's; volumes without a rate of their own take it at once.
+fn reload_copy_rate(node: &Node, config: Option<&std::path::Path>, started: Option<u64>) {
+    let rate = match config.map(|c| nvmirror_control::config::setting(c, "copy-rate")) {
+        Some(Ok(Some(v))) => match size::parse(&v) {
+            Ok(r) => Some(r),
+            Err(e) => return tracing::warn!("SIGHUP: copy-rate {v:?}: {e:#}; the copy rate stays"),
+        },
+        Some(Err(e)) => return tracing::warn!("SIGHUP: {e:#}; the copy rate stays"),
+        _ => started,
+    };
+    node.set_copy_rate(rate);
+    match rate {
+        Some(r) => tracing::info!("SIGHUP: copy rate {r} bytes/s, for volumes without their own"),
+        None => tracing::info!("SIGHUP: copies go as fast as they go, for volumes without a rate of their own"),
+    }
+}
+
 fn run_node(a: NodeArgs) -> Result<()> {
     let log = nvmirror_control::logging::init(a.log_level.as_deref())?;
     let secret = load_secrets(&a.secret_file)?;
@@ -625,6 +648,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         tls,
         require_signed_ctl: a.require_signed_ctl,
         advertise: a.advertise.clone(),
+        copy_rate: a.copy_rate,
         peers: Arc::new(nvmirror_control::api::HttpPeers { secret: secret.clone() }),
     })?;
     let security = node.cfg.link_security();
@@ -677,6 +701,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
             if s == SIGHUP {
                 log.reload_from(a.config.as_deref(), a.log_level.as_deref());
                 reload_secrets(secret.as_ref(), a.config.as_deref(), &a.secret_file);
+                reload_copy_rate(&node, a.config.as_deref(), a.copy_rate);
             }
             s != SIGHUP
         })

@@ -802,3 +802,39 @@ fn a_baseline_stopped_by_sigterm_resumes_where_it_was_after_the_restart() {
     assert!(first_difference(&primary, &mirror).is_none(), "differ at {:?}", first_difference(&primary, &mirror));
     assert!(w.writes >= 600, "{} writes", w.writes);
 }
+
+#[test]
+fn the_node_copy_rate_comes_from_the_config_and_sighup_rereads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "copy-rate = \"2M\"\n").expect("write the config");
+    let mut pair = Pair::start_with("copyrate", &["--config", config.to_str().expect("utf-8 path")], &[]);
+    let (src, dst) = (pair.src.control.clone(), pair.dst.control.clone());
+    for v in ["own", "node"] {
+        ctl_ok(&src, &["volume", "create", v, "--size", "16M"]);
+    }
+    let rate = |v: &str| volume_status(&pair.src_api(), v).expect("status")["copy_rate"].as_u64();
+    assert_eq!((rate("own"), rate("node")), (Some(2 * MIB), Some(2 * MIB)), "the config's copy-rate");
+    ctl_ok(&src, &["mirror", "own", "--to", &dst, "--rate", "1M", "--no-wait"]);
+    assert_eq!(rate("own"), Some(MIB), "a volume's own rate wins");
+    // SIGHUP: the file's rate again, for the volumes without their own.
+    std::fs::write(&config, "copy-rate = \"8M\"\n").expect("rewrite the config");
+    let pid = pair.src.pid().expect("the source's pid");
+    // SAFETY: kill(2) on a child process of this test, running.
+    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGHUP) };
+    wait_for("the copy rate reread", Duration::from_secs(10), || Ok((rate("node") == Some(8 * MIB)).then_some(())));
+    assert_eq!(rate("own"), Some(MIB));
+    assert!(log_text(&pair.src.log_path()).contains("SIGHUP: copy rate 8388608 bytes/s"));
+    // A value that does not parse leaves the rate as it is, and says why.
+    std::fs::write(&config, "copy-rate = \"fast\"\n").expect("rewrite the config");
+    // SAFETY: as above.
+    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGHUP) };
+    wait_for("the bad rate reported", Duration::from_secs(10), || {
+        Ok(log_text(&pair.src.log_path()).contains("copy-rate \"fast\"").then_some(()))
+    });
+    assert_eq!(rate("node"), Some(8 * MIB));
+    // A restart takes the file's rate (the volume's own lasts until the node stops).
+    std::fs::write(&config, "copy-rate = \"4M\"\n").expect("rewrite the config");
+    pair.src.restart().expect("restart");
+    assert_eq!(volume_status(&pair.src_api(), "node").expect("status")["copy_rate"].as_u64(), Some(4 * MIB));
+}

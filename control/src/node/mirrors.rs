@@ -261,7 +261,15 @@ impl Node {
             drop(state);
         }
         handle.control(Control::SetPolicy(policy)).map_err(|e| anyhow!(e))?;
-        handle.control(Control::SetCopyRate(rate)).map_err(|e| anyhow!(e))?;
+        match rate.filter(|&r| r > 0) {
+            Some(r) => {
+                self.own_copy_rates.lock().insert(name.to_string(), r);
+            }
+            None => {
+                self.own_copy_rates.lock().remove(name);
+            }
+        }
+        handle.control(Control::SetCopyRate(self.copy_rate_of(name))).map_err(|e| anyhow!(e))?;
         self.events.push(
             "mirror-paired",
             Some(name),

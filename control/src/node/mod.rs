@@ -218,6 +218,9 @@ pub struct NodeConfig {
     /// `--advertise`: the replication address peers are told to connect to, where it is
     /// not the one bound (NAT, a proxy, a replication network with names of its own).
     pub advertise: Option<String>,
+    /// `--copy-rate`: bytes per second a copy sends at most, for volumes without a rate of
+    /// their own (the node's default; SIGHUP changes it).
+    pub copy_rate: Option<u64>,
     /// How this node calls its peers (their control API, in the daemon).
     pub peers: Arc<dyn PeerCalls>,
 }
@@ -260,6 +263,10 @@ pub struct Node {
     nvmf_hosts: std::sync::OnceLock<nvmirror_dataplane::frontend::nvmf::NvmfHosts>,
     /// What changed on this node, for `ctl events`.
     pub events: Arc<crate::events::EventLog>,
+    /// The copy rate of volumes without their own: `--copy-rate`, then SIGHUP's.
+    copy_rate: Mutex<Option<u64>>,
+    /// Volumes given a copy rate of their own (`ctl mirror --rate`), until the node stops.
+    own_copy_rates: Mutex<HashMap<String, u64>>,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory
@@ -301,6 +308,7 @@ fn valid_name(name: &str) -> Result<()> {
 
 impl Node {
     pub fn open(cfg: NodeConfig) -> Result<Arc<Node>> {
+        let cfg_copy_rate = cfg.copy_rate;
         // Node names go into paths, peers' records and metric labels.
         valid_name(&cfg.name).map_err(|e| anyhow!("--name: {e}"))?;
         fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
@@ -343,6 +351,8 @@ impl Node {
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
+            copy_rate: Mutex::new(cfg_copy_rate),
+            own_copy_rates: Mutex::new(HashMap::new()),
             nvmf_hosts: std::sync::OnceLock::new(),
             events: Arc::default(),
         });
@@ -438,8 +448,28 @@ impl Node {
             mirror: v.mirror.as_ref().map(|m| m.replication.clone()),
             changes: Some(changes),
         })?;
+        if let Some(rate) = self.copy_rate_of(&v.name) {
+            handle.control(Control::SetCopyRate(Some(rate))).map_err(|e| anyhow!(e))?;
+        }
         self.volumes.write().insert(v.name.clone(), Arc::new(handle));
         Ok(())
+    }
+
+    /// The rate a copy of volume `name` keeps to: its own (`ctl mirror --rate`), else the
+    /// node's (`--copy-rate`).
+    fn copy_rate_of(&self, name: &str) -> Option<u64> {
+        self.own_copy_rates.lock().get(name).copied().or(*self.copy_rate.lock())
+    }
+
+    /// The node's copy rate, for volumes without their own (SIGHUP): applied at once.
+    pub fn set_copy_rate(&self, rate: Option<u64>) {
+        *self.copy_rate.lock() = rate.filter(|&r| r > 0);
+        let own = self.own_copy_rates.lock().clone();
+        for (name, h) in self.volumes.read().iter() {
+            if !own.contains_key(name) {
+                let _ = h.control(Control::SetCopyRate(*self.copy_rate.lock()));
+            }
+        }
     }
 
     fn changes_path(&self, name: &str) -> PathBuf {

@@ -60,6 +60,7 @@ where
             resync_total_bytes: 0,
             copy_paused: false,
             copy_resumable_from: None,
+            copy_rate: None,
             core: None,
             parks: 0,
             log_full_waits: 0,
@@ -314,7 +315,10 @@ where
                         self.cp_wanted = true;
                     }
                 }
-                Ok(Control::SetCopyRate(r)) => self.copy_rate = r.filter(|&r| r > 0),
+                Ok(Control::SetCopyRate(r)) => {
+                    self.copy_rate = r.filter(|&r| r > 0);
+                    self.stats.copy_rate = self.copy_rate;
+                }
                 Ok(Control::PauseCopy(pause)) => self.pause_copy(pause),
                 Ok(Control::Detach(reply)) => {
                     let r = self.detach();

@@ -118,6 +118,10 @@ pub struct SourceStatus {
     /// stopped now, it resumes from here (as a delta resync) rather than from the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_resumable_from: Option<u64>,
+    /// Bytes per second a copy keeps to (`ctl mirror --rate`, `node --copy-rate`); none:
+    /// as fast as it goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_rate: Option<u64>,
     pub core: Option<usize>,
     pub parks: u64,
     /// Times writes had to wait for NVLog space (both partitions held by CPs), and for how
