@@ -71,7 +71,7 @@ impl Node {
                  creation (`volume create --max-size`)"
             );
         }
-        self.check_room_to_grow(name, &rec, old, size)?;
+        check_room_to_grow(name, &rec.storage, old, size)?;
         match handle.status().map(|s| s.state) {
             Ok(PairState::Baseline) => {
                 bail!("volume {name}: a baseline to the mirror is under way; resize it once it ends")
@@ -130,39 +130,65 @@ impl Node {
             return Err(Invalid(format!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes")).into());
         }
         let owner = StorageOwner::Mirror(source.to_string(), volume.to_string());
-        let raid = self.storage.read().get(&owner).and_then(|(_, o)| o.raid.clone());
+        let (storage, raid) = self
+            .storage
+            .read()
+            .get(&owner)
+            .map(|(s, o)| (s.clone(), o.raid.clone()))
+            .ok_or_else(|| NotFound(format!("no storage of the mirror of {source}'s {volume} on this node")))?;
         if let Some(max) = raid.as_ref().map(|r| r.max_bytes()).filter(|&max| size > max) {
             bail!("the mirror of {volume} here can grow to {max} bytes at most (its RAID-4 checksum area's room)");
         }
+        check_room_to_grow(volume, &storage, m.meta().volume_bytes, size)?;
         m.grow(size).map_err(|e| anyhow!(e))?;
         self.events.push("mirror-resized", Some(volume), serde_json::json!({ "source": source, "new_bytes": size }));
         Ok(())
     }
+}
 
-    /// Refuses a grow whose new file blocks would not fit their file systems (the disks
-    /// that are data-dir files; a device was sized by its administrator).
-    fn check_room_to_grow(&self, name: &str, rec: &VolumeRecord, old: u64, new: u64) -> Result<()> {
-        let disks = rec.storage.disks();
-        let members = disks.len() as u64;
-        let per_member = match &rec.storage {
-            VolumeStorage::Single { .. } => new - old,
-            VolumeStorage::Raid4 { .. } => (new - old).div_ceil(members.saturating_sub(1).max(1)),
-        };
-        let mut by_dir: HashMap<PathBuf, u64> = HashMap::new();
-        for d in disks.iter().filter(|d| d.path.is_file()) {
-            *by_dir.entry(d.path.parent().unwrap_or(Path::new(".")).to_path_buf()).or_default() += per_member;
+/// Refuses a grow whose new file blocks would not fit their file systems (the disks that
+/// are files; a device was sized by its administrator).
+fn check_room_to_grow(name: &str, storage: &VolumeStorage, old: u64, new: u64) -> Result<()> {
+    let disks = storage.disks();
+    let members = disks.len() as u64;
+    let per_member = match storage {
+        VolumeStorage::Single { .. } => new.saturating_sub(old),
+        VolumeStorage::Raid4 { .. } => new.saturating_sub(old).div_ceil(members.saturating_sub(1).max(1)),
+    };
+    let mut by_dir: HashMap<PathBuf, u64> = HashMap::new();
+    for d in disks.iter().filter(|d| d.path.is_file()) {
+        *by_dir.entry(d.path.parent().unwrap_or(Path::new(".")).to_path_buf()).or_default() += per_member;
+    }
+    for (dir, need) in by_dir {
+        let free = crate::storage::free_bytes(&dir).with_context(|| format!("free space under {}", dir.display()))?;
+        if need > free {
+            bail!(
+                "volume {name} needs {need} more bytes under {} to grow to {new} bytes, and its file system has \
+                 {free} bytes free",
+                dir.display()
+            );
         }
-        for (dir, need) in by_dir {
-            let free =
-                crate::storage::free_bytes(&dir).with_context(|| format!("free space under {}", dir.display()))?;
-            if need > free {
-                bail!(
-                    "volume {name} needs {need} more bytes under {} to grow to {new} bytes, and its file system has \
-                     {free} bytes free",
-                    dir.display()
-                );
-            }
-        }
-        Ok(())
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvmirror_dataplane::storage::Engine;
+
+    #[test]
+    fn a_grow_past_the_free_space_of_its_files_is_refused_before_anything_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        fs::write(&path, [0u8; 4096]).expect("a disk file");
+        let disk = DiskSpec { engine: Engine::Pread, path };
+        let single = VolumeStorage::Single { disk: disk.clone() };
+        check_room_to_grow("v", &single, 4096, 1 << 20).expect("a megabyte fits");
+        let e = check_room_to_grow("v", &single, 4096, 1 << 62).unwrap_err().to_string();
+        assert!(e.contains("more bytes under") && e.contains("bytes free"), "{e}");
+        // RAID-4: the growth spreads over the data disks.
+        let raid = VolumeStorage::Raid4 { disks: vec![disk.clone(), disk.clone(), disk] };
+        assert!(check_room_to_grow("v", &raid, 4096, 1 << 62).is_err());
     }
 }
