@@ -308,7 +308,6 @@ fn valid_name(name: &str) -> Result<()> {
 
 impl Node {
     pub fn open(cfg: NodeConfig) -> Result<Arc<Node>> {
-        let cfg_copy_rate = cfg.copy_rate;
         // Node names go into paths, peers' records and metric labels.
         valid_name(&cfg.name).map_err(|e| anyhow!("--name: {e}"))?;
         fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
@@ -340,6 +339,7 @@ impl Node {
         let rdma = start_rdma(&cfg);
         let connector = Arc::new(AnyConnector::new(cfg.link_security()));
         let node = Arc::new(Node {
+            copy_rate: Mutex::new(cfg.copy_rate),
             cfg,
             state: Mutex::new(state.clone()),
             volumes: RwLock::new(HashMap::new()),
@@ -351,7 +351,6 @@ impl Node {
             open_volumes: OpenVolumes::default(),
             storage: RwLock::new(HashMap::new()),
             unstarted: Mutex::new(Vec::new()),
-            copy_rate: Mutex::new(cfg_copy_rate),
             own_copy_rates: Mutex::new(HashMap::new()),
             nvmf_hosts: std::sync::OnceLock::new(),
             events: Arc::default(),
@@ -405,32 +404,28 @@ impl Node {
         if device.size() < v.size {
             bail!("{} holds {} bytes, the volume needs {}", v.storage.describe(), device.size(), v.size);
         }
-        let mut v = v.clone();
-        if device.size() > v.size {
-            // A resize whose storage grew before a crash kept its record from saying so
-            // (`resize`'s step 4): the storage's size is the volume's.
+        // The storage's size is the volume's: larger than the record where a resize whose
+        // storage grew before a crash kept its record from saying so (`resize`'s step 4).
+        let size = device.size();
+        if size > v.size {
             tracing::warn!(
-                "node {}: volume {}: its storage holds {} bytes, its record {}: a resize was cut short; \
-                 the volume is {} bytes",
+                "node {}: volume {}: its storage holds {size} bytes, its record {}: a resize was cut short; \
+                 the volume is {size} bytes",
                 self.cfg.name,
                 v.name,
-                device.size(),
                 v.size,
-                device.size()
             );
-            v.size = device.size();
             let mut state = self.state.lock();
-            state.volume_mut(&v.name)?.size = v.size;
+            state.volume_mut(&v.name)?.size = size;
             self.save_state(&state)?;
         }
-        let v = &v;
         self.resume_rebuild(&v.name, &opened);
         self.storage.write().insert(StorageOwner::Volume(v.name.clone()), (v.storage.clone(), opened));
         let path = self.nvlog_path(&v.name, v.epoch);
         let region = open_region(&path, NvLog::<Box<dyn Nvram>>::region_bytes(v.partition_bytes), self.cfg.nvram.mode)?;
         let (log, recovered) =
             NvLog::open(region, v.volume_id, v.partition_bytes).with_context(|| format!("NVLog {}", path.display()))?;
-        let changes = self.open_changes(&v.name, v.size)?;
+        let changes = self.open_changes(&v.name, size)?;
         let mut cfg = SourceConfig::new(&self.cfg.name, &v.name, v.volume_id, v.partition_bytes);
         cfg.epoch = v.epoch;
         cfg.policy = v.policy;
@@ -463,12 +458,11 @@ impl Node {
 
     /// The node's copy rate, for volumes without their own (SIGHUP): applied at once.
     pub fn set_copy_rate(&self, rate: Option<u64>) {
-        *self.copy_rate.lock() = rate.filter(|&r| r > 0);
+        let rate = rate.filter(|&r| r > 0);
+        *self.copy_rate.lock() = rate;
         let own = self.own_copy_rates.lock().clone();
-        for (name, h) in self.volumes.read().iter() {
-            if !own.contains_key(name) {
-                let _ = h.control(Control::SetCopyRate(*self.copy_rate.lock()));
-            }
+        for (_, h) in self.volumes.read().iter().filter(|(name, _)| !own.contains_key(*name)) {
+            let _ = h.control(Control::SetCopyRate(rate));
         }
     }
 

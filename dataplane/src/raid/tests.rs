@@ -637,25 +637,14 @@ fn a_crash_with_writes_in_flight_on_a_degraded_volume_is_a_clear_error_never_gar
     let write_batch = |dev: &dyn BlockDevice| write_batch_flushed(dev, &batch);
     // A volume with member 1 gone, its base on the others, closed clean.
     let fresh = || {
-        let mems: Vec<Arc<MemDevice>> = (0..4).map(|_| Arc::new(MemDevice::new(geo.member_bytes()))).collect();
-        let raid =
-            Raid4::create_devices("t", faulty(&mems, &(0..4).map(|_| FaultPlan::new()).collect::<Vec<_>>()), geo)
-                .unwrap();
-        raid.write_at(&base, 0).unwrap();
-        raid.flush().unwrap();
-        drop(raid);
+        let mems = members_holding(geo, &base);
         let degraded = reopen(&mems, &[1]).unwrap();
         assert!(degraded.status().degraded);
         drop(degraded);
         mems
     };
     let open_degraded = |mems: &[Arc<MemDevice>], plan: &Arc<FaultPlan>| {
-        let devs: Vec<(DiskSpec, io::Result<Arc<dyn BlockDevice>>)> = faulty(mems, &vec![plan.clone(); 4])
-            .into_iter()
-            .enumerate()
-            .map(|(i, (s, d))| (s, if i == 1 { Err(io::Error::new(io::ErrorKind::NotFound, "gone")) } else { Ok(d) }))
-            .collect();
-        Raid4::open_devices("t", devs).unwrap()
+        open_without(faulty(mems, &vec![plan.clone(); 4]), 1, WriteHole::Refuse).unwrap()
     };
     let total = {
         let mems = fresh();
@@ -686,6 +675,26 @@ fn a_crash_with_writes_in_flight_on_a_degraded_volume_is_a_clear_error_never_gar
         }
     }
     assert!(refused > 0 && opened > 0, "refused {refused}, opened {opened}");
+}
+
+/// The four members of a new RAID-4 volume of `geo` (3+1) holding `base`, closed clean.
+fn members_holding(geo: Geometry, base: &[u8]) -> Vec<Arc<MemDevice>> {
+    let mems: Vec<Arc<MemDevice>> = (0..4).map(|_| Arc::new(MemDevice::new(geo.member_bytes()))).collect();
+    let raid =
+        Raid4::create_devices("t", faulty(&mems, &(0..4).map(|_| FaultPlan::new()).collect::<Vec<_>>()), geo).unwrap();
+    raid.write_at(base, 0).unwrap();
+    raid.flush().unwrap();
+    mems
+}
+
+/// Opens the volume over `devs` with member `gone` missing.
+fn open_without(devs: Vec<(DiskSpec, Arc<dyn BlockDevice>)>, gone: usize, hole: WriteHole) -> Result<Raid4, RaidError> {
+    let devs = devs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (s, d))| (s, if i == gone { Err(io::Error::new(io::ErrorKind::NotFound, "gone")) } else { Ok(d) }))
+        .collect();
+    Raid4::open_devices_with("t", devs, hole)
 }
 
 /// `may_hold_data` says no only where every data member's piece is a hole: a written
@@ -828,36 +837,16 @@ fn a_copy_over_a_volume_with_the_write_hole_goes_through_its_torn_rows() {
         (0..12).map(|i| (i * 5 * B, (0..BLOCK_BYTES).map(|_| rng.gen()).collect())).collect();
     let (mut stopped, mut copied) = (0, 0);
     for cut in 0..40 {
-        let mems: Vec<Arc<MemDevice>> = (0..4).map(|_| Arc::new(MemDevice::new(geo.member_bytes()))).collect();
-        let raid =
-            Raid4::create_devices("t", faulty(&mems, &(0..4).map(|_| FaultPlan::new()).collect::<Vec<_>>()), geo)
-                .unwrap();
-        raid.write_at(&base, 0).unwrap();
-        raid.flush().unwrap();
-        drop(raid);
+        let mems = members_holding(geo, &base);
         let open = |hole| {
-            let devs: Vec<(DiskSpec, io::Result<Arc<dyn BlockDevice>>)> = mems
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let d: io::Result<Arc<dyn BlockDevice>> =
-                        if i == 1 { Err(io::Error::new(io::ErrorKind::NotFound, "gone")) } else { Ok(m.clone()) };
-                    (spec(&format!("mem{i}")), d)
-                })
-                .collect();
-            Raid4::open_devices_with("t", devs, hole)
+            let devs =
+                mems.iter().enumerate().map(|(i, m)| (spec(&format!("mem{i}")), m.clone() as Arc<dyn BlockDevice>));
+            open_without(devs.collect(), 1, hole)
         };
         // Writes in flight with member 1 gone, cut by a crash.
         let plan = FaultPlan::new();
         {
-            let devs: Vec<(DiskSpec, io::Result<Arc<dyn BlockDevice>>)> = faulty(&mems, &vec![plan.clone(); 4])
-                .into_iter()
-                .enumerate()
-                .map(|(i, (s, d))| {
-                    (s, if i == 1 { Err(io::Error::new(io::ErrorKind::NotFound, "gone")) } else { Ok(d) })
-                })
-                .collect();
-            let raid = Raid4::open_devices("t", devs).unwrap();
+            let raid = open_without(faulty(&mems, &vec![plan.clone(); 4]), 1, WriteHole::Refuse).unwrap();
             plan.crash_after(cut);
             let _ = write_batch_flushed(&raid, &batch);
         }

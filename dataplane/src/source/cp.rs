@@ -124,39 +124,40 @@ where
         }
         self.last_cp_ns = self.clock.now_ns();
         self.cp_sent_ns = self.last_cp_ns;
+        let size = self.device.size();
         match &mut self.link {
             LinkState::Unmirrored => {}
-            LinkState::Up { link, .. } => {
+            LinkState::Up { link, copy } => {
+                // While a copy runs, where the destination checks them: the copy's mark, so
+                // that the CP's `CpDone` vouches for the copy up to it (a checkpoint).
+                let copy = copy.as_mut().filter(|c| c.copy_marks && !c.done_sent);
+                let mark = copy.as_ref().map(|c| Message::CopyMark {
+                    next: match c.kind {
+                        CopyKind::Baseline => c.cursor,
+                        CopyKind::Resync => (c.cursor * crate::log::REGION_BYTES).min(size),
+                    },
+                    bytes: c.bytes,
+                    chunks: c.chunks,
+                });
                 let mut r = Ok(());
                 for (offset, data) in by_value.iter().flatten() {
                     r = r.and_then(|()| {
                         link.send(&Message::BlockData { purpose: BlockPurpose::CpByValue, offset: *offset, data })
                     });
                 }
-                // While a copy runs, where the destination checks them: the copy's mark, so
-                // that the CP's `CpDone` vouches for the copy up to it (a checkpoint).
-                let mut checkpoint = None;
-                if let LinkState::Up { copy: Some(c), .. } = &self.link {
-                    if c.copy_marks && !c.done_sent {
-                        let next = match c.kind {
-                            CopyKind::Baseline => c.cursor,
-                            CopyKind::Resync => (c.cursor * crate::log::REGION_BYTES).min(self.device.size()),
-                        };
-                        checkpoint = Some((c.cursor, Message::CopyMark { next, bytes: c.bytes, chunks: c.chunks }));
-                    }
-                }
-                let LinkState::Up { link, .. } = &mut self.link else { unreachable!("matched above") };
                 let r = r
-                    .and_then(|()| checkpoint.as_ref().map_or(Ok(()), |(_, mark)| link.send(mark)))
+                    .and_then(|()| mark.as_ref().map_or(Ok(()), |m| link.send(m)))
                     .and_then(|()| {
                         link.send(&Message::Cp { cp: gen, partition: active, upto_seq, by_value: by_value.is_some() })
                     })
                     .and_then(|()| link.flush());
-                if let Err(e) = r {
-                    self.link_down(format!("send CP: {e}"));
-                } else if let (LinkState::Up { copy: Some(c), .. }, Some((cursor, _))) = (&mut self.link, checkpoint) {
-                    c.checkpoint = Some((gen, cursor));
-                    c.since_checkpoint = 0;
+                match (r, copy) {
+                    (Err(e), _) => self.link_down(format!("send CP: {e}")),
+                    (Ok(()), Some(c)) => {
+                        c.checkpoint = Some((gen, c.cursor));
+                        c.since_checkpoint = 0;
+                    }
+                    (Ok(()), None) => {}
                 }
             }
             // Sent on resume.
