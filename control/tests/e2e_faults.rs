@@ -387,6 +387,12 @@ fn replication_port_survives_hostile_input() {
         false,
     );
     expect_rejected("a corrupt entry in a sound frame", &f, &end, "checksum");
+    // The same under a frame crc that covers its header only (FLAG_HEADER_CRC): the
+    // entry's own crc is what catches it.
+    let mut header_crc = wire::entries_prefix(0, next_at, &bad_entry, true).to_vec();
+    header_crc.extend_from_slice(&bad_entry);
+    let (f, end) = fuzz_session_then(&repl, &header_crc, false);
+    expect_rejected("a corrupt entry in a frame whose crc covers its header", &f, &end, "checksum");
     let mut big = frame_header(5, 0, 0);
     big[8..12].copy_from_slice(&u32::try_from(BODY_MAX + 4096).expect("u32").to_le_bytes());
     let (f, end) = fuzz_session_then(&repl, &big, false);

@@ -131,6 +131,7 @@ impl Mirror {
             consistent: meta.consistent,
             resyncable: meta.resyncable(),
             copy_marks: hello.features & crate::transport::wire::FEATURE_COPY_MARKS != 0,
+            header_crc_entries: hello.features & crate::transport::wire::FEATURE_HEADER_CRC_ENTRIES != 0,
             logs,
         };
         let session = Session {

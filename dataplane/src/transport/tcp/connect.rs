@@ -27,6 +27,9 @@ pub struct TcpLink {
     rfill: usize,
     closed: Option<String>,
     close_reported: bool,
+    /// The destination takes entries frames whose crc covers their header only
+    /// ([`wire::FLAG_HEADER_CRC`]): each entry's own crc covers its bytes.
+    header_crc: bool,
 }
 
 impl Connector for TcpConnector {
@@ -42,7 +45,9 @@ impl Connector for TcpConnector {
         stream.set_nodelay(true).map_err(io_err)?;
         stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
-        let hello_frame = Message::Hello(hello.clone()).encode();
+        // This engine sends entries straight from the NVLog under their own checksums.
+        let hello = Hello { features: hello.features | wire::FEATURE_HEADER_CRC_ENTRIES, ..hello.clone() };
+        let hello_frame = Message::Hello(hello).encode();
         let secret = self.security.secret.as_ref();
         let mut reply = Vec::new();
         let tls = match &self.security.tls {
@@ -84,6 +89,7 @@ impl Connector for TcpConnector {
                 rfill: 0,
                 closed: None,
                 close_reported: false,
+                header_crc: welcome.header_crc_entries,
             },
             welcome,
         ))
@@ -274,7 +280,7 @@ impl TcpLink {
 impl Link for TcpLink {
     fn send_entries(&mut self, partition: u8, offset: u64, bytes: &[u8]) -> Result<(), LinkError> {
         self.check()?;
-        let prefix = entries_prefix(partition, offset, bytes);
+        let prefix = entries_prefix(partition, offset, bytes, self.header_crc);
         let r = match &mut self.tls {
             None => {
                 let mut slices = [IoSlice::new(&self.wbuf), IoSlice::new(&prefix), IoSlice::new(bytes)];
