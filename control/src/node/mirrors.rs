@@ -174,20 +174,12 @@ impl Node {
             } else {
                 self.open_volumes.open_for_copy(&meta.volume, &storage)?
             };
-            // (Nor can a delta resync bring it level, whatever it was in, a resync or a
-            // baseline stopped part-way: the torn rows may be any.)
-            if opened.raid.as_ref().is_some_and(|r| r.write_hole_found())
-                && (meta.consistent || meta.pending_cp.is_some() || meta.resyncable())
-            {
+            if opened.raid.as_ref().is_some_and(|r| r.write_hole_found()) && meta.take_full_copy_after_write_hole() {
                 tracing::warn!(
                     "mirror {}/{}: its storage was left dirty and degraded by a crash; it takes a baseline copy",
                     meta.source_node,
                     meta.volume
                 );
-                meta.consistent = false;
-                meta.resyncing = false;
-                meta.baseline_started = false;
-                meta.pending_cp = None;
             }
             (storage, opened)
         } else {

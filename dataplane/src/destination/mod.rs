@@ -130,6 +130,22 @@ impl MirrorMeta {
         self.consistent || self.resyncing || self.baseline_started
     }
 
+    /// The mirror's storage was found dirty and degraded (the write hole: the node crashed
+    /// during a CP with a member gone). Its torn rows may be anywhere, so neither a CP
+    /// redone from the log nor a delta resync, nor a baseline resumed part-way, can bring
+    /// it level: it takes a full copy. Returns whether the metadata changed (and must be
+    /// saved before the mirror is opened).
+    pub fn take_full_copy_after_write_hole(&mut self) -> bool {
+        if !(self.resyncable() || self.pending_cp.is_some()) {
+            return false;
+        }
+        self.consistent = false;
+        self.resyncing = false;
+        self.baseline_started = false;
+        self.pending_cp = None;
+        true
+    }
+
     pub fn new(hello: &Hello) -> Self {
         MirrorMeta {
             source_node: hello.source_node.clone(),
@@ -544,5 +560,47 @@ impl crate::transport::PlacementTarget for Mirror {
     }
     fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
         Mirror::set_rdma_attachment(self, gen, attachment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::wire::Intent;
+
+    fn meta() -> MirrorMeta {
+        MirrorMeta::new(&Hello {
+            source_node: "a".into(),
+            volume: "v".into(),
+            volume_id: 1,
+            epoch: 1,
+            volume_bytes: 1 << 20,
+            partition_bytes: 1 << 20,
+            intent: Intent::Baseline,
+            base_seq: 0,
+            base_cp_gen: 0,
+            features: 0,
+        })
+    }
+
+    /// Whatever a mirror found with the write hole held (a complete copy, a CP to redo, a
+    /// resync or a baseline part-way), it is left with nothing but a full copy.
+    #[test]
+    fn a_write_hole_leaves_only_a_full_copy() {
+        let states: [fn(&mut MirrorMeta); 4] = [
+            |m| m.consistent = true,
+            |m| m.pending_cp = Some(PendingCp { cp: 3, partition: 1, upto_seq: 9 }),
+            |m| m.resyncing = true,
+            |m| m.baseline_started = true,
+        ];
+        for (i, set) in states.iter().enumerate() {
+            let mut m = meta();
+            set(&mut m);
+            assert!(m.take_full_copy_after_write_hole(), "state {i}");
+            assert!(!m.resyncable() && m.pending_cp.is_none(), "state {i}: {m:?}");
+            assert!(!m.take_full_copy_after_write_hole(), "state {i}: a second time changes nothing");
+        }
+        // A mirror that never started a copy has nothing to drop.
+        assert!(!meta().take_full_copy_after_write_hole());
     }
 }

@@ -160,13 +160,7 @@ impl Directory {
         let write_hole = if meta.promoted { crate::raid::WriteHole::Refuse } else { crate::raid::WriteHole::Accept };
         let raid = open_raid(&self.durable, &keys, create, write_hole)?;
         let mut meta = meta;
-        if raid.write_hole_found() && (meta.consistent || meta.pending_cp.is_some() || meta.resyncable()) {
-            // Nothing to redo on it either: the copy rewrites everything. (Nor can a delta
-            // resync bring it level, whatever it was in: the torn rows may be any.)
-            meta.consistent = false;
-            meta.resyncing = false;
-            meta.baseline_started = false;
-            meta.pending_cp = None;
+        if raid.write_hole_found() && meta.take_full_copy_after_write_hole() {
             crate::destination::MetaStore::save(
                 &SimMetaStore { durable: store_cell.clone(), power: power.clone() },
                 &meta,
