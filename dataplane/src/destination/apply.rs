@@ -12,46 +12,34 @@ pub(super) fn check_cp_log(
     cp: u64,
     partition: u8,
     upto_seq: u64,
-) -> Result<(), String> {
+) -> Result<(), MirrorError> {
     // Entries may have been placed by RDMA, unseen by this side's bookkeeping: catching up
     // scans the log then, and persists whatever was placed and not yet persisted.
-    log.catch_up().map_err(|e| format!("CP {cp}: rescan log {partition}: {e}"))?;
-    let h = log.header().ok_or_else(|| format!("CP {cp}: log {partition} is not open"))?;
+    log.catch_up().map_err(|source| MirrorError::CpRescan { cp, partition, source })?;
+    let h = log.header().ok_or(MirrorError::CpLogNotOpen { cp, partition })?;
     if h.cp_gen != cp {
-        return Err(format!("CP {cp}: log {partition} holds CP generation {}", h.cp_gen));
+        return Err(MirrorError::CpGeneration { cp, partition, holds: h.cp_gen });
     }
     let last = log.entries().last().map(|e| e.header.seq);
     if upto_seq >= h.first_seq && last.is_none_or(|s| s < upto_seq) {
-        return Err(format!(
-            "CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {:?}",
-            log.scan().stop
-        ));
+        return Err(MirrorError::CpLogShort { cp, partition, last, upto_seq, stop: format!("{:?}", log.scan().stop) });
     }
     Ok(())
 }
 
 /// Why a CP could not be applied.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(super) enum CpError {
     /// An entry of the log failed its checksum when read back for the CP: the log was cut
     /// before it, and the source sends the rest again when it reconnects.
-    LogDamaged(String),
+    #[error(
+        "CP {cp}: the entry of sequence {seq} at offset {at} of log {partition} fails its checksum ({why}); \
+         the log is cut there and the source will send it again"
+    )]
+    LogDamaged { cp: u64, partition: u8, seq: u64, at: usize, why: String },
     /// Anything else: the mirror is failed.
-    Other(String),
-}
-
-impl From<String> for CpError {
-    fn from(e: String) -> Self {
-        CpError::Other(e)
-    }
-}
-
-impl std::fmt::Display for CpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CpError::LogDamaged(e) | CpError::Other(e) => f.write_str(e),
-        }
-    }
+    #[error(transparent)]
+    Other(#[from] MirrorError),
 }
 
 /// The first entry of `log` up to `upto_seq` whose bytes no longer pass their checksum:
@@ -90,15 +78,16 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                 Ok(()) => {
                     let _ = sink.send(&Message::CpDone { cp });
                 }
-                Err(CpError::LogDamaged(e)) => {
+                Err(e @ CpError::LogDamaged { .. }) => {
                     // Not the mirror's failure: the connection ends, and the source's
                     // resume sends the entries from the cut on, then the CP again.
                     tracing::warn!("mirror {}: {e}", m.name());
                     m.log_repairs.fetch_add(1, Ordering::Relaxed);
-                    let _ = sink.send(&Message::Error { reason: e });
+                    let _ = sink.send(&Message::Error { reason: e.to_string() });
                     sink.close();
                 }
                 Err(CpError::Other(e)) => {
+                    let e = e.to_string();
                     m.fail(&e);
                     let _ = sink.send(&Message::Error { reason: e });
                     sink.close();
@@ -149,7 +138,7 @@ pub(super) fn run_job(m: &Mirror, job: Job) {
                     meta.resyncing = false;
                     meta.baseline_started = false;
                     m.device.set_copy_over(false);
-                    m.save(&meta)
+                    m.save(&meta).map_err(|e| e.to_string())
                 })
             };
             match r {
@@ -224,10 +213,7 @@ impl Mirror {
                         let mut meta = self.meta.lock();
                         meta.pending_cp = None;
                         self.save(&meta)?;
-                        return Err(CpError::LogDamaged(format!(
-                            "CP {cp}: the entry of sequence {seq} at offset {at} of log {partition} fails its \
-                             checksum ({why}); the log is cut there and the source will send it again"
-                        )));
+                        return Err(CpError::LogDamaged { cp, partition, seq, at, why });
                     }
                     let bytes = log.bytes();
                     let entries = log
@@ -238,14 +224,18 @@ impl Mirror {
                     let applied = apply_entries(entries, self.device.as_ref());
                     *self.applying.lock() = None;
                     drop(log);
-                    applied.map_err(|e| format!("CP {cp}: apply: {e}"))?;
+                    applied.map_err(|source| MirrorError::CpWrite { cp, what: "apply", source })?;
                 }
                 Some(blocks) => {
                     self.cps_applied_by_value.fetch_add(1, Ordering::Relaxed);
                     for (offset, data) in &blocks {
-                        self.device.write_at(data, *offset).map_err(|e| format!("CP {cp}: write: {e}"))?;
+                        self.device.write_at(data, *offset).map_err(|source| MirrorError::CpWrite {
+                            cp,
+                            what: "write",
+                            source,
+                        })?;
                     }
-                    self.device.flush().map_err(|e| format!("CP {cp}: flush: {e}"))?;
+                    self.device.flush().map_err(|source| MirrorError::CpWrite { cp, what: "flush", source })?;
                 }
             }
             self.cps_applied.fetch_add(1, Ordering::Relaxed);
@@ -263,14 +253,14 @@ impl Mirror {
     }
 
     /// Checks that log `partition` holds CP `cp` up to `upto_seq`.
-    pub(super) fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<(), String> {
+    pub(super) fn check_cp_log(&self, cp: u64, partition: u8, upto_seq: u64) -> Result<(), MirrorError> {
         check_cp_log(&mut self.logs[partition as usize].lock(), cp, partition, upto_seq)
     }
 
-    pub(super) fn release_log(&self, partition: u8, cp: u64) -> Result<(), String> {
+    pub(super) fn release_log(&self, partition: u8, cp: u64) -> Result<(), MirrorError> {
         let mut log = self.logs[partition as usize].lock();
         if log.header().is_some_and(|h| h.cp_gen <= cp) {
-            log.free().map_err(|e| format!("free log {partition}: {e}"))?;
+            log.free().map_err(|source| MirrorError::FreeLog { partition: usize::from(partition), source })?;
         }
         Ok(())
     }

@@ -87,7 +87,7 @@ impl Mirror {
             meta.applied_seq = hello.base_seq.saturating_sub(1);
             meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
             self.baseline_bytes.store(0, Ordering::SeqCst);
-            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e.to_string()))?;
         } else if hello.intent == Intent::Resync {
             // The contents stay; the logs start over, and until the resync is done the
             // mirror is not consistent (it may not be failed over), but resyncable.
@@ -101,10 +101,10 @@ impl Mirror {
             meta.applied_seq = hello.base_seq.saturating_sub(1);
             meta.applied_cp = hello.base_cp_gen.saturating_sub(1);
             self.baseline_bytes.store(0, Ordering::SeqCst);
-            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e.to_string()))?;
         } else {
             meta.epoch = hello.epoch;
-            self.save(&meta).map_err(|e| (RefuseCode::Internal, e))?;
+            self.save(&meta).map_err(|e| (RefuseCode::Internal, e.to_string()))?;
         }
         let gen = self.session_gen.fetch_add(1, Ordering::SeqCst) + 1;
         if let Some(old) = self.session.lock().replace(sink.clone()) {

@@ -49,19 +49,47 @@ pub use session::{Session, SessionError};
 
 pub use crate::transport::RdmaPlacement;
 
-/// Why a mirror could not be failed over.
+/// Why an operation on a mirror failed: a failover, a resize, a CP, a job for its worker.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
     #[error("volume {volume} is already failed over (epoch {epoch})")]
     AlreadyPromoted { volume: String, epoch: u64 },
     #[error("mirror of {volume} is inconsistent (its baseline copy or resync did not finish); refusing to fail over")]
     Inconsistent { volume: String },
-    /// The raised epoch, the logs or the promoted state could not be made durable.
-    #[error("{0}")]
-    Persist(String),
+    /// The mirror's metadata could not be made durable.
+    #[error("save mirror metadata: {0}")]
+    SaveMeta(#[source] io::Error),
+    /// A log file could not be released or started over.
+    #[error("free log {partition}: {source}")]
+    FreeLog { partition: usize, source: crate::log::LogFileError },
+    /// What a log file holds could not be made durable before it is replayed.
+    #[error("persist log {partition}: {source}")]
+    PersistLog { partition: usize, source: crate::log::LogFileError },
     /// The replay of the log onto the mirror's volume failed.
     #[error("replay: {0}")]
     Replay(#[source] io::Error),
+    /// The worker that runs CPs and copies is gone.
+    #[error("mirror worker stopped")]
+    WorkerStopped,
+    #[error("mirror {mirror} was failed over here; resize the volume here instead")]
+    FailedOver { mirror: String },
+    #[error("mirror {mirror} holds {holds} bytes: a volume does not shrink")]
+    Shrink { mirror: String, holds: u64 },
+    #[error("grow mirror {mirror}'s storage: {source}")]
+    Grow { mirror: String, source: io::Error },
+    /// A CP's log could not be brought up to date (entries placed by RDMA, persisted).
+    #[error("CP {cp}: rescan log {partition}: {source}")]
+    CpRescan { cp: u64, partition: u8, source: crate::log::LogFileError },
+    #[error("CP {cp}: log {partition} is not open")]
+    CpLogNotOpen { cp: u64, partition: u8 },
+    #[error("CP {cp}: log {partition} holds CP generation {holds}")]
+    CpGeneration { cp: u64, partition: u8, holds: u64 },
+    /// The log lacks entries the CP covers (a lost frame, a dropped connection).
+    #[error("CP {cp}: log {partition} ends at sequence {last:?}, the CP needs up to {upto_seq}: {stop}")]
+    CpLogShort { cp: u64, partition: u8, last: Option<u64>, upto_seq: u64, stop: String },
+    /// Writing a CP onto the mirror's volume failed.
+    #[error("CP {cp}: {what}: {source}")]
+    CpWrite { cp: u64, what: &'static str, source: io::Error },
 }
 
 /// Where a mirror's metadata is kept (a file replaced atomically, or memory).
@@ -399,7 +427,7 @@ impl Mirror {
         self.stepped_jobs.as_ref().map_or(0, Receiver::len)
     }
 
-    fn queue(&self, job: Job) -> Result<(), String> {
+    fn queue(&self, job: Job) -> Result<(), MirrorError> {
         if self.stepped_jobs.is_some() {
             // Nobody else runs the queue: make room by running the oldest job here.
             let mut job = job;
@@ -410,11 +438,11 @@ impl Mirror {
                         job = j;
                         self.run_jobs(1);
                     }
-                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err("mirror worker stopped".into()),
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(MirrorError::WorkerStopped),
                 }
             }
         }
-        self.jobs.send(job).map_err(|_| "mirror worker stopped".to_string())
+        self.jobs.send(job).map_err(|_| MirrorError::WorkerStopped)
     }
 
     pub fn name(&self) -> String {
@@ -433,19 +461,19 @@ impl Mirror {
     /// Grows the mirror to `bytes`, ahead of its source: the device, then the metadata
     /// (a source still at the old size is admitted meanwhile). CPs and the connection go on
     /// beside it. Refused once failed over here.
-    pub fn grow(&self, bytes: u64) -> Result<(), String> {
+    pub fn grow(&self, bytes: u64) -> Result<(), MirrorError> {
         let name = self.name();
         if self.fenced.load(Ordering::SeqCst) {
-            return Err(format!("mirror {name} was failed over here; resize the volume here instead"));
+            return Err(MirrorError::FailedOver { mirror: name });
         }
         let old = self.meta.lock().volume_bytes;
         if bytes < old {
-            return Err(format!("mirror {name} holds {old} bytes: a volume does not shrink"));
+            return Err(MirrorError::Shrink { mirror: name, holds: old });
         }
-        self.device.grow(bytes).map_err(|e| format!("grow mirror {name}'s storage: {e}"))?;
+        self.device.grow(bytes).map_err(|source| MirrorError::Grow { mirror: name.clone(), source })?;
         let mut meta = self.meta.lock();
         if meta.promoted {
-            return Err(format!("mirror {name} was failed over here"));
+            return Err(MirrorError::FailedOver { mirror: name });
         }
         if meta.volume_bytes < bytes {
             let mut next = meta.clone();
@@ -458,8 +486,8 @@ impl Mirror {
         Ok(())
     }
 
-    fn save(&self, meta: &MirrorMeta) -> Result<(), String> {
-        self.store.save(meta).map_err(|e| format!("save mirror metadata: {e}"))?;
+    fn save(&self, meta: &MirrorMeta) -> Result<(), MirrorError> {
+        self.store.save(meta).map_err(MirrorError::SaveMeta)?;
         self.saved_applied_seq.store(meta.applied_seq, Ordering::SeqCst);
         Ok(())
     }
@@ -476,9 +504,13 @@ impl Mirror {
 
     /// Keeps an RDMA engine's registrations for session `gen`, unless a newer session or a
     /// failover came first.
-    pub fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
+    pub fn set_rdma_attachment(
+        &self,
+        gen: u64,
+        attachment: Box<dyn std::any::Any + Send>,
+    ) -> Result<(), crate::transport::SessionGone> {
         if self.fenced.load(Ordering::SeqCst) || self.session_gen.load(Ordering::SeqCst) != gen {
-            return Err("the session this queue pair was for is gone".into());
+            return Err(crate::transport::SessionGone);
         }
         *self.rdma_attachment.lock() = Some((gen, attachment));
         Ok(())
@@ -558,7 +590,11 @@ impl crate::transport::PlacementTarget for Mirror {
     fn log_memory(&self) -> [(*mut u8, usize); PARTITIONS] {
         Mirror::log_memory(self)
     }
-    fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String> {
+    fn set_rdma_attachment(
+        &self,
+        gen: u64,
+        attachment: Box<dyn std::any::Any + Send>,
+    ) -> Result<(), crate::transport::SessionGone> {
         Mirror::set_rdma_attachment(self, gen, attachment)
     }
 }

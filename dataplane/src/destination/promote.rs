@@ -42,7 +42,7 @@ impl Mirror {
             let mut meta = self.meta.lock();
             meta.epoch = (meta.epoch + 1).max(epoch.unwrap_or(0));
             meta.promoting = true;
-            self.save(&meta).map_err(MirrorError::Persist)?;
+            self.save(&meta)?;
             meta.epoch
         };
         self.finish_promotion(epoch, replay)
@@ -69,7 +69,8 @@ impl Mirror {
         // attempt could not rewrite the blocks they touched.
         let scans: Vec<PartitionScan> = guards
             .iter_mut()
-            .map(|l| l.rescan().map_err(|e| MirrorError::Persist(format!("persist log: {e}"))))
+            .enumerate()
+            .map(|(partition, l)| l.rescan().map_err(|source| MirrorError::PersistLog { partition, source }))
             .collect::<Result<_, _>>()?;
         let mut stops = Vec::new();
         for (p, s) in scans.iter().enumerate() {
@@ -122,10 +123,10 @@ impl Mirror {
         meta.pending_cp = None;
         let applied_cp = meta.applied_cp;
         // Saved under the meta lock: saves are ordered with the changes they record.
-        self.save(&meta).map_err(MirrorError::Persist)?;
+        self.save(&meta)?;
         drop(meta);
-        for log in &self.logs {
-            log.lock().free().map_err(|e| MirrorError::Persist(e.to_string()))?;
+        for (partition, log) in self.logs.iter().enumerate() {
+            log.lock().free().map_err(|source| MirrorError::FreeLog { partition, source })?;
         }
         Ok(PromoteReport {
             epoch,

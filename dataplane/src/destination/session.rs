@@ -27,8 +27,8 @@ pub enum SessionError {
     #[error("{what}: {source}")]
     Send { what: &'static str, source: io::Error },
     /// The mirror's worker (CPs, copies) cannot take the job.
-    #[error("{0}")]
-    Worker(String),
+    #[error(transparent)]
+    Worker(MirrorError),
     #[error("{0}")]
     Rdma(String),
 }

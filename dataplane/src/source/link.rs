@@ -9,16 +9,27 @@ pub(super) fn send_range<L: Link>(
     unsent: &mut usize,
     p: u8,
     link: &mut L,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let tail = nvlog.tail(p);
     let mut from = *unsent;
     while from < tail {
         let to = nvlog.cut(p, from, SEND_MAX);
-        link.send_entries(p, from as u64, &nvlog.partition(p)[from..to]).map_err(|e| e.to_string())?;
+        link.send_entries(p, from as u64, &nvlog.partition(p)[from..to])?;
         from = to;
     }
     *unsent = tail;
     Ok(())
+}
+
+/// Why the link could not resume where the mirror is: a copy brings it level instead.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ResumeError {
+    #[error("mirror has no complete baseline")]
+    NoBaseline,
+    #[error("destination applied CP {applied}, but our log starts at CP {oldest}")]
+    LogGap { applied: u64, oldest: u64 },
+    #[error(transparent)]
+    Link(#[from] LinkError),
 }
 
 impl<C> Poller<C>
@@ -442,17 +453,21 @@ where
                 let next = if self.can_resync(&welcome) { CopyKind::Resync } else { CopyKind::Baseline };
                 let what = if next == CopyKind::Resync { "a delta resync" } else { "a baseline" };
                 tracing::warn!("volume {}: cannot resume ({why}); starting {what}", self.cfg.volume);
-                self.link =
-                    LinkState::Down { reason: why, next_try: self.clock.now_ns(), connecting: false, copy: Some(next) };
+                self.link = LinkState::Down {
+                    reason: why.to_string(),
+                    next_try: self.clock.now_ns(),
+                    connecting: false,
+                    copy: Some(next),
+                };
             }
         }
     }
 
     /// Brings the destination's logs level with ours after a reconnect: resends what it
     /// lacks, re-opens logs that diverged, re-sends an unfinished CP.
-    pub(super) fn resume(&mut self, link: &mut C::Link, w: &Welcome) -> Result<Resumed, String> {
+    pub(super) fn resume(&mut self, link: &mut C::Link, w: &Welcome) -> Result<Resumed, ResumeError> {
         if !w.consistent {
-            return Err("mirror has no complete baseline".into());
+            return Err(ResumeError::NoBaseline);
         }
         let mut held: Vec<(u8, u64)> =
             PARTITION_IDS.into_iter().filter_map(|p| self.parts[p as usize].gen().map(|g| (p, g))).collect();
@@ -473,9 +488,8 @@ where
                     self.cfg.volume,
                     theirs.tail
                 );
-                let send_err = |e: crate::transport::LinkError| e.to_string();
-                link.send(&Message::LogFetch { partition: p, offset: tail as u64 }).map_err(send_err)?;
-                link.flush().map_err(send_err)?;
+                link.send(&Message::LogFetch { partition: p, offset: tail as u64 })?;
+                link.flush()?;
                 self.catch_up = Some(CatchUp {
                     partition: p,
                     from: tail,
@@ -488,10 +502,9 @@ where
         }
         let oldest = held.first().map(|h| h.1).unwrap_or(w.applied_cp + 1);
         if w.applied_cp + 1 < oldest {
-            return Err(format!("destination applied CP {}, but our log starts at CP {oldest}", w.applied_cp));
+            return Err(ResumeError::LogGap { applied: w.applied_cp, oldest });
         }
         self.remote_acked_seq = self.remote_acked_seq.max(w.applied_seq);
-        let send_err = |e: crate::transport::LinkError| e.to_string();
         // Whether the mirror holds every entry of the partitions looked at so far: what it
         // holds of a later one counts as acknowledged only then (an entry frame of the
         // older one may have been lost on a link that carried on).
@@ -532,7 +545,7 @@ where
                 }
                 usize_of(theirs.tail)
             } else {
-                link.send(&Message::PartitionOpen { header: ours.encode() }).map_err(send_err)?;
+                link.send(&Message::PartitionOpen { header: ours.encode() })?;
                 PARTITION_HEADER_BYTES
             };
             if from < tail {
@@ -541,11 +554,11 @@ where
             self.unsent[p as usize] = from;
             send_range(&self.nvlog, &mut self.unsent[p as usize], p, link)?;
             if let Part::Closing { upto_seq, remote_done: false, .. } = self.parts[p as usize] {
-                link.send(&Message::Cp { cp: gen, partition: p, upto_seq, by_value: false }).map_err(send_err)?;
+                link.send(&Message::Cp { cp: gen, partition: p, upto_seq, by_value: false })?;
                 self.cp_sent_ns = self.clock.now_ns();
             }
         }
-        link.flush().map_err(send_err)?;
+        link.flush()?;
         // The log is whole again, wherever recovery found it cut.
         self.damaged_at = [None; PARTITIONS];
         Ok(Resumed::Done)

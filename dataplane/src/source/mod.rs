@@ -44,7 +44,9 @@ use crate::nvram::Nvram;
 use crate::poller::{pin_to_core, Backoff, BackoffConfig, Idle, PollerWaker, Readiness};
 use crate::storage::{BlockDevice, RedoGuard};
 use crate::transport::wire::{BlockPurpose, BODY_MAX, ENTRIES_PREFIX_BYTES, FRAME_HEADER_BYTES};
-use crate::transport::{ConnectError, Connector, Hello, Intent, Link, LinkEvent, Message, RefuseCode, Reply, Welcome};
+use crate::transport::{
+    ConnectError, Connector, Hello, Intent, Link, LinkError, LinkEvent, Message, RefuseCode, Reply, Welcome,
+};
 use crate::usize_of;
 
 mod clients;

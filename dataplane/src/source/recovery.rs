@@ -19,6 +19,31 @@ pub fn replay_nvlog(
     apply_entries(decoded, device)
 }
 
+/// Why the log bytes fetched back from the mirror were not taken: none of them is.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchedError {
+    #[error("the partition is not held here")]
+    NotHeld,
+    #[error("where this log ends is not an entry boundary")]
+    NotAtBoundary,
+    #[error("at offset {offset}: {source}")]
+    Entry { offset: usize, source: crate::format::DecodeError },
+    #[error("at offset {offset}: sequence {got} where {want} was expected")]
+    Sequence { offset: usize, got: u64, want: u64 },
+    #[error("at offset {offset}: an entry of another volume, partition or epoch")]
+    Foreign { offset: usize },
+    #[error("at offset {offset}: a truncated entry")]
+    Truncated { offset: usize },
+    #[error("more than the partition holds")]
+    TooLarge,
+    #[error(transparent)]
+    Append(#[from] crate::log::AppendError),
+    #[error(transparent)]
+    Log(#[from] crate::log::NvLogError),
+    #[error("rebuild the cache: {0}")]
+    RebuildCache(#[source] io::Error),
+}
+
 impl<C> Poller<C>
 where
     C: Connector + 'static,
@@ -213,26 +238,23 @@ where
     /// Appends entries fetched from the mirror to partition `c.partition` after checking
     /// each (checksum, volume, partition, epoch, consecutive sequence numbers from where
     /// this node's log ends), and applies them to the cache as recovery would have.
-    pub(super) fn append_fetched(&mut self, c: &CatchUp) -> Result<(), String> {
+    pub(super) fn append_fetched(&mut self, c: &CatchUp) -> Result<(), FetchedError> {
         let p = c.partition;
-        let ph = self.nvlog.header(p).ok_or("the partition is not held here")?;
-        let mut seq = self.nvlog_seq_at(p, c.from).ok_or("where this log ends is not an entry boundary")?;
+        let ph = self.nvlog.header(p).ok_or(FetchedError::NotHeld)?;
+        let mut seq = self.nvlog_seq_at(p, c.from).ok_or(FetchedError::NotAtBoundary)?;
         let first = seq;
         let mut entries: Vec<(EntryHeader, usize)> = Vec::new();
         let mut at = 0usize;
         while at < c.bytes.len() {
-            let (h, _) = EntryHeader::decode(&c.bytes[at..]).map_err(|e| format!("at offset {}: {e}", c.from + at))?;
-            let what = if h.seq != seq {
-                Some(format!("sequence {} where {seq} was expected", h.seq))
+            let offset = c.from + at;
+            let (h, _) =
+                EntryHeader::decode(&c.bytes[at..]).map_err(|source| FetchedError::Entry { offset, source })?;
+            if h.seq != seq {
+                return Err(FetchedError::Sequence { offset, got: h.seq, want: seq });
             } else if h.volume_id != self.cfg.volume_id || h.partition != p || h.epoch != ph.epoch {
-                Some("an entry of another volume, partition or epoch".to_string())
+                return Err(FetchedError::Foreign { offset });
             } else if at + h.footprint() > c.bytes.len() {
-                Some("a truncated entry".to_string())
-            } else {
-                None
-            };
-            if let Some(what) = what {
-                return Err(format!("at offset {}: {what}", c.from + at));
+                return Err(FetchedError::Truncated { offset });
             }
             entries.push((h, at));
             at += h.footprint();
@@ -241,14 +263,14 @@ where
         for (h, at) in &entries {
             let data = &c.bytes[at + crate::format::ENTRY_HEADER_BYTES..at + h.footprint()][..h.data_len as usize];
             if !self.nvlog.fits(p, data.len()) {
-                return Err("more than the partition holds".into());
+                return Err(FetchedError::TooLarge);
             }
-            self.nvlog.append(h, data).map_err(|e| e.to_string())?;
+            self.nvlog.append(h, data)?;
         }
-        self.nvlog.persist(p).map_err(|e| e.to_string())?;
+        self.nvlog.persist(p)?;
         // What this node's log held past the damaged entry (never on the mirror, so never
         // acknowledged) must not read as following the fetched entries after a crash.
-        self.nvlog.end_at_tail(p).map_err(|e| e.to_string())?;
+        self.nvlog.end_at_tail(p)?;
         let last = seq - 1;
         self.next_seq = self.next_seq.max(seq);
         // Persistent on both sites: acknowledged, in effect.
@@ -262,7 +284,7 @@ where
         // partition were applied on blocks that lacked these (a partial write keeps the
         // rest of its block). Built again from the whole log, in sequence order, as
         // recovery builds it, and the closing partition's local CP written again.
-        self.rebuild_cache_from_log().map_err(|e| format!("rebuild the cache: {e}"))?;
+        self.rebuild_cache_from_log().map_err(FetchedError::RebuildCache)?;
         self.stats.log_entries_fetched += entries.len() as u64;
         tracing::warn!(
             "volume {}: the mirror's copy served {} entries of NVLog partition {p} (sequence {first} to {last}) that \

@@ -161,8 +161,14 @@ pub trait PlacementTarget: Send + Sync {
     /// Each log file's mapping: (address, length), by partition.
     fn log_memory(&self) -> [(*mut u8, usize); crate::log::PARTITIONS];
     /// Keeps `attachment` for session `gen`; refused once a newer session or a failover came.
-    fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), String>;
+    fn set_rdma_attachment(&self, gen: u64, attachment: Box<dyn std::any::Any + Send>) -> Result<(), SessionGone>;
 }
+
+/// A placement target refused an engine's registrations: a newer session or a failover
+/// replaced the session they were for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session this queue pair was for is gone")]
+pub struct SessionGone;
 
 /// The destination's RDMA engine, as a session sees it: it accepts the source's queue pair
 /// for a mirror, registers the mirror's log files, and sends their keys on the session.

@@ -173,7 +173,9 @@ fn register(exp: Expected, conn: Connection) -> Result<(), String> {
         tamper(&mut regions);
     }
     let name = exp.mirror.name();
-    exp.mirror.set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))?;
+    exp.mirror
+        .set_rdma_attachment(exp.gen, Box::new(Attachment { _mrs: mrs, _conn: conn }))
+        .map_err(|e| e.to_string())?;
     tracing::info!("rdma: mirror {name}: log files registered; the source places entries by RDMA");
     exp.sink.send(&Message::RdmaRegions { regions }).map_err(|e| format!("send regions: {e}"))
 }

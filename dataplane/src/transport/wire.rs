@@ -460,12 +460,10 @@ impl Message<'_> {
                 w.u64(wl.epoch);
                 w.u64(wl.applied_cp);
                 w.u64(wl.applied_seq);
-                w.u8(
-                    u8::from(wl.consistent)
-                        | (u8::from(wl.resyncable) << 1)
-                        | (u8::from(wl.copy_marks) << 2)
-                        | (u8::from(wl.header_crc_entries) << 3),
-                );
+                w.u8(u8::from(wl.consistent)
+                    | (u8::from(wl.resyncable) << 1)
+                    | (u8::from(wl.copy_marks) << 2)
+                    | (u8::from(wl.header_crc_entries) << 3));
                 for t in &wl.logs {
                     w.u8(u8::from(t.open));
                     w.u64(t.cp_gen);
