@@ -89,6 +89,10 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_owned();
     assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&a_addr))), "{paths:?}");
     assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&b_addr))), "{paths:?}");
+    // The mirror lists both paths too: the source said its own when it connected.
+    let paths = discover(&b_addr).expect("discovery at the mirror");
+    assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&a_addr))), "at the mirror: {paths:?}");
+    assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&b_addr))), "at the mirror: {paths:?}");
 
     write_blocks(&mut a, seed, 0..64);
     assert_eq!(b.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);

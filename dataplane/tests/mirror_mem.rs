@@ -553,3 +553,39 @@ fn a_cp_during_a_marked_copy_needs_the_mark_of_what_arrived() {
     s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
     s.on_message(cp).expect("an unmarked copy's CP");
 }
+
+/// A source that says where clients reach it (`FEATURE_SOURCE_PATHS`) is welcomed to; what
+/// it says is kept in the mirror's metadata (for its discovery) and replaced by what the
+/// next connection says, between a copy's mark and its CP too. Anything but an address is
+/// refused.
+#[test]
+fn a_mirror_keeps_where_its_source_serves_nvme_tcp() {
+    use nvmirror_dataplane::transport::wire::{BlockPurpose, FEATURE_COPY_MARKS, FEATURE_SOURCE_PATHS};
+    use nvmirror_dataplane::transport::Message;
+    let hello = Hello { features: FEATURE_COPY_MARKS | FEATURE_SOURCE_PATHS, ..hello_from_1() };
+    let logs: [Box<dyn Nvram>; 2] = [Box::new(MemNvram::new(PART)), Box::new(MemNvram::new(PART))];
+    let store = MemMetaStore::default();
+    let mirror =
+        Mirror::open(MirrorMeta::new(&hello), Box::new(store.clone()), logs, Arc::new(MemDevice::new(VOL))).unwrap();
+    let (mut s, welcome) = mirror.attach(&hello, Arc::new(Acks::default()), None).unwrap();
+    assert!(welcome.source_paths);
+    s.on_message(Message::SourcePaths { nvmf: "10.0.0.1:4420".into() }).unwrap();
+    let addr = Some("10.0.0.1:4420".parse().unwrap());
+    assert_eq!(mirror.meta().source_nvmf, addr);
+    assert_eq!(store.0.lock().as_ref().map(|m| m.source_nvmf), Some(addr), "saved");
+    // Between a copy's mark and its CP: the mark still stands.
+    let piece = vec![7u8; 8192];
+    s.on_message(partition_open(0, 1, 1)).unwrap();
+    s.on_message(Message::BlockData { purpose: BlockPurpose::Baseline, offset: 0, data: &piece }).unwrap();
+    s.on_message(Message::CopyMark { next: 8192, bytes: 8192, chunks: 1 }).unwrap();
+    s.on_message(Message::SourcePaths { nvmf: "[fd00::1]:4420".into() }).unwrap();
+    s.on_message(Message::Cp { cp: 1, partition: 0, upto_seq: 0, by_value: false }).expect("the mark stands");
+    assert_eq!(mirror.meta().source_nvmf, Some("[fd00::1]:4420".parse().unwrap()));
+    s.on_message(Message::SourcePaths { nvmf: String::new() }).unwrap();
+    assert_eq!(mirror.meta().source_nvmf, None, "a source without NVMe/TCP");
+    let e = s.on_message(Message::SourcePaths { nvmf: "somewhere".into() }).unwrap_err();
+    assert!(e.to_string().contains("not an address"), "{e}");
+    // A source that predates the frame is not asked for it.
+    let (_, welcome) = mirror.attach(&hello_from_1(), Arc::new(Acks::default()), None).unwrap();
+    assert!(!welcome.source_paths);
+}

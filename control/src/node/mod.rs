@@ -433,6 +433,7 @@ impl Node {
         cfg.cp_interval = Duration::from_millis(v.cp_interval_ms);
         cfg.cp_by_value = v.cp_by_value;
         cfg.core = Some(self.next_core.fetch_add(1, Ordering::Relaxed));
+        cfg.nvmf = self.cfg.nvmf;
         let handle = source::spawn(source::SourceParts {
             cfg,
             nvlog: log,
@@ -977,11 +978,25 @@ impl ExportRegistry for Node {
         let mirrors = self.mirrors.read();
         mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted).map(|(_, m)| m.meta().volume_id)
     }
-    /// A primary's mirror, where it said its NVMe/TCP address when paired.
+    /// A primary's mirror, where it said its NVMe/TCP address when paired; a mirror's
+    /// source, where its last connection said it (an address on no particular interface,
+    /// 0.0.0.0 or ::, is no path a host can use, and is left out).
     fn other_paths(&self, name: &str) -> Vec<SocketAddr> {
-        let state = self.state.lock();
-        let target = state.volumes.iter().find(|v| v.name == name).and_then(|v| v.mirror.as_ref());
-        target.and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse().ok()).into_iter().collect()
+        let primary =
+            self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
+                v.mirror.as_ref().and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse::<SocketAddr>().ok())
+            });
+        let addr = match primary {
+            Some(peer) => peer,
+            None => {
+                let mirrors = self.mirrors.read();
+                mirrors
+                    .iter()
+                    .find(|((_, v), m)| v == name && !m.meta().promoted)
+                    .and_then(|(_, m)| m.meta().source_nvmf)
+            }
+        };
+        addr.into_iter().filter(|a: &SocketAddr| !a.ip().is_unspecified()).collect()
     }
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();

@@ -132,6 +132,7 @@ impl Mirror {
             resyncable: meta.resyncable(),
             copy_marks: hello.features & crate::transport::wire::FEATURE_COPY_MARKS != 0,
             header_crc_entries: hello.features & crate::transport::wire::FEATURE_HEADER_CRC_ENTRIES != 0,
+            source_paths: hello.features & crate::transport::wire::FEATURE_SOURCE_PATHS != 0,
             logs,
         };
         let session = Session {

@@ -147,6 +147,10 @@ pub struct MirrorMeta {
     /// to no such CP sends a baseline again.
     #[serde(default)]
     pub baseline_started: bool,
+    /// The source's NVMe/TCP address, as its last connection said (`SourcePaths`): the
+    /// volume's other path in this node's discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_nvmf: Option<std::net::SocketAddr>,
     pub last_cp_unix_ms: u64,
     pub last_cp_duration_us: u64,
 }
@@ -190,6 +194,7 @@ impl MirrorMeta {
             promoting: false,
             resyncing: false,
             baseline_started: false,
+            source_nvmf: None,
             last_cp_unix_ms: 0,
             last_cp_duration_us: 0,
         }
@@ -482,6 +487,18 @@ impl Mirror {
             *meta = next;
             drop(meta);
             tracing::info!("mirror {name}: grown from {old} to {bytes} bytes");
+        }
+        Ok(())
+    }
+
+    /// Records where clients reach the volume through its source (saved where it changed).
+    pub fn set_source_nvmf(&self, nvmf: Option<std::net::SocketAddr>) -> Result<(), MirrorError> {
+        let mut meta = self.meta.lock();
+        if meta.source_nvmf != nvmf {
+            let mut next = meta.clone();
+            next.source_nvmf = nvmf;
+            self.save(&next)?;
+            *meta = next;
         }
         Ok(())
     }

@@ -154,6 +154,14 @@ impl Session {
     fn handle(&mut self, msg: Message<'_>) -> Result<(), SessionError> {
         let protocol = |why: &str| SessionError::Protocol(why.to_string());
         self.check_current()?;
+        // Not part of the stream's order (nor of a copy's marks): noted, and saved.
+        if let Message::SourcePaths { nvmf } = &msg {
+            let nvmf = match nvmf.as_str() {
+                "" => None,
+                a => Some(a.parse().map_err(|_| protocol("source paths: not an address (HOST:PORT)"))?),
+            };
+            return self.mirror.set_source_nvmf(nvmf).map_err(SessionError::Worker);
+        }
         let marked = std::mem::take(&mut self.marked);
         let copying = !self.copy_ended && (self.baseline_next.is_some() || self.resync.is_some());
         match msg {

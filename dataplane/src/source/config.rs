@@ -37,6 +37,9 @@ pub struct SourceConfig {
     /// default): the simulator takes smaller steps, so that CPs and faults fall inside
     /// its small volume's copies.
     pub copy_chunk: usize,
+    /// Where clients reach the volume over NVMe/TCP through this node: told to the mirror
+    /// on every connection, for its discovery controller.
+    pub nvmf: Option<std::net::SocketAddr>,
     /// Deliberate defects, for the simulator's own test that it catches them.
     #[cfg(any(test, feature = "sim"))]
     pub planted_bug: Option<PlantedBug>,
@@ -94,6 +97,7 @@ impl SourceConfig {
             policy: Policy::Strict,
             peer: None,
             copy_chunk: super::BASELINE_CHUNK,
+            nvmf: None,
             #[cfg(any(test, feature = "sim"))]
             planted_bug: None,
         }

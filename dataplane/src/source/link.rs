@@ -181,7 +181,7 @@ where
             },
             base_seq: self.nvlog.header(active).map_or(self.next_seq, |h| h.first_seq),
             base_cp_gen: self.parts[active as usize].gen().unwrap_or(0),
-            features: crate::transport::wire::FEATURE_COPY_MARKS,
+            features: crate::transport::wire::FEATURE_COPY_MARKS | crate::transport::wire::FEATURE_SOURCE_PATHS,
         };
         if self.inline.is_some() {
             let result = self.connector.connect(&target, &hello);
@@ -382,6 +382,19 @@ where
         // freed: after the destination's CpDone for it (which follows the completion of
         // every placement before the CP), or with the link down (dropped).
         unsafe { link.offer_source_memory(self.nvlog.memory()) };
+        if welcome.source_paths {
+            let nvmf = self.cfg.nvmf.map(|a| a.to_string()).unwrap_or_default();
+            if let Err(e) = link.send(&Message::SourcePaths { nvmf }) {
+                link.close();
+                self.link = LinkState::Down {
+                    reason: format!("send: {e}"),
+                    next_try: self.reconnect_at(),
+                    connecting: false,
+                    copy,
+                };
+                return;
+            }
+        }
         if let Some(kind) = copy {
             let active = self.active;
             let header = self.nvlog.header(active).expect("active partition open");

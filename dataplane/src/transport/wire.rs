@@ -98,6 +98,10 @@ pub const FEATURE_COPY_MARKS: u16 = 1;
 /// the destination's welcome takes them (`Welcome::header_crc_entries`).
 pub const FEATURE_HEADER_CRC_ENTRIES: u16 = 2;
 
+/// A hello's feature: the source says where clients reach the volume through it
+/// (`SourcePaths`), where the destination's welcome takes it (`Welcome::source_paths`).
+pub const FEATURE_SOURCE_PATHS: u16 = 4;
+
 /// A frame flag, valid on `Entries` only: the frame's crc covers header[0..12] and the
 /// body's prefix (partition and offset), not the entries after it. Each entry carries its
 /// own crc32c over its header and data, and the destination checks every one before it
@@ -123,6 +127,9 @@ pub struct Welcome {
     /// The destination takes `Entries` frames under [`FLAG_HEADER_CRC`] (bit 3 of that
     /// byte; set only for a hello with [`FEATURE_HEADER_CRC_ENTRIES`]).
     pub header_crc_entries: bool,
+    /// The destination takes `SourcePaths` (bit 4; set only for a hello with
+    /// [`FEATURE_SOURCE_PATHS`]).
+    pub source_paths: bool,
     pub logs: [LogTail; 2],
 }
 
@@ -202,6 +209,12 @@ pub enum Message<'a> {
         next: u64,
         bytes: u64,
         chunks: u64,
+    },
+    /// Where clients reach the volume through the source: its NVMe/TCP address (empty:
+    /// none), which the mirror's discovery controller lists as the volume's other path.
+    /// Sent after the welcome of every connection, where the welcome takes it.
+    SourcePaths {
+        nvmf: String,
     },
     /// Every entry up to `seq` is persistent in the destination's log files.
     Ack {
@@ -293,6 +306,7 @@ const K_LOG_BYTES: u8 = 19;
 const K_LOG_FETCH_END: u8 = 20;
 const K_ZERO_RANGE: u8 = 21;
 const K_COPY_MARK: u8 = 22;
+const K_SOURCE_PATHS: u8 = 23;
 // The handshake's authentication frames, apart from the data path's kinds.
 const K_AUTH_REQUEST: u8 = 32;
 const K_AUTH_CHALLENGE: u8 = 33;
@@ -463,7 +477,8 @@ impl Message<'_> {
                 w.u8(u8::from(wl.consistent)
                     | (u8::from(wl.resyncable) << 1)
                     | (u8::from(wl.copy_marks) << 2)
-                    | (u8::from(wl.header_crc_entries) << 3));
+                    | (u8::from(wl.header_crc_entries) << 3)
+                    | (u8::from(wl.source_paths) << 4));
                 for t in &wl.logs {
                     w.u8(u8::from(t.open));
                     w.u64(t.cp_gen);
@@ -512,6 +527,10 @@ impl Message<'_> {
                 w.u64(*bytes);
                 w.u64(*chunks);
                 K_COPY_MARK
+            }
+            Message::SourcePaths { nvmf } => {
+                w.str(nvmf);
+                K_SOURCE_PATHS
             }
             Message::ResyncDone { bytes, chunks } => {
                 w.u64(*bytes);
@@ -664,6 +683,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_RDMA_REGIONS => "rdma-regions",
         K_RESYNC_DONE => "resync-done",
         K_COPY_MARK => "copy-mark",
+        K_SOURCE_PATHS => "source-paths",
         K_LOG_FETCH => "log-fetch",
         K_LOG_BYTES => "log-bytes",
         K_LOG_FETCH_END => "log-fetch-end",
@@ -708,11 +728,11 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             let applied_cp = r.u64()?;
             let applied_seq = r.u64()?;
             let state = r.u8()?;
-            if state & !15 != 0 {
+            if state & !31 != 0 {
                 return Err(WireError::BadField(name, "unknown mirror state bits"));
             }
             let (consistent, resyncable, copy_marks) = (state & 1 != 0, state & 2 != 0, state & 4 != 0);
-            let header_crc_entries = state & 8 != 0;
+            let (header_crc_entries, source_paths) = (state & 8 != 0, state & 16 != 0);
             let mut logs = [LogTail::default(); 2];
             for t in &mut logs {
                 t.open = r.bool()?;
@@ -729,6 +749,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 resyncable,
                 copy_marks,
                 header_crc_entries,
+                source_paths,
                 logs,
             })
         }
@@ -780,6 +801,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
         K_BASELINE_DONE => Message::BaselineDone { volume_bytes: r.u64()? },
         K_RESYNC_DONE => Message::ResyncDone { bytes: r.u64()?, chunks: r.u64()? },
         K_COPY_MARK => Message::CopyMark { next: r.u64()?, bytes: r.u64()?, chunks: r.u64()? },
+        K_SOURCE_PATHS => Message::SourcePaths { nvmf: r.str()? },
         K_ACK => Message::Ack { seq: r.u64()? },
         K_CP_DONE => Message::CpDone { cp: r.u64()? },
         K_BASELINE_ACK => Message::BaselineAck,
@@ -819,6 +841,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
             | Message::BaselineDone { .. }
             | Message::ResyncDone { .. }
             | Message::CopyMark { .. }
+            | Message::SourcePaths { .. }
             | Message::Ack { .. }
             | Message::CpDone { .. }
             | Message::BaselineAck
@@ -865,9 +888,12 @@ mod tests {
                 resyncable: true,
                 copy_marks: true,
                 header_crc_entries: true,
+                source_paths: true,
                 logs: [LogTail { open: true, cp_gen: 1, first_seq: 2, next_seq: 3, tail: 4 }, LogTail::default()],
             }),
             Message::CopyMark { next: 5 << 16, bytes: 3 << 16, chunks: 2 },
+            Message::SourcePaths { nvmf: "10.0.0.1:4420".into() },
+            Message::SourcePaths { nvmf: String::new() },
             Message::Refuse { code: RefuseCode::StaleEpoch, reason: "old".into() },
             Message::PartitionOpen { header: [7; 64] },
             Message::Entries { partition: 1, offset: 64, bytes: &[1, 2, 3] },
