@@ -93,6 +93,24 @@ fn ana_follows_switchover_and_failover_and_every_acknowledged_write_reads_back()
     let paths = discover(&b_addr).expect("discovery at the mirror");
     assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&a_addr))), "at the mirror: {paths:?}");
     assert!(paths.contains(&(nqn.clone(), "127.0.0.1".into(), port(&b_addr))), "at the mirror: {paths:?}");
+    // The mirror comes back on another port (ephemeral here): once the link is up again,
+    // the primary's discovery says where it is now, not where it was when paired.
+    drop(b);
+    pair.dst.restart().expect("restart site-b");
+    let b_addr = pair.dst.nvmf.clone().expect("site-b serves NVMe/TCP");
+    let new_path = (nqn.clone(), "127.0.0.1".to_string(), port(&b_addr));
+    let started = std::time::Instant::now();
+    let paths = loop {
+        let paths = discover(&a_addr).expect("discovery at the primary");
+        if paths.contains(&new_path) || started.elapsed() > Duration::from_secs(30) {
+            break paths;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(paths.contains(&new_path), "after the restart: {paths:?}");
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    wait_state(&pair.src_api(), VOL, "in-sync", Duration::from_secs(30));
+    let mut b = NvmfClient::connect(&b_addr, &nqn, true).expect("attach through site-b again");
 
     write_blocks(&mut a, seed, 0..64);
     assert_eq!(b.write(0, &[1u8; 4096], false).unwrap().status, Status::ANA_INACCESSIBLE);

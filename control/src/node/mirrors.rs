@@ -211,7 +211,9 @@ impl Node {
             .insert(StorageOwner::Mirror(meta.source_node.clone(), meta.volume.clone()), (storage, opened));
         let store = Box::new(FileMetaStore(dir.join("meta.json")));
         store.save(&meta)?;
-        Ok(Mirror::open(meta, store, logs, device)?)
+        let mirror = Mirror::open(meta, store, logs, device)?;
+        mirror.set_local_nvmf(self.cfg.nvmf);
+        Ok(mirror)
     }
 
     /// Restarts a rebuild that a restart interrupted.

@@ -978,14 +978,16 @@ impl ExportRegistry for Node {
         let mirrors = self.mirrors.read();
         mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted).map(|(_, m)| m.meta().volume_id)
     }
-    /// A primary's mirror, where it said its NVMe/TCP address when paired; a mirror's
-    /// source, where its last connection said it (an address on no particular interface,
+    /// A primary's mirror, where its last welcome said it serves NVMe/TCP (else where it
+    /// said when paired); a mirror's source, where its last connection said it (an address on no particular interface,
     /// 0.0.0.0 or ::, is no path a host can use, and is left out).
     fn other_paths(&self, name: &str) -> Vec<SocketAddr> {
-        let primary =
-            self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
+        let said = self.volumes.read().get(name).and_then(|h| h.mirror_nvmf());
+        let primary = self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
+            said.or_else(|| {
                 v.mirror.as_ref().and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse::<SocketAddr>().ok())
-            });
+            })
+        });
         let addr = match primary {
             Some(peer) => peer,
             None => {

@@ -133,6 +133,7 @@ impl Mirror {
             copy_marks: hello.features & crate::transport::wire::FEATURE_COPY_MARKS != 0,
             header_crc_entries: hello.features & crate::transport::wire::FEATURE_HEADER_CRC_ENTRIES != 0,
             source_paths: hello.features & crate::transport::wire::FEATURE_SOURCE_PATHS != 0,
+            mirror_nvmf: self.local_nvmf.lock().map(|a| a.to_string()).unwrap_or_default(),
             logs,
         };
         let session = Session {

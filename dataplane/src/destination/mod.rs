@@ -311,6 +311,9 @@ pub struct Mirror {
     cps_applied: AtomicU64,
     cps_applied_by_value: AtomicU64,
     error: Mutex<Option<String>>,
+    /// Where clients reach the volume through this node over NVMe/TCP, told to sources
+    /// that ask (`Welcome::mirror_nvmf`).
+    local_nvmf: Mutex<Option<std::net::SocketAddr>>,
 }
 
 /// What an open log holds, for acknowledgements: its CP generation, first sequence
@@ -390,6 +393,7 @@ impl Mirror {
             cps_applied: AtomicU64::new(0),
             cps_applied_by_value: AtomicU64::new(0),
             error: Mutex::new(None),
+            local_nvmf: Mutex::new(None),
         });
         let pending = mirror.meta.lock().pending_cp;
         if let Some(p) = pending {
@@ -489,6 +493,12 @@ impl Mirror {
             tracing::info!("mirror {name}: grown from {old} to {bytes} bytes");
         }
         Ok(())
+    }
+
+    /// Where clients reach the volume through this node over NVMe/TCP: said to the source
+    /// in the welcome of each connection after this call (for its discovery controller).
+    pub fn set_local_nvmf(&self, nvmf: Option<std::net::SocketAddr>) {
+        *self.local_nvmf.lock() = nvmf;
     }
 
     /// Records where clients reach the volume through its source (saved where it changed).

@@ -382,6 +382,7 @@ where
         // freed: after the destination's CpDone for it (which follows the completion of
         // every placement before the CP), or with the link down (dropped).
         unsafe { link.offer_source_memory(self.nvlog.memory()) };
+        *self.mirror_nvmf.lock() = welcome.mirror_nvmf.parse().ok();
         if welcome.source_paths {
             let nvmf = self.cfg.nvmf.map(|a| a.to_string()).unwrap_or_default();
             if let Err(e) = link.send(&Message::SourcePaths { nvmf }) {

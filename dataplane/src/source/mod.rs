@@ -273,6 +273,8 @@ pub struct SourceHandle {
     waker: Option<PollerWaker>,
     /// Whether the poller takes writes now (`WRITES_*`).
     writes: Arc<std::sync::atomic::AtomicU8>,
+    /// Where the mirror serves the volume over NVMe/TCP, as its last welcome said.
+    mirror_nvmf: Arc<parking_lot::Mutex<Option<std::net::SocketAddr>>>,
 }
 
 /// Values of the poller's write state.
@@ -291,6 +293,12 @@ impl SourceHandle {
         if let Some(w) = &self.waker {
             w.wake();
         }
+    }
+
+    /// Where the mirror serves the volume over NVMe/TCP, as it said when the link last came
+    /// up (`None`: not said). Read without a round trip to the poller.
+    pub fn mirror_nvmf(&self) -> Option<std::net::SocketAddr> {
+        *self.mirror_nvmf.lock()
     }
 
     pub fn status(&self) -> Result<SourceStatus, SourceError> {
@@ -496,6 +504,7 @@ where
         forward: parking_lot::RwLock::new(None),
         waker: poller.readiness.as_ref().map(Readiness::waker),
         writes: poller.writes.clone(),
+        mirror_nvmf: poller.mirror_nvmf.clone(),
     };
     Ok((poller, handle))
 }
@@ -565,6 +574,9 @@ struct Poller<C: Connector> {
     /// Whether writes are taken now, for the handle's [`Export::writes`]: one of
     /// `WRITES_*`, stored at the end of every pass.
     writes: Arc<std::sync::atomic::AtomicU8>,
+    /// Where the mirror serves the volume over NVMe/TCP, as its last welcome said (none
+    /// where the mirror does not say: then the pair's record is what is known).
+    mirror_nvmf: Arc<parking_lot::Mutex<Option<std::net::SocketAddr>>>,
     /// The mirror link has been up (or the volume has no mirror) since the poller started.
     link_was_up: bool,
     /// Acknowledged writes per latency bucket (the last one: above every bound).

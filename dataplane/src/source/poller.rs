@@ -135,6 +135,7 @@ where
             catch_up: None,
             clients: Clients::default(),
             writes: Arc::new(std::sync::atomic::AtomicU8::new(super::WRITES_WAITING)),
+            mirror_nvmf: Arc::default(),
             link_was_up: false,
             log_full_since: None,
             readiness,

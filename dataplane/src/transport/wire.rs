@@ -128,9 +128,12 @@ pub struct Welcome {
     /// byte; set only for a hello with [`FEATURE_HEADER_CRC_ENTRIES`]).
     pub header_crc_entries: bool,
     /// The destination takes `SourcePaths` (bit 4; set only for a hello with
-    /// [`FEATURE_SOURCE_PATHS`]).
+    /// [`FEATURE_SOURCE_PATHS`]), and says its own paths after the logs (`mirror_nvmf`).
     pub source_paths: bool,
     pub logs: [LogTail; 2],
+    /// With `source_paths`: where clients reach the volume through the destination over
+    /// NVMe/TCP (empty: none). Encoded after the logs, only then.
+    pub mirror_nvmf: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,6 +489,9 @@ impl Message<'_> {
                     w.u64(t.next_seq);
                     w.u64(t.tail);
                 }
+                if wl.source_paths {
+                    w.str(&wl.mirror_nvmf);
+                }
                 K_WELCOME
             }
             Message::Refuse { code, reason } => {
@@ -741,6 +747,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 t.next_seq = r.u64()?;
                 t.tail = r.u64()?;
             }
+            let mirror_nvmf = if source_paths { r.str()? } else { String::new() };
             Message::Welcome(Welcome {
                 epoch,
                 applied_cp,
@@ -751,6 +758,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, WireError> {
                 header_crc_entries,
                 source_paths,
                 logs,
+                mirror_nvmf,
             })
         }
         K_REFUSE => {
@@ -889,6 +897,7 @@ mod tests {
                 copy_marks: true,
                 header_crc_entries: true,
                 source_paths: true,
+                mirror_nvmf: "10.0.0.2:4420".into(),
                 logs: [LogTail { open: true, cp_gen: 1, first_seq: 2, next_seq: 3, tail: 4 }, LogTail::default()],
             }),
             Message::CopyMark { next: 5 << 16, bytes: 3 << 16, chunks: 2 },
