@@ -81,7 +81,7 @@ fn the_simulator_catches_a_failover_that_skips_the_replay() {
 fn a_crash_on_a_degraded_volume_is_refused_or_copied_over_and_loses_nothing() {
     let opts = SimOptions::default();
     let (mut refused, mut copied) = (0, 0);
-    for seed in 0x71_0000..0x71_0100 {
+    for seed in 0x71_0100..0x71_0300 {
         let r = run(seed, &opts).unwrap_or_else(|f| panic!("{f}\nreplay: {}", replay_command(seed, &opts)));
         refused += r.faults.write_holes_refused;
         copied += r.faults.write_holes_copied_over;
@@ -89,5 +89,5 @@ fn a_crash_on_a_degraded_volume_is_refused_or_copied_over_and_loses_nothing() {
             return;
         }
     }
-    panic!("256 seeds and the write hole was not reached on both sides: {refused} refused, {copied} copied over");
+    panic!("512 seeds and the write hole was not reached on both sides: {refused} refused, {copied} copied over");
 }
