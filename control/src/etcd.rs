@@ -40,42 +40,96 @@ fn kv_of(v: &Value) -> Result<Kv> {
     })
 }
 
+/// A client of an etcd cluster: requests go to the member that answered last, and on to
+/// the next where it does not answer (a refused or timed-out connection, or a 5xx such as
+/// "no leader" from a member cut off from the others).
 pub struct Etcd {
-    base: String,
+    /// `http://HOST:PORT`, one per member.
+    members: Vec<String>,
+    /// The member tried first: the last one that answered.
+    current: std::sync::atomic::AtomicUsize,
     agent: ureq::Agent,
 }
 
+/// The longest one request may take at one member.
+pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(5);
+
 impl Etcd {
-    /// `etcd://HOST:PORT` (or `http://HOST:PORT`).
-    pub fn new(url: &str) -> Result<Etcd> {
-        let hostport = url
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (or `http://...`), each request bounded by
+    /// `timeout` per member (kept below the lease's time to live by the caller, so that a
+    /// member that does not answer leaves time to renew through another).
+    pub fn new(url: &str, timeout: Duration) -> Result<Etcd> {
+        let list = url
             .strip_prefix("etcd://")
             .or_else(|| url.strip_prefix("http://"))
-            .ok_or_else(|| anyhow!("--state {url:?}: expected etcd://HOST:PORT"))?;
-        if hostport.is_empty() || hostport.contains('/') {
-            bail!("--state {url:?}: expected etcd://HOST:PORT");
+            .ok_or_else(|| anyhow!("--state {url:?}: expected etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let members: Vec<String> = list.split(',').map(|m| format!("http://{}", m.trim())).collect();
+        for (m, given) in members.iter().zip(list.split(',')) {
+            let given = given.trim();
+            if given.is_empty() || given.contains('/') || !given.contains(':') {
+                bail!("--state {url:?}: member {given:?} is not HOST:PORT (expected etcd://HOST:PORT[,HOST:PORT...])");
+            }
+            if members.iter().filter(|o| *o == m).count() > 1 {
+                bail!("--state {url:?}: member {given} is named twice");
+            }
         }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
+            .timeout_global(Some(timeout.min(REQUEST_TIMEOUT_MAX)))
             .build()
             .into();
-        Ok(Etcd { base: format!("http://{hostport}"), agent })
+        Ok(Etcd { members, current: std::sync::atomic::AtomicUsize::new(0), agent })
     }
 
+    /// The member that answered last (the first one before any did).
     pub fn endpoint(&self) -> &str {
-        &self.base
+        &self.members[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.members.len()]
     }
 
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    /// Posts `body` to `path`, at the member that answered last, then at each other one
+    /// in turn where it does not answer. An answer that says no (4xx) is final.
     fn call(&self, path: &str, body: Value) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let mut resp = self.agent.post(&url).send_json(&body).map_err(|e| anyhow!("etcd {url}: {e}"))?;
-        let status = resp.status().as_u16();
-        let v: Value = resp.body_mut().read_json().with_context(|| format!("etcd {url}: answer is not JSON"))?;
-        if status != 200 {
-            bail!("etcd {url}: {status}: {}", v["message"].as_str().or(v["error"].as_str()).unwrap_or("error"));
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for i in 0..self.members.len() {
+            let at = (first + i) % self.members.len();
+            let url = format!("{}{path}", self.members[at]);
+            let mut resp = match self.agent.post(&url).send_json(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed.push(format!("{}: {e}", self.members[at]));
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let v: Value = match resp.body_mut().read_json() {
+                Ok(v) => v,
+                Err(e) if status >= 500 => {
+                    failed.push(format!("{}: {status} ({e})", self.members[at]));
+                    continue;
+                }
+                Err(e) => return Err(anyhow!("etcd {url}: answer is not JSON: {e}")),
+            };
+            let why = || v["message"].as_str().or(v["error"].as_str()).unwrap_or("error").to_string();
+            if status >= 500 {
+                failed.push(format!("{}: {status}: {}", self.members[at], why()));
+                continue;
+            }
+            if at != first {
+                self.current.store(at, Ordering::Relaxed);
+                tracing::info!("etcd: now using member {} ({})", self.members[at], failed.join("; "));
+            }
+            if status != 200 {
+                bail!("etcd {url}: {status}: {}", why());
+            }
+            return Ok(v);
         }
-        Ok(v)
+        bail!("etcd {path}: no member answered: {}", failed.join("; "))
     }
 
     /// A lease of `ttl` seconds.
@@ -136,5 +190,30 @@ impl Etcd {
     pub fn delete(&self, key: &str) -> Result<()> {
         self.call("/v3/kv/deleterange", json!({ "key": b64(key.as_bytes()) }))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_url_names_every_member_once() {
+        let t = Duration::from_secs(1);
+        let e = Etcd::new("etcd://10.0.0.1:2379, 10.0.0.2:2379,[fd00::3]:2379", t).unwrap();
+        assert_eq!(e.members(), ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://[fd00::3]:2379"]);
+        assert_eq!(e.endpoint(), "http://10.0.0.1:2379");
+        assert_eq!(Etcd::new("http://h:1", t).unwrap().members(), ["http://h:1"]);
+        for (bad, why) in [
+            ("etcd://h:1,,h:2", "is not HOST:PORT"),
+            ("etcd://h:1,h:1", "named twice"),
+            ("etcd://h", "is not HOST:PORT"),
+            ("etcd://h:1/v3", "is not HOST:PORT"),
+            ("https://h:1", "expected etcd://"),
+            ("etcd://", "is not HOST:PORT"),
+        ] {
+            let e = Etcd::new(bad, t).err().unwrap_or_else(|| panic!("{bad} taken"));
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Fleet mode (`nvmirror node --state etcd://HOST:PORT`): who is each volume's primary is
+//! Fleet mode (`nvmirror node --state etcd://HOST:PORT[,HOST:PORT...]`, the members of one
+//! etcd cluster, each tried in turn where another does not answer): who is each volume's primary is
 //! recorded in etcd, held by the primary's lease, and a mirror whose primary's lease
 //! expires fails over by itself.
 //!
@@ -37,12 +38,19 @@ fn state_key(vol: &str) -> String {
 
 /// Starts the fleet thread of `node`.
 pub fn start(node: &Arc<Node>, url: &str, ttl: Duration) -> Result<()> {
-    let etcd = Etcd::new(url)?;
     let ttl_s = ttl.as_secs().max(1);
+    // A request at one member that does not answer ends within a third of the lease's
+    // life: the renewal (every third) then goes to another member in time.
+    let etcd = Etcd::new(url, Duration::from_millis(ttl_s * 1000 / 3))?;
     // Reachable now, or the node does not start: a fleet node without its store would
     // take no part in failover.
     let lease = etcd.grant(ttl_s)?;
-    tracing::warn!("node {}: fleet state in etcd at {} (lease {lease:x}, {ttl_s} s)", node.cfg.name, etcd.endpoint());
+    tracing::warn!(
+        "node {}: fleet state in etcd at {} (lease {lease:x}, {ttl_s} s; answered by {})",
+        node.cfg.name,
+        etcd.members().join(","),
+        etcd.endpoint()
+    );
     let weak = Arc::downgrade(node);
     std::thread::Builder::new().name("nvm-fleet".into()).spawn(move || run(weak, etcd, lease, ttl_s))?;
     Ok(())

@@ -136,7 +136,8 @@ struct NodeArgs {
     /// or dax:DIR.
     #[arg(long)]
     nvram: Option<String>,
-    /// Fleet mode: record each volume's primary and pair state in etcd (etcd://HOST:PORT),
+    /// Fleet mode: record each volume's primary and pair state in etcd
+    /// (etcd://HOST:PORT[,HOST:PORT...]: the cluster's members, tried in turn),
     /// held by this node's lease; a mirror whose primary's lease expires fails over by
     /// itself, the etcd revision its new epoch (node state stays in the data dir).
     #[arg(long)]

@@ -2,7 +2,8 @@
 //! the primary holds the volume's key through its lease; killed, its lease expires and the
 //! mirror fails over by itself with the etcd revision as its epoch; every acknowledged
 //! write is there; the old primary, restarted, finds the key held elsewhere and stays
-//! fenced.
+//! fenced. Against a three-member cluster, a member killed and restarted under writes (one
+//! after another) changes nothing: no fencing, no failover, every write acknowledged.
 
 mod common;
 
@@ -60,9 +61,82 @@ fn start_etcd() -> EtcdProc {
         .spawn()
         .expect("start etcd");
     let e = EtcdProc { child, url: format!("etcd://127.0.0.1:{client}"), _dir: dir };
-    let client = Etcd::new(&e.url).expect("client");
+    let client = Etcd::new(&e.url, Duration::from_secs(2)).expect("client");
     wait_for("etcd to answer", Duration::from_secs(30), || Ok(client.grant(1).ok().map(|_| ())));
     e
+}
+
+/// One member of a test cluster, which the test may kill and start again (on its data).
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    initial_cluster: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.name)))
+            .expect("log");
+        let child = Command::new(etcd_binary())
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.join(&self.name))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster, "--initial-cluster-token", "nvmirror-test"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd member");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A three-member cluster on loopback, answering; and its `etcd://` URL naming all three.
+fn start_cluster(dir: &std::path::Path) -> (Vec<Member>, String) {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial_cluster =
+        ports.iter().enumerate().map(|(i, p)| format!("m{i}=http://127.0.0.1:{}", p.1)).collect::<Vec<_>>().join(",");
+    let mut members: Vec<Member> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &(client, peer))| Member {
+            name: format!("m{i}"),
+            client,
+            peer,
+            initial_cluster: initial_cluster.clone(),
+            dir: dir.to_path_buf(),
+            child: None,
+        })
+        .collect();
+    for m in &mut members {
+        m.spawn();
+    }
+    let url = format!("etcd://{}", ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(","));
+    let client = Etcd::new(&url, Duration::from_secs(2)).expect("client");
+    wait_for("the etcd cluster to answer", Duration::from_secs(60), || Ok(client.grant(1).ok().map(|_| ())));
+    (members, url)
 }
 
 fn holder(etcd: &Etcd) -> Option<Value> {
@@ -75,7 +149,7 @@ fn holder(etcd: &Etcd) -> Option<Value> {
 #[test]
 fn a_killed_primary_is_failed_over_by_its_lease_and_stays_fenced() {
     let etcd_proc = start_etcd();
-    let etcd = Etcd::new(&etcd_proc.url).expect("client");
+    let etcd = Etcd::new(&etcd_proc.url, Duration::from_secs(2)).expect("client");
     let args = ["--state", etcd_proc.url.as_str(), "--lease-ttl", "2"];
     let mut pair = Pair::start_with("fleet", &args, &args);
     pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
@@ -123,4 +197,52 @@ fn a_killed_primary_is_failed_over_by_its_lease_and_stays_fenced() {
         assert!(c.write(0, &[2u8; 4096]).is_err(), "the old primary took a write");
     }
     assert_eq!(holder(&etcd).expect("key")["node"], "site-b");
+}
+
+/// A three-member etcd cluster loses one member, then another (each started again before
+/// the next goes), while a fleet pair takes writes: the nodes go on through the members
+/// left, the primary keeps its key and its volume, the mirror does not fail over, and
+/// every acknowledged write is on both sites.
+#[test]
+fn a_member_of_a_three_member_etcd_cluster_lost_under_writes_changes_nothing() {
+    let dir = tempfile::Builder::new().prefix("nvmirror-etcd3-").tempdir().expect("tempdir");
+    let (mut members, url) = start_cluster(dir.path());
+    let etcd = Etcd::new(&url, Duration::from_secs(2)).expect("client");
+    let args = ["--state", url.as_str(), "--lease-ttl", "3"];
+    let mut pair = Pair::start_with("fleet3", &args, &args);
+    pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
+    wait_for("the primary to register in etcd", Duration::from_secs(30), || {
+        Ok(holder(&etcd).filter(|h| h["node"] == "site-a").map(|_| ()))
+    });
+    let epoch = volume_status(&pair.src_api(), VOL).expect("status")["epoch"].as_u64().expect("epoch");
+    let mut w = Workload::new(0, 2048, base_seed("fleet3"));
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD");
+    // The first member is the one both nodes use until it goes; then whichever answered.
+    for m in [0, 1] {
+        members[m].kill();
+        // Several lease lives without that member, writing all along.
+        let (started, before) = (Instant::now(), w.acks);
+        while started.elapsed() < Duration::from_secs(8) {
+            w.run(&mut c, 4, 200, |_| {}).expect("writes");
+        }
+        assert_eq!(w.errors, 0, "writes failed with member {} down", members[m].name);
+        assert!(w.acks > before + 1000, "writes stalled with member {} down", members[m].name);
+        let v = volume_status(&pair.src_api(), VOL).expect("status");
+        assert_eq!(v["state"], "in-sync", "member {} down: {v}", members[m].name);
+        let h = holder(&etcd).expect("the primary key");
+        assert_eq!(h["node"], "site-a", "member {} down: {h}", members[m].name);
+        members[m].spawn();
+        wait_for("the member to answer again", Duration::from_secs(30), || {
+            let one = Etcd::new(&format!("etcd://127.0.0.1:{}", members[m].client), Duration::from_secs(2))?;
+            Ok(one.get("/nvmirror/none").ok().map(|_| ()))
+        });
+    }
+    drop(c);
+    let s = status(&pair.dst_api()).expect("mirror status");
+    assert!(s["volumes"].as_array().is_none_or(Vec::is_empty), "the mirror took the volume over: {s}");
+    let v = volume_status(&pair.src_api(), VOL).expect("status");
+    assert_eq!(v["epoch"].as_u64(), Some(epoch), "the epoch moved: {v}");
+    assert_verified(&verify(&w, &pair.src.nbd, VOL).expect("verify"), "after two members went and came back");
+    let events = run_bin(&["ctl", "--node", &pair.dst.control, "events", "--once"], Duration::from_secs(30));
+    assert!(!String::from_utf8_lossy(&events.stdout).contains("automatic-failover"));
 }
