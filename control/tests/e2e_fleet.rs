@@ -209,7 +209,7 @@ fn a_member_of_a_three_member_etcd_cluster_lost_under_writes_changes_nothing() {
     let (mut members, url) = start_cluster(dir.path());
     let etcd = Etcd::new(&url, Duration::from_secs(2)).expect("client");
     let args = ["--state", url.as_str(), "--lease-ttl", "3"];
-    let mut pair = Pair::start_with("fleet3", &args, &args);
+    let pair = Pair::start_with("fleet3", &args, &args);
     pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
     wait_for("the primary to register in etcd", Duration::from_secs(30), || {
         Ok(holder(&etcd).filter(|h| h["node"] == "site-a").map(|_| ()))
