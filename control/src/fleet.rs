@@ -10,13 +10,21 @@
 //! it every third of that.
 //!
 //! - A primary registers its volumes (creating the key, or finding it its own); a primary
-//!   that finds the key held by another node, or that cannot renew its lease within the
-//!   TTL, fences its volume: it may no longer be the primary, and writes it acknowledged
-//!   alone could be lost (policy strict cannot: its mirror's epoch refuses them).
+//!   that finds the key held by another node fences its volume: it may no longer be the
+//!   primary, and writes it acknowledged alone could be lost (policy strict cannot: its
+//!   mirror's epoch refuses them).
+//! - A primary that cannot renew its lease within the TTL (it lost etcd) keeps each volume
+//!   whose pair is in sync, held to policy strict until etcd answers (no write is
+//!   acknowledged on its site alone; a mirror that fails over fences it through the link),
+//!   and fences every other one: it can prove neither that it is the primary nor that its
+//!   mirror takes its writes.
 //! - A mirror that has seen its source hold the key and then finds it gone (the lease
 //!   expired: the node died, or lost etcd) takes the key for itself, and fails over with
 //!   the revision of that creation as the new epoch: the fencing token. Only one mirror
 //!   can create the key; a mirror that cannot fail over (not consistent) gives it back.
+//!   Not while the source's connection is up: a source that lost etcd, not its mirror, is
+//!   alive (a dead one's connection ends: its kernel closes it, or keepalive probes go
+//!   unanswered, `transport::tcp::DEAD_PEER`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -61,20 +69,29 @@ fn run(node: Weak<Node>, etcd: Etcd, mut lease: i64, ttl_s: u64) {
     let mut renewed = Instant::now();
     // Mirrors whose source was seen holding the key: only those fail over by themselves.
     let mut seen_primary: HashSet<(String, String)> = HashSet::new();
+    // Primary volumes going on without etcd, held to policy strict (their pair in sync).
+    let mut held: HashSet<String> = HashSet::new();
     loop {
         std::thread::sleep(period);
         let Some(node) = node.upgrade() else { return };
         match etcd.keepalive(lease) {
-            Ok(true) => renewed = Instant::now(),
+            Ok(true) => {
+                renewed = Instant::now();
+                node.release_held(&mut held);
+            }
             Ok(false) | Err(_) => {
                 if renewed.elapsed() >= Duration::from_secs(ttl_s) {
-                    // The lease is gone (or may be): another node may be taking over.
-                    node.fence_primaries(
-                        "this node's etcd lease expired: another node may have taken its volumes over",
+                    // The lease is gone (or may be): a mirror may be taking over. A volume
+                    // whose mirror takes its writes goes on (the mirror fences it if it
+                    // fails over); any other is fenced.
+                    node.hold_or_fence_primaries(
+                        "this node's etcd lease expired: another node may take its volumes over",
+                        &mut held,
                     );
                     if let Ok(l) = etcd.grant(ttl_s) {
                         lease = l;
                         renewed = Instant::now();
+                        node.release_held(&mut held);
                     }
                 }
                 continue;
@@ -127,6 +144,10 @@ fn run(node: Weak<Node>, etcd: Etcd, mut lease: i64, ttl_s: u64) {
                         seen_primary.insert((src.clone(), vol.clone()));
                     }
                 }
+                // A source whose link to this mirror is up is alive, whatever etcd says (it
+                // lost etcd, not its mirror): no failover under it. A dead source's
+                // connection ends (its kernel closes it, or keepalive probes go unanswered).
+                Ok(None) if seen_primary.contains(&(src.clone(), vol.clone())) && m["connected"] == true => {}
                 Ok(None) if seen_primary.contains(&(src.clone(), vol.clone())) && m["consistent"] == true => {
                     automatic_failover(&node, &etcd, lease, &src, &vol);
                     seen_primary.remove(&(src, vol));

@@ -246,3 +246,66 @@ fn a_member_of_a_three_member_etcd_cluster_lost_under_writes_changes_nothing() {
     let events = run_bin(&["ctl", "--node", &pair.dst.control, "events", "--once"], Duration::from_secs(30));
     assert!(!String::from_utf8_lossy(&events.stdout).contains("automatic-failover"));
 }
+
+/// The primary loses etcd (the only member it names goes) while its mirror still reaches
+/// etcd and the primary: its lease expires, and yet nothing fails over, since the mirror
+/// hears its source; the primary goes on taking writes under policy sync, held to strict
+/// meanwhile (its mirror takes every write). When etcd answers again it takes its policy
+/// back and its key.
+#[test]
+fn a_primary_that_loses_etcd_but_not_its_mirror_goes_on() {
+    let dir = tempfile::Builder::new().prefix("nvmirror-etcd3-").tempdir().expect("tempdir");
+    let (mut members, url) = start_cluster(dir.path());
+    let etcd = Etcd::new(&url, Duration::from_secs(2)).expect("client");
+    let only_first = format!("etcd://127.0.0.1:{}", members[0].client);
+    let others = format!("etcd://127.0.0.1:{},127.0.0.1:{}", members[1].client, members[2].client);
+    let a_args = ["--state", only_first.as_str(), "--lease-ttl", "2"];
+    let b_args = ["--state", others.as_str(), "--lease-ttl", "2"];
+    let pair = Pair::start_with("fleetlost", &a_args, &b_args);
+    create_volume(&pair.src_api(), VOL, 16 * MIB, Some(LOG_BYTES_MIN)).expect("create");
+    ctl(&pair.src.control, &["mirror", VOL, "--to", &pair.dst.control, "--policy", "sync"]);
+    wait_state(&pair.src_api(), VOL, "in-sync", Duration::from_secs(60));
+    wait_for("the primary to register in etcd", Duration::from_secs(30), || {
+        Ok(holder(&etcd).filter(|h| h["node"] == "site-a").map(|_| ()))
+    });
+    let mut w = Workload::new(0, 2048, base_seed("fleetlost"));
+    let mut c = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD");
+    w.run(&mut c, 4, 500, |_| {}).expect("writes");
+
+    members[0].kill();
+    // Its lease expires (2 s) and its key goes; several lease lives later, still serving.
+    wait_for("the primary's key to go with its lease", Duration::from_secs(30), || {
+        Ok(holder(&etcd).is_none().then_some(()))
+    });
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        w.run(&mut c, 4, 200, |_| {}).expect("writes");
+    }
+    assert_eq!(w.errors, 0, "writes failed without etcd");
+    let v = volume_status(&pair.src_api(), VOL).expect("status");
+    assert_eq!(v["state"], "in-sync", "{v}");
+    assert_eq!(v["policy"], "strict", "held to strict while etcd is away: {v}");
+    let m = mirror_status(&pair.dst_api(), VOL).expect("mirror status");
+    assert_eq!(m["promoted"], false, "the mirror failed over under a live source: {m}");
+    let events = |n: &str| {
+        String::from_utf8_lossy(&run_bin(&["ctl", "--node", n, "events", "--once"], Duration::from_secs(30)).stdout)
+            .to_string()
+    };
+    assert!(events(&pair.src.control).contains("held-strict"));
+    assert!(!events(&pair.dst.control).contains("automatic-failover"));
+
+    // etcd again: the policy back, the key taken again, writes as before.
+    members[0].spawn();
+    wait_for("the primary to hold its key again", Duration::from_secs(30), || {
+        Ok(holder(&etcd).filter(|h| h["node"] == "site-a").map(|_| ()))
+    });
+    wait_for("the policy to come back", Duration::from_secs(30), || {
+        Ok((volume_status(&pair.src_api(), VOL)?["policy"] == "sync").then_some(()))
+    });
+    w.run(&mut c, 4, 500, |_| {}).expect("writes");
+    assert_eq!(w.errors, 0);
+    drop(c);
+    // The mirror's export shows its last CP: one now holds every write.
+    cp(&pair.src_api(), VOL).expect("CP");
+    assert_verified(&verify(&w, &pair.dst.nbd, VOL).expect("verify"), "the mirror, after etcd came back");
+}

@@ -672,6 +672,50 @@ impl Node {
         }
     }
 
+    /// This node cannot renew its etcd lease: etcd may soon say no node is the primary, and
+    /// a mirror may take over. Each primary volume whose pair is in sync goes on, held to
+    /// policy strict (its mirror must take every write, so none is acknowledged here alone
+    /// while etcd cannot vouch for this node; a mirror that fails over fences it through the
+    /// link); every other one is fenced: this node can prove neither. `held` is the set of
+    /// volumes held so far; the ones held are added, a held one no longer in sync is fenced.
+    pub fn hold_or_fence_primaries(&self, why: &str, held: &mut std::collections::HashSet<String>) {
+        let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (name, h) in handles {
+            let in_sync = h.status().is_ok_and(|s| s.state == PairState::InSync);
+            if !in_sync {
+                held.remove(&name);
+                self.fence_volume(&name, why);
+                continue;
+            }
+            if held.insert(name.clone()) && h.control(Control::SetPolicy(Policy::Strict)).is_ok() {
+                tracing::warn!(
+                    "node {}: volume {name} goes on while its mirror takes every write ({why}); held to policy \
+                     strict until etcd answers",
+                    self.cfg.name
+                );
+                self.events.push("held-strict", Some(&name), serde_json::json!({ "reason": why }));
+            }
+        }
+    }
+
+    /// etcd answers again: the volumes held to strict by [`Node::hold_or_fence_primaries`]
+    /// take their own policy back.
+    pub fn release_held(&self, held: &mut std::collections::HashSet<String>) {
+        for name in held.drain() {
+            let policy = self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| v.policy);
+            let handle = self.volumes.read().get(&name).cloned();
+            if let (Some(policy), Some(h)) = (policy, handle) {
+                if h.control(Control::SetPolicy(policy)).is_ok() {
+                    tracing::warn!(
+                        "node {}: etcd answers again: volume {name} back to policy {}",
+                        self.cfg.name,
+                        policy.as_str()
+                    );
+                }
+            }
+        }
+    }
+
     /// The status of `name` alone: its row as a primary, the mirrors of that name hosted
     /// here, or why it did not start.
     pub fn volume_status(&self, name: &str) -> Result<NodeStatus> {

@@ -43,6 +43,7 @@ impl Connector for TcpConnector {
             .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
         let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
+        detect_dead_peer(&stream).map_err(io_err)?;
         stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
         // This engine sends entries straight from the NVLog under their own checksums.

@@ -43,6 +43,44 @@ pub use serve::{serve, serve_connection};
 /// does not read.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A replication connection whose peer went away without closing it (a lost host, a cut
+/// cable: nothing comes back, not even a reset) ends within about [`DEAD_PEER`]: the kernel
+/// probes a silent connection after 2 s, every second, and gives up after 8 probes
+/// unanswered, or once data it sent has gone unacknowledged that long (as long as a send
+/// may block, [`IO_TIMEOUT`]). A live peer's kernel answers the probes even while its
+/// process is stopped. Without this, a mirror would hold an idle source's connection (and
+/// believe it alive) for hours.
+pub const DEAD_PEER: Duration = IO_TIMEOUT;
+
+/// Sets [`DEAD_PEER`]'s keepalive and user timeout on `stream`.
+pub(crate) fn detect_dead_peer(stream: &TcpStream) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: `fd` is the open socket `stream` owns, and `value` a c_int that lives
+        // through the call, whose size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("small"),
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 8)?;
+    let user_timeout_ms = libc::c_int::try_from(DEAD_PEER.as_millis()).expect("small");
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms)
+}
+
 /// The largest hello or welcome: strings are bounded, so a first frame above this is
 /// refused before its body is read.
 const FIRST_FRAME_BODY_MAX: usize = 4096;
@@ -101,6 +139,36 @@ mod tests {
     use crate::transport::{FrameHandler, Intent};
     use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
+
+    /// Both ends of a link find a peer that went away silently: keepalive probes and a
+    /// user timeout, read back from the sockets.
+    #[test]
+    fn replication_sockets_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (inn, _) = listener.accept().unwrap();
+        for s in [&out, &inn] {
+            detect_dead_peer(s).unwrap();
+            let get = |level: libc::c_int, name: libc::c_int| {
+                let mut v: libc::c_int = 0;
+                let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+                // SAFETY: a valid socket, and a c_int buffer whose size is passed.
+                let r = unsafe {
+                    libc::getsockopt(s.as_raw_fd(), level, name, std::ptr::from_mut(&mut v).cast(), &mut len)
+                };
+                assert_eq!(r, 0, "{}", io::Error::last_os_error());
+                v
+            };
+            assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+            let (idle, intvl, cnt) = (
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            );
+            assert_eq!(u64::try_from(idle + intvl * cnt).unwrap(), DEAD_PEER.as_secs());
+            assert_eq!(u128::try_from(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)).unwrap(), DEAD_PEER.as_millis());
+        }
+    }
 
     /// A directory that welcomes every hello it is given and counts them.
     #[derive(Default)]

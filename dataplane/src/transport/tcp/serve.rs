@@ -295,6 +295,7 @@ pub fn serve_connection(
     security: &LinkSecurity,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    detect_dead_peer(&stream)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
