@@ -664,14 +664,6 @@ impl Node {
         }
     }
 
-    /// Fences every primary volume here.
-    pub fn fence_primaries(&self, why: &str) {
-        let names: Vec<String> = self.volumes.read().keys().cloned().collect();
-        for n in names {
-            self.fence_volume(&n, why);
-        }
-    }
-
     /// This node cannot renew its etcd lease: etcd may soon say no node is the primary, and
     /// a mirror may take over. Each primary volume whose pair is in sync goes on, held to
     /// policy strict (its mirror must take every write, so none is acknowledged here alone
@@ -681,8 +673,12 @@ impl Node {
     pub fn hold_or_fence_primaries(&self, why: &str, held: &mut std::collections::HashSet<String>) {
         let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (name, h) in handles {
-            let in_sync = h.status().is_ok_and(|s| s.state == PairState::InSync);
-            if !in_sync {
+            let state = h.status().map(|s| s.state);
+            if matches!(state, Ok(PairState::Fenced | PairState::Failed)) {
+                held.remove(&name);
+                continue;
+            }
+            if !matches!(state, Ok(PairState::InSync)) {
                 held.remove(&name);
                 self.fence_volume(&name, why);
                 continue;
