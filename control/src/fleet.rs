@@ -1,7 +1,7 @@
 //! Fleet mode (`nvmirror node --state etcd://HOST:PORT[,HOST:PORT...]`, the members of one
-//! etcd cluster, each tried in turn where another does not answer): who is each volume's primary is
-//! recorded in etcd, held by the primary's lease, and a mirror whose primary's lease
-//! expires fails over by itself.
+//! etcd cluster, each tried in turn where another does not answer): who is each volume's
+//! primary is recorded in etcd, held by the primary's lease, and a mirror whose primary's
+//! lease expires fails over by itself.
 //!
 //! Keys, per volume: `/nvmirror/volumes/VOL/primary` = `{"node", "control", "epoch"}`,
 //! attached to the primary node's lease (it vanishes when the node stops renewing it), and

@@ -673,15 +673,18 @@ impl Node {
     pub fn hold_or_fence_primaries(&self, why: &str, held: &mut std::collections::HashSet<String>) {
         let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (name, h) in handles {
-            let state = h.status().map(|s| s.state);
-            if matches!(state, Ok(PairState::Fenced | PairState::Failed)) {
-                held.remove(&name);
-                continue;
-            }
-            if !matches!(state, Ok(PairState::InSync)) {
-                held.remove(&name);
-                self.fence_volume(&name, why);
-                continue;
+            match h.status().map(|s| s.state) {
+                Ok(PairState::InSync) => {}
+                // Fenced or failed already: nothing to do again every round.
+                Ok(PairState::Fenced | PairState::Failed) => {
+                    held.remove(&name);
+                    continue;
+                }
+                _ => {
+                    held.remove(&name);
+                    self.fence_volume(&name, why);
+                    continue;
+                }
             }
             if held.insert(name.clone()) && h.control(Control::SetPolicy(Policy::Strict)).is_ok() {
                 tracing::warn!(
@@ -1019,17 +1022,15 @@ impl ExportRegistry for Node {
         mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted).map(|(_, m)| m.meta().volume_id)
     }
     /// A primary's mirror, where its last welcome said it serves NVMe/TCP (else where it
-    /// said when paired); a mirror's source, where its last connection said it (an address on no particular interface,
-    /// 0.0.0.0 or ::, is no path a host can use, and is left out).
+    /// said when paired); a mirror's source, where its last connection said it. An address
+    /// on no particular interface (0.0.0.0 or ::) is no path a host can use: left out.
     fn other_paths(&self, name: &str) -> Vec<SocketAddr> {
-        let said = self.volumes.read().get(name).and_then(|h| h.mirror_nvmf());
-        let primary = self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
-            said.or_else(|| {
+        let recorded =
+            self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
                 v.mirror.as_ref().and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse::<SocketAddr>().ok())
-            })
-        });
-        let addr = match primary {
-            Some(peer) => peer,
+            });
+        let addr = match recorded {
+            Some(recorded) => self.volumes.read().get(name).and_then(|h| h.mirror_nvmf()).or(recorded),
             None => {
                 let mirrors = self.mirrors.read();
                 mirrors
