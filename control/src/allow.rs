@@ -1,11 +1,14 @@
-//! A volume's NBD allow-list: the client addresses that may attach it, as networks
-//! (`10.0.0.0/24`, `fd00::/64`) or single addresses (`10.0.0.7`).
+//! A volume's NBD allow-list: the clients that may attach it, by address, as networks
+//! (`10.0.0.0/24`, `fd00::/64`) or single addresses (`10.0.0.7`), or by the name their
+//! verified client certificate holds (`cert:backup-host`: NBD over TLS with
+//! `--nbd-client-ca`).
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Result};
+use nvmirror_dataplane::frontend::ClientId;
 
 /// One network of an allow-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,28 +63,68 @@ impl fmt::Display for AllowNet {
     }
 }
 
+/// One entry of an allow-list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allow {
+    /// Clients whose address is in the network.
+    Net(AllowNet),
+    /// Clients whose verified certificate holds this name (a subject alternative DNS name
+    /// or the common name; compared without regard to ASCII case).
+    Cert(String),
+}
+
+/// The prefix of a certificate name entry.
+pub const CERT_PREFIX: &str = "cert:";
+/// The longest certificate name an entry may hold (a DNS name's limit).
+const CERT_NAME_BYTES_MAX: usize = 253;
+
+impl FromStr for Allow {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let Some(name) = s.strip_prefix(CERT_PREFIX) else {
+            return s
+                .parse()
+                .map(Allow::Net)
+                .map_err(|_| anyhow!("allow {s:?}: not an address, ADDRESS/PREFIX or cert:NAME"));
+        };
+        if name.is_empty() || name.len() > CERT_NAME_BYTES_MAX || name.chars().any(char::is_control) {
+            bail!("allow {s:?}: a certificate name is 1 to {CERT_NAME_BYTES_MAX} bytes, no control characters");
+        }
+        Ok(Allow::Cert(name.to_string()))
+    }
+}
+
+impl Allow {
+    fn admits(&self, client: &ClientId) -> bool {
+        match self {
+            Allow::Net(n) => n.contains(client.addr),
+            Allow::Cert(name) => client.cert_names.iter().any(|c| c.eq_ignore_ascii_case(name)),
+        }
+    }
+}
+
 /// Parses an allow-list; empty admits everyone. At most [`ALLOW_MAX`] entries.
-pub fn parse(list: &[String]) -> Result<Vec<AllowNet>> {
+pub fn parse(list: &[String]) -> Result<Vec<Allow>> {
     if list.len() > ALLOW_MAX {
-        bail!("an allow-list takes at most {ALLOW_MAX} networks, got {}", list.len());
+        bail!("an allow-list takes at most {ALLOW_MAX} entries, got {}", list.len());
     }
     list.iter().map(|s| s.parse()).collect()
 }
 
-/// Networks one allow-list holds at most.
+/// Entries one allow-list holds at most.
 pub const ALLOW_MAX: usize = 64;
 
-/// Whether `list` admits `ip`: an empty list admits everyone.
-pub fn admits(list: &[AllowNet], ip: IpAddr) -> bool {
-    list.is_empty() || list.iter().any(|n| n.contains(ip))
+/// Whether `list` admits `client`: an empty list admits everyone.
+pub fn admits(list: &[Allow], client: &ClientId) -> bool {
+    list.is_empty() || list.iter().any(|a| a.admits(client))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> ClientId {
+        ClientId::at(s.parse().unwrap())
     }
 
     #[test]
@@ -89,21 +132,37 @@ mod tests {
         let list =
             parse(&["10.1.0.0/16".into(), "192.168.7.9".into(), "fd00::/8".into(), "10.2.3.128/25".into()]).unwrap();
         for yes in ["10.1.255.3", "192.168.7.9", "fd12::1", "::ffff:10.1.0.1", "10.2.3.200"] {
-            assert!(admits(&list, ip(yes)), "{yes}");
+            assert!(admits(&list, &ip(yes)), "{yes}");
         }
         for no in ["10.2.0.1", "192.168.7.8", "fe80::1", "127.0.0.1", "10.2.3.127"] {
-            assert!(!admits(&list, ip(no)), "{no}");
+            assert!(!admits(&list, &ip(no)), "{no}");
         }
-        assert!(admits(&[], ip("203.0.113.5")), "an empty list admits everyone");
-        assert!(admits(&parse(&["0.0.0.0/0".into()]).unwrap(), ip("203.0.113.5")));
-        assert_eq!(list[0].to_string(), "10.1.0.0/16");
+        assert!(admits(&[], &ip("203.0.113.5")), "an empty list admits everyone");
+        assert!(admits(&parse(&["0.0.0.0/0".into()]).unwrap(), &ip("203.0.113.5")));
+        assert_eq!(list[0], Allow::Net("10.1.0.0/16".parse().unwrap()));
+    }
+
+    #[test]
+    fn certificate_names_admit_verified_clients_only() {
+        let list = parse(&["cert:Backup.example".into(), "10.9.0.0/16".into()]).unwrap();
+        let with = |addr: &str, names: &[&str]| ClientId {
+            addr: addr.parse().unwrap(),
+            cert_names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        assert!(admits(&list, &with("203.0.113.5", &["backup.example"])), "name, any case, any address");
+        assert!(admits(&list, &with("203.0.113.5", &["other", "BACKUP.EXAMPLE"])));
+        assert!(!admits(&list, &with("203.0.113.5", &["backup.example.org"])), "whole names only");
+        assert!(!admits(&list, &with("203.0.113.5", &[])), "no certificate, no name");
+        assert!(admits(&list, &with("10.9.1.1", &[])), "the address still admits");
+        assert!(!admits(&parse(&["cert:a".into()]).unwrap(), &ip("127.0.0.1")));
     }
 
     #[test]
     fn malformed_entries_are_refused() {
-        for bad in ["10.0.0.0/33", "host", "10.0.0.0/", "::/129", "1.2.3.4/-1", ""] {
+        for bad in ["10.0.0.0/33", "host", "10.0.0.0/", "::/129", "1.2.3.4/-1", "", "cert:", "cert:a\nb"] {
             assert!(parse(&[bad.to_string()]).is_err(), "{bad}");
         }
         assert!(parse(&vec!["10.0.0.1".to_string(); ALLOW_MAX + 1]).is_err());
+        assert!(parse(&[format!("cert:{}", "a".repeat(254))]).is_err());
     }
 }

@@ -15,7 +15,7 @@ use nvmirror_control::api::{self, Client, CreateVolume, MirrorRequest};
 use nvmirror_control::config::FlagKind;
 use nvmirror_control::node::{Node, NodeConfig};
 use nvmirror_control::{quickstart, size};
-use nvmirror_dataplane::frontend::nbd::NbdServer;
+use nvmirror_dataplane::frontend::nbd::{NbdServer, NbdTls};
 use nvmirror_dataplane::frontend::nvmf::NvmfServer;
 use nvmirror_dataplane::nvram::NvramSpec;
 use nvmirror_dataplane::transport::auth::PeerSecret;
@@ -131,6 +131,12 @@ struct NodeArgs {
     /// those of --tls-cert itself).
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
+    /// The CA certificates (PEM) NBD clients' certificates must be signed by: the NBD port
+    /// (TLS only with --tls-cert) then requires a client certificate of every client, as
+    /// nbdkit's --tls-verify-peer does, and volume allow-lists may name clients by it
+    /// (`cert:NAME`, a DNS name or the common name of the certificate).
+    #[arg(long, requires = "tls_cert", value_name = "CA.pem")]
+    nbd_client_ca: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
     /// file-sync:DIR, direct:DIR (O_DIRECT writes, power-safe without persistent memory)
     /// or dax:DIR.
@@ -350,7 +356,8 @@ enum VolumeCmd {
         #[arg(long)]
         cp_by_value: bool,
         /// A network or address whose NBD clients may attach the volume (10.0.0.0/24,
-        /// fd00::/64, 10.0.0.7); repeat for more. Default: every client.
+        /// fd00::/64, 10.0.0.7), or cert:NAME, a name their verified client certificate
+        /// holds (--nbd-client-ca); repeat for more. Default: every client.
         #[arg(long, value_name = "NET")]
         allow: Vec<String>,
     },
@@ -358,7 +365,7 @@ enum VolumeCmd {
     Allow {
         /// The volume (its name).
         name: String,
-        /// The networks or addresses admitted; none: every client.
+        /// The networks, addresses and cert:NAMEs admitted; none: every client.
         nets: Vec<String>,
     },
     /// Delete a volume: its log, change map and data-dir disks (disks named at creation
@@ -624,6 +631,17 @@ fn run_node(a: NodeArgs) -> Result<()> {
         None => None,
     };
     let tls = node_tls(&a)?;
+    let nbd_client_ca = a
+        .nbd_client_ca
+        .as_deref()
+        .map(|p| nvmirror_dataplane::transport::tls::load_certs("--nbd-client-ca", p))
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let nbd_tls = tls
+        .as_ref()
+        .map(|t| t.nbd_server(nbd_client_ca.as_deref()))
+        .transpose()
+        .map_err(|e| anyhow!("--tls-cert/--nbd-client-ca: {e}"))?;
     let (control, control_addr) =
         nvmirror_control::tls::control_server(api::parse_addr(&a.control)?, &a.data_dir, tls.as_ref())?;
     let replication_addr = replication.local_addr()?;
@@ -647,6 +665,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
         control: control_addr,
         secret: secret.clone(),
         tls,
+        nbd_client_ca,
         require_signed_ctl: a.require_signed_ctl,
         advertise: a.advertise.clone(),
         copy_rate: a.copy_rate,
@@ -658,7 +677,7 @@ fn run_node(a: NodeArgs) -> Result<()> {
     std::thread::Builder::new()
         .name("nvm-repl-accept".into())
         .spawn(move || nvmirror_dataplane::transport::tcp::serve(replication, dir, stop, security))?;
-    let _nbd = NbdServer::spawn(nbd, node.clone())?;
+    let _nbd = NbdServer::spawn_with(nbd, node.clone(), nbd_tls.map(NbdTls::new))?;
     let _nvmf = nvmf.map(|l| NvmfServer::spawn(l, node.clone())).transpose()?;
     if let Some(server) = &_nvmf {
         node.set_nvmf_hosts(server.hosts());

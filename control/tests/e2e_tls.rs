@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use nvmirror_control::workload::Workload;
-use nvmirror_dataplane::frontend::nbd_client::NbdClient;
+use nvmirror_dataplane::frontend::nbd_client::{ClientTls, NbdClient};
 use nvmirror_dataplane::transport::wire::{self, FRAME_HEADER_BYTES};
 use nvmirror_dataplane::transport::{Hello, Intent, Message};
 use serde_json::Value;
@@ -104,7 +104,14 @@ fn a_pair_over_tls_mirrors_writes_and_fails_over_and_ctl_needs_the_ca() {
     // Mirror, write, fail over: every acknowledged write is on the promoted mirror.
     pair.create_mirrored(VOL, 16 * MIB, LOG_BYTES_MIN);
     let mut w = Workload::new(0, 1024, seed);
-    let mut nbd = NbdClient::connect(pair.src.nbd.as_str(), VOL).expect("NBD connect");
+    // NBD on a node with --tls-cert is TLS only: a plain client is refused.
+    assert!(NbdClient::connect(pair.src.nbd.as_str(), VOL).is_err(), "a plain NBD client was served");
+    let roots = nvmirror_dataplane::transport::tls::load_certs("CA", &c.ca).expect("read the test CA");
+    use_nbd_tls(ClientTls {
+        config: nvmirror_dataplane::transport::tls::client_config(&roots).expect("client TLS"),
+        server_name: rustls_pki_types::ServerName::try_from("127.0.0.1").expect("server name"),
+    });
+    let mut nbd = nbd_connect(&pair.src.nbd, VOL).expect("NBD connect over TLS");
     w.run(&mut nbd, 4, 600, |_| {}).expect("writes");
     cp(&pair.src_api(), VOL).expect("forced CP");
     w.run(&mut nbd, 4, 300, |_| {}).expect("writes after the CP");

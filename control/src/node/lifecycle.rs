@@ -29,7 +29,7 @@ impl Node {
     /// Replaces primary volume `name`'s NBD allow-list, refused (`Invalid`) if it does not
     /// parse; it applies to connections made from now on.
     pub fn set_allow(&self, name: &str, allow: Vec<String>) -> Result<()> {
-        check_allow(&allow)?;
+        check_allow(&allow, self.cfg.nbd_client_ca.is_some())?;
         let mut state = self.state.lock();
         state.volume_mut(name)?.allow.clone_from(&allow);
         self.save_state(&state)?;

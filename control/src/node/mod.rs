@@ -188,9 +188,20 @@ pub struct NotFound(pub String);
 #[error("{0}")]
 pub struct Invalid(pub String);
 
-/// Checks an NBD allow-list before it is recorded.
-fn check_allow(list: &[String]) -> Result<()> {
-    crate::allow::parse(list).map(drop).map_err(|e| Invalid(format!("{e:#}")).into())
+/// Checks an NBD allow-list before it is recorded. A certificate name admits no one on a
+/// node that does not verify client certificates: refused there, with the reason.
+fn check_allow(list: &[String], client_certs: bool) -> Result<()> {
+    let parsed = crate::allow::parse(list).map_err(|e| Invalid(format!("{e:#}")))?;
+    if !client_certs {
+        if let Some(crate::allow::Allow::Cert(name)) = parsed.iter().find(|a| matches!(a, crate::allow::Allow::Cert(_)))
+        {
+            return Err(Invalid(format!(
+                "allow cert:{name}: this node does not verify NBD client certificates (start it with --tls-cert and --nbd-client-ca)"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 pub struct NodeConfig {
@@ -212,6 +223,9 @@ pub struct NodeConfig {
     /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`): the control API and the replication
     /// engine serve TLS only, and this node speaks TLS to its peers. None: plain TCP.
     pub tls: Option<nvmirror_dataplane::transport::tls::TlsConfig>,
+    /// `--nbd-client-ca`: the NBD port requires client certificates signed by these CAs,
+    /// and allow-lists may name clients by their certificate (`cert:NAME`).
+    pub nbd_client_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// `--require-signed-ctl`: admin calls (POSTs) must be signed with the secret (`ctl
     /// --secret-file`); reads stay open. Needs a secret.
     pub require_signed_ctl: bool,
@@ -550,7 +564,7 @@ impl Node {
         options: VolumeOptions,
     ) -> Result<VolumeRecord> {
         valid_name(name)?;
-        check_allow(&options.allow)?;
+        check_allow(&options.allow, self.cfg.nbd_client_ca.is_some())?;
         if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
             bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
         }
@@ -1008,11 +1022,11 @@ impl ExportRegistry for Node {
         Some(Arc::new(MirrorExport(m.1.clone())))
     }
     /// A primary volume's allow-list (a mirror's read-only export admits every client).
-    fn admits(&self, name: &str, peer: std::net::IpAddr) -> bool {
+    fn admits(&self, name: &str, client: &nvmirror_dataplane::frontend::ClientId) -> bool {
         let state = self.state.lock();
         let Some(rec) = state.volumes.iter().find(|v| v.name == name) else { return true };
         // The list was checked when it was set; an entry that no longer parses admits no one.
-        crate::allow::parse(&rec.allow).is_ok_and(|list| crate::allow::admits(&list, peer))
+        crate::allow::parse(&rec.allow).is_ok_and(|list| crate::allow::admits(&list, client))
     }
     fn volume_id(&self, name: &str) -> Option<u64> {
         if let Some(v) = self.state.lock().volumes.iter().find(|v| v.name == name) {

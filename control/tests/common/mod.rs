@@ -300,9 +300,26 @@ pub fn try_wait_state(api: &Client, vol: &str, state: &str, timeout: Duration) -
     })
 }
 
+/// The TLS this test binary's NBD connections start (nodes with `--tls-cert` require it);
+/// plain text until set.
+static NBD_TLS: std::sync::Mutex<Option<nvmirror_dataplane::frontend::nbd_client::ClientTls>> =
+    std::sync::Mutex::new(None);
+
+/// Makes every NBD connection of the helpers here start TLS with `tls`.
+#[allow(dead_code)]
+pub fn use_nbd_tls(tls: nvmirror_dataplane::frontend::nbd_client::ClientTls) {
+    *NBD_TLS.lock().expect("NBD TLS lock") = Some(tls);
+}
+
+/// An NBD connection to export `vol` at `nbd`, over TLS where [`use_nbd_tls`] said so.
+pub fn nbd_connect(nbd: &str, vol: &str) -> std::io::Result<NbdClient> {
+    let tls = NBD_TLS.lock().expect("NBD TLS lock").clone();
+    NbdClient::connect_with(nbd, vol, tls.as_ref())
+}
+
 /// Reads `len` bytes from `offset` of an export, in 1 MiB requests.
 pub fn read_range(nbd: &str, vol: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let mut c = NbdClient::connect(nbd, vol).with_context(|| format!("NBD connect to {vol} at {nbd}"))?;
+    let mut c = nbd_connect(nbd, vol).with_context(|| format!("NBD connect to {vol} at {nbd}"))?;
     let mut out = vec![0u8; usize::try_from(len)?];
     for (i, chunk) in out.chunks_mut(usize_of(MIB)).enumerate() {
         c.read(offset + i as u64 * MIB, chunk).with_context(|| format!("NBD read at {}", offset + i as u64 * MIB))?;
@@ -313,7 +330,7 @@ pub fn read_range(nbd: &str, vol: &str, offset: u64, len: u64) -> Result<Vec<u8>
 
 /// Reads a whole export.
 pub fn read_volume(nbd: &str, vol: &str) -> Result<Vec<u8>> {
-    let size = NbdClient::connect(nbd, vol).with_context(|| format!("NBD connect to {vol} at {nbd}"))?.size;
+    let size = nbd_connect(nbd, vol).with_context(|| format!("NBD connect to {vol} at {nbd}"))?.size;
     read_range(nbd, vol, 0, size)
 }
 
@@ -551,7 +568,7 @@ impl BackgroundWriter {
         let (stop2, acks2, nbd, volume) = (stop.clone(), acks.clone(), nbd.to_string(), volume.to_string());
         let thread = std::thread::spawn(move || {
             let mut w = Workload::new(0, 2048, seed);
-            let mut c = NbdClient::connect(nbd.as_str(), &volume).expect("NBD connect");
+            let mut c = nbd_connect(nbd.as_str(), &volume).expect("NBD connect");
             for _ in 0..600 {
                 w.run(&mut c, 4, 50, |a| acks2.store(a, Ordering::SeqCst)).expect("writes");
                 if stop2.load(Ordering::SeqCst) || w.errors > 0 {

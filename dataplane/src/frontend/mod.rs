@@ -125,15 +125,43 @@ pub trait Export: Send + Sync {
     }
 }
 
+/// Who a client is, as far as the front end could establish it: its address, and the names
+/// of the certificate it presented where the port verifies client certificates (NBD over
+/// TLS with `--nbd-client-ca`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientId {
+    pub addr: std::net::IpAddr,
+    /// The verified certificate's subject alternative DNS names and common name; empty
+    /// where no certificate was verified.
+    pub cert_names: Vec<String>,
+}
+
+impl ClientId {
+    /// A client known by its address only.
+    pub fn at(addr: std::net::IpAddr) -> ClientId {
+        ClientId { addr, cert_names: Vec::new() }
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if !self.cert_names.is_empty() {
+            write!(f, " (certificate {})", self.cert_names.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
 /// The set of volumes a front end may serve, looked up by export name.
 pub trait ExportRegistry: Send + Sync {
     fn lookup(&self, name: &str) -> Option<Arc<dyn Export>>;
     /// Names for NBD_OPT_LIST.
     fn names(&self) -> Vec<String>;
-    /// Whether a client at `peer` may use export `name` (its allow-list); every client
-    /// may unless the registry says otherwise.
-    fn admits(&self, name: &str, peer: std::net::IpAddr) -> bool {
-        let _ = (name, peer);
+    /// Whether `client` may use export `name` (its allow-list); every client may unless
+    /// the registry says otherwise.
+    fn admits(&self, name: &str, client: &ClientId) -> bool {
+        let _ = (name, client);
         true
     }
     /// The volume's id, the same on both nodes of a pair: NVMe/TCP derives the namespace's

@@ -102,7 +102,7 @@ impl Conn {
             Conn::Nvmf(s) => s.error().map(|e| e as _),
         }
     }
-    fn close(&self) {
+    fn close(&mut self) {
         match self {
             Conn::Nbd(s) => s.close(),
             Conn::Nvmf(s) => s.close(),
@@ -203,7 +203,7 @@ where
         }
     }
 
-    fn take_client(&mut self, session: Conn) {
+    fn take_client(&mut self, mut session: Conn) {
         let (peer, protocol) = (session.peer(), session.protocol());
         let slot = match self.clients.slots.iter().position(Option::is_none) {
             Some(i) => i,
@@ -292,7 +292,7 @@ where
             let Some(c) = &mut self.clients.slots[slot] else { continue };
             worked |= c.session.flush();
             if c.session.finished() {
-                let c = self.clients.slots[slot].take().expect("the slot was just looked at");
+                let mut c = self.clients.slots[slot].take().expect("the slot was just looked at");
                 if let Some(e) = c.session.error() {
                     tracing::warn!(
                         "{}: {}: volume {}: {}",
@@ -325,7 +325,7 @@ where
             }
             let (peer, protocol) = (session.peer(), session.protocol());
             let released = match session {
-                Conn::Nbd(s) => s.release().map(Adopted::serve_on_threads).map_err(|s| s.close()),
+                Conn::Nbd(s) => s.release().map(Adopted::serve_on_threads).map_err(|mut s| s.close()),
                 Conn::Nvmf(s) => s.release().map(AdoptedQueue::serve_on_threads).map_err(|s| s.close()),
             };
             if released.is_err() {

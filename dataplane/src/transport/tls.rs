@@ -38,6 +38,8 @@ pub enum TlsError {
     Pem { what: &'static str, path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
     #[error("{0:?} is not a name a certificate can hold (an IP address or a DNS name)")]
     ServerName(String),
 }
@@ -104,6 +106,9 @@ pub struct TlsConfig {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     roots: Arc<Vec<CertificateDer<'static>>>,
+    /// The node's own chain and key, for the NBD port's configuration.
+    chain: Arc<Vec<CertificateDer<'static>>>,
+    key: Arc<PrivateKeyDer<'static>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -125,8 +130,35 @@ impl TlsConfig {
         let server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(chain, key)?;
-        Ok(TlsConfig { server: Arc::new(server), client: client_config(&roots)?, roots: Arc::new(roots) })
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        Ok(TlsConfig {
+            server: Arc::new(server),
+            client: client_config(&roots)?,
+            roots: Arc::new(roots),
+            chain: Arc::new(chain),
+            key: Arc::new(key),
+        })
+    }
+
+    /// The NBD port's server configuration: the node's certificate, and where `client_ca`
+    /// is given, a client certificate signed by one of its certificates required of every
+    /// client (`--nbd-client-ca`).
+    pub fn nbd_server(&self, client_ca: Option<&[CertificateDer<'static>]>) -> Result<Arc<ServerConfig>, TlsError> {
+        let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut store = RootCertStore::empty();
+                for c in ca {
+                    store.add(c.clone())?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        Ok(Arc::new(builder.with_single_cert(self.chain.to_vec(), self.key.clone_key())?))
     }
 
     pub fn server(&self) -> Arc<ServerConfig> {

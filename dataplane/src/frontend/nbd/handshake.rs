@@ -27,20 +27,20 @@ pub(super) fn handshake_read_error(err: io::Error) -> ConnectionError {
 }
 
 pub(super) fn negotiate(
-    reader: &mut impl Read,
-    mut writer: &TcpStream,
+    mut wire: Wire,
     registry: &dyn ExportRegistry,
-) -> Result<Negotiated, ConnectionError> {
+    tls: Option<&NbdTls>,
+) -> Result<(Wire, Negotiated), ConnectionError> {
     let mut greeting = [0u8; 18];
     greeting[..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    writer.write_all(&greeting).map_err(ConnectionError::WriteHandshake)?;
+    wire.write_all(&greeting).map_err(ConnectionError::WriteHandshake)?;
 
     let mut client_flags = [0u8; 4];
-    if !read_full(reader, &mut client_flags).map_err(handshake_read_error)? {
+    if !read_full(&mut wire, &mut client_flags).map_err(handshake_read_error)? {
         // Connected and left without a word, as TCP health checks do: nothing to report.
-        return Ok(Negotiated::Closed);
+        return Ok((wire, Negotiated::Closed));
     }
     let client_flags = u32::from_be_bytes(client_flags);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 || client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
@@ -48,15 +48,19 @@ pub(super) fn negotiate(
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     // Without an address, no allow-list admits the client.
-    let peer = writer.peer_addr().map(|a| a.ip()).ok();
-    let admits = |name: &str| peer.is_some_and(|p| registry.admits(name, p));
+    let mut client = wire.client();
     let mut structured = false;
     // The export `SET_META_CONTEXT` last selected `base:allocation` for.
     let mut allocation_for: Option<Vec<u8>> = None;
 
+    // Whether a plain client was told TLS is required: its leaving is then that refusal.
+    let mut told_tls = false;
     for _ in 0..OPTIONS_MAX {
         let mut header = [0u8; 16];
-        reader.read_exact(&mut header).map_err(handshake_read_error)?;
+        wire.read_exact(&mut header).map_err(|e| match handshake_read_error(e) {
+            ConnectionError::HandshakeClosed if told_tls && !wire.is_tls() => ConnectionError::PlainClientLeft,
+            other => other,
+        })?;
         let magic = be_u64(&header, 0);
         let option = be_u32(&header, 8);
         let len = be_u32(&header, 12);
@@ -67,7 +71,39 @@ pub(super) fn negotiate(
             return Err(ConnectionError::OptionTooLong { option, len });
         }
         let mut data = vec![0u8; len as usize];
-        reader.read_exact(&mut data).map_err(handshake_read_error)?;
+        wire.read_exact(&mut data).map_err(handshake_read_error)?;
+        let admits = |name: &str| client.as_ref().is_some_and(|c| registry.admits(name, c));
+
+        // Forced TLS: nothing but STARTTLS (and ABORT) before it.
+        if let Some(tls) = tls.filter(|_| !wire.is_tls()) {
+            match option {
+                OPT_STARTTLS if data.is_empty() => {
+                    send_option_reply(&mut wire, option, REP_ACK, &[])?;
+                    wire = wire.start_tls(tls).map_err(ConnectionError::TlsHandshake)?;
+                    // The client is who TLS says it is now; nothing settled before counts.
+                    client = wire.client();
+                    (structured, allocation_for) = (false, None);
+                    continue;
+                }
+                OPT_STARTTLS => {
+                    send_option_reply(&mut wire, option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                    continue;
+                }
+                OPT_ABORT => {}
+                // This option has no error reply: closing is the only refusal.
+                OPT_EXPORT_NAME => return Err(ConnectionError::TlsRequired),
+                _ => {
+                    told_tls = true;
+                    send_option_reply(
+                        &mut wire,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: NBD_OPT_STARTTLS first",
+                    )?;
+                    continue;
+                }
+            }
+        }
 
         match option {
             OPT_EXPORT_NAME => {
@@ -85,31 +121,40 @@ pub(super) fn negotiate(
                 if !no_zeroes {
                     reply.resize(reply.len() + EXPORT_NAME_ZEROES_BYTES, 0);
                 }
-                writer.write_all(&reply).map_err(ConnectionError::WriteHandshake)?;
+                wire.write_all(&reply).and_then(|()| wire.flush()).map_err(ConnectionError::WriteHandshake)?;
                 let allocation = allocation_for.as_deref() == Some(&data[..]);
-                return Ok(Negotiated::Transmit(export, Options { structured, allocation }));
+                return Ok((wire, Negotiated::Transmit(export, Options { structured, allocation })));
             }
             OPT_ABORT => {
                 // The client may already have gone; the acknowledgement is a courtesy.
-                let _ = send_option_reply(writer, option, REP_ACK, &[]);
-                return Ok(Negotiated::Closed);
+                let _ = send_option_reply(&mut wire, option, REP_ACK, &[]);
+                return Ok((wire, Negotiated::Closed));
             }
-            OPT_LIST => list_exports(writer, registry, &data, &admits)?,
+            OPT_STARTTLS => {
+                let why: &[u8] = if wire.is_tls() {
+                    b"TLS is already running"
+                } else {
+                    b"this server does not offer TLS (a node started with --tls-cert does)"
+                };
+                let rep = if wire.is_tls() { REP_ERR_INVALID } else { REP_ERR_POLICY };
+                send_option_reply(&mut wire, option, rep, why)?;
+            }
+            OPT_LIST => list_exports(&mut wire, registry, &data, &admits)?,
             OPT_INFO | OPT_GO => {
-                if let Some(export) = export_info(writer, registry, option, &data, &admits)? {
+                if let Some(export) = export_info(&mut wire, registry, option, &data, &admits)? {
                     if option == OPT_GO {
                         let name = InfoRequest::parse(&data).map(|r| r.name);
                         let allocation = name.is_some_and(|n| allocation_for.as_deref() == Some(n));
-                        return Ok(Negotiated::Transmit(export, Options { structured, allocation }));
+                        return Ok((wire, Negotiated::Transmit(export, Options { structured, allocation })));
                     }
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if data.is_empty() {
                     structured = true;
-                    send_option_reply(writer, option, REP_ACK, &[])?;
+                    send_option_reply(&mut wire, option, REP_ACK, &[])?;
                 } else {
-                    send_option_reply(writer, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                    send_option_reply(&mut wire, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -119,17 +164,17 @@ pub(super) fn negotiate(
                     allocation_for = None;
                 }
                 if !structured {
-                    send_option_reply(writer, option, REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")?;
+                    send_option_reply(&mut wire, option, REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")?;
                     continue;
                 }
                 let Some(query) = MetaQuery::parse(&data) else {
-                    send_option_reply(writer, option, REP_ERR_INVALID, b"malformed metadata context request")?;
+                    send_option_reply(&mut wire, option, REP_ERR_INVALID, b"malformed metadata context request")?;
                     continue;
                 };
                 let known =
                     std::str::from_utf8(query.export).ok().is_some_and(|n| registry.lookup(n).is_some() && admits(n));
                 if !known {
-                    send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
+                    send_option_reply(&mut wire, option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
                 }
                 if query.selects_allocation(set) {
@@ -137,14 +182,14 @@ pub(super) fn negotiate(
                     let mut reply = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
                     reply.extend_from_slice(&id.to_be_bytes());
                     reply.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-                    send_option_reply(writer, option, REP_META_CONTEXT, &reply)?;
+                    send_option_reply(&mut wire, option, REP_META_CONTEXT, &reply)?;
                     if set {
                         allocation_for = Some(query.export.to_vec());
                     }
                 }
-                send_option_reply(writer, option, REP_ACK, &[])?;
+                send_option_reply(&mut wire, option, REP_ACK, &[])?;
             }
-            _ => send_option_reply(writer, option, REP_ERR_UNSUP, b"option not supported")?,
+            _ => send_option_reply(&mut wire, option, REP_ERR_UNSUP, b"option not supported")?,
         }
     }
     Err(ConnectionError::TooManyOptions)
@@ -163,7 +208,7 @@ fn transmission_flags(export: &dyn Export) -> u16 {
     flags
 }
 
-fn send_option_reply(mut writer: &TcpStream, option: u32, reply_type: u32, data: &[u8]) -> Result<(), ConnectionError> {
+fn send_option_reply(wire: &mut Wire, option: u32, reply_type: u32, data: &[u8]) -> Result<(), ConnectionError> {
     // Reply data is an export name, a short message or a fixed-size info record; all are
     // bounded by OPTION_BYTES_MAX or by the registry's names, far below 4 GiB.
     let len = u32::try_from(data.len()).expect("option reply data fits in u32");
@@ -173,18 +218,18 @@ fn send_option_reply(mut writer: &TcpStream, option: u32, reply_type: u32, data:
     reply.extend_from_slice(&reply_type.to_be_bytes());
     reply.extend_from_slice(&len.to_be_bytes());
     reply.extend_from_slice(data);
-    writer.write_all(&reply).map_err(ConnectionError::WriteHandshake)
+    wire.write_all(&reply).and_then(|()| wire.flush()).map_err(ConnectionError::WriteHandshake)
 }
 
 /// Answers NBD_OPT_LIST.
 fn list_exports(
-    writer: &TcpStream,
+    wire: &mut Wire,
     registry: &dyn ExportRegistry,
     data: &[u8],
     admits: &dyn Fn(&str) -> bool,
 ) -> Result<(), ConnectionError> {
     if !data.is_empty() {
-        return send_option_reply(writer, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+        return send_option_reply(wire, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
     }
     for name in registry.names().into_iter().filter(|n| admits(n)) {
         let Ok(name_len) = u32::try_from(name.len()) else {
@@ -193,14 +238,14 @@ fn list_exports(
         let mut entry = Vec::with_capacity(4 + name.len());
         entry.extend_from_slice(&name_len.to_be_bytes());
         entry.extend_from_slice(name.as_bytes());
-        send_option_reply(writer, OPT_LIST, REP_SERVER, &entry)?;
+        send_option_reply(wire, OPT_LIST, REP_SERVER, &entry)?;
     }
-    send_option_reply(writer, OPT_LIST, REP_ACK, &[])
+    send_option_reply(wire, OPT_LIST, REP_ACK, &[])
 }
 
 /// Answers NBD_OPT_INFO or NBD_OPT_GO; returns the export when the answer was a success.
 fn export_info(
-    writer: &TcpStream,
+    wire: &mut Wire,
     registry: &dyn ExportRegistry,
     option: u32,
     data: &[u8],
@@ -208,16 +253,16 @@ fn export_info(
 ) -> Result<Option<Arc<dyn Export>>, ConnectionError> {
     // Data: name length u32, name, number of information requests u16, requests u16 each.
     let Some(request) = InfoRequest::parse(data) else {
-        send_option_reply(writer, option, REP_ERR_INVALID, b"malformed information request")?;
+        send_option_reply(wire, option, REP_ERR_INVALID, b"malformed information request")?;
         return Ok(None);
     };
     let export = std::str::from_utf8(request.name).ok().and_then(|name| registry.lookup(name));
     let Some(export) = export else {
-        send_option_reply(writer, option, REP_ERR_UNKNOWN, b"no such export")?;
+        send_option_reply(wire, option, REP_ERR_UNKNOWN, b"no such export")?;
         return Ok(None);
     };
     if !std::str::from_utf8(request.name).is_ok_and(admits) {
-        send_option_reply(writer, option, REP_ERR_POLICY, b"this export does not admit your address")?;
+        send_option_reply(wire, option, REP_ERR_POLICY, b"this export does not admit your address")?;
         return Ok(None);
     }
 
@@ -225,7 +270,7 @@ fn export_info(
     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     info.extend_from_slice(&export.size().to_be_bytes());
     info.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
-    send_option_reply(writer, option, REP_INFO, &info)?;
+    send_option_reply(wire, option, REP_INFO, &info)?;
 
     // Sent whether or not it was asked for, which the protocol allows: a minimum of 1 asks
     // nothing of clients that do not read it.
@@ -234,15 +279,15 @@ fn export_info(
     block_size.extend_from_slice(&1u32.to_be_bytes());
     block_size.extend_from_slice(&BLOCK_BYTES_PREFERRED.to_be_bytes());
     block_size.extend_from_slice(&PAYLOAD_BYTES_MAX.to_be_bytes());
-    send_option_reply(writer, option, REP_INFO, &block_size)?;
+    send_option_reply(wire, option, REP_INFO, &block_size)?;
 
     if request.asks_for(INFO_NAME) {
         let mut name = Vec::with_capacity(2 + request.name.len());
         name.extend_from_slice(&INFO_NAME.to_be_bytes());
         name.extend_from_slice(request.name);
-        send_option_reply(writer, option, REP_INFO, &name)?;
+        send_option_reply(wire, option, REP_INFO, &name)?;
     }
-    send_option_reply(writer, option, REP_ACK, &[])?;
+    send_option_reply(wire, option, REP_ACK, &[])?;
     Ok(Some(export))
 }
 

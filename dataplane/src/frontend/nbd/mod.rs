@@ -22,10 +22,17 @@
 //! | `EXPORT_NAME` (1)   | size u64, transmission flags u16, 124 zero bytes unless `NO_ZEROES`; an unknown name closes the connection |
 //! | `ABORT` (2)         | `REP_ACK`, then close                                          |
 //! | `LIST` (3)          | one `REP_SERVER` per export name, then `REP_ACK`               |
+//! | `STARTTLS` (5)      | with TLS (see below): `REP_ACK`, then the TLS handshake; once TLS runs, `REP_ERR_INVALID`; without TLS, `REP_ERR_POLICY` |
 //! | `INFO` (6), `GO` (7)| `REP_INFO` `INFO_EXPORT`, `INFO_BLOCK_SIZE` (1, 4096, 32 MiB), `INFO_NAME` if asked, then `REP_ACK`; `GO` then enters transmission. An unknown name gets `REP_ERR_UNKNOWN` |
 //! | `STRUCTURED_REPLY` (8) | `REP_ACK` (data: `REP_ERR_INVALID`): reads are answered with structured replies from then on |
 //! | `LIST_META_CONTEXT` (9), `SET_META_CONTEXT` (10) | one `REP_META_CONTEXT` for `base:allocation` where no query or a `base:` one asks for it (id 1 when set), then `REP_ACK`; without structured replies `REP_ERR_INVALID`; an unknown export `REP_ERR_UNKNOWN` |
 //! | anything else       | `REP_ERR_UNSUP` (this includes `EXTENDED_HEADERS`) |
+//!
+//! A server given an [`NbdTls`] (a node with `--tls-cert`) is in the protocol's forced-TLS
+//! mode: before TLS runs, `STARTTLS` and `ABORT` are answered as above, `EXPORT_NAME`
+//! closes the connection, and every other option gets `REP_ERR_TLS_REQD`. TLS starts the
+//! option haggling afresh (nothing settled before counts), and the allow-list checks the
+//! client's certificate names from then on (see `tls`).
 //!
 //! # Transmission
 //!
@@ -77,8 +84,8 @@
 //! peer; the other connections carry on.
 //!
 //! Files: `handshake` (options), `session` (a connection a poller adopts), `threaded` (a
-//! connection on threads of its own), `reply` (structured reply chunks); accepting,
-//! request decoding and the constants of the protocol here.
+//! connection on threads of its own), `reply` (structured reply chunks), `tls` (TLS in
+//! each phase); accepting, request decoding and the constants of the protocol here.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -101,13 +108,17 @@ pub use session::{Adopted, Command, Session, SessionError};
 mod handshake;
 mod reply;
 mod threaded;
+mod tls;
+
+pub use tls::NbdTls;
+use tls::Wire;
 
 #[cfg(test)]
 use handshake::InfoRequest;
 pub use handshake::Options;
 use handshake::{negotiate, Negotiated};
 use reply::{push_block_status, push_error_chunk, push_read_head};
-use threaded::{serve_adopted_on_threads, transmit};
+use threaded::serve_adopted_on_threads;
 #[cfg(test)]
 use threaded::{InFlight, Pending, ReplyKind};
 
@@ -182,6 +193,7 @@ const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -196,6 +208,7 @@ const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 const REP_ERR_POLICY: u32 = (1 << 31) | 2;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
 
 // Information types for NBD_OPT_INFO and NBD_OPT_GO.
@@ -266,9 +279,15 @@ enum ConnectionError {
     OptionTooLong { option: u32, len: u32 },
     #[error("more than {OPTIONS_MAX} options in one handshake")]
     TooManyOptions,
+    #[error("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: this server requires TLS")]
+    TlsRequired,
+    #[error("refused: the client did not start TLS (NBD_OPT_STARTTLS), which this server requires, and left")]
+    PlainClientLeft,
+    #[error("starting TLS failed")]
+    TlsHandshake(#[source] io::Error),
     #[error("NBD_OPT_EXPORT_NAME asked for unknown export {0:?}")]
     UnknownExport(String),
-    #[error("export {0:?} does not admit this client's address (its allow-list)")]
+    #[error("export {0:?} does not admit this client (its allow-list)")]
     NotAdmitted(String),
     #[error("starting the reply writer failed")]
     SpawnWriter(#[source] io::Error),
@@ -320,13 +339,23 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Serves `registry` on `listener` from a new accept thread.
+    /// Serves `registry` on `listener` from a new accept thread, in plain text.
     pub fn spawn(listener: TcpListener, registry: Arc<dyn ExportRegistry>) -> io::Result<Self> {
+        Self::spawn_with(listener, registry, None)
+    }
+
+    /// As [`NbdServer::spawn`]; with `tls`, every client must start TLS before anything
+    /// else (`NBD_OPT_STARTTLS`).
+    pub fn spawn_with(
+        listener: TcpListener,
+        registry: Arc<dyn ExportRegistry>,
+        tls: Option<NbdTls>,
+    ) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let acceptor = thread::Builder::new().name("nbd-accept".to_owned()).spawn({
             let shutdown = Arc::clone(&shutdown);
-            move || serve(listener, registry, shutdown)
+            move || serve(listener, registry, shutdown, tls)
         })?;
         Ok(Self { local_addr, shutdown, acceptor: Some(acceptor) })
     }
@@ -373,9 +402,14 @@ impl std::fmt::Debug for NbdServer {
 ///
 /// Errors from one connection are logged and end that connection only. The function
 /// returns an error only when the listener itself fails.
-pub fn serve(listener: TcpListener, registry: Arc<dyn ExportRegistry>, shutdown: Arc<AtomicBool>) -> io::Result<()> {
+pub fn serve(
+    listener: TcpListener,
+    registry: Arc<dyn ExportRegistry>,
+    shutdown: Arc<AtomicBool>,
+    tls: Option<NbdTls>,
+) -> io::Result<()> {
     let mut connections = Vec::new();
-    let result = accept_loop(&listener, &registry, &shutdown, &mut connections);
+    let result = accept_loop(&listener, &registry, &shutdown, tls.as_ref(), &mut connections);
     // Whether the loop ended on request or on error, no connection served on threads
     // outlives the server.
     for connection in &connections {
@@ -397,6 +431,7 @@ fn accept_loop(
     listener: &TcpListener,
     registry: &Arc<dyn ExportRegistry>,
     shutdown: &AtomicBool,
+    tls: Option<&NbdTls>,
     connections: &mut Vec<Connection>,
 ) -> io::Result<()> {
     // Non-blocking, so that a connection reset between poll and accept cannot block the
@@ -435,9 +470,10 @@ fn accept_loop(
             }
         };
         let registry = Arc::clone(registry);
+        let tls = tls.cloned();
         let spawned = thread::Builder::new()
             .name(format!("nbd-{peer}"))
-            .spawn(move || serve_connection(stream, peer, registry.as_ref()));
+            .spawn(move || serve_connection(stream, peer, registry.as_ref(), tls.as_ref()));
         match spawned {
             Ok(thread) => connections.push(Connection { stream: handle, thread }),
             Err(err) => tracing::warn!("nbd: {peer}: cannot start a connection thread: {err}"),
@@ -475,9 +511,9 @@ pub(crate) fn wait_readable(listener: &TcpListener, timeout_ms: i32) -> io::Resu
     Ok(ready > 0)
 }
 
-fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry) {
+fn serve_connection(stream: TcpStream, peer: SocketAddr, registry: &dyn ExportRegistry, tls: Option<&NbdTls>) {
     let closer = stream.try_clone().ok();
-    match run_connection(stream, peer, registry) {
+    match run_connection(stream, peer, registry, tls) {
         // The export's reactor owns the socket now.
         Ok(Served::Adopted) => return,
         Ok(Served::Here) => {}
@@ -503,6 +539,7 @@ fn run_connection(
     stream: TcpStream,
     peer: SocketAddr,
     registry: &dyn ExportRegistry,
+    tls: Option<&NbdTls>,
 ) -> Result<Served, ConnectionError> {
     stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
     stream.set_nodelay(true).map_err(ConnectionError::Socket)?;
@@ -510,30 +547,23 @@ fn run_connection(
     stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
     // One buffered reader for both phases: bytes it read ahead must not be lost when
     // transmission starts.
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone().map_err(ConnectionError::Socket)?);
-    let (export, options) = match negotiate(&mut reader, &stream, registry)? {
+    let wire = Wire::plain(stream, READ_BUFFER_BYTES).map_err(ConnectionError::Socket)?;
+    let (wire, negotiated) = negotiate(wire, registry, tls)?;
+    let (export, options) = match negotiated {
         Negotiated::Transmit(export, options) => (export, options),
         Negotiated::Closed => return Ok(Served::Here),
     };
+    let (stream, tls, read_ahead) = wire.into_parts();
     // Idle clients are normal once transmission starts.
     stream.set_read_timeout(None).map_err(ConnectionError::Socket)?;
     // The export's reactor takes the connection whole where it has one: its requests are
     // then read, served and answered on that one thread.
-    let adopted =
-        Adopted { stream, peer, read_ahead: reader.buffer().to_vec(), export: Arc::downgrade(&export), options };
-    drop(reader);
+    let adopted = Adopted { stream, tls, peer, read_ahead, export: Arc::downgrade(&export), options };
     let adopted = match export.adopt(adopted) {
         Ok(()) => return Ok(Served::Adopted),
         Err(back) => back,
     };
-    let Adopted { stream, read_ahead, .. } = adopted;
-    let mut reader = BufReader::with_capacity(
-        READ_BUFFER_BYTES,
-        io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
-    );
-    let result = transmit(&mut reader, &stream, export.as_ref(), peer, options);
-    let _ = stream.shutdown(Shutdown::Both);
-    result.map(|()| Served::Here)
+    threaded::transmit_adopted(adopted, export.as_ref()).map(|()| Served::Here)
 }
 
 /// One decoded request header.

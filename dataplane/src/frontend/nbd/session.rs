@@ -26,6 +26,7 @@ use super::{
     IN_FLIGHT_MAX, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
 };
 use crate::frontend::Export;
+use rustls::ServerConnection;
 
 /// How long giving a session back may wait for its client to take the replies owed.
 const RELEASE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -35,6 +36,9 @@ const RELEASE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// first requests.
 pub struct Adopted {
     pub(super) stream: TcpStream,
+    /// The connection's TLS, where the handshake started it (`NBD_OPT_STARTTLS`): it holds
+    /// whatever it decrypted and was not read yet, after `read_ahead`.
+    pub(super) tls: Option<Box<ServerConnection>>,
     pub(super) peer: SocketAddr,
     pub(super) read_ahead: Vec<u8>,
     /// The export the handshake found, for serving the connection on threads of its own
@@ -139,6 +143,7 @@ pub enum SessionError {
 /// See the module documentation.
 pub struct Session {
     stream: TcpStream,
+    tls: Option<Box<ServerConnection>>,
     peer: SocketAddr,
     export: Weak<dyn Export>,
     size: u64,
@@ -175,6 +180,7 @@ impl Session {
         rbuf[..end].copy_from_slice(&adopted.read_ahead);
         Ok(Session {
             stream: adopted.stream,
+            tls: adopted.tls,
             peer: adopted.peer,
             export: adopted.export,
             size,
@@ -199,7 +205,7 @@ impl Session {
     pub fn over(stream: TcpStream, size: u64, read_only: bool, options: Options) -> io::Result<Session> {
         let peer = stream.peer_addr()?;
         let export: Weak<dyn Export> = Weak::<Detached>::new();
-        Session::new(Adopted { stream, peer, read_ahead: Vec::new(), export, options }, size, read_only)
+        Session::new(Adopted { stream, tls: None, peer, read_ahead: Vec::new(), export, options }, size, read_only)
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -239,7 +245,12 @@ impl Session {
         }
         let mut worked = false;
         while self.end < self.rbuf.len() {
-            match self.stream.read(&mut self.rbuf[self.end..]) {
+            let buf = &mut self.rbuf[self.end..];
+            let read = match &mut self.tls {
+                None => (&self.stream).read(buf),
+                Some(conn) => super::tls::read(conn, &self.stream, buf),
+            };
+            match read {
                 Ok(0) => {
                     self.eof = true;
                     return true;
@@ -404,12 +415,21 @@ impl Session {
     /// Writes the gathered replies, without waiting; what the socket does not take stays
     /// for the next flush. Whether anything was written.
     pub fn flush(&mut self) -> bool {
-        if self.sent == self.out.len() {
+        if self.sent == self.out.len() && !self.tls_pending() {
             return false;
         }
         let mut worked = false;
-        while self.sent < self.out.len() {
-            match self.stream.write(&self.out[self.sent..]) {
+        if let Some(conn) = &mut self.tls {
+            match super::tls::write(conn, &self.stream, &self.out[self.sent..]) {
+                Ok(n) => {
+                    self.sent += n;
+                    worked = n > 0;
+                }
+                Err(e) => self.failed = Some(SessionError::Write(e)),
+            }
+        }
+        while self.tls.is_none() && self.sent < self.out.len() {
+            match (&self.stream).write(&self.out[self.sent..]) {
                 Ok(0) => {
                     self.failed = Some(SessionError::Write(io::ErrorKind::WriteZero.into()));
                     break;
@@ -442,7 +462,12 @@ impl Session {
     /// the void.
     pub fn finished(&self) -> bool {
         let done_reading = self.draining || (self.eof && self.start == self.end);
-        self.failed.is_some() || (done_reading && self.in_flight == 0 && self.out.is_empty())
+        self.failed.is_some() || (done_reading && self.in_flight == 0 && self.out.is_empty() && !self.tls_pending())
+    }
+
+    /// Whether TLS holds ciphertext the socket has not taken yet.
+    fn tls_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|c| c.wants_write())
     }
 
     /// Why it failed, if it did.
@@ -463,17 +488,24 @@ impl Session {
             .stream
             .set_nonblocking(false)
             .and_then(|()| self.stream.set_write_timeout(Some(RELEASE_WRITE_TIMEOUT)))
-            .and_then(|()| (&self.stream).write_all(&self.out[self.sent..]));
+            .and_then(|()| match &mut self.tls {
+                None => (&self.stream).write_all(&self.out[self.sent..]),
+                Some(conn) => crate::transport::tls::send(conn, &self.stream, &self.out[self.sent..]),
+            });
         if let Err(e) = blocking {
             self.failed = Some(SessionError::Write(e));
             return Err(Box::new(self));
         }
-        let Session { stream, peer, export, rbuf, start, end, options, .. } = self;
-        Ok(Adopted { stream, peer, read_ahead: rbuf[start..end].to_vec(), export, options })
+        let Session { stream, tls, peer, export, rbuf, start, end, options, .. } = self;
+        Ok(Adopted { stream, tls, peer, read_ahead: rbuf[start..end].to_vec(), export, options })
     }
 
-    /// Closes the connection now.
-    pub fn close(&self) {
+    /// Closes the connection now (over TLS, with a close_notify where the socket takes it).
+    pub fn close(&mut self) {
+        if let Some(conn) = &mut self.tls {
+            conn.send_close_notify();
+            let _ = super::tls::write(conn, &self.stream, &[]);
+        }
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
@@ -516,7 +548,7 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, peer) = l.accept().unwrap();
         let export: Weak<dyn Export> = Weak::<NoExport>::new();
-        let adopted = Adopted { stream: server, peer, read_ahead: Vec::new(), export, options };
+        let adopted = Adopted { stream: server, tls: None, peer, read_ahead: Vec::new(), export, options };
         (Session::new(adopted, SIZE, false).unwrap(), client)
     }
 

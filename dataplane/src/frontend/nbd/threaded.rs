@@ -6,29 +6,84 @@ use super::*;
 /// Serves a connection a reactor gave back on threads of its own (see
 /// [`Adopted::serve_on_threads`]).
 pub(super) fn serve_adopted_on_threads(adopted: Adopted) {
-    let Adopted { stream, peer, read_ahead, export, options } = adopted;
-    let Some(export) = export.upgrade() else {
+    let peer = adopted.peer;
+    let Some(export) = adopted.export.upgrade() else {
         tracing::warn!("nbd: {peer}: the export it was served from is gone; closing");
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = adopted.stream.shutdown(Shutdown::Both);
         return;
     };
     let spawned = thread::Builder::new().name(format!("nbd-{peer}")).spawn(move || {
-        let run = || -> Result<(), ConnectionError> {
-            stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
-            stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
-            let mut reader = BufReader::with_capacity(
-                READ_BUFFER_BYTES,
-                io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
-            );
-            transmit(&mut reader, &stream, export.as_ref(), peer, options)
-        };
-        if let Err(err) = run() {
+        if let Err(err) = transmit_adopted(adopted, export.as_ref()) {
             tracing::warn!("nbd: {peer}: {}", ErrorChain(&err));
         }
-        let _ = stream.shutdown(Shutdown::Both);
     });
     if let Err(err) = spawned {
         tracing::warn!("nbd: {peer}: cannot start a connection thread: {err}");
+    }
+}
+
+/// Runs a connection's transmission phase on this thread and a writer thread, in plain
+/// text or TLS as its handshake left it, then closes it.
+pub(super) fn transmit_adopted(adopted: Adopted, export: &dyn Export) -> Result<(), ConnectionError> {
+    let Adopted { stream, tls, peer, read_ahead, options, .. } = adopted;
+    let run = || -> Result<(), ConnectionError> {
+        stream.set_nonblocking(false).map_err(ConnectionError::Socket)?;
+        stream.set_write_timeout(Some(REPLY_WRITE_TIMEOUT)).map_err(ConnectionError::Socket)?;
+        let handle = stream.try_clone().map_err(ConnectionError::Socket)?;
+        match tls {
+            None => {
+                let mut reader = BufReader::with_capacity(
+                    READ_BUFFER_BYTES,
+                    io::Cursor::new(read_ahead).chain(stream.try_clone().map_err(ConnectionError::Socket)?),
+                );
+                transmit(&mut reader, ReplyOut::Plain(handle), export, peer, options)
+            }
+            Some(conn) => {
+                let shared = tls::Shared::new(*conn, handle);
+                let mut reader = BufReader::with_capacity(
+                    READ_BUFFER_BYTES,
+                    io::Cursor::new(read_ahead).chain(tls::SharedReader(Arc::clone(&shared))),
+                );
+                let result = transmit(&mut reader, ReplyOut::Tls(Arc::clone(&shared)), export, peer, options);
+                shared.close_notify();
+                result
+            }
+        }
+    };
+    let result = run();
+    let _ = stream.shutdown(Shutdown::Both);
+    result
+}
+
+/// Where a connection served on threads writes its replies.
+pub(super) enum ReplyOut {
+    Plain(TcpStream),
+    Tls(Arc<tls::Shared>),
+}
+
+impl ReplyOut {
+    fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        match self {
+            ReplyOut::Plain(stream) => (&*stream).write_all(data),
+            ReplyOut::Tls(shared) => shared.write_all(data),
+        }
+    }
+
+    /// Writes `first` then `second`.
+    fn write_pair(&self, first: &[u8], second: &[u8]) -> io::Result<()> {
+        match self {
+            ReplyOut::Plain(stream) => write_pair(stream, first, second),
+            ReplyOut::Tls(shared) => shared.write_all(first).and_then(|()| shared.write_all(second)),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            ReplyOut::Plain(stream) => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            ReplyOut::Tls(shared) => shared.shutdown(),
+        }
     }
 }
 
@@ -120,7 +175,7 @@ impl InFlight {
 /// it submitted has been answered.
 pub(super) fn transmit(
     reader: &mut impl Read,
-    stream: &TcpStream,
+    out: ReplyOut,
     export: &dyn Export,
     peer: SocketAddr,
     options: Options,
@@ -128,12 +183,11 @@ pub(super) fn transmit(
     let in_flight = Arc::new(InFlight::new());
     // Never full: there is at most one reply per occupied slot.
     let (reply_tx, reply_rx) = crossbeam_channel::bounded(IN_FLIGHT_MAX);
-    let writer_stream = stream.try_clone().map_err(ConnectionError::Socket)?;
     let writer = thread::Builder::new()
         .name(format!("nbd-replies-{peer}"))
         .spawn({
             let in_flight = Arc::clone(&in_flight);
-            move || write_replies(&writer_stream, &reply_rx, &in_flight, peer, options)
+            move || write_replies(&out, &reply_rx, &in_flight, peer, options)
         })
         .map_err(ConnectionError::SpawnWriter)?;
 
@@ -230,14 +284,14 @@ fn read_requests(
 /// The writer thread: writes a simple reply for each completion, gathering replies while
 /// more are waiting and flushing as soon as none is.
 fn write_replies(
-    stream: &TcpStream,
+    out: &ReplyOut,
     replies: &Receiver<IoReply>,
     in_flight: &InFlight,
     peer: SocketAddr,
     options: Options,
 ) -> Result<(), ConnectionError> {
-    let mut out = ReplyStream {
-        stream,
+    let mut replies_out = ReplyStream {
+        out,
         buffer: Vec::with_capacity(REPLY_BUFFER_BYTES),
         failed: None,
         structured: options.structured,
@@ -245,12 +299,12 @@ fn write_replies(
     while let Ok(first) = replies.recv() {
         let mut next = Some(first);
         while let Some(reply) = next {
-            out.push(reply, in_flight, peer);
+            replies_out.push(reply, in_flight, peer);
             next = replies.try_recv().ok();
         }
-        out.flush();
+        replies_out.flush();
     }
-    match out.failed {
+    match replies_out.failed {
         Some(err) => Err(ConnectionError::WriteReply(err)),
         None => Ok(()),
     }
@@ -258,7 +312,7 @@ fn write_replies(
 
 /// The reply side of a connection's socket, with its gathering buffer.
 struct ReplyStream<'a> {
-    pub(super) stream: &'a TcpStream,
+    pub(super) out: &'a ReplyOut,
     pub(super) buffer: Vec<u8>,
     /// The first write error. Once set, replies are dropped (their slots still freed) so
     /// that the reader and the export can finish.
@@ -321,7 +375,7 @@ impl ReplyStream<'_> {
         if inline {
             self.buffer.extend_from_slice(&data);
         } else {
-            let result = write_pair(self.stream, &self.buffer, &data);
+            let result = self.out.write_pair(&self.buffer, &data);
             self.buffer.clear();
             self.check(result);
         }
@@ -332,8 +386,7 @@ impl ReplyStream<'_> {
             self.buffer.clear();
             return;
         }
-        let mut stream = self.stream;
-        let result = stream.write_all(&self.buffer);
+        let result = self.out.write_all(&self.buffer);
         self.buffer.clear();
         self.check(result);
     }
@@ -341,7 +394,7 @@ impl ReplyStream<'_> {
     pub(super) fn check(&mut self, result: io::Result<()>) {
         if let Err(err) = result {
             // Wake the reader, which may be blocked reading a client that is gone.
-            let _ = self.stream.shutdown(Shutdown::Both);
+            self.out.shutdown();
             self.failed = Some(err);
         }
     }

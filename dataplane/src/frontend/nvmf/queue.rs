@@ -768,7 +768,7 @@ impl Queue<'_> {
                 }
             };
             if let Some(v) = &volume {
-                if !self.shared.registry.admits(v, self.peer.ip()) {
+                if !self.shared.registry.admits(v, &crate::frontend::ClientId::at(self.peer.ip())) {
                     let why = format!("volume {v:?} does not admit {} (its allow-list)", self.peer.ip());
                     self.refuse_connect(cid, Status::CONNECT_INVALID_HOST, true, 512, &why);
                     return Ok(());
@@ -815,7 +815,11 @@ impl Queue<'_> {
             self.refuse_connect(cid, Status::CONNECT_INVALID_PARAMETERS, true, 16, &why);
             return Ok(());
         }
-        if let Some(v) = ctrl.volume.as_deref().filter(|v| !self.shared.registry.admits(v, self.peer.ip())) {
+        if let Some(v) = ctrl
+            .volume
+            .as_deref()
+            .filter(|v| !self.shared.registry.admits(v, &crate::frontend::ClientId::at(self.peer.ip())))
+        {
             let why = format!("volume {v:?} does not admit {} (its allow-list)", self.peer.ip());
             self.refuse_connect(cid, Status::CONNECT_INVALID_HOST, true, 512, &why);
             return Ok(());

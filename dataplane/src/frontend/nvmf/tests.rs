@@ -86,7 +86,7 @@ impl ExportRegistry for Registry {
         self.0.iter().map(|(n, _)| n.clone()).collect()
     }
     /// Volume "closed" admits no client.
-    fn admits(&self, name: &str, _peer: std::net::IpAddr) -> bool {
+    fn admits(&self, name: &str, _client: &crate::frontend::ClientId) -> bool {
         name != "closed"
     }
     fn volume_id(&self, name: &str) -> Option<u64> {
