@@ -37,6 +37,7 @@ mod peers;
 mod plot;
 mod raid;
 mod report;
+mod tls;
 mod uring;
 mod xor;
 
@@ -49,9 +50,10 @@ use clap::Parser;
 use crate::report::{RunResult, ScenarioResult};
 
 /// Every scenario, in the order `all` runs them.
-const SCENARIOS: [&str; 13] = [
+const SCENARIOS: [&str; 14] = [
     "hop",
     "nbd-peers",
+    "nbd-tls",
     "direct-log",
     "nbd-qd1",
     "nbd-qd32",
@@ -67,8 +69,8 @@ const SCENARIOS: [&str; 13] = [
 /// Scenarios run only when named: they boot QEMU guests (minutes).
 const GUEST_SCENARIOS: [&str; 3] = ["rdma-guest", "drbd-guest", "nvmf-guest"];
 /// The scenarios that run `nvmirror` node processes.
-const NODE_SCENARIOS: [&str; 7] =
-    ["nbd-peers", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
+const NODE_SCENARIOS: [&str; 8] =
+    ["nbd-peers", "nbd-tls", "direct-log", "nbd-qd1", "nbd-qd32", "qd-sweep", "nbd-open", "failover"];
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror-benches", about = "nvmirror benchmarks, each measured interleaved with its floor")]
@@ -86,7 +88,7 @@ struct Cli {
     /// Writes per second of the open-loop scenario (nbd-open).
     #[arg(long, default_value_t = 5000)]
     rate: u64,
-    /// Scenarios to run: hop, nbd-peers, direct-log, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
+    /// Scenarios to run: hop, nbd-peers, nbd-tls, direct-log, nbd-qd1, nbd-qd32, qd-sweep, nbd-open, raid-write, xor-cache, xor-memory,
     /// xor-portable, uring-fio, or all; and, only when named, rdma-guest, drbd-guest and nvmf-guest.
     #[arg(required = true)]
     scenarios: Vec<String>,
@@ -129,10 +131,13 @@ fn main() -> Result<()> {
         eprintln!("[harness] scenario {name}{}", if cli.quick { " (quick)" } else { "" });
         let t = Instant::now();
         let bin = || bin.as_deref().context("node binary");
-        if name == "nbd-peers" || name == "direct-log" {
-            let results =
-                if name == "nbd-peers" { peers::run(bin()?, cli.quick) } else { direct::run(bin()?, cli.quick) }
-                    .with_context(|| format!("scenario {name}"))?;
+        if name == "nbd-peers" || name == "nbd-tls" || name == "direct-log" {
+            let results = match name.as_str() {
+                "nbd-peers" => peers::run(bin()?, cli.quick),
+                "nbd-tls" => tls::run(bin()?, cli.quick),
+                _ => direct::run(bin()?, cli.quick),
+            }
+            .with_context(|| format!("scenario {name}"))?;
             eprintln!("[harness] scenario {name} done in {:.1} s", t.elapsed().as_secs_f64());
             scenarios.extend(results);
             continue;

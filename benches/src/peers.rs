@@ -49,17 +49,17 @@ pub(crate) const VOLUME_BYTES: u64 = 256 << 20;
 const DEPTHS: [usize; 2] = [32, 1];
 const ARMS: [&str; 5] = ["nbdkit", "qemu-nbd", "plain", "mirrored", "mirrored-raid4"];
 
-struct Params {
-    secs: f64,
-    rounds: usize,
-    warmup_rounds: usize,
-    ping_pongs: u64,
+pub(crate) struct Params {
+    pub(crate) secs: f64,
+    pub(crate) rounds: usize,
+    pub(crate) warmup_rounds: usize,
+    pub(crate) ping_pongs: u64,
 }
 
 /// A server under test: the NBD URI fio connects to and the processes whose CPU counts.
-struct Target {
-    uri: String,
-    pids: Vec<u32>,
+pub(crate) struct Target {
+    pub(crate) uri: String,
+    pub(crate) pids: Vec<u32>,
 }
 
 /// One fio run's figures.
@@ -122,7 +122,7 @@ impl Figures {
     pub(crate) fn p50_in(&self, round: usize) -> f64 {
         self.round_p50_us[round]
     }
-    fn p99_in(&self, round: usize) -> f64 {
+    pub(crate) fn p99_in(&self, round: usize) -> f64 {
         self.round_p99_us[round]
     }
 
@@ -177,14 +177,26 @@ pub(crate) fn tool(name: &str, version_arg: &str, package: &str) -> Result<()> {
     }
 }
 
-fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
+pub(crate) fn fio(uri: &str, depth: usize, secs: f64) -> Result<FioRun> {
     fio_randwrite(&["--ioengine=nbd".into(), format!("--uri={uri}")], uri, depth, secs)
 }
 
 /// One time-based fio run of 4 KiB random writes over `VOLUME_BYTES` with `target` (the
 /// engine and where it writes), at queue depth `depth`; `what` names it in errors.
 pub(crate) fn fio_randwrite(target: &[String], what: &str, depth: usize, secs: f64) -> Result<FioRun> {
-    let out = Command::new("fio")
+    fio_randwrite_by(Command::new("fio"), target, what, depth, secs)
+}
+
+/// As [`fio_randwrite`], fio started by `fio` (a command that runs fio, with what it needs
+/// around it: another user, another home).
+pub(crate) fn fio_randwrite_by(
+    mut fio: Command,
+    target: &[String],
+    what: &str,
+    depth: usize,
+    secs: f64,
+) -> Result<FioRun> {
+    let out = fio
         .arg("--name=bench")
         .args(target)
         .args([
@@ -236,7 +248,7 @@ pub(crate) fn cpu_of(pids: &[u32]) -> Result<u64> {
 }
 
 /// A peer server process, killed when dropped.
-struct Peer(Child);
+pub(crate) struct Peer(pub(crate) Child);
 
 impl Drop for Peer {
     fn drop(&mut self) {
@@ -245,11 +257,11 @@ impl Drop for Peer {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_port(port: u16, what: &str) -> Result<()> {
+pub(crate) fn wait_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -260,7 +272,7 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
     bail!("{what} did not listen on port {port} within 20 s")
 }
 
-fn raw_file(path: &Path) -> Result<()> {
+pub(crate) fn raw_file(path: &Path) -> Result<()> {
     let f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     f.set_len(VOLUME_BYTES)?;
     Ok(())
