@@ -45,11 +45,11 @@ fn state_key(vol: &str) -> String {
 }
 
 /// Starts the fleet thread of `node`.
-pub fn start(node: &Arc<Node>, url: &str, ttl: Duration) -> Result<()> {
+pub fn start(node: &Arc<Node>, url: &str, security: &crate::etcd::EtcdSecurity, ttl: Duration) -> Result<()> {
     let ttl_s = ttl.as_secs().max(1);
     // A request at one member that does not answer ends within a third of the lease's
     // life: the renewal (every third) then goes to another member in time.
-    let etcd = Etcd::new(url, Duration::from_millis(ttl_s * 1000 / 3))?;
+    let etcd = Etcd::secured(url, Duration::from_millis(ttl_s * 1000 / 3), security)?;
     // Reachable now, or the node does not start: a fleet node without its store would
     // take no part in failover.
     let lease = etcd.grant(ttl_s)?;

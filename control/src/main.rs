@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Administer a running node through its control API.
     Ctl {
         /// The node's control address (HOST:PORT).
@@ -143,11 +143,26 @@ struct NodeArgs {
     #[arg(long)]
     nvram: Option<String>,
     /// Fleet mode: record each volume's primary and pair state in etcd
-    /// (etcd://HOST:PORT[,HOST:PORT...]: the cluster's members, tried in turn),
-    /// held by this node's lease; a mirror whose primary's lease expires fails over by
-    /// itself, the etcd revision its new epoch (node state stays in the data dir).
+    /// (etcd://HOST:PORT[,HOST:PORT...]: the cluster's members, tried in turn; etcds://
+    /// for https), held by this node's lease; a mirror whose primary's lease expires fails
+    /// over by itself, the etcd revision its new epoch (node state stays in the data dir).
     #[arg(long)]
     state: Option<String>,
+    /// The CA certificates (PEM) of etcd's server certificates (--state etcds://...).
+    #[arg(long, requires = "state", value_name = "CA.pem")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate chain (PEM) for etcd's --client-cert-auth.
+    #[arg(long, requires_all = ["state", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// The etcd user this node authenticates as, where etcd has auth enabled.
+    #[arg(long, requires_all = ["state", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// A file holding --etcd-user's password (one trailing newline is ignored).
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// The fleet lease's time to live, in seconds: how long a dead primary goes unnoticed.
     #[arg(long, default_value_t = 3)]
     lease_ttl: u64,
@@ -487,7 +502,7 @@ fn main() {
         }
     };
     let r = match cli.cmd {
-        Cmd::Node(a) => run_node(a),
+        Cmd::Node(a) => run_node(*a),
         Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
             // `ctl status | head`: a closed pipe ends the command quietly, as for any Unix
             // tool, where Rust's default would panic in println!. The node keeps ignoring
@@ -682,6 +697,17 @@ fn run_node(a: NodeArgs) -> Result<()> {
     if let Some(server) = &_nvmf {
         node.set_nvmf_hosts(server.hosts());
     }
+    // Fleet mode: etcd answers now, or the node does not start (nor say it is ready).
+    if let Some(url) = &a.state {
+        let security = nvmirror_control::etcd::EtcdSecurity {
+            ca: a.etcd_ca.clone(),
+            cert: a.etcd_cert.clone(),
+            key: a.etcd_key.clone(),
+            user: a.etcd_user.clone(),
+            password_file: a.etcd_password_file.clone(),
+        };
+        nvmirror_control::fleet::start(&node, url, &security, Duration::from_secs(a.lease_ttl.max(1)))?;
+    }
     println!(
         "nvmirror node {name} ready: control={} replication={} nbd={} nvram={}{}{}",
         node.cfg.control,
@@ -696,9 +722,6 @@ fn run_node(a: NodeArgs) -> Result<()> {
     nvmirror_control::events::spawn_sampler(node.events.clone(), move || {
         weak.upgrade().map(|n| serde_json::to_value(n.status()).unwrap_or(serde_json::Value::Null))
     });
-    if let Some(url) = &a.state {
-        nvmirror_control::fleet::start(&node, url, Duration::from_secs(a.lease_ttl.max(1)))?;
-    }
     // Under systemd (Type=notify): ready now, and alive while the watchdog asks.
     let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("serving")]);
     let mut watchdog_us = 0;

@@ -20,13 +20,13 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Weak;
 
+use super::tls::TlsConn;
 use super::{
     nbd_errno, push_block_status, push_error_chunk, push_read_head, Options, Request, ADOPTED_READ_BYTES,
     BLOCK_STATUS_SCAN_BYTES, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
     IN_FLIGHT_MAX, PAYLOAD_BYTES_MAX, REPLY_BUFFER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_MAGIC,
 };
 use crate::frontend::Export;
-use rustls::ServerConnection;
 
 /// How long giving a session back may wait for its client to take the replies owed.
 const RELEASE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -38,7 +38,7 @@ pub struct Adopted {
     pub(super) stream: TcpStream,
     /// The connection's TLS, where the handshake started it (`NBD_OPT_STARTTLS`): it holds
     /// whatever it decrypted and was not read yet, after `read_ahead`.
-    pub(super) tls: Option<Box<ServerConnection>>,
+    pub(super) tls: Option<Box<TlsConn>>,
     pub(super) peer: SocketAddr,
     pub(super) read_ahead: Vec<u8>,
     /// The export the handshake found, for serving the connection on threads of its own
@@ -143,7 +143,7 @@ pub enum SessionError {
 /// See the module documentation.
 pub struct Session {
     stream: TcpStream,
-    tls: Option<Box<ServerConnection>>,
+    tls: Option<Box<TlsConn>>,
     peer: SocketAddr,
     export: Weak<dyn Export>,
     size: u64,
@@ -248,7 +248,7 @@ impl Session {
             let buf = &mut self.rbuf[self.end..];
             let read = match &mut self.tls {
                 None => (&self.stream).read(buf),
-                Some(conn) => super::tls::read(conn, &self.stream, buf),
+                Some(tls) => tls.read(&self.stream, buf),
             };
             match read {
                 Ok(0) => {
@@ -420,7 +420,7 @@ impl Session {
         }
         let mut worked = false;
         if let Some(conn) = &mut self.tls {
-            match super::tls::write(conn, &self.stream, &self.out[self.sent..]) {
+            match conn.write(&self.stream, &self.out[self.sent..]) {
                 Ok(n) => {
                     self.sent += n;
                     worked = n > 0;
@@ -490,7 +490,7 @@ impl Session {
             .and_then(|()| self.stream.set_write_timeout(Some(RELEASE_WRITE_TIMEOUT)))
             .and_then(|()| match &mut self.tls {
                 None => (&self.stream).write_all(&self.out[self.sent..]),
-                Some(conn) => crate::transport::tls::send(conn, &self.stream, &self.out[self.sent..]),
+                Some(tls) => tls.write_blocking(&self.stream, &self.out[self.sent..]),
             });
         if let Err(e) = blocking {
             self.failed = Some(SessionError::Write(e));
@@ -502,9 +502,8 @@ impl Session {
 
     /// Closes the connection now (over TLS, with a close_notify where the socket takes it).
     pub fn close(&mut self) {
-        if let Some(conn) = &mut self.tls {
-            conn.send_close_notify();
-            let _ = super::tls::write(conn, &self.stream, &[]);
+        if let Some(tls) = &mut self.tls {
+            tls.close(&self.stream);
         }
         let _ = self.stream.shutdown(Shutdown::Both);
     }

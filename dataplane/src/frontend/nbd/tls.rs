@@ -109,13 +109,13 @@ impl Wire {
 
     /// Ends the handshake: the socket, the TLS connection if any, and the plain bytes read
     /// past the handshake.
-    pub(super) fn into_parts(self) -> (TcpStream, Option<Box<ServerConnection>>, Vec<u8>) {
+    pub(super) fn into_parts(self) -> (TcpStream, Option<Box<TlsConn>>, Vec<u8>) {
         match self {
             Wire::Plain { reader, stream } => {
                 let ahead = reader.buffer().to_vec();
                 (stream, None, ahead)
             }
-            Wire::Tls { conn, stream } => (stream, Some(conn), Vec::new()),
+            Wire::Tls { conn, stream } => (stream, Some(Box::new(TlsConn::new(*conn))), Vec::new()),
         }
     }
 }
@@ -186,59 +186,108 @@ pub(crate) fn certificate_names(der: &[u8]) -> Vec<String> {
     names
 }
 
-/// Reads decrypted bytes without waiting: `WouldBlock` when the socket has nothing more,
-/// `Ok(0)` at the end of the stream (the client's close_notify, or its socket closed).
-pub(super) fn read(conn: &mut ServerConnection, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match conn.reader().read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            // The client closed its socket without close_notify: an end like any other,
-            // since NBD knows where each of its messages ends.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-            Err(e) => return Err(e),
-        }
-        if conn.read_tls(&mut DontWait(stream))? == 0 {
-            return Ok(0);
-        }
-        if let Err(e) = conn.process_new_packets() {
-            // The alert rustls queued tells the client why; then the connection ends.
-            let _ = write(conn, stream, &[]);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-        }
-    }
+/// A TLS connection in its transmission phase, with the ciphertext read from its socket
+/// and not yet handed to rustls. rustls reads a socket 4 KiB at a time, which would cost a
+/// system call or two for every 4 KiB write a client sends; so the socket is read in pieces
+/// of up to [`INBOX_BYTES`] here, and rustls fed from memory.
+pub struct TlsConn {
+    conn: ServerConnection,
+    inbox: Vec<u8>,
+    /// Ciphertext not yet handed to rustls: `inbox[at..end]`.
+    at: usize,
+    end: usize,
 }
 
-/// Encrypts what of `data` rustls takes and writes out what the socket takes, without
-/// waiting; the plain bytes taken (the rest stays for the next call). Ciphertext waiting
-/// from an earlier call goes first.
-pub(super) fn write(conn: &mut ServerConnection, stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
-    let mut taken = 0;
-    loop {
-        while conn.wants_write() {
-            match conn.write_tls(&mut DontWait(stream)) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(taken),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+/// Ciphertext read from the socket at once.
+const INBOX_BYTES: usize = 64 << 10;
+
+impl TlsConn {
+    pub(super) fn new(conn: ServerConnection) -> TlsConn {
+        TlsConn { conn, inbox: vec![0; INBOX_BYTES], at: 0, end: 0 }
+    }
+
+    /// Reads decrypted bytes without waiting: `WouldBlock` when the socket has nothing
+    /// more, `Ok(0)` at the end of the stream (the client's close_notify, or its socket
+    /// closed).
+    pub(super) fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The client closed its socket without close_notify: an end like any
+                // other, since NBD knows where each of its messages ends.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
+            if self.at == self.end {
+                let n = DontWait(stream).read(&mut self.inbox)?;
+                if n == 0 {
+                    return Ok(0);
+                }
+                (self.at, self.end) = (0, n);
+            }
+            let mut pending = &self.inbox[self.at..self.end];
+            let used = self.conn.read_tls(&mut pending)?;
+            if used == 0 {
+                return Err(io::Error::other("TLS took none of the bytes received"));
+            }
+            self.at += used;
+            if let Err(e) = self.conn.process_new_packets() {
+                // The alert rustls queued tells the client why; then the connection ends.
+                let _ = self.write(stream, &[]);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
         }
-        if taken == data.len() {
-            return Ok(taken);
+    }
+
+    /// Encrypts what of `data` rustls takes and writes out what the socket takes, without
+    /// waiting; the plain bytes taken (the rest stays for the next call). Ciphertext
+    /// waiting from an earlier call goes first.
+    pub(super) fn write(&mut self, stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
+        let conn = &mut self.conn;
+        let mut taken = 0;
+        loop {
+            while conn.wants_write() {
+                match conn.write_tls(&mut DontWait(stream)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(taken),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if taken == data.len() {
+                return Ok(taken);
+            }
+            // rustls takes as much as its bounded buffer has room for.
+            let n = conn.writer().write(&data[taken..])?;
+            if n == 0 && !conn.wants_write() {
+                return Ok(taken);
+            }
+            taken += n;
         }
-        // rustls takes as much as its bounded buffer has room for.
-        let n = conn.writer().write(&data[taken..])?;
-        if n == 0 && !conn.wants_write() {
-            return Ok(taken);
-        }
-        taken += n;
+    }
+
+    /// Writes `data` out whole, waiting for a blocking socket (within its timeout).
+    pub(super) fn write_blocking(&mut self, stream: &TcpStream, data: &[u8]) -> io::Result<()> {
+        crate::transport::tls::send(&mut self.conn, stream, data)
+    }
+
+    /// Whether rustls holds ciphertext the socket has not taken yet.
+    pub(super) fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Sends close_notify where the socket takes it at once.
+    pub(super) fn close(&mut self, stream: &TcpStream) {
+        self.conn.send_close_notify();
+        let _ = self.write(stream, &[]);
     }
 }
 
 /// A TLS connection served on threads: the reader's and the writer's common state.
 pub(super) struct Shared {
-    conn: Mutex<ServerConnection>,
+    conn: Mutex<TlsConn>,
     /// Held while ciphertext is written to the socket, taken before `conn` is let go, so
     /// that records leave in the order rustls sealed them.
     send: Mutex<()>,
@@ -247,27 +296,27 @@ pub(super) struct Shared {
 
 impl Shared {
     /// `stream` must be blocking, with a write timeout.
-    pub(super) fn new(mut conn: ServerConnection, stream: TcpStream) -> Arc<Shared> {
+    pub(super) fn new(mut conn: TlsConn, stream: TcpStream) -> Arc<Shared> {
         // The writer drains rustls after every reply, so its buffer is one reply at most.
-        conn.set_buffer_limit(None);
+        conn.conn.set_buffer_limit(None);
         Arc::new(Shared { conn: Mutex::new(conn), send: Mutex::new(()), stream })
     }
 
     /// Encrypts `data` and writes it out, waiting for the socket (within its timeout).
     pub(super) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         let mut conn = self.conn.lock();
-        conn.writer().write_all(data)?;
+        conn.conn.writer().write_all(data)?;
         self.send_pending(conn)
     }
 
     /// Writes out what rustls has sealed; `conn` is let go before the socket is waited on.
-    fn send_pending(&self, mut conn: parking_lot::MutexGuard<'_, ServerConnection>) -> io::Result<()> {
+    fn send_pending(&self, mut conn: parking_lot::MutexGuard<'_, TlsConn>) -> io::Result<()> {
         if !conn.wants_write() {
             return Ok(());
         }
         let mut sealed = Vec::new();
         while conn.wants_write() {
-            conn.write_tls(&mut sealed)?;
+            conn.conn.write_tls(&mut sealed)?;
         }
         let _send = self.send.lock();
         drop(conn);
@@ -281,7 +330,7 @@ impl Shared {
     /// Sends close_notify (best effort: the client may be gone).
     pub(super) fn close_notify(&self) {
         let mut conn = self.conn.lock();
-        conn.send_close_notify();
+        conn.conn.send_close_notify();
         let _ = self.send_pending(conn);
     }
 }
@@ -293,26 +342,13 @@ impl Read for SharedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut conn = self.0.conn.lock();
-            match conn.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                Err(e) => return Err(e),
-            }
-            match conn.read_tls(&mut DontWait(&self.0.stream)) {
-                Ok(0) => return Ok(0),
-                Ok(_) => {
-                    let processed = conn.process_new_packets();
-                    // Anything rustls must answer (an alert, a key update) goes out now.
-                    self.0.send_pending(conn)?;
-                    processed.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drop(conn);
-                    wait_readable(&self.0.stream)?;
-                }
+            let read = conn.read(&self.0.stream, buf);
+            // Anything rustls must answer (an alert, a key update) goes out now.
+            self.0.send_pending(conn)?;
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&self.0.stream)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
     }
