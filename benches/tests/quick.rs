@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 21] = [
+const SCENARIOS: [&str; 23] = [
     "hop",
     "nbd-peers-qd32",
     "nbd-peers-qd32-p99",
@@ -20,6 +20,8 @@ const SCENARIOS: [&str; 21] = [
     "nbd-peers-mirrored-qd32",
     "nbd-peers-mirrored-raid4-qd32",
     "nbd-peers-mirrored-qd1",
+    "nbd-tls-qd32",
+    "nbd-tls-qd1",
     "direct-log-qd1",
     "direct-log-mirrored-qd1",
     "direct-log-qd32",
@@ -140,6 +142,12 @@ fn quick_run_writes_a_well_formed_result_for_every_scenario() {
                 assert!(s["check"].is_null(), "nbd-open has no target");
                 assert!(s["params"]["rate_writes_per_s"].as_u64().is_some_and(|r| r > 0), "nbd-open: no rate");
                 assert!(s["notes"].to_string().contains("behind its schedule"), "nbd-open: no sender lag note");
+            }
+            // Measured and recorded, with no target: the ratios are in the notes.
+            "nbd-tls-qd32" | "nbd-tls-qd1" => {
+                assert!(s["check"].is_null(), "{name} has no target");
+                assert_eq!(arms.len(), 6, "{name}: nbdkit, nvmirror plain and mirrored, each with and without TLS");
+                assert!(s["notes"].to_string().contains("TLS / plain"), "{name}: no cost note");
             }
             "qd-sweep" => {
                 assert!(s["check"].is_null(), "qd-sweep has no target");

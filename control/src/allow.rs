@@ -45,7 +45,8 @@ impl FromStr for AllowNet {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| anyhow!("allow {s:?}: not an address or ADDRESS/PREFIX"))?;
+        let addr: IpAddr =
+            addr.parse().map_err(|_| anyhow!("allow {s:?}: not an address, ADDRESS/PREFIX or cert:NAME"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -82,10 +83,7 @@ impl FromStr for Allow {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         let Some(name) = s.strip_prefix(CERT_PREFIX) else {
-            return s
-                .parse()
-                .map(Allow::Net)
-                .map_err(|_| anyhow!("allow {s:?}: not an address, ADDRESS/PREFIX or cert:NAME"));
+            return s.parse().map(Allow::Net);
         };
         if name.is_empty() || name.len() > CERT_NAME_BYTES_MAX || name.chars().any(char::is_control) {
             bail!("allow {s:?}: a certificate name is 1 to {CERT_NAME_BYTES_MAX} bytes, no control characters");
@@ -164,5 +162,8 @@ mod tests {
         }
         assert!(parse(&vec!["10.0.0.1".to_string(); ALLOW_MAX + 1]).is_err());
         assert!(parse(&[format!("cert:{}", "a".repeat(254))]).is_err());
+        let why = |bad: &str| format!("{:#}", parse(&[bad.to_string()]).expect_err(bad));
+        assert!(why("10.0.0.0/40").contains("prefix 0 to 32"), "{}", why("10.0.0.0/40"));
+        assert!(why("host").contains("cert:NAME"), "{}", why("host"));
     }
 }
