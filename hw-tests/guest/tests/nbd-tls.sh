@@ -1,7 +1,7 @@
 # NBD over TLS with the kernel's NBD client: a node started with --tls-cert and
 # --nbd-client-ca (certificates made here with openssl: a CA, the node's for 127.0.0.1, a
 # client's) serves a volume; Debian's nbd-client attaches it over TLS with the client's
-# certificate (-A/-F/-K/-H, GnuTLS), 8 MiB of random data is written through /dev/nbd0 with
+# certificate (-enable-tls -cacertfile -certfile -keyfile -tlshostname, GnuTLS), 8 MiB of random data is written through /dev/nbd0 with
 # O_DIRECT, read back, detached, attached again and read again: the same checksum each
 # time. nbd-client without TLS, and with a certificate of another CA, is refused, and the
 # node's log says why.
@@ -60,7 +60,7 @@ timeout 60 "$bin" ctl --node "$ctl_addr" --tls-ca ca.pem volume create "$vol" --
 if timeout 30 nbd-client -N "$vol" "$host" "$nbd_port" /dev/nbd0 -b 4096 >"$work/nbd-client.log" 2>&1; then
     fail_with_logs "nbd-client without TLS attached the volume"
 fi
-if timeout 30 nbd-client -N "$vol" -b 4096 -x -A ca.pem -F rogue.pem -K rogue.key -H "$host" \
+if timeout 30 nbd-client -N "$vol" -b 4096 -enable-tls -cacertfile ca.pem -certfile rogue.pem -keyfile rogue.key -tlshostname "$host" \
     "$host" "$nbd_port" /dev/nbd0 >>"$work/nbd-client.log" 2>&1; then
     fail_with_logs "nbd-client with another CA's certificate attached the volume"
 fi
@@ -69,7 +69,7 @@ grep -q "nbd-client-ca" "$work/node.log" || fail_with_logs "the node did not log
 
 # --- over TLS: write, read back, detach, attach, read again ---------------------------
 attach() {
-    timeout 60 nbd-client -N "$vol" -b 4096 -x -A ca.pem -F client.pem -K client.key -H "$host" \
+    timeout 60 nbd-client -N "$vol" -b 4096 -enable-tls -cacertfile ca.pem -certfile client.pem -keyfile client.key -tlshostname "$host" \
         "$host" "$nbd_port" /dev/nbd0 >>"$work/nbd-client.log" 2>&1
 }
 attach || fail_with_logs "nbd-client over TLS could not attach the volume"
