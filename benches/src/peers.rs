@@ -346,6 +346,44 @@ fn start_nodes(bin: &Path, dir: &Path) -> Result<[NodeProc; 3]> {
     Ok([a, b, c])
 }
 
+/// Runs every target at every depth, round by round and interleaved, warm-up rounds first
+/// (`tag` names the scenario in the progress lines): the figures of the measured rounds,
+/// by depth then arm. `run` is one fio run; `after_round` runs after each round, told
+/// whether it was measured.
+pub(crate) fn rounds(
+    tag: &str,
+    arms: &[&str],
+    depths: &[usize],
+    targets: &[Target],
+    p: &Params,
+    mut run: impl FnMut(&Target, usize) -> Result<FioRun>,
+    mut after_round: impl FnMut(bool) -> Result<()>,
+) -> Result<Vec<Vec<Figures>>> {
+    let mut figures: Vec<Vec<Figures>> = depths.iter().map(|_| arms.iter().map(|_| Figures::new()).collect()).collect();
+    let total_rounds = p.warmup_rounds + p.rounds;
+    for round in 0..total_rounds {
+        let measured = round >= p.warmup_rounds;
+        for (d, &depth) in depths.iter().enumerate() {
+            for (i, t) in targets.iter().enumerate() {
+                eprintln!(
+                    "[{tag}] round {}/{total_rounds}{}: {} at queue depth {depth}",
+                    round + 1,
+                    if measured { "" } else { " (warm-up)" },
+                    arms[i]
+                );
+                let cpu0 = cpu_of(&t.pids)?;
+                let r = run(t, depth).with_context(|| format!("arm {}", arms[i]))?;
+                let cpu = cpu_of(&t.pids)?.saturating_sub(cpu0);
+                if measured {
+                    figures[d][i].add(&r, cpu)?;
+                }
+            }
+        }
+        after_round(measured)?;
+    }
+    Ok(figures)
+}
+
 pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     tool("fio", "--version", "fio")?;
     tool("nbdkit", "--version", "nbdkit")?;
@@ -373,38 +411,27 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         Target { uri: format!("nbd://{nbd}/mirrored"), pids: vec![pa, pb] },
         Target { uri: format!("nbd://{nbd}/mirrored-raid4"), pids: vec![pa, pc] },
     ];
-    let mut figures: Vec<Vec<Figures>> = DEPTHS.iter().map(|_| ARMS.iter().map(|_| Figures::new()).collect()).collect();
     let mut ping = PingPong::start()?;
     let mut ping_hist = new_histogram();
     let mut seq = 0u64;
-    let total_rounds = p.warmup_rounds + p.rounds;
-    for round in 0..total_rounds {
-        let measured = round >= p.warmup_rounds;
-        for (d, &depth) in DEPTHS.iter().enumerate() {
-            for (i, t) in targets.iter().enumerate() {
-                eprintln!(
-                    "[nbd-peers] round {}/{total_rounds}{}: {} at queue depth {depth}",
-                    round + 1,
-                    if measured { "" } else { " (warm-up)" },
-                    ARMS[i]
-                );
-                let cpu0 = cpu_of(&t.pids)?;
-                let r = fio(&t.uri, depth, p.secs).with_context(|| format!("arm {}", ARMS[i]))?;
-                let cpu = cpu_of(&t.pids)?.saturating_sub(cpu0);
-                if !measured {
-                    continue;
+    let figures = rounds(
+        "nbd-peers",
+        &ARMS,
+        &DEPTHS,
+        &targets,
+        &p,
+        |t, depth| fio(&t.uri, depth, p.secs),
+        |measured| {
+            for _ in 0..p.ping_pongs {
+                seq += 1;
+                let rt = ping.round_trip(seq)?;
+                if measured {
+                    ping_hist.record(u64::try_from(rt.as_nanos()).unwrap_or(u64::MAX).clamp(1, LATENCY_NS_MAX))?;
                 }
-                figures[d][i].add(&r, cpu)?;
             }
-        }
-        for _ in 0..p.ping_pongs {
-            seq += 1;
-            let rt = ping.round_trip(seq)?;
-            if measured {
-                ping_hist.record(u64::try_from(rt.as_nanos()).unwrap_or(u64::MAX).clamp(1, LATENCY_NS_MAX))?;
-            }
-        }
-    }
+            Ok(())
+        },
+    )?;
     drop(nodes);
 
     let at = |depth: usize, arm: &str| -> &Figures {

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::measure::ArmResult;
 use crate::peers::{
-    cpu_of, create_on_file, fio_randwrite_by, free_port, raw_file, tool, wait_port, Figures, Params, Peer, Target,
+    create_on_file, fio_randwrite_by, free_port, raw_file, rounds, tool, wait_port, Figures, Params, Peer, Target,
 };
 use crate::report::ScenarioResult;
 
@@ -169,29 +169,18 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         Target { uri: format!("nbd://{}/mirrored", a.nbd), pids: vec![pid(&a)?, pid(&b)?] },
         Target { uri: format!("nbds://{}/mirrored", c.nbd), pids: vec![pid(&c)?, pid(&d)?] },
     ];
-    let mut figures: Vec<Vec<Figures>> = DEPTHS.iter().map(|_| ARMS.iter().map(|_| Figures::new()).collect()).collect();
-    let total_rounds = p.warmup_rounds + p.rounds;
-    for round in 0..total_rounds {
-        let measured = round >= p.warmup_rounds;
-        for (di, &depth) in DEPTHS.iter().enumerate() {
-            for (i, t) in targets.iter().enumerate() {
-                eprintln!(
-                    "[nbd-tls] round {}/{total_rounds}{}: {} at queue depth {depth}",
-                    round + 1,
-                    if measured { "" } else { " (warm-up)" },
-                    ARMS[i]
-                );
-                let cpu0 = cpu_of(&t.pids)?;
-                let engine = ["--ioengine=nbd".to_string(), format!("--uri={}", t.uri)];
-                let r = fio_randwrite_by(fio_client(home.path()), &engine, &t.uri, depth, p.secs)
-                    .with_context(|| format!("arm {}", ARMS[i]))?;
-                let cpu = cpu_of(&t.pids)?.saturating_sub(cpu0);
-                if measured {
-                    figures[di][i].add(&r, cpu)?;
-                }
-            }
-        }
-    }
+    let figures = rounds(
+        "nbd-tls",
+        &ARMS,
+        &DEPTHS,
+        &targets,
+        &p,
+        |t, depth| {
+            let engine = ["--ioengine=nbd".to_string(), format!("--uri={}", t.uri)];
+            fio_randwrite_by(fio_client(home.path()), &engine, &t.uri, depth, p.secs)
+        },
+        |_| Ok(()),
+    )?;
     drop((a, b, c, d));
 
     let at = |depth: usize, arm: &str| -> &Figures {
