@@ -278,12 +278,19 @@ pub(crate) fn raw_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn start_nbdkit(dir: &Path) -> Result<(Peer, Target)> {
-    let file = dir.join("nbdkit.raw");
+/// nbdkit's `file` plugin on a new raw file `NAME.raw` in `dir`; over TLS only
+/// (`--tls=require`) with the certificates of `pki` (GnuTLS's directory layout) where given.
+pub(crate) fn start_nbdkit(dir: &Path, name: &str, pki: Option<&Path>) -> Result<(Peer, Target)> {
+    let file = dir.join(format!("{name}.raw"));
     raw_file(&file)?;
     let port = free_port()?;
-    let child = Command::new("nbdkit")
-        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string(), "file"])
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(pki) = pki {
+        cmd.arg("--tls=require").arg(format!("--tls-certificates={}", pki.display()));
+    }
+    let child = cmd
+        .arg("file")
         .arg(&file)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -293,7 +300,8 @@ fn start_nbdkit(dir: &Path) -> Result<(Peer, Target)> {
     let pid = child.id();
     let peer = Peer(child);
     wait_port(port, "nbdkit")?;
-    Ok((peer, Target { uri: format!("nbd://127.0.0.1:{port}/"), pids: vec![pid] }))
+    let scheme = if pki.is_some() { "nbds" } else { "nbd" };
+    Ok((peer, Target { uri: format!("{scheme}://127.0.0.1:{port}/"), pids: vec![pid] }))
 }
 
 fn start_qemu_nbd(dir: &Path) -> Result<(Peer, Target)> {
@@ -394,7 +402,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         Params { secs: 4.0, rounds: 5, warmup_rounds: 1, ping_pongs: 20_000 }
     };
     let dir = tempfile::Builder::new().prefix("nvmirror-bench-peers-").tempdir()?;
-    let (_nbdkit, nbdkit) = start_nbdkit(dir.path())?;
+    let (_nbdkit, nbdkit) = start_nbdkit(dir.path(), "nbdkit", None)?;
     let (_qemu, qemu) = start_qemu_nbd(dir.path())?;
     let nodes = start_nodes(bin, dir.path())?;
     let [pa, pb, pc] = [0, 1, 2].map(|i| nodes[i].pid());

@@ -27,9 +27,7 @@ use nvmirror_control::cluster::NodeProc;
 use serde_json::json;
 
 use crate::measure::ArmResult;
-use crate::peers::{
-    create_on_file, fio_randwrite_by, free_port, raw_file, rounds, tool, wait_port, Figures, Params, Peer, Target,
-};
+use crate::peers::{create_on_file, fio_randwrite_by, rounds, start_nbdkit, tool, Figures, Params, Target};
 use crate::report::ScenarioResult;
 
 const DEPTHS: [usize; 2] = [32, 1];
@@ -87,29 +85,6 @@ fn certificates(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(pki)
 }
 
-fn start_nbdkit(dir: &Path, pki: Option<&Path>) -> Result<(Peer, u16, u32)> {
-    let file = dir.join(if pki.is_some() { "nbdkit-tls.raw" } else { "nbdkit.raw" });
-    raw_file(&file)?;
-    let port = free_port()?;
-    let mut cmd = Command::new("nbdkit");
-    cmd.args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string()]);
-    if let Some(pki) = pki {
-        cmd.arg("--tls=require").arg(format!("--tls-certificates={}", pki.display()));
-    }
-    let child = cmd
-        .arg("file")
-        .arg(&file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start nbdkit")?;
-    let pid = child.id();
-    let peer = Peer(child);
-    wait_port(port, "nbdkit")?;
-    Ok((peer, port, pid))
-}
-
 pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     tool("fio", "--version", "fio")?;
     tool("nbdkit", "--version", "nbdkit")?;
@@ -127,8 +102,8 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
         .collect();
     let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
 
-    let (_kit, kit_port, kit_pid) = start_nbdkit(dir.path(), None)?;
-    let (_kit_tls, kit_tls_port, kit_tls_pid) = start_nbdkit(dir.path(), Some(&pki))?;
+    let (_kit, kit) = start_nbdkit(dir.path(), "nbdkit", None)?;
+    let (_kit_tls, kit_tls) = start_nbdkit(dir.path(), "nbdkit-tls", Some(&pki))?;
     let a = NodeProc::start(bin, "tls-a", &dir.path().join("a"), &[]).context("start node A")?;
     let b =
         NodeProc::start(bin, "tls-b", &dir.path().join("b"), &["--mirror-layout", "single"]).context("start node B")?;
@@ -162,8 +137,8 @@ pub fn run(bin: &Path, quick: bool) -> Result<Vec<ScenarioResult>> {
     let pid = |n: &NodeProc| n.pid().with_context(|| format!("node {} is not running", n.name));
     let home = client_home(&ca)?;
     let targets = [
-        Target { uri: format!("nbd://127.0.0.1:{kit_port}/"), pids: vec![kit_pid] },
-        Target { uri: format!("nbds://127.0.0.1:{kit_tls_port}/"), pids: vec![kit_tls_pid] },
+        kit,
+        kit_tls,
         Target { uri: format!("nbd://{}/plain", a.nbd), pids: vec![pid(&a)?] },
         Target { uri: format!("nbds://{}/plain", c.nbd), pids: vec![pid(&c)?] },
         Target { uri: format!("nbd://{}/mirrored", a.nbd), pids: vec![pid(&a)?, pid(&b)?] },
