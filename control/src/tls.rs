@@ -77,15 +77,21 @@ pub fn base_url(addr: &str) -> String {
 /// certificates (none where [`trust`] was not called: an https address then fails
 /// verification, and says so).
 pub fn client_tls() -> ureq::tls::TlsConfig {
-    let roots: Vec<ureq::tls::Certificate<'static>> = TRUSTED
-        .get()
-        .map(|r| r.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect())
-        .unwrap_or_default();
+    trusting(TRUSTED.get().map_or(&[][..], Vec::as_slice)).build()
+}
+
+/// ureq's TLS settings of this project's https clients: rustls (ring), trusting `roots`
+/// only.
+pub fn trusting(roots: &[CertificateDer<'static>]) -> ureq::tls::TlsConfigBuilder {
     ureq::tls::TlsConfig::builder()
         .provider(ureq::tls::TlsProvider::Rustls)
         .unversioned_rustls_crypto_provider(dtls::provider())
-        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-        .build()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(ureq_certs(roots))))
+}
+
+/// Certificates as ureq takes them.
+pub fn ureq_certs(certs: &[CertificateDer<'static>]) -> Vec<ureq::tls::Certificate<'static>> {
+    certs.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect()
 }
 
 /// A hint for an API call's error that TLS explains, if one does.

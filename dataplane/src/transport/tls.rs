@@ -195,27 +195,39 @@ pub fn server_name(target: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
-/// Runs a TLS handshake to its end on a blocking socket (its timeouts bound it).
+/// Runs a TLS handshake to its end on a blocking socket (its timeouts bound it); a failure
+/// names the flags of replication and the control API that explain it.
 pub fn handshake<D, S: Read + Write>(conn: &mut rustls::ConnectionCommon<D>, stream: &mut S) -> io::Result<()> {
+    handshake_explained(conn, stream, |e| {
+        let untrusted = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+        let why = if untrusted {
+            format!("TLS handshake: {e} (is the peer's CA in --tls-ca?)")
+        } else {
+            format!("TLS handshake: {e} (does the peer run with TLS, --tls-cert?)")
+        };
+        io::Error::new(e.kind(), why)
+    })
+}
+
+/// As [`handshake`], with `explain` turning rustls's error into the one returned, after
+/// the alert rustls queued has told the peer why (a plain peer sees TLS bytes).
+pub fn handshake_explained<D, S: Read + Write>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    stream: &mut S,
+    explain: impl FnOnce(io::Error) -> io::Error,
+) -> io::Result<()> {
     while conn.is_handshaking() {
-        conn.complete_io(stream).map_err(|e| {
-            // The alert rustls queued tells the peer why (a plain peer sees TLS bytes).
+        if let Err(e) = conn.complete_io(stream) {
             while conn.wants_write() {
                 if conn.write_tls(stream).is_err() {
                     break;
                 }
             }
-            let untrusted = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-            let why = if untrusted {
-                format!("TLS handshake: {e} (is the peer's CA in --tls-ca?)")
-            } else {
-                format!("TLS handshake: {e} (does the peer run with TLS, --tls-cert?)")
-            };
-            io::Error::new(e.kind(), why)
-        })?;
+            return Err(explain(e));
+        }
     }
     Ok(())
 }

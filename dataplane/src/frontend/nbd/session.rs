@@ -427,22 +427,23 @@ impl Session {
                 }
                 Err(e) => self.failed = Some(SessionError::Write(e)),
             }
-        }
-        while self.tls.is_none() && self.sent < self.out.len() {
-            match (&self.stream).write(&self.out[self.sent..]) {
-                Ok(0) => {
-                    self.failed = Some(SessionError::Write(io::ErrorKind::WriteZero.into()));
-                    break;
-                }
-                Ok(n) => {
-                    self.sent += n;
-                    worked = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.failed = Some(SessionError::Write(e));
-                    break;
+        } else {
+            while self.sent < self.out.len() {
+                match (&self.stream).write(&self.out[self.sent..]) {
+                    Ok(0) => {
+                        self.failed = Some(SessionError::Write(io::ErrorKind::WriteZero.into()));
+                        break;
+                    }
+                    Ok(n) => {
+                        self.sent += n;
+                        worked = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.failed = Some(SessionError::Write(e));
+                        break;
+                    }
                 }
             }
         }

@@ -6,9 +6,8 @@
 //!   timeouts). Before TLS, every option but `STARTTLS` and `ABORT` is answered
 //!   `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` (which has no error reply) closes.
 //! - A reactor's [`super::Session`] reads and writes its TLS connection without waiting
-//!   ([`read`], [`write`]): ciphertext from the socket only when the plaintext rustls holds
-//!   is used up, so the socket is read until it would block, as edge-triggered readiness
-//!   asks.
+//!   ([`TlsConn`]): ciphertext from the socket only when the plaintext rustls holds is used
+//!   up, so the socket is read until it would block, as edge-triggered readiness asks.
 //! - A connection served on threads shares its TLS state between its reader and its writer
 //!   ([`Shared`]): each takes the lock only to move bytes through rustls, never across a
 //!   wait on the socket, and the ciphertext goes out in the order rustls made it.
@@ -84,13 +83,7 @@ impl Wire {
             conn.read_tls(&mut ahead)?;
             conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
-        while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut &stream) {
-                // The alert rustls queued tells the client why.
-                while conn.wants_write() && conn.write_tls(&mut &stream).is_ok() {}
-                return Err(handshake_error(e));
-            }
-        }
+        crate::transport::tls::handshake_explained(&mut conn, &mut &stream, handshake_error)?;
         Ok(Wire::Tls { conn: Box::new(conn), stream })
     }
 
@@ -167,7 +160,7 @@ fn handshake_error(e: io::Error) -> io::Error {
 
 /// The names a certificate holds for an allow-list: its subject alternative DNS names, then
 /// its common names. A certificate that does not parse holds none.
-pub(crate) fn certificate_names(der: &[u8]) -> Vec<String> {
+fn certificate_names(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
     let mut names = Vec::new();
