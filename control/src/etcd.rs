@@ -91,17 +91,13 @@ impl EtcdSecurity {
     /// ureq's TLS settings for `etcds://`: rustls (ring), trusting the CA only, with the
     /// client certificate where given.
     fn tls(&self) -> Result<ureq::tls::TlsConfig> {
-        use nvmirror_dataplane::transport::tls::{load_certs, PEM_BYTES_MAX};
+        use nvmirror_dataplane::transport::tls::load_certs;
         let ca = self.ca.as_ref().ok_or_else(|| anyhow!("etcds:// needs --etcd-ca, the CA of etcd's certificates"))?;
         let roots = load_certs("--etcd-ca", ca).map_err(|e| anyhow!("{e}"))?;
         let mut builder = crate::tls::trusting(&roots);
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
-                let chain = crate::tls::ureq_certs(&load_certs("--etcd-cert", cert).map_err(|e| anyhow!("{e}"))?);
-                let pem = read_small(key, "--etcd-key", PEM_BYTES_MAX)?;
-                let key =
-                    ureq::tls::PrivateKey::from_pem(&pem).map_err(|e| anyhow!("--etcd-key {}: {e}", key.display()))?;
-                builder = builder.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
+                builder = builder.client_cert(Some(crate::tls::client_cert(cert, key, "--etcd-cert", "--etcd-key")?));
             }
             (None, None) => {}
             _ => bail!("--etcd-cert and --etcd-key go together"),
@@ -112,7 +108,7 @@ impl EtcdSecurity {
     fn credentials(&self) -> Result<Option<(String, String)>> {
         match (&self.user, &self.password_file) {
             (Some(user), Some(file)) => {
-                let bytes = read_small(file, "--etcd-password-file", PASSWORD_BYTES_MAX)?;
+                let bytes = crate::tls::read_small(file, "--etcd-password-file", PASSWORD_BYTES_MAX)?;
                 let text = String::from_utf8(bytes)
                     .map_err(|_| anyhow!("--etcd-password-file {}: not UTF-8", file.display()))?;
                 let password = text.strip_suffix('\n').unwrap_or(&text).to_string();
@@ -145,19 +141,6 @@ fn explained(why: &str) -> String {
 /// closing under it.
 fn refused_in_handshake(e: &str) -> bool {
     ["Broken pipe", "reset", "BadCertificate", "CertificateRequired"].iter().any(|s| e.contains(s))
-}
-
-/// A small file (a key, a password): an error where it holds more than `max` bytes.
-fn read_small(path: &std::path::Path, what: &str, max: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
-        .with_context(|| format!("{what} {}", path.display()))?;
-    if bytes.len() as u64 > max {
-        bail!("{what} {}: larger than {max} bytes", path.display());
-    }
-    Ok(bytes)
 }
 
 /// The longest one request may take at one member.

@@ -37,6 +37,27 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
     pub detail: Value,
+    /// Who asked for what the event records: the address of the API request (and its
+    /// operator certificate's name), where a request caused it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+}
+
+thread_local! {
+    /// The caller of the API request this thread works on, for the events it records.
+    static CALLER: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the events this thread records in it naming `caller`.
+pub fn on_behalf_of<T>(caller: &str, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<String>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CALLER.with(|c| *c.borrow_mut() = self.0.take());
+        }
+    }
+    let _reset = Reset(CALLER.with(|c| c.borrow_mut().replace(caller.to_string())));
+    f()
 }
 
 #[derive(Default)]
@@ -97,6 +118,7 @@ impl EventLog {
             kind: "snapshot".into(),
             volume: None,
             detail: serde_json::json!({ "as_of": self.ring.lock().next_id, "volumes": volumes }),
+            caller: None,
         }
     }
 
@@ -110,6 +132,7 @@ impl EventLog {
             kind: kind.into(),
             volume: volume.map(str::to_string),
             detail,
+            caller: CALLER.with(|c| c.borrow().clone()),
         };
         r.events.push_back(e);
         while r.events.len() > KEPT {

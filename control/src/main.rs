@@ -44,6 +44,14 @@ enum Cmd {
         /// certificate (a node started with --tls-cert).
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// An operator certificate (PEM) to present: a node started with --ctl-client-ca
+        /// that verifies it takes this operator's calls as an admin's (no --secret-file
+        /// needed under --require-signed-ctl).
+        #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Sign admin calls with the pair's secret (needed by a node started with
         /// --require-signed-ctl).
         #[arg(long)]
@@ -137,6 +145,13 @@ struct NodeArgs {
     /// (`cert:NAME`, a DNS name or the common name of the certificate).
     #[arg(long, requires = "tls_cert", value_name = "CA.pem")]
     nbd_client_ca: Option<PathBuf>,
+    /// The CA certificates (PEM) of operators' certificates (`ctl --tls-cert`): the control
+    /// API (TLS only with --tls-cert) asks each client for a certificate, and one that
+    /// presents a certificate signed by these is an admin, named in logs and events by
+    /// the certificate's name; its calls need no signature under --require-signed-ctl.
+    /// Clients without a certificate (peer nodes, plain ctl) are served as before.
+    #[arg(long, requires = "tls_cert", value_name = "CA.pem")]
+    ctl_client_ca: Option<PathBuf>,
     /// NVRAM for the NVLog and the mirrors' log files: file:DIR (default DATA/nvram),
     /// file-sync:DIR, direct:DIR (O_DIRECT writes, power-safe without persistent memory)
     /// or dax:DIR.
@@ -503,13 +518,14 @@ fn main() {
     };
     let r = match cli.cmd {
         Cmd::Node(a) => run_node(*a),
-        Cmd::Ctl { node, tls_ca, secret_file, cmd } => {
+        Cmd::Ctl { node, tls_ca, tls_cert, tls_key, secret_file, cmd } => {
             // `ctl status | head`: a closed pipe ends the command quietly, as for any Unix
             // tool, where Rust's default would panic in println!. The node keeps ignoring
             // SIGPIPE: its sockets report a closed peer as an error.
             // SAFETY: signal(2) with SIG_DFL, before any thread of this command starts.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-            ctl_security(tls_ca.as_deref(), secret_file.as_deref()).and_then(|()| ctl_cmd::ctl(&node, cmd))
+            let operator = tls_cert.as_deref().zip(tls_key.as_deref());
+            ctl_security(tls_ca.as_deref(), operator, secret_file.as_deref()).and_then(|()| ctl_cmd::ctl(&node, cmd))
         }
         Cmd::Quickstart(a) => quickstart::run(a),
         Cmd::Completions { shell } => {
@@ -541,10 +557,18 @@ fn usage_line(rendered: &str) -> String {
     format!("{} (see --help)", lines.join(" ").trim_start_matches("error: "))
 }
 
-/// What `ctl --tls-ca` and `ctl --secret-file` set for this process's API clients.
-fn ctl_security(tls_ca: Option<&std::path::Path>, secret_file: Option<&std::path::Path>) -> Result<()> {
+/// What `ctl --tls-ca`, `ctl --tls-cert/--tls-key` and `ctl --secret-file` set for this
+/// process's API clients.
+fn ctl_security(
+    tls_ca: Option<&std::path::Path>,
+    operator: Option<(&std::path::Path, &std::path::Path)>,
+    secret_file: Option<&std::path::Path>,
+) -> Result<()> {
     if let Some(ca) = tls_ca {
         nvmirror_control::tls::trust_file(ca)?;
+    }
+    if let Some((cert, key)) = operator {
+        nvmirror_control::tls::present_operator_certificate(cert, key)?;
     }
     if let Some(path) = secret_file {
         let loaded = PeerSecret::from_file(path).map_err(|e| anyhow!("--secret-file: {e}"))?;
@@ -657,8 +681,20 @@ fn run_node(a: NodeArgs) -> Result<()> {
         .map(|t| t.nbd_server(nbd_client_ca.as_deref()))
         .transpose()
         .map_err(|e| anyhow!("--tls-cert/--nbd-client-ca: {e}"))?;
-    let (control, control_addr) =
-        nvmirror_control::tls::control_server(api::parse_addr(&a.control)?, &a.data_dir, tls.as_ref())?;
+    let ctl_client_ca = a
+        .ctl_client_ca
+        .as_deref()
+        .map(|p| nvmirror_dataplane::transport::tls::load_certs("--ctl-client-ca", p))
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let api_tls = tls
+        .as_ref()
+        .map(|t| t.api_server(ctl_client_ca.as_deref()))
+        .transpose()
+        .map_err(|e| anyhow!("--tls-cert/--ctl-client-ca: {e}"))?;
+    let control_at = api::parse_addr(&a.control)?;
+    let control = api::control_listener(control_at).with_context(|| format!("bind control address {control_at}"))?;
+    let control_addr = control.local_addr()?;
     let replication_addr = replication.local_addr()?;
     let name = a.name.unwrap_or_else(|| format!("node-{}", replication_addr.port()));
     let raid = nvmirror_control::storage::RaidDefaults {
@@ -733,7 +769,13 @@ fn run_node(a: NodeArgs) -> Result<()> {
         })?;
     }
     let api_node = node.clone();
-    std::thread::Builder::new().name("nvm-api-accept".into()).spawn(move || api::serve(control, api_node))?;
+    let api_runtime = api::http::runtime(&api::http::LIMITS)?;
+    std::thread::Builder::new().name("nvm-api-accept".into()).spawn(move || {
+        let api = Arc::new(api::NodeApi::new(api_node));
+        if let Err(e) = api_runtime.block_on(api::http::serve_async(control, api_tls, api, api::http::LIMITS)) {
+            tracing::error!("control API: {e:#}");
+        }
+    })?;
     // SIGHUP: the log level again, from the --config file. SIGTERM or SIGINT: a clean
     // stop. No new NBD connections; every volume's writes in flight drained (a pair in sync
     // takes a last CP); state is on disk as it changes.

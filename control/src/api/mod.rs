@@ -48,17 +48,19 @@
 //! it is checked whatever the flag. Reads stay open. The replication handshake authenticates
 //! both nodes again, whatever was paired.
 //!
-//! With `--tls-cert` the API is served over TLS only (the front of [`crate::tls`]), and a
-//! node's calls to its peers, like `ctl --tls-ca`, speak https.
+//! With `--tls-cert` the API is served over TLS only, and a node's calls to its peers, like
+//! `ctl --tls-ca`, speak https. With `--ctl-client-ca` too, an operator who presents a
+//! certificate signed by it (`ctl --tls-cert/--tls-key`) is an admin: their POSTs need no
+//! signature under `--require-signed-ctl`, and logs and events name them.
 //!
-//! Files: `types` (bodies and answers), `server` (routes, limits, checks), `client` (what
-//! `ctl` and peers call with); the call nonces here.
+//! Files: `http` (the HTTP server: TLS, bounds, callers), `types` (bodies and answers),
+//! `server` (routes and checks), `client` (what `ctl` and peers call with); the call
+//! nonces here.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -74,11 +76,12 @@ use crate::node::{CreateLayout, MirrorTarget, Node};
 use crate::storage::storage_from_args;
 
 mod client;
+pub mod http;
 mod server;
 mod types;
 
 pub use client::{exit_code, parse_addr, CallError, Client, DamageFound, HttpPeers, PeerError};
-pub use server::{control_listener, serve, CLIENT_SEND_TIMEOUT};
+pub use server::{control_listener, NodeApi};
 pub use types::*;
 
 pub const BODY_MAX: u64 = 64 * 1024;

@@ -1,6 +1,7 @@
-//! The API server: one thread per request, bounded bodies, the signed calls and proofs
-//! checked, each route answered from the node.
+//! The API's routes: the signed calls and proofs checked, each route answered from the
+//! node. The HTTP server that carries them is [`super::http`].
 
+use super::http::{ApiRequest, Caller, Reply};
 use super::*;
 
 /// Checks a node-to-node request where this node has a secret: the nonce is one it
@@ -8,16 +9,16 @@ use super::*;
 fn check_call(
     node: &Node,
     nonces: &CallNonces,
-    request: &tiny_http::Request,
+    request: &Incoming,
     method: &str,
     path: &str,
     body: &[u8],
 ) -> Result<(), ApiError> {
     let Some(secret) = &node.cfg.secret else { return Ok(()) };
-    let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
-    let why = match request.headers().iter().find(|h| h.field.equiv(CALL_HEADER)) {
+    let peer = request.caller.to_string();
+    let why = match request.headers.get(CALL_HEADER) {
         None => Some("it carries no proof (the caller has no --secret-file)"),
-        Some(h) => match h.value.as_str().split_once(' ') {
+        Some(h) => match h.to_str().unwrap_or("").split_once(' ') {
             Some((n, p)) => match (auth::from_hex32(n), auth::from_hex32(p)) {
                 (Some(n), Some(p)) => {
                     if !nonces.take(&n) {
@@ -71,52 +72,27 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError { status: 400, message: message.into() }
 }
 
-/// How long a write to an API client may block: a client that stops reading (an event
-/// stream it no longer takes, or any answer) is dropped after this, instead of holding its
-/// thread, and its event stream's place, for good.
-pub const CLIENT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Binds the control API's listener. Its sockets time out sends after
-/// [`CLIENT_SEND_TIMEOUT`]: set on the listener, the option is inherited by every
-/// connection it accepts (Linux copies it at accept), which tiny_http gives no other way to
-/// set.
+/// Binds the control API's listener.
 pub fn control_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use std::os::fd::AsRawFd;
-    let listener = std::net::TcpListener::bind(addr)?;
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(CLIENT_SEND_TIMEOUT.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt on the listener's open fd, with a pointer to a timeval that lives
-    // across the call and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).expect("small"),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(listener)
+    std::net::TcpListener::bind(addr)
 }
 
-/// Serves the API until the process ends, a thread per request. Threads: tiny_http's
-/// accept thread hands each connection to a thread of its own, which parses requests; each
-/// request is then answered on a thread of its own here. A request that blocks (a followed
-/// event stream, a slow client) holds only its own thread, never the server's others; a
-/// client that stops reading is dropped after [`CLIENT_SEND_TIMEOUT`], and event streams
-/// are bounded ([`crate::events::FOLLOWERS_MAX`]).
-pub fn serve(server: tiny_http::Server, node: Arc<Node>) {
-    let server = Arc::new(server);
-    // The nonces this node issues for node-to-node calls: the API's own state.
-    let nonces = Arc::new(CallNonces::default());
-    for request in server.incoming_requests() {
-        let (node, nonces) = (node.clone(), nonces.clone());
-        let _ = thread::Builder::new().name("nvm-api".into()).spawn(move || handle(request, &node, &nonces));
+/// The node's routes, for [`super::http::serve`].
+pub struct NodeApi {
+    node: Arc<Node>,
+    /// The nonces this node issues for node-to-node calls.
+    nonces: CallNonces,
+}
+
+impl NodeApi {
+    pub fn new(node: Arc<Node>) -> NodeApi {
+        NodeApi { node, nonces: CallNonces::default() }
+    }
+}
+
+impl super::http::Api for NodeApi {
+    fn handle(&self, request: ApiRequest) -> Reply {
+        handle(request, &self.node, &self.nonces)
     }
 }
 
@@ -127,24 +103,22 @@ fn query(url: &str) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// `GET /v1/events?since=ID[&follow=1]`: the events after `since` as JSON lines; with
-/// `follow`, then new ones as they happen, on a response that stays open.
-fn events(request: tiny_http::Request, node: &Node, url: &str) {
-    let header =
-        tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/x-ndjson"[..]).expect("static header");
+/// `follow`, then new ones as they happen, on an answer that stays open.
+fn events(node: &Node, url: &str) -> Reply {
     let mut since = 0u64;
     let mut follow = false;
     for (k, v) in query(url) {
         match k {
             "since" => match v.parse() {
                 Ok(n) => since = n,
-                Err(_) => return respond_error(request, 400, &format!("since={v:?} is not an event id")),
+                Err(_) => return Reply::error(400, &format!("since={v:?} is not an event id")),
             },
             "follow" => match v {
                 "" | "1" | "true" => follow = true,
                 "0" | "false" => follow = false,
-                _ => return respond_error(request, 400, &format!("follow={v:?}: 1, true, 0 or false")),
+                _ => return Reply::error(400, &format!("follow={v:?}: 1, true, 0 or false")),
             },
-            other => return respond_error(request, 400, &format!("unknown parameter {other:?}: since, follow")),
+            other => return Reply::error(400, &format!("unknown parameter {other:?}: since, follow")),
         }
     }
     // A look from the start begins with the snapshot of every volume's state.
@@ -159,50 +133,22 @@ fn events(request: tiny_http::Request, node: &Node, url: &str) {
             body.push_str(&serde_json::to_string(&e).expect("serializable"));
             body.push('\n');
         }
-        let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
-        return;
+        return Reply::Full { status: 200, content_type: NDJSON, body: body.into_bytes(), headers: Vec::new() };
     }
-    let Some(stream) = node.events.follow(since, body.into_bytes()) else {
-        return respond_error(
-            request,
-            503,
-            &format!("{} event streams are open already", crate::events::FOLLOWERS_MAX),
-        );
-    };
-    // Written by hand on the connection, flushed line by line (tiny_http's chunked
-    // encoder would hold small lines back), and delimited by closing: the stream ends
-    // when the client goes away (a keepalive line every few seconds notices it).
-    let mut stream = stream;
-    let mut w = request.into_writer();
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    if w.write_all(head.as_bytes()).and_then(|()| w.flush()).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 16 << 10];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
-            return;
-        }
+    match node.events.follow(since, body.into_bytes()) {
+        Some(stream) => Reply::Stream { content_type: NDJSON, source: Box::new(stream) },
+        None => Reply::error(503, &format!("{} event streams are open already", crate::events::FOLLOWERS_MAX)),
     }
 }
 
-fn respond_error(request: tiny_http::Request, status: u16, message: &str) {
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
-    let body = json!({ "error": message }).to_string();
-    let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
-}
+const NDJSON: &str = "application/x-ndjson";
 
-fn read_body<T: DeserializeOwned>(request: &mut Incoming<'_>) -> Result<T, ApiError> {
+fn read_body<T: DeserializeOwned>(request: &mut Incoming) -> Result<T, ApiError> {
     parse_body(&read_raw_body(request)?)
 }
 
 /// The body of a failover or switchover; none at all is `{}`.
-fn read_role_change(request: &mut Incoming<'_>) -> Result<RoleChange, ApiError> {
+fn read_role_change(request: &mut Incoming) -> Result<RoleChange, ApiError> {
     let raw = read_raw_body(request)?;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(RoleChange::default());
@@ -216,42 +162,50 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// A request whose body was read (at most [`BODY_MAX`] bytes) before it is routed, so
 /// that a signature over it can be checked first ([`authorize`]).
-struct Incoming<'a> {
-    http: &'a mut tiny_http::Request,
+struct Incoming {
+    headers: hyper::HeaderMap,
     body: Vec<u8>,
+    caller: Caller,
 }
 
-impl std::ops::Deref for Incoming<'_> {
-    type Target = tiny_http::Request;
-    fn deref(&self) -> &tiny_http::Request {
-        self.http
+/// The methods the routes know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Get,
+    Post,
+    Other,
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Other => "that method",
+        })
     }
 }
 
 /// The request's body (read once, before routing).
-fn read_raw_body(request: &mut Incoming<'_>) -> Result<Vec<u8>, ApiError> {
+fn read_raw_body(request: &mut Incoming) -> Result<Vec<u8>, ApiError> {
     Ok(std::mem::take(&mut request.body))
 }
 
 /// Operator calls signed with the node's secret (`ctl --secret-file`), and the admin
 /// calls a node started with `--require-signed-ctl` refuses unsigned: every POST but the
-/// node-to-node `takeover`, which [`route`] checks itself. Reads stay open.
-fn authorize(
-    node: &Node,
-    nonces: &CallNonces,
-    request: &Incoming<'_>,
-    method: &tiny_http::Method,
-    url: &str,
-) -> Result<(), ApiError> {
+/// node-to-node `takeover`, which [`route`] checks itself. Reads stay open. An operator
+/// who presented a certificate of `--ctl-client-ca` is an admin: their calls need no
+/// signature.
+fn authorize(node: &Node, nonces: &CallNonces, request: &Incoming, method: Verb, url: &str) -> Result<(), ApiError> {
     let path = url.split('?').next().unwrap_or("");
-    if *method != tiny_http::Method::Post || path.ends_with("/takeover") {
+    if method != Verb::Post || path.ends_with("/takeover") {
         return Ok(());
     }
-    if request.headers().iter().any(|h| h.field.equiv(CALL_HEADER)) {
+    if request.headers.contains_key(CALL_HEADER) {
         return check_call(node, nonces, request, "POST", path, &request.body);
     }
-    if node.cfg.require_signed_ctl {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    if node.cfg.require_signed_ctl && request.caller.operator.is_none() {
+        let peer = request.caller.to_string();
         let why = "this node requires signed admin calls (--require-signed-ctl): sign them with ctl --secret-file";
         tracing::warn!("control: refused POST {path} from {peer}: unsigned");
         node.events.push(
@@ -264,79 +218,60 @@ fn authorize(
     Ok(())
 }
 
-/// A request's body, at most [`BODY_MAX`] bytes.
-fn read_http_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    if request.body_length().is_some_and(|n| n as u64 > BODY_MAX) {
-        return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
+/// Answers `request`; a POST is logged with its caller and its outcome, and the events it
+/// causes name the caller.
+fn handle(request: ApiRequest, node: &Node, nonces: &CallNonces) -> Reply {
+    let ApiRequest { method, target: url, headers, body, caller } = request;
+    let verb = match method {
+        hyper::Method::GET => Verb::Get,
+        hyper::Method::POST => Verb::Post,
+        _ => Verb::Other,
+    };
+    let path = url.split('?').next().unwrap_or("");
+    if verb == Verb::Get && path == "/metrics" {
+        let body = crate::metrics::render(&node.status()).into_bytes();
+        return Reply::Full { status: 200, content_type: "text/plain; version=0.0.4", body, headers: Vec::new() };
     }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(BODY_MAX + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| bad_request(format!("read body: {e}")))?;
-    if body.len() as u64 > BODY_MAX {
-        return Err(ApiError { status: 413, message: format!("body above {BODY_MAX} bytes") });
+    if verb == Verb::Get && path == "/v1/events" {
+        return events(node, &url);
     }
-    Ok(body)
-}
-
-fn handle(mut request: tiny_http::Request, node: &Node, nonces: &CallNonces) {
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    if method == tiny_http::Method::Get && url.split('?').next() == Some("/metrics") {
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4"[..])
-            .expect("static header");
-        let body = crate::metrics::render(&node.status());
-        let _ = request.respond(tiny_http::Response::from_string(body).with_header(header));
-        return;
-    }
-    if method == tiny_http::Method::Get && url.split('?').next() == Some("/v1/events") {
-        return events(request, node, &url);
-    }
-    let challenge = challenge_of(&request);
+    let challenge = challenge_of(&headers);
+    let who = caller.to_string();
+    let mut incoming = Incoming { headers, body, caller };
     let result = match &challenge {
         Err(e) => Err(bad_request(e.clone())),
-        Ok(_) => read_http_body(&mut request).and_then(|body| {
-            let mut incoming = Incoming { http: &mut request, body };
-            authorize(node, nonces, &incoming, &method, &url)?;
-            route(&mut incoming, node, nonces, &method, &url)
+        Ok(_) => crate::events::on_behalf_of(&who, || {
+            authorize(node, nonces, &incoming, verb, &url)?;
+            route(&mut incoming, node, nonces, verb, &url)
         }),
     };
     let (status, body) = match result {
         Ok(v) => (200, v),
         Err(e) => (e.status, json!({ "error": e.message })),
     };
-    let body = body.to_string();
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header");
-    let mut response = tiny_http::Response::from_string(body.clone()).with_status_code(status).with_header(header);
-    if let (Ok(Some(nonce)), Some(secret)) = (challenge, &node.cfg.secret) {
-        let proof = auth::to_hex(&secret.api_proof(&nonce, body.as_bytes()));
-        response.add_header(
-            tiny_http::Header::from_bytes(PROOF_HEADER.as_bytes(), proof.as_bytes()).expect("hex is a header value"),
-        );
+    if verb == Verb::Post {
+        tracing::info!("control: POST {path} from {who}: {status}");
     }
-    let _ = request.respond(response);
+    let body = body.to_string();
+    let mut headers = Vec::new();
+    if let (Ok(Some(nonce)), Some(secret)) = (challenge, &node.cfg.secret) {
+        headers.push((PROOF_HEADER, auth::to_hex(&secret.api_proof(&nonce, body.as_bytes()))));
+    }
+    Reply::Full { status, content_type: "application/json", body: body.into_bytes(), headers }
 }
 
 /// The nonce of a caller that asks this node to prove its secret, if it asks.
-fn challenge_of(request: &tiny_http::Request) -> Result<Option<auth::Nonce>, String> {
-    let Some(h) = request.headers().iter().find(|h| h.field.equiv(CHALLENGE_HEADER)) else {
+fn challenge_of(headers: &hyper::HeaderMap) -> Result<Option<auth::Nonce>, String> {
+    let Some(h) = headers.get(CHALLENGE_HEADER) else {
         return Ok(None);
     };
-    auth::from_hex32(h.value.as_str())
+    auth::from_hex32(h.to_str().unwrap_or(""))
         .map(Some)
         .ok_or_else(|| format!("{CHALLENGE_HEADER} must be {} hex digits", 2 * auth::NONCE_BYTES))
 }
 
-fn route(
-    request: &mut Incoming<'_>,
-    node: &Node,
-    nonces: &CallNonces,
-    method: &tiny_http::Method,
-    url: &str,
-) -> Result<Value, ApiError> {
-    use tiny_http::Method::{Get, Post};
+fn route(request: &mut Incoming, node: &Node, nonces: &CallNonces, method: Verb, url: &str) -> Result<Value, ApiError> {
+    use Verb::{Get, Post};
     let path: Vec<&str> = url.split('?').next().unwrap_or("").trim_matches('/').split('/').collect();
     match (method, path.as_slice()) {
         (Get, ["v1", "node"]) => Ok(serde_json::to_value(NodeInfo {
@@ -538,29 +473,6 @@ fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accepted_api_connections_time_out_sends() {
-        use std::os::fd::AsRawFd;
-        let listener = control_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (conn, _) = listener.accept().unwrap();
-        let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
-        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).unwrap();
-        // SAFETY: getsockopt on an open fd into a timeval of the size given, both live across
-        // the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDTIMEO,
-                std::ptr::from_mut(&mut tv).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        assert_eq!(u64::try_from(tv.tv_sec).unwrap(), CLIENT_SEND_TIMEOUT.as_secs(), "not inherited at accept");
-    }
 
     #[test]
     fn call_nonces_are_good_once_and_bounded() {

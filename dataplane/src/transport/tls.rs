@@ -100,6 +100,28 @@ pub fn client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConf
     Ok(Arc::new(config))
 }
 
+/// The names a certificate holds, for an allow-list or an operator's identity: its subject
+/// alternative DNS names, then its common names. A certificate that does not parse holds
+/// none.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push((*d).to_string());
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(cn) = cn.as_str() {
+            names.push(cn.to_string());
+        }
+    }
+    names
+}
+
 /// A node's TLS: how it serves and how it verifies its peers. Cheap to clone.
 #[derive(Clone)]
 pub struct TlsConfig {
@@ -144,6 +166,22 @@ impl TlsConfig {
     /// is given, a client certificate signed by one of its certificates required of every
     /// client (`--nbd-client-ca`).
     pub fn nbd_server(&self, client_ca: Option<&[CertificateDer<'static>]>) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_verifying(client_ca, true)
+    }
+
+    /// The control API's server configuration: the node's certificate, and where
+    /// `operator_ca` is given, a client certificate asked of every client and verified
+    /// against it where one is offered (`--ctl-client-ca`); a client without one (a peer
+    /// node, `ctl` without `--tls-cert`) is served as before.
+    pub fn api_server(&self, operator_ca: Option<&[CertificateDer<'static>]>) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_verifying(operator_ca, false)
+    }
+
+    fn server_verifying(
+        &self,
+        client_ca: Option<&[CertificateDer<'static>]>,
+        required: bool,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
@@ -152,10 +190,9 @@ impl TlsConfig {
                 for c in ca {
                     store.add(c.clone())?;
                 }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
-                    .build()
-                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-                builder.with_client_cert_verifier(verifier)
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider());
+                let verifier = if required { verifier } else { verifier.allow_unauthenticated() };
+                builder.with_client_cert_verifier(verifier.build().map_err(|e| TlsError::Verifier(e.to_string()))?)
             }
         };
         Ok(Arc::new(builder.with_single_cert(self.chain.to_vec(), self.key.clone_key())?))

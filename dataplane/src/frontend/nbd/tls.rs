@@ -93,9 +93,11 @@ impl Wire {
         let addr = self.stream().peer_addr().ok()?.ip();
         let cert_names = match self {
             Wire::Plain { .. } => Vec::new(),
-            Wire::Tls { conn, .. } => {
-                conn.peer_certificates().and_then(|c| c.first()).map(|c| certificate_names(c)).unwrap_or_default()
-            }
+            Wire::Tls { conn, .. } => conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| crate::transport::tls::certificate_names(c))
+                .unwrap_or_default(),
         };
         Some(ClientId { addr, cert_names })
     }
@@ -156,27 +158,6 @@ fn handshake_error(e: io::Error) -> io::Error {
         None => "",
     };
     io::Error::new(e.kind(), format!("TLS handshake: {e}{hint}"))
-}
-
-/// The names a certificate holds for an allow-list: its subject alternative DNS names, then
-/// its common names. A certificate that does not parse holds none.
-fn certificate_names(der: &[u8]) -> Vec<String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push((*d).to_string());
-            }
-        }
-    }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            names.push(cn.to_string());
-        }
-    }
-    names
 }
 
 /// A TLS connection in its transmission phase, with the ciphertext read from its socket
