@@ -112,8 +112,12 @@ pub fn hint(error: &str) -> Option<&'static str> {
     } else if error.contains("https://") && (error.contains("corrupt message") || error.contains("InvalidContentType"))
     {
         Some("the node does not serve TLS: leave out --tls-ca")
-    } else if error.contains("UnknownCA") || error.contains("BadCertificate") {
-        Some("the node does not trust the operator certificate of --tls-cert: is it signed by the node's --ctl-client-ca?")
+    } else if OPERATOR_CERT.get().is_some()
+        && ["UnknownCA", "BadCertificate", "Broken pipe", "reset"].iter().any(|s| error.contains(s))
+    {
+        // Under TLS 1.3 a client learns that its certificate was refused only when the
+        // server's alert, or its closing, meets the request that follows the handshake.
+        Some("the node refused the connection: does it trust the operator certificate of --tls-cert (its --ctl-client-ca)?")
     } else {
         None
     }

@@ -11,6 +11,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -32,14 +33,19 @@ struct Certs {
 /// A CA and a certificate it signed for 127.0.0.1 and localhost (both nodes of a test pair
 /// live there, so they share it), written to `dir`.
 fn certs(dir: &Path, tag: &str) -> Certs {
+    certs_for(dir, tag, &["127.0.0.1", "localhost"])
+}
+
+/// A CA and a certificate it signed for `sans`, written to `dir`.
+fn certs_for(dir: &Path, tag: &str, sans: &[&str]) -> Certs {
     let ca_key = rcgen::KeyPair::generate().expect("CA key");
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name.push(rcgen::DnType::CommonName, format!("nvmirror e2e CA {tag}"));
     let ca = ca.self_signed(&ca_key).expect("CA certificate");
     let key = rcgen::KeyPair::generate().expect("node key");
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("node params");
+    let params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("certificate params");
     let cert = params.signed_by(&key, &ca, &ca_key).expect("node certificate");
     let c = Certs {
         ca: dir.join(format!("{tag}-ca.pem")),
@@ -150,4 +156,138 @@ fn tls_flags_that_cannot_be_used_stop_the_node() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, _, stderr) = nvmirror(&args);
     assert!(!ok && stderr.contains("--tls-cert"), "{stderr}");
+}
+
+/// A node with `--ctl-client-ca` and `--require-signed-ctl`: an operator who presents a
+/// certificate its CA signed (`ctl --tls-cert/--tls-key`) is an admin, named in the log and
+/// in the events of what they did; one without a certificate, or with one another CA
+/// signed, is refused with one clear line. Then 200 clients hold TLS connections at once:
+/// the first 128 are served, each other one is answered 503 with the bound, and the node
+/// serves at once when they are gone.
+#[test]
+fn operators_with_a_certificate_are_admins_and_200_connections_meet_the_bound() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let c = certs(keys.path(), "node");
+    let ops = certs_for(keys.path(), "ops", &["alice.ops.example"]);
+    let rogue = certs_for(keys.path(), "rogue", &["alice.ops.example"]);
+    let secret = secret_file(keys.path(), "pair.key", "correct horse battery staple");
+    let p = |p: &PathBuf| p.to_str().expect("utf-8 path").to_string();
+    let (ca, cert, key) = (p(&c.ca), p(&c.cert), p(&c.key));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+        "--ctl-client-ca",
+        &p(&ops.ca),
+        "--secret-file",
+        &p(&secret),
+        "--require-signed-ctl",
+    ];
+    let mut n = nvmirror_control::cluster::NodeProc::start(&bin(), "ops", &dir.path().join("n"), &args)
+        .expect("start the node");
+    let node = n.control.clone();
+    let create = |who: &[&str], vol: &str| -> Vec<String> {
+        let mut a = vec!["ctl", "--node", node.as_str(), "--tls-ca", ca.as_str()];
+        a.extend_from_slice(who);
+        a.extend(["volume", "create", vol, "--size", "4M"]);
+        a.into_iter().map(str::to_string).collect()
+    };
+    let strs = |v: &[String]| -> Vec<String> { v.to_vec() };
+    let run = |v: Vec<String>| nvmirror(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = |v: Vec<String>, want: &str| {
+        fails_with(&v.iter().map(String::as_str).collect::<Vec<_>>(), want);
+    };
+
+    refused(strs(&create(&[], "v1")), "requires signed admin calls");
+    refused(
+        strs(&create(&["--tls-cert", &p(&rogue.cert), "--tls-key", &p(&rogue.key)], "v1")),
+        "does it trust the operator certificate of --tls-cert",
+    );
+    let (ok, _, stderr) = run(create(&["--tls-cert", &p(&ops.cert), "--tls-key", &p(&ops.key)], "v1"));
+    assert!(ok, "an operator with a certificate of --ctl-client-ca was refused: {stderr}");
+    let log = log_text(&n.log_path());
+    assert!(
+        log.contains("control: POST /v1/volumes from 127.0.0.1:") && log.contains("(operator alice.ops.example): 200"),
+        "the operator's call is not logged with its caller:\n{log}"
+    );
+    let (ok, events, stderr) = nvmirror(&["ctl", "--node", &node, "--tls-ca", &ca, "events"]);
+    assert!(ok, "{stderr}");
+    let created = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["kind"] == "volume-created")
+        .expect("a volume-created event");
+    let caller = created["caller"].as_str().unwrap_or("");
+    assert!(
+        caller.starts_with("127.0.0.1:") && caller.ends_with("(operator alice.ops.example)"),
+        "the event does not name its caller: {created}"
+    );
+
+    // 200 TLS connections held open at once, then a request on each.
+    let mut roots = rustls::RootCertStore::empty();
+    for der in nvmirror_dataplane::transport::tls::load_certs("CA", &c.ca).expect("CA") {
+        roots.add(der).expect("root");
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(nvmirror_dataplane::transport::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    const CLIENTS: usize = 200;
+    const SERVED: usize = nvmirror_control::api::http::LIMITS.connections;
+    let mut held = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let tcp = std::net::TcpStream::connect(&node).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let conn = rustls::ClientConnection::new(client.clone(), "127.0.0.1".try_into().expect("name")).expect("tls");
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).expect("TLS handshake");
+        }
+        held.push(s);
+    }
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let threads: Vec<_> = held
+            .iter_mut()
+            .map(|s| {
+                scope.spawn(move || {
+                    let _ = std::io::Write::write_all(
+                        s,
+                        b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    );
+                    let mut out = Vec::new();
+                    let _ = std::io::Read::read_to_end(s, &mut out);
+                    String::from_utf8_lossy(&out).into_owned()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("client thread")).collect()
+    });
+    let ok = answers.iter().filter(|a| a.starts_with("HTTP/1.1 200")).count();
+    let busy: Vec<&String> = answers.iter().filter(|a| a.starts_with("HTTP/1.1 503")).collect();
+    println!("{CLIENTS} connections: {ok} answered 200, {} answered 503", busy.len());
+    assert_eq!(
+        ok + busy.len(),
+        CLIENTS,
+        "some connections got neither: {:?}",
+        answers.iter().find(|a| !a.starts_with("HTTP/1.1 200") && !a.starts_with("HTTP/1.1 503"))
+    );
+    assert_eq!(ok, SERVED, "the bound of {SERVED} connections did not hold");
+    assert!(
+        busy.iter().all(|a| a.contains(&format!("this node serves {SERVED} control connections already: retry later"))),
+        "{:?}",
+        busy.first()
+    );
+    drop(held);
+    let t = std::time::Instant::now();
+    let (ok, _, stderr) = nvmirror(&["ctl", "--node", &node, "--tls-ca", &ca, "status"]);
+    assert!(ok, "the node did not serve after the crowd left: {stderr}");
+    assert!(t.elapsed() < Duration::from_secs(10), "status took {:?} after the crowd left", t.elapsed());
+    n.kill();
 }

@@ -206,7 +206,7 @@ fn authorize(node: &Node, nonces: &CallNonces, request: &Incoming, method: Verb,
     }
     if node.cfg.require_signed_ctl && request.caller.operator.is_none() {
         let peer = request.caller.to_string();
-        let why = "this node requires signed admin calls (--require-signed-ctl): sign them with ctl --secret-file";
+        let why = "this node requires signed admin calls (--require-signed-ctl): sign them with ctl --secret-file, or present an operator certificate (ctl --tls-cert) of its --ctl-client-ca";
         tracing::warn!("control: refused POST {path} from {peer}: unsigned");
         node.events.push(
             "peer-refused",
