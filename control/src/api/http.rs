@@ -130,6 +130,18 @@ struct Shared {
     api: Arc<dyn Api>,
 }
 
+impl Shared {
+    fn new(api: Arc<dyn Api>, limits: Limits) -> Arc<Shared> {
+        Arc::new(Shared {
+            limits,
+            connections: Arc::new(Semaphore::new(limits.connections)),
+            overflow: Arc::new(Semaphore::new(limits.connections)),
+            requests: Arc::new(Semaphore::new(limits.requests)),
+            api,
+        })
+    }
+}
+
 /// How a connection is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -174,13 +186,7 @@ pub async fn serve_async(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let shared = Arc::new(Shared {
-        limits,
-        connections: Arc::new(Semaphore::new(limits.connections)),
-        overflow: Arc::new(Semaphore::new(limits.connections)),
-        requests: Arc::new(Semaphore::new(limits.requests)),
-        api,
-    });
+    let shared = Shared::new(api, limits);
     let mut refused = 0u64;
     let mut last_said = None::<Instant>;
     loop {
@@ -216,6 +222,17 @@ pub async fn serve_async(
             drop(permit);
         });
     }
+}
+
+/// Serves one connection already accepted (`io`, from `caller`), as [`serve_async`] serves
+/// each of its own: for a front that accepts connections itself, and for the fuzz target.
+pub async fn serve_stream<I: AsyncRead + AsyncWrite + Send + 'static>(
+    io: I,
+    caller: Caller,
+    api: Arc<dyn Api>,
+    limits: Limits,
+) {
+    serve_io(io, caller, Mode::Serve, &Shared::new(api, limits)).await;
 }
 
 /// Whether the first bytes of a connection are a plain HTTP request line.
