@@ -78,7 +78,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = client.read_to_end(&mut answer).await;
         let _ = served.await;
         if !answer.is_empty() {
-            assert!(answer.starts_with(b"HTTP/1."), "an answer that is not HTTP: {:?}", String::from_utf8_lossy(&answer));
+            assert!(
+                answer.starts_with(b"HTTP/1."),
+                "an answer that is not HTTP: {:?}",
+                String::from_utf8_lossy(&answer)
+            );
         }
     });
 });
