@@ -19,6 +19,10 @@
 //!
 //! Floor: [`PingPong`], the same bytes over loopback TCP with no protocol around them.
 //! Target: our median at most 1.5 times the floor's median.
+//!
+//! A third arm, `ours-tls`, is the same hop to a second destination over TLS (the link
+//! security of `--tls-cert`: rustls, TLS 1.3, ECDSA P-256 certificates made for the run):
+//! what TLS costs replication alone, with no NBD around it. It is recorded, not checked.
 
 use std::fs;
 use std::io;
@@ -36,7 +40,10 @@ use nvmirror_dataplane::log::{Checkpoint, NvLog, PARTITIONS};
 use nvmirror_dataplane::nvram::{MappedNvram, Nvram, NvramMode};
 use nvmirror_dataplane::storage::FileDevice;
 use nvmirror_dataplane::transport::tcp::{self, TcpConnector, TcpLink};
-use nvmirror_dataplane::transport::{Connector, Hello, Intent, Link, LinkEvent, Message, MirrorDirectory, Reply};
+use nvmirror_dataplane::transport::tls::TlsConfig;
+use nvmirror_dataplane::transport::{
+    Connector, Hello, Intent, Link, LinkEvent, LinkSecurity, Message, MirrorDirectory, Reply,
+};
 use serde_json::json;
 
 use crate::floor::PingPong;
@@ -202,10 +209,15 @@ impl Drop for Server {
     }
 }
 
-pub fn run(quick: bool) -> Result<ScenarioResult> {
-    let params = Params::new(quick);
-    let dir = tempfile::Builder::new().prefix("nvmirror-bench-hop-").tempdir()?;
+/// A destination in this process, serving on loopback with `security`, and a source
+/// connected to it; their files in `dir`.
+fn destination_and_source(
+    dir: &std::path::Path,
+    params: &Params,
+    security: LinkSecurity,
+) -> Result<(Server, Source, Arc<Mirror>)> {
     let pb = params.partition_bytes;
+    fs::create_dir_all(dir)?;
 
     let hello = Hello {
         source_node: "bench-source".into(),
@@ -221,13 +233,12 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
     };
     let logs: Vec<Box<dyn Nvram>> = (0..PARTITIONS)
         .map(|p| {
-            MappedNvram::open(&dir.path().join(format!("log.{p}")), pb, NvramMode::File)
-                .map(|r| Box::new(r) as Box<dyn Nvram>)
+            MappedNvram::open(&dir.join(format!("log.{p}")), pb, NvramMode::File).map(|r| Box::new(r) as Box<dyn Nvram>)
         })
         .collect::<Result<_, _>>()?;
     let logs: [Box<dyn Nvram>; PARTITIONS] = logs.try_into().map_err(|_| anyhow!("two log files"))?;
-    let device = Arc::new(FileDevice::create(&dir.path().join("volume.img"), params.volume_bytes)?);
-    let store = Box::new(FileMeta(dir.path().join("meta.json")));
+    let device = Arc::new(FileDevice::create(&dir.join("volume.img"), params.volume_bytes)?);
+    let store = Box::new(FileMeta(dir.join("meta.json")));
     let mirror = Mirror::open(MirrorMeta::new(&hello), store, logs, device).context("open the mirror")?;
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -237,17 +248,15 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
     let server = Server {
         addr: addr.clone(),
         stop: stop.clone(),
-        thread: Some(
-            thread::Builder::new()
-                .name("hop-destination".into())
-                .spawn(move || tcp::serve(listener, directory, stop, Default::default()))?,
-        ),
+        thread: Some(thread::Builder::new().name("hop-destination".into()).spawn({
+            let security = security.clone();
+            move || tcp::serve(listener, directory, stop, security)
+        })?),
     };
 
-    let region =
-        MappedNvram::open(&dir.path().join("source.nvlog"), NvLog::<MappedNvram>::region_bytes(pb), NvramMode::File)?;
+    let region = MappedNvram::open(&dir.join("source.nvlog"), NvLog::<MappedNvram>::region_bytes(pb), NvramMode::File)?;
     let (nvlog, _) = NvLog::open(region, VOLUME_ID, pb)?;
-    let (link, _welcome) = TcpConnector::default().connect(&addr, &hello).context("connect to the destination")?;
+    let (link, _welcome) = TcpConnector::new(security).connect(&addr, &hello).context("connect to the destination")?;
     let mut source = Source {
         nvlog,
         link,
@@ -262,6 +271,23 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
     };
     source.open_partition(0, 1)?;
     source.link.flush()?;
+    Ok((server, source, mirror))
+}
+
+pub fn run(quick: bool) -> Result<ScenarioResult> {
+    let params = Params::new(quick);
+    let dir = tempfile::Builder::new().prefix("nvmirror-bench-hop-").tempdir()?;
+    let pb = params.partition_bytes;
+    let (server, mut source, mirror) = destination_and_source(&dir.path().join("plain"), &params, Default::default())?;
+    let pki = crate::tls::certificates(dir.path())?;
+    let tls = TlsConfig::from_files(
+        &pki.join("server-cert.pem"),
+        &pki.join("server-key.pem"),
+        Some(&pki.join("ca-cert.pem")),
+    )
+    .map_err(|e| anyhow!("TLS: {e}"))?;
+    let (tls_server, mut tls_source, _tls_mirror) =
+        destination_and_source(&dir.path().join("tls"), &params, LinkSecurity { secret: None, tls: Some(tls) })?;
 
     let mut floor = PingPong::start()?;
     let mut floor_seq = 0u64;
@@ -280,6 +306,17 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
             }),
         ),
         Arm::new(
+            "ours-tls",
+            Some(1),
+            Box::new(|b| {
+                for _ in 0..batch_ops {
+                    let d = tls_source.hop()?;
+                    b.record(d);
+                }
+                Ok(())
+            }),
+        ),
+        Arm::new(
             "floor",
             Some(1),
             Box::new(|b| {
@@ -292,11 +329,12 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
         ),
     ];
     interleave("hop", params.plan, &cpu, &mut arms)?;
-    let [ours, floor_arm] = arms.map(|a| a.stats);
+    let [ours, ours_tls, floor_arm] = arms.map(|a| a.stats);
     let (cps, cp_time) = (source.cps, source.cp_time);
     let status = mirror.status();
-    drop(source);
-    drop(server);
+    drop((source, tls_source));
+    drop((server, tls_server));
+    let tls_ratio = ours_tls.p50_ns() as f64 / ours.p50_ns().max(1) as f64;
 
     let ratio = ours.p50_ns() as f64 / floor_arm.p50_ns().max(1) as f64;
     let per_round =
@@ -322,12 +360,20 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
         }),
         cpu_counted: format!("{} (client, in-process destination, floor server)", cpu.describe()),
         check: Some(Check::at_most("p50(ours) / p50(floor)", ratio, 1.5, per_round)),
-        arms: vec![ours.result(), floor_arm.result()],
-        notes: vec![format!(
+        arms: vec![ours.result(), ours_tls.result(), floor_arm.result()],
+        notes: vec![
+            format!(
+                "replication over TLS (ours-tls / ours): p50 {tls_ratio:.3} ({:.1} against {:.1} us); ours-tls's \
+                 CPs are its own, as ours'",
+                ours_tls.p50_ns() as f64 / 1e3,
+                ours.p50_ns() as f64 / 1e3
+            ),
+            format!(
             "ours' throughput and cpu/op include the CPs run between hops ({cps} CPs, {:.2} s wall in all, warm-up \
              included: each applies a partition to the destination's volume with pwrite + fdatasync and saves the \
              mirror's metadata with fsync); its latencies do not",
-            cp_time.as_secs_f64()
-        )],
+                cp_time.as_secs_f64()
+            ),
+        ],
     })
 }

@@ -68,7 +68,7 @@ fn client_home(ca: &Path) -> Result<tempfile::TempDir> {
 /// A CA and the one certificate it signed for 127.0.0.1, written as both nvmirror
 /// (`--tls-cert`) and the GnuTLS tools (a directory: `ca-cert.pem`, `server-cert.pem`,
 /// `server-key.pem`) read them. Returns the directory.
-fn certificates(dir: &Path) -> Result<std::path::PathBuf> {
+pub(crate) fn certificates(dir: &Path) -> Result<std::path::PathBuf> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
