@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Files: `mirrors` (hosted mirrors and pairing), `roles` (failover, switchover, takeover,
-//! resync), `env` (the node core's environment), `maintain` (scrub, rebuild); the node's
-//! state, volumes and status here.
+//! resync), `env` (the node core's environment), `maintain` (scrub, rebuild), `status`
+//! (what `status` shows), `create` (a new volume), `exports` (the node as the front ends see it); the node's state
+//! and volumes here.
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,22 +49,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::{MirrorLayout, OpenVolumes, Opened, RaidDefaults, StorageStatus, VolumeStorage};
 
+mod create;
 mod env;
+mod exports;
 mod lifecycle;
 mod maintain;
 mod mirrors;
 mod peers;
 mod resize;
 mod roles;
+mod status;
 mod verify;
 
+pub use create::{CreateLayout, VolumeOptions};
 use env::FileEnv;
+use exports::start_rdma;
 pub use lifecycle::{DeleteReport, UnpairReport};
 use maintain::spawn_rebuild;
 use mirrors::MirrorExport;
 pub use peers::{MirrorRequest, NodeInfo, PeerCalls, TakeoverRequest, RESYNC_RANGES_MAX};
 pub use resize::ResizeReport;
 pub use roles::{region_ranges, ResyncStarted, RoleChangePlan, SwitchoverReport};
+pub use status::{ack_survives, MirrorEntry, NodeStatus, UnstartedVolume, VolumeStatus};
 pub use verify::{check_span, SumSpan, VerifyReport};
 
 /// Default NVLog partition size (two per volume). One partition fills while the other's CP
@@ -108,47 +115,6 @@ pub struct MirrorTarget {
     /// The peer's NVMe/TCP address, as it said when paired (a second path for discovery).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_nvmf: Option<String>,
-}
-
-/// What an acknowledgement of a volume survives, while its pair is in sync, from the
-/// NVRAM modes of its primary and of its mirror (`None`: unmirrored; `Some(None)`:
-/// mirrored, the mirror's mode not known).
-pub fn ack_survives(own: NvramMode, mirror: Option<Option<NvramMode>>) -> Vec<&'static str> {
-    let power_safe = NvramMode::survives_power_loss;
-    let mut out = vec!["a killed process"];
-    match mirror {
-        None if power_safe(own) => out.push("a power cut"),
-        None => {}
-        Some(peer) => {
-            out.push("the loss of one site");
-            match peer {
-                Some(p) if power_safe(own) && power_safe(p) => out.push("a power cut at both sites"),
-                Some(_) => {}
-                None if power_safe(own) => out
-                    .push("a power cut at both sites if the mirror's NVRAM is power-safe (its mode is not known here)"),
-                None => {}
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod ack_survives_tests {
-    use super::*;
-
-    #[test]
-    fn a_power_cut_at_both_sites_needs_both_modes_power_safe() {
-        let both = "a power cut at both sites";
-        assert_eq!(ack_survives(NvramMode::File, None), ["a killed process"]);
-        assert_eq!(ack_survives(NvramMode::Direct, None), ["a killed process", "a power cut"]);
-        let mirrored = |own, peer| ack_survives(own, Some(Some(peer)));
-        assert!(mirrored(NvramMode::Direct, NvramMode::Dax).contains(&both));
-        assert!(!mirrored(NvramMode::Direct, NvramMode::File).contains(&both));
-        assert!(!mirrored(NvramMode::File, NvramMode::Direct).contains(&both));
-        assert_eq!(mirrored(NvramMode::File, NvramMode::File), ["a killed process", "the loss of one site"]);
-        assert!(ack_survives(NvramMode::FileSync, Some(None)).iter().any(|s| s.contains("not known")));
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -553,99 +519,6 @@ impl Node {
 
     // ---- administration ----
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn create_volume(
-        &self,
-        name: &str,
-        size: u64,
-        storage: Option<VolumeStorage>,
-        layout: CreateLayout,
-        partition_bytes: Option<usize>,
-        options: VolumeOptions,
-    ) -> Result<VolumeRecord> {
-        valid_name(name)?;
-        check_allow(&options.allow, self.cfg.nbd_client_ca.is_some())?;
-        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
-            bail!("size {size} is not a positive multiple of {BLOCK_BYTES} bytes");
-        }
-        let partition_bytes = partition_bytes.unwrap_or(PARTITION_BYTES_DEFAULT);
-        if partition_bytes < PARTITION_BYTES_MIN || !partition_bytes.is_multiple_of(BLOCK_BYTES) {
-            bail!("log partition size must be a multiple of {BLOCK_BYTES} and at least {PARTITION_BYTES_MIN} bytes");
-        }
-        // The NVLog (two partitions) and the change map live in the NVRAM dir.
-        let nvram_bytes =
-            NvLog::<Box<dyn Nvram>>::region_bytes(partition_bytes) as u64 + ChangeMap::region_bytes(size) as u64;
-        let free = crate::storage::free_bytes(&self.cfg.nvram.dir)
-            .with_context(|| format!("free space under {}", self.cfg.nvram.dir.display()))?;
-        if nvram_bytes > free {
-            bail!(
-                "volume {name}'s log (two partitions of {partition_bytes} bytes) and change map need {nvram_bytes} bytes \
-                 of NVRAM under {}, which has {free} bytes free",
-                self.cfg.nvram.dir.display()
-            );
-        }
-        let mut state = self.state.lock();
-        if state.volumes.iter().any(|v| v.name == name) || self.volumes.read().contains_key(name) {
-            bail!("volume {name} already exists on this node");
-        }
-        if self.mirrors.read().keys().any(|(_, v)| v == name) {
-            bail!("a mirror of a volume named {name} lives on this node; pick another name");
-        }
-        let storage = match storage {
-            Some(s) => {
-                if layout.data_disks.is_some() || layout.engine.is_some() {
-                    bail!("--data-disks and --engine are for volumes made of data-dir files; with --disk, name each disk (ENGINE:PATH)");
-                }
-                if matches!(s, VolumeStorage::Single { .. }) && layout.stripe_unit.is_some() {
-                    bail!("--stripe-unit needs RAID-4 (--disk at least twice, and --parity)");
-                }
-                s
-            }
-            None => {
-                let dir = self.cfg.data_dir.join("volumes").join(name);
-                if dir.exists() {
-                    bail!("{} exists from an earlier volume {name}; remove it first", dir.display());
-                }
-                fs::create_dir_all(&dir)?;
-                VolumeStorage::raid_in(
-                    &dir,
-                    layout.data_disks.unwrap_or(self.cfg.raid.data_disks),
-                    layout.engine.unwrap_or(self.cfg.raid.engine),
-                )
-            }
-        };
-        let opened = self
-            .open_volumes
-            .create(name, &storage, size, layout.stripe_unit.unwrap_or(self.cfg.raid.stripe_unit), layout.max_bytes)
-            .with_context(|| format!("create volume {name} on {}", storage.describe()));
-        if opened.is_err() {
-            // A creation refused before any member was made leaves no directory behind
-            // that would block the next try (one that made members leaves them, to look at).
-            let _ = fs::remove_dir(self.cfg.data_dir.join("volumes").join(name));
-        }
-        drop(opened?);
-        let record = VolumeRecord {
-            name: name.to_string(),
-            volume_id: rand::random::<u64>() | 1,
-            size,
-            partition_bytes,
-            epoch: 1,
-            storage,
-            cp_interval_ms: 10_000,
-            mirror: None,
-            cp_by_value: options.cp_by_value,
-            policy: Policy::Strict,
-            allow: options.allow,
-        };
-        state.volumes.push(record.clone());
-        // Saved under the state lock: saves are ordered with the changes they record.
-        self.save_state(&state)?;
-        drop(state);
-        self.start_volume(&record)?;
-        self.events.push("volume-created", Some(name), serde_json::json!({ "size": size }));
-        Ok(record)
-    }
-
     pub fn volume(&self, name: &str) -> Result<Arc<SourceHandle>> {
         if let Some(v) = self.volumes.read().get(name) {
             return Ok(v.clone());
@@ -727,111 +600,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    /// The status of `name` alone: its row as a primary, the mirrors of that name hosted
-    /// here, or why it did not start.
-    pub fn volume_status(&self, name: &str) -> Result<NodeStatus> {
-        let mut s = self.status();
-        s.volumes.retain(|v| v.source.volume == name);
-        s.mirrors.retain(|m| m.mirror.volume == name);
-        s.unstarted.retain(|u| u.volume == name);
-        if s.volumes.is_empty() && s.mirrors.is_empty() && s.unstarted.is_empty() {
-            return Err(NotFound(format!("no volume or mirror {name} on this node")).into());
-        }
-        Ok(s)
-    }
-
-    pub fn status(&self) -> NodeStatus {
-        let state = self.state.lock().clone();
-        let mut volumes = Vec::new();
-        let handles: Vec<_> = self.volumes.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (name, h) in handles {
-            let rec = state.volumes.iter().find(|v| v.name == name);
-            match h.status() {
-                Ok(s) => volumes.push(VolumeStatus {
-                    role: "primary",
-                    replication_lag_entries: if s.peer.is_some() {
-                        s.acked_seq.saturating_sub(s.mirror_acked_seq)
-                    } else {
-                        0
-                    },
-                    peer: rec.and_then(|r| r.mirror.as_ref().map(|m| format!("{} ({})", m.peer_name, m.peer_control))),
-                    storage: self.storage_status(&StorageOwner::Volume(name.clone())),
-                    allow: rec.map(|r| r.allow.clone()).unwrap_or_default(),
-                    ack_survives: ack_survives(
-                        self.cfg.nvram.mode,
-                        rec.and_then(|r| r.mirror.as_ref()).map(|m| m.peer_nvram),
-                    ),
-                    nvmf_hosts: self.nvmf_hosts(&name),
-                    source: s,
-                }),
-                Err(e) => tracing::warn!("status of {name}: {e}"),
-            }
-        }
-        volumes.sort_by(|a, b| a.source.volume.cmp(&b.source.volume));
-        // A promoted mirror is a primary volume's storage now: the volume's row shows it
-        // (one row per volume), while it is there or could not start.
-        let primaries: Vec<String> = volumes
-            .iter()
-            .map(|v| v.source.volume.clone())
-            .chain(self.unstarted.lock().iter().map(|(v, _)| v.clone()))
-            .collect();
-        let mut mirrors: Vec<MirrorEntry> = self
-            .mirrors
-            .read()
-            .values()
-            .filter(|m| {
-                let meta = m.meta();
-                !(meta.promoted && primaries.contains(&meta.volume))
-            })
-            .map(|m| {
-                let mirror = m.status();
-                let storage =
-                    self.storage_status(&StorageOwner::Mirror(mirror.source_node.clone(), mirror.volume.clone()));
-                let meta = m.meta();
-                let state = if mirror.promoted {
-                    "broken"
-                } else if meta.resyncing {
-                    "resyncing"
-                } else if !mirror.consistent {
-                    "baseline"
-                } else if mirror.connected {
-                    "in-sync"
-                } else {
-                    "out-of-sync"
-                };
-                let nvmf_hosts = self.nvmf_hosts(&mirror.volume);
-                MirrorEntry { role: "mirror", state, mirror, storage, nvmf_hosts }
-            })
-            .collect();
-        mirrors
-            .sort_by(|a, b| (&a.mirror.volume, &a.mirror.source_node).cmp(&(&b.mirror.volume, &b.mirror.source_node)));
-        NodeStatus {
-            node: self.cfg.name.clone(),
-            replication: self.cfg.advertised_replication(),
-            nbd: self.cfg.nbd.to_string(),
-            nvmf: self.cfg.nvmf.map(|a| a.to_string()),
-            control: self.cfg.control.to_string(),
-            nvram: format!("{}:{}", self.cfg.nvram.mode.as_str(), self.cfg.nvram.dir.display()),
-            nvram_survives: self.cfg.nvram.mode.survives().to_string(),
-            volumes,
-            mirrors,
-            unstarted: self
-                .unstarted
-                .lock()
-                .iter()
-                .map(|(volume, reason)| UnstartedVolume {
-                    volume: volume.clone(),
-                    state: "failed",
-                    reason: reason.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    fn storage_status(&self, owner: &StorageOwner) -> Option<StorageStatus> {
-        self.storage.read().get(owner).map(|(s, o)| o.status(s))
     }
 
     fn volume_record(&self, name: &str) -> Result<VolumeRecord> {
@@ -920,200 +688,5 @@ impl Node {
         for h in handles {
             h.stop();
         }
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct VolumeStatus {
-    /// Always `primary`.
-    pub role: &'static str,
-    /// Entries acknowledged to clients and not yet to the mirror.
-    pub replication_lag_entries: u64,
-    #[serde(flatten)]
-    pub source: SourceStatus,
-    pub peer: Option<String>,
-    pub storage: Option<StorageStatus>,
-    /// The NBD allow-list; empty (left out): every client.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<String>,
-    /// What an acknowledgement survives ([`ack_survives`]).
-    pub ack_survives: Vec<&'static str>,
-    /// The hosts attached over NVMe/TCP through this node (left out: none).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub nvmf_hosts: Vec<nvmirror_dataplane::frontend::nvmf::HostPath>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MirrorEntry {
-    /// Always `mirror`.
-    pub role: &'static str,
-    /// baseline, resyncing, in-sync, out-of-sync, or broken (failed over).
-    pub state: &'static str,
-    #[serde(flatten)]
-    pub mirror: MirrorStatus,
-    pub storage: Option<StorageStatus>,
-    /// The hosts attached over NVMe/TCP through this node (left out: none).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub nvmf_hosts: Vec<nvmirror_dataplane::frontend::nvmf::HostPath>,
-}
-
-/// What `volume create` sets besides the layout.
-#[derive(Debug, Clone, Default)]
-pub struct VolumeOptions {
-    /// CPs go to the mirror by value.
-    pub cp_by_value: bool,
-    /// The NBD allow-list (see [`VolumeRecord::allow`]).
-    pub allow: Vec<String>,
-}
-
-/// How `volume create` lays out a volume made of data-dir files.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CreateLayout {
-    pub data_disks: Option<u32>,
-    pub stripe_unit: Option<u32>,
-    pub engine: Option<Engine>,
-    /// The size a RAID-4 volume may grow to (default [`crate::storage::grow_room`]).
-    pub max_bytes: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NodeStatus {
-    pub node: String,
-    pub replication: String,
-    pub nbd: String,
-    /// The NVMe/TCP address, where the node serves it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nvmf: Option<String>,
-    pub control: String,
-    pub nvram: String,
-    pub nvram_survives: String,
-    pub volumes: Vec<VolumeStatus>,
-    pub mirrors: Vec<MirrorEntry>,
-    /// Volumes whose storage could not be opened at start.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unstarted: Vec<UnstartedVolume>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct UnstartedVolume {
-    pub volume: String,
-    pub state: &'static str,
-    pub reason: String,
-}
-
-impl Node {
-    /// Status shows the hosts attached over NVMe/TCP through `hosts` from now on.
-    pub fn set_nvmf_hosts(&self, hosts: nvmirror_dataplane::frontend::nvmf::NvmfHosts) {
-        let _ = self.nvmf_hosts.set(hosts);
-    }
-
-    fn nvmf_hosts(&self, volume: &str) -> Vec<nvmirror_dataplane::frontend::nvmf::HostPath> {
-        self.nvmf_hosts.get().map(|h| h.of(volume)).unwrap_or_default()
-    }
-}
-
-impl ExportRegistry for Node {
-    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
-        if let Some(v) = self.volumes.read().get(name) {
-            return Some(v.clone() as Arc<dyn Export>);
-        }
-        let mirrors = self.mirrors.read();
-        let m = mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted)?;
-        Some(Arc::new(MirrorExport(m.1.clone())))
-    }
-    /// A primary volume's allow-list (a mirror's read-only export admits every client).
-    fn admits(&self, name: &str, client: &nvmirror_dataplane::frontend::ClientId) -> bool {
-        let state = self.state.lock();
-        let Some(rec) = state.volumes.iter().find(|v| v.name == name) else { return true };
-        // The list was checked when it was set; an entry that no longer parses admits no one.
-        crate::allow::parse(&rec.allow).is_ok_and(|list| crate::allow::admits(&list, client))
-    }
-    fn volume_id(&self, name: &str) -> Option<u64> {
-        if let Some(v) = self.state.lock().volumes.iter().find(|v| v.name == name) {
-            return Some(v.volume_id);
-        }
-        let mirrors = self.mirrors.read();
-        mirrors.iter().find(|((_, v), m)| v == name && !m.meta().promoted).map(|(_, m)| m.meta().volume_id)
-    }
-    /// A primary's mirror, where its last welcome said it serves NVMe/TCP (else where it
-    /// said when paired); a mirror's source, where its last connection said it. An address
-    /// on no particular interface (0.0.0.0 or ::) is no path a host can use: left out.
-    fn other_paths(&self, name: &str) -> Vec<SocketAddr> {
-        let recorded =
-            self.state.lock().volumes.iter().find(|v| v.name == name).map(|v| {
-                v.mirror.as_ref().and_then(|t| t.peer_nvmf.as_deref()).and_then(|a| a.parse::<SocketAddr>().ok())
-            });
-        let addr = match recorded {
-            Some(recorded) => self.volumes.read().get(name).and_then(|h| h.mirror_nvmf()).or(recorded),
-            None => {
-                let mirrors = self.mirrors.read();
-                mirrors
-                    .iter()
-                    .find(|((_, v), m)| v == name && !m.meta().promoted)
-                    .and_then(|(_, m)| m.meta().source_nvmf)
-            }
-        };
-        addr.into_iter().filter(|a: &SocketAddr| !a.ip().is_unspecified()).collect()
-    }
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.volumes.read().keys().cloned().collect();
-        for ((_, v), m) in self.mirrors.read().iter() {
-            if !m.meta().promoted && !names.contains(v) {
-                names.push(v.clone());
-            }
-        }
-        names.sort();
-        names
-    }
-}
-
-/// Starts the RDMA engine where this build has one, the host has a device, and the log
-/// files' NVRAM mode allows placement without this node's CPU.
-fn start_rdma(cfg: &NodeConfig) -> Option<Arc<dyn RdmaPlacement>> {
-    #[cfg(feature = "rdma")]
-    {
-        use nvmirror_dataplane::nvram::NvramMode;
-        use nvmirror_dataplane::transport::rdma;
-        if matches!(cfg.nvram.mode, NvramMode::FileSync | NvramMode::Direct) {
-            // A one-sided RDMA write lands in memory, and only this node's CPU can make
-            // it durable here (msync, or the O_DIRECT write): entries come over TCP and
-            // are acknowledged once persisted.
-            tracing::info!(
-                "node {}: RDMA not offered: {} log files need this node's CPU to persist what arrives; mirrors \
-                 hosted here take entries over TCP",
-                cfg.name,
-                cfg.nvram.mode.as_str()
-            );
-            return None;
-        }
-        if cfg.nvram.mode == nvmirror_dataplane::nvram::NvramMode::Dax {
-            // Measured in the hw-tests guest: ibv_reg_mr of a file-DAX mapping fails with
-            // EOPNOTSUPP (the kernel does not let a device pin fsdax pages for long).
-            tracing::info!(
-                "node {}: RDMA not offered: dax: log files are filesystem-DAX mappings, which the kernel does not let \
-                 an RDMA device pin (ibv_reg_mr fails with EOPNOTSUPP); mirrors hosted here take entries over TCP",
-                cfg.name
-            );
-            return None;
-        }
-        let devices = rdma::device_names();
-        if devices.is_empty() {
-            return None;
-        }
-        match rdma::RdmaService::start(cfg.replication) {
-            Ok(s) => {
-                tracing::info!("node {}: RDMA placement on {} ({})", cfg.name, cfg.replication, devices.join(", "));
-                Some(s)
-            }
-            Err(e) => {
-                tracing::info!("node {}: RDMA not offered: {e}", cfg.name);
-                None
-            }
-        }
-    }
-    #[cfg(not(feature = "rdma"))]
-    {
-        let _ = cfg;
-        None
     }
 }
