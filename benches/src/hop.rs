@@ -274,6 +274,21 @@ fn destination_and_source(
     Ok((server, source, mirror))
 }
 
+/// An arm of `batch_ops` timed hops of `source` per batch.
+fn hops<'a>(name: &str, source: &'a mut Source, batch_ops: u64) -> Arm<'a> {
+    Arm::new(
+        name,
+        Some(1),
+        Box::new(move |b| {
+            for _ in 0..batch_ops {
+                let d = source.hop()?;
+                b.record(d);
+            }
+            Ok(())
+        }),
+    )
+}
+
 pub fn run(quick: bool) -> Result<ScenarioResult> {
     let params = Params::new(quick);
     let dir = tempfile::Builder::new().prefix("nvmirror-bench-hop-").tempdir()?;
@@ -294,28 +309,8 @@ pub fn run(quick: bool) -> Result<ScenarioResult> {
     let batch_ops = params.batch_ops;
     let cpu = CpuProbe::this_process();
     let mut arms = [
-        Arm::new(
-            "ours",
-            Some(1),
-            Box::new(|b| {
-                for _ in 0..batch_ops {
-                    let d = source.hop()?;
-                    b.record(d);
-                }
-                Ok(())
-            }),
-        ),
-        Arm::new(
-            "ours-tls",
-            Some(1),
-            Box::new(|b| {
-                for _ in 0..batch_ops {
-                    let d = tls_source.hop()?;
-                    b.record(d);
-                }
-                Ok(())
-            }),
-        ),
+        hops("ours", &mut source, batch_ops),
+        hops("ours-tls", &mut tls_source, batch_ops),
         Arm::new(
             "floor",
             Some(1),
