@@ -120,9 +120,33 @@ pub trait Api: Send + Sync + 'static {
     fn handle(&self, request: ApiRequest) -> Reply;
 }
 
+/// A log line said at most once a second; the lines left unsaid in between are counted in
+/// the next one.
+#[derive(Default)]
+struct RateLimited(parking_lot::Mutex<(Option<Instant>, u64)>);
+
+impl RateLimited {
+    /// Logs `line` (given how many were left unsaid, as text) unless one was logged less
+    /// than a second ago.
+    fn say(&self, line: impl FnOnce(String) -> String) {
+        let mut g = self.0.lock();
+        if g.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            g.1 += 1;
+            return;
+        }
+        let unsaid = std::mem::take(&mut g.1);
+        g.0 = Some(Instant::now());
+        drop(g);
+        let n = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+        tracing::info!("{}", line(n));
+    }
+}
+
 /// The server's shared state: its bounds.
 struct Shared {
     limits: Limits,
+    /// TLS handshakes that failed: anyone can cause them, so they are logged sparingly.
+    handshakes_failed: RateLimited,
     connections: Arc<Semaphore>,
     /// Connections past the bound that are answered `503`.
     overflow: Arc<Semaphore>,
@@ -138,6 +162,7 @@ impl Shared {
             overflow: Arc::new(Semaphore::new(limits.connections)),
             requests: Arc::new(Semaphore::new(limits.requests)),
             api,
+            handshakes_failed: RateLimited::default(),
         })
     }
 }
@@ -262,11 +287,13 @@ async fn connection(
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::info!("control: {addr}: TLS handshake: {e}");
+            shared.handshakes_failed.say(|n| format!("control: {addr}: TLS handshake: {e}{n}"));
             return;
         }
         Err(_) => {
-            tracing::info!("control: {addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+            shared
+                .handshakes_failed
+                .say(|n| format!("control: {addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}{n}"));
             return;
         }
     };
@@ -293,7 +320,13 @@ async fn serve_io<I: AsyncRead + AsyncWrite + Send + 'static>(io: I, caller: Cal
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(shared.limits.header_timeout).keep_alive(mode == Mode::Serve);
+    // Half-closed: a client may end its sending side after its request and still read the
+    // answer.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .keep_alive(mode == Mode::Serve)
+        .half_close(true);
     if let Err(e) = builder.serve_connection(io, service).await {
         // A client gone, or a head that did not arrive in time: the connection's own end.
         tracing::debug!("control: {addr}: {e}");
@@ -382,13 +415,8 @@ async fn answer(
             return refuse(400, "this node's control API speaks TLS only: use https (ctl --tls-ca CA.pem)");
         }
     }
-    let Ok(Ok(permit)) = tokio::time::timeout(limits.request_wait, shared.requests.clone().acquire_owned()).await
-    else {
-        return refuse(
-            503,
-            &format!("this node is working on {} control requests already: retry later", limits.requests),
-        );
-    };
+    // The body first: a client that sends it slowly holds its connection, not one of the
+    // requests the node works on.
     let (parts, body) = request.into_parts();
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > BODY_MAX) {
@@ -408,15 +436,28 @@ async fn answer(
         body,
         caller: caller.clone(),
     };
+    let Ok(Ok(permit)) = tokio::time::timeout(limits.request_wait, shared.requests.clone().acquire_owned()).await
+    else {
+        return refuse(
+            503,
+            &format!("this node is working on {} control requests already: retry later", limits.requests),
+        );
+    };
     let api = shared.api.clone();
-    let reply = match tokio::task::spawn_blocking(move || api.handle(request)).await {
+    // The request's place goes with its work: a client that leaves while its route runs
+    // (which drops this future) does not free a place the route still takes.
+    let reply = match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        api.handle(request)
+    })
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("control: a request from {caller} failed: {e}");
             Reply::error(500, &format!("the request failed: {e}"))
         }
     };
-    drop(permit);
     match reply {
         Reply::Full { status, content_type, body, headers } => whole(status, content_type, body, headers, false),
         Reply::Stream { content_type, mut source } => {
@@ -578,6 +619,28 @@ mod tests {
         assert!(t.elapsed() >= QUICK.request_wait, "answered 503 before waiting its turn: {:?}", t.elapsed());
         assert!(slow.join().unwrap().starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/v1/status").starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn a_slow_body_holds_its_connection_not_a_request_place() {
+        let (addr, _) = start(QUICK, None);
+        let mut slow = StdTcp::connect(addr).unwrap();
+        slow.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let beside = get(addr, "/v1/status");
+        assert!(beside.starts_with("HTTP/1.1 200"), "a body on its way took the only request place: {beside}");
+        drop(slow);
+    }
+
+    #[test]
+    fn a_client_that_ends_its_sending_side_still_gets_its_answer() {
+        let (addr, _) = start(QUICK, None);
+        let mut s = StdTcp::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /v1/node HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let answer = exchange(&s, b"");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     }
 
     #[test]
