@@ -135,14 +135,6 @@ fn explained(why: &str) -> String {
     }
 }
 
-/// Whether a transport error is a server dropping the TLS handshake, as etcd does to a
-/// client without the certificate it requires: depending on timing and version the client
-/// sees the server's alert (`BadCertificate`, `CertificateRequired`) or only the connection
-/// closing under it.
-fn refused_in_handshake(e: &str) -> bool {
-    ["Broken pipe", "reset", "BadCertificate", "CertificateRequired"].iter().any(|s| e.contains(s))
-}
-
 /// The longest one request may take at one member.
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(5);
 
@@ -214,7 +206,7 @@ impl Etcd {
             let url = format!("{}{path}", self.members[at]);
             let (status, v) = match self.post_authenticated(at, &url, &body) {
                 Ok(answer) => answer,
-                Err(e) if self.https && !self.client_cert && refused_in_handshake(&e) => {
+                Err(e) if self.https && !self.client_cert && crate::tls::refused_in_handshake(&e) => {
                     failed.push(format!("{e} (does etcd require a client certificate? --etcd-cert, --etcd-key)"));
                     continue;
                 }
@@ -371,20 +363,6 @@ impl Etcd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_way_a_server_drops_a_handshake_without_a_certificate_is_recognised() {
-        for e in [
-            "io: received fatal alert: BadCertificate",
-            "io: received fatal alert: CertificateRequired",
-            "io: Broken pipe (os error 32)",
-            "io: Connection reset by peer (os error 104)",
-        ] {
-            assert!(refused_in_handshake(e), "{e}");
-        }
-        assert!(!refused_in_handshake("io: Connection refused (os error 111)"));
-        assert!(!refused_in_handshake("io: received fatal alert: UnknownCA"));
-    }
 
     /// An etcd gateway stand-in with auth: tokens `t1`, `t2`... in turn, of which only the
     /// last is valid; a request with another answers 401 "invalid auth token", as etcd

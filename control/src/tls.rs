@@ -105,6 +105,14 @@ pub fn ureq_certs(certs: &[CertificateDer<'static>]) -> Vec<ureq::tls::Certifica
     certs.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect()
 }
 
+/// Whether a transport error is a server dropping the TLS handshake over the client's
+/// certificate (none given where one is required, or one it does not trust): depending on
+/// timing and version the client sees the server's alert (`BadCertificate`,
+/// `CertificateRequired`) or only the connection closing under it.
+pub fn refused_in_handshake(e: &str) -> bool {
+    ["Broken pipe", "reset", "BadCertificate", "CertificateRequired"].iter().any(|s| e.contains(s))
+}
+
 /// A hint for an API call's error that TLS explains, if one does.
 pub fn hint(error: &str) -> Option<&'static str> {
     if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
@@ -112,13 +120,30 @@ pub fn hint(error: &str) -> Option<&'static str> {
     } else if error.contains("https://") && (error.contains("corrupt message") || error.contains("InvalidContentType"))
     {
         Some("the node does not serve TLS: leave out --tls-ca")
-    } else if OPERATOR_CERT.get().is_some()
-        && ["UnknownCA", "BadCertificate", "Broken pipe", "reset"].iter().any(|s| error.contains(s))
-    {
+    } else if OPERATOR_CERT.get().is_some() && (refused_in_handshake(error) || error.contains("UnknownCA")) {
         // Under TLS 1.3 a client learns that its certificate was refused only when the
         // server's alert, or its closing, meets the request that follows the handshake.
         Some("the node refused the connection: does it trust the operator certificate of --tls-cert (its --ctl-client-ca)?")
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_way_a_server_drops_a_handshake_without_a_certificate_is_recognised() {
+        for e in [
+            "io: received fatal alert: BadCertificate",
+            "io: received fatal alert: CertificateRequired",
+            "io: Broken pipe (os error 32)",
+            "io: Connection reset by peer (os error 104)",
+        ] {
+            assert!(refused_in_handshake(e), "{e}");
+        }
+        assert!(!refused_in_handshake("io: Connection refused (os error 111)"));
+        assert!(!refused_in_handshake("io: received fatal alert: UnknownCA"));
     }
 }

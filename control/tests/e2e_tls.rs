@@ -196,15 +196,14 @@ fn operators_with_a_certificate_are_admins_and_200_connections_meet_the_bound() 
         a.extend(["volume", "create", vol, "--size", "4M"]);
         a.into_iter().map(str::to_string).collect()
     };
-    let strs = |v: &[String]| -> Vec<String> { v.to_vec() };
     let run = |v: Vec<String>| nvmirror(&v.iter().map(String::as_str).collect::<Vec<_>>());
     let refused = |v: Vec<String>, want: &str| {
         fails_with(&v.iter().map(String::as_str).collect::<Vec<_>>(), want);
     };
 
-    refused(strs(&create(&[], "v1")), "requires signed admin calls");
+    refused(create(&[], "v1"), "requires signed admin calls");
     refused(
-        strs(&create(&["--tls-cert", &p(&rogue.cert), "--tls-key", &p(&rogue.key)], "v1")),
+        create(&["--tls-cert", &p(&rogue.cert), "--tls-key", &p(&rogue.key)], "v1"),
         "does it trust the operator certificate of --tls-cert",
     );
     let (ok, _, stderr) = run(create(&["--tls-cert", &p(&ops.cert), "--tls-key", &p(&ops.key)], "v1"));

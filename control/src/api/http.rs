@@ -120,33 +120,38 @@ pub trait Api: Send + Sync + 'static {
     fn handle(&self, request: ApiRequest) -> Reply;
 }
 
-/// A log line said at most once a second; the lines left unsaid in between are counted in
-/// the next one.
-#[derive(Default)]
-struct RateLimited(parking_lot::Mutex<(Option<Instant>, u64)>);
+/// A kind of log line said at most once per `every`; the lines left unsaid in between are
+/// counted in the next one.
+struct RateLimited {
+    every: Duration,
+    state: parking_lot::Mutex<(Option<Instant>, u64)>,
+}
 
 impl RateLimited {
-    /// Logs `line` (given how many were left unsaid, as text) unless one was logged less
-    /// than a second ago.
-    fn say(&self, line: impl FnOnce(String) -> String) {
-        let mut g = self.0.lock();
-        if g.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+    fn every(every: Duration) -> RateLimited {
+        RateLimited { every, state: parking_lot::Mutex::new((None, 0)) }
+    }
+
+    /// Whether a line is due now: if so, what to add to it about those left unsaid.
+    fn due(&self) -> Option<String> {
+        let mut g = self.state.lock();
+        if g.0.is_some_and(|t| t.elapsed() < self.every) {
             g.1 += 1;
-            return;
+            return None;
         }
-        let unsaid = std::mem::take(&mut g.1);
         g.0 = Some(Instant::now());
-        drop(g);
-        let n = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
-        tracing::info!("{}", line(n));
+        let unsaid = std::mem::take(&mut g.1);
+        Some(if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() })
     }
 }
 
 /// The server's shared state: its bounds.
 struct Shared {
     limits: Limits,
-    /// TLS handshakes that failed: anyone can cause them, so they are logged sparingly.
+    /// TLS handshakes that failed, and connections closed at accept: anyone can cause
+    /// them, so they are logged sparingly.
     handshakes_failed: RateLimited,
+    closed_at_accept: RateLimited,
     connections: Arc<Semaphore>,
     /// Connections past the bound that are answered `503`.
     overflow: Arc<Semaphore>,
@@ -162,7 +167,8 @@ impl Shared {
             overflow: Arc::new(Semaphore::new(limits.connections)),
             requests: Arc::new(Semaphore::new(limits.requests)),
             api,
-            handshakes_failed: RateLimited::default(),
+            handshakes_failed: RateLimited::every(Duration::from_secs(1)),
+            closed_at_accept: RateLimited::every(Duration::from_secs(10)),
         })
     }
 }
@@ -212,8 +218,6 @@ pub async fn serve_async(
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let shared = Shared::new(api, limits);
-    let mut refused = 0u64;
-    let mut last_said = None::<Instant>;
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -229,13 +233,11 @@ pub async fn serve_async(
             Err(_) => match shared.overflow.clone().try_acquire_owned() {
                 Ok(p) => (Mode::Busy, p),
                 Err(_) => {
-                    refused += 1;
-                    if last_said.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    if let Some(unsaid) = shared.closed_at_accept.due() {
                         tracing::warn!(
-                            "control: {addr}: closed at accept, {} connections open already ({refused} so far)",
+                            "control: {addr}: closed at accept, {} connections open already{unsaid}",
                             2 * limits.connections
                         );
-                        last_said = Some(Instant::now());
                     }
                     continue;
                 }
@@ -287,13 +289,15 @@ async fn connection(
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            shared.handshakes_failed.say(|n| format!("control: {addr}: TLS handshake: {e}{n}"));
+            if let Some(unsaid) = shared.handshakes_failed.due() {
+                tracing::info!("control: {addr}: TLS handshake: {e}{unsaid}");
+            }
             return;
         }
         Err(_) => {
-            shared
-                .handshakes_failed
-                .say(|n| format!("control: {addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}{n}"));
+            if let Some(unsaid) = shared.handshakes_failed.due() {
+                tracing::info!("control: {addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}{unsaid}");
+            }
             return;
         }
     };
